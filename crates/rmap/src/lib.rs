@@ -1,0 +1,32 @@
+//! Reverse-map structures of a hypervisor MMU, modelled on Linux KVM.
+//!
+//! * [`ring`]: the PowerPC Book3S HV design: one 64-bit rmap word per guest frame
+//!   heading a circular doubly linked ring of 32-bit HPTE indices threaded through the
+//!   revmap array beside the hashed page table.
+//! * [`pte_list`]: the x86 shadow-MMU design: a tagged head word over 128-byte
+//!   descriptors of 14 entries.
+//! * [`nested`]: the PowerPC nested-guest rmap: (LPID, frame) entries kept inline in the
+//!   word or in a list whose last link holds the tagged inline value.
+//! * [`bitlock`]: the bit locks all of them use; [`sync`]: the single switch point that
+//!   routes atomics to loom or shuttle under model checking.
+//!
+//! The crate is `no_std` + `alloc`; the `std` feature (default) adds thread helpers and
+//! the `shuttle` feature routes atomics through shuttle.
+#![cfg_attr(not(any(feature = "std", loom, test)), no_std)]
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
+
+extern crate alloc;
+
+pub mod addr;
+pub mod bitlock;
+pub mod error;
+pub mod nested;
+pub mod pool;
+pub mod pte_list;
+pub mod ring;
+pub mod sync;
+
+pub use addr::{Gfn, Gpa, Hva, Lpid, Ptex, SlotId, PAGE_SHIFT, PAGE_SIZE};
+pub use error::RmapError;
+pub use ring::{HpteLocks, Revmap, Rmap, RmapGuard, RmapWord, Visit};

@@ -1,0 +1,1 @@
+//! Placeholder: implemented by the nested work item (issue 2).

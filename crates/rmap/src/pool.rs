@@ -1,0 +1,1 @@
+//! Placeholder: implemented by the pool work item (issue 2).

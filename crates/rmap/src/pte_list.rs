@@ -1,0 +1,1 @@
+//! Placeholder: implemented by the pte_list work item (issue 2).

@@ -1,0 +1,868 @@
+//! The PPC Book3S HV reverse map: one rmap word per guest frame heading a ring of HPTE
+//! indices threaded through the revmap array that sits beside the hashed page table.
+//!
+//! # Layout
+//!
+//! The rmap word ([`RmapWord`], modern KVM layout, LSB-0 bit numbers):
+//!
+//! | bits  | field | meaning |
+//! |-------|-------|---------|
+//! | 0-31  | `KVMPPC_RMAP_INDEX` | HPTE index of the chain head |
+//! | 32    | `KVMPPC_RMAP_PRESENT` | the chain is non-empty (index 0 is a valid HPTE) |
+//! | 39    | changed (`HPTE_R_C << 32`) | a C bit was harvested from an HPTE of this frame |
+//! | 40    | `KVMPPC_RMAP_REFERENCED` (`HPTE_R_R << 32`) | an R bit was harvested |
+//! | 43    | `KVMPPC_RMAP_LOCK_BIT` | bit lock over the word and the ring it heads |
+//! | 56-63 | `KVMPPC_RMAP_TYPE_MASK` | 0, or `KVMPPC_RMAP_HPT` once a chain was populated |
+//!
+//! The revmap array ([`Revmap`]) has one 16-byte [`RevmapEntry`] per HPTE slot: the
+//! guest's view of dword 1 (`guest_rpte`) and 32-bit `forw`/`back` links forming a
+//! circular doubly linked ring of the HPTEs that map one frame. Links are 32-bit to save
+//! space, so an HPT of more than 2^32 slots (order above 36) is rejected with
+//! [`RmapError::TooManySlots`].
+//!
+//! # Locking
+//!
+//! * The ring headed by a word, and every bit of the word, change only while its lock
+//!   bit (43) is held ([`Rmap::lock`] returns an [`RmapGuard`]).
+//! * A revmap entry's `forw`/`back` change only under the rmap lock of the ring that
+//!   contains it; its `guest_rpte` changes only under the lock of its HPTE.
+//! * Lock order: HPTE lock, then rmap lock. Code that starts from an rmap (unmap, aging,
+//!   dirty scan) must therefore never spin on an HPTE lock while holding the rmap lock. It
+//!   try-locks the HPTE and, on failure, drops the rmap lock, waits read-only for the HPTE
+//!   lock to clear and restarts from the head (KVM's restart rule, reference A.5). The
+//!   walkers [`Rmap::drain_locked`] and [`Rmap::for_each_locked`] implement this rule
+//!   over any [`HpteLocks`] implementation; nothing else in revmap walks from an rmap.
+//!
+//! # Invariants (reference section E, checked by [`check_rmaps`])
+//!
+//! 1. Only layout bits are used; the lock bit is clear at rest.
+//! 2. PRESENT ⇔ the ring is non-empty; when PRESENT is clear, INDEX is 0.
+//! 3. (partly) INDEX < npte when PRESENT.
+//! 5. Ring consistency: `rev[rev[i].forw].back == i`, `rev[rev[i].back].forw == i`, and
+//!    following `forw` from the head returns to it after exactly k distinct steps.
+//! 6. No index is on two rings or twice on one.
+//!
+//! Invariants that need the HPT itself (membership ⇔ VALID, gfn of the head) are checked
+//! by the HPT crate's whole-VM checker, which calls [`Revmap::walk_ring`].
+
+use crate::bitlock::BitLockGuard;
+use crate::error::{try_boxed_slice, RmapError};
+use crate::sync::{AtomicU32, AtomicU64, Ordering};
+use alloc::boxed::Box;
+
+/// HPTE index of the chain head (`KVMPPC_RMAP_INDEX`).
+pub const RMAP_INDEX: u64 = 0xffff_ffff;
+/// The chain is non-empty (`KVMPPC_RMAP_PRESENT`).
+pub const RMAP_PRESENT: u64 = 1 << 32;
+/// Shift from HPTE dword-1 R/C bits to their place in the rmap word (`KVMPPC_RMAP_RC_SHIFT`).
+pub const RMAP_RC_SHIFT: u32 = 32;
+/// HPTE dword-1 referenced bit (`HPTE_R_R`).
+pub const HPTE_R_R: u64 = 0x100;
+/// HPTE dword-1 changed bit (`HPTE_R_C`).
+pub const HPTE_R_C: u64 = 0x80;
+/// Changed bit of the rmap word (`HPTE_R_C << 32`).
+pub const RMAP_CHANGED: u64 = HPTE_R_C << RMAP_RC_SHIFT;
+/// Referenced bit of the rmap word (`KVMPPC_RMAP_REFERENCED`).
+pub const RMAP_REFERENCED: u64 = HPTE_R_R << RMAP_RC_SHIFT;
+/// Both R/C bits of the rmap word.
+pub const RMAP_RC: u64 = RMAP_CHANGED | RMAP_REFERENCED;
+/// Bit number of the rmap lock (`KVMPPC_RMAP_LOCK_BIT`).
+pub const RMAP_LOCK_BIT: u32 = 43;
+/// The rmap lock bit as a mask.
+pub const RMAP_LOCK: u64 = 1 << RMAP_LOCK_BIT;
+/// The type byte (`KVMPPC_RMAP_TYPE_MASK`).
+pub const RMAP_TYPE_MASK: u64 = 0xff << 56;
+/// Type of a word whose chain has been populated by an HPT guest (`KVMPPC_RMAP_HPT`).
+pub const RMAP_TYPE_HPT: u64 = 0x01 << 56;
+/// Type bits of a nested-guest rmap pointer (`KVMPPC_RMAP_NESTED`).
+pub const RMAP_TYPE_NESTED: u64 = 0xc0 << 56;
+/// Every bit an HPT guest's rmap word may use.
+pub const RMAP_LAYOUT: u64 = RMAP_INDEX | RMAP_PRESENT | RMAP_RC | RMAP_LOCK | RMAP_TYPE_MASK;
+
+const _: () = assert!(RMAP_CHANGED == 1 << 39);
+const _: () = assert!(RMAP_REFERENCED == 1 << 40);
+// The memory contract (8 bytes per frame, 16 per HPTE slot) holds for real atomics;
+// loom's and shuttle's instrumented atomics are larger.
+#[cfg(not(any(loom, feature = "shuttle")))]
+const _: () = assert!(core::mem::size_of::<RevmapEntry>() == 16);
+#[cfg(not(any(loom, feature = "shuttle")))]
+const _: () = assert!(core::mem::size_of::<Rmap>() == 8);
+
+/// Largest number of HPTE slots 32-bit links can index (HPT order 36).
+pub const MAX_NPTE: u64 = 1 << 32;
+
+/// A snapshot of an rmap word, with typed accessors for its fields.
+#[repr(transparent)]
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
+pub struct RmapWord(pub u64);
+
+impl RmapWord {
+    /// The empty word.
+    pub const EMPTY: Self = Self(0);
+
+    /// The raw 64-bit value.
+    #[inline(always)]
+    pub const fn bits(self) -> u64 {
+        self.0
+    }
+    /// The head index, if the chain is non-empty.
+    #[inline(always)]
+    pub const fn head(self) -> Option<u32> {
+        if self.is_present() {
+            Some(self.0 as u32)
+        } else {
+            None
+        }
+    }
+    /// Raw INDEX field (meaningful only when PRESENT).
+    #[inline(always)]
+    pub const fn index(self) -> u32 {
+        self.0 as u32
+    }
+    /// PRESENT: the chain is non-empty.
+    #[inline(always)]
+    pub const fn is_present(self) -> bool {
+        self.0 & RMAP_PRESENT != 0
+    }
+    /// Referenced bit.
+    #[inline(always)]
+    pub const fn referenced(self) -> bool {
+        self.0 & RMAP_REFERENCED != 0
+    }
+    /// Changed bit.
+    #[inline(always)]
+    pub const fn changed(self) -> bool {
+        self.0 & RMAP_CHANGED != 0
+    }
+    /// The R/C bits in HPTE dword-1 position (`HPTE_R_R | HPTE_R_C` subset).
+    #[inline(always)]
+    pub const fn rc(self) -> u64 {
+        (self.0 & RMAP_RC) >> RMAP_RC_SHIFT
+    }
+    /// Lock bit.
+    #[inline(always)]
+    pub const fn is_locked(self) -> bool {
+        self.0 & RMAP_LOCK != 0
+    }
+    /// The type byte (bits 56-63).
+    #[inline(always)]
+    pub const fn kind(self) -> u64 {
+        self.0 & RMAP_TYPE_MASK
+    }
+}
+
+impl core::fmt::Debug for RmapWord {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("RmapWord")
+            .field("raw", &format_args!("{:#018x}", self.0))
+            .field("head", &self.head())
+            .field("R", &self.referenced())
+            .field("C", &self.changed())
+            .field("locked", &self.is_locked())
+            .field("type", &format_args!("{:#x}", self.kind() >> 56))
+            .finish()
+    }
+}
+
+/// One guest frame's rmap word (`memslot->arch.rmap[i]`): an `AtomicU64` with bit 43 as
+/// its lock.
+#[repr(transparent)]
+#[derive(Debug)]
+pub struct Rmap(AtomicU64);
+
+impl Default for Rmap {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Rmap {
+    /// An empty word.
+    #[inline]
+    pub fn new() -> Self {
+        Self(AtomicU64::new(0))
+    }
+
+    /// Allocate `n` empty words, failing cleanly if memory is short.
+    pub fn new_array(n: usize) -> Result<Box<[Rmap]>, RmapError> {
+        try_boxed_slice(n, |_| Rmap::new())
+    }
+
+    /// A lock-free snapshot of the word.
+    #[inline]
+    pub fn load(&self) -> RmapWord {
+        // ORDERING: Acquire, so that a snapshot showing PRESENT also shows the ring links
+        // written before the unlock that published it (used by lock-free statistics and
+        // by the checker at quiescent points).
+        RmapWord(self.0.load(Ordering::Acquire))
+    }
+
+    /// Spin until the lock is held (`lock_rmap`).
+    #[inline]
+    pub fn lock(&self) -> RmapGuard<'_> {
+        RmapGuard(BitLockGuard::lock(&self.0, RMAP_LOCK))
+    }
+
+    /// Take the lock if it is free, in one attempt.
+    #[inline]
+    pub fn try_lock(&self) -> Option<RmapGuard<'_>> {
+        BitLockGuard::try_lock(&self.0, RMAP_LOCK, RMAP_LOCK).map(RmapGuard)
+    }
+
+    /// Reset to 0 through exclusive access (rmap reset at HPT reallocation, slot flush).
+    /// R/C history is lost, as in KVM's `kvmppc_rmap_reset`.
+    #[inline]
+    pub fn reset(&mut self) {
+        *self = Rmap::new();
+    }
+
+    /// Walk the ring, removing every member under its HPTE lock (unmap, slot flush,
+    /// resize), obeying the restart rule.
+    ///
+    /// For each head `ptex` whose HPTE lock could be taken, the entry is unlinked and
+    /// `f(rmap_guard, ptex, hpte_guard)` is called with both locks held; `f` invalidates
+    /// the HPTE and harvests R/C. When a try-lock fails, the rmap lock is dropped, the
+    /// walker waits read-only for the HPTE lock to clear and restarts from the head.
+    /// Returns the number of entries removed.
+    pub fn drain_locked<H, F>(&self, revmap: &Revmap, locks: &H, mut f: F) -> usize
+    where
+        H: HpteLocks + ?Sized,
+        F: FnMut(&mut RmapGuard<'_>, u32, H::Guard<'_>),
+    {
+        let mut removed = 0;
+        loop {
+            let mut g = self.lock();
+            let Some(head) = g.word().head() else {
+                return removed;
+            };
+            match locks.try_lock_hpte(head) {
+                Some(h) => {
+                    revmap.unlink(&mut g, head);
+                    f(&mut g, head, h);
+                    removed += 1;
+                }
+                None => {
+                    drop(g);
+                    locks.wait_hpte_unlocked(head);
+                }
+            }
+        }
+    }
+
+    /// Visit every member of the ring under its HPTE lock (aging, dirty scan), obeying
+    /// the restart rule: on a failed HPTE try-lock the rmap lock is dropped, the walker
+    /// waits read-only and restarts from the head, so `f` may see a member more than
+    /// once and must be idempotent. `f` must not unlink members; it may return
+    /// [`Visit::Stop`] to end the walk early.
+    pub fn for_each_locked<H, F>(&self, revmap: &Revmap, locks: &H, mut f: F)
+    where
+        H: HpteLocks + ?Sized,
+        F: FnMut(&mut RmapGuard<'_>, u32, &mut H::Guard<'_>) -> Visit,
+    {
+        'restart: loop {
+            let mut g = self.lock();
+            let Some(head) = g.word().head() else {
+                return;
+            };
+            let mut j = head;
+            let mut steps: u64 = 0;
+            loop {
+                let next = revmap.forw(j);
+                match locks.try_lock_hpte(j) {
+                    Some(mut h) => {
+                        if f(&mut g, j, &mut h) == Visit::Stop {
+                            return;
+                        }
+                    }
+                    None => {
+                        drop(g);
+                        locks.wait_hpte_unlocked(j);
+                        continue 'restart;
+                    }
+                }
+                j = next;
+                steps += 1;
+                if j == head || steps >= revmap.len() as u64 {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// What a [`Rmap::for_each_locked`] visitor wants next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Visit {
+    /// Go on to the next member.
+    Continue,
+    /// End the walk.
+    Stop,
+}
+
+/// Per-HPTE locks, as seen by walkers that start from an rmap.
+///
+/// Implemented by the hashed page table (HVLOCK in dword 0). The walkers only ever
+/// *try* an HPTE lock while holding an rmap lock, never spin on it.
+pub trait HpteLocks {
+    /// A held HPTE lock; dropping it unlocks.
+    type Guard<'a>
+    where
+        Self: 'a;
+    /// Try once to lock HPTE `ptex`.
+    fn try_lock_hpte(&self, ptex: u32) -> Option<Self::Guard<'_>>;
+    /// Busy-wait, read-only, until HPTE `ptex` is unlocked.
+    fn wait_hpte_unlocked(&self, ptex: u32);
+}
+
+/// A held rmap lock. Edits are made to a cached copy of the word and published by the
+/// `Release` store that unlocks (on drop).
+#[must_use = "dropping the guard unlocks immediately"]
+#[derive(Debug)]
+pub struct RmapGuard<'a>(BitLockGuard<'a>);
+
+impl RmapGuard<'_> {
+    /// The word as it will be stored at unlock.
+    #[inline(always)]
+    pub fn word(&self) -> RmapWord {
+        RmapWord(self.0.value())
+    }
+
+    /// Replace the whole word. The lock bit is ignored.
+    #[inline(always)]
+    pub fn set_word(&mut self, w: RmapWord) {
+        self.0.set(w.0);
+    }
+
+    /// OR HPTE-position R/C bits (`HPTE_R_R`/`HPTE_R_C`) into the word (a harvest).
+    #[inline(always)]
+    pub fn add_rc(&mut self, hpte_rc: u64) {
+        let v = self.0.value() | ((hpte_rc & (HPTE_R_R | HPTE_R_C)) << RMAP_RC_SHIFT);
+        self.0.set(v);
+    }
+
+    /// Clear the given HPTE-position R/C bits and return which of them were set.
+    #[inline(always)]
+    pub fn take_rc(&mut self, hpte_rc: u64) -> u64 {
+        let mask = (hpte_rc & (HPTE_R_R | HPTE_R_C)) << RMAP_RC_SHIFT;
+        let v = self.0.value();
+        self.0.set(v & !mask);
+        (v & mask) >> RMAP_RC_SHIFT
+    }
+}
+
+/// One revmap entry per HPTE slot (`struct revmap_entry`): 16 bytes.
+///
+/// `guest_rpte` is the guest's view of HPTE dword 1, with harvested R/C ORed in; it is
+/// written only under the HPTE lock. `forw`/`back` are ring links, written only under
+/// the rmap lock of the ring holding the entry. All three are atomics accessed
+/// `Relaxed`: the locks provide the ordering, the atomics only make concurrent access
+/// well-defined (they compile to plain loads and stores).
+#[derive(Debug)]
+pub struct RevmapEntry {
+    guest_rpte: AtomicU64,
+    forw: AtomicU32,
+    back: AtomicU32,
+}
+
+impl RevmapEntry {
+    fn new(i: u32) -> Self {
+        Self {
+            guest_rpte: AtomicU64::new(0),
+            forw: AtomicU32::new(i),
+            back: AtomicU32::new(i),
+        }
+    }
+}
+
+/// The revmap array beside an HPT (`kvm->arch.hpt.rev`).
+#[derive(Debug)]
+pub struct Revmap {
+    entries: Box<[RevmapEntry]>,
+}
+
+impl Revmap {
+    /// A revmap for `npte` HPTE slots. Fails with [`RmapError::TooManySlots`] above 2^32
+    /// slots (32-bit links) and with [`RmapError::Alloc`] if memory is short.
+    pub fn new(npte: u64) -> Result<Self, RmapError> {
+        if npte > MAX_NPTE {
+            return Err(RmapError::TooManySlots { npte });
+        }
+        let n = usize::try_from(npte).map_err(|_| RmapError::TooManySlots { npte })?;
+        Ok(Self {
+            entries: try_boxed_slice(n, |i| RevmapEntry::new(i as u32))?,
+        })
+    }
+
+    /// A revmap for an HPT of `order` (2^order bytes, 2^(order-4) slots).
+    pub fn for_hpt_order(order: u32) -> Result<Self, RmapError> {
+        if !(4..=62).contains(&order) {
+            return Err(RmapError::TooManySlots { npte: u64::MAX });
+        }
+        Self::new(1u64 << (order - 4))
+    }
+
+    /// Number of slots.
+    #[inline(always)]
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True if the revmap has no slots.
+    #[inline(always)]
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    #[inline(always)]
+    fn e(&self, i: u32) -> &RevmapEntry {
+        &self.entries[i as usize]
+    }
+
+    /// The guest view of dword 1 of HPTE `i`. Read under the HPTE lock for a stable value.
+    #[inline(always)]
+    pub fn guest_rpte(&self, i: u32) -> u64 {
+        // ORDERING: Relaxed; the HPTE lock orders it (see the type docs).
+        self.e(i).guest_rpte.load(Ordering::Relaxed)
+    }
+
+    /// Set the guest view of dword 1 of HPTE `i`. Caller holds the HPTE lock.
+    #[inline(always)]
+    pub fn set_guest_rpte(&self, i: u32, v: u64) {
+        // ORDERING: Relaxed; published by the HPTE unlock's Release store.
+        self.e(i).guest_rpte.store(v, Ordering::Relaxed);
+    }
+
+    /// Forward link of entry `i` (meaningful while `i` is on a ring).
+    #[inline(always)]
+    pub fn forw(&self, i: u32) -> u32 {
+        // ORDERING: Relaxed; rings are read under their rmap lock.
+        self.e(i).forw.load(Ordering::Relaxed)
+    }
+
+    /// Backward link of entry `i` (meaningful while `i` is on a ring).
+    #[inline(always)]
+    pub fn back(&self, i: u32) -> u32 {
+        // ORDERING: Relaxed; rings are read under their rmap lock.
+        self.e(i).back.load(Ordering::Relaxed)
+    }
+
+    #[inline(always)]
+    fn set_forw(&self, i: u32, v: u32) {
+        // ORDERING: Relaxed; published by the rmap unlock's Release store.
+        self.e(i).forw.store(v, Ordering::Relaxed);
+    }
+
+    #[inline(always)]
+    fn set_back(&self, i: u32, v: u32) {
+        // ORDERING: Relaxed; published by the rmap unlock's Release store.
+        self.e(i).back.store(v, Ordering::Relaxed);
+    }
+
+    /// Link HPTE `ptex` into the ring headed by the locked word, at the tail (before the
+    /// head), and unlock (`kvmppc_add_revmap_chain`, whose asymmetric contract "always
+    /// unlocks the rmap" is expressed by consuming the guard).
+    ///
+    /// An empty word becomes `ptex | PRESENT | KVMPPC_RMAP_HPT` with its R/C kept.
+    /// Returns the word as stored at unlock. The caller holds HPTE `ptex`'s lock and
+    /// `ptex` is on no ring. O(1).
+    #[inline]
+    pub fn link(&self, mut g: RmapGuard<'_>, ptex: u32) -> RmapWord {
+        let w = g.word();
+        match w.head() {
+            Some(head) => {
+                let tail = self.back(head);
+                self.set_forw(ptex, head);
+                self.set_back(ptex, tail);
+                self.set_forw(tail, ptex);
+                self.set_back(head, ptex);
+            }
+            None => {
+                self.set_forw(ptex, ptex);
+                self.set_back(ptex, ptex);
+                g.set_word(RmapWord(
+                    (w.0 & !(RMAP_INDEX | RMAP_TYPE_MASK))
+                        | u64::from(ptex)
+                        | RMAP_PRESENT
+                        | RMAP_TYPE_HPT,
+                ));
+            }
+        }
+        g.word()
+    }
+
+    /// Unlink HPTE `ptex` from the ring headed by the locked word (the splice of
+    /// `remove_revmap_chain` and `kvmppc_unmap_hpte`). If it was the head, the head moves
+    /// to its successor; if it was the only member, PRESENT and INDEX are cleared. The
+    /// removed entry's links are reset to itself. O(1).
+    ///
+    /// The caller holds the rmap lock (`g`) and `ptex` is on this ring.
+    #[inline]
+    pub fn unlink(&self, g: &mut RmapGuard<'_>, ptex: u32) {
+        let w = g.word();
+        debug_assert!(w.is_present(), "unlink from an empty rmap");
+        let next = self.forw(ptex);
+        if next == ptex {
+            g.set_word(RmapWord(w.0 & !(RMAP_INDEX | RMAP_PRESENT)));
+        } else {
+            let prev = self.back(ptex);
+            self.set_back(next, prev);
+            self.set_forw(prev, next);
+            if w.index() == ptex {
+                g.set_word(RmapWord((w.0 & !RMAP_INDEX) | u64::from(next)));
+            }
+            self.set_forw(ptex, ptex);
+            self.set_back(ptex, ptex);
+        }
+    }
+
+    /// Iterate the members of the ring headed by the locked word, from the head.
+    #[inline]
+    pub fn iter<'a>(&'a self, g: &RmapGuard<'_>) -> RingIter<'a> {
+        RingIter::new(self, g.word())
+    }
+
+    /// Number of members of the ring headed by the locked word. O(length).
+    pub fn chain_len(&self, g: &RmapGuard<'_>) -> usize {
+        self.iter(g).count()
+    }
+
+    /// Walk the ring headed by `word` (a snapshot taken at a quiescent point, or under
+    /// the lock), checking invariants 2, 3 (index bound) and 5, and calling `visit` on
+    /// each member. Returns the chain length.
+    pub fn walk_ring(
+        &self,
+        word: RmapWord,
+        mut visit: impl FnMut(u32),
+    ) -> Result<usize, RmapViolation> {
+        let npte = self.len() as u64;
+        let Some(head) = word.head() else {
+            if word.index() != 0 {
+                return Err(RmapViolation::IndexWithoutPresent { word });
+            }
+            return Ok(0);
+        };
+        if u64::from(head) >= npte {
+            return Err(RmapViolation::HeadOutOfRange { word, npte });
+        }
+        let mut j = head;
+        let mut k: u64 = 0;
+        loop {
+            let f = self.forw(j);
+            let b = self.back(j);
+            if u64::from(f) >= npte || u64::from(b) >= npte {
+                return Err(RmapViolation::LinkOutOfRange {
+                    ptex: j,
+                    forw: f,
+                    back: b,
+                });
+            }
+            if self.back(f) != j || self.forw(b) != j {
+                return Err(RmapViolation::BrokenLinks { ptex: j });
+            }
+            visit(j);
+            k += 1;
+            j = f;
+            if j == head {
+                return Ok(k as usize);
+            }
+            if k >= npte {
+                return Err(RmapViolation::RingDoesNotClose { head });
+            }
+        }
+    }
+}
+
+/// Iterator over the members of one ring (see [`Revmap::iter`]).
+#[derive(Debug, Clone)]
+pub struct RingIter<'a> {
+    revmap: &'a Revmap,
+    head: u32,
+    next: Option<u32>,
+    left: usize,
+}
+
+impl<'a> RingIter<'a> {
+    /// Iterate the ring headed by `word`, bounded by the revmap length.
+    pub fn new(revmap: &'a Revmap, word: RmapWord) -> Self {
+        let head = word.index();
+        Self {
+            revmap,
+            head,
+            next: word.head(),
+            left: revmap.len(),
+        }
+    }
+}
+
+impl Iterator for RingIter<'_> {
+    type Item = u32;
+    #[inline]
+    fn next(&mut self) -> Option<u32> {
+        let cur = self.next?;
+        if self.left == 0 {
+            self.next = None;
+            return None;
+        }
+        self.left -= 1;
+        let f = self.revmap.forw(cur);
+        self.next = if f == self.head { None } else { Some(f) };
+        Some(cur)
+    }
+}
+
+/// A broken invariant of the rmap words or revmap rings.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RmapViolation {
+    /// Invariant 1: a bit outside the layout, a type byte other than 0/HPT, or the lock
+    /// held at rest.
+    #[error("frame {frame}: rmap word {word:?} uses bits outside the layout or is locked at rest")]
+    BadLayout {
+        /// Index of the frame in its array.
+        frame: usize,
+        /// The word.
+        word: RmapWord,
+    },
+    /// Invariant 2: INDEX set while PRESENT is clear.
+    #[error("rmap word {word:?} has INDEX without PRESENT")]
+    IndexWithoutPresent {
+        /// The word.
+        word: RmapWord,
+    },
+    /// Invariant 3: head index beyond the table.
+    #[error("rmap word {word:?} heads index beyond npte {npte}")]
+    HeadOutOfRange {
+        /// The word.
+        word: RmapWord,
+        /// Number of HPTE slots.
+        npte: u64,
+    },
+    /// A link points beyond the table.
+    #[error("revmap entry {ptex} links out of range (forw {forw}, back {back})")]
+    LinkOutOfRange {
+        /// The entry.
+        ptex: u32,
+        /// Its forward link.
+        forw: u32,
+        /// Its backward link.
+        back: u32,
+    },
+    /// Invariant 5: `rev[rev[i].forw].back != i` or `rev[rev[i].back].forw != i`.
+    #[error("revmap entry {ptex}: forw/back links disagree")]
+    BrokenLinks {
+        /// The entry.
+        ptex: u32,
+    },
+    /// Invariant 5: following `forw` does not return to the head within npte steps.
+    #[error("ring headed by {head} does not close")]
+    RingDoesNotClose {
+        /// The head.
+        head: u32,
+    },
+    /// Invariant 6: an index is on two rings, or twice on one.
+    #[error("HPTE {ptex} is on more than one ring position")]
+    DuplicateMember {
+        /// The entry.
+        ptex: u32,
+    },
+}
+
+/// Summary of a successful [`check_rmaps`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RingStats {
+    /// Number of non-empty chains.
+    pub chains: usize,
+    /// Sum of all chain lengths.
+    pub members: usize,
+    /// Longest chain.
+    pub longest: usize,
+}
+
+/// Check invariants 1, 2, 3 (bound), 5 and 6 over a set of rmap words sharing one
+/// revmap, at a quiescent point (no lock held). `on_member(frame_index, ptex)` is called
+/// for each chain member so that callers can check HPT-level invariants too.
+pub fn check_rmaps<'a>(
+    rmaps: impl IntoIterator<Item = &'a Rmap>,
+    revmap: &Revmap,
+    mut on_member: impl FnMut(usize, u32) -> Result<(), RmapViolation>,
+) -> Result<RingStats, RmapViolation> {
+    let mut seen = alloc::vec![0u64; revmap.len().div_ceil(64)];
+    let mut stats = RingStats::default();
+    for (frame, r) in rmaps.into_iter().enumerate() {
+        let w = r.load();
+        let kind = w.kind();
+        if w.0 & !RMAP_LAYOUT != 0 || w.is_locked() || (kind != 0 && kind != RMAP_TYPE_HPT) {
+            return Err(RmapViolation::BadLayout { frame, word: w });
+        }
+        let mut dup = None;
+        let mut members = alloc::vec::Vec::new();
+        let len = revmap.walk_ring(w, |p| {
+            let (wi, bit) = ((p / 64) as usize, 1u64 << (p % 64));
+            if seen[wi] & bit != 0 {
+                dup.get_or_insert(p);
+            }
+            seen[wi] |= bit;
+            members.push(p);
+        })?;
+        if let Some(ptex) = dup {
+            return Err(RmapViolation::DuplicateMember { ptex });
+        }
+        for p in members {
+            on_member(frame, p)?;
+        }
+        if len > 0 {
+            stats.chains += 1;
+            stats.members += len;
+            stats.longest = stats.longest.max(len);
+        }
+    }
+    Ok(stats)
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use alloc::vec::Vec;
+
+    fn members(rev: &Revmap, r: &Rmap) -> Vec<u32> {
+        let g = r.lock();
+        rev.iter(&g).collect()
+    }
+
+    #[test]
+    fn word_layout_is_kvms() {
+        assert_eq!(RMAP_PRESENT, 0x0000_0001_0000_0000);
+        assert_eq!(RMAP_RC, 0x0000_0180_0000_0000);
+        assert_eq!(RMAP_LOCK, 0x0000_0800_0000_0000);
+        assert_eq!(RMAP_TYPE_HPT, 0x0100_0000_0000_0000);
+        assert_eq!(RMAP_TYPE_NESTED, 0xc000_0000_0000_0000);
+    }
+
+    #[test]
+    fn link_builds_a_ring_in_insertion_order_and_unlink_moves_head() {
+        let rev = Revmap::new(64).unwrap();
+        let r = Rmap::new();
+        for p in [5, 9, 0, 33] {
+            let w = rev.link(r.lock(), p);
+            assert!(w.is_present());
+            assert_eq!(w.kind(), RMAP_TYPE_HPT);
+            assert_eq!(w.index(), 5, "head stays, new entries go to the tail");
+        }
+        assert_eq!(members(&rev, &r), [5, 9, 0, 33]);
+        assert_eq!(check_rmaps([&r], &rev, |_, _| Ok(())).unwrap().members, 4);
+
+        let mut g = r.lock();
+        rev.unlink(&mut g, 5);
+        assert_eq!(g.word().index(), 9, "removing the head moves it to forw");
+        rev.unlink(&mut g, 0);
+        drop(g);
+        assert_eq!(members(&rev, &r), [9, 33]);
+        let mut g = r.lock();
+        rev.unlink(&mut g, 33);
+        rev.unlink(&mut g, 9);
+        assert_eq!(g.word().bits() & (RMAP_PRESENT | RMAP_INDEX), 0);
+        assert_eq!(
+            g.word().kind(),
+            RMAP_TYPE_HPT,
+            "type byte stays once populated"
+        );
+        drop(g);
+        check_rmaps([&r], &rev, |_, _| Ok(())).unwrap();
+    }
+
+    #[test]
+    fn index_zero_is_a_valid_single_member() {
+        let rev = Revmap::new(8).unwrap();
+        let r = Rmap::new();
+        let w = rev.link(r.lock(), 0);
+        assert_eq!(w.head(), Some(0));
+        assert_eq!(members(&rev, &r), [0]);
+    }
+
+    #[test]
+    fn rc_harvest_is_kept_across_empty_and_relink() {
+        let rev = Revmap::new(8).unwrap();
+        let r = Rmap::new();
+        rev.link(r.lock(), 3);
+        let mut g = r.lock();
+        rev.unlink(&mut g, 3);
+        g.add_rc(HPTE_R_C);
+        drop(g);
+        let w = rev.link(r.lock(), 4);
+        assert!(w.changed() && !w.referenced());
+        assert_eq!(r.lock().take_rc(HPTE_R_C | HPTE_R_R), HPTE_R_C);
+        assert!(!r.load().changed());
+    }
+
+    #[test]
+    fn too_many_slots_is_an_error_not_a_truncation() {
+        assert_eq!(
+            Revmap::for_hpt_order(41).unwrap_err(),
+            RmapError::TooManySlots { npte: 1 << 37 }
+        );
+        assert!(matches!(
+            Revmap::new(MAX_NPTE + 1),
+            Err(RmapError::TooManySlots { .. })
+        ));
+    }
+
+    #[test]
+    fn checker_catches_corruption() {
+        let rev = Revmap::new(16).unwrap();
+        let a = Rmap::new();
+        let b = Rmap::new();
+        rev.link(a.lock(), 1);
+        rev.link(a.lock(), 2);
+        // Two words claiming the same entry.
+        b.lock().set_word(RmapWord(RMAP_PRESENT | 2));
+        assert!(matches!(
+            check_rmaps([&a, &b], &rev, |_, _| Ok(())),
+            Err(RmapViolation::BrokenLinks { .. } | RmapViolation::DuplicateMember { .. })
+        ));
+        b.lock().set_word(RmapWord(7));
+        assert!(matches!(
+            check_rmaps([&b], &rev, |_, _| Ok(())),
+            Err(RmapViolation::IndexWithoutPresent { .. })
+        ));
+        b.lock().set_word(RmapWord(1 << 50));
+        assert!(matches!(
+            check_rmaps([&b], &rev, |_, _| Ok(())),
+            Err(RmapViolation::BadLayout { .. })
+        ));
+    }
+
+    /// A toy HPTE lock table for walker tests.
+    struct Locks(Box<[AtomicU64]>);
+    impl HpteLocks for Locks {
+        type Guard<'a> = BitLockGuard<'a>;
+        fn try_lock_hpte(&self, p: u32) -> Option<BitLockGuard<'_>> {
+            BitLockGuard::try_lock(&self.0[p as usize], 0x40, 0x40)
+        }
+        fn wait_hpte_unlocked(&self, p: u32) {
+            crate::bitlock::wait_unlocked(&self.0[p as usize], 0x40);
+        }
+    }
+
+    #[test]
+    fn walkers_visit_and_drain() {
+        let rev = Revmap::new(16).unwrap();
+        let locks = Locks((0..16).map(|_| AtomicU64::new(0)).collect());
+        let r = Rmap::new();
+        for p in [3, 7, 11] {
+            rev.link(r.lock(), p);
+        }
+        let mut seen = Vec::new();
+        r.for_each_locked(&rev, &locks, |_, p, _| {
+            seen.push(p);
+            Visit::Continue
+        });
+        assert_eq!(seen, [3, 7, 11]);
+        let mut drained = Vec::new();
+        let n = r.drain_locked(&rev, &locks, |g, p, _| {
+            g.add_rc(HPTE_R_R);
+            drained.push(p);
+        });
+        assert_eq!((n, drained), (3, alloc::vec![3, 7, 11]));
+        assert!(r.load().referenced() && !r.load().is_present());
+    }
+}
