@@ -1,0 +1,1 @@
+//! PAPR hashed page table (work in progress).
