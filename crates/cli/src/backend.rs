@@ -24,25 +24,18 @@ impl fmt::Display for FlavourArg {
     }
 }
 
-use revmap_sim::replay::{HcallResult, Hypervisor, ResultMask, VmSpec};
+use revmap_sim::replay::{new_vm, Flavour, Vm, VmSpec};
 
-/// Placeholder until the HPT crate is merged.
-pub enum Vm {}
-
-impl Hypervisor for Vm {
-    type Violation = String;
-    fn hcall(&self, _: usize, _: u64, _: &[u64]) -> HcallResult {
-        match *self {}
-    }
-    fn check_invariants(&self) -> Result<(), String> {
-        match *self {}
-    }
-    fn result_masks(&self, _: u64, _: usize) -> &'static [ResultMask] {
-        match *self {}
+impl From<FlavourArg> for Flavour {
+    fn from(f: FlavourArg) -> Flavour {
+        match f {
+            FlavourArg::Kvm => Flavour::Kvm,
+            FlavourArg::Qemu => Flavour::Qemu,
+        }
     }
 }
 
 /// Creates the VM for one trace file.
-pub fn make_vm(_flavour: FlavourArg, _spec: VmSpec) -> Result<Vm, String> {
-    Err("no HPT implementation linked yet".into())
+pub fn make_vm(flavour: FlavourArg, spec: VmSpec) -> Result<Vm, revmap_sim::replay::HptError> {
+    new_vm(flavour.into(), spec)
 }

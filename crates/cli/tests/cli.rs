@@ -105,3 +105,109 @@ fn malformed_file_exits_2_naming_file_and_line() {
     assert_eq!(o.status.code(), Some(2));
     no_panic(&o);
 }
+
+fn trace(name: &str) -> String {
+    format!("{}/../../traces/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn json_lines(o: &Output) -> Vec<serde_json::Value> {
+    stdout(o)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect()
+}
+
+#[test]
+fn real_traces_pass_with_json_shape() {
+    for flavour in ["kvm", "qemu"] {
+        let o = revmap(&[
+            "replay",
+            "--json",
+            "--flavour",
+            flavour,
+            "--check-every",
+            "50000",
+            &trace("boot.txt.gz"),
+            &trace("resize.txt.gz"),
+        ]);
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        let v = json_lines(&o);
+        assert_eq!(v.len(), 2);
+        let boot = &v[0];
+        assert!(boot["file"].as_str().unwrap().ends_with("boot.txt.gz"));
+        assert_eq!(boot["flavour"], flavour);
+        assert_eq!(boot["calls"], 86_327);
+        assert_eq!(boot["matched"], 86_327);
+        assert_eq!(boot["mismatched"], 0);
+        assert!(boot["first_mismatch"].is_null());
+        assert_eq!(boot["invariant_violations"], 0);
+        assert!(boot["seconds"].as_f64().unwrap() > 0.0);
+        assert!(boot["masks_applied"].is_object());
+        assert!(boot["stopped_at"].is_null());
+        assert_eq!(boot["passed"], true);
+        let resize = &v[1];
+        assert_eq!(resize["mismatched"], 0);
+        assert_eq!(resize["stopped_at"]["record"], "H_RESIZE_HPT_PREPARE");
+        assert_eq!(resize["stopped_at"]["line"], 122_518);
+        assert_eq!(resize["stopped_at"]["reason"], "resize");
+        assert_eq!(resize["passed"], true);
+    }
+    let o = revmap(&[
+        "replay",
+        "--flavour",
+        "qemu",
+        "--preparse",
+        &trace("resize.txt.gz"),
+    ]);
+    assert_eq!(o.status.code(), Some(0));
+    let s = stdout(&o);
+    assert!(
+        s.contains("STOPPED EARLY") && s.contains("not yet supported"),
+        "{s}"
+    );
+}
+
+#[test]
+fn mismatch_exits_1_and_is_reported() {
+    // The recorded idx is wrong: an empty PTEG gives slot 0.
+    let p = temp_file(
+        "mismatch.txt",
+        "HPT_ALLOC shift=18\n\
+         H_ENTER cpu=0 flags=0x0 ptex=0x3d38 pteh=0x4009287a77000005 ptel=0x11194 -> ret=0 idx=0x3d39\n",
+    );
+    let ps = p.display().to_string();
+    let o = revmap(&["replay", "--json", "--flavour", "qemu", &ps]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let v = &json_lines(&o)[0];
+    assert_eq!(v["mismatched"], 1);
+    let m = &v["first_mismatch"];
+    assert_eq!(m["line"], 2);
+    assert_eq!(m["hcall"], "H_ENTER");
+    assert_eq!(m["field"], "r4");
+    assert_eq!(m["expected"], "0x3d39");
+    assert_eq!(m["got"], "0x3d38");
+    let o = revmap(&["replay", &ps]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stdout(&o).contains("first mismatch: line 2: H_ENTER r4: expected 0x3d39, got 0x3d38"));
+}
+
+#[test]
+fn malformed_record_after_alloc_exits_2_and_other_files_still_run() {
+    let p = temp_file(
+        "bad2.txt",
+        "HPT_ALLOC shift=18\nH_ENTER cpu=0 flags=0x0 ptex=zz pteh=0x1 ptel=0x0 -> ret=0\n",
+    );
+    let ps = p.display().to_string();
+    let o = revmap(&["replay", "--json", &ps, &trace("boot.txt.gz")]);
+    assert_eq!(o.status.code(), Some(2));
+    no_panic(&o);
+    assert!(
+        stderr(&o).contains(&format!("{ps}:2: H_ENTER: bad value `zz` for `ptex`")),
+        "{}",
+        stderr(&o)
+    );
+    let v = json_lines(&o);
+    assert_eq!(v.len(), 2);
+    assert!(v[0]["error"].is_string());
+    assert_eq!(v[1]["passed"], true);
+}

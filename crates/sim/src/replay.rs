@@ -29,7 +29,10 @@ use std::path::Path;
 use std::time::Instant;
 use thiserror::Error;
 
-pub use self::vm::{HcallResult, Hypervisor, ResultMask, VmSpec};
+pub use self::vm::{
+    new_vm, HcallResult, Hypervisor, ResultMask, VmSpec, REPLAY_BACKING_PAGE_SHIFT,
+};
+pub use revmap_hpt::{Flavour, HptError, Vm};
 
 mod vm;
 

@@ -3,26 +3,12 @@
 //! Invariants: the engine touches a VM only through this trait, so it can be tested
 //! with a fake; implementations must be bit-exact for the flavour they model and report
 //! their flavour's documented differences through [`Hypervisor::result_masks`].
+//! [`revmap_hpt::Vm`] implements it with exactly [`revmap_hpt::result_masks`].
 
 use core::fmt;
 
-/// The result of one hypercall: return code (r3) and output registers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct HcallResult {
-    /// PAPR return code (r3), sign-extended.
-    pub ret: i64,
-    /// `out[0]` = r4, `out[1]` = r5, ...
-    pub out: [u64; 8],
-}
-
-/// Bits of one output register to ignore when comparing, with the difference's name.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ResultMask {
-    /// Name of the documented difference.
-    pub name: &'static str,
-    /// Bits to ignore.
-    pub mask: u64,
-}
+use revmap_hpt::{Flavour, HptError, Vm, VmConfig};
+pub use revmap_hpt::{HcallResult, ResultMask};
 
 /// The VM a trace file is replayed on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,4 +33,43 @@ pub trait Hypervisor {
     /// Bits of output `out_index` (0 = r4) of `opcode` to ignore when comparing with a
     /// recorded QEMU result (empty for a bit-exact flavour).
     fn result_masks(&self, opcode: u64, out_index: usize) -> &'static [ResultMask];
+}
+
+/// Host backing page shift used for replay RAM: 16 MiB pages back every page size the
+/// traces use (4K, 64K, 16M).
+pub const REPLAY_BACKING_PAGE_SHIFT: u32 = 24;
+
+impl VmSpec {
+    /// The [`VmConfig`] of a replay VM of `flavour`.
+    pub fn vm_config(self, flavour: Flavour) -> VmConfig {
+        VmConfig {
+            ram_bytes: self.ram_bytes,
+            hpt_order: self.hpt_order,
+            flavour,
+            backing_page_shift: REPLAY_BACKING_PAGE_SHIFT,
+        }
+    }
+}
+
+/// Creates the [`Vm`] for `spec` (the factory the replay functions take).
+pub fn new_vm(flavour: Flavour, spec: VmSpec) -> Result<Vm, HptError> {
+    Vm::new(spec.vm_config(flavour))
+}
+
+impl Hypervisor for Vm {
+    type Violation = revmap_hpt::Violation;
+
+    #[inline(always)]
+    fn hcall(&self, vcpu: usize, opcode: u64, args: &[u64]) -> HcallResult {
+        Vm::hcall(self, vcpu, opcode, args)
+    }
+
+    fn check_invariants(&self) -> Result<(), Self::Violation> {
+        Vm::check_invariants(self).map(|_report| ())
+    }
+
+    #[inline]
+    fn result_masks(&self, opcode: u64, out_index: usize) -> &'static [ResultMask] {
+        revmap_hpt::result_masks(self.flavour(), opcode, out_index)
+    }
 }
