@@ -1,5 +1,12 @@
 //! `revmap`: the command-line front end of the revmap workspace.
+//!
+//! Exit codes: 0 success; 1 a replay found mismatches, invariant violations or an
+//! unsupported record; 2 usage error, unreadable or malformed input, or a subcommand
+//! that is not implemented yet. No input makes it panic.
 #![forbid(unsafe_code)]
+
+mod backend;
+mod replay;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -16,8 +23,8 @@ struct Cli {
 enum Command {
     /// Run the simulator: vCPUs, host actors and an HPT resize (not implemented yet).
     Run,
-    /// Replay real guest hypercall traces and compare every result (not implemented yet).
-    Replay,
+    /// Replay real guest hypercall traces and compare every result.
+    Replay(replay::ReplayArgs),
     /// Run the benchmarks: rmap, replay, host, resize (not implemented yet).
     Bench,
 }
@@ -35,8 +42,8 @@ fn main() -> ExitCode {
         }
     };
     let name = match cli.command {
+        Command::Replay(args) => return replay::run(&args),
         Command::Run => "run",
-        Command::Replay => "replay",
         Command::Bench => "bench",
     };
     eprintln!("revmap {name}: not implemented yet");

@@ -1,0 +1,213 @@
+//! Runs the built `revmap` binary: exit codes, messages and the JSON shape.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn revmap(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_revmap"))
+        .args(args)
+        .output()
+        .expect("run revmap")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn no_panic(o: &Output) {
+    let e = stderr(o);
+    assert!(
+        !e.contains("panicked") && !e.contains("RUST_BACKTRACE"),
+        "{e}"
+    );
+}
+
+fn temp_file(name: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("revmap-cli-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    std::fs::File::create(&p)
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    p
+}
+
+#[test]
+fn help_lists_all_subcommands() {
+    let o = revmap(&["--help"]);
+    assert_eq!(o.status.code(), Some(0));
+    let s = stdout(&o);
+    for c in ["run", "replay", "bench"] {
+        assert!(s.contains(c), "{s}");
+    }
+}
+
+#[test]
+fn stubs_say_not_implemented() {
+    for c in ["run", "bench"] {
+        let o = revmap(&[c]);
+        assert_eq!(o.status.code(), Some(2));
+        assert!(stderr(&o).contains("not implemented yet"));
+    }
+}
+
+#[test]
+fn bad_flags_exit_2() {
+    for args in [
+        &["replay", "--flavour", "xen", "x"][..],
+        &["replay", "--check-every", "0", "x"],
+        &["replay", "--check-every", "abc", "x"],
+        &["replay", "--bogus", "x"],
+        &["replay"],
+    ] {
+        let o = revmap(args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        no_panic(&o);
+        assert!(!stderr(&o).is_empty());
+    }
+}
+
+#[test]
+fn unreadable_file_exits_2_with_its_name() {
+    let o = revmap(&["replay", "/nonexistent/boot.txt.gz"]);
+    assert_eq!(o.status.code(), Some(2));
+    no_panic(&o);
+    assert!(
+        stderr(&o).contains("/nonexistent/boot.txt.gz"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn malformed_file_exits_2_naming_file_and_line() {
+    let p = temp_file("bad.txt", "# header\nHPT_ALLOC shift=0x12\n");
+    let ps = p.display().to_string();
+    let o = revmap(&["replay", &ps]);
+    assert_eq!(o.status.code(), Some(2));
+    no_panic(&o);
+    let e = stderr(&o);
+    assert!(e.contains(&format!("{ps}:2:")), "{e}");
+    let o = revmap(&["replay", "--json", &ps]);
+    assert_eq!(o.status.code(), Some(2));
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(v["file"], ps.as_str());
+    assert!(v["error"].as_str().unwrap().contains(":2:"));
+    // Garbage bytes, including a fake gzip header.
+    let g = temp_file("garbage.gz", "\u{1f}\u{8b}garbage");
+    let o = revmap(&["replay", &g.display().to_string()]);
+    assert_eq!(o.status.code(), Some(2));
+    no_panic(&o);
+}
+
+fn trace(name: &str) -> String {
+    format!("{}/../../traces/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn json_lines(o: &Output) -> Vec<serde_json::Value> {
+    stdout(o)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect()
+}
+
+#[test]
+fn real_traces_pass_with_json_shape() {
+    for flavour in ["kvm", "qemu"] {
+        let o = revmap(&[
+            "replay",
+            "--json",
+            "--flavour",
+            flavour,
+            "--check-every",
+            "50000",
+            &trace("boot.txt.gz"),
+            &trace("resize.txt.gz"),
+        ]);
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        let v = json_lines(&o);
+        assert_eq!(v.len(), 2);
+        let boot = &v[0];
+        assert!(boot["file"].as_str().unwrap().ends_with("boot.txt.gz"));
+        assert_eq!(boot["flavour"], flavour);
+        assert_eq!(boot["calls"], 86_327);
+        assert_eq!(boot["matched"], 86_327);
+        assert_eq!(boot["mismatched"], 0);
+        assert!(boot["first_mismatch"].is_null());
+        assert_eq!(boot["invariant_violations"], 0);
+        assert!(boot["seconds"].as_f64().unwrap() > 0.0);
+        assert!(boot["masks_applied"].is_object());
+        assert!(boot["stopped_at"].is_null());
+        assert_eq!(boot["passed"], true);
+        let resize = &v[1];
+        assert_eq!(resize["mismatched"], 0);
+        assert_eq!(resize["stopped_at"]["record"], "H_RESIZE_HPT_PREPARE");
+        assert_eq!(resize["stopped_at"]["line"], 122_518);
+        assert_eq!(resize["stopped_at"]["reason"], "resize");
+        assert_eq!(resize["passed"], true);
+    }
+    let o = revmap(&[
+        "replay",
+        "--flavour",
+        "qemu",
+        "--preparse",
+        &trace("resize.txt.gz"),
+    ]);
+    assert_eq!(o.status.code(), Some(0));
+    let s = stdout(&o);
+    assert!(
+        s.contains("STOPPED EARLY") && s.contains("not yet supported"),
+        "{s}"
+    );
+}
+
+#[test]
+fn mismatch_exits_1_and_is_reported() {
+    // The recorded idx is wrong: an empty PTEG gives slot 0.
+    let p = temp_file(
+        "mismatch.txt",
+        "HPT_ALLOC shift=18\n\
+         H_ENTER cpu=0 flags=0x0 ptex=0x3d38 pteh=0x4009287a77000005 ptel=0x11194 -> ret=0 idx=0x3d39\n",
+    );
+    let ps = p.display().to_string();
+    let o = revmap(&["replay", "--json", "--flavour", "qemu", &ps]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let v = &json_lines(&o)[0];
+    assert_eq!(v["mismatched"], 1);
+    let m = &v["first_mismatch"];
+    assert_eq!(m["line"], 2);
+    assert_eq!(m["hcall"], "H_ENTER");
+    assert_eq!(m["field"], "r4");
+    assert_eq!(m["expected"], "0x3d39");
+    assert_eq!(m["got"], "0x3d38");
+    let o = revmap(&["replay", &ps]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stdout(&o).contains("first mismatch: line 2: H_ENTER r4: expected 0x3d39, got 0x3d38"));
+}
+
+#[test]
+fn malformed_record_after_alloc_exits_2_and_other_files_still_run() {
+    let p = temp_file(
+        "bad2.txt",
+        "HPT_ALLOC shift=18\nH_ENTER cpu=0 flags=0x0 ptex=zz pteh=0x1 ptel=0x0 -> ret=0\n",
+    );
+    let ps = p.display().to_string();
+    let o = revmap(&["replay", "--json", &ps, &trace("boot.txt.gz")]);
+    assert_eq!(o.status.code(), Some(2));
+    no_panic(&o);
+    assert!(
+        stderr(&o).contains(&format!("{ps}:2: H_ENTER: bad value `zz` for `ptex`")),
+        "{}",
+        stderr(&o)
+    );
+    let v = json_lines(&o);
+    assert_eq!(v.len(), 2);
+    assert!(v[0]["error"].is_string());
+    assert_eq!(v[1]["passed"], true);
+}

@@ -1,0 +1,2 @@
+//! Hypercall benchmarks (in progress).
+fn main() {}

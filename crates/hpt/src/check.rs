@@ -1,0 +1,172 @@
+//! The whole-VM invariant checker: HPT + revmap + rmap words + dirty bitmap.
+//!
+//! Run at a quiescent point (no hypercall or vCPU access in flight). Checks the
+//! invariants of kvm-rmap-anatomy.md section E that are decidable from a snapshot:
+//!
+//! * 1, 2, 3 (bound), 5, 6: rmap words and rings (`revmap_rmap::ring::check_rmaps`);
+//! * 3, 4: every chain member is VALID and maps the chain's frame; every VALID
+//!   memslot-backed HPTE is on exactly one chain (counts must match);
+//! * 7: HVLOCK clear at rest, never VALID and ABSENT together;
+//! * 8: ABSENT + key 31 only outside memslots (MMIO), and ABSENT outside memslots
+//!   always has key 31; VALID never outside memslots;
+//! * 9: guest_rpte has no `HPTE_GR_RESERVED` bit (KVM flavour);
+//! * 13: a VALID page is no larger than its backing page, its slot is aligned for it,
+//!   and its real RPN is the host page of its guest frame;
+//! * free slots are all-zero in the KVM flavour; memslot dirty-bitmap shape.
+//!
+//! Invariants 10-12 and 15 are about histories, checked by the tests that drive
+//! hardware R/C and invalidations. Cost: O(npte + guest frames).
+
+use crate::error::Violation;
+use crate::flavour::Flavour;
+use crate::hpte::{HpteR, HpteV};
+use crate::vm::Vm;
+use alloc::vec;
+use revmap_rmap::ring::{check_rmaps, RmapViolation};
+use revmap_rmap::{Gfn, Ptex, PAGE_SHIFT};
+
+/// Counts gathered by a successful [`Vm::check_invariants`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    /// VALID HPTEs.
+    pub valid: usize,
+    /// ABSENT HPTEs (MMIO and not-present).
+    pub absent: usize,
+    /// ABSENT HPTEs with key 31 (emulated MMIO).
+    pub mmio: usize,
+    /// Non-empty rmap chains.
+    pub chains: usize,
+    /// Sum of chain lengths (= VALID memslot-backed HPTEs).
+    pub chain_members: usize,
+    /// Longest chain.
+    pub longest_chain: usize,
+    /// 4 KiB frames marked dirty.
+    pub dirty_frames: u64,
+}
+
+impl Vm {
+    /// Check every snapshot-decidable invariant (module docs); return counts or the
+    /// first violation.
+    pub fn check_invariants(&self) -> Result<CheckReport, Violation> {
+        let f = self.flavour();
+        let hpt = self.hpt();
+        let rev = hpt.revmap();
+        let npte = hpt.slots().len();
+        let mut rep = CheckReport::default();
+        let mut backed = vec![0u64; npte.div_ceil(64)];
+        let mut nbacked = 0usize;
+
+        for (i, s) in hpt.slots().iter().enumerate() {
+            let p = i as u32;
+            let v = s.load_v();
+            let r = s.load_r();
+            if v & HpteV::HVLOCK != 0 || (v & HpteV::VALID != 0 && v & HpteV::ABSENT != 0) {
+                return Err(Violation::BadSoftwareBits { ptex: p, v });
+            }
+            if !HpteV(v).is_used() {
+                if f == Flavour::Kvm && (v != 0 || r != 0) {
+                    return Err(Violation::DirtyFreeSlot { ptex: p, v, r });
+                }
+                continue;
+            }
+            let gr = rev.guest_rpte(p);
+            if f.guest_rpte_of(gr) != gr {
+                return Err(Violation::GuestReserved { ptex: p, rpte: gr });
+            }
+            let Some(shifts) = f.page_shifts(HpteV(v), HpteR(gr)) else {
+                return Err(Violation::BadPageSize { ptex: p });
+            };
+            let gfn = Gfn(HpteR(gr).page_addr(shifts.actual) >> PAGE_SHIFT);
+            let slot = self.memslots().lookup(gfn);
+            if v & HpteV::ABSENT != 0 {
+                rep.absent += 1;
+                let key31 = HpteR(r).is_key31();
+                if key31 {
+                    rep.mmio += 1;
+                }
+                if key31 == slot.is_some() {
+                    return Err(Violation::Key31InRam {
+                        ptex: p,
+                        gfn: gfn.0,
+                    });
+                }
+                continue;
+            }
+            rep.valid += 1;
+            let Some(s) = slot else {
+                return Err(Violation::BadMapping {
+                    ptex: p,
+                    why: "VALID entry outside every memslot (MMIO must be ABSENT)",
+                });
+            };
+            if shifts.actual > s.backing_page_shift() || !s.is_aligned_for(shifts.actual) {
+                return Err(Violation::BadMapping {
+                    ptex: p,
+                    why: "page larger than its backing page or slot misaligned",
+                });
+            }
+            let host = s.gfn_to_hva(gfn).map(|h| h.0);
+            if host != Some(HpteR(r).page_addr(shifts.actual)) {
+                return Err(Violation::BadMapping {
+                    ptex: p,
+                    why: "real RPN is not the host page of the guest frame",
+                });
+            }
+            backed[i / 64] |= 1 << (i % 64);
+            nbacked += 1;
+        }
+
+        let mut chained = vec![0u64; npte.div_ceil(64)];
+        let mut first_err: Option<Violation> = None;
+        for s in self.memslots().iter() {
+            s.check().map_err(Violation::Memslot)?;
+            rep.dirty_frames += s.count_dirty();
+            let base = s.base_gfn().0;
+            let stats = check_rmaps(s.rmaps(), rev, |frame, p| {
+                let v = hpt.slot(Ptex(p)).map_or(0, |e| e.load_v());
+                let err = if v & HpteV::VALID == 0 {
+                    Some(Violation::ChainedNotValid { ptex: p, v })
+                } else {
+                    let gr = rev.guest_rpte(p);
+                    match self.entry_page(v, gr) {
+                        Some((g, _)) if g.0 == base + frame as u64 => None,
+                        Some((g, _)) => Some(Violation::WrongChain {
+                            ptex: p,
+                            gfn: g.0,
+                            frame: base + frame as u64,
+                        }),
+                        None => Some(Violation::BadPageSize { ptex: p }),
+                    }
+                };
+                if let Some(e) = err {
+                    first_err.get_or_insert(e);
+                    // Stop the walk; the real violation is reported from first_err.
+                    return Err(RmapViolation::DuplicateMember { ptex: p });
+                }
+                chained[p as usize / 64] |= 1 << (p % 64);
+                Ok(())
+            });
+            if let Some(e) = first_err.take() {
+                return Err(e);
+            }
+            let stats = stats?;
+            rep.chains += stats.chains;
+            rep.chain_members += stats.members;
+            rep.longest_chain = rep.longest_chain.max(stats.longest);
+        }
+        if rep.chain_members != nbacked || backed != chained {
+            let first = backed
+                .iter()
+                .zip(&chained)
+                .enumerate()
+                .find(|(_, (b, c))| *b & !*c != 0)
+                .map(|(w, (b, c))| (w * 64) as u32 + (b & !c).trailing_zeros());
+            return Err(Violation::ChainCount {
+                valid: nbacked,
+                chained: rep.chain_members,
+                first,
+            });
+        }
+        Ok(rep)
+    }
+}

@@ -1,0 +1,35 @@
+//! The PAPR hashed page table (HPT) of a Book3S guest, with KVM-style reverse maps.
+//!
+//! * [`hpte`]: the HPTE format (dword 0/1 in the pre-ISA-3.0 layout) and page-size
+//!   decoders; [`hash`]: geometry and the 256M/1T hash functions.
+//! * [`table`]: the table of atomic HPTEs with HVLOCK bit locks and the revmap.
+//! * [`vm`]: a [`Vm`] with memslots, rmap chains and the hypercalls ([`Vm::hcall`]).
+//! * [`flavour`]: every guest-visible difference between KVM and QEMU, and
+//!   [`result_masks`] for comparing KVM-flavour results with QEMU traces.
+//! * [`check`]: the whole-VM invariant checker ([`Vm::check_invariants`]).
+//! * [`mmu`]: the "hardware": translation through the HPT with per-vCPU TLBs, setting
+//!   R/C; [`tlb`]: the tlbie handshake and the MMU-notifier sequence.
+//!
+//! Lock order: HPTE lock (HVLOCK) -> rmap lock (bit 43). No hypercall allocates or takes
+//! a global lock.
+#![cfg_attr(not(any(feature = "std", test)), no_std)]
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+extern crate alloc;
+
+pub mod check;
+pub mod error;
+pub mod flavour;
+pub mod hash;
+pub mod hcall;
+pub mod hpte;
+pub mod mmu;
+pub mod table;
+pub mod tlb;
+pub mod vm;
+
+pub use check::CheckReport;
+pub use error::{HptError, Violation};
+pub use flavour::{result_masks, Flavour, ResultMask};
+pub use vm::{HcallResult, Vm, VmConfig};

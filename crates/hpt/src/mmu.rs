@@ -1,0 +1,1 @@
+//! MMU model (in progress).

@@ -1,0 +1,256 @@
+//! The hashed page table itself: 16-byte HPTEs of two atomics, the revmap beside it, and
+//! the per-HPTE bit lock on HVLOCK.
+//!
+//! # Locking and ordering
+//!
+//! * HVLOCK (0x40) in dword 0 is the HPTE lock (`try_lock_hpte` / `unlock_hpte`). It
+//!   protects both dwords and the revmap entry's `guest_rpte`. Locking is an `Acquire`
+//!   CAS ([`Hpt::try_lock`] with a busy mask, or a spin in [`Hpt::lock`]); unlocking is
+//!   one `Release` store of the new dword 0 ([`HpteGuard::unlock_with`], or `Drop`,
+//!   which stores the value the guard holds).
+//! * dword 1 is written under the lock with `Relaxed` stores before the `Release` that
+//!   publishes dword 0, so a lock-free reader (the MMU model, H_READ) that loads dword 0
+//!   with `Acquire` and sees VALID also sees the matching dword 1.
+//! * The one writer of dword 1 that does not hold the lock is "hardware" (the MMU
+//!   model), which sets R/C with an atomic `fetch_or` and only on VALID entries; the
+//!   hypervisor therefore reads dword 1 for R/C only after the invalidation that
+//!   stabilises it (reference D5/D6, invariant 11).
+//!
+//! # Invariants
+//!
+//! * At rest (no lock held) HVLOCK is clear and VALID and ABSENT are never both set.
+//! * The table is zero-filled at creation in both flavours (QEMU's pre-filled 0x40 is a
+//!   presentation matter, see `flavour.rs`).
+//! * `slots.len() == revmap.len() == geometry.npte()`.
+
+use crate::error::HptError;
+use crate::hash::HptGeometry;
+use crate::hpte::HpteV;
+use alloc::boxed::Box;
+use revmap_rmap::bitlock::{wait_unlocked, BitLockGuard};
+use revmap_rmap::error::try_boxed_slice;
+use revmap_rmap::sync::{AtomicU64, Ordering};
+use revmap_rmap::{HpteLocks, Ptex, Revmap};
+
+/// One HPTE: dword 0 (V) and dword 1 (R).
+#[derive(Debug, Default)]
+#[repr(C, align(16))]
+pub struct HpteSlot {
+    v: AtomicU64,
+    r: AtomicU64,
+}
+
+#[cfg(not(any(loom, feature = "shuttle")))]
+const _: () = assert!(core::mem::size_of::<HpteSlot>() == 16);
+
+impl HpteSlot {
+    /// Lock-free snapshot of dword 0.
+    #[inline(always)]
+    pub fn load_v(&self) -> u64 {
+        // ORDERING: Acquire pairs with the Release unlock/publish of the writer, so a
+        // reader that sees a VALID dword 0 also sees the dword 1 written before it.
+        self.v.load(Ordering::Acquire)
+    }
+    /// Lock-free snapshot of dword 1.
+    #[inline(always)]
+    pub fn load_r(&self) -> u64 {
+        // ORDERING: Relaxed: ordered after a preceding Acquire load of dword 0 by
+        // program order on the reading side; writers publish it via dword 0.
+        self.r.load(Ordering::Relaxed)
+    }
+    /// Hardware R/C update (the MMU model): atomically OR `bits` into dword 1.
+    #[inline(always)]
+    pub fn hw_set_rc(&self, bits: u64) -> u64 {
+        // ORDERING: Relaxed RMW: atomicity is what matters (no lost concurrent update);
+        // the hypervisor reads it after a tlbie, whose SeqCst handshake orders it.
+        self.r.fetch_or(bits, Ordering::Relaxed)
+    }
+}
+
+/// A hashed page table of 2^order bytes with its revmap.
+#[derive(Debug)]
+pub struct Hpt {
+    geo: HptGeometry,
+    slots: Box<[HpteSlot]>,
+    revmap: Revmap,
+}
+
+impl Hpt {
+    /// A zeroed table of 2^order bytes (orders 18..=36), allocated fallibly.
+    pub fn new(order: u32) -> Result<Self, HptError> {
+        let geo = HptGeometry::new(order)?;
+        let n =
+            usize::try_from(geo.npte()).map_err(|_| HptError::OrderTooLargeForLinks { order })?;
+        let slots = try_boxed_slice(n, |_| HpteSlot::default())?;
+        let revmap = Revmap::new(geo.npte())?;
+        Ok(Self { geo, slots, revmap })
+    }
+
+    /// Geometry.
+    #[inline(always)]
+    pub fn geometry(&self) -> HptGeometry {
+        self.geo
+    }
+
+    /// The revmap array.
+    #[inline(always)]
+    pub fn revmap(&self) -> &Revmap {
+        &self.revmap
+    }
+
+    /// HPTE `ptex`, if in range.
+    #[inline(always)]
+    pub fn slot(&self, ptex: Ptex) -> Option<&HpteSlot> {
+        self.slots.get(ptex.0 as usize)
+    }
+
+    /// All HPTEs.
+    #[inline(always)]
+    pub fn slots(&self) -> &[HpteSlot] {
+        &self.slots
+    }
+
+    /// Try once to lock HPTE `ptex`, only if `(dword0 & busy) == 0` (`try_lock_hpte`).
+    /// `busy` always includes HVLOCK. `None` if locked, busy or out of range.
+    #[inline(always)]
+    pub fn try_lock(&self, ptex: Ptex, busy: u64) -> Option<HpteGuard<'_>> {
+        let slot = self.slot(ptex)?;
+        BitLockGuard::try_lock(&slot.v, HpteV::HVLOCK, busy | HpteV::HVLOCK).map(|g| HpteGuard {
+            g,
+            slot,
+            ptex,
+        })
+    }
+
+    /// Spin until HPTE `ptex` is locked. `None` only if out of range.
+    #[inline(always)]
+    pub fn lock(&self, ptex: Ptex) -> Option<HpteGuard<'_>> {
+        let slot = self.slot(ptex)?;
+        Some(HpteGuard {
+            g: BitLockGuard::lock(&slot.v, HpteV::HVLOCK),
+            slot,
+            ptex,
+        })
+    }
+}
+
+/// A held HPTE lock. Dword 0 edits go to the guard's value and are stored by the
+/// unlocking `Release` store; dword 1 is written directly (the lock excludes other
+/// hypervisor writers; hardware only ORs R/C into VALID entries).
+#[must_use = "dropping the guard unlocks immediately"]
+#[derive(Debug)]
+pub struct HpteGuard<'a> {
+    g: BitLockGuard<'a>,
+    slot: &'a HpteSlot,
+    ptex: Ptex,
+}
+
+impl HpteGuard<'_> {
+    /// The locked HPTE's index.
+    #[inline(always)]
+    pub fn ptex(&self) -> Ptex {
+        self.ptex
+    }
+    /// Dword 0 as it will be stored at unlock (HVLOCK clear).
+    #[inline(always)]
+    pub fn v(&self) -> u64 {
+        self.g.value()
+    }
+    /// Set the dword 0 that unlock will store.
+    #[inline(always)]
+    pub fn set_v(&mut self, v: u64) {
+        self.g.set(v);
+    }
+    /// Store the pending dword 0 now, keeping the lock (e.g. clear VALID before a tlbie
+    /// so that hardware stops using the entry).
+    #[inline(always)]
+    pub fn publish_v(&self) {
+        self.g.publish();
+    }
+    /// Read dword 1.
+    #[inline(always)]
+    pub fn r(&self) -> u64 {
+        self.slot.load_r()
+    }
+    /// Write dword 1 (published to lock-free readers by the next dword 0 release).
+    #[inline(always)]
+    pub fn set_r(&self, r: u64) {
+        // ORDERING: Relaxed; published by the Release store of dword 0 (unlock or
+        // publish_v) that follows.
+        self.slot.r.store(r, Ordering::Relaxed);
+    }
+    /// Atomically clear `bits` of dword 1, returning the old word (KVM's byte store of
+    /// the R byte in `kvmppc_clear_ref_hpte`, which must not lose a concurrent C update).
+    #[inline(always)]
+    pub fn r_fetch_and_not(&self, bits: u64) -> u64 {
+        // ORDERING: Relaxed RMW; the following tlbie orders it against hardware.
+        self.slot.r.fetch_and(!bits, Ordering::Relaxed)
+    }
+    /// Unlock, storing `v` as the new dword 0.
+    #[inline(always)]
+    pub fn unlock_with(self, v: u64) {
+        self.g.unlock_with(v);
+    }
+}
+
+impl HpteLocks for Hpt {
+    type Guard<'a> = HpteGuard<'a>;
+
+    #[inline]
+    fn try_lock_hpte(&self, ptex: u32) -> Option<HpteGuard<'_>> {
+        self.try_lock(Ptex(ptex), HpteV::HVLOCK)
+    }
+
+    #[inline]
+    fn wait_hpte_unlocked(&self, ptex: u32) {
+        if let Some(s) = self.slot(Ptex(ptex)) {
+            wait_unlocked(&s.v, HpteV::HVLOCK);
+        }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lock_protocol_on_hvlock() {
+        let t = Hpt::new(18).unwrap();
+        assert_eq!(t.slots().len(), 16384);
+        assert_eq!(t.revmap().len(), 16384);
+        let p = Ptex(9);
+        let mut g = t.try_lock(p, HpteV::VALID | HpteV::ABSENT).unwrap();
+        assert!(t.try_lock(p, 0).is_none(), "held");
+        assert!(t.try_lock_hpte(9).is_none());
+        g.set_r(0x1234);
+        g.set_v(0x1001 | HpteV::HVLOCK);
+        assert_eq!(
+            t.slot(p).unwrap().load_v(),
+            HpteV::HVLOCK,
+            "not yet published"
+        );
+        g.publish_v();
+        assert_eq!(t.slot(p).unwrap().load_v(), 0x1001 | HpteV::HVLOCK);
+        drop(g);
+        assert_eq!(t.slot(p).unwrap().load_v(), 0x1001);
+        assert!(
+            t.try_lock(p, HpteV::VALID | HpteV::ABSENT).is_none(),
+            "busy mask refuses a valid slot"
+        );
+        let g = t.lock(p).unwrap();
+        assert_eq!(g.v(), 0x1001);
+        assert_eq!(g.r_fetch_and_not(0x1000), 0x1234);
+        g.unlock_with(0);
+        assert_eq!(t.slot(p).unwrap().load_r(), 0x234);
+        assert!(t.lock(Ptex(16384)).is_none());
+    }
+
+    #[test]
+    fn orders_beyond_links_are_clean_errors() {
+        assert!(matches!(
+            Hpt::new(37),
+            Err(HptError::OrderTooLargeForLinks { .. })
+        ));
+        assert!(matches!(Hpt::new(10), Err(HptError::BadOrder { .. })));
+    }
+}

@@ -1,0 +1,666 @@
+//! The VM: one HPT with its revmap, the memslots with their rmap words, the TLB
+//! domain, the invalidation sequence, and the PAPR hypercalls with KVM-HV semantics
+//! (kvm-rmap-anatomy A.7) and QEMU's guest-visible behaviour where the flavour says so.
+//!
+//! # Representation
+//!
+//! The real HPT is always in KVM's representation: a VALID entry maps a present host
+//! page (host RPN in dword 1) and sits on the rmap chain of its base gfn; an ABSENT
+//! entry is guest-valid but not in hardware (emulated MMIO with key 31, or a host page
+//! that is not present / raced with an invalidation); the guest's own dword 1 lives in
+//! the revmap (`guest_rpte`). The guest sees `flavour.present_v(dword0)` and
+//! `guest_rpte | hardware R/C`.
+//!
+//! # Locks and invariants
+//!
+//! * Lock order HPTE lock -> rmap lock (never the reverse with spinning); H_BULK_REMOVE
+//!   spins only for the first HPTE of a batch and try-locks the others.
+//! * R/C are read from dword 1 only after the tlbie that stabilises them (D5/D6).
+//! * Every hypercall validates each guest value with checked arithmetic before use; no
+//!   input panics, allocates, or touches memory outside this VM. The hot path takes no
+//!   global lock (only HPTE and rmap bit locks) and the memslot lookup is a scan of a
+//!   one-element array.
+//! * See `check.rs` for the whole-VM invariants, verified by [`Vm::check_invariants`].
+
+use crate::error::HptError;
+use crate::flavour::{Flavour, Target, WimgVerdict};
+use crate::hcall::*;
+use crate::hpte::{HpteR, HpteV};
+use crate::table::{Hpt, HpteGuard};
+use crate::tlb::{InvalidateSeq, TlbDomain};
+use revmap_memslot::{Memslot, MemslotFlags, Memslots};
+use revmap_rmap::sync::{AtomicU64, Ordering};
+use revmap_rmap::{Gfn, Hva, Ptex, SlotId, PAGE_SHIFT};
+
+/// Host virtual address where guest RAM is "mapped" in the model (also its host
+/// physical address; aligned to 16 GiB so every backing page size fits).
+pub const RAM_HVA_BASE: u64 = 0x7e00_0000_0000;
+
+/// Configuration of a [`Vm`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmConfig {
+    /// Guest RAM in bytes: one memslot at gpa 0 (a multiple of 4 KiB).
+    pub ram_bytes: u64,
+    /// HPT order, 18..=36.
+    pub hpt_order: u32,
+    /// Which hypervisor to reproduce.
+    pub flavour: Flavour,
+    /// Host backing page shift for RAM (12, 16, 24, ...).
+    pub backing_page_shift: u32,
+}
+
+impl Default for VmConfig {
+    /// 1 GiB of RAM, order 23 (QEMU's default for 1 GiB), KVM flavour, 16 MiB backing.
+    fn default() -> Self {
+        Self {
+            ram_bytes: 1 << 30,
+            hpt_order: 23,
+            flavour: Flavour::Kvm,
+            backing_page_shift: 24,
+        }
+    }
+}
+
+/// Result of one hypercall: r3 and the output registers r4..r11.
+///
+/// Registers a call does not write keep their input values (as on real hardware), so a
+/// failed call returns its inputs in `out`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HcallResult {
+    /// Return code (r3).
+    pub ret: i64,
+    /// r4..r11.
+    pub out: [u64; 8],
+}
+
+/// A guest with a hashed page table. `Send + Sync`: vCPU threads share `&Vm`.
+#[derive(Debug)]
+pub struct Vm {
+    flavour: Flavour,
+    hpt: Hpt,
+    memslots: Memslots,
+    notifier: InvalidateSeq,
+    tlb: TlbDomain,
+    mmio_update: AtomicU64,
+}
+
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Vm>();
+};
+
+impl Vm {
+    /// Create a VM: a zeroed HPT of 2^`hpt_order` bytes and one RAM memslot at gpa 0
+    /// with dirty logging on and every host page present.
+    pub fn new(cfg: VmConfig) -> Result<Vm, HptError> {
+        if cfg.ram_bytes == 0 || cfg.ram_bytes % (1 << PAGE_SHIFT) != 0 {
+            return Err(HptError::BadRamSize {
+                bytes: cfg.ram_bytes,
+            });
+        }
+        let hpt = Hpt::new(cfg.hpt_order)?;
+        let slot = Memslot::new(
+            SlotId(0),
+            Gfn(0),
+            cfg.ram_bytes >> PAGE_SHIFT,
+            cfg.backing_page_shift,
+            MemslotFlags::LOG_DIRTY_PAGES,
+            Hva(RAM_HVA_BASE),
+        )?;
+        let mut memslots = Memslots::new();
+        memslots.insert(slot)?;
+        Ok(Vm {
+            flavour: cfg.flavour,
+            hpt,
+            memslots,
+            notifier: InvalidateSeq::default(),
+            tlb: TlbDomain::new()?,
+            mmio_update: AtomicU64::new(0),
+        })
+    }
+
+    /// The HPT order.
+    #[inline]
+    pub fn hpt_order(&self) -> u32 {
+        self.hpt.geometry().order()
+    }
+
+    /// The flavour.
+    #[inline]
+    pub fn flavour(&self) -> Flavour {
+        self.flavour
+    }
+
+    /// The hashed page table and its revmap.
+    #[inline]
+    pub fn hpt(&self) -> &Hpt {
+        &self.hpt
+    }
+
+    /// The memslots.
+    #[inline]
+    pub fn memslots(&self) -> &Memslots {
+        &self.memslots
+    }
+
+    /// The MMU-notifier invalidation sequence (for the host-side issue).
+    #[inline]
+    pub fn invalidate_seq(&self) -> &InvalidateSeq {
+        &self.notifier
+    }
+
+    /// The TLB domain shared with the vCPU MMU models.
+    #[inline]
+    pub fn tlb(&self) -> &TlbDomain {
+        &self.tlb
+    }
+
+    /// Generation of emulated-MMIO HPTE removals (`mmio_update`).
+    #[inline]
+    pub fn mmio_update(&self) -> u64 {
+        // ORDERING: Relaxed: a statistic/generation read by per-vCPU caches.
+        self.mmio_update.load(Ordering::Relaxed)
+    }
+
+    /// One PAPR hypercall from vCPU `vcpu`. `args` = r4.. (missing args read as 0,
+    /// extra ignored). Unknown opcodes, non-multiples of 4 and the resize calls (later
+    /// issue) return H_FUNCTION, as do H_CLEAR_REF/H_CLEAR_MOD in the QEMU flavour.
+    #[inline]
+    pub fn hcall(&self, vcpu: usize, opcode: u64, args: &[u64]) -> HcallResult {
+        let _ = vcpu; // per-vCPU state (MMIO cache) arrives with the fault path
+        let mut out = [0u64; 8];
+        for (o, a) in out.iter_mut().zip(args) {
+            *o = *a;
+        }
+        let a = out;
+        let ret = match opcode {
+            H_ENTER => self.h_enter(a[0], a[1], a[2], a[3], &mut out),
+            H_REMOVE => self.h_remove(a[0], a[1], a[2], &mut out),
+            H_READ => self.h_read(a[0], a[1], &mut out),
+            H_PROTECT => self.h_protect(a[0], a[1], a[2]),
+            H_BULK_REMOVE => self.h_bulk_remove(&mut out),
+            H_CLEAR_REF if self.flavour.has_clear_ref_mod() => self.h_clear_ref(a[1], &mut out),
+            H_CLEAR_MOD if self.flavour.has_clear_ref_mod() => self.h_clear_mod(a[1], &mut out),
+            _ => H_FUNCTION,
+        };
+        HcallResult { ret, out }
+    }
+
+    /// The memslot and 4K-frame count of the guest page an entry maps, decoded from
+    /// dword 0 and the guest view of dword 1 (`revmap_for_hpte`).
+    #[inline]
+    pub(crate) fn entry_page(&self, v: u64, guest_r: u64) -> Option<(Gfn, u32)> {
+        let s = self.flavour.page_shifts(HpteV(v), HpteR(guest_r))?;
+        Some((
+            Gfn(HpteR(guest_r).page_addr(s.actual) >> PAGE_SHIFT),
+            s.actual,
+        ))
+    }
+
+    /// H_ENTER (spec 3.1, `kvmppc_do_h_enter`).
+    fn h_enter(&self, flags: u64, ptex: u64, pteh: u64, ptel: u64, out: &mut [u64; 8]) -> i64 {
+        let f = self.flavour;
+        let vin = HpteV(pteh);
+        if f.rejects_reserved_segment_size() && vin.segment_size() >= 2 {
+            return H_PARAMETER;
+        }
+        let Some(shifts) = f.page_shifts(vin, HpteR(ptel)) else {
+            return H_PARAMETER;
+        };
+        let psize_mask = (1u64 << shifts.actual) - 1;
+        let g_ptel = f.guest_rpte_of(ptel);
+        let guest_valid = f.forces_valid() || vin.is_valid();
+        let pteh = pteh & !(HpteV::HV_SW | HpteV::VALID);
+        let seq = self.notifier.sample();
+        let gfn = Gfn(HpteR(ptel).page_addr(shifts.actual) >> PAGE_SHIFT);
+        let slot = self
+            .memslots
+            .lookup(gfn)
+            .filter(|s| !s.flags().contains(MemslotFlags::INVALID));
+
+        // Build the real dword 0/1 and find the rmap to chain on (VALID entries only).
+        let (mut v, mut r, rmap) = match slot {
+            None => {
+                if f.check_wimg(Target::Io, HpteR(ptel)) == WimgVerdict::Reject {
+                    return H_PARAMETER;
+                }
+                if guest_valid {
+                    // Emulated MMIO: ABSENT with storage key 31, no rmap.
+                    (pteh | HpteV::ABSENT, g_ptel | HpteR::KEY, None)
+                } else {
+                    (pteh, g_ptel, None)
+                }
+            }
+            Some(s) => {
+                if !s.is_aligned_for(shifts.actual) || shifts.actual > s.backing_page_shift() {
+                    return H_PARAMETER;
+                }
+                let wimg = f.check_wimg(Target::Ram, HpteR(ptel));
+                if wimg == WimgVerdict::Reject {
+                    return H_PARAMETER;
+                }
+                if !guest_valid {
+                    (pteh, g_ptel, None)
+                } else {
+                    let r = g_ptel & (HpteR::KEY | HpteR::PP0 | psize_mask);
+                    let pfn = if self.notifier.in_progress() {
+                        None
+                    } else {
+                        s.host_pfn(gfn)
+                    };
+                    match pfn {
+                        Some(pfn) => {
+                            let mut r = HpteR(r | (pfn << PAGE_SHIFT));
+                            if s.flags().contains(MemslotFlags::READONLY) && r.is_writable() {
+                                r = r.make_readonly();
+                            }
+                            if wimg == WimgVerdict::ForceCacheable {
+                                r = HpteR((r.0 & !(HpteR::W | HpteR::I | HpteR::G)) | HpteR::M);
+                            }
+                            (pteh | HpteV::VALID, r.0, s.rmap(gfn))
+                        }
+                        None => (pteh | HpteV::ABSENT, r & !HpteR::KEY, None),
+                    }
+                }
+            }
+        };
+
+        let Some(p) = self.hpt.geometry().ptex(ptex) else {
+            return H_PARAMETER;
+        };
+        let guard = if flags & H_EXACT != 0 {
+            self.lock_free_exact(p)
+        } else {
+            self.lock_free_in_group(p)
+        };
+        let Some(guard) = guard else {
+            return H_PTEG_FULL;
+        };
+        let q = guard.ptex();
+        let rev = self.hpt.revmap();
+        rev.set_guest_rpte(q.0, g_ptel);
+        if let Some(rm) = rmap {
+            let rg = rm.lock();
+            if self.notifier.retry(seq) {
+                v = (v & !HpteV::VALID) | HpteV::ABSENT;
+                r &= !HpteR::KEY;
+                drop(rg);
+            } else {
+                // Pre-set real R/C only where the rmap already records them (inv. 12).
+                let rc = rg.word().rc();
+                rev.link(rg, q.0);
+                r &= rc | !HpteR::RC;
+            }
+        }
+        guard.set_r(r);
+        guard.unlock_with(v);
+        out[0] = u64::from(q.0);
+        H_SUCCESS
+    }
+
+    /// H_EXACT slot choice: lock `p` only if free, else H_PTEG_FULL (`None`).
+    #[inline]
+    fn lock_free_exact(&self, p: Ptex) -> Option<HpteGuard<'_>> {
+        if let Some(g) = self.hpt.try_lock(p, HpteV::VALID | HpteV::ABSENT) {
+            return Some(g);
+        }
+        let g = self.hpt.lock(p)?;
+        if HpteV(g.v()).is_used() {
+            return None;
+        }
+        Some(g)
+    }
+
+    /// Slot choice without H_EXACT: the first free slot of the PTEG of `p`. A first pass
+    /// try-locks free-looking slots; if a slot was seen locked or a try-lock failed, a
+    /// second pass locks each slot in turn (KVM's two passes). `None` = H_PTEG_FULL.
+    #[inline]
+    fn lock_free_in_group(&self, p: Ptex) -> Option<HpteGuard<'_>> {
+        let base = p.0 & !7;
+        let mut contended = false;
+        for i in 0..8 {
+            let q = Ptex(base + i);
+            let v = self.hpt.slot(q)?.load_v();
+            if v & (HpteV::VALID | HpteV::ABSENT) == 0 {
+                match self.hpt.try_lock(q, HpteV::VALID | HpteV::ABSENT) {
+                    Some(g) => return Some(g),
+                    None => contended = true,
+                }
+            } else if v & HpteV::HVLOCK != 0 {
+                contended = true;
+            }
+        }
+        if !contended {
+            return None;
+        }
+        for i in 0..8 {
+            let g = self.hpt.lock(Ptex(base + i))?;
+            if !HpteV(g.v()).is_used() {
+                return Some(g);
+            }
+        }
+        None
+    }
+
+    /// The H_REMOVE match test on a locked dword 0 (spec 3.2).
+    #[inline(always)]
+    fn remove_matches(&self, v: u64, flags: u64, avpn: u64) -> bool {
+        HpteV(v).is_used()
+            && (flags & H_AVPN == 0 || v & !HpteV::LOW7 == avpn)
+            && (flags & H_ANDCOND == 0 || self.flavour.andcond_view(v) & avpn == 0)
+    }
+
+    /// Clear VALID in a locked HPTE and complete a tlbie (`kvmppc_invalidate_hpte`).
+    /// `extra` bits (ABSENT) are set in dword 0 at the same time.
+    #[inline]
+    fn invalidate(&self, g: &mut HpteGuard<'_>, v: u64, extra: u64) {
+        g.set_v((v & !HpteV::VALID) | extra);
+        g.publish_v();
+        self.tlb.tlbie();
+    }
+
+    /// `remove_revmap_chain`: merge the final hardware R/C into the guest view, unlink
+    /// the entry from its chain, harvest R/C into the rmap word and C into the dirty
+    /// bitmap. Caller holds the HPTE lock and has invalidated it. Returns the new guest
+    /// view.
+    fn remove_revmap_chain(&self, p: Ptex, v: u64, hw_r: u64) -> u64 {
+        let rev = self.hpt.revmap();
+        let rcbits = hw_r & HpteR::RC;
+        let gr = rev.guest_rpte(p.0) | rcbits;
+        rev.set_guest_rpte(p.0, gr);
+        let Some((gfn, shift)) = self.entry_page(v, gr) else {
+            return gr;
+        };
+        let Some(slot) = self.memslots.lookup(gfn) else {
+            return gr;
+        };
+        if let Some(rm) = slot.rmap(gfn) {
+            let mut rg = rm.lock();
+            rev.unlink(&mut rg, p.0);
+            rg.add_rc(rcbits);
+            drop(rg);
+            if rcbits & HpteR::C != 0 {
+                slot.mark_dirty(gfn, 1 << (shift - PAGE_SHIFT));
+            }
+        }
+        gr
+    }
+
+    /// Remove a locked, in-use HPTE (the body of `kvmppc_do_h_remove`): invalidate,
+    /// unchain and harvest if VALID; zero both dwords; unlock. Returns the presented
+    /// (old V, guest-view R).
+    fn remove_locked(&self, mut g: HpteGuard<'_>) -> (u64, u64) {
+        let v = g.v();
+        let p = g.ptex();
+        let gr = if v & HpteV::VALID != 0 {
+            self.invalidate(&mut g, v, 0);
+            let hw_r = g.r();
+            self.remove_revmap_chain(p, v, hw_r)
+        } else {
+            if HpteR(g.r()).is_key31() {
+                // ORDERING: Relaxed: a generation counter for MMIO caches.
+                self.mmio_update.fetch_add(1, Ordering::Relaxed);
+            }
+            self.hpt.revmap().guest_rpte(p.0)
+        };
+        g.set_r(0);
+        g.unlock_with(0);
+        (self.flavour.present_v(v), self.flavour.present_r(gr))
+    }
+
+    /// H_REMOVE (spec 3.2).
+    fn h_remove(&self, flags: u64, ptex: u64, avpn: u64, out: &mut [u64; 8]) -> i64 {
+        let Some(p) = self.hpt.geometry().ptex(ptex) else {
+            return H_PARAMETER;
+        };
+        let Some(g) = self.hpt.lock(p) else {
+            return H_PARAMETER;
+        };
+        if !self.remove_matches(g.v(), flags, avpn) {
+            return H_NOT_FOUND;
+        }
+        let (v, r) = self.remove_locked(g);
+        out[0] = v;
+        out[1] = r;
+        H_SUCCESS
+    }
+
+    /// H_BULK_REMOVE (spec 3.3, `kvmppc_h_bulk_remove`): up to four requests; VALID
+    /// matches are collected locked with VALID cleared, one tlbie completes the batch,
+    /// then each is unchained with its final R/C. Only the first lock of a batch spins.
+    fn h_bulk_remove(&self, out: &mut [u64; 8]) -> i64 {
+        let f = self.flavour;
+        let geo = self.hpt.geometry();
+        let mut ret = H_SUCCESS;
+        let mut i = 0;
+        while i < H_BULK_REMOVE_MAX_BATCH && ret == H_SUCCESS {
+            let mut batch: [Option<(usize, u64, u64, HpteGuard<'_>)>; H_BULK_REMOVE_MAX_BATCH] =
+                [const { None }; H_BULK_REMOVE_MAX_BATCH];
+            let mut n = 0;
+            while i < H_BULK_REMOVE_MAX_BATCH {
+                let j = 2 * i;
+                let tsh = BulkTsh(out[j]);
+                let tsl = out[j + 1];
+                match tsh.kind() {
+                    BulkTsh::END => {
+                        i = H_BULK_REMOVE_MAX_BATCH;
+                        break;
+                    }
+                    BulkTsh::REQUEST => {}
+                    _ => {
+                        out[j] = f.bulk_bad_type_response(tsh.0);
+                        ret = H_PARAMETER;
+                        break;
+                    }
+                }
+                let resp = BulkTsh::RESPONSE | (tsh.0 & (BulkTsh::FLAGS | BulkTsh::PTEX));
+                let p = if tsh.flags() == BulkTsh::FLAGS {
+                    None
+                } else {
+                    geo.ptex(tsh.ptex())
+                };
+                let Some(p) = p else {
+                    out[j] = resp | BulkTsh::CODE_PARM;
+                    ret = H_PARAMETER;
+                    break;
+                };
+                let g = match self.hpt.try_lock(p, HpteV::HVLOCK) {
+                    Some(g) => g,
+                    None if n > 0 => break,
+                    None => match self.hpt.lock(p) {
+                        Some(g) => g,
+                        None => {
+                            out[j] = resp | BulkTsh::CODE_PARM;
+                            ret = H_PARAMETER;
+                            break;
+                        }
+                    },
+                };
+                let v = g.v();
+                i += 1;
+                if !self.remove_matches(v, tsh.hremove_flags(), tsl) {
+                    drop(g);
+                    out[j] = resp | BulkTsh::CODE_NOT_FOUND;
+                    continue;
+                }
+                if v & HpteV::VALID == 0 {
+                    let (_, gr) = self.remove_locked(g);
+                    out[j] = resp | f.bulk_rc_bits(gr);
+                    continue;
+                }
+                let mut g = g;
+                g.set_v(v & !HpteV::VALID);
+                g.publish_v();
+                if let Some(b) = batch.get_mut(n) {
+                    *b = Some((j, resp, v, g));
+                }
+                n += 1;
+            }
+            if n == 0 {
+                break;
+            }
+            self.tlb.tlbie();
+            for (j, resp, v, g) in batch.iter_mut().filter_map(Option::take) {
+                let hw_r = g.r();
+                let gr = self.remove_revmap_chain(g.ptex(), v, hw_r);
+                g.set_r(0);
+                g.unlock_with(0);
+                if let Some(o) = out.get_mut(j) {
+                    *o = resp | f.bulk_rc_bits(gr);
+                }
+            }
+        }
+        ret
+    }
+
+    /// H_PROTECT (spec 3.4, `kvmppc_h_protect`).
+    fn h_protect(&self, flags: u64, ptex: u64, avpn: u64) -> i64 {
+        let Some(p) = self.hpt.geometry().ptex(ptex) else {
+            return H_PARAMETER;
+        };
+        let Some(mut g) = self.hpt.lock(p) else {
+            return H_PARAMETER;
+        };
+        let v = g.v();
+        if !HpteV(v).is_used() || (flags & H_AVPN != 0 && v & !HpteV::LOW7 != avpn) {
+            return H_NOT_FOUND;
+        }
+        let bits = ((flags << 55) & HpteR::PP0)
+            | ((flags << 48) & HpteR::KEY_HI)
+            | (flags & (HpteR::PP | HpteR::N | HpteR::KEY_LO));
+        let mask = HpteR::PROTECT_MASK;
+        let rev = self.hpt.revmap();
+        let gr = (rev.guest_rpte(p.0) & !mask) | bits;
+        rev.set_guest_rpte(p.0, gr);
+        let pte_r = g.r();
+        if v & HpteV::VALID != 0 {
+            let mut r = HpteR((pte_r & !mask) | bits);
+            let was_ro = !HpteR(pte_r).is_writable();
+            if r.is_writable() && was_ro && self.keeps_readonly(v, gr) {
+                r = r.make_readonly();
+            }
+            if r.0 != pte_r {
+                self.invalidate(&mut g, v, HpteV::ABSENT);
+                // Don't lose R/C set by hardware before the tlbie completed (D5).
+                let r = r.0 | (g.r() & HpteR::RC);
+                g.set_r(r);
+            }
+        } else if HpteR(pte_r).is_key31() {
+            // ORDERING: Relaxed: a generation counter for MMIO caches.
+            self.mmio_update.fetch_add(1, Ordering::Relaxed);
+        }
+        g.unlock_with(v);
+        H_SUCCESS
+    }
+
+    /// Whether H_PROTECT must keep a read-only real HPTE read-only: always in the KVM
+    /// flavour (the fault path upgrades it), and in the QEMU flavour only when the
+    /// host mapping itself is read-only.
+    fn keeps_readonly(&self, v: u64, gr: u64) -> bool {
+        if self.flavour.protect_keeps_real_readonly() {
+            return true;
+        }
+        self.entry_page(v, gr)
+            .and_then(|(gfn, _)| self.memslots.lookup(gfn))
+            .is_some_and(|s| s.flags().contains(MemslotFlags::READONLY))
+    }
+
+    /// H_READ (spec 3.5): a lock-free read of one or (H_READ_4) four entries.
+    fn h_read(&self, flags: u64, ptex: u64, out: &mut [u64; 8]) -> i64 {
+        let f = self.flavour;
+        let Some(p) = self.hpt.geometry().ptex(ptex) else {
+            return H_PARAMETER;
+        };
+        let (start, n) = if flags & H_READ_4 != 0 {
+            (p.0 & !3, 4)
+        } else {
+            (p.0, 1)
+        };
+        let rev = self.hpt.revmap();
+        for (k, pair) in out.chunks_exact_mut(2).take(n).enumerate() {
+            let q = Ptex(start + k as u32);
+            let Some(slot) = self.hpt.slot(q) else {
+                return H_PARAMETER;
+            };
+            let v = slot.load_v();
+            let mut r = slot.load_r();
+            if HpteV(v).is_used() {
+                r = f.present_r(rev.guest_rpte(q.0) | (r & HpteR::RC));
+            }
+            pair[0] = f.present_v(v);
+            pair[1] = r;
+        }
+        H_SUCCESS
+    }
+
+    /// H_CLEAR_REF (spec 3.6, KVM flavour).
+    fn h_clear_ref(&self, ptex: u64, out: &mut [u64; 8]) -> i64 {
+        let Some(p) = self.hpt.geometry().ptex(ptex) else {
+            return H_PARAMETER;
+        };
+        let Some(g) = self.hpt.lock(p) else {
+            return H_PARAMETER;
+        };
+        let v = g.v();
+        if !HpteV(v).is_used() {
+            return H_NOT_FOUND;
+        }
+        let rev = self.hpt.revmap();
+        let mut gr = rev.guest_rpte(p.0);
+        rev.set_guest_rpte(p.0, gr & !HpteR::R);
+        if v & HpteV::VALID != 0 {
+            let r = g.r();
+            gr |= r & HpteR::RC;
+            if r & HpteR::R != 0 {
+                // Clear R without disturbing a concurrent hardware C update, then flush.
+                gr |= g.r_fetch_and_not(HpteR::R) & HpteR::RC;
+                self.tlb.tlbie();
+                // Keep the reference for host aging (KVMPPC_RMAP_REFERENCED).
+                if let Some((gfn, _)) = self.entry_page(v, gr) {
+                    if let Some(rm) = self.memslots.lookup(gfn).and_then(|s| s.rmap(gfn)) {
+                        rm.lock().add_rc(HpteR::R);
+                    }
+                }
+            }
+        }
+        out[0] = self.flavour.present_r(gr);
+        g.unlock_with(v);
+        H_SUCCESS
+    }
+
+    /// H_CLEAR_MOD (spec 3.6, KVM flavour).
+    fn h_clear_mod(&self, ptex: u64, out: &mut [u64; 8]) -> i64 {
+        let Some(p) = self.hpt.geometry().ptex(ptex) else {
+            return H_PARAMETER;
+        };
+        let Some(mut g) = self.hpt.lock(p) else {
+            return H_PARAMETER;
+        };
+        let v = g.v();
+        if !HpteV(v).is_used() {
+            return H_NOT_FOUND;
+        }
+        let rev = self.hpt.revmap();
+        let mut gr = rev.guest_rpte(p.0);
+        if gr & HpteR::C != 0 {
+            rev.set_guest_rpte(p.0, gr & !HpteR::C);
+        }
+        if v & HpteV::VALID != 0 {
+            // Temporarily absent so that C is stable after the tlbie.
+            self.invalidate(&mut g, v, HpteV::ABSENT);
+            let r = g.r();
+            gr |= r & HpteR::RC;
+            if r & HpteR::C != 0 {
+                g.set_r(r & !HpteR::C);
+                if let Some((gfn, shift)) = self.entry_page(v, gr) {
+                    if let Some(s) = self.memslots.lookup(gfn) {
+                        s.mark_dirty(gfn, 1 << (shift - PAGE_SHIFT));
+                    }
+                }
+            }
+        }
+        out[0] = self.flavour.present_r(gr);
+        g.unlock_with(v);
+        H_SUCCESS
+    }
+}

@@ -1,0 +1,664 @@
+//! Guest memory slots (KVM's `struct kvm_memory_slot`, lean version).
+//!
+//! A [`Memslot`] maps a contiguous run of guest frames `[base_gfn, base_gfn + npages)`
+//! onto host virtual memory at `userspace_addr`, and carries the per-frame metadata the
+//! hashed-page-table MMU needs:
+//!
+//! * one rmap word ([`Rmap`]) per 4 KiB frame (`memslot->arch.rmap[]`), heading the ring
+//!   of HPTEs that map that frame;
+//! * a dirty bitmap in KVM's `u64` layout: bit `i % 64` of word `i / 64` is frame
+//!   `base_gfn + i` (`memslot->dirty_bitmap`, first half only);
+//! * a host backing model: the slot is backed by host pages of `backing_page_shift`
+//!   (4 KiB, 64 KiB, 16 MiB, ...), each present or not ("paged out"). The model's host
+//!   physical frame of guest frame `g` is `(userspace_addr >> 12) + (g - base_gfn)`:
+//!   host physical = host virtual (an identity host mapping), so a real HPTE never
+//!   carries the guest's RPN and leaks of the real word are visible in tests.
+//!
+//! [`Memslots`] is the small set of slots of one VM with gfn -> slot lookup by linear
+//! scan over a sorted array (VMs have a handful of slots).
+//!
+//! # Invariants
+//!
+//! * `npages >= 1`, the gfn range and the hva range do not overflow, `userspace_addr`
+//!   and `base_gfn` are aligned to the backing page size, and `npages` is bounded by
+//!   [`MEMSLOT_MAX_NPAGES`] (KVM's "rmap array larger than RAM" check, reference D14).
+//! * `rmap.len() == npages`, `dirty_bitmap.len() == ceil(npages / 64)`, and bits of the
+//!   last dirty word beyond `npages` are never set.
+//! * Slots of one [`Memslots`] are sorted by `base_gfn` and never overlap.
+//!
+//! Lifecycle (create/move/delete with an INVALID step) and MMU notifiers come in a later
+//! issue; [`MemslotFlags::INVALID`] is reserved for it.
+#![cfg_attr(not(any(feature = "std", test)), no_std)]
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+extern crate alloc;
+
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+use revmap_rmap::error::try_boxed_slice;
+use revmap_rmap::sync::{AtomicU64, Ordering};
+use revmap_rmap::{Gfn, Hva, Rmap, RmapError, SlotId, PAGE_SHIFT};
+
+/// Largest number of 4 KiB frames one slot may hold (2^30 frames = 4 TiB of guest
+/// memory, 8 GiB of rmap words). Larger requests fail with [`MemslotError::TooLarge`]
+/// before anything is allocated.
+pub const MEMSLOT_MAX_NPAGES: u64 = 1 << 30;
+
+/// Smallest and largest supported host backing page shifts.
+pub const BACKING_SHIFTS: core::ops::RangeInclusive<u32> = PAGE_SHIFT..=34;
+
+/// Memslot flags (KVM's `KVM_MEM_*` plus the internal INVALID state).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MemslotFlags(pub u32);
+
+impl MemslotFlags {
+    /// `KVM_MEM_LOG_DIRTY_PAGES`: C bits harvested from HPTEs are recorded in the
+    /// dirty bitmap.
+    pub const LOG_DIRTY_PAGES: Self = Self(1 << 0);
+    /// `KVM_MEM_READONLY`: the host mapping is read-only; real HPTEs are made read-only.
+    pub const READONLY: Self = Self(1 << 1);
+    /// `KVM_MEMSLOT_INVALID`: the slot is being deleted or moved (later issue).
+    pub const INVALID: Self = Self(1 << 16);
+
+    /// True if every flag of `other` is set.
+    #[inline]
+    pub const fn contains(self, other: Self) -> bool {
+        self.0 & other.0 == other.0
+    }
+    /// Union of two flag sets.
+    #[inline]
+    pub const fn union(self, other: Self) -> Self {
+        Self(self.0 | other.0)
+    }
+}
+
+/// Why a memslot could not be created or inserted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum MemslotError {
+    /// A slot of zero frames.
+    #[error("memslot of zero pages")]
+    Empty,
+    /// More frames than [`MEMSLOT_MAX_NPAGES`].
+    #[error("memslot of {npages} pages exceeds the limit of {MEMSLOT_MAX_NPAGES}")]
+    TooLarge {
+        /// Requested frames.
+        npages: u64,
+    },
+    /// The gfn or hva range wraps around.
+    #[error("memslot range overflows the address space")]
+    Overflow,
+    /// Unsupported backing page shift.
+    #[error("backing page shift {shift} not in 12..=34")]
+    BadBackingShift {
+        /// The shift.
+        shift: u32,
+    },
+    /// `base_gfn` or `userspace_addr` not aligned to the backing page size.
+    #[error("memslot base gfn {base_gfn} / hva {hva} not aligned to the {shift}-bit backing page")]
+    Misaligned {
+        /// Base frame.
+        base_gfn: Gfn,
+        /// Host address.
+        hva: Hva,
+        /// Backing page shift.
+        shift: u32,
+    },
+    /// The new slot overlaps an existing one (or reuses its id).
+    #[error("memslot {id:?} overlaps or duplicates an existing slot")]
+    Overlap {
+        /// The rejected slot's id.
+        id: SlotId,
+    },
+    /// Metadata allocation failed.
+    #[error(transparent)]
+    Alloc(#[from] RmapError),
+}
+
+/// One guest memory slot with its rmap words, dirty bitmap and host backing model.
+#[derive(Debug)]
+pub struct Memslot {
+    id: SlotId,
+    base_gfn: Gfn,
+    npages: u64,
+    backing_page_shift: u32,
+    flags: MemslotFlags,
+    userspace_addr: Hva,
+    rmap: Box<[Rmap]>,
+    dirty_bitmap: Box<[AtomicU64]>,
+    /// One bit per backing page: set = the host page is present (mapped).
+    host_present: Box<[AtomicU64]>,
+}
+
+impl Memslot {
+    /// Create a slot; every host backing page starts present, the dirty bitmap clear.
+    ///
+    /// Allocation is fallible: a slot too large for memory is [`MemslotError::Alloc`],
+    /// never an abort.
+    pub fn new(
+        id: SlotId,
+        base_gfn: Gfn,
+        npages: u64,
+        backing_page_shift: u32,
+        flags: MemslotFlags,
+        userspace_addr: Hva,
+    ) -> Result<Self, MemslotError> {
+        if npages == 0 {
+            return Err(MemslotError::Empty);
+        }
+        if npages > MEMSLOT_MAX_NPAGES {
+            return Err(MemslotError::TooLarge { npages });
+        }
+        if !BACKING_SHIFTS.contains(&backing_page_shift) {
+            return Err(MemslotError::BadBackingShift {
+                shift: backing_page_shift,
+            });
+        }
+        base_gfn
+            .0
+            .checked_add(npages)
+            .ok_or(MemslotError::Overflow)?;
+        npages
+            .checked_shl(PAGE_SHIFT)
+            .and_then(|b| userspace_addr.0.checked_add(b))
+            .ok_or(MemslotError::Overflow)?;
+        let frames_per_backing = 1u64 << (backing_page_shift - PAGE_SHIFT);
+        let backing_mask = (1u64 << backing_page_shift) - 1;
+        if base_gfn.0 & (frames_per_backing - 1) != 0 || userspace_addr.0 & backing_mask != 0 {
+            return Err(MemslotError::Misaligned {
+                base_gfn,
+                hva: userspace_addr,
+                shift: backing_page_shift,
+            });
+        }
+        let n = usize::try_from(npages).map_err(|_| MemslotError::TooLarge { npages })?;
+        let words = n.div_ceil(64);
+        let nbacking = npages.div_ceil(frames_per_backing);
+        let backing_words = usize::try_from(nbacking.div_ceil(64))
+            .map_err(|_| MemslotError::TooLarge { npages })?;
+        let rmap = Rmap::new_array(n)?;
+        let dirty_bitmap = try_boxed_slice(words, |_| AtomicU64::new(0))?;
+        let host_present = try_boxed_slice(backing_words, |w| {
+            let first = w as u64 * 64;
+            let left = nbacking.saturating_sub(first).min(64);
+            AtomicU64::new(if left == 64 { !0 } else { (1u64 << left) - 1 })
+        })?;
+        Ok(Self {
+            id,
+            base_gfn,
+            npages,
+            backing_page_shift,
+            flags,
+            userspace_addr,
+            rmap,
+            dirty_bitmap,
+            host_present,
+        })
+    }
+
+    /// Slot id.
+    #[inline]
+    pub fn id(&self) -> SlotId {
+        self.id
+    }
+    /// First guest frame.
+    #[inline]
+    pub fn base_gfn(&self) -> Gfn {
+        self.base_gfn
+    }
+    /// Number of 4 KiB frames.
+    #[inline]
+    pub fn npages(&self) -> u64 {
+        self.npages
+    }
+    /// Host backing page shift.
+    #[inline]
+    pub fn backing_page_shift(&self) -> u32 {
+        self.backing_page_shift
+    }
+    /// Flags.
+    #[inline]
+    pub fn flags(&self) -> MemslotFlags {
+        self.flags
+    }
+    /// Host virtual address of the first frame.
+    #[inline]
+    pub fn userspace_addr(&self) -> Hva {
+        self.userspace_addr
+    }
+
+    /// Offset of `gfn` in the slot, if it lies inside.
+    #[inline(always)]
+    pub fn index_of(&self, gfn: Gfn) -> Option<usize> {
+        let off = gfn.0.wrapping_sub(self.base_gfn.0);
+        if off < self.npages {
+            // npages fits usize (checked at creation).
+            Some(off as usize)
+        } else {
+            None
+        }
+    }
+
+    /// True if `gfn` lies in the slot.
+    #[inline(always)]
+    pub fn contains(&self, gfn: Gfn) -> bool {
+        self.index_of(gfn).is_some()
+    }
+
+    /// True if `[gfn, gfn + n)` lies entirely in the slot.
+    #[inline]
+    pub fn contains_range(&self, gfn: Gfn, n: u64) -> bool {
+        match self.index_of(gfn) {
+            Some(i) => n <= self.npages - i as u64,
+            None => false,
+        }
+    }
+
+    /// KVM's `slot_is_aligned`: a page of `1 << shift` bytes may be mapped from this
+    /// slot only if `base_gfn` and `npages` are multiples of its frame count.
+    #[inline]
+    pub fn is_aligned_for(&self, shift: u32) -> bool {
+        if shift <= PAGE_SHIFT {
+            return true;
+        }
+        let Some(frames) = 1u64.checked_shl(shift - PAGE_SHIFT) else {
+            return false;
+        };
+        (self.base_gfn.0 | self.npages) & (frames - 1) == 0
+    }
+
+    /// The rmap word of `gfn`.
+    #[inline(always)]
+    pub fn rmap(&self, gfn: Gfn) -> Option<&Rmap> {
+        self.index_of(gfn).and_then(|i| self.rmap.get(i))
+    }
+
+    /// All rmap words, in frame order.
+    #[inline]
+    pub fn rmaps(&self) -> &[Rmap] {
+        &self.rmap
+    }
+
+    /// Host virtual address of `gfn` (`__gfn_to_hva_memslot`).
+    #[inline]
+    pub fn gfn_to_hva(&self, gfn: Gfn) -> Option<Hva> {
+        let i = self.index_of(gfn)? as u64;
+        Some(Hva(self.userspace_addr.0 + (i << PAGE_SHIFT)))
+    }
+
+    /// Guest frame backed by `hva` (`hva_to_gfn_memslot`).
+    #[inline]
+    pub fn hva_to_gfn(&self, hva: Hva) -> Option<Gfn> {
+        let off = hva.0.checked_sub(self.userspace_addr.0)? >> PAGE_SHIFT;
+        if off < self.npages {
+            Some(Gfn(self.base_gfn.0 + off))
+        } else {
+            None
+        }
+    }
+
+    #[inline(always)]
+    fn backing_index(&self, gfn: Gfn) -> Option<usize> {
+        let i = self.index_of(gfn)?;
+        Some(i >> (self.backing_page_shift - PAGE_SHIFT))
+    }
+
+    /// The host physical frame backing `gfn`, or `None` if the host page is not present
+    /// (paged out) or `gfn` is outside the slot. In this model host physical = host
+    /// virtual (see the module docs).
+    #[inline(always)]
+    pub fn host_pfn(&self, gfn: Gfn) -> Option<u64> {
+        let b = self.backing_index(gfn)?;
+        let word = self.host_present.get(b / 64)?;
+        // ORDERING: Acquire pairs with the Release in `set_host_present`; the caller's
+        // mmu_invalidate_seq sample/retry protocol decides whether the answer is used.
+        if word.load(Ordering::Acquire) & (1 << (b % 64)) == 0 {
+            return None;
+        }
+        self.gfn_to_hva(gfn).map(|h| h.0 >> PAGE_SHIFT)
+    }
+
+    /// Whether the host backing page holding `gfn` is present.
+    #[inline]
+    pub fn is_host_present(&self, gfn: Gfn) -> bool {
+        self.host_pfn(gfn).is_some()
+    }
+
+    /// Mark the host backing page holding `gfn` present or not present (the host-side
+    /// issue's page-out/page-in; callers bracket it with an MMU invalidation).
+    /// Returns false if `gfn` is outside the slot.
+    pub fn set_host_present(&self, gfn: Gfn, present: bool) -> bool {
+        let Some(b) = self.backing_index(gfn) else {
+            return false;
+        };
+        let Some(word) = self.host_present.get(b / 64) else {
+            return false;
+        };
+        let bit = 1u64 << (b % 64);
+        // ORDERING: Release so a reader that sees the bit also sees what preceded it.
+        if present {
+            word.fetch_or(bit, Ordering::Release);
+        } else {
+            word.fetch_and(!bit, Ordering::Release);
+        }
+        true
+    }
+
+    /// Record `npages` frames from `gfn` as dirty (`kvmppc_update_dirty_map`: a huge page
+    /// dirties every 4 KiB frame it covers). The range is clipped to the slot. Does
+    /// nothing unless dirty logging is enabled. Returns the number of frames marked.
+    pub fn mark_dirty(&self, gfn: Gfn, npages: u64) -> u64 {
+        if !self.flags.contains(MemslotFlags::LOG_DIRTY_PAGES) {
+            return 0;
+        }
+        let Some(start) = self.index_of(gfn) else {
+            return 0;
+        };
+        let start = start as u64;
+        let end = start.saturating_add(npages).min(self.npages);
+        let mut i = start;
+        while i < end {
+            let w = (i / 64) as usize;
+            let lo = i % 64;
+            let n = (end - i).min(64 - lo);
+            let mask = if n == 64 { !0 } else { ((1u64 << n) - 1) << lo };
+            if let Some(word) = self.dirty_bitmap.get(w) {
+                // ORDERING: Relaxed: the bitmap is an accumulator of independent bits;
+                // the dirty-log reader harvests it with an atomic swap and needs no
+                // other data ordered with it.
+                word.fetch_or(mask, Ordering::Relaxed);
+            }
+            i += n;
+        }
+        end - start
+    }
+
+    /// Whether frame `gfn` is marked dirty.
+    #[inline]
+    pub fn is_dirty(&self, gfn: Gfn) -> bool {
+        let Some(i) = self.index_of(gfn) else {
+            return false;
+        };
+        self.dirty_bitmap
+            .get(i / 64)
+            // ORDERING: Relaxed: see `mark_dirty`.
+            .is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (i % 64)) != 0)
+    }
+
+    /// The dirty bitmap words (KVM layout).
+    #[inline]
+    pub fn dirty_bitmap(&self) -> &[AtomicU64] {
+        &self.dirty_bitmap
+    }
+
+    /// Atomically fetch and clear dirty word `i` (the `xchg` loop of
+    /// `kvm_vm_ioctl_get_dirty_log_hv`). Out-of-range words read as 0.
+    #[inline]
+    pub fn take_dirty_word(&self, i: usize) -> u64 {
+        // ORDERING: AcqRel swap: the harvest must not be reordered before earlier
+        // observations by the caller, nor lose a concurrent fetch_or.
+        self.dirty_bitmap
+            .get(i)
+            .map_or(0, |w| w.swap(0, Ordering::AcqRel))
+    }
+
+    /// Number of frames currently marked dirty.
+    pub fn count_dirty(&self) -> u64 {
+        self.dirty_bitmap
+            .iter()
+            // ORDERING: Relaxed snapshot for statistics and checks.
+            .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
+            .sum()
+    }
+
+    /// Check the slot's own invariants (dirty bitmap tail bits clear, sizes). Used by the
+    /// VM checker.
+    pub fn check(&self) -> Result<(), &'static str> {
+        if self.rmap.len() as u64 != self.npages {
+            return Err("rmap array length differs from npages");
+        }
+        if self.dirty_bitmap.len() as u64 != self.npages.div_ceil(64) {
+            return Err("dirty bitmap length differs from ceil(npages/64)");
+        }
+        let tail = self.npages % 64;
+        if tail != 0 {
+            if let Some(last) = self.dirty_bitmap.last() {
+                // ORDERING: Relaxed snapshot at a quiescent point.
+                if last.load(Ordering::Relaxed) >> tail != 0 {
+                    return Err("dirty bit set beyond the end of the slot");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The memslots of one VM, sorted by `base_gfn`, non-overlapping.
+#[derive(Debug, Default)]
+pub struct Memslots {
+    slots: Vec<Memslot>,
+}
+
+impl Memslots {
+    /// No slots.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Add a slot. Fails on overlap with an existing slot or a duplicate id, or if
+    /// memory for the array is short.
+    pub fn insert(&mut self, slot: Memslot) -> Result<(), MemslotError> {
+        let lo = slot.base_gfn.0;
+        let hi = lo + slot.npages;
+        if self
+            .slots
+            .iter()
+            .any(|s| s.id == slot.id || (lo < s.base_gfn.0 + s.npages && s.base_gfn.0 < hi))
+        {
+            return Err(MemslotError::Overlap { id: slot.id });
+        }
+        self.slots.try_reserve(1).map_err(|_| {
+            MemslotError::Alloc(RmapError::Alloc {
+                bytes: core::mem::size_of::<Memslot>(),
+            })
+        })?;
+        let pos = self.slots.partition_point(|s| s.base_gfn.0 < lo);
+        self.slots.insert(pos, slot);
+        Ok(())
+    }
+
+    /// The slot holding `gfn` (`__gfn_to_memslot`): a linear scan, O(number of slots).
+    #[inline(always)]
+    pub fn lookup(&self, gfn: Gfn) -> Option<&Memslot> {
+        self.slots.iter().find(|s| s.contains(gfn))
+    }
+
+    /// The slot with id `id`.
+    pub fn get(&self, id: SlotId) -> Option<&Memslot> {
+        self.slots.iter().find(|s| s.id == id)
+    }
+
+    /// The slot whose host range holds `hva`, and the frame it backs.
+    pub fn hva_to_gfn(&self, hva: Hva) -> Option<(&Memslot, Gfn)> {
+        self.slots
+            .iter()
+            .find_map(|s| s.hva_to_gfn(hva).map(|g| (s, g)))
+    }
+
+    /// Iterate the slots in gfn order.
+    pub fn iter(&self) -> core::slice::Iter<'_, Memslot> {
+        self.slots.iter()
+    }
+
+    /// Number of slots.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// True if there are no slots.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    fn slot(npages: u64, shift: u32) -> Memslot {
+        Memslot::new(
+            SlotId(0),
+            Gfn(0x1000),
+            npages,
+            shift,
+            MemslotFlags::LOG_DIRTY_PAGES,
+            Hva(0x7f00_0000_0000),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn lookup_and_translation() {
+        let s = slot(0x100, 16);
+        assert_eq!(s.index_of(Gfn(0x1000)), Some(0));
+        assert_eq!(s.index_of(Gfn(0x10ff)), Some(0xff));
+        assert_eq!(s.index_of(Gfn(0x1100)), None);
+        assert_eq!(s.index_of(Gfn(0xfff)), None);
+        assert_eq!(s.gfn_to_hva(Gfn(0x1001)), Some(Hva(0x7f00_0000_1000)));
+        assert_eq!(s.hva_to_gfn(Hva(0x7f00_0000_1fff)), Some(Gfn(0x1001)));
+        assert_eq!(s.hva_to_gfn(Hva(0x7f00_0010_0000)), None);
+        assert_eq!(s.hva_to_gfn(Hva(0x10)), None);
+        assert!(s.contains_range(Gfn(0x10f0), 0x10));
+        assert!(!s.contains_range(Gfn(0x10f0), 0x11));
+    }
+
+    #[test]
+    fn huge_page_dirties_every_frame_and_clips() {
+        let s = slot(8192, 24);
+        assert_eq!(s.mark_dirty(Gfn(0x1000), 4096), 4096);
+        assert_eq!(s.count_dirty(), 4096);
+        assert!(s.is_dirty(Gfn(0x1fff)) && !s.is_dirty(Gfn(0x2000)));
+        assert_eq!(s.mark_dirty(Gfn(0x2ffe), 16), 2, "clipped at the slot end");
+        assert_eq!(s.take_dirty_word(0), !0);
+        assert!(!s.is_dirty(Gfn(0x1000)));
+        s.check().unwrap();
+    }
+
+    #[test]
+    fn dirty_logging_off_records_nothing() {
+        let s = Memslot::new(SlotId(1), Gfn(0), 64, 12, MemslotFlags::default(), Hva(0)).unwrap();
+        assert_eq!(s.mark_dirty(Gfn(3), 1), 0);
+        assert_eq!(s.count_dirty(), 0);
+    }
+
+    #[test]
+    fn odd_sizes_keep_tail_bits_clear() {
+        let s = slot(70, 12);
+        assert_eq!(s.dirty_bitmap().len(), 2);
+        assert_eq!(s.mark_dirty(Gfn(0x1000), 1000), 70);
+        s.check().unwrap();
+        assert_eq!(s.count_dirty(), 70);
+    }
+
+    #[test]
+    fn host_presence_is_per_backing_page() {
+        let s = slot(0x2000, 24);
+        let pfn0 = s.host_pfn(Gfn(0x1000)).unwrap();
+        assert_eq!(pfn0, 0x7f00_0000_0000 >> 12);
+        assert_eq!(s.host_pfn(Gfn(0x1005)), Some(pfn0 + 5));
+        assert!(s.set_host_present(Gfn(0x1800), false));
+        assert!(
+            !s.is_host_present(Gfn(0x1000)),
+            "whole 16M backing page goes"
+        );
+        assert!(s.is_host_present(Gfn(0x2000)));
+        s.set_host_present(Gfn(0x1000), true);
+        assert!(s.is_host_present(Gfn(0x1fff)));
+        assert!(!s.set_host_present(Gfn(0x3000), false));
+    }
+
+    #[test]
+    fn alignment_rules() {
+        let s = slot(0x1000, 16);
+        assert!(s.is_aligned_for(12) && s.is_aligned_for(16) && s.is_aligned_for(24));
+        assert!(!s.is_aligned_for(34));
+        assert!(matches!(
+            Memslot::new(SlotId(0), Gfn(1), 16, 16, MemslotFlags::default(), Hva(0)),
+            Err(MemslotError::Misaligned { .. })
+        ));
+    }
+
+    #[test]
+    fn bad_sizes_are_clean_errors() {
+        let mk = |n, shift, gfn, hva| {
+            Memslot::new(
+                SlotId(0),
+                Gfn(gfn),
+                n,
+                shift,
+                MemslotFlags::default(),
+                Hva(hva),
+            )
+        };
+        assert_eq!(mk(0, 12, 0, 0).unwrap_err(), MemslotError::Empty);
+        assert!(matches!(
+            mk(1 << 40, 12, 0, 0),
+            Err(MemslotError::TooLarge { .. })
+        ));
+        assert_eq!(
+            mk(16, 12, u64::MAX - 3, 0).unwrap_err(),
+            MemslotError::Overflow
+        );
+        assert_eq!(
+            mk(16, 12, 0, u64::MAX - 0xfff).unwrap_err(),
+            MemslotError::Overflow
+        );
+        assert!(matches!(
+            mk(16, 40, 0, 0),
+            Err(MemslotError::BadBackingShift { .. })
+        ));
+    }
+
+    #[test]
+    fn memslots_sorted_lookup_and_overlap() {
+        let mut m = Memslots::new();
+        let a = Memslot::new(
+            SlotId(1),
+            Gfn(0x100),
+            0x100,
+            12,
+            MemslotFlags::default(),
+            Hva(0x10_0000),
+        )
+        .unwrap();
+        let b = Memslot::new(
+            SlotId(2),
+            Gfn(0),
+            0x100,
+            12,
+            MemslotFlags::default(),
+            Hva(0x20_0000),
+        )
+        .unwrap();
+        let c = Memslot::new(
+            SlotId(3),
+            Gfn(0x1ff),
+            2,
+            12,
+            MemslotFlags::default(),
+            Hva(0x30_0000),
+        )
+        .unwrap();
+        m.insert(a).unwrap();
+        m.insert(b).unwrap();
+        assert!(matches!(m.insert(c), Err(MemslotError::Overlap { .. })));
+        assert_eq!(m.lookup(Gfn(0x150)).map(Memslot::id), Some(SlotId(1)));
+        assert_eq!(m.lookup(Gfn(0xff)).map(Memslot::id), Some(SlotId(2)));
+        assert!(m.lookup(Gfn(0x200)).is_none());
+        let ids: Vec<_> = m.iter().map(Memslot::id).collect();
+        assert_eq!(ids, [SlotId(2), SlotId(1)]);
+        let (s, g) = m.hva_to_gfn(Hva(0x10_2000)).unwrap();
+        assert_eq!((s.id(), g), (SlotId(1), Gfn(0x102)));
+    }
+}

@@ -1,0 +1,784 @@
+//! Replay of real-guest HPT hypercall traces against a hypervisor implementation.
+//!
+//! A trace file starts with `HPT_ALLOC shift=S`; the engine then creates a fresh VM
+//! (guest RAM of 2^(S + 7) bytes at gpa 0, HPT order S) and replays every hypercall
+//! record in order, `cpu=` as the vCPU, comparing the return code and every recorded
+//! output register with what the VM returned.
+//!
+//! Invariants:
+//! * The return code is always compared bit-exactly. An output register is compared
+//!   after ignoring exactly the bits of [`Hypervisor::result_masks`] for that opcode and
+//!   register (empty for a bit-exact flavour); every mask that hid a difference is
+//!   counted by name.
+//! * A call is *matched* iff its return code and every recorded output agree;
+//!   `calls == matched + mismatched` always.
+//! * Resize records (`H_RESIZE_HPT_*`, `HPT_SHIFT`) and `HW_SET_*` records are not
+//!   replayed yet: the replay stops at the first one, reporting the results up to there
+//!   and where it stopped ([`FileReport::stopped_at`]).
+//! * With [`ReplayOptions::check_every`] = N the whole-VM checker runs after every N-th
+//!   call and once at the end (or at the stop record); each failed check counts one
+//!   violation.
+//! * The pre-parsed hot loop ([`replay_preparsed`]) neither allocates nor formats
+//!   except on a mismatch, a violation, or the first use of a mask name.
+
+use core::fmt;
+use revmap_trace::{HcallKind, HwBit, Record, TraceError, TraceReader};
+use std::io::BufRead;
+use std::num::NonZeroU64;
+use std::path::Path;
+use std::time::Instant;
+use thiserror::Error;
+
+pub use self::vm::{
+    new_vm, HcallResult, Hypervisor, ResultMask, VmSpec, REPLAY_BACKING_PAGE_SHIFT,
+};
+pub use revmap_hpt::{Flavour, HptError, Vm};
+
+mod vm;
+
+/// Options of one replay.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReplayOptions {
+    /// Run the whole-VM checker after every N-th call and at the end.
+    pub check_every: Option<NonZeroU64>,
+}
+
+/// A failure that prevents replaying a file at all (as opposed to a mismatch).
+#[derive(Debug, Error)]
+pub enum ReplayError {
+    /// The trace could not be read or parsed.
+    #[error(transparent)]
+    Trace(#[from] TraceError),
+    /// A hypercall (or resize record) before the file's `HPT_ALLOC`.
+    #[error("{file}:{line}: {record} before HPT_ALLOC")]
+    NoAlloc {
+        /// File name.
+        file: String,
+        /// 1-based line number.
+        line: u64,
+        /// Record name.
+        record: &'static str,
+    },
+    /// A second `HPT_ALLOC` in one file.
+    #[error("{file}:{line}: second HPT_ALLOC in one trace")]
+    SecondAlloc {
+        /// File name.
+        file: String,
+        /// 1-based line number.
+        line: u64,
+    },
+    /// The file ended without any `HPT_ALLOC`.
+    #[error("{file}: no HPT_ALLOC record")]
+    Empty {
+        /// File name.
+        file: String,
+    },
+    /// The VM could not be created for the trace's `HPT_ALLOC`.
+    #[error("{file}:{line}: cannot create a VM with HPT order {order}: {message}")]
+    Vm {
+        /// File name.
+        file: String,
+        /// 1-based line number of the `HPT_ALLOC`.
+        line: u64,
+        /// The requested HPT order.
+        order: u32,
+        /// The VM's error.
+        message: String,
+    },
+    /// A record the pre-parsed form cannot hold (e.g. a vCPU number above 2^24).
+    #[error("{file}:{line}: {what}")]
+    Unrepresentable {
+        /// File name.
+        file: String,
+        /// 1-based line number.
+        line: u64,
+        /// What is out of range.
+        what: &'static str,
+    },
+    /// Memory for the pre-parsed trace could not be allocated.
+    #[error("{file}: out of memory pre-parsing the trace")]
+    OutOfMemory {
+        /// File name.
+        file: String,
+    },
+}
+
+/// Which result field differed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Field {
+    /// The return code (r3).
+    Ret,
+    /// Output register `r(4 + i)`.
+    Out(u8),
+}
+
+impl fmt::Display for Field {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Field::Ret => f.write_str("ret"),
+            Field::Out(i) => write!(f, "r{}", 4 + u32::from(*i)),
+        }
+    }
+}
+
+/// The first disagreement of one call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mismatch {
+    /// 1-based line number of the call in the trace.
+    pub line: u64,
+    /// The hypercall's opcode.
+    pub opcode: u64,
+    /// Which field differed first (ret, then r4, r5, ...).
+    pub field: Field,
+    /// The recorded value (the return code as its two's-complement bits).
+    pub expected: u64,
+    /// What the VM returned.
+    pub got: u64,
+}
+
+impl Mismatch {
+    /// The hypercall's PAPR name.
+    pub fn hcall_name(&self) -> &'static str {
+        HcallKind::from_opcode(self.opcode).map_or("H_UNKNOWN", HcallKind::name)
+    }
+
+    /// The recorded value formatted as in the trace (decimal ret, hex registers).
+    pub fn expected_str(&self) -> String {
+        self.fmt_value(self.expected)
+    }
+
+    /// The VM's value formatted as in the trace.
+    pub fn got_str(&self) -> String {
+        self.fmt_value(self.got)
+    }
+
+    fn fmt_value(&self, v: u64) -> String {
+        match self.field {
+            // The return code is carried as the bits of an i64.
+            Field::Ret => (v as i64).to_string(),
+            Field::Out(_) => format!("{v:#x}"),
+        }
+    }
+}
+
+impl fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "line {}: {} {}: expected {}, got {}",
+            self.line,
+            self.hcall_name(),
+            self.field,
+            self.expected_str(),
+            self.got_str()
+        )
+    }
+}
+
+/// Why a replay stopped before the end of its file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// An HPT resize record (`H_RESIZE_HPT_PREPARE/COMMIT`, `HPT_SHIFT`).
+    Resize,
+    /// A `HW_SET_R` / `HW_SET_C` record (MMU-side R/C updates are not modelled yet).
+    HwSet,
+}
+
+/// Where and why a replay stopped early.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stop {
+    /// 1-based line number of the record.
+    pub line: u64,
+    /// The record's name as in the trace.
+    pub record: &'static str,
+    /// Why.
+    pub reason: StopReason,
+}
+
+impl Stop {
+    fn of(record: &Record) -> Option<Stop> {
+        let (name, reason) = match record {
+            Record::Hcall(h) if h.kind.is_resize() => (h.kind.name(), StopReason::Resize),
+            Record::HptShift { .. } => ("HPT_SHIFT", StopReason::Resize),
+            Record::HwSet {
+                bit: HwBit::Reference,
+                ..
+            } => ("HW_SET_R", StopReason::HwSet),
+            Record::HwSet {
+                bit: HwBit::Change, ..
+            } => ("HW_SET_C", StopReason::HwSet),
+            _ => return None,
+        };
+        Some(Stop {
+            line: record.line(),
+            record: name,
+            reason,
+        })
+    }
+
+    /// Whether the stop is the expected one for this issue (a resize record), which
+    /// does not fail a replay.
+    pub fn is_resize(&self) -> bool {
+        self.reason == StopReason::Resize
+    }
+}
+
+impl fmt::Display for Stop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let why = match self.reason {
+            StopReason::Resize => "HPT resizing lands with the resize issue",
+            StopReason::HwSet => "MMU-side R/C updates are not modelled by the replay",
+        };
+        write!(
+            f,
+            "{} at line {}: not yet supported ({why})",
+            self.record, self.line
+        )
+    }
+}
+
+/// Counts of mask applications, by mask name, in first-use order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MaskCounts(Vec<(&'static str, u64)>);
+
+impl MaskCounts {
+    #[inline]
+    fn bump(&mut self, name: &'static str) {
+        // Names are 'static: pointer equality is the fast path, text equality the rule.
+        if let Some(e) = self
+            .0
+            .iter_mut()
+            .find(|e| core::ptr::eq(e.0, name) || e.0 == name)
+        {
+            e.1 += 1;
+        } else {
+            // First use of this name; at most a handful per replay.
+            self.0.push((name, 1));
+        }
+    }
+
+    /// (name, count) pairs in first-use order.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        self.0.iter().copied()
+    }
+
+    /// The count for `name` (0 if never applied).
+    pub fn get(&self, name: &str) -> u64 {
+        self.0.iter().find(|e| e.0 == name).map_or(0, |e| e.1)
+    }
+
+    /// Whether no mask was applied.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// The outcome of replaying one file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FileReport {
+    /// The file name.
+    pub file: String,
+    /// The HPT order of the file's `HPT_ALLOC`.
+    pub hpt_order: u32,
+    /// Hypercalls replayed.
+    pub calls: u64,
+    /// Calls whose results all agreed (after masks).
+    pub matched: u64,
+    /// Calls with at least one disagreeing field.
+    pub mismatched: u64,
+    /// The first disagreement.
+    pub first_mismatch: Option<Mismatch>,
+    /// Masks that hid a difference, with how many output registers each excused.
+    pub masks_applied: MaskCounts,
+    /// Checker runs.
+    pub checks: u64,
+    /// Checker runs that reported a violation.
+    pub invariant_violations: u64,
+    /// The first violation, formatted, with the call count at which it was seen.
+    pub first_violation: Option<String>,
+    /// Where the replay stopped early, if it did.
+    pub stopped_at: Option<Stop>,
+    /// Wall-clock seconds of the replay (including parsing in streaming mode).
+    pub seconds: f64,
+}
+
+impl FileReport {
+    fn new(file: &str, hpt_order: u32) -> Self {
+        FileReport {
+            file: file.to_owned(),
+            hpt_order,
+            calls: 0,
+            matched: 0,
+            mismatched: 0,
+            first_mismatch: None,
+            masks_applied: MaskCounts::default(),
+            checks: 0,
+            invariant_violations: 0,
+            first_violation: None,
+            stopped_at: None,
+            seconds: 0.0,
+        }
+    }
+
+    /// Every call matched, no violation, and the replay either finished or stopped at a
+    /// resize record.
+    pub fn passed(&self) -> bool {
+        self.mismatched == 0
+            && self.invariant_violations == 0
+            && self.stopped_at.is_none_or(|s| s.is_resize())
+    }
+
+    /// Calls per second (0 if no time elapsed).
+    pub fn calls_per_second(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.calls as f64 / self.seconds
+        } else {
+            0.0
+        }
+    }
+
+    /// Judges one call's result. `outs` yields the recorded outputs in register order
+    /// for each bit set in `present`. Returns the first differing field, if any.
+    #[inline(always)]
+    fn judge<H: Hypervisor>(
+        &mut self,
+        vm: &H,
+        opcode: u64,
+        exp_ret: i64,
+        present: u8,
+        mut outs: impl FnMut(usize) -> u64,
+        got: &HcallResult,
+    ) -> Option<(Field, u64, u64)> {
+        self.calls += 1;
+        let mut first = None;
+        if got.ret != exp_ret {
+            // Return codes are compared as their two's-complement bits.
+            first = Some((Field::Ret, exp_ret as u64, got.ret as u64));
+        }
+        let mut bits = present;
+        while bits != 0 {
+            let i = bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            let e = outs(i);
+            let g = got.out[i];
+            if e != g && !self.excused(vm, opcode, i, e ^ g) && first.is_none() {
+                first = Some((Field::Out(i as u8), e, g));
+            }
+        }
+        if first.is_none() {
+            self.matched += 1;
+        } else {
+            self.mismatched += 1;
+        }
+        first
+    }
+
+    /// Whether `diff` on output `i` lies entirely within the documented masks; if so,
+    /// counts each mask that covers part of it. (Hot under KVM: QEMU's 0x40 bit differs
+    /// on every H_REMOVE.)
+    #[inline]
+    fn excused<H: Hypervisor>(&mut self, vm: &H, opcode: u64, i: usize, diff: u64) -> bool {
+        let masks = vm.result_masks(opcode, i);
+        let allowed = masks.iter().fold(0, |a, m| a | m.mask);
+        if diff & !allowed != 0 {
+            return false;
+        }
+        for m in masks {
+            if diff & m.mask != 0 {
+                self.masks_applied.bump(m.name);
+            }
+        }
+        true
+    }
+
+    fn record_mismatch(&mut self, line: u64, opcode: u64, f: Option<(Field, u64, u64)>) {
+        if let (None, Some((field, expected, got))) = (&self.first_mismatch, f) {
+            self.first_mismatch = Some(Mismatch {
+                line,
+                opcode,
+                field,
+                expected,
+                got,
+            });
+        }
+    }
+
+    #[inline]
+    fn maybe_check<H: Hypervisor>(&mut self, vm: &H, opts: &ReplayOptions) {
+        if let Some(n) = opts.check_every {
+            if self.calls % n.get() == 0 {
+                self.check(vm);
+            }
+        }
+    }
+
+    #[cold]
+    fn check<H: Hypervisor>(&mut self, vm: &H) {
+        self.checks += 1;
+        if let Err(v) = vm.check_invariants() {
+            self.invariant_violations += 1;
+            if self.first_violation.is_none() {
+                self.first_violation = Some(format!("after call {}: {v}", self.calls));
+            }
+        }
+    }
+
+    fn finish<H: Hypervisor>(&mut self, vm: &H, opts: &ReplayOptions, start: Instant) {
+        if opts.check_every.is_some() {
+            self.check(vm);
+        }
+        self.seconds = start.elapsed().as_secs_f64();
+    }
+}
+
+fn vm_spec(file: &str, line: u64, shift: u32) -> Result<VmSpec, ReplayError> {
+    if !(1..=56).contains(&shift) {
+        return Err(ReplayError::Vm {
+            file: file.to_owned(),
+            line,
+            order: shift,
+            message: "HPT order out of range".into(),
+        });
+    }
+    Ok(VmSpec {
+        ram_bytes: 1u64 << (shift + 7),
+        hpt_order: shift,
+    })
+}
+
+fn make<H, E: fmt::Display>(
+    file: &str,
+    line: u64,
+    shift: u32,
+    make_vm: impl FnOnce(VmSpec) -> Result<H, E>,
+) -> Result<H, ReplayError> {
+    let spec = vm_spec(file, line, shift)?;
+    make_vm(spec).map_err(|e| ReplayError::Vm {
+        file: file.to_owned(),
+        line,
+        order: shift,
+        message: e.to_string(),
+    })
+}
+
+fn no_alloc(file: &str, r: &Record) -> ReplayError {
+    let record = match r {
+        Record::Hcall(h) => h.kind.name(),
+        Record::HptShift { .. } => "HPT_SHIFT",
+        Record::HwSet { .. } => "HW_SET",
+        Record::HptAlloc { .. } => "HPT_ALLOC",
+    };
+    ReplayError::NoAlloc {
+        file: file.to_owned(),
+        line: r.line(),
+        record,
+    }
+}
+
+/// Replays a trace file, streaming (parse one record, replay it, repeat). `make_vm` is
+/// called once, on the file's `HPT_ALLOC`.
+pub fn replay_file<H, E>(
+    path: impl AsRef<Path>,
+    opts: &ReplayOptions,
+    make_vm: impl FnOnce(VmSpec) -> Result<H, E>,
+) -> Result<FileReport, ReplayError>
+where
+    H: Hypervisor,
+    E: fmt::Display,
+{
+    let mut reader = TraceReader::open(path)?;
+    replay_reader(&mut reader, opts, make_vm)
+}
+
+/// Replays from an open reader, streaming. See [`replay_file`].
+pub fn replay_reader<R, H, E>(
+    reader: &mut TraceReader<R>,
+    opts: &ReplayOptions,
+    make_vm: impl FnOnce(VmSpec) -> Result<H, E>,
+) -> Result<FileReport, ReplayError>
+where
+    R: BufRead,
+    H: Hypervisor,
+    E: fmt::Display,
+{
+    let start = Instant::now();
+    let file = reader.file().to_owned();
+    // Everything before HPT_ALLOC: only comments are allowed.
+    let (line, shift) = match reader.next_record()? {
+        Some(Record::HptAlloc { line, shift }) => (line, shift),
+        Some(r) => return Err(no_alloc(&file, &r)),
+        None => return Err(ReplayError::Empty { file }),
+    };
+    let vm = make(&file, line, shift, make_vm)?;
+    let mut rep = FileReport::new(&file, shift);
+    while let Some(rec) = reader.next_record()? {
+        match rec {
+            Record::Hcall(h) if !h.kind.is_resize() => {
+                let got = vm.hcall(h.cpu as usize, h.opcode(), h.args());
+                let outs = &h.expected.outs;
+                let f = rep.judge(
+                    &vm,
+                    h.opcode(),
+                    h.expected.ret,
+                    h.expected.present,
+                    |i| outs.get(i).copied().unwrap_or(0),
+                    &got,
+                );
+                if f.is_some() {
+                    rep.record_mismatch(h.line, h.opcode(), f);
+                }
+                rep.maybe_check(&vm, opts);
+            }
+            Record::HptAlloc { line, .. } => {
+                return Err(ReplayError::SecondAlloc { file, line });
+            }
+            other => {
+                rep.stopped_at = Stop::of(&other);
+                break;
+            }
+        }
+    }
+    rep.finish(&vm, opts, start);
+    Ok(rep)
+}
+
+/// The header word of one call in a [`PreparsedTrace`].
+///
+/// Layout (LSB 0): bits 0..16 opcode, bits 16..40 vCPU, bits 40..44 number of input
+/// registers, bits 48..56 the present-output mask. It is followed in the word stream by
+/// the return code (as i64 bits), `nargs` input words and one word per present output,
+/// in register order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(transparent)]
+pub struct PackedCall(pub u64);
+
+impl PackedCall {
+    /// Opcode field (16 bits).
+    pub const OPCODE_MASK: u64 = 0xffff;
+    /// vCPU field shift.
+    pub const CPU_SHIFT: u32 = 16;
+    /// vCPU field width mask (24 bits).
+    pub const CPU_MASK: u64 = 0xff_ffff;
+    /// nargs field shift.
+    pub const NARGS_SHIFT: u32 = 40;
+    /// present-mask field shift.
+    pub const PRESENT_SHIFT: u32 = 48;
+
+    /// Packs the fields; `None` if the opcode or vCPU does not fit or nargs > 8.
+    pub fn new(opcode: u64, cpu: u32, nargs: u8, present: u8) -> Option<PackedCall> {
+        if opcode > Self::OPCODE_MASK || u64::from(cpu) > Self::CPU_MASK || nargs > 8 {
+            return None;
+        }
+        Some(PackedCall(
+            opcode
+                | (u64::from(cpu) << Self::CPU_SHIFT)
+                | (u64::from(nargs) << Self::NARGS_SHIFT)
+                | (u64::from(present) << Self::PRESENT_SHIFT),
+        ))
+    }
+
+    /// The PAPR opcode.
+    #[inline(always)]
+    pub const fn opcode(self) -> u64 {
+        self.0 & Self::OPCODE_MASK
+    }
+
+    /// The vCPU.
+    #[inline(always)]
+    pub const fn cpu(self) -> usize {
+        ((self.0 >> Self::CPU_SHIFT) & Self::CPU_MASK) as usize
+    }
+
+    /// Number of input registers.
+    #[inline(always)]
+    pub const fn nargs(self) -> usize {
+        ((self.0 >> Self::NARGS_SHIFT) & 0xf) as usize
+    }
+
+    /// Which outputs were recorded (bit i = r(4 + i)).
+    #[inline(always)]
+    pub const fn present(self) -> u8 {
+        (self.0 >> Self::PRESENT_SHIFT) as u8
+    }
+}
+
+/// A whole trace file parsed up front into a compact word stream, for benchmarks: the
+/// replay loop then does no parsing, allocation or formatting.
+#[derive(Clone, Debug)]
+pub struct PreparsedTrace {
+    file: String,
+    alloc_line: u64,
+    hpt_order: u32,
+    words: Vec<u64>,
+    /// Line number of each call, by call ordinal (read only on a mismatch).
+    lines: Vec<u64>,
+    stop: Option<Stop>,
+}
+
+impl PreparsedTrace {
+    /// Parses `path` up to its end or its first unsupported record.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, ReplayError> {
+        let mut reader = TraceReader::open(path)?;
+        Self::from_reader(&mut reader)
+    }
+
+    /// Parses from an open reader. See [`PreparsedTrace::open`].
+    pub fn from_reader<R: BufRead>(reader: &mut TraceReader<R>) -> Result<Self, ReplayError> {
+        let file = reader.file().to_owned();
+        let (alloc_line, hpt_order) = match reader.next_record()? {
+            Some(Record::HptAlloc { line, shift }) => (line, shift),
+            Some(r) => return Err(no_alloc(&file, &r)),
+            None => return Err(ReplayError::Empty { file }),
+        };
+        vm_spec(&file, alloc_line, hpt_order)?;
+        let oom = |file: &str| ReplayError::OutOfMemory {
+            file: file.to_owned(),
+        };
+        let mut words: Vec<u64> = Vec::new();
+        let mut lines: Vec<u64> = Vec::new();
+        let mut stop = None;
+        while let Some(rec) = reader.next_record()? {
+            match rec {
+                Record::Hcall(h) if !h.kind.is_resize() => {
+                    let e = &h.expected;
+                    let Some(head) = PackedCall::new(h.opcode(), h.cpu, h.nargs, e.present) else {
+                        return Err(ReplayError::Unrepresentable {
+                            file,
+                            line: h.line,
+                            what: "vCPU number above 2^24",
+                        });
+                    };
+                    words.try_reserve(2 + 8 + 8).map_err(|_| oom(&file))?;
+                    lines.try_reserve(1).map_err(|_| oom(&file))?;
+                    words.push(head.0);
+                    // The return code is stored as its two's-complement bits.
+                    words.push(e.ret as u64);
+                    words.extend_from_slice(h.args());
+                    words.extend(
+                        (0..8)
+                            .filter(|i| e.present & (1 << i) != 0)
+                            .map(|i| e.outs[i]),
+                    );
+                    lines.push(h.line);
+                }
+                Record::HptAlloc { line, .. } => {
+                    return Err(ReplayError::SecondAlloc { file, line });
+                }
+                other => {
+                    stop = Stop::of(&other);
+                    break;
+                }
+            }
+        }
+        words.shrink_to_fit();
+        lines.shrink_to_fit();
+        Ok(PreparsedTrace {
+            file,
+            alloc_line,
+            hpt_order,
+            words,
+            lines,
+            stop,
+        })
+    }
+
+    /// The file name.
+    pub fn file(&self) -> &str {
+        &self.file
+    }
+
+    /// The HPT order of the file's `HPT_ALLOC`.
+    pub fn hpt_order(&self) -> u32 {
+        self.hpt_order
+    }
+
+    /// The VM this trace must be replayed on.
+    pub fn vm_spec(&self) -> VmSpec {
+        VmSpec {
+            ram_bytes: 1u64 << (self.hpt_order + 7),
+            hpt_order: self.hpt_order,
+        }
+    }
+
+    /// Number of hypercalls that will be replayed.
+    pub fn calls(&self) -> u64 {
+        self.lines.len() as u64
+    }
+
+    /// Size of the word stream in bytes.
+    pub fn bytes(&self) -> usize {
+        self.words.len() * 8 + self.lines.len() * 8
+    }
+
+    /// Creates the VM with `make_vm` and replays onto it.
+    pub fn replay_with<H, E>(
+        &self,
+        opts: &ReplayOptions,
+        make_vm: impl FnOnce(VmSpec) -> Result<H, E>,
+    ) -> Result<FileReport, ReplayError>
+    where
+        H: Hypervisor,
+        E: fmt::Display,
+    {
+        let vm = make(&self.file, self.alloc_line, self.hpt_order, make_vm)?;
+        Ok(replay_preparsed(self, &vm, opts))
+    }
+}
+
+/// Replays a pre-parsed trace onto `vm`, which must be freshly created for
+/// [`PreparsedTrace::vm_spec`]. The hot loop: no parsing, allocation or formatting.
+pub fn replay_preparsed<H: Hypervisor>(
+    trace: &PreparsedTrace,
+    vm: &H,
+    opts: &ReplayOptions,
+) -> FileReport {
+    let start = Instant::now();
+    let mut rep = FileReport::new(&trace.file, trace.hpt_order);
+    let mut rest: &[u64] = &trace.words;
+    while let [head, ret, tail @ ..] = rest {
+        let head = PackedCall(*head);
+        let Some((args, tail)) = tail.split_at_checked(head.nargs()) else {
+            break;
+        };
+        let present = head.present();
+        let nouts = present.count_ones() as usize;
+        let Some((outs, tail)) = tail.split_at_checked(nouts) else {
+            break;
+        };
+        rest = tail;
+        let got = vm.hcall(head.cpu(), head.opcode(), args);
+        let mut it = outs.iter();
+        let f = rep.judge(
+            vm,
+            head.opcode(),
+            // Stored as the i64's bits.
+            *ret as i64,
+            present,
+            |_| it.next().copied().unwrap_or(0),
+            &got,
+        );
+        if f.is_some() {
+            mismatch_slow(&mut rep, trace, head, f);
+        }
+        rep.maybe_check(vm, opts);
+    }
+    rep.stopped_at = trace.stop;
+    rep.finish(vm, opts, start);
+    rep
+}
+
+#[cold]
+#[inline(never)]
+fn mismatch_slow(
+    rep: &mut FileReport,
+    trace: &PreparsedTrace,
+    head: PackedCall,
+    f: Option<(Field, u64, u64)>,
+) {
+    let idx = usize::try_from(rep.calls.saturating_sub(1)).unwrap_or(usize::MAX);
+    let line = trace.lines.get(idx).copied().unwrap_or(0);
+    rep.record_mismatch(line, head.opcode(), f);
+}
+
+#[cfg(test)]
+mod tests;

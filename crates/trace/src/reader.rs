@@ -1,0 +1,332 @@
+//! Streaming trace reader: gzip or plain text, one line at a time.
+//!
+//! Invariants:
+//! * Compression is detected from the first two bytes (gzip magic `1f 8b`), never from
+//!   the file name.
+//! * One line buffer is reused for the whole file: reading a record does not allocate
+//!   once the buffer has grown to the longest line. Lines longer than
+//!   [`MAX_LINE_BYTES`] are an error, so a corrupt file cannot exhaust memory.
+//! * Every error names the file, and parse errors also the 1-based line number.
+
+use crate::line::{parse_line, Line, LineError};
+use crate::record::Record;
+use flate2::bufread::MultiGzDecoder;
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read};
+use std::path::Path;
+use thiserror::Error;
+
+/// The longest line accepted (console output can be long; records are ~300 bytes).
+pub const MAX_LINE_BYTES: usize = 1 << 20;
+
+/// An error reading a trace.
+#[derive(Debug, Error)]
+pub enum TraceError {
+    /// A line that does not follow the format.
+    #[error("{file}:{line}: {kind}")]
+    Malformed {
+        /// The file name as given.
+        file: String,
+        /// 1-based line number.
+        line: u64,
+        /// What is wrong with it.
+        kind: LineError,
+    },
+    /// The file could not be opened, read or decompressed.
+    #[error("{file}: {source}")]
+    Io {
+        /// The file name as given.
+        file: String,
+        /// The underlying error.
+        source: io::Error,
+    },
+}
+
+/// A boxed line source (plain or gzip-decoding).
+pub type DynBufRead = Box<dyn BufRead + Send>;
+
+/// Reads a trace line by line and parses each line.
+pub struct TraceReader<R> {
+    inner: R,
+    file: String,
+    buf: Vec<u8>,
+    line: u64,
+}
+
+impl TraceReader<DynBufRead> {
+    /// Opens `path`, decompressing if it starts with the gzip magic.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, TraceError> {
+        let path = path.as_ref();
+        let name = path.display().to_string();
+        let f = File::open(path).map_err(|source| TraceError::Io {
+            file: name.clone(),
+            source,
+        })?;
+        Self::from_reader(f, name)
+    }
+
+    /// Wraps any byte source, decompressing if it starts with the gzip magic.
+    pub fn from_reader<R: Read + Send + 'static>(
+        r: R,
+        file: impl Into<String>,
+    ) -> Result<Self, TraceError> {
+        let file = file.into();
+        let mut br = BufReader::with_capacity(1 << 16, r);
+        let gz = loop {
+            match br.fill_buf() {
+                Ok(b) => break b.starts_with(&[0x1f, 0x8b]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(source) => return Err(TraceError::Io { file, source }),
+            }
+        };
+        let inner: DynBufRead = if gz {
+            Box::new(BufReader::with_capacity(1 << 16, MultiGzDecoder::new(br)))
+        } else {
+            Box::new(br)
+        };
+        Ok(TraceReader::new(inner, file))
+    }
+}
+
+impl<R: BufRead> TraceReader<R> {
+    /// Reads plain (already decompressed) text from `inner`; `file` names it in errors.
+    pub fn new(inner: R, file: impl Into<String>) -> Self {
+        TraceReader {
+            inner,
+            file: file.into(),
+            buf: Vec::with_capacity(512),
+            line: 0,
+        }
+    }
+
+    /// The file name used in errors.
+    pub fn file(&self) -> &str {
+        &self.file
+    }
+
+    /// The 1-based number of the line last returned (0 before the first).
+    pub fn line_number(&self) -> u64 {
+        self.line
+    }
+
+    fn malformed(&self, kind: LineError) -> TraceError {
+        TraceError::Malformed {
+            file: self.file.clone(),
+            line: self.line,
+            kind,
+        }
+    }
+
+    /// Reads the next raw line into the buffer; `false` at end of file.
+    fn fill_line(&mut self) -> Result<bool, TraceError> {
+        self.buf.clear();
+        loop {
+            let avail = match self.inner.fill_buf() {
+                Ok(b) => b,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(source) => {
+                    return Err(TraceError::Io {
+                        file: self.file.clone(),
+                        source,
+                    })
+                }
+            };
+            if avail.is_empty() {
+                if self.buf.is_empty() {
+                    return Ok(false);
+                }
+                break;
+            }
+            let (take, done) = match memchr::memchr(b'\n', avail) {
+                Some(i) => (i + 1, true),
+                None => (avail.len(), false),
+            };
+            if self.buf.len() + take > MAX_LINE_BYTES {
+                self.line += 1;
+                return Err(self.malformed(LineError::TooLong(MAX_LINE_BYTES)));
+            }
+            if self.buf.try_reserve(take).is_err() {
+                return Err(TraceError::Io {
+                    file: self.file.clone(),
+                    source: io::Error::from(io::ErrorKind::OutOfMemory),
+                });
+            }
+            self.buf.extend_from_slice(&avail[..take]);
+            self.inner.consume(take);
+            if done {
+                break;
+            }
+        }
+        self.line += 1;
+        Ok(true)
+    }
+
+    /// The next line, parsed (records, comments, console lines, blanks); `None` at end.
+    pub fn next_line(&mut self) -> Result<Option<Line<'_>>, TraceError> {
+        if !self.fill_line()? {
+            return Ok(None);
+        }
+        match parse_line(&self.buf, self.line) {
+            Ok(l) => Ok(Some(l)),
+            Err(kind) => Err(TraceError::Malformed {
+                file: self.file.clone(),
+                line: self.line,
+                kind,
+            }),
+        }
+    }
+
+    /// The next record, skipping comments, console lines and blanks; `None` at end.
+    pub fn next_record(&mut self) -> Result<Option<Record>, TraceError> {
+        loop {
+            match self.next_line()? {
+                None => return Ok(None),
+                Some(Line::Record(r)) => return Ok(Some(r)),
+                Some(_) => {}
+            }
+        }
+    }
+}
+
+impl<R: BufRead> Iterator for TraceReader<R> {
+    type Item = Result<Record, TraceError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.next_record().transpose()
+    }
+}
+
+/// Parses a whole in-memory text (already decompressed), calling `f` on every record.
+/// Splits lines with `memchr` and copies nothing; the fastest way to parse a buffer.
+pub fn for_each_record(
+    text: &[u8],
+    file: &str,
+    mut f: impl FnMut(Record),
+) -> Result<u64, TraceError> {
+    let mut rest = text;
+    let mut lineno = 0u64;
+    let mut n = 0u64;
+    while !rest.is_empty() {
+        lineno += 1;
+        let end = memchr::memchr(b'\n', rest).map_or(rest.len(), |i| i + 1);
+        let (line, tail) = rest.split_at(end);
+        rest = tail;
+        match parse_line(line, lineno) {
+            Ok(Line::Record(r)) => {
+                n += 1;
+                f(r);
+            }
+            Ok(_) => {}
+            Err(kind) => {
+                return Err(TraceError::Malformed {
+                    file: file.to_owned(),
+                    line: lineno,
+                    kind,
+                })
+            }
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::HcallKind;
+    use flate2::write::GzEncoder;
+    use flate2::Compression;
+    use std::io::Write;
+
+    const TEXT: &str = "# realtrace v1\nHPT_ALLOC shift=23\n# console: hello\n\nH_PROTECT cpu=1 flags=0x4 ptex=0x580b8 avpn=0x0 -> ret=0\nHPT_SHIFT old=23 new=24\n";
+
+    fn collect(r: TraceReader<DynBufRead>) -> Vec<Record> {
+        r.collect::<Result<Vec<_>, _>>().unwrap()
+    }
+
+    #[test]
+    fn plain_and_gzip_give_the_same_records() {
+        let plain = collect(TraceReader::from_reader(io::Cursor::new(TEXT), "t").unwrap());
+        let mut enc = GzEncoder::new(Vec::new(), Compression::fast());
+        enc.write_all(TEXT.as_bytes()).unwrap();
+        let gz = enc.finish().unwrap();
+        let unzipped = collect(TraceReader::from_reader(io::Cursor::new(gz), "t.gz").unwrap());
+        assert_eq!(plain, unzipped);
+        assert_eq!(plain.len(), 3);
+        assert_eq!(plain[0], Record::HptAlloc { line: 2, shift: 23 });
+        match plain[1] {
+            Record::Hcall(h) => {
+                assert_eq!(h.line, 5);
+                assert_eq!(h.kind, HcallKind::Protect);
+            }
+            r => panic!("{r:?}"),
+        }
+        assert_eq!(plain[2].line(), 6);
+        let mut n = 0;
+        for_each_record(TEXT.as_bytes(), "t", |_| n += 1).unwrap();
+        assert_eq!(n, 3);
+    }
+
+    #[test]
+    fn lines_expose_console_text() {
+        let mut r = TraceReader::new(io::Cursor::new(TEXT), "t");
+        assert_eq!(r.next_line().unwrap(), Some(Line::Comment(b"realtrace v1")));
+        assert!(matches!(r.next_line().unwrap(), Some(Line::Record(_))));
+        assert_eq!(r.next_line().unwrap(), Some(Line::Console(b"hello")));
+        assert_eq!(r.line_number(), 3);
+    }
+
+    #[test]
+    fn errors_name_file_and_line() {
+        let text = "HPT_ALLOC shift=23\nH_ENTER cpu=0 flags=0x0\n";
+        let mut r = TraceReader::from_reader(io::Cursor::new(text), "bad.txt").unwrap();
+        assert!(r.next_record().unwrap().is_some());
+        let e = r.next_record().unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.starts_with("bad.txt:2: H_ENTER: missing key"), "{msg}");
+        let e = for_each_record(text.as_bytes(), "bad.txt", |_| ()).unwrap_err();
+        assert!(e.to_string().starts_with("bad.txt:2:"), "{e}");
+    }
+
+    #[test]
+    fn missing_file_and_corrupt_gzip_are_io_errors() {
+        let e = TraceReader::open("/nonexistent/trace.txt.gz")
+            .err()
+            .unwrap();
+        assert!(matches!(e, TraceError::Io { .. }));
+        assert!(e.to_string().starts_with("/nonexistent/trace.txt.gz: "));
+        let mut r =
+            TraceReader::from_reader(io::Cursor::new(vec![0x1f, 0x8b, 0x08, 0, 1, 2, 3]), "c.gz")
+                .unwrap();
+        assert!(matches!(r.next_record(), Err(TraceError::Io { .. })));
+    }
+
+    #[test]
+    fn last_line_without_newline_and_crlf() {
+        let r = TraceReader::new(
+            io::Cursor::new("HPT_ALLOC shift=20\r\nHPT_ALLOC shift=21"),
+            "t",
+        );
+        let recs: Vec<_> = r.collect::<Result<_, _>>().unwrap();
+        assert_eq!(
+            recs,
+            vec![
+                Record::HptAlloc { line: 1, shift: 20 },
+                Record::HptAlloc { line: 2, shift: 21 }
+            ]
+        );
+    }
+
+    #[test]
+    fn overlong_line_is_an_error() {
+        let long = vec![b'#'; MAX_LINE_BYTES + 10];
+        let mut r = TraceReader::new(io::Cursor::new(long), "t");
+        assert!(matches!(
+            r.next_record(),
+            Err(TraceError::Malformed {
+                line: 1,
+                kind: LineError::TooLong(_),
+                ..
+            })
+        ));
+    }
+}
