@@ -1,7 +1,7 @@
 //! Conformance checklist of papr-hpt-spec.md section 7, items 1-26 and 38 (27-37 are
-#![allow(clippy::needless_range_loop)]
 //! resize: later issue), in both flavours where they differ. The invariant checker
 //! runs at the end of every test.
+#![allow(clippy::needless_range_loop)]
 use revmap_hpt::hash::{hpt_hash, primary_pteg, secondary_pteg, Segment, SegmentSize};
 use revmap_hpt::hcall::*;
 use revmap_hpt::hpte::{HpteR, HpteV};
