@@ -22,12 +22,16 @@ use crate::sync::{spin_loop, AtomicU64, Ordering};
 
 /// Attempt once to set `lock` in `word`, succeeding only if `(word & busy) == 0`.
 ///
-/// `busy` must include `lock`. This is KVM's `try_lock_hpte(hpte, bits)`: passing
-/// `HVLOCK | VALID | ABSENT` locks a slot only if it is free. Returns the value of the
-/// word before locking (lock bit clear) on success.
+/// `lock` is included in `busy` whether or not the caller listed it. This is KVM's
+/// `try_lock_hpte(hpte, bits)`: passing `HVLOCK | VALID | ABSENT` locks a slot only if it
+/// is free. Returns the value of the word before locking (lock bit clear) on success.
+///
+/// Like KVM's single `ldarx`/`stdcx.` attempt, this can fail spuriously when another
+/// thread locked and unlocked the word between our read and our CAS; callers that must
+/// make progress fall back to [`wait_unlocked`] and retry.
 #[inline]
 pub fn try_lock_bits(word: &AtomicU64, lock: u64, busy: u64) -> Option<u64> {
-    debug_assert!(busy & lock == lock, "busy mask must include the lock bit");
+    let busy = busy | lock;
     // ORDERING: Relaxed pre-check; it only decides whether to attempt the CAS.
     let old = word.load(Ordering::Relaxed);
     if old & busy != 0 {
@@ -41,6 +45,8 @@ pub fn try_lock_bits(word: &AtomicU64, lock: u64, busy: u64) -> Option<u64> {
 }
 
 /// Spin until `lock` can be set in `word`; return the word's value (lock bit clear).
+///
+/// `lock` is a single-bit mask.
 ///
 /// KVM's `lock_rmap`: spin reading (no cache-line bouncing while another CPU holds it),
 /// then `test_and_set_bit_lock`.
