@@ -49,13 +49,15 @@ pub fn try_lock_bits(word: &AtomicU64, lock: u64, busy: u64) -> Option<u64> {
 /// `lock` is a single-bit mask.
 ///
 /// KVM's `lock_rmap`: spin reading (no cache-line bouncing while another CPU holds it),
-/// then `test_and_set_bit_lock`.
+/// then set the bit with one atomic RMW (`test_and_set_bit_lock`). The RMW is a CAS
+/// from the value just read rather than an unconditional `fetch_or`: uncontended it costs
+/// the same, a failed attempt writes nothing, and it keeps the loop a plain
+/// test-and-test-and-set that loom can explore to completion (a `fetch_or` spin, which
+/// stores on every failed attempt, exceeds loom's branch bound).
 #[inline]
 pub fn lock_bits(word: &AtomicU64, lock: u64) -> u64 {
     loop {
-        // ORDERING: Acquire on the RMW that sets the bit pairs with the Release unlock.
-        let old = word.fetch_or(lock, Ordering::Acquire);
-        if old & lock == 0 {
+        if let Some(old) = try_lock_bits(word, lock, lock) {
             return old;
         }
         wait_unlocked(word, lock);
