@@ -250,10 +250,13 @@ impl Rmap {
     /// the HPTE and harvests R/C. When a try-lock fails, the rmap lock is dropped, the
     /// walker waits read-only for the HPTE lock to clear and restarts from the head.
     /// Returns the number of entries removed.
-    pub fn drain_locked<H, F>(&self, revmap: &Revmap, locks: &H, mut f: F) -> usize
+    ///
+    /// The HPTE guard's lifetime is that of the `locks` borrow, so `H` may itself borrow
+    /// (a view of an HPT, a test wrapper); it need not be `'static`.
+    pub fn drain_locked<'l, H, F>(&self, revmap: &Revmap, locks: &'l H, mut f: F) -> usize
     where
-        H: HpteLocks + ?Sized,
-        F: FnMut(&mut RmapGuard<'_>, u32, H::Guard<'_>),
+        H: HpteLocks + ?Sized + 'l,
+        F: FnMut(&mut RmapGuard<'_>, u32, H::Guard<'l>),
     {
         let mut removed = 0;
         loop {
@@ -280,10 +283,10 @@ impl Rmap {
     /// waits read-only and restarts from the head, so `f` may see a member more than
     /// once and must be idempotent. `f` must not unlink members; it may return
     /// [`Visit::Stop`] to end the walk early.
-    pub fn for_each_locked<H, F>(&self, revmap: &Revmap, locks: &H, mut f: F)
+    pub fn for_each_locked<'l, H, F>(&self, revmap: &Revmap, locks: &'l H, mut f: F)
     where
-        H: HpteLocks + ?Sized,
-        F: FnMut(&mut RmapGuard<'_>, u32, &mut H::Guard<'_>) -> Visit,
+        H: HpteLocks + ?Sized + 'l,
+        F: FnMut(&mut RmapGuard<'_>, u32, &mut H::Guard<'l>) -> Visit,
     {
         'restart: loop {
             let mut g = self.lock();
