@@ -22,12 +22,16 @@ use crate::sync::{spin_loop, AtomicU64, Ordering};
 
 /// Attempt once to set `lock` in `word`, succeeding only if `(word & busy) == 0`.
 ///
-/// `busy` must include `lock`. This is KVM's `try_lock_hpte(hpte, bits)`: passing
-/// `HVLOCK | VALID | ABSENT` locks a slot only if it is free. Returns the value of the
-/// word before locking (lock bit clear) on success.
+/// `lock` is included in `busy` whether or not the caller listed it. This is KVM's
+/// `try_lock_hpte(hpte, bits)`: passing `HVLOCK | VALID | ABSENT` locks a slot only if it
+/// is free. Returns the value of the word before locking (lock bit clear) on success.
+///
+/// Like KVM's single `ldarx`/`stdcx.` attempt, this can fail spuriously when another
+/// thread locked and unlocked the word between our read and our CAS; callers that must
+/// make progress fall back to [`wait_unlocked`] and retry.
 #[inline]
 pub fn try_lock_bits(word: &AtomicU64, lock: u64, busy: u64) -> Option<u64> {
-    debug_assert!(busy & lock == lock, "busy mask must include the lock bit");
+    let busy = busy | lock;
     // ORDERING: Relaxed pre-check; it only decides whether to attempt the CAS.
     let old = word.load(Ordering::Relaxed);
     if old & busy != 0 {
@@ -42,14 +46,18 @@ pub fn try_lock_bits(word: &AtomicU64, lock: u64, busy: u64) -> Option<u64> {
 
 /// Spin until `lock` can be set in `word`; return the word's value (lock bit clear).
 ///
+/// `lock` is a single-bit mask.
+///
 /// KVM's `lock_rmap`: spin reading (no cache-line bouncing while another CPU holds it),
-/// then `test_and_set_bit_lock`.
+/// then set the bit with one atomic RMW (`test_and_set_bit_lock`). The RMW is a CAS
+/// from the value just read rather than an unconditional `fetch_or`: uncontended it costs
+/// the same, a failed attempt writes nothing, and it keeps the loop a plain
+/// test-and-test-and-set that loom can explore to completion (a `fetch_or` spin, which
+/// stores on every failed attempt, exceeds loom's branch bound).
 #[inline]
 pub fn lock_bits(word: &AtomicU64, lock: u64) -> u64 {
     loop {
-        // ORDERING: Acquire on the RMW that sets the bit pairs with the Release unlock.
-        let old = word.fetch_or(lock, Ordering::Acquire);
-        if old & lock == 0 {
+        if let Some(old) = try_lock_bits(word, lock, lock) {
             return old;
         }
         wait_unlocked(word, lock);
