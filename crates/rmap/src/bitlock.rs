@@ -115,6 +115,36 @@ impl<'a> BitLockGuard<'a> {
         try_lock_bits(word, lock, busy).map(|value| Self { word, lock, value })
     }
 
+    /// Take the lock and change the word in one read-modify-write: if the word still
+    /// equals `expected` (lock clear), replace it with `new` plus the lock bit.
+    ///
+    /// The guard's value is `new`. This lets a holder publish a change at the very
+    /// moment it locks (the HPT clears VALID while locking for H_REMOVE), saving a
+    /// separate publishing store and giving that change a place in the `SeqCst` order.
+    #[inline]
+    pub fn try_lock_replace(
+        word: &'a AtomicU64,
+        lock: u64,
+        expected: u64,
+        new: u64,
+    ) -> Option<Self> {
+        // ORDERING: SeqCst on success: Acquire for the lock, and a place in the single
+        // total order so that callers can run store-buffering handshakes (the change is
+        // ordered before their later SeqCst loads). Failure takes nothing: Relaxed.
+        word.compare_exchange(
+            expected & !lock,
+            (new & !lock) | lock,
+            Ordering::SeqCst,
+            Ordering::Relaxed,
+        )
+        .ok()
+        .map(|_| Self {
+            word,
+            lock,
+            value: new & !lock,
+        })
+    }
+
     /// The value the word will have when unlocked (lock bit clear).
     #[inline]
     pub fn value(&self) -> u64 {
@@ -190,6 +220,22 @@ mod tests {
         assert!(BitLockGuard::try_lock(&w, 0x40, 0x40).is_none());
         drop(g);
         assert_eq!(w.load(Ordering::Relaxed), 0x1);
+    }
+
+    #[test]
+    fn try_lock_replace_changes_and_locks_only_from_expected() {
+        let w = AtomicU64::new(0x21);
+        assert!(BitLockGuard::try_lock_replace(&w, LOCK, 0x20, 0x1).is_none());
+        assert_eq!(w.load(Ordering::Relaxed), 0x21, "mismatch must not write");
+        let g = BitLockGuard::try_lock_replace(&w, LOCK, 0x21, 0x20).expect("matches");
+        assert_eq!(
+            w.load(Ordering::Relaxed),
+            0x20 | LOCK,
+            "change visible while locked"
+        );
+        assert!(BitLockGuard::try_lock_replace(&w, LOCK, 0x20, 0x0).is_none());
+        drop(g);
+        assert_eq!(w.load(Ordering::Relaxed), 0x20);
     }
 
     #[test]
