@@ -347,8 +347,7 @@ impl FileReport {
         exp_ret: i64,
         present: u8,
         mut outs: impl FnMut(usize) -> u64,
-        got_ret: i64,
-        got_out: &[u64; 8],
+        (got_ret, got_out): (i64, &[u64; 8]),
     ) -> Option<(Field, u64, u64)> {
         self.calls += 1;
         let mut first = None;
@@ -523,8 +522,7 @@ where
                     h.expected.ret,
                     h.expected.present,
                     |i| outs.get(i).copied().unwrap_or(0),
-                    got.ret,
-                    &got.out,
+                    (got.ret, &got.out),
                 );
                 if f.is_some() {
                     rep.record_mismatch(h.line, h.opcode(), f);
@@ -763,8 +761,7 @@ pub fn replay_preparsed<H: Hypervisor>(
             *ret as i64,
             present,
             |_| it.next().copied().unwrap_or(0),
-            got_ret,
-            &regs,
+            (got_ret, &regs),
         );
         if f.is_some() {
             mismatch_slow(&mut rep, trace, head, f);
