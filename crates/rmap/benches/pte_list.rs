@@ -9,6 +9,7 @@
 use criterion::{black_box, BenchmarkId, Criterion, Throughput};
 use revmap_rmap::pte_list::{check_pte_lists, DescCache, DescPool, PteListHead, SpteHandle};
 use smallvec::SmallVec;
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -29,14 +30,19 @@ trait Design {
 }
 
 struct PteList {
-    pool: DescPool,
+    pool: &'static DescPool,
+    /// The vCPU's descriptor cache, kept across faults as KVM's is.
+    cache: RefCell<DescCache<'static>>,
     heads: Box<[PteListHead]>,
 }
 
 impl PteList {
     fn new() -> Self {
+        // Leaked so the persistent cache can borrow it (bench only).
+        let pool: &'static DescPool = Box::leak(Box::new(DescPool::new()));
         Self {
-            pool: DescPool::new(),
+            pool,
+            cache: RefCell::new(DescCache::new(pool)),
             heads: PteListHead::new_array(NGFN).unwrap(),
         }
     }
@@ -45,7 +51,7 @@ impl PteList {
 impl Design for PteList {
     fn add(&self, gfn: usize, v: u64) {
         // KVM's order: top up the per-vCPU cache, then lock and add.
-        let mut c = DescCache::new(&self.pool);
+        let mut c = self.cache.borrow_mut();
         c.reserve(1).unwrap();
         let _ = self.heads[gfn]
             .lock()
@@ -55,21 +61,21 @@ impl Design for PteList {
     fn remove(&self, gfn: usize, v: u64) {
         self.heads[gfn]
             .lock()
-            .remove(&self.pool, SpteHandle::new(v).unwrap())
+            .remove(self.pool, SpteHandle::new(v).unwrap())
             .unwrap();
     }
     fn count(&self, gfn: usize) -> usize {
-        self.heads[gfn].lock_readonly().count(&self.pool).unwrap()
+        self.heads[gfn].lock_readonly().count(self.pool).unwrap()
     }
     fn sum(&self, gfn: usize) -> u64 {
         let g = self.heads[gfn].lock_readonly();
-        g.iter(&self.pool).map(|s| s.raw()).sum()
+        g.iter(self.pool).map(|s| s.raw()).sum()
     }
     fn clear(&self, gfn: usize) {
-        let _ = self.heads[gfn].lock().destroy(&self.pool, |_| {}).unwrap();
+        let _ = self.heads[gfn].lock().destroy(self.pool, |_| {}).unwrap();
     }
     fn bytes(&self, gfn: usize) -> usize {
-        let st = check_pte_lists(&self.heads[gfn..=gfn], &self.pool).unwrap();
+        let st = check_pte_lists(&self.heads[gfn..=gfn], self.pool).unwrap();
         8 + st.descs as usize * 128
     }
 }

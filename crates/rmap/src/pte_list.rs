@@ -483,10 +483,13 @@ impl PteListGuard<'_> {
                 let mut cur = Some(h);
                 while let (Some(idx), true) = (cur, ndesc > 0) {
                     let d = pool.get(idx)?;
-                    for i in 0..(d.count() as usize).min(PTE_LIST_EXT) {
-                        if d.spte(i) == spte.raw() {
-                            return self.desc_remove_entry(pool, h, d, i);
-                        }
+                    let used = d.sptes.get(..d.count() as usize).unwrap_or(&d.sptes);
+                    // ORDERING: Relaxed under the head lock (module docs).
+                    let hit = used
+                        .iter()
+                        .position(|s| s.load(Ordering::Relaxed) == spte.raw());
+                    if let Some(i) = hit {
+                        return self.desc_remove_entry(pool, h, d, i);
                     }
                     cur = NodeIdx::new(d.more());
                     ndesc -= 1;
@@ -662,6 +665,34 @@ impl<'p> PteListIter<'p> {
 
 impl Iterator for PteListIter<'_> {
     type Item = SpteHandle;
+
+    /// Internal iteration (used by `for_each`, `sum`, `count`, ...): a tight loop per
+    /// descriptor instead of the per-item state machine of `next`.
+    #[inline]
+    fn fold<B, F: FnMut(B, SpteHandle) -> B>(mut self, init: B, mut f: F) -> B {
+        let mut acc = init;
+        if let Some(s) = self.single.take() {
+            acc = f(acc, s);
+        }
+        while let Some(d) = self.desc {
+            for slot in d.sptes.get(self.pos..self.count).unwrap_or(&[]) {
+                // ORDERING: Relaxed under the head lock (module docs).
+                match SpteHandle::new(slot.load(Ordering::Relaxed)) {
+                    Ok(s) => acc = f(acc, s),
+                    Err(_) => return acc,
+                }
+            }
+            if self.descs_left == 0 {
+                break;
+            }
+            self.descs_left -= 1;
+            match NodeIdx::new(d.more()).and_then(|i| self.pool.node(i)) {
+                Some(next) => self.enter(next),
+                None => break,
+            }
+        }
+        acc
+    }
 
     #[inline]
     fn next(&mut self) -> Option<SpteHandle> {
