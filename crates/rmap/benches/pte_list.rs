@@ -7,7 +7,10 @@
 //! Run: `cargo bench -p revmap-rmap --bench pte_list -- --warm-up-time 1 --measurement-time 3`.
 
 use criterion::{black_box, BenchmarkId, Criterion, Throughput};
-use revmap_rmap::pte_list::{check_pte_lists, DescCache, DescPool, PteListHead, SpteHandle};
+use revmap_rmap::pool::PoolNode;
+use revmap_rmap::pte_list::{
+    check_pte_lists, DescCache, DescPool, PteListDesc, PteListHead, SpteHandle,
+};
 use smallvec::SmallVec;
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -275,10 +278,38 @@ fn bench(c: &mut Criterion) {
     }
 }
 
+/// Index-based pool vs boxed nodes: the cost of reaching a descriptor from its link
+/// (`Pool::node(idx)`: directory cell, chunk, bounds check) against dereferencing a
+/// `Box` (what a pointer-linked design pays), over 1000 descriptors in a shuffled order.
+fn node_lookup(c: &mut Criterion) {
+    let pool = DescPool::new();
+    let mut cache = DescCache::new(&pool);
+    cache.reserve(1000).unwrap();
+    let idxs: Vec<_> = (0..1000).map(|_| cache.alloc().unwrap()).collect();
+    let order = shuffled((0..1000u64).collect());
+    let idxs: Vec<_> = order.iter().map(|&i| idxs[i as usize]).collect();
+    let boxes: Vec<Box<PteListDesc>> = (0..1000).map(|_| Box::new(PteListDesc::vacant())).collect();
+    let ptrs: Vec<&PteListDesc> = order.iter().map(|&i| &*boxes[i as usize]).collect();
+    let mut g = c.benchmark_group("node_lookup");
+    g.throughput(Throughput::Elements(1000));
+    g.bench_function("pool_index", |b| {
+        b.iter(|| {
+            idxs.iter()
+                .filter(|&&i| pool.node(black_box(i)).is_some_and(|d| !d.is_vacant()))
+                .count()
+        })
+    });
+    g.bench_function("box_pointer", |b| {
+        b.iter(|| ptrs.iter().filter(|&&d| !black_box(d).is_vacant()).count())
+    });
+    g.finish();
+}
+
 fn main() {
     // What `criterion_group!`/`criterion_main!` expand to, without their undocumented
     // `pub fn` (the workspace warns on missing docs).
     let mut c = Criterion::default().configure_from_args();
     bench(&mut c);
+    node_lookup(&mut c);
     c.final_summary();
 }

@@ -564,6 +564,8 @@ pub(crate) mod tests {
 
     const VACANT: u64 = 1 << 40;
 
+    // ORDERING: Relaxed throughout the test node, as in the real node types: the
+    // marker RMWs decide ownership alone and the pool's free-list CAS orders contents.
     impl PoolNode for TestNode {
         fn vacant() -> Self {
             Self {

@@ -71,6 +71,8 @@ struct Node {
 
 const VACANT: u64 = 1 << 40;
 
+// ORDERING: Relaxed throughout, as in the library's node types: the marker RMWs decide
+// ownership alone and the pool's free-list CAS orders the contents.
 impl PoolNode for Node {
     fn vacant() -> Self {
         Self {
