@@ -7,7 +7,7 @@
 //! Run: `cargo bench -p revmap-rmap --bench pte_list -- --warm-up-time 1 --measurement-time 3`.
 
 use criterion::{black_box, BenchmarkId, Criterion, Throughput};
-use revmap_rmap::pool::PoolNode;
+use revmap_rmap::pool::{PoolCursor, PoolNode};
 use revmap_rmap::pte_list::{
     check_pte_lists, DescCache, DescPool, PteListDesc, PteListHead, SpteHandle,
 };
@@ -296,6 +296,14 @@ fn node_lookup(c: &mut Criterion) {
         b.iter(|| {
             idxs.iter()
                 .filter(|&&i| pool.node(black_box(i)).is_some_and(|d| !d.is_vacant()))
+                .count()
+        })
+    });
+    g.bench_function("pool_cursor", |b| {
+        b.iter(|| {
+            let mut cur = PoolCursor::new(&pool);
+            idxs.iter()
+                .filter(|&&i| cur.node(black_box(i)).is_some_and(|d| !d.is_vacant()))
                 .count()
         })
     });

@@ -33,7 +33,7 @@ pub use nested::{
     check_nested_rmap, check_nested_rmaps, DetachedNestedList, Inserted, NestedCache, NestedError,
     NestedGuard, NestedLimits, NestedPool, NestedRmap, NestedRmapEntry,
 };
-pub use pool::{NodeCache, NodeIdx, Pool, PoolError, PoolNode};
+pub use pool::{NodeCache, NodeIdx, Pool, PoolCursor, PoolError, PoolNode};
 pub use pte_list::{
     check_pte_list, check_pte_lists, check_rmap_head, DescCache, DescPool, PteListError,
     PteListGuard, PteListHead, RmapAdd, SpteHandle, RMAP_RECYCLE_THRESHOLD,

@@ -63,7 +63,7 @@
 use crate::addr::{Gpa, Lpid};
 use crate::bitlock::BitLockGuard;
 use crate::error::RmapError;
-use crate::pool::{NodeCache, NodeIdx, Pool, PoolError, PoolNode, NIL};
+use crate::pool::{NodeCache, NodeIdx, Pool, PoolCursor, PoolError, PoolNode, NIL};
 use crate::sync::{AtomicU64, Ordering};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -666,19 +666,27 @@ impl<'p> DetachedNestedList<'p> {
 
     fn free_nodes(&mut self) -> Result<usize, NestedError> {
         let mut cur = core::mem::take(&mut self.val);
-        let mut n = 0;
-        loop {
-            match cur.decode()? {
-                NestedLink::Empty => return Ok(n),
-                NestedLink::Inline(_) => return Ok(n + 1),
-                NestedLink::Node(idx) => {
-                    let next = self.pool.get(idx)?.next();
-                    self.pool.free(idx)?;
-                    n += 1;
-                    cur = next;
-                }
+        let mut tail: Result<usize, NestedError> = Ok(0);
+        let pool = self.pool;
+        // Walk the chain lazily: a node's `next` is read before the pool overwrites it
+        // with a free link (see `Pool::free_chain`).
+        let nodes = core::iter::from_fn(|| match cur.decode() {
+            Ok(NestedLink::Node(idx)) => {
+                cur = pool.node(idx).map_or(NestedRmapVal(1), NestedNode::next);
+                Some(idx)
             }
-        }
+            Ok(NestedLink::Inline(_)) => {
+                tail = Ok(1);
+                None
+            }
+            Ok(NestedLink::Empty) => None,
+            Err(e) => {
+                tail = Err(e);
+                None
+            }
+        });
+        let freed = pool.free_chain(nodes)?;
+        Ok(freed as usize + tail?)
     }
 }
 
@@ -694,7 +702,7 @@ impl Drop for DetachedNestedList<'_> {
 /// entries.
 #[derive(Debug)]
 pub struct NestedIter<'p> {
-    pool: &'p NestedPool,
+    nodes: PoolCursor<'p, NestedNode>,
     cur: NestedRmapVal,
     left: u64,
 }
@@ -702,7 +710,7 @@ pub struct NestedIter<'p> {
 impl<'p> NestedIter<'p> {
     fn new(val: NestedRmapVal, pool: &'p NestedPool) -> Self {
         Self {
-            pool,
+            nodes: PoolCursor::new(pool),
             cur: val,
             left: pool.capacity() + 1,
         }
@@ -724,7 +732,7 @@ impl Iterator for NestedIter<'_> {
                 Some(e)
             }
             Ok(NestedLink::Node(idx)) => {
-                let node = self.pool.node(idx)?;
+                let node = self.nodes.node(idx)?;
                 let e = NestedRmapEntry::from_raw(node.entry()).ok();
                 self.cur = if e.is_some() {
                     node.next()

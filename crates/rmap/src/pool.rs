@@ -414,6 +414,44 @@ impl<T: PoolNode> Pool<T> {
         Ok(())
     }
 
+    /// Free a chain of nodes with one free-list push and one credit update (instead of
+    /// two atomic read-modify-writes per node): each node is still marked vacant with
+    /// its own RMW, so double frees are caught. `idxs` may read a node's fields to find
+    /// the next index: a node's free link is written only after the next index has been
+    /// produced. On error (double free, bad index) the nodes freed so far are pushed and
+    /// the error is returned. Returns how many nodes were freed.
+    pub fn free_chain<I: IntoIterator<Item = NodeIdx>>(&self, idxs: I) -> Result<u64, PoolError> {
+        let mut first: Option<NodeIdx> = None;
+        let mut last: Option<(NodeIdx, &T)> = None;
+        let mut n = 0u64;
+        let mut result = Ok(());
+        for idx in idxs {
+            let node = match self.get(idx) {
+                Ok(node) => node,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            };
+            if !node.release() {
+                result = Err(PoolError::DoubleFree(idx));
+                break;
+            }
+            match last {
+                Some((_, prev)) => prev.set_free_link(idx.0),
+                None => first = Some(idx),
+            }
+            last = Some((idx, node));
+            n += 1;
+        }
+        if let (Some(f), Some((l, _))) = (first, last) {
+            self.push_chain(f.0, l.0);
+            // ORDERING: Release: the credits become takeable only after the push.
+            self.unreserved.fetch_add(n, Ordering::Release);
+        }
+        result.map(|()| n)
+    }
+
     /// Check the pool's accounting (module invariants 1-3). Call only at a quiescent
     /// point (no concurrent alloc, free or reserve).
     pub fn check(&self) -> Result<PoolStats, PoolCheckError> {
@@ -466,6 +504,51 @@ impl<T: PoolNode> Pool<T> {
             unreserved,
             node_bytes: capacity * core::mem::size_of::<T>() as u64,
         })
+    }
+}
+
+/// A lookup cursor over a [`Pool`] that remembers the last chunk it visited, so that
+/// walking a chain whose nodes share a chunk costs one bounds check per hop instead of
+/// the directory and chunk loads of [`Pool::node`].
+pub struct PoolCursor<'p, T> {
+    pool: &'p Pool<T>,
+    base: u32,
+    chunk: &'p [T],
+}
+
+impl<T: PoolNode> core::fmt::Debug for PoolCursor<'_, T> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("PoolCursor")
+            .field("base", &self.base)
+            .field("len", &self.chunk.len())
+            .finish()
+    }
+}
+
+impl<'p, T: PoolNode> PoolCursor<'p, T> {
+    /// A cursor with no chunk cached yet.
+    #[inline]
+    pub fn new(pool: &'p Pool<T>) -> Self {
+        Self {
+            pool,
+            base: 0,
+            chunk: &[],
+        }
+    }
+
+    /// The node at `idx` (as [`Pool::node`]).
+    #[inline(always)]
+    pub fn node(&mut self, idx: NodeIdx) -> Option<&'p T> {
+        // Below `base` the subtraction wraps to a huge offset and misses.
+        let off = idx.0.wrapping_sub(self.base) as usize;
+        if let Some(n) = self.chunk.get(off) {
+            return Some(n);
+        }
+        let (k, off) = locate(idx.0);
+        let chunk: &'p [T] = &self.pool.dir.get(k)?.get()?[0];
+        self.base = chunk_start(k) as u32;
+        self.chunk = chunk;
+        chunk.get(off)
     }
 }
 
@@ -672,6 +755,43 @@ pub(crate) mod tests {
         c.reserve(1000).unwrap();
         assert_eq!(pool.capacity(), cap, "freed nodes are reused, no growth");
         pool.check().unwrap();
+    }
+
+    #[test]
+    fn cursor_agrees_with_node() {
+        let pool: Pool<TestNode> = Pool::new();
+        let mut c = NodeCache::new(&pool);
+        c.reserve(500).unwrap();
+        let mut cur = PoolCursor::new(&pool);
+        for i in [0u32, 1, 63, 64, 65, 191, 192, 5, 447, 448, 100_000, 3] {
+            let idx = NodeIdx::new(i).unwrap();
+            let (a, b) = (pool.node(idx), cur.node(idx));
+            assert_eq!(a.map(|n| n as *const _), b.map(|n| n as *const _), "{i}");
+        }
+    }
+
+    #[test]
+    fn free_chain_pushes_once_and_catches_double_free() {
+        let pool: Pool<TestNode> = Pool::new();
+        let mut c = NodeCache::new(&pool);
+        c.reserve(5).unwrap();
+        let v: alloc::vec::Vec<_> = (0..5).map(|_| c.alloc().unwrap()).collect();
+        drop(c);
+        assert_eq!(pool.free_chain(v[..3].iter().copied()), Ok(3));
+        assert_eq!(pool.check().unwrap().in_use, 2);
+        assert_eq!(
+            pool.free_chain([v[3], v[0], v[4]]),
+            Err(PoolError::DoubleFree(v[0]))
+        );
+        let s = pool.check().unwrap();
+        assert_eq!(
+            (s.in_use, s.unreserved),
+            (1, s.free),
+            "v[3] freed, v[4] kept"
+        );
+        assert_eq!(pool.free_chain([v[4]]), Ok(1));
+        assert_eq!(pool.free_chain([]), Ok(0));
+        assert_eq!(pool.check().unwrap().in_use, 0);
     }
 
     #[test]

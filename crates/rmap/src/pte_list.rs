@@ -50,7 +50,7 @@
 
 use crate::bitlock::BitLockGuard;
 use crate::error::RmapError;
-use crate::pool::{NodeCache, NodeIdx, Pool, PoolError, PoolNode, NIL};
+use crate::pool::{NodeCache, NodeIdx, Pool, PoolCursor, PoolError, PoolNode, NIL};
 use crate::sync::{AtomicU32, AtomicU64, Ordering};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -625,7 +625,7 @@ impl PteListReadGuard<'_> {
 /// and visits at most the number of descriptors the head's `tail_count` announces.
 #[derive(Debug)]
 pub struct PteListIter<'p> {
-    pool: &'p DescPool,
+    pool: PoolCursor<'p, PteListDesc>,
     single: Option<SpteHandle>,
     desc: Option<&'p PteListDesc>,
     pos: usize,
@@ -636,7 +636,7 @@ pub struct PteListIter<'p> {
 impl<'p> PteListIter<'p> {
     fn new(val: RmapHeadVal, pool: &'p DescPool) -> Self {
         let mut it = Self {
-            pool,
+            pool: PoolCursor::new(pool),
             single: None,
             desc: None,
             pos: 0,
@@ -646,7 +646,7 @@ impl<'p> PteListIter<'p> {
         match val.decode() {
             Ok(HeadKind::Single(s)) => it.single = Some(s),
             Ok(HeadKind::Many(h)) => {
-                if let Some(d) = pool.node(h) {
+                if let Some(d) = it.pool.node(h) {
                     it.descs_left = d.tail() as usize / PTE_LIST_EXT;
                     it.enter(d);
                 }
