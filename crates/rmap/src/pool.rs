@@ -258,9 +258,14 @@ impl<T: PoolNode> Pool<T> {
         }
     }
 
-    /// Nodes in the published chunks.
+    /// Nodes in the published chunks. A caller that holds (or reached through a lock)
+    /// any node index sees a capacity covering it: growth publishes the new count before
+    /// crediting the new nodes.
     pub fn capacity(&self) -> u64 {
-        // ORDERING: Relaxed: a statistic; chunk contents are reached through `dir`.
+        // ORDERING: Relaxed: the caller's happens-before edge to the credit (or to the
+        // lock holder that allocated) already orders it after `grow`'s Release publish;
+        // coherence then forbids reading an older count. Chunk contents are reached
+        // through `dir`.
         chunk_start((self.chunks.load(Ordering::Relaxed) & !GROW_LOCK) as usize)
     }
 
@@ -312,6 +317,10 @@ impl<T: PoolNode> Pool<T> {
             let slot = self.dir.get(k).ok_or(RmapError::Alloc { bytes })?;
             slot.set(cell).map_err(|_| RmapError::Alloc { bytes })?;
             g.set(k as u64 + 1);
+            // Publish the new capacity (Release, lock still held) before any credit for
+            // the new nodes exists: whoever Acquires such a credit, or a list built from
+            // such nodes, then reads a capacity that covers them (walk bounds use it).
+            g.publish();
             self.push_chain(start as u32, (start + len - 1) as u32);
             // ORDERING: Release, so a reserver that Acquires this credit also sees the
             // push above (and so finds a node when it pops).
