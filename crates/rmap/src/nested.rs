@@ -59,6 +59,31 @@
 //! (`Acquire` RMW to lock, `Release` store of the new value to unlock, which publishes
 //! the node writes). Node fields are atomics accessed `Relaxed` under the lock. A
 //! detached list ([`DetachedNestedList`]) is owned by its holder alone.
+//!
+//! # Example
+//!
+//! ```
+//! use revmap_rmap::nested::{check_nested_rmap, NestedLimits};
+//! use revmap_rmap::{Gpa, Lpid, NestedCache, NestedPool, NestedRmap, NestedRmapEntry};
+//!
+//! let pool = NestedPool::new();
+//! let word = NestedRmap::new();
+//! let limits = NestedLimits::default();
+//! let mut cache = NestedCache::new(&pool);
+//! for frame in 0..3u64 {
+//!     let e = NestedRmapEntry::new(Lpid(5), Gpa(frame << 12))?;
+//!     cache.reserve(1)?; // before the lock, like KVM's kzalloc before mmu_lock
+//!     // The callback says whether an entry's shadow PTE is still valid (used only
+//!     // when the list is at its cap).
+//!     word.lock().insert(&mut cache, e, &limits, |_| true)?;
+//! }
+//! assert_eq!(check_nested_rmap(&word, &pool), Ok(3)); // 3 entries, 2 nodes
+//! // L1 unmaps the page: take the list out, invalidate each L2 mapping, free it.
+//! let list = word.detach_all(&pool);
+//! assert_eq!(list.iter().count(), 3);
+//! assert_eq!(list.free()?, 3);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 use crate::addr::{Gpa, Lpid};
 use crate::bitlock::BitLockGuard;

@@ -47,6 +47,28 @@
 //! Unlike KVM, writers always take the lock, even on an empty head: KVM relies on
 //! `mmu_lock` held for write to exclude other writers, revmap does not assume one.
 //! Descriptor fields are atomics accessed `Relaxed` under the lock.
+//!
+//! # Example
+//!
+//! ```
+//! use revmap_rmap::pte_list::{check_rmap_head, DescCache, DescPool, PteListHead, SpteHandle};
+//!
+//! let pool = DescPool::new();
+//! let head = PteListHead::new();
+//! let mut cache = DescCache::new(&pool);
+//! // Top up before taking the lock (KVM's mmu_topup_memory_caches); never under it.
+//! cache.reserve(1)?;
+//! let mut g = head.lock();
+//! for raw in [0x1000, 0x1008, 0x1010] {
+//!     let r = g.rmap_add(&mut cache, SpteHandle::new(raw)?, |_zap| {})?;
+//!     assert!(!r.flush_remote_tlbs);
+//! }
+//! g.remove(&pool, SpteHandle::new(0x1008)?)?;
+//! assert_eq!(g.count(&pool)?, 2);
+//! drop(g); // Release-unlock publishes the descriptor writes
+//! assert_eq!(check_rmap_head(&head, &pool), Ok(2));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 use crate::bitlock::BitLockGuard;
 use crate::error::RmapError;

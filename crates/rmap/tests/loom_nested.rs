@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 
 fn model(f: impl Fn() + Sync + Send + 'static) {
     let mut b = loom::model::Builder::new();
-    b.preemption_bound = Some(2);
+    b.preemption_bound = Some(3);
     b.max_branches = 20_000;
     b.check(f);
 }

@@ -15,7 +15,7 @@ fn h(v: u64) -> SpteHandle {
 
 fn model(f: impl Fn() + Sync + Send + 'static) {
     let mut b = loom::model::Builder::new();
-    b.preemption_bound = Some(2);
+    b.preemption_bound = Some(3);
     b.check(f);
 }
 
