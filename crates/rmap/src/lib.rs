@@ -29,4 +29,13 @@ pub mod sync;
 
 pub use addr::{Gfn, Gpa, Hva, Lpid, Ptex, SlotId, PAGE_SHIFT, PAGE_SIZE};
 pub use error::RmapError;
+pub use nested::{
+    check_nested_rmap, check_nested_rmaps, DetachedNestedList, Inserted, NestedCache, NestedError,
+    NestedGuard, NestedLimits, NestedPool, NestedRmap, NestedRmapEntry,
+};
+pub use pool::{NodeCache, NodeIdx, Pool, PoolCursor, PoolError, PoolNode};
+pub use pte_list::{
+    check_pte_list, check_pte_lists, check_rmap_head, DescCache, DescPool, PteListError,
+    PteListGuard, PteListHead, RmapAdd, SpteHandle, RMAP_RECYCLE_THRESHOLD,
+};
 pub use ring::{HpteLocks, Revmap, Rmap, RmapGuard, RmapWord, Visit};
