@@ -98,6 +98,14 @@ impl Vm {
         Self::with_hpt(cfg, Hpt::new(cfg.hpt_order)?)
     }
 
+    /// A VM whose HPT may be smaller than PAPR's minimum (order 8 and up), for loom and
+    /// shuttle models that must keep the number of instrumented atomics small.
+    #[cfg(any(loom, feature = "shuttle"))]
+    #[doc(hidden)]
+    pub fn new_small(cfg: VmConfig) -> Result<Vm, HptError> {
+        Self::with_hpt(cfg, Hpt::new_small(cfg.hpt_order)?)
+    }
+
     /// [`Vm::new`] over an already built table (tiny tables for model checking).
     pub(crate) fn with_hpt(cfg: VmConfig, hpt: Hpt) -> Result<Vm, HptError> {
         if cfg.ram_bytes == 0 || cfg.ram_bytes % (1 << PAGE_SHIFT) != 0 {
