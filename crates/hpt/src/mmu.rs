@@ -297,7 +297,7 @@ impl<'vm> VcpuMmu<'vm> {
             for i in 0..8 {
                 let p = Ptex(base.0 + i);
                 let Some(slot) = hpt.slot(p) else { continue };
-                let v = slot.load_v();
+                let v = slot.hw_load_v();
                 if v & state == 0 || v & HpteV::SECONDARY != h || v & HpteV::B != want_b {
                     continue;
                 }
