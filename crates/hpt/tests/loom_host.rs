@@ -35,11 +35,23 @@ fn tiny_vm() -> Vm {
     .unwrap()
 }
 
-fn model(f: impl Fn() + Sync + Send + 'static) {
+/// Run `f` under loom (preemption bound 3); returns the number of interleavings
+/// explored, which each test asserts is more than one (the model really branches).
+fn model(f: impl Fn() + Sync + Send + 'static) -> usize {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let runs = std::sync::Arc::new(AtomicUsize::new(0));
+    let r = runs.clone();
     let mut b = loom::model::Builder::new();
-    b.preemption_bound = Some(2);
+    b.preemption_bound = Some(3);
     b.max_branches = 100_000;
-    b.check(f);
+    b.check(move || {
+        r.fetch_add(1, Ordering::Relaxed);
+        f()
+    });
+    let n = runs.load(Ordering::Relaxed);
+    eprintln!("loom: {n} interleavings");
+    assert!(n > 1, "the model did not branch");
+    n
 }
 
 fn host_page() -> (Hva, Hva) {
