@@ -184,16 +184,20 @@ impl<'vm> VcpuMmu<'vm> {
                 });
             }
         }
-        let Some((p, slot, v, r, shift)) = self.search(seg, ea, HpteV::VALID) else {
-            return Err(match self.search(seg, ea, HpteV::ABSENT) {
-                Some((p, _, _, r, _)) => Fault::Absent {
-                    ptex: p,
-                    mmio: HpteR(r).is_key31(),
-                },
-                None => Fault::NoHpte,
-            });
+        // One pass over both groups, each entry's dword 0 read once: an entry that is
+        // transiently ABSENT (H_PROTECT, H_CLEAR_MOD, a dirty scan or an unmap holding
+        // it) is reported as Absent, never as "no HPTE" (the fault path then waits for
+        // its lock and retries), as KVM's fault handler searches VALID|ABSENT.
+        let Some((p, slot, v, r, shift)) = self.search(seg, ea, HpteV::VALID | HpteV::ABSENT)
+        else {
+            return Err(Fault::NoHpte);
         };
-        let _ = v;
+        if v & HpteV::VALID == 0 {
+            return Err(Fault::Absent {
+                ptex: p,
+                mmio: HpteR(r).is_key31(),
+            });
+        }
         let writable = HpteR(r).is_writable();
         if store && !writable {
             return Err(Fault::Protection { ptex: p });
@@ -275,8 +279,8 @@ impl<'vm> VcpuMmu<'vm> {
             .map_or(0, |(_, shift)| ea & ((1u64 << shift) - 1))
     }
 
-    /// Search the primary then the secondary PTEG for an entry with `state` (VALID or
-    /// ABSENT) translating `ea`.
+    /// Search the primary then the secondary PTEG for an entry with any bit of `state`
+    /// (VALID and/or ABSENT) translating `ea`; a VALID match wins over an ABSENT one.
     fn search(
         &self,
         seg: &Segment,
@@ -289,6 +293,7 @@ impl<'vm> VcpuMmu<'vm> {
         let va = seg.va(ea);
         let want_b = seg.ssize.b_bits();
         let avpn = (((va >> 23) as u64) << HpteV::AVPN_SHIFT) & HpteV::AVPN;
+        let mut absent = None;
         for (pteg, h) in [
             (primary_pteg(geo, hash), 0),
             (secondary_pteg(geo, hash), HpteV::SECONDARY),
@@ -314,10 +319,13 @@ impl<'vm> VcpuMmu<'vm> {
                     0
                 };
                 if (v & HpteV::AVPN) & !ign == avpn & !ign {
-                    return Some((p, slot, v, r, sh.actual));
+                    if v & HpteV::VALID != 0 {
+                        return Some((p, slot, v, r, sh.actual));
+                    }
+                    absent.get_or_insert((p, slot, v, r, sh.actual));
                 }
             }
         }
-        None
+        absent
     }
 }

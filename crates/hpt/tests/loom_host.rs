@@ -141,7 +141,10 @@ fn fault_racing_invalidation_never_maps_an_absent_page() {
         let t = {
             let vm = vm.clone();
             thread::spawn(move || {
-                let f = Fault::Absent { ptex: p, mmio: false };
+                let f = Fault::Absent {
+                    ptex: p,
+                    mmio: false,
+                };
                 vm.page_fault(0, &f, Access::Load)
             })
         };
