@@ -95,6 +95,17 @@ impl Hpt {
         Ok(Self { geo, slots, revmap })
     }
 
+    /// A tiny zeroed table for model checking (orders from 8, see
+    /// `HptGeometry::new_small`).
+    #[cfg(any(loom, feature = "shuttle"))]
+    pub(crate) fn new_small(order: u32) -> Result<Self, HptError> {
+        let geo = HptGeometry::new_small(order)?;
+        let n = 1usize << (order - 4);
+        let slots = try_boxed_slice(n, |_| HpteSlot::default())?;
+        let revmap = Revmap::new(geo.npte())?;
+        Ok(Self { geo, slots, revmap })
+    }
+
     /// Geometry.
     #[inline(always)]
     pub fn geometry(&self) -> HptGeometry {
