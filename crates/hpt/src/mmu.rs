@@ -117,7 +117,16 @@ impl<'vm> VcpuMmu<'vm> {
         access: Access,
     ) -> Result<Translation, Fault> {
         let domain = self.vm.tlb();
-        let gen = domain.begin_access(self.slot);
+        let gen = loop {
+            let gen = domain.begin_access(self.slot);
+            // A resize commit closes the gate (mmu_ready = 0) and waits for idle
+            // epochs: back off so it can pivot (`resize::cell`).
+            if self.vm.mmu_ready() {
+                break gen;
+            }
+            domain.end_access(self.slot);
+            self.vm.wait_mmu_ready();
+        };
         let r = self.translate_in(gen, seg, ea, access);
         domain.end_access(self.slot);
         r
