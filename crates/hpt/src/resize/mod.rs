@@ -4,7 +4,7 @@
 //!
 //! # The pending request (invariant 19, reference D8)
 //!
-//! At most one request is pending, in [`Pending`] under `mmu_setup_lock` (a mutex):
+//! At most one request is pending, in `state::Pending` under `mmu_setup_lock` (a mutex):
 //! * `Allocating { id }`: a worker thread is allocating the new table and **owns it**.
 //!   Cancelling (PREPARE with another shift or 0, or a KVM commit refusal) only
 //!   *detaches* the request (replaces the state); the worker, on finishing, finds a
