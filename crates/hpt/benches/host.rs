@@ -18,7 +18,11 @@ fn unmap(c: &mut Criterion) {
     g.sample_size(10);
     for shift in [12u32, 16] {
         let fx = UnmapFixture::new(GIB, shift).unwrap();
-        eprintln!("unmap {}K pages: {} mappings", 1 << (shift - 10), fx.mappings());
+        eprintln!(
+            "unmap {}K pages: {} mappings",
+            1 << (shift - 10),
+            fx.mappings()
+        );
         g.bench_function(format!("{}K HPTEs", 1 << (shift - 10)), |b| {
             b.iter_batched(
                 || fx.map_all(),

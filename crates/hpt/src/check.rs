@@ -59,7 +59,9 @@ impl Vm {
     /// first violation.
     pub fn check_invariants(&self) -> Result<CheckReport, Violation> {
         let f = self.flavour();
-        let hpt = self.hpt();
+        // Inside the gate: a resize commit cannot pivot under the checker (D7).
+        let acc = self.host_access();
+        let hpt = acc.hpt();
         let rev = hpt.revmap();
         let npte = hpt.slots().len();
         let mut rep = CheckReport::default();

@@ -29,6 +29,7 @@
 
 use crate::error::HostError;
 use crate::hpte::{HpteR, HpteV};
+use crate::table::Hpt;
 use crate::vm::Vm;
 use alloc::vec::Vec;
 use revmap_memslot::{Memslot, MemslotFlags};
@@ -74,7 +75,10 @@ impl Vm {
                 bytes: nwords.saturating_mul(8),
             })?;
         out.resize(nwords, 0u64);
-        self.harvest_dirty(s, &mut out);
+        {
+            let acc = self.host_access();
+            self.harvest_dirty(acc.hpt(), s, &mut out);
+        }
         if s.flags().contains(MemslotFlags::DIRTY_LOG_MANUAL_PROTECT) {
             for (i, w) in out.iter_mut().enumerate() {
                 s.or_dirty_word(i, *w);
@@ -125,7 +129,7 @@ impl Vm {
     }
 
     /// Scan every rmap of `s`, OR-ing the dirty frames found into `out` (KVM layout).
-    pub(crate) fn harvest_dirty(&self, s: &Memslot, out: &mut [u64]) {
+    pub(crate) fn harvest_dirty(&self, hpt: &Hpt, s: &Memslot, out: &mut [u64]) {
         const CHUNK: usize = 64;
         for (c, chunk) in s.rmaps().chunks(CHUNK).enumerate() {
             // Lock-free pass: most chunks of a big slot are untouched.
@@ -138,7 +142,7 @@ impl Vm {
                     continue;
                 }
                 let i = (c * CHUNK + k) as u64;
-                let n = self.test_clear_dirty(rm);
+                let n = self.test_clear_dirty(hpt, rm);
                 if n > 0 {
                     set_bits(out, i, n);
                 }
@@ -149,7 +153,7 @@ impl Vm {
     /// `kvm_test_clear_dirty_npages` for one frame: consume CHANGED and harvest/clear C
     /// of every VALID chain member. Returns the number of 4 KiB frames dirty from this
     /// frame on (the largest page found dirty).
-    fn test_clear_dirty(&self, rm: &Rmap) -> u64 {
+    fn test_clear_dirty(&self, hpt: &Hpt, rm: &Rmap) -> u64 {
         let mut n = 0u64;
         if rm.load().changed() && rm.lock().take_rc(HpteR::C) != 0 {
             n = 1;
@@ -157,8 +161,8 @@ impl Vm {
         if !rm.load().is_present() {
             return n;
         }
-        let rev = self.hpt().revmap();
-        rm.for_each_locked(rev, self.hpt(), |_g, p, h| {
+        let rev = hpt.revmap();
+        rm.for_each_locked(rev, hpt, |_g, p, h| {
             let v = h.v();
             if v & HpteV::VALID == 0 || h.r() & HpteR::C == 0 {
                 return Visit::Continue;

@@ -70,8 +70,10 @@ impl Vm {
         let Some(_ticket) = self.enter_fault() else {
             return FaultOutcome::NotReady;
         };
+        // Inside the gate for the whole fault: it runs on one table (D7).
+        let acc = self.host_access();
+        let hpt = acc.hpt();
         let slots = self.memslots();
-        let hpt = self.hpt();
         let rev = hpt.revmap();
         let Some(g) = hpt.lock(p) else {
             return FaultOutcome::NoMapping;
@@ -124,7 +126,7 @@ impl Vm {
         let Some(g) = hpt.lock(p) else {
             return FaultOutcome::NoMapping;
         };
-        if !self.mmu_ready() {
+        if !self.host_mmu_ready() {
             return FaultOutcome::NotReady;
         }
         if g.v() != v || g.r() != r || rev.guest_rpte(p.0) != gr {
@@ -145,8 +147,9 @@ impl Vm {
         let Some(_ticket) = self.enter_fault() else {
             return FaultOutcome::NotReady;
         };
+        let acc = self.host_access();
+        let hpt = acc.hpt();
         let slots = self.memslots();
-        let hpt = self.hpt();
         let rev = hpt.revmap();
         let seq = self.invalidate_seq().sample();
         let Some(mut g) = hpt.lock(p) else {
@@ -171,7 +174,7 @@ impl Vm {
             // A store to a read-only memslot exits to userspace as MMIO (KVM).
             return FaultOutcome::Mmio { gpa: gfn.gpa() };
         }
-        if !self.mmu_ready() {
+        if !self.host_mmu_ready() {
             return FaultOutcome::NotReady;
         }
         if let Some(rm) = s.rmap(gfn) {

@@ -112,9 +112,18 @@ impl Vm {
         }
     }
 
-    /// `mmu_ready`.
+    /// `mmu_ready`: set by [`set_mmu_ready`](Self::set_mmu_ready) and no resize commit
+    /// has the vCPU gate closed.
     #[inline]
     pub fn mmu_ready(&self) -> bool {
+        // ORDERING: SeqCst, see `set_mmu_ready`.
+        self.host.mmu_ready.load(Ordering::SeqCst) && self.tables().mmu_ready()
+    }
+
+    /// The host's own `mmu_ready` flag (without the resize gate): what the fault path
+    /// checks, from inside the gate, under the HPTE lock.
+    #[inline]
+    pub(crate) fn host_mmu_ready(&self) -> bool {
         // ORDERING: SeqCst, see `set_mmu_ready`.
         self.host.mmu_ready.load(Ordering::SeqCst)
     }
@@ -130,7 +139,7 @@ impl Vm {
         // ORDERING: SeqCst increment before the SeqCst flag load (see `set_mmu_ready`).
         self.host.faults_in_flight.fetch_add(1, Ordering::SeqCst);
         let t = FaultTicket(&self.host);
-        if self.mmu_ready() {
+        if self.host_mmu_ready() {
             Some(t)
         } else {
             None
@@ -280,11 +289,13 @@ impl Vm {
     /// tested without the lock: the slot is INVALID and published, so no chain of it can
     /// gain a member. Returns the number of HPTEs unmapped.
     pub(crate) fn flush_memslot(&self, slot: &Memslot) -> u64 {
+        let acc = self.host_access();
+        let hpt = acc.hpt();
         let base = slot.base_gfn().0;
         let mut n = 0;
         for (i, rm) in slot.rmaps().iter().enumerate() {
             if rm.load().is_present() {
-                n += self.unmap_rmap(slot, Gfn(base + i as u64), rm);
+                n += self.unmap_rmap(hpt, slot, Gfn(base + i as u64), rm);
             }
         }
         n
@@ -295,7 +306,8 @@ impl Vm {
     /// existed), and bump `mmio_update`. Runs after the new slot set is published, so no
     /// new MMIO entry for the range can appear.
     pub(crate) fn reclassify_mmio(&self, lo: Gfn, hi: Gfn) {
-        let hpt = self.hpt();
+        let acc = self.host_access();
+        let hpt = acc.hpt();
         let rev = hpt.revmap();
         for (i, s) in hpt.slots().iter().enumerate() {
             if s.load_v() & HpteV::ABSENT == 0 {

@@ -6,6 +6,8 @@
 //! * [`vm`]: a [`Vm`] with memslots, rmap chains and the hypercalls ([`Vm::hcall`]).
 //! * [`flavour`]: every guest-visible difference between KVM and QEMU, and
 //!   [`result_masks`] for comparing KVM-flavour results with QEMU traces.
+//! * [`resize`]: live HPT resizing (PREPARE/COMMIT, rehash, pivot) and the swappable
+//!   table with its vCPU gate.
 //! * [`check`]: the whole-VM invariant checker ([`Vm::check_invariants`]).
 //! * [`mmu`]: the "hardware": translation through the HPT with per-vCPU TLBs, setting
 //!   R/C; [`tlb`]: the tlbie handshake and the MMU-notifier sequence.
@@ -33,6 +35,7 @@ pub mod host;
 pub mod hpte;
 pub mod mmu;
 pub mod notifier;
+pub mod resize;
 pub mod table;
 pub mod tlb;
 pub mod vm;

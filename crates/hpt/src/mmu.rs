@@ -34,6 +34,7 @@ use crate::hpte::{kvm_page_shifts, HpteR, HpteV};
 use crate::table::HpteSlot;
 use crate::vm::Vm;
 use crate::HptError;
+use revmap_rmap::sync::spin_loop;
 use revmap_rmap::{Gpa, Ptex};
 
 /// How many times [`VcpuMmu::access`] re-enters the fault path before giving up.
@@ -147,7 +148,16 @@ impl<'vm> VcpuMmu<'vm> {
         access: Access,
     ) -> Result<Translation, Fault> {
         let domain = self.vm.tlb();
-        let gen = domain.begin_access(self.slot);
+        let gen = loop {
+            let gen = domain.begin_access(self.slot);
+            // A resize commit closes the gate (mmu_ready = 0) and waits for idle
+            // epochs: back off so it can pivot (`resize::cell`).
+            if self.vm.tables().mmu_ready() {
+                break gen;
+            }
+            domain.end_access(self.slot);
+            self.vm.wait_mmu_ready();
+        };
         let r = self.translate_in(gen, seg, ea, access);
         domain.end_access(self.slot);
         r
@@ -240,7 +250,10 @@ impl<'vm> VcpuMmu<'vm> {
             };
             last = f;
             match self.vm.page_fault(self.slot, &f, access) {
-                FaultOutcome::Retry => {}
+                // Raced (e.g. an invalidation in progress): let the other side run
+                // before re-entering (a yield under the model checkers, which would
+                // otherwise schedule this loop forever).
+                FaultOutcome::Retry => spin_loop(),
                 FaultOutcome::Mmio { gpa } => {
                     let off = match f {
                         Fault::Absent { ptex, .. } | Fault::Protection { ptex } => {

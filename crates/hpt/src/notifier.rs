@@ -25,7 +25,7 @@
 //!   every covering VALID HPTE that has it (tlbie after), and kept in `guest_rpte`.
 
 use crate::hpte::{HpteR, HpteV};
-use crate::table::HpteGuard;
+use crate::table::{Hpt, HpteGuard};
 use crate::vm::Vm;
 use revmap_memslot::slots::SlotsRef;
 use revmap_memslot::Memslot;
@@ -45,10 +45,11 @@ impl Vm {
     /// every HPTE of every slot backed by the range.
     pub fn invalidate_range_start(&self, start: Hva, end: Hva) {
         self.invalidate_seq().begin();
+        let acc = self.host_access();
         let slots = self.memslots();
         for s in slots.iter() {
             if let Some((lo, hi)) = s.hva_range_to_gfns(start, end) {
-                self.unmap_slot_range(s, lo, hi);
+                self.unmap_slot_range(acc.hpt(), s, lo, hi);
             }
         }
     }
@@ -67,6 +68,7 @@ impl Vm {
         self.invalidate_seq().begin();
         let mut n = 0;
         {
+            let acc = self.host_access();
             let slots = self.memslots();
             for s in slots.iter() {
                 let Some((lo, hi)) = s.hva_range_to_gfns(start, end) else {
@@ -77,7 +79,7 @@ impl Vm {
                 for g in (lo.0..hi.0).step_by(step) {
                     s.set_host_present(Gfn(g), false);
                 }
-                n += self.unmap_slot_range(s, lo, hi);
+                n += self.unmap_slot_range(acc.hpt(), s, lo, hi);
             }
         }
         self.invalidate_seq().end();
@@ -90,6 +92,7 @@ impl Vm {
     pub fn change_pte(&self, hva: Hva, present: bool) {
         self.invalidate_seq().begin();
         {
+            let acc = self.host_access();
             let slots = self.memslots();
             for s in slots.iter() {
                 let Some(gfn) = s.hva_to_gfn(hva) else {
@@ -97,7 +100,7 @@ impl Vm {
                 };
                 let (lo, hi) = widen_to_backing(s, gfn, Gfn(gfn.0 + 1));
                 s.set_host_present(gfn, present);
-                self.unmap_slot_range(s, lo, hi);
+                self.unmap_slot_range(acc.hpt(), s, lo, hi);
             }
         }
         self.invalidate_seq().end();
@@ -129,9 +132,10 @@ impl Vm {
     /// [`invalidate_range_start`](Self::invalidate_range_start)/`end` (as
     /// [`unmap_hva_range`](Self::unmap_hva_range) does). Returns HPTEs unmapped.
     pub fn unmap_gfn_range(&self, slot: SlotId, start: Gfn, end: Gfn) -> u64 {
+        let acc = self.host_access();
         let slots = self.memslots();
         match slots.get(slot) {
-            Some(s) => self.unmap_slot_range(s, start, end),
+            Some(s) => self.unmap_slot_range(acc.hpt(), s, start, end),
             None => 0,
         }
     }
@@ -143,9 +147,10 @@ impl Vm {
         let Some(s) = slots.get(slot) else {
             return false;
         };
+        let acc = self.host_access();
         let mut young = false;
         self.for_range(s, start, end, |gfn, rm, from| {
-            young |= self.age_rmap(gfn, rm, from);
+            young |= self.age_rmap(acc.hpt(), gfn, rm, from);
         });
         young
     }
@@ -156,9 +161,10 @@ impl Vm {
         let Some(s) = slots.get(slot) else {
             return false;
         };
+        let acc = self.host_access();
         let mut young = false;
         self.for_range(s, start, end, |gfn, rm, from| {
-            young = young || self.test_age_rmap(gfn, rm, from);
+            young = young || self.test_age_rmap(acc.hpt(), gfn, rm, from);
         });
         young
     }
@@ -185,41 +191,40 @@ impl Vm {
     }
 
     /// Unmap every HPTE covering a frame of `[start, end)` of `s`. Returns the count.
-    pub(crate) fn unmap_slot_range(&self, s: &Memslot, start: Gfn, end: Gfn) -> u64 {
+    pub(crate) fn unmap_slot_range(&self, hpt: &Hpt, s: &Memslot, start: Gfn, end: Gfn) -> u64 {
         let mut n = 0;
         self.for_range(s, start, end, |gfn, rm, from| {
             n += if gfn >= from {
-                self.unmap_rmap(s, gfn, rm)
+                self.unmap_rmap(hpt, s, gfn, rm)
             } else {
-                self.unmap_rmap_covering(s, gfn, rm, from)
+                self.unmap_rmap_covering(hpt, s, gfn, rm, from)
             };
         });
         n
     }
 
     /// `kvm_unmap_rmapp`: unmap every member of frame `gfn`'s chain.
-    pub(crate) fn unmap_rmap(&self, s: &Memslot, gfn: Gfn, rm: &Rmap) -> u64 {
-        let rev = self.hpt().revmap();
-        rm.drain_locked(rev, self.hpt(), |g, _p, h| self.unmap_hpte(s, gfn, g, h)) as u64
+    pub(crate) fn unmap_rmap(&self, hpt: &Hpt, s: &Memslot, gfn: Gfn, rm: &Rmap) -> u64 {
+        let rev = hpt.revmap();
+        rm.drain_locked(rev, hpt, |g, _p, h| self.unmap_hpte(hpt, s, gfn, g, h)) as u64
     }
 
     /// Unmap the members of frame `gfn`'s chain (gfn below `from`) whose page reaches
     /// `from`. A selective drain with the restart rule: find a member under the rmap
     /// lock, try-lock it, or drop the rmap lock, wait and start over.
-    fn unmap_rmap_covering(&self, s: &Memslot, gfn: Gfn, rm: &Rmap, from: Gfn) -> u64 {
-        let hpt = self.hpt();
+    fn unmap_rmap_covering(&self, hpt: &Hpt, s: &Memslot, gfn: Gfn, rm: &Rmap, from: Gfn) -> u64 {
         let rev = hpt.revmap();
         let mut n = 0;
         loop {
             let mut g = rm.lock();
-            let target = rev.iter(&g).find(|&p| self.covers(p, from));
+            let target = rev.iter(&g).find(|&p| self.covers(hpt, p, from));
             let Some(p) = target else {
                 return n;
             };
             match hpt.try_lock(Ptex(p), HpteV::HVLOCK) {
                 Some(h) => {
                     rev.unlink(&mut g, p);
-                    self.unmap_hpte(s, gfn, &mut g, h);
+                    self.unmap_hpte(hpt, s, gfn, &mut g, h);
                     n += 1;
                 }
                 None => {
@@ -232,22 +237,29 @@ impl Vm {
 
     /// Whether chain member `p` (read under its rmap lock) maps a page reaching frame
     /// `from` or beyond. Its page size cannot change while it is chained.
-    fn covers(&self, p: u32, from: Gfn) -> bool {
-        let v = self.hpt().slot(Ptex(p)).map_or(0, |e| e.load_v());
-        let gr = self.hpt().revmap().guest_rpte(p);
+    fn covers(&self, hpt: &Hpt, p: u32, from: Gfn) -> bool {
+        let v = hpt.slot(Ptex(p)).map_or(0, |e| e.load_v());
+        let gr = hpt.revmap().guest_rpte(p);
         self.entry_page(v, gr)
             .is_some_and(|(b, shift)| b.0 + (1u64 << (shift - PAGE_SHIFT)) > from.0)
     }
 
     /// `kvmppc_unmap_hpte`, with both locks held and the entry already unlinked.
-    fn unmap_hpte(&self, s: &Memslot, gfn: Gfn, rg: &mut RmapGuard<'_>, mut h: HpteGuard<'_>) {
+    fn unmap_hpte(
+        &self,
+        hpt: &Hpt,
+        s: &Memslot,
+        gfn: Gfn,
+        rg: &mut RmapGuard<'_>,
+        mut h: HpteGuard<'_>,
+    ) {
         let p = h.ptex();
         let v = h.v();
         if v & HpteV::VALID == 0 {
             // Chain members are VALID at rest; nothing to invalidate.
             return;
         }
-        let rev = self.hpt().revmap();
+        let rev = hpt.revmap();
         let gr = rev.guest_rpte(p.0);
         let absent = (v & !HpteV::VALID) | HpteV::ABSENT;
         h.set_v(absent);
@@ -270,7 +282,7 @@ impl Vm {
 
     /// `kvm_age_rmapp` for one frame's chain (members based below `from` count only if
     /// they reach it).
-    fn age_rmap(&self, gfn: Gfn, rm: &Rmap, from: Gfn) -> bool {
+    fn age_rmap(&self, hpt: &Hpt, gfn: Gfn, rm: &Rmap, from: Gfn) -> bool {
         let w = rm.load();
         if !w.is_present() && !w.referenced() {
             return false;
@@ -282,10 +294,10 @@ impl Vm {
         if !w.is_present() {
             return young;
         }
-        let rev = self.hpt().revmap();
-        rm.for_each_locked(rev, self.hpt(), |_g, p, h| {
+        let rev = hpt.revmap();
+        rm.for_each_locked(rev, hpt, |_g, p, h| {
             let v = h.v();
-            if v & HpteV::VALID == 0 || h.r() & HpteR::R == 0 || !self.covers(p, from) {
+            if v & HpteV::VALID == 0 || h.r() & HpteR::R == 0 || !self.covers(hpt, p, from) {
                 return Visit::Continue;
             }
             // `kvmppc_clear_ref_hpte`: clear R without losing a concurrent C, flush.
@@ -301,7 +313,7 @@ impl Vm {
 
     /// `kvm_test_age_rmapp`: REFERENCED, or any covering VALID chain member with R set
     /// (read without its HPTE lock). Modifies nothing.
-    fn test_age_rmap(&self, gfn: Gfn, rm: &Rmap, from: Gfn) -> bool {
+    fn test_age_rmap(&self, hpt: &Hpt, gfn: Gfn, rm: &Rmap, from: Gfn) -> bool {
         let w = rm.load();
         if gfn >= from && w.referenced() {
             return true;
@@ -313,11 +325,10 @@ impl Vm {
         if gfn >= from && g.word().referenced() {
             return true;
         }
-        let hpt = self.hpt();
         let young = hpt.revmap().iter(&g).any(|p| {
             hpt.slot(Ptex(p))
                 .is_some_and(|e| e.load_v() & HpteV::VALID != 0 && e.load_r() & HpteR::R != 0)
-                && self.covers(p, from)
+                && self.covers(hpt, p, from)
         });
         drop(g);
         young

@@ -114,8 +114,6 @@ fn item02_unknown_and_misaligned_opcodes_are_h_function() {
             H_PAGE_INIT,
             H_BLOCK_REMOVE,
             H_CLEAR_HPT,
-            H_RESIZE_HPT_PREPARE,
-            H_RESIZE_HPT_COMMIT,
             0x125,
             1 << 40,
             u64::MAX,

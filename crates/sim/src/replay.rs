@@ -12,9 +12,13 @@
 //!   counted by name.
 //! * A call is *matched* iff its return code and every recorded output agree;
 //!   `calls == matched + mismatched` always.
-//! * Resize records (`H_RESIZE_HPT_*`, `HPT_SHIFT`) and `HW_SET_*` records are not
-//!   replayed yet: the replay stops at the first one, reporting the results up to there
-//!   and where it stopped ([`FileReport::stopped_at`]).
+//! * Resize records are replayed: a PREPARE whose recorded result is a long-busy code
+//!   is matched by long-busy or H_SUCCESS (how many 9902s appear depends on timing);
+//!   before a PREPARE recorded as H_SUCCESS the replayer waits for the preparation to
+//!   finish ([`Hypervisor::wait_resize_prepared`]); `HPT_SHIFT` records are checked
+//!   against the VM's order (streaming mode; a disagreement counts as a mismatched
+//!   COMMIT). `HW_SET_*` records are not replayed: the replay stops at the first one
+//!   ([`FileReport::stopped_at`]).
 //! * With [`ReplayOptions::check_every`] = N the whole-VM checker runs after every N-th
 //!   call and once at the end (or at the stop record); each failed check counts one
 //!   violation.
@@ -198,8 +202,6 @@ pub struct Stop {
 impl Stop {
     fn of(record: &Record) -> Option<Stop> {
         let (name, reason) = match record {
-            Record::Hcall(h) if h.kind.is_resize() => (h.kind.name(), StopReason::Resize),
-            Record::HptShift { .. } => ("HPT_SHIFT", StopReason::Resize),
             Record::HwSet {
                 bit: HwBit::Reference,
                 ..
@@ -513,13 +515,16 @@ where
     let mut rep = FileReport::new(&file, shift);
     while let Some(rec) = reader.next_record()? {
         match rec {
-            Record::Hcall(h) if !h.kind.is_resize() => {
+            Record::Hcall(h) => {
+                if resize_waits(h.opcode(), h.expected.ret) {
+                    vm.wait_resize_prepared();
+                }
                 let got = vm.hcall(h.cpu as usize, h.opcode(), h.args());
                 let outs = &h.expected.outs;
                 let f = rep.judge(
                     &vm,
                     h.opcode(),
-                    h.expected.ret,
+                    resize_expected(h.opcode(), h.expected.ret, got.ret),
                     h.expected.present,
                     |i| outs.get(i).copied().unwrap_or(0),
                     (got.ret, &got.out),
@@ -531,6 +536,19 @@ where
             }
             Record::HptAlloc { line, .. } => {
                 return Err(ReplayError::SecondAlloc { file, line });
+            }
+            Record::HptShift { line, new, .. } => {
+                if let Some(got) = vm.hpt_order() {
+                    if got != new {
+                        rep.calls += 1;
+                        rep.mismatched += 1;
+                        rep.record_mismatch(
+                            line,
+                            H_RESIZE_HPT_COMMIT,
+                            Some((Field::Ret, u64::from(new), u64::from(got))),
+                        );
+                    }
+                }
             }
             other => {
                 rep.stopped_at = Stop::of(&other);
@@ -639,7 +657,7 @@ impl PreparsedTrace {
         let mut stop = None;
         while let Some(rec) = reader.next_record()? {
             match rec {
-                Record::Hcall(h) if !h.kind.is_resize() => {
+                Record::Hcall(h) => {
                     let e = &h.expected;
                     let Some(head) = PackedCall::new(h.opcode(), h.cpu, h.nargs, e.present) else {
                         return Err(ReplayError::Unrepresentable {
@@ -664,6 +682,8 @@ impl PreparsedTrace {
                 Record::HptAlloc { line, .. } => {
                     return Err(ReplayError::SecondAlloc { file, line });
                 }
+                // Checked in streaming mode only.
+                Record::HptShift { .. } => {}
                 other => {
                     stop = Stop::of(&other);
                     break;
@@ -752,13 +772,17 @@ pub fn replay_preparsed<H: Hypervisor>(
         for (r, a) in regs.iter_mut().zip(args) {
             *r = *a;
         }
+        // Stored as the i64's bits.
+        let exp_ret = *ret as i64;
+        if resize_waits(head.opcode(), exp_ret) {
+            vm.wait_resize_prepared();
+        }
         let got_ret = vm.hcall_regs(head.cpu(), head.opcode(), &mut regs);
         let mut it = outs.iter();
         let f = rep.judge(
             vm,
             head.opcode(),
-            // Stored as the i64's bits.
-            *ret as i64,
+            resize_expected(head.opcode(), exp_ret, got_ret),
             present,
             |_| it.next().copied().unwrap_or(0),
             (got_ret, &regs),
@@ -771,6 +795,29 @@ pub fn replay_preparsed<H: Hypervisor>(
     rep.stopped_at = trace.stop;
     rep.finish(vm, opts, start);
     rep
+}
+
+/// H_RESIZE_HPT_PREPARE.
+const H_RESIZE_HPT_PREPARE: u64 = 0x36c;
+/// H_RESIZE_HPT_COMMIT.
+const H_RESIZE_HPT_COMMIT: u64 = 0x370;
+
+/// Whether the replayer must wait for the preparation before this call: a PREPARE
+/// recorded as H_SUCCESS.
+#[inline(always)]
+fn resize_waits(opcode: u64, exp_ret: i64) -> bool {
+    opcode == H_RESIZE_HPT_PREPARE && exp_ret == 0
+}
+
+/// The return code a call must match: a PREPARE recorded as long-busy also accepts
+/// H_SUCCESS (the preparation may finish sooner here than it did when recorded).
+#[inline(always)]
+fn resize_expected(opcode: u64, exp_ret: i64, got_ret: i64) -> i64 {
+    if opcode == H_RESIZE_HPT_PREPARE && (9900..=9905).contains(&exp_ret) && got_ret == 0 {
+        got_ret
+    } else {
+        exp_ret
+    }
 }
 
 #[cold]

@@ -36,6 +36,15 @@ pub trait Hypervisor {
         r.ret
     }
 
+    /// Block until no HPT resize preparation is in progress (the replayer calls it
+    /// before a PREPARE whose recorded result is H_SUCCESS). Default: nothing to wait for.
+    fn wait_resize_prepared(&self) {}
+
+    /// The current HPT order, checked against `HPT_SHIFT` records (`None`: unknown).
+    fn hpt_order(&self) -> Option<u32> {
+        None
+    }
+
     /// Runs the whole-VM invariant checker.
     fn check_invariants(&self) -> Result<(), Self::Violation>;
 
@@ -80,6 +89,14 @@ impl Hypervisor for Vm {
 
     fn check_invariants(&self) -> Result<(), Self::Violation> {
         Vm::check_invariants(self).map(|_report| ())
+    }
+
+    fn wait_resize_prepared(&self) {
+        self.resize_ctl().wait_prepared();
+    }
+
+    fn hpt_order(&self) -> Option<u32> {
+        Some(Vm::hpt_order(self))
     }
 
     #[inline]
