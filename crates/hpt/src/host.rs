@@ -167,7 +167,7 @@ impl Vm {
         let mut w = self.slot_set().writer();
         let mut next = w.next()?;
         next.insert(slot)?;
-        w.publish(next);
+        self.publish_slots(&mut w, next);
         self.reclassify_mmio(lo, hi);
         Ok(())
     }
@@ -179,7 +179,7 @@ impl Vm {
         self.invalidate_and_flush(&mut w, &old)?;
         let mut next = w.next()?;
         next.remove(id);
-        w.publish(next);
+        self.publish_slots(&mut w, next);
         self.bump_mmio_update();
         Ok(())
     }
@@ -204,7 +204,7 @@ impl Vm {
         let mut next = w.next()?;
         next.remove(id);
         next.insert(moved.clone())?;
-        w.publish(next);
+        self.publish_slots(&mut w, next);
         self.reclassify_mmio(moved.base_gfn(), moved.end_gfn());
         Ok(())
     }
@@ -232,7 +232,7 @@ impl Vm {
         }
         let mut next = w.next()?;
         next.replace(old.with_flags(flags));
-        w.publish(next);
+        self.publish_slots(&mut w, next);
         if stops {
             // No reader of the logging snapshot is left: drop what it recorded.
             old.clear_dirty_bitmap();
@@ -263,6 +263,13 @@ impl Vm {
             .map(MemslotSpec::of)
     }
 
+    /// Publish `next` and wait for readers (SRCU): vCPU run handles pinned on the old
+    /// snapshot are kicked through the gate word (`resize::cell`) so that they re-pin
+    /// at their next hypercall, one mechanism for both stop-the-world kinds.
+    fn publish_slots(&self, w: &mut SlotsWriter<'_>, next: revmap_memslot::Memslots) {
+        w.publish_with(next, || self.tables().kick());
+    }
+
     fn slot_of(w: &SlotsWriter<'_>, id: SlotId) -> Result<Memslot, HostError> {
         w.current()
             .get(id)
@@ -280,7 +287,7 @@ impl Vm {
         let invalid = old.with_flags(old.flags().union(MemslotFlags::INVALID));
         let mut next = w.next()?;
         next.replace(invalid.clone());
-        w.publish(next);
+        self.publish_slots(w, next);
         self.flush_memslot(&invalid);
         Ok(())
     }

@@ -31,7 +31,7 @@ use crate::table::{Hpt, HpteGuard};
 use crate::tlb::{InvalidateSeq, TlbDomain};
 use revmap_memslot::slots::{SlotSet, SlotsRef};
 use revmap_memslot::{Memslot, MemslotFlags, Memslots};
-use revmap_rmap::sync::{AtomicU64, Ordering};
+use revmap_rmap::sync::{Arc, AtomicU64, Ordering};
 use revmap_rmap::{Gfn, HpteLocks, Hva, Ptex, SlotId, PAGE_SHIFT};
 
 /// Host virtual address where guest RAM is "mapped" in the model (also its host
@@ -88,6 +88,8 @@ pub struct Vm {
     /// The current HPT (swapped by a resize commit) and the vCPU gate (`resize::cell`).
     tables: TableCell,
     memslots: SlotSet,
+    /// An empty memslot set: what a paused run handle holds instead of a snapshot.
+    empty_slots: Arc<Memslots>,
     notifier: InvalidateSeq,
     pub(crate) host: crate::host::HostState,
     tlb: TlbDomain,
@@ -142,6 +144,7 @@ impl Vm {
                 cfg.ram_bytes,
             )),
             memslots: SlotSet::new(memslots),
+            empty_slots: Arc::new(Memslots::new()),
             notifier: InvalidateSeq::default(),
             host: crate::host::HostState::new(),
             tlb: TlbDomain::new()?,
@@ -196,6 +199,12 @@ impl Vm {
     #[inline]
     pub fn memslots(&self) -> SlotsRef {
         self.memslots.load()
+    }
+
+    /// An empty memslot set (held by paused run handles).
+    #[inline]
+    pub(crate) fn empty_slots(&self) -> &Arc<Memslots> {
+        &self.empty_slots
     }
 
     /// The published memslot set (lifecycle code).

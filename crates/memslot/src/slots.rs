@@ -109,6 +109,25 @@ impl SlotSet {
         }
     }
 
+    /// A counted reference to the current snapshot, for readers that keep it across many
+    /// operations (a vCPU run handle pins one until it is kicked): the grace period of
+    /// [`SlotsWriter::publish`] waits for it to be dropped, so such a reader must be
+    /// told to re-pin (see [`SlotsWriter::publish_with`]).
+    pub fn load_full(&self) -> Arc<Memslots> {
+        #[cfg(any(loom, feature = "shuttle"))]
+        {
+            let g = match self.cell.read() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            Arc::clone(&g)
+        }
+        #[cfg(all(not(loom), not(feature = "shuttle")))]
+        {
+            self.cell.load_full()
+        }
+    }
+
     /// Take the writer lock (serialises lifecycle changes; readers are not blocked).
     pub fn writer(&self) -> SlotsWriter<'_> {
         let g = match self.writer.lock() {
@@ -134,6 +153,13 @@ impl SlotsWriter<'_> {
     /// (`rcu_assign_pointer` + `synchronize_srcu`). The caller must hold no
     /// [`SlotsRef`] of this set.
     pub fn publish(&mut self, next: Memslots) {
+        self.publish_with(next, || {});
+    }
+
+    /// [`publish`](Self::publish), calling `kick` after the new set is visible and
+    /// before the grace period: the hook that tells long-lived readers (pinned with
+    /// [`SlotSet::load_full`]) to drop the old snapshot and re-pin.
+    pub fn publish_with(&mut self, next: Memslots, kick: impl FnOnce()) {
         let next = Arc::new(next);
         #[cfg(any(loom, feature = "shuttle"))]
         let old = {
@@ -145,6 +171,7 @@ impl SlotsWriter<'_> {
         };
         #[cfg(all(not(loom), not(feature = "shuttle")))]
         let old = self.set.cell.swap(next);
+        kick();
         // Grace period: every reader that loaded `old` holds a counted reference to it
         // (arc-swap paid its debts in `swap`); wait for all of them to drop it.
         while Arc::strong_count(&old) > 1 {

@@ -34,7 +34,8 @@ use std::time::Instant;
 use thiserror::Error;
 
 pub use self::vm::{
-    new_vm, HcallResult, Hypervisor, ResultMask, VmSpec, REPLAY_BACKING_PAGE_SHIFT,
+    new_vm, HcallPort, HcallResult, Hypervisor, PerCall, ResultMask, RunBody, VmSpec,
+    REPLAY_BACKING_PAGE_SHIFT,
 };
 pub use revmap_hpt::{Flavour, HptError, Vm};
 
@@ -512,52 +513,91 @@ where
         None => return Err(ReplayError::Empty { file }),
     };
     let vm = make(&file, line, shift, make_vm)?;
-    let mut rep = FileReport::new(&file, shift);
-    while let Some(rec) = reader.next_record()? {
-        match rec {
-            Record::Hcall(h) => {
-                if resize_waits(h.opcode(), h.expected.ret) {
-                    vm.wait_resize_prepared();
-                }
-                let got = vm.hcall(h.cpu as usize, h.opcode(), h.args());
-                let outs = &h.expected.outs;
-                let f = rep.judge(
-                    &vm,
-                    h.opcode(),
-                    resize_expected(h.opcode(), h.expected.ret, got.ret),
-                    h.expected.present,
-                    |i| outs.get(i).copied().unwrap_or(0),
-                    (got.ret, &got.out),
-                );
-                if f.is_some() {
-                    rep.record_mismatch(h.line, h.opcode(), f);
-                }
-                rep.maybe_check(&vm, opts);
-            }
-            Record::HptAlloc { line, .. } => {
-                return Err(ReplayError::SecondAlloc { file, line });
-            }
-            Record::HptShift { line, new, .. } => {
-                if let Some(got) = vm.hpt_order() {
-                    if got != new {
-                        rep.calls += 1;
-                        rep.mismatched += 1;
-                        rep.record_mismatch(
-                            line,
-                            H_RESIZE_HPT_COMMIT,
-                            Some((Field::Ret, u64::from(new), u64::from(got))),
-                        );
-                    }
-                }
-            }
-            other => {
-                rep.stopped_at = Stop::of(&other);
-                break;
-            }
-        }
-    }
+    let rep = FileReport::new(&file, shift);
+    // One run per cpu id for the whole file (KVM's vCPU runs, `Hypervisor::with_vcpu_runs`).
+    let mut rep = vm.with_vcpu_runs(StreamBody {
+        reader,
+        rep,
+        file,
+        opts,
+    })?;
     rep.finish(&vm, opts, start);
     Ok(rep)
+}
+
+/// The streaming replay loop over the records after `HPT_ALLOC`.
+struct StreamBody<'r, R> {
+    reader: &'r mut TraceReader<R>,
+    rep: FileReport,
+    file: String,
+    opts: &'r ReplayOptions,
+}
+
+impl<R: BufRead, H: Hypervisor> RunBody<H> for StreamBody<'_, R> {
+    type Output = Result<FileReport, ReplayError>;
+
+    fn run<P: HcallPort>(self, vm: &H, port: &mut P) -> Self::Output {
+        let StreamBody {
+            reader,
+            mut rep,
+            file,
+            opts,
+        } = self;
+        while let Some(rec) = reader.next_record()? {
+            match rec {
+                Record::Hcall(h) => {
+                    if resize_waits(h.opcode(), h.expected.ret) {
+                        vm.wait_resize_prepared();
+                    }
+                    let got = port_hcall(port, h.cpu as usize, h.opcode(), h.args());
+                    let outs = &h.expected.outs;
+                    let f = rep.judge(
+                        vm,
+                        h.opcode(),
+                        resize_expected(h.opcode(), h.expected.ret, got.ret),
+                        h.expected.present,
+                        |i| outs.get(i).copied().unwrap_or(0),
+                        (got.ret, &got.out),
+                    );
+                    if f.is_some() {
+                        rep.record_mismatch(h.line, h.opcode(), f);
+                    }
+                    rep.maybe_check(vm, opts);
+                }
+                Record::HptAlloc { line, .. } => {
+                    return Err(ReplayError::SecondAlloc { file, line });
+                }
+                Record::HptShift { line, new, .. } => {
+                    if let Some(got) = vm.hpt_order() {
+                        if got != new {
+                            rep.calls += 1;
+                            rep.mismatched += 1;
+                            rep.record_mismatch(
+                                line,
+                                H_RESIZE_HPT_COMMIT,
+                                Some((Field::Ret, u64::from(new), u64::from(got))),
+                            );
+                        }
+                    }
+                }
+                other => {
+                    rep.stopped_at = Stop::of(&other);
+                    break;
+                }
+            }
+        }
+        Ok(rep)
+    }
+}
+
+/// [`Vm::hcall`]'s argument convention over a port.
+#[inline]
+fn port_hcall<P: HcallPort>(port: &mut P, vcpu: usize, opcode: u64, args: &[u64]) -> HcallResult {
+    let mut out = [0u64; 8];
+    let n = args.len().min(out.len());
+    out[..n].copy_from_slice(&args[..n]);
+    let ret = port.hcall_regs(vcpu, opcode, &mut out);
+    HcallResult { ret, out }
 }
 
 /// The header word of one call in a [`PreparsedTrace`].
@@ -752,6 +792,32 @@ pub fn replay_preparsed<H: Hypervisor>(
     vm: &H,
     opts: &ReplayOptions,
 ) -> FileReport {
+    // One run per cpu id for the whole trace (`Hypervisor::with_vcpu_runs`).
+    vm.with_vcpu_runs(PreparsedBody { trace, opts })
+}
+
+/// The pre-parsed replay loop.
+struct PreparsedBody<'a> {
+    trace: &'a PreparsedTrace,
+    opts: &'a ReplayOptions,
+}
+
+impl<H: Hypervisor> RunBody<H> for PreparsedBody<'_> {
+    type Output = FileReport;
+
+    #[inline]
+    fn run<P: HcallPort>(self, vm: &H, port: &mut P) -> FileReport {
+        preparsed_loop(self.trace, vm, port, self.opts)
+    }
+}
+
+#[inline(always)]
+fn preparsed_loop<H: Hypervisor, P: HcallPort>(
+    trace: &PreparsedTrace,
+    vm: &H,
+    port: &mut P,
+    opts: &ReplayOptions,
+) -> FileReport {
     let start = Instant::now();
     let mut rep = FileReport::new(&trace.file, trace.hpt_order);
     let mut rest: &[u64] = &trace.words;
@@ -777,7 +843,7 @@ pub fn replay_preparsed<H: Hypervisor>(
         if resize_waits(head.opcode(), exp_ret) {
             vm.wait_resize_prepared();
         }
-        let got_ret = vm.hcall_regs(head.cpu(), head.opcode(), &mut regs);
+        let got_ret = port.hcall_regs(head.cpu(), head.opcode(), &mut regs);
         let mut it = outs.iter();
         let f = rep.judge(
             vm,

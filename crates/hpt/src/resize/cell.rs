@@ -49,10 +49,26 @@ use std::sync::OnceLock;
 /// Table generations a `Vm` can install between two [`TableCell::reclaim_retired`].
 pub const MAX_GENERATIONS: usize = 64;
 
-/// Gate word bit: the gate is closed (`mmu_ready == 0`).
+/// State word bit 0: the gate is closed (`mmu_ready == 0`).
 const CLOSED: u64 = 1;
-/// Gate word: the generation index lives above bit 0.
+/// State word bits 1..=7: the table generation index (0..=[`MAX_GENERATIONS`]).
 const GEN_SHIFT: u32 = 1;
+/// Mask of the generation field once shifted down.
+const GEN_MASK: u64 = 0x7f;
+/// State word bits 8..=63: the kick count, bumped by every memslot publication so that
+/// vCPU run handles re-pin their memslot snapshot.
+const KICK_SHIFT: u32 = 8;
+/// The kick field in place.
+const KICK_MASK: u64 = !((1 << KICK_SHIFT) - 1);
+/// A pinned-state value no state word ever holds (a run handle outside the gate): the
+/// kick field would have to wrap 2^56 times.
+pub(crate) const OUT_OF_GATE: u64 = u64::MAX;
+
+const _: () = {
+    assert!(MAX_GENERATIONS as u64 <= GEN_MASK);
+    assert!((GEN_MASK << GEN_SHIFT) & KICK_MASK == 0);
+    assert!((GEN_MASK << GEN_SHIFT) & CLOSED == 0);
+};
 
 #[derive(Debug)]
 #[repr(align(128))]
@@ -131,9 +147,10 @@ impl TableCell {
         })
     }
 
+    /// The table of generation field of `state`.
     #[inline(always)]
-    fn table_of(&self, state: u64) -> &Hpt {
-        let gen = (state >> GEN_SHIFT) as usize;
+    pub(crate) fn table_of(&self, state: u64) -> &Hpt {
+        let gen = ((state >> GEN_SHIFT) & GEN_MASK) as usize;
         if gen == 0 {
             return &self.first;
         }
@@ -158,7 +175,60 @@ impl TableCell {
     /// The current generation (0 = boot table).
     pub fn generation(&self) -> u64 {
         // ORDERING: Acquire, as `current`.
-        self.state.load(Ordering::Acquire) >> GEN_SHIFT
+        (self.state.load(Ordering::Acquire) >> GEN_SHIFT) & GEN_MASK
+    }
+
+    /// Kick vCPU run handles (`kvm_make_all_cpus_request`): every run handle sees a
+    /// changed state word at its next hypercall and re-pins (leaves and re-enters the
+    /// gate, reloading table and memslot snapshot). Used after a memslot publication.
+    pub fn kick(&self) {
+        // ORDERING: SeqCst RMW: ordered after the caller's publication (the memslot
+        // pointer swap), so a run handle that reads the new kick count in its SeqCst
+        // re-entry then loads the new snapshot.
+        self.state.fetch_add(1 << KICK_SHIFT, Ordering::SeqCst);
+    }
+
+    /// The gate word of vCPU `vcpu` (ids reduced modulo [`MAX_VCPUS`]).
+    #[inline(always)]
+    pub(crate) fn vcpu_gate(&self, vcpu: usize) -> &AtomicU64 {
+        match self.vcpus.get(vcpu % MAX_VCPUS) {
+            Some(g) => &g.0,
+            None => &self.host.0, // unreachable: MAX_VCPUS slots
+        }
+    }
+
+    /// The pinned-state check of a run handle: one `Relaxed` load of the state word.
+    /// A run handle's gate word stays "in" while pinned, so a committer waits for it
+    /// whatever this load returns; a stale value only delays the re-pin (coherence
+    /// makes the change visible eventually), it never lets a pivot happen under it.
+    #[inline(always)]
+    pub(crate) fn state_relaxed(&self) -> u64 {
+        // ORDERING: Relaxed: see the doc comment; re-pinning re-enters with SeqCst.
+        self.state.load(Ordering::Relaxed)
+    }
+
+    /// Enter the gate through `gate` (waits while a commit has it closed); returns the
+    /// state word seen, whose generation is the table to use until leaving.
+    #[inline(always)]
+    pub(crate) fn enter_gate(&self, gate: &AtomicU64) -> u64 {
+        loop {
+            // ORDERING: SeqCst store then SeqCst load: the vCPU half of the Dekker
+            // handshake with `close_and_drain` (module docs).
+            gate.store(1, Ordering::SeqCst);
+            let s = self.state.load(Ordering::SeqCst);
+            if s & CLOSED == 0 {
+                return s;
+            }
+            self.back_off(gate);
+        }
+    }
+
+    /// Leave the gate through `gate`.
+    #[inline(always)]
+    pub(crate) fn leave_gate(gate: &AtomicU64) {
+        // ORDERING: Release: everything done inside happens-before the committer's
+        // SeqCst (hence acquiring) load that sees "out".
+        gate.store(0, Ordering::Release);
     }
 
     /// `mmu_ready`: the gate is open.
@@ -171,22 +241,11 @@ impl TableCell {
     /// Enter the gate as vCPU `vcpu` (waits while a commit has it closed).
     #[inline(always)]
     pub fn enter_vcpu(&self, vcpu: usize) -> VcpuInGuest<'_> {
-        let gate = match self.vcpus.get(vcpu % MAX_VCPUS) {
-            Some(g) => &g.0,
-            None => &self.host.0, // unreachable: MAX_VCPUS slots
-        };
-        loop {
-            // ORDERING: SeqCst store then SeqCst load: the vCPU half of the Dekker
-            // handshake with `close_and_drain` (module docs).
-            gate.store(1, Ordering::SeqCst);
-            let s = self.state.load(Ordering::SeqCst);
-            if s & CLOSED == 0 {
-                return VcpuInGuest {
-                    gate,
-                    hpt: self.table_of(s),
-                };
-            }
-            self.back_off(gate);
+        let gate = self.vcpu_gate(vcpu);
+        let s = self.enter_gate(gate);
+        VcpuInGuest {
+            gate,
+            hpt: self.table_of(s),
         }
     }
 
@@ -256,16 +315,19 @@ impl TableCell {
     pub fn pivot(&self, new: Hpt) -> Result<(), Hpt> {
         #[cfg(feature = "std")]
         {
-            // ORDERING: Relaxed: we are the only writer (committer, gate closed).
-            let gen = (self.state.load(Ordering::Relaxed) >> GEN_SHIFT) as usize;
+            // ORDERING: Relaxed: we are the only writer of the generation (committer,
+            // gate closed); kicks may add concurrently, hence the RMW below.
+            let s = self.state.load(Ordering::Relaxed);
+            let gen = ((s >> GEN_SHIFT) & GEN_MASK) as usize;
             let Some(slot) = self.later.get(gen) else {
                 return Err(new);
             };
             slot.set(new)?;
-            // ORDERING: SeqCst: publishes the new generation (and, by the OnceLock's
-            // own release, the table) and opens the gate in one store.
-            self.state
-                .store(((gen as u64) + 1) << GEN_SHIFT, Ordering::SeqCst);
+            let delta = (1u64 << GEN_SHIFT).wrapping_sub(CLOSED);
+            // ORDERING: SeqCst RMW: publishes the new generation (and, by the
+            // OnceLock's own release, the table) and opens the gate in one step,
+            // keeping concurrent kicks (gen + 1 and CLOSED cleared: + 2 - 1).
+            self.state.fetch_add(delta, Ordering::SeqCst);
             Ok(())
         }
         #[cfg(not(feature = "std"))]
@@ -277,7 +339,7 @@ impl TableCell {
         #[cfg(feature = "std")]
         {
             // ORDERING: Relaxed: only the committer changes the generation.
-            let gen = (self.state.load(Ordering::Relaxed) >> GEN_SHIFT) as usize;
+            let gen = ((self.state.load(Ordering::Relaxed) >> GEN_SHIFT) & GEN_MASK) as usize;
             gen < self.later.len()
         }
         #[cfg(not(feature = "std"))]
@@ -288,7 +350,10 @@ impl TableCell {
     pub fn reclaim_retired(&mut self) {
         #[cfg(feature = "std")]
         {
-            let gen = (*self.state.get_mut() >> GEN_SHIFT) as usize;
+            // ORDERING: Relaxed: `&mut self`, no other thread can access the cell (a
+            // load instead of `get_mut`, which loom's atomics lack).
+            let state = self.state.load(Ordering::Relaxed);
+            let gen = ((state >> GEN_SHIFT) & GEN_MASK) as usize;
             if gen == 0 {
                 return;
             }
@@ -299,7 +364,9 @@ impl TableCell {
             if let Some(t) = cur {
                 self.first = t;
             }
-            *self.state.get_mut() &= CLOSED;
+            // ORDERING: Relaxed: `&mut self`, see above.
+            self.state
+                .store(state & (CLOSED | KICK_MASK), Ordering::Relaxed);
         }
     }
 
