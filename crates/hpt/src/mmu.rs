@@ -34,6 +34,7 @@ use crate::hpte::{kvm_page_shifts, HpteR, HpteV};
 use crate::table::HpteSlot;
 use crate::vm::Vm;
 use crate::HptError;
+use revmap_rmap::sync::spin_loop;
 use revmap_rmap::{Gpa, Ptex};
 
 /// How many times [`VcpuMmu::access`] re-enters the fault path before giving up.
@@ -240,7 +241,9 @@ impl<'vm> VcpuMmu<'vm> {
             };
             last = f;
             match self.vm.page_fault(self.slot, &f, access) {
-                FaultOutcome::Retry => {}
+                // A retry may be waiting for a host invalidation to end: a spin (and a
+                // yield to the model checkers' schedulers).
+                FaultOutcome::Retry => spin_loop(),
                 FaultOutcome::Mmio { gpa } => {
                     let off = match f {
                         Fault::Absent { ptex, .. } | Fault::Protection { ptex } => {
