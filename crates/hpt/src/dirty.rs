@@ -130,19 +130,26 @@ impl Vm {
         const CHUNK: usize = 64;
         const WANT: u64 = RMAP_PRESENT | RMAP_CHANGED;
         for (c, chunk) in s.rmaps().chunks(CHUNK).enumerate() {
-            // Lock-free pass with four independent accumulators (no serial OR chain):
+            // Lock-free pass with eight independent accumulators (no serial OR chain):
             // most chunks of a big slot are untouched.
-            let mut acc = [0u64; 4];
-            let mut quads = chunk.chunks_exact(4);
-            for q in &mut quads {
-                for (a, r) in acc.iter_mut().zip(q) {
-                    *a |= r.load().bits();
+            let mut acc = [0u64; 8];
+            let mut octs = chunk.chunks_exact(8);
+            for q in &mut octs {
+                if let [r0, r1, r2, r3, r4, r5, r6, r7] = q {
+                    acc[0] |= r0.load().bits();
+                    acc[1] |= r1.load().bits();
+                    acc[2] |= r2.load().bits();
+                    acc[3] |= r3.load().bits();
+                    acc[4] |= r4.load().bits();
+                    acc[5] |= r5.load().bits();
+                    acc[6] |= r6.load().bits();
+                    acc[7] |= r7.load().bits();
                 }
             }
-            for r in quads.remainder() {
+            for r in octs.remainder() {
                 acc[0] |= r.load().bits();
             }
-            if (acc[0] | acc[1] | acc[2] | acc[3]) & WANT == 0 {
+            if acc.iter().fold(0, |a, &b| a | b) & WANT == 0 {
                 continue;
             }
             for (k, rm) in chunk.iter().enumerate() {
