@@ -4,7 +4,8 @@
 //! array as long as the rmap array, and the hot path's memslot snapshot lookup.
 //!
 //! Divide the reported time by the mapping count printed at setup for ns per mapping.
-//! Sizes can be reduced with `REVMAP_BENCH_GIB` (default 16 for the dirty log).
+//! Sizes can be reduced with `REVMAP_BENCH_GIB` (default 16 for the dirty log) and the
+//! mapping counts chosen with `REVMAP_BENCH_PER_FRAME` (default `0,1,4`).
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use revmap_hpt::bench::{raw_scan, DirtyFixture, UnmapFixture};
 use revmap_hpt::{Vm, VmConfig};
@@ -46,7 +47,11 @@ fn dirty(c: &mut Criterion) {
         b.iter(|| black_box(raw_scan(black_box(&words))))
     });
     drop(words);
-    for per_frame in [0u64, 1, 4] {
+    let per_frames: Vec<u64> = std::env::var("REVMAP_BENCH_PER_FRAME")
+        .ok()
+        .map(|s| s.split(',').filter_map(|x| x.parse().ok()).collect())
+        .unwrap_or_else(|| vec![0, 1, 4]);
+    for per_frame in per_frames {
         let fx = DirtyFixture::new(gib * GIB, per_frame).unwrap();
         eprintln!("dirty log: {per_frame}/frame = {} mappings", fx.mappings());
         g.bench_function(format!("harvest, {per_frame} clean mappings/frame"), |b| {
@@ -73,6 +78,15 @@ fn lookup(c: &mut Criterion) {
             k = (k + 4097) & 0x3_ffff;
             let slots = vm.memslots();
             black_box(slots.lookup(Gfn(k)).map(|s| s.npages()))
+        })
+    });
+    // Baseline: the same lookup in a snapshot already held (the cost before the slot
+    // set became replaceable was this plus nothing).
+    let held = vm.memslots();
+    c.bench_function("memslot lookup in a held snapshot (baseline)", |b| {
+        b.iter(|| {
+            k = (k + 4097) & 0x3_ffff;
+            black_box(held.lookup(Gfn(k)).map(|s| s.npages()))
         })
     });
 }

@@ -250,9 +250,8 @@ impl<'vm> VcpuMmu<'vm> {
             };
             last = f;
             match self.vm.page_fault(self.slot, &f, access) {
-                // Raced (e.g. an invalidation in progress): let the other side run
-                // before re-entering (a yield under the model checkers, which would
-                // otherwise schedule this loop forever).
+                // A retry may be waiting for a host invalidation to end: a spin (and a
+                // yield to the model checkers' schedulers).
                 FaultOutcome::Retry => spin_loop(),
                 FaultOutcome::Mmio { gpa } => {
                     let off = match f {
