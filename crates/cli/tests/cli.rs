@@ -147,9 +147,8 @@ fn real_traces_pass_with_json_shape() {
         assert_eq!(boot["passed"], true);
         let resize = &v[1];
         assert_eq!(resize["mismatched"], 0);
-        assert_eq!(resize["stopped_at"]["record"], "H_RESIZE_HPT_PREPARE");
-        assert_eq!(resize["stopped_at"]["line"], 122_518);
-        assert_eq!(resize["stopped_at"]["reason"], "resize");
+        assert_eq!(resize["calls"], 373_940);
+        assert!(resize["stopped_at"].is_null());
         assert_eq!(resize["passed"], true);
     }
     let o = revmap(&[
@@ -162,7 +161,7 @@ fn real_traces_pass_with_json_shape() {
     assert_eq!(o.status.code(), Some(0));
     let s = stdout(&o);
     assert!(
-        s.contains("STOPPED EARLY") && s.contains("not yet supported"),
+        !s.contains("STOPPED EARLY") && !s.contains("not yet supported"),
         "{s}"
     );
 }

@@ -23,9 +23,9 @@ pub const H_BULK_REMOVE: u64 = 0x124;
 pub const H_BLOCK_REMOVE: u64 = 0x328;
 /// H_CLEAR_HPT (not implemented by QEMU or KVM).
 pub const H_CLEAR_HPT: u64 = 0x358;
-/// H_RESIZE_HPT_PREPARE (later issue: H_FUNCTION for now).
+/// H_RESIZE_HPT_PREPARE (`resize`).
 pub const H_RESIZE_HPT_PREPARE: u64 = 0x36c;
-/// H_RESIZE_HPT_COMMIT (later issue: H_FUNCTION for now).
+/// H_RESIZE_HPT_COMMIT (`resize`).
 pub const H_RESIZE_HPT_COMMIT: u64 = 0x370;
 
 /// Success.

@@ -6,9 +6,14 @@
 //! * [`vm`]: a [`Vm`] with memslots, rmap chains and the hypercalls ([`Vm::hcall`]).
 //! * [`flavour`]: every guest-visible difference between KVM and QEMU, and
 //!   [`result_masks`] for comparing KVM-flavour results with QEMU traces.
+//! * [`resize`]: live HPT resizing (PREPARE/COMMIT, rehash, pivot) and the swappable
+//!   table with its vCPU gate.
 //! * [`check`]: the whole-VM invariant checker ([`Vm::check_invariants`]).
 //! * [`mmu`]: the "hardware": translation through the HPT with per-vCPU TLBs, setting
 //!   R/C; [`tlb`]: the tlbie handshake and the MMU-notifier sequence.
+//! * The host side: [`host`] (memslot lifecycle with the INVALID step, `mmu_ready`),
+//!   [`notifier`] (MMU-notifier unmap/age walkers), [`dirty`] (dirty logging),
+//!   [`fault`] (page-in of ABSENT entries, write upgrade).
 //!
 //! Lock order: HPTE lock (HVLOCK) -> rmap lock (bit 43). No hypercall allocates or takes
 //! a global lock.
@@ -18,18 +23,29 @@
 
 extern crate alloc;
 
+pub mod bench;
 pub mod check;
+pub mod dirty;
 pub mod error;
+pub mod fault;
 pub mod flavour;
 pub mod hash;
 pub mod hcall;
+pub mod host;
 pub mod hpte;
 pub mod mmu;
+pub mod notifier;
+pub mod resize;
+pub mod run;
 pub mod table;
 pub mod tlb;
 pub mod vm;
 
 pub use check::CheckReport;
-pub use error::{HptError, Violation};
+pub use error::{HostError, HptError, Violation};
+pub use fault::FaultOutcome;
 pub use flavour::{result_masks, Flavour, ResultMask};
+pub use host::MemslotSpec;
+pub use revmap_memslot::MemslotFlags;
+pub use run::{VcpuRun, VcpuRuns};
 pub use vm::{HcallResult, Vm, VmConfig};

@@ -20,13 +20,44 @@
 //!   larger than 8 MiB), H bit (= the group being searched) and base page size (= the
 //!   segment's) match.
 //! * A translation never returns an address outside the entry's page.
+//!
+//! # Faults
+//!
+//! [`VcpuMmu::access`] (and [`load`](VcpuMmu::load) / [`store`](VcpuMmu::store)) is
+//! what a vCPU does: translate, and on a failed translation enter the hypervisor's fault
+//! path ([`Vm::page_fault`], outside the access epoch) and retry until the access
+//! succeeds or the fault is MMIO, the guest's, or the MMU is not ready.
 
+use crate::fault::FaultOutcome;
 use crate::hash::{hpt_hash, primary_pteg, secondary_pteg, Segment};
 use crate::hpte::{kvm_page_shifts, HpteR, HpteV};
 use crate::table::HpteSlot;
 use crate::vm::Vm;
 use crate::HptError;
-use revmap_rmap::Ptex;
+use revmap_rmap::sync::spin_loop;
+use revmap_rmap::{Gpa, Ptex};
+
+/// How many times [`VcpuMmu::access`] re-enters the fault path before giving up.
+pub const MAX_FAULT_RETRIES: u32 = 100_000;
+
+/// Final outcome of a vCPU access through [`VcpuMmu::access`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessOutcome {
+    /// The access completed through this translation (R, and C for a store, set).
+    Done(Translation),
+    /// Emulated MMIO at this guest physical address.
+    Mmio {
+        /// Guest physical address accessed.
+        gpa: Gpa,
+    },
+    /// A fault the guest must handle (DSI/ISI): no HPTE, or its permissions deny it.
+    GuestFault(Fault),
+    /// `mmu_ready` is clear: the vCPU must leave the guest.
+    NotReady,
+    /// The fault path kept racing (e.g. constant invalidation) for
+    /// [`MAX_FAULT_RETRIES`] rounds.
+    GaveUp(Fault),
+}
 
 /// Kind of access.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,7 +79,7 @@ pub struct Translation {
     pub tlb_hit: bool,
 }
 
-/// Why a translation failed (the fault path comes with the host-side issue).
+/// Why a translation failed (handled by [`Vm::page_fault`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
     /// No HPTE matches: a guest page fault (DSI/ISI reflected to the guest).
@@ -117,7 +148,16 @@ impl<'vm> VcpuMmu<'vm> {
         access: Access,
     ) -> Result<Translation, Fault> {
         let domain = self.vm.tlb();
-        let gen = domain.begin_access(self.slot);
+        let gen = loop {
+            let gen = domain.begin_access(self.slot);
+            // A resize commit closes the gate (mmu_ready = 0) and waits for idle
+            // epochs: back off so it can pivot (`resize::cell`).
+            if self.vm.tables().mmu_ready() {
+                break gen;
+            }
+            domain.end_access(self.slot);
+            self.vm.wait_mmu_ready();
+        };
         let r = self.translate_in(gen, seg, ea, access);
         domain.end_access(self.slot);
         r
@@ -154,16 +194,20 @@ impl<'vm> VcpuMmu<'vm> {
                 });
             }
         }
-        let Some((p, slot, v, r, shift)) = self.search(seg, ea, HpteV::VALID) else {
-            return Err(match self.search(seg, ea, HpteV::ABSENT) {
-                Some((p, _, _, r, _)) => Fault::Absent {
-                    ptex: p,
-                    mmio: HpteR(r).is_key31(),
-                },
-                None => Fault::NoHpte,
-            });
+        // One pass over both groups, each entry's dword 0 read once: an entry that is
+        // transiently ABSENT (H_PROTECT, H_CLEAR_MOD, a dirty scan or an unmap holding
+        // it) is reported as Absent, never as "no HPTE" (the fault path then waits for
+        // its lock and retries), as KVM's fault handler searches VALID|ABSENT.
+        let Some((p, slot, v, r, shift)) = self.search(seg, ea, HpteV::VALID | HpteV::ABSENT)
+        else {
+            return Err(Fault::NoHpte);
         };
-        let _ = v;
+        if v & HpteV::VALID == 0 {
+            return Err(Fault::Absent {
+                ptex: p,
+                mmio: HpteR(r).is_key31(),
+            });
+        }
         let writable = HpteR(r).is_writable();
         if store && !writable {
             return Err(Fault::Protection { ptex: p });
@@ -194,8 +238,61 @@ impl<'vm> VcpuMmu<'vm> {
         })
     }
 
-    /// Search the primary then the secondary PTEG for an entry with `state` (VALID or
-    /// ABSENT) translating `ea`.
+    /// Perform an access as a vCPU does: translate; on a fault, run the hypervisor's
+    /// fault path ([`Vm::page_fault`]) and retry, until it completes or the outcome is
+    /// MMIO, a guest fault or "not ready".
+    pub fn access(&mut self, seg: &Segment, ea: u64, access: Access) -> AccessOutcome {
+        let mut last = Fault::NoHpte;
+        for _ in 0..MAX_FAULT_RETRIES {
+            let f = match self.translate(seg, ea, access) {
+                Ok(t) => return AccessOutcome::Done(t),
+                Err(f) => f,
+            };
+            last = f;
+            match self.vm.page_fault(self.slot, &f, access) {
+                // A retry may be waiting for a host invalidation to end: a spin (and a
+                // yield to the model checkers' schedulers).
+                FaultOutcome::Retry => spin_loop(),
+                FaultOutcome::Mmio { gpa } => {
+                    let off = match f {
+                        Fault::Absent { ptex, .. } | Fault::Protection { ptex } => {
+                            self.page_offset(ptex, ea)
+                        }
+                        Fault::NoHpte => 0,
+                    };
+                    return AccessOutcome::Mmio {
+                        gpa: Gpa(gpa.0 | off),
+                    };
+                }
+                FaultOutcome::NoMapping => return AccessOutcome::GuestFault(f),
+                FaultOutcome::NotReady => return AccessOutcome::NotReady,
+            }
+        }
+        AccessOutcome::GaveUp(last)
+    }
+
+    /// A load through [`access`](Self::access).
+    pub fn load(&mut self, seg: &Segment, ea: u64) -> AccessOutcome {
+        self.access(seg, ea, Access::Load)
+    }
+
+    /// A store through [`access`](Self::access).
+    pub fn store(&mut self, seg: &Segment, ea: u64) -> AccessOutcome {
+        self.access(seg, ea, Access::Store)
+    }
+
+    /// Offset of `ea` inside the page HPTE `ptex` maps (0 if it no longer decodes).
+    fn page_offset(&self, ptex: Ptex, ea: u64) -> u64 {
+        let hpt = self.vm.hpt();
+        let Some(s) = hpt.slot(ptex) else { return 0 };
+        let gr = hpt.revmap().guest_rpte(ptex.0);
+        self.vm
+            .entry_page(s.load_v(), gr)
+            .map_or(0, |(_, shift)| ea & ((1u64 << shift) - 1))
+    }
+
+    /// Search the primary then the secondary PTEG for an entry with any bit of `state`
+    /// (VALID and/or ABSENT) translating `ea`; a VALID match wins over an ABSENT one.
     fn search(
         &self,
         seg: &Segment,
@@ -208,6 +305,7 @@ impl<'vm> VcpuMmu<'vm> {
         let va = seg.va(ea);
         let want_b = seg.ssize.b_bits();
         let avpn = (((va >> 23) as u64) << HpteV::AVPN_SHIFT) & HpteV::AVPN;
+        let mut absent = None;
         for (pteg, h) in [
             (primary_pteg(geo, hash), 0),
             (secondary_pteg(geo, hash), HpteV::SECONDARY),
@@ -233,10 +331,13 @@ impl<'vm> VcpuMmu<'vm> {
                     0
                 };
                 if (v & HpteV::AVPN) & !ign == avpn & !ign {
-                    return Some((p, slot, v, r, sh.actual));
+                    if v & HpteV::VALID != 0 {
+                        return Some((p, slot, v, r, sh.actual));
+                    }
+                    absent.get_or_insert((p, slot, v, r, sh.actual));
                 }
             }
         }
-        None
+        absent
     }
 }

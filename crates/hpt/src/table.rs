@@ -21,6 +21,10 @@
 //! * At rest (no lock held) HVLOCK is clear and VALID and ABSENT are never both set.
 //! * The table is zero-filled at creation in both flavours (QEMU's pre-filled 0x40 is a
 //!   presentation matter, see `flavour.rs`).
+//! * A table created by a resize in the QEMU flavour ([`Hpt::new_pristine`]) also keeps
+//!   one "never written since allocation" bit per HPTE: QEMU allocates such tables
+//!   all-zero instead of 0x40-filled, so a never-written slot reads back as 0. The bit
+//!   is cleared (once, monotonically) when H_ENTER or the rehash writes the slot.
 //! * `slots.len() == revmap.len() == geometry.npte()`.
 
 use crate::error::HptError;
@@ -82,6 +86,10 @@ pub struct Hpt {
     geo: HptGeometry,
     slots: Box<[HpteSlot]>,
     revmap: Revmap,
+    /// One bit per HPTE, set while the slot was never written since allocation (only
+    /// for tables created by a QEMU-flavour resize; `None` = every slot counts as
+    /// written).
+    pristine: Option<Box<[AtomicU64]>>,
 }
 
 impl Hpt {
@@ -92,7 +100,67 @@ impl Hpt {
             usize::try_from(geo.npte()).map_err(|_| HptError::OrderTooLargeForLinks { order })?;
         let slots = try_boxed_slice(n, |_| HpteSlot::default())?;
         let revmap = Revmap::new(geo.npte())?;
-        Ok(Self { geo, slots, revmap })
+        Ok(Self {
+            geo,
+            slots,
+            revmap,
+            pristine: None,
+        })
+    }
+
+    /// A zeroed table whose slots all start "never written" (QEMU's resize tables,
+    /// which read back as 0 rather than 0x40 until written).
+    pub fn new_pristine(order: u32) -> Result<Self, HptError> {
+        let mut t = Self::new(order)?;
+        let words = t.slots.len().div_ceil(64);
+        t.pristine = Some(try_boxed_slice(words, |_| AtomicU64::new(u64::MAX))?);
+        Ok(t)
+    }
+
+    /// Whether HPTE `ptex` was never written since the table was allocated (always
+    /// false for tables not made by [`new_pristine`](Self::new_pristine)).
+    #[inline(always)]
+    pub fn is_pristine(&self, ptex: Ptex) -> bool {
+        let Some(bm) = &self.pristine else {
+            return false;
+        };
+        let i = ptex.0 as usize;
+        // ORDERING: Relaxed: the bit is written under the HPTE lock before the Release
+        // that publishes dword 0; readers that care load dword 0 first.
+        bm.get(i / 64)
+            .is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (i % 64)) != 0)
+    }
+
+    /// Record that HPTE `ptex` has been written (no-op for ordinary tables).
+    #[inline(always)]
+    pub fn mark_written(&self, ptex: Ptex) {
+        if let Some(bm) = &self.pristine {
+            let i = ptex.0 as usize;
+            if let Some(w) = bm.get(i / 64) {
+                let bit = 1u64 << (i % 64);
+                // ORDERING: Relaxed: see `is_pristine`; the RMW keeps concurrent writers
+                // of other slots in the same word from losing each other's updates.
+                if w.load(Ordering::Relaxed) & bit != 0 {
+                    w.fetch_and(!bit, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// A tiny zeroed table for model checking (orders from 8, see
+    /// `HptGeometry::new_small`).
+    #[cfg(any(loom, feature = "shuttle"))]
+    pub(crate) fn new_small(order: u32) -> Result<Self, HptError> {
+        let geo = HptGeometry::new_small(order)?;
+        let n = 1usize << (order - 4);
+        let slots = try_boxed_slice(n, |_| HpteSlot::default())?;
+        let revmap = Revmap::new(geo.npte())?;
+        Ok(Self {
+            geo,
+            slots,
+            revmap,
+            pristine: None,
+        })
     }
 
     /// Geometry.

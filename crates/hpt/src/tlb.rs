@@ -116,6 +116,24 @@ impl TlbDomain {
         self.tlbie();
     }
 
+    /// Wait until every registered vCPU is outside an access epoch (a resize commit,
+    /// after closing the gate, so that no MMU access uses the table being replaced).
+    pub fn wait_all_idle(&self) {
+        // ORDERING: SeqCst: the committer half of the gate handshake
+        // (`resize::cell`), ordered after its SeqCst close.
+        let mut reg = self.registered.load(Ordering::SeqCst);
+        while reg != 0 {
+            let i = reg.trailing_zeros() as usize;
+            reg &= reg - 1;
+            if let Some(e) = self.epochs.get(i) {
+                // ORDERING: SeqCst (handshake) and acquiring the access's R/C updates.
+                while e.0.load(Ordering::SeqCst) != IDLE {
+                    spin_loop();
+                }
+            }
+        }
+    }
+
     /// Attach a vCPU: returns its epoch slot.
     pub fn register(&self) -> Result<usize, HptError> {
         loop {

@@ -18,18 +18,20 @@
 //! * R/C are read from dword 1 only after the tlbie that stabilises them (D5/D6).
 //! * Every hypercall validates each guest value with checked arithmetic before use; no
 //!   input panics, allocates, or touches memory outside this VM. The hot path takes no
-//!   global lock (only HPTE and rmap bit locks) and the memslot lookup is a scan of a
-//!   one-element array.
+//!   global lock (only HPTE and rmap bit locks); the memslot lookup loads the published
+//!   snapshot ([`SlotSet::load`], an SRCU read side) and scans its few slots.
 //! * See `check.rs` for the whole-VM invariants, verified by [`Vm::check_invariants`].
 
 use crate::error::HptError;
 use crate::flavour::{Flavour, Target, WimgVerdict};
 use crate::hcall::*;
 use crate::hpte::{HpteR, HpteV};
+use crate::resize::cell::{HostAccess, TableCell};
 use crate::table::{Hpt, HpteGuard};
 use crate::tlb::{InvalidateSeq, TlbDomain};
+use revmap_memslot::slots::{SlotSet, SlotsRef};
 use revmap_memslot::{Memslot, MemslotFlags, Memslots};
-use revmap_rmap::sync::{AtomicU64, Ordering};
+use revmap_rmap::sync::{Arc, AtomicU64, Ordering};
 use revmap_rmap::{Gfn, HpteLocks, Hva, Ptex, SlotId, PAGE_SHIFT};
 
 /// Host virtual address where guest RAM is "mapped" in the model (also its host
@@ -73,15 +75,28 @@ pub struct HcallResult {
     pub out: [u64; 8],
 }
 
+/// Whether `opcode` is one of the resize hypercalls (run outside the vCPU gate).
+#[inline(always)]
+pub(crate) const fn is_resize_opcode(opcode: u64) -> bool {
+    opcode == H_RESIZE_HPT_PREPARE || opcode == H_RESIZE_HPT_COMMIT
+}
+
 /// A guest with a hashed page table. `Send + Sync`: vCPU threads share `&Vm`.
 #[derive(Debug)]
 pub struct Vm {
     flavour: Flavour,
-    hpt: Hpt,
-    memslots: Memslots,
+    /// The current HPT (swapped by a resize commit) and the vCPU gate (`resize::cell`).
+    tables: TableCell,
+    memslots: SlotSet,
+    /// An empty memslot set: what a paused run handle holds instead of a snapshot.
+    empty_slots: Arc<Memslots>,
     notifier: InvalidateSeq,
+    pub(crate) host: crate::host::HostState,
     tlb: TlbDomain,
-    mmio_update: AtomicU64,
+    pub(crate) mmio_update: AtomicU64,
+    /// Resize state: pending request, `mmu_setup_lock` (`resize`).
+    #[cfg(feature = "std")]
+    pub(crate) resize: crate::resize::ResizeCtl,
 }
 
 const _: () = {
@@ -93,12 +108,24 @@ impl Vm {
     /// Create a VM: a zeroed HPT of 2^`hpt_order` bytes and one RAM memslot at gpa 0
     /// with dirty logging on and every host page present.
     pub fn new(cfg: VmConfig) -> Result<Vm, HptError> {
+        Self::with_hpt(cfg, Hpt::new(cfg.hpt_order)?)
+    }
+
+    /// A VM whose HPT may be smaller than PAPR's minimum (order 8 and up), for loom and
+    /// shuttle models that must keep the number of instrumented atomics small.
+    #[cfg(any(loom, feature = "shuttle"))]
+    #[doc(hidden)]
+    pub fn new_small(cfg: VmConfig) -> Result<Vm, HptError> {
+        Self::with_hpt(cfg, Hpt::new_small(cfg.hpt_order)?)
+    }
+
+    /// [`Vm::new`] over an already built table (tiny tables for model checking).
+    pub(crate) fn with_hpt(cfg: VmConfig, hpt: Hpt) -> Result<Vm, HptError> {
         if cfg.ram_bytes == 0 || cfg.ram_bytes % (1 << PAGE_SHIFT) != 0 {
             return Err(HptError::BadRamSize {
                 bytes: cfg.ram_bytes,
             });
         }
-        let hpt = Hpt::new(cfg.hpt_order)?;
         let slot = Memslot::new(
             SlotId(0),
             Gfn(0),
@@ -111,9 +138,15 @@ impl Vm {
         memslots.insert(slot)?;
         Ok(Vm {
             flavour: cfg.flavour,
-            hpt,
-            memslots,
+            tables: TableCell::new(hpt)?,
+            #[cfg(feature = "std")]
+            resize: crate::resize::ResizeCtl::new(crate::resize::hpt_shift_for_ramsize(
+                cfg.ram_bytes,
+            )),
+            memslots: SlotSet::new(memslots),
+            empty_slots: Arc::new(Memslots::new()),
             notifier: InvalidateSeq::default(),
+            host: crate::host::HostState::new(),
             tlb: TlbDomain::new()?,
             mmio_update: AtomicU64::new(0),
         })
@@ -122,7 +155,7 @@ impl Vm {
     /// The HPT order.
     #[inline]
     pub fn hpt_order(&self) -> u32 {
-        self.hpt.geometry().order()
+        self.hpt().geometry().order()
     }
 
     /// The flavour.
@@ -131,15 +164,52 @@ impl Vm {
         self.flavour
     }
 
-    /// The hashed page table and its revmap.
-    #[inline]
+    /// The current hashed page table and its revmap, without entering the gate: the
+    /// reference stays valid for the life of `&self`, but a concurrent resize commit
+    /// may retire it (use at quiescent points, or see [`host_access`](Self::host_access)).
+    #[inline(always)]
     pub fn hpt(&self) -> &Hpt {
-        &self.hpt
+        self.tables.current()
     }
 
-    /// The memslots.
+    /// The table holder and the vCPU gate (resize).
     #[inline]
-    pub fn memslots(&self) -> &Memslots {
+    pub fn tables(&self) -> &TableCell {
+        &self.tables
+    }
+
+    /// Enter the gate as a host-side walker: the returned table stays current until
+    /// the guard drops (a resize commit waits for it; reference D7).
+    pub fn host_access(&self) -> HostAccess<'_> {
+        self.tables.host_enter()
+    }
+
+    /// Free the tables retired by resize commits (needs exclusive access).
+    pub fn reclaim_retired_tables(&mut self) {
+        self.tables.reclaim_retired();
+    }
+
+    /// Wait until no resize commit has the gate closed.
+    pub fn wait_mmu_ready(&self) {
+        self.tables.wait_open();
+    }
+
+    /// A snapshot of the memslots (an SRCU read side: drop it before calling a memslot
+    /// lifecycle method, which waits for readers).
+    #[inline]
+    pub fn memslots(&self) -> SlotsRef {
+        self.memslots.load()
+    }
+
+    /// An empty memslot set (held by paused run handles).
+    #[inline]
+    pub(crate) fn empty_slots(&self) -> &Arc<Memslots> {
+        &self.empty_slots
+    }
+
+    /// The published memslot set (lifecycle code).
+    #[inline]
+    pub(crate) fn slot_set(&self) -> &SlotSet {
         &self.memslots
     }
 
@@ -163,8 +233,8 @@ impl Vm {
     }
 
     /// One PAPR hypercall from vCPU `vcpu`. `args` = r4.. (missing args read as 0,
-    /// extra ignored). Unknown opcodes, non-multiples of 4 and the resize calls (later
-    /// issue) return H_FUNCTION, as do H_CLEAR_REF/H_CLEAR_MOD in the QEMU flavour.
+    /// extra ignored). Unknown opcodes and non-multiples of 4 return H_FUNCTION, as do
+    /// H_CLEAR_REF/H_CLEAR_MOD in the QEMU flavour (and the resize calls without `std`).
     ///
     /// A convenience over [`hcall_regs`](Self::hcall_regs), which is the hot path.
     #[inline]
@@ -185,31 +255,65 @@ impl Vm {
     /// output is written.
     #[inline]
     pub fn hcall_regs(&self, vcpu: usize, opcode: u64, regs: &mut [u64; 8]) -> i64 {
-        let _ = vcpu; // per-vCPU state (MMIO cache) arrives with the fault path
+        if is_resize_opcode(opcode) {
+            // Like KVM's ioctls, resizing runs with this vCPU out of the guest.
+            return self.resize_hcall(opcode, regs[0], regs[1]);
+        }
+        // Inside the gate for the whole call: a resize commit cannot pivot meanwhile.
+        let in_guest = self.tables.enter_vcpu(vcpu);
+        let slots = self.memslots.load();
+        self.dispatch(in_guest.hpt(), &slots, opcode, regs)
+    }
+
+    /// Run one non-resize hypercall on a pinned table and memslot snapshot (the caller
+    /// is inside the gate).
+    #[inline(always)]
+    pub(crate) fn dispatch(
+        &self,
+        hpt: &Hpt,
+        slots: &Memslots,
+        opcode: u64,
+        regs: &mut [u64; 8],
+    ) -> i64 {
         match opcode {
-            H_ENTER => {
-                let (flags, ptex, pteh, ptel) = (regs[0], regs[1], regs[2], regs[3]);
-                self.h_enter(flags, ptex, pteh, ptel, regs)
-            }
+            H_ENTER => self.h_enter(hpt, slots, regs),
             H_REMOVE => {
                 let (flags, ptex, avpn) = (regs[0], regs[1], regs[2]);
-                self.h_remove(flags, ptex, avpn, regs)
+                self.h_remove(hpt, slots, flags, ptex, avpn, regs)
             }
             H_READ => {
                 let (flags, ptex) = (regs[0], regs[1]);
-                self.h_read(flags, ptex, regs)
+                self.h_read(hpt, flags, ptex, regs)
             }
-            H_PROTECT => self.h_protect(regs[0], regs[1], regs[2]),
-            H_BULK_REMOVE => self.h_bulk_remove(regs),
+            H_PROTECT => self.h_protect(hpt, slots, regs[0], regs[1], regs[2]),
+            H_BULK_REMOVE => self.h_bulk_remove(hpt, slots, regs),
             H_CLEAR_REF if self.flavour.has_clear_ref_mod() => {
                 let ptex = regs[1];
-                self.h_clear_ref(ptex, regs)
+                self.h_clear_ref(hpt, slots, ptex, regs)
             }
             H_CLEAR_MOD if self.flavour.has_clear_ref_mod() => {
                 let ptex = regs[1];
-                self.h_clear_mod(ptex, regs)
+                self.h_clear_mod(hpt, slots, ptex, regs)
             }
             _ => H_FUNCTION,
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn resize_hcall(&self, opcode: u64, flags: u64, shift: u64) -> i64 {
+        #[cfg(feature = "std")]
+        {
+            if opcode == H_RESIZE_HPT_PREPARE {
+                self.h_resize_hpt_prepare(flags, shift)
+            } else {
+                self.h_resize_hpt_commit(flags, shift)
+            }
+        }
+        #[cfg(not(feature = "std"))]
+        {
+            let _ = (opcode, flags, shift);
+            H_FUNCTION
         }
     }
 
@@ -225,7 +329,8 @@ impl Vm {
     }
 
     /// H_ENTER (spec 3.1, `kvmppc_do_h_enter`).
-    fn h_enter(&self, flags: u64, ptex: u64, pteh: u64, ptel: u64, out: &mut [u64; 8]) -> i64 {
+    fn h_enter(&self, hpt: &Hpt, slots: &Memslots, out: &mut [u64; 8]) -> i64 {
+        let (flags, ptex, pteh, ptel) = (out[0], out[1], out[2], out[3]);
         let f = self.flavour;
         let vin = HpteV(pteh);
         if f.rejects_reserved_segment_size() && vin.segment_size() >= 2 {
@@ -240,8 +345,7 @@ impl Vm {
         let pteh = pteh & !(HpteV::HV_SW | HpteV::VALID);
         let seq = self.notifier.sample();
         let gfn = Gfn(HpteR(ptel).page_addr(shifts.actual) >> PAGE_SHIFT);
-        let slot = self
-            .memslots
+        let slot = slots
             .lookup(gfn)
             .filter(|s| !s.flags().contains(MemslotFlags::INVALID));
 
@@ -292,19 +396,20 @@ impl Vm {
             }
         };
 
-        let Some(p) = self.hpt.geometry().ptex(ptex) else {
+        let Some(p) = hpt.geometry().ptex(ptex) else {
             return H_PARAMETER;
         };
         let guard = if flags & H_EXACT != 0 {
-            self.lock_free_exact(p)
+            self.lock_free_exact(hpt, p)
         } else {
-            self.lock_free_in_group(p)
+            self.lock_free_in_group(hpt, p)
         };
         let Some(guard) = guard else {
             return H_PTEG_FULL;
         };
         let q = guard.ptex();
-        let rev = self.hpt.revmap();
+        hpt.mark_written(q);
+        let rev = hpt.revmap();
         rev.set_guest_rpte(q.0, g_ptel);
         if let Some(rm) = rmap {
             let rg = rm.lock();
@@ -327,11 +432,11 @@ impl Vm {
 
     /// H_EXACT slot choice: lock `p` only if free, else H_PTEG_FULL (`None`).
     #[inline]
-    fn lock_free_exact(&self, p: Ptex) -> Option<HpteGuard<'_>> {
-        if let Some(g) = self.hpt.try_lock(p, HpteV::VALID | HpteV::ABSENT) {
+    fn lock_free_exact<'h>(&self, hpt: &'h Hpt, p: Ptex) -> Option<HpteGuard<'h>> {
+        if let Some(g) = hpt.try_lock(p, HpteV::VALID | HpteV::ABSENT) {
             return Some(g);
         }
-        let g = self.hpt.lock(p)?;
+        let g = hpt.lock(p)?;
         if HpteV(g.v()).is_used() {
             return None;
         }
@@ -342,14 +447,14 @@ impl Vm {
     /// try-locks free-looking slots; if a slot was seen locked or a try-lock failed, a
     /// second pass locks each slot in turn (KVM's two passes). `None` = H_PTEG_FULL.
     #[inline]
-    fn lock_free_in_group(&self, p: Ptex) -> Option<HpteGuard<'_>> {
+    fn lock_free_in_group<'h>(&self, hpt: &'h Hpt, p: Ptex) -> Option<HpteGuard<'h>> {
         let base = p.0 & !7;
         let mut contended = false;
         for i in 0..8 {
             let q = Ptex(base + i);
-            let v = self.hpt.slot(q)?.load_v();
+            let v = hpt.slot(q)?.load_v();
             if v & (HpteV::VALID | HpteV::ABSENT) == 0 {
-                match self.hpt.try_lock(q, HpteV::VALID | HpteV::ABSENT) {
+                match hpt.try_lock(q, HpteV::VALID | HpteV::ABSENT) {
                     Some(g) => return Some(g),
                     None => contended = true,
                 }
@@ -361,7 +466,7 @@ impl Vm {
             return None;
         }
         for i in 0..8 {
-            let g = self.hpt.lock(Ptex(base + i))?;
+            let g = hpt.lock(Ptex(base + i))?;
             if !HpteV(g.v()).is_used() {
                 return Some(g);
             }
@@ -390,15 +495,22 @@ impl Vm {
     /// the entry from its chain, harvest R/C into the rmap word and C into the dirty
     /// bitmap. Caller holds the HPTE lock and has invalidated it. Returns the new guest
     /// view.
-    fn remove_revmap_chain(&self, p: Ptex, v: u64, hw_r: u64) -> u64 {
-        let rev = self.hpt.revmap();
+    pub(crate) fn remove_revmap_chain(
+        &self,
+        hpt: &Hpt,
+        slots: &Memslots,
+        p: Ptex,
+        v: u64,
+        hw_r: u64,
+    ) -> u64 {
+        let rev = hpt.revmap();
         let rcbits = hw_r & HpteR::RC;
         let gr = rev.guest_rpte(p.0) | rcbits;
         rev.set_guest_rpte(p.0, gr);
         let Some((gfn, shift)) = self.entry_page(v, gr) else {
             return gr;
         };
-        let Some(slot) = self.memslots.lookup(gfn) else {
+        let Some(slot) = slots.lookup(gfn) else {
             return gr;
         };
         if let Some(rm) = slot.rmap(gfn) {
@@ -416,29 +528,35 @@ impl Vm {
     /// Remove a locked, in-use HPTE (the body of `kvmppc_do_h_remove`): invalidate,
     /// unchain and harvest if VALID; zero both dwords; unlock. Returns the presented
     /// (old V, guest-view R).
-    fn remove_locked(&self, mut g: HpteGuard<'_>) -> (u64, u64) {
+    fn remove_locked(&self, hpt: &Hpt, slots: &Memslots, mut g: HpteGuard<'_>) -> (u64, u64) {
         let v = g.v();
         if v & HpteV::VALID != 0 {
             self.invalidate(&mut g, v, 0);
         }
-        self.remove_invalidated(g, v)
+        self.remove_invalidated(hpt, slots, g, v)
     }
 
     /// The rest of a removal once the HPTE is locked and, if it was VALID (`v`, the old
     /// dword 0), its VALID bit is cleared and the invalidation completed: R/C are read
     /// from dword 1 now (after the tlbie, D5/D6), the entry leaves its chain, both
     /// dwords are zeroed and the lock is released.
-    fn remove_invalidated(&self, mut g: HpteGuard<'_>, v: u64) -> (u64, u64) {
+    fn remove_invalidated(
+        &self,
+        hpt: &Hpt,
+        slots: &Memslots,
+        mut g: HpteGuard<'_>,
+        v: u64,
+    ) -> (u64, u64) {
         let p = g.ptex();
         let gr = if v & HpteV::VALID != 0 {
             let hw_r = g.r();
-            self.remove_revmap_chain(p, v, hw_r)
+            self.remove_revmap_chain(hpt, slots, p, v, hw_r)
         } else {
             if HpteR(g.r()).is_key31() {
                 // ORDERING: Relaxed: a generation counter for MMIO caches.
                 self.mmio_update.fetch_add(1, Ordering::Relaxed);
             }
-            self.hpt.revmap().guest_rpte(p.0)
+            hpt.revmap().guest_rpte(p.0)
         };
         g.set_r(0);
         g.set_v(0);
@@ -453,30 +571,38 @@ impl Vm {
     /// instant). A match is locked with one `SeqCst` RMW that also clears VALID, so the
     /// lock, the match and the invalidation are one atomic step; the TLB shootdown then
     /// costs nothing when no vCPU MMU is attached (`tlbie_after_sc_rmw`).
-    fn h_remove(&self, flags: u64, ptex: u64, avpn: u64, out: &mut [u64; 8]) -> i64 {
-        let Some(p) = self.hpt.geometry().ptex(ptex) else {
+    fn h_remove(
+        &self,
+        hpt: &Hpt,
+        slots: &Memslots,
+        flags: u64,
+        ptex: u64,
+        avpn: u64,
+        out: &mut [u64; 8],
+    ) -> i64 {
+        let Some(p) = hpt.geometry().ptex(ptex) else {
             return H_PARAMETER;
         };
-        let Some(slot) = self.hpt.slot(p) else {
+        let Some(slot) = hpt.slot(p) else {
             return H_PARAMETER;
         };
         let (g, v) = loop {
             let v = slot.load_v();
             if v & HpteV::HVLOCK != 0 {
-                self.hpt.wait_hpte_unlocked(p.0);
+                hpt.wait_hpte_unlocked(p.0);
                 continue;
             }
             if !self.remove_matches(v, flags, avpn) {
                 return H_NOT_FOUND;
             }
-            if let Some(g) = self.hpt.try_lock_replace(p, v, v & !HpteV::VALID) {
+            if let Some(g) = hpt.try_lock_replace(p, v, v & !HpteV::VALID) {
                 break (g, v);
             }
         };
         if v & HpteV::VALID != 0 {
             self.tlb.tlbie_after_sc_rmw();
         }
-        let (v, r) = self.remove_invalidated(g, v);
+        let (v, r) = self.remove_invalidated(hpt, slots, g, v);
         out[0] = v;
         out[1] = r;
         H_SUCCESS
@@ -485,9 +611,9 @@ impl Vm {
     /// H_BULK_REMOVE (spec 3.3, `kvmppc_h_bulk_remove`): up to four requests; VALID
     /// matches are collected locked with VALID cleared, one tlbie completes the batch,
     /// then each is unchained with its final R/C. Only the first lock of a batch spins.
-    fn h_bulk_remove(&self, out: &mut [u64; 8]) -> i64 {
+    fn h_bulk_remove(&self, hpt: &Hpt, slots: &Memslots, out: &mut [u64; 8]) -> i64 {
         let f = self.flavour;
-        let geo = self.hpt.geometry();
+        let geo = hpt.geometry();
         let mut ret = H_SUCCESS;
         let mut i = 0;
         while i < H_BULK_REMOVE_MAX_BATCH && ret == H_SUCCESS {
@@ -521,10 +647,10 @@ impl Vm {
                     ret = H_PARAMETER;
                     break;
                 };
-                let g = match self.hpt.try_lock(p, HpteV::HVLOCK) {
+                let g = match hpt.try_lock(p, HpteV::HVLOCK) {
                     Some(g) => g,
                     None if n > 0 => break,
-                    None => match self.hpt.lock(p) {
+                    None => match hpt.lock(p) {
                         Some(g) => g,
                         None => {
                             out[j] = resp | BulkTsh::CODE_PARM;
@@ -541,7 +667,7 @@ impl Vm {
                     continue;
                 }
                 if v & HpteV::VALID == 0 {
-                    let (_, gr) = self.remove_locked(g);
+                    let (_, gr) = self.remove_locked(hpt, slots, g);
                     out[j] = resp | f.bulk_rc_bits(gr);
                     continue;
                 }
@@ -559,7 +685,7 @@ impl Vm {
             self.tlb.tlbie();
             for (j, resp, v, g) in batch.iter_mut().filter_map(Option::take) {
                 let hw_r = g.r();
-                let gr = self.remove_revmap_chain(g.ptex(), v, hw_r);
+                let gr = self.remove_revmap_chain(hpt, slots, g.ptex(), v, hw_r);
                 g.set_r(0);
                 g.unlock_with(0);
                 if let Some(o) = out.get_mut(j) {
@@ -571,11 +697,11 @@ impl Vm {
     }
 
     /// H_PROTECT (spec 3.4, `kvmppc_h_protect`).
-    fn h_protect(&self, flags: u64, ptex: u64, avpn: u64) -> i64 {
-        let Some(p) = self.hpt.geometry().ptex(ptex) else {
+    fn h_protect(&self, hpt: &Hpt, slots: &Memslots, flags: u64, ptex: u64, avpn: u64) -> i64 {
+        let Some(p) = hpt.geometry().ptex(ptex) else {
             return H_PARAMETER;
         };
-        let Some(mut g) = self.hpt.lock(p) else {
+        let Some(mut g) = hpt.lock(p) else {
             return H_PARAMETER;
         };
         let v = g.v();
@@ -586,14 +712,14 @@ impl Vm {
             | ((flags << 48) & HpteR::KEY_HI)
             | (flags & (HpteR::PP | HpteR::N | HpteR::KEY_LO));
         let mask = HpteR::PROTECT_MASK;
-        let rev = self.hpt.revmap();
+        let rev = hpt.revmap();
         let gr = (rev.guest_rpte(p.0) & !mask) | bits;
         rev.set_guest_rpte(p.0, gr);
         let pte_r = g.r();
         if v & HpteV::VALID != 0 {
             let mut r = HpteR((pte_r & !mask) | bits);
             let was_ro = !HpteR(pte_r).is_writable();
-            if r.is_writable() && was_ro && self.keeps_readonly(v, gr) {
+            if r.is_writable() && was_ro && self.keeps_readonly(slots, v, gr) {
                 r = r.make_readonly();
             }
             if r.0 != pte_r {
@@ -613,19 +739,19 @@ impl Vm {
     /// Whether H_PROTECT must keep a read-only real HPTE read-only: always in the KVM
     /// flavour (the fault path upgrades it), and in the QEMU flavour only when the
     /// host mapping itself is read-only.
-    fn keeps_readonly(&self, v: u64, gr: u64) -> bool {
+    fn keeps_readonly(&self, slots: &Memslots, v: u64, gr: u64) -> bool {
         if self.flavour.protect_keeps_real_readonly() {
             return true;
         }
         self.entry_page(v, gr)
-            .and_then(|(gfn, _)| self.memslots.lookup(gfn))
+            .and_then(|(gfn, _)| slots.lookup(gfn))
             .is_some_and(|s| s.flags().contains(MemslotFlags::READONLY))
     }
 
     /// H_READ (spec 3.5): a lock-free read of one or (H_READ_4) four entries.
-    fn h_read(&self, flags: u64, ptex: u64, out: &mut [u64; 8]) -> i64 {
+    fn h_read(&self, hpt: &Hpt, flags: u64, ptex: u64, out: &mut [u64; 8]) -> i64 {
         let f = self.flavour;
-        let Some(p) = self.hpt.geometry().ptex(ptex) else {
+        let Some(p) = hpt.geometry().ptex(ptex) else {
             return H_PARAMETER;
         };
         let (start, n) = if flags & H_READ_4 != 0 {
@@ -633,10 +759,10 @@ impl Vm {
         } else {
             (p.0, 1)
         };
-        let rev = self.hpt.revmap();
+        let rev = hpt.revmap();
         for (k, pair) in out.chunks_exact_mut(2).take(n).enumerate() {
             let q = Ptex(start + k as u32);
-            let Some(slot) = self.hpt.slot(q) else {
+            let Some(slot) = hpt.slot(q) else {
                 return H_PARAMETER;
             };
             let v = slot.load_v();
@@ -644,25 +770,30 @@ impl Vm {
             if HpteV(v).is_used() {
                 r = f.present_r(rev.guest_rpte(q.0) | (r & HpteR::RC));
             }
-            pair[0] = f.present_v(v);
+            // A never-written slot of a QEMU resize table reads 0, not 0x40.
+            pair[0] = if HpteV(v).is_used() || !hpt.is_pristine(q) {
+                f.present_v(v)
+            } else {
+                v
+            };
             pair[1] = r;
         }
         H_SUCCESS
     }
 
     /// H_CLEAR_REF (spec 3.6, KVM flavour).
-    fn h_clear_ref(&self, ptex: u64, out: &mut [u64; 8]) -> i64 {
-        let Some(p) = self.hpt.geometry().ptex(ptex) else {
+    fn h_clear_ref(&self, hpt: &Hpt, slots: &Memslots, ptex: u64, out: &mut [u64; 8]) -> i64 {
+        let Some(p) = hpt.geometry().ptex(ptex) else {
             return H_PARAMETER;
         };
-        let Some(g) = self.hpt.lock(p) else {
+        let Some(g) = hpt.lock(p) else {
             return H_PARAMETER;
         };
         let v = g.v();
         if !HpteV(v).is_used() {
             return H_NOT_FOUND;
         }
-        let rev = self.hpt.revmap();
+        let rev = hpt.revmap();
         let mut gr = rev.guest_rpte(p.0);
         rev.set_guest_rpte(p.0, gr & !HpteR::R);
         if v & HpteV::VALID != 0 {
@@ -674,7 +805,7 @@ impl Vm {
                 self.tlb.tlbie();
                 // Keep the reference for host aging (KVMPPC_RMAP_REFERENCED).
                 if let Some((gfn, _)) = self.entry_page(v, gr) {
-                    if let Some(rm) = self.memslots.lookup(gfn).and_then(|s| s.rmap(gfn)) {
+                    if let Some(rm) = slots.lookup(gfn).and_then(|s| s.rmap(gfn)) {
                         rm.lock().add_rc(HpteR::R);
                     }
                 }
@@ -686,18 +817,18 @@ impl Vm {
     }
 
     /// H_CLEAR_MOD (spec 3.6, KVM flavour).
-    fn h_clear_mod(&self, ptex: u64, out: &mut [u64; 8]) -> i64 {
-        let Some(p) = self.hpt.geometry().ptex(ptex) else {
+    fn h_clear_mod(&self, hpt: &Hpt, slots: &Memslots, ptex: u64, out: &mut [u64; 8]) -> i64 {
+        let Some(p) = hpt.geometry().ptex(ptex) else {
             return H_PARAMETER;
         };
-        let Some(mut g) = self.hpt.lock(p) else {
+        let Some(mut g) = hpt.lock(p) else {
             return H_PARAMETER;
         };
         let v = g.v();
         if !HpteV(v).is_used() {
             return H_NOT_FOUND;
         }
-        let rev = self.hpt.revmap();
+        let rev = hpt.revmap();
         let mut gr = rev.guest_rpte(p.0);
         if gr & HpteR::C != 0 {
             rev.set_guest_rpte(p.0, gr & !HpteR::C);
@@ -710,7 +841,7 @@ impl Vm {
             if r & HpteR::C != 0 {
                 g.set_r(r & !HpteR::C);
                 if let Some((gfn, shift)) = self.entry_page(v, gr) {
-                    if let Some(s) = self.memslots.lookup(gfn) {
+                    if let Some(s) = slots.lookup(gfn) {
                         s.mark_dirty(gfn, 1 << (shift - PAGE_SHIFT));
                     }
                 }

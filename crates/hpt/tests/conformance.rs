@@ -114,8 +114,6 @@ fn item02_unknown_and_misaligned_opcodes_are_h_function() {
             H_PAGE_INIT,
             H_BLOCK_REMOVE,
             H_CLEAR_HPT,
-            H_RESIZE_HPT_PREPARE,
-            H_RESIZE_HPT_COMMIT,
             0x125,
             1 << 40,
             u64::MAX,
@@ -710,7 +708,7 @@ fn item38_rmap_rings_for_aliased_frames() {
     use revmap_hpt::mmu::{Access, VcpuMmu};
     for f in BOTH {
         let vm = vm(f);
-        let slot = vm.memslots().lookup(Gfn(0x42)).unwrap();
+        let slot = vm.memslots().lookup(Gfn(0x42)).unwrap().clone();
         let rmap = slot.rmap(Gfn(0x42)).unwrap();
         let rev = vm.hpt().revmap();
         let members = || {

@@ -12,9 +12,13 @@
 //!   counted by name.
 //! * A call is *matched* iff its return code and every recorded output agree;
 //!   `calls == matched + mismatched` always.
-//! * Resize records (`H_RESIZE_HPT_*`, `HPT_SHIFT`) and `HW_SET_*` records are not
-//!   replayed yet: the replay stops at the first one, reporting the results up to there
-//!   and where it stopped ([`FileReport::stopped_at`]).
+//! * Resize records are replayed: a PREPARE whose recorded result is a long-busy code
+//!   is matched by long-busy or H_SUCCESS (how many 9902s appear depends on timing);
+//!   before a PREPARE recorded as H_SUCCESS the replayer waits for the preparation to
+//!   finish ([`Hypervisor::wait_resize_prepared`]); `HPT_SHIFT` records are checked
+//!   against the VM's order (streaming mode; a disagreement counts as a mismatched
+//!   COMMIT). `HW_SET_*` records are not replayed: the replay stops at the first one
+//!   ([`FileReport::stopped_at`]).
 //! * With [`ReplayOptions::check_every`] = N the whole-VM checker runs after every N-th
 //!   call and once at the end (or at the stop record); each failed check counts one
 //!   violation.
@@ -30,7 +34,8 @@ use std::time::Instant;
 use thiserror::Error;
 
 pub use self::vm::{
-    new_vm, HcallResult, Hypervisor, ResultMask, VmSpec, REPLAY_BACKING_PAGE_SHIFT,
+    new_vm, HcallPort, HcallResult, Hypervisor, PerCall, ResultMask, RunBody, VmSpec,
+    REPLAY_BACKING_PAGE_SHIFT,
 };
 pub use revmap_hpt::{Flavour, HptError, Vm};
 
@@ -198,8 +203,6 @@ pub struct Stop {
 impl Stop {
     fn of(record: &Record) -> Option<Stop> {
         let (name, reason) = match record {
-            Record::Hcall(h) if h.kind.is_resize() => (h.kind.name(), StopReason::Resize),
-            Record::HptShift { .. } => ("HPT_SHIFT", StopReason::Resize),
             Record::HwSet {
                 bit: HwBit::Reference,
                 ..
@@ -510,36 +513,91 @@ where
         None => return Err(ReplayError::Empty { file }),
     };
     let vm = make(&file, line, shift, make_vm)?;
-    let mut rep = FileReport::new(&file, shift);
-    while let Some(rec) = reader.next_record()? {
-        match rec {
-            Record::Hcall(h) if !h.kind.is_resize() => {
-                let got = vm.hcall(h.cpu as usize, h.opcode(), h.args());
-                let outs = &h.expected.outs;
-                let f = rep.judge(
-                    &vm,
-                    h.opcode(),
-                    h.expected.ret,
-                    h.expected.present,
-                    |i| outs.get(i).copied().unwrap_or(0),
-                    (got.ret, &got.out),
-                );
-                if f.is_some() {
-                    rep.record_mismatch(h.line, h.opcode(), f);
-                }
-                rep.maybe_check(&vm, opts);
-            }
-            Record::HptAlloc { line, .. } => {
-                return Err(ReplayError::SecondAlloc { file, line });
-            }
-            other => {
-                rep.stopped_at = Stop::of(&other);
-                break;
-            }
-        }
-    }
+    let rep = FileReport::new(&file, shift);
+    // One run per cpu id for the whole file (KVM's vCPU runs, `Hypervisor::with_vcpu_runs`).
+    let mut rep = vm.with_vcpu_runs(StreamBody {
+        reader,
+        rep,
+        file,
+        opts,
+    })?;
     rep.finish(&vm, opts, start);
     Ok(rep)
+}
+
+/// The streaming replay loop over the records after `HPT_ALLOC`.
+struct StreamBody<'r, R> {
+    reader: &'r mut TraceReader<R>,
+    rep: FileReport,
+    file: String,
+    opts: &'r ReplayOptions,
+}
+
+impl<R: BufRead, H: Hypervisor> RunBody<H> for StreamBody<'_, R> {
+    type Output = Result<FileReport, ReplayError>;
+
+    fn run<P: HcallPort>(self, vm: &H, port: &mut P) -> Self::Output {
+        let StreamBody {
+            reader,
+            mut rep,
+            file,
+            opts,
+        } = self;
+        while let Some(rec) = reader.next_record()? {
+            match rec {
+                Record::Hcall(h) => {
+                    if resize_waits(h.opcode(), h.expected.ret) {
+                        vm.wait_resize_prepared();
+                    }
+                    let got = port_hcall(port, h.cpu as usize, h.opcode(), h.args());
+                    let outs = &h.expected.outs;
+                    let f = rep.judge(
+                        vm,
+                        h.opcode(),
+                        resize_expected(h.opcode(), h.expected.ret, got.ret),
+                        h.expected.present,
+                        |i| outs.get(i).copied().unwrap_or(0),
+                        (got.ret, &got.out),
+                    );
+                    if f.is_some() {
+                        rep.record_mismatch(h.line, h.opcode(), f);
+                    }
+                    rep.maybe_check(vm, opts);
+                }
+                Record::HptAlloc { line, .. } => {
+                    return Err(ReplayError::SecondAlloc { file, line });
+                }
+                Record::HptShift { line, new, .. } => {
+                    if let Some(got) = vm.hpt_order() {
+                        if got != new {
+                            rep.calls += 1;
+                            rep.mismatched += 1;
+                            rep.record_mismatch(
+                                line,
+                                H_RESIZE_HPT_COMMIT,
+                                Some((Field::Ret, u64::from(new), u64::from(got))),
+                            );
+                        }
+                    }
+                }
+                other => {
+                    rep.stopped_at = Stop::of(&other);
+                    break;
+                }
+            }
+        }
+        Ok(rep)
+    }
+}
+
+/// [`Vm::hcall`]'s argument convention over a port.
+#[inline]
+fn port_hcall<P: HcallPort>(port: &mut P, vcpu: usize, opcode: u64, args: &[u64]) -> HcallResult {
+    let mut out = [0u64; 8];
+    let n = args.len().min(out.len());
+    out[..n].copy_from_slice(&args[..n]);
+    let ret = port.hcall_regs(vcpu, opcode, &mut out);
+    HcallResult { ret, out }
 }
 
 /// The header word of one call in a [`PreparsedTrace`].
@@ -639,7 +697,7 @@ impl PreparsedTrace {
         let mut stop = None;
         while let Some(rec) = reader.next_record()? {
             match rec {
-                Record::Hcall(h) if !h.kind.is_resize() => {
+                Record::Hcall(h) => {
                     let e = &h.expected;
                     let Some(head) = PackedCall::new(h.opcode(), h.cpu, h.nargs, e.present) else {
                         return Err(ReplayError::Unrepresentable {
@@ -664,6 +722,8 @@ impl PreparsedTrace {
                 Record::HptAlloc { line, .. } => {
                     return Err(ReplayError::SecondAlloc { file, line });
                 }
+                // Checked in streaming mode only.
+                Record::HptShift { .. } => {}
                 other => {
                     stop = Stop::of(&other);
                     break;
@@ -732,6 +792,32 @@ pub fn replay_preparsed<H: Hypervisor>(
     vm: &H,
     opts: &ReplayOptions,
 ) -> FileReport {
+    // One run per cpu id for the whole trace (`Hypervisor::with_vcpu_runs`).
+    vm.with_vcpu_runs(PreparsedBody { trace, opts })
+}
+
+/// The pre-parsed replay loop.
+struct PreparsedBody<'a> {
+    trace: &'a PreparsedTrace,
+    opts: &'a ReplayOptions,
+}
+
+impl<H: Hypervisor> RunBody<H> for PreparsedBody<'_> {
+    type Output = FileReport;
+
+    #[inline]
+    fn run<P: HcallPort>(self, vm: &H, port: &mut P) -> FileReport {
+        preparsed_loop(self.trace, vm, port, self.opts)
+    }
+}
+
+#[inline(always)]
+fn preparsed_loop<H: Hypervisor, P: HcallPort>(
+    trace: &PreparsedTrace,
+    vm: &H,
+    port: &mut P,
+    opts: &ReplayOptions,
+) -> FileReport {
     let start = Instant::now();
     let mut rep = FileReport::new(&trace.file, trace.hpt_order);
     let mut rest: &[u64] = &trace.words;
@@ -752,13 +838,17 @@ pub fn replay_preparsed<H: Hypervisor>(
         for (r, a) in regs.iter_mut().zip(args) {
             *r = *a;
         }
-        let got_ret = vm.hcall_regs(head.cpu(), head.opcode(), &mut regs);
+        // Stored as the i64's bits.
+        let exp_ret = *ret as i64;
+        if resize_waits(head.opcode(), exp_ret) {
+            vm.wait_resize_prepared();
+        }
+        let got_ret = port.hcall_regs(head.cpu(), head.opcode(), &mut regs);
         let mut it = outs.iter();
         let f = rep.judge(
             vm,
             head.opcode(),
-            // Stored as the i64's bits.
-            *ret as i64,
+            resize_expected(head.opcode(), exp_ret, got_ret),
             present,
             |_| it.next().copied().unwrap_or(0),
             (got_ret, &regs),
@@ -771,6 +861,29 @@ pub fn replay_preparsed<H: Hypervisor>(
     rep.stopped_at = trace.stop;
     rep.finish(vm, opts, start);
     rep
+}
+
+/// H_RESIZE_HPT_PREPARE.
+const H_RESIZE_HPT_PREPARE: u64 = 0x36c;
+/// H_RESIZE_HPT_COMMIT.
+const H_RESIZE_HPT_COMMIT: u64 = 0x370;
+
+/// Whether the replayer must wait for the preparation before this call: a PREPARE
+/// recorded as H_SUCCESS.
+#[inline(always)]
+fn resize_waits(opcode: u64, exp_ret: i64) -> bool {
+    opcode == H_RESIZE_HPT_PREPARE && exp_ret == 0
+}
+
+/// The return code a call must match: a PREPARE recorded as long-busy also accepts
+/// H_SUCCESS (the preparation may finish sooner here than it did when recorded).
+#[inline(always)]
+fn resize_expected(opcode: u64, exp_ret: i64, got_ret: i64) -> i64 {
+    if opcode == H_RESIZE_HPT_PREPARE && (9900..=9905).contains(&exp_ret) && got_ret == 0 {
+        got_ret
+    } else {
+        exp_ret
+    }
 }
 
 #[cold]

@@ -196,35 +196,27 @@ fn masks_excuse_exactly_their_bits_and_are_counted() {
 }
 
 #[test]
-fn resize_record_stops_the_replay_and_still_passes() {
+fn resize_records_are_replayed_not_stopped_at() {
     let text = format!(
         "{TRACE}H_RESIZE_HPT_PREPARE cpu=0 flags=0x0 shift=19 -> ret=9902\nH_ENTER cpu=0 flags=0x0 ptex=0x0 pteh=0x1 ptel=0x0 -> ret=0 idx=0x0\n"
     );
     let vm = ScriptVm::new(good_script());
     let rep = preparsed(&text, &vm, ReplayOptions::default());
-    assert_eq!(rep.calls, 3);
-    assert_eq!(vm.seen.borrow().len(), 3);
-    let stop = rep.stopped_at.unwrap();
-    assert_eq!((stop.line, stop.record), (7, "H_RESIZE_HPT_PREPARE"));
-    assert!(stop.is_resize());
-    assert!(rep.passed());
-    assert!(stop
-        .to_string()
-        .contains("not yet supported (HPT resizing lands with the resize issue)"));
-    let rep2 = stream(
-        &text,
-        ScriptVm::new(good_script()),
-        ReplayOptions::default(),
-    );
-    assert_eq!(rep2.unwrap().stopped_at, Some(stop));
+    // The PREPARE and the call after it are sent to the VM like any call.
+    assert_eq!(rep.calls, 5);
+    assert_eq!(vm.seen.borrow().len(), 5);
+    assert_eq!(rep.stopped_at, None);
+}
 
-    let text = format!("{TRACE}HPT_SHIFT old=18 new=19\n");
-    let rep = preparsed(
-        &text,
-        &ScriptVm::new(good_script()),
-        ReplayOptions::default(),
-    );
-    assert_eq!(rep.stopped_at.unwrap().record, "HPT_SHIFT");
+#[test]
+fn prepare_long_busy_is_matched_by_success_only_for_prepare() {
+    assert_eq!(resize_expected(H_RESIZE_HPT_PREPARE, 9902, 0), 0);
+    assert_eq!(resize_expected(H_RESIZE_HPT_PREPARE, 9902, 9902), 9902);
+    assert_eq!(resize_expected(H_RESIZE_HPT_PREPARE, 0, 9902), 0);
+    assert_eq!(resize_expected(H_RESIZE_HPT_COMMIT, 9902, 0), 9902);
+    assert!(resize_waits(H_RESIZE_HPT_PREPARE, 0));
+    assert!(!resize_waits(H_RESIZE_HPT_PREPARE, 9902));
+    assert!(!resize_waits(H_RESIZE_HPT_COMMIT, 0));
 }
 
 #[test]

@@ -36,12 +36,66 @@ pub trait Hypervisor {
         r.ret
     }
 
+    /// Run `body` with the port this thread's vCPUs issue their hypercalls through
+    /// (KVM's vCPU runs: [`revmap_hpt::VcpuRuns`] for [`Vm`], entered once and
+    /// pinned for the whole body). The default sends each call through
+    /// [`hcall_regs`](Self::hcall_regs) ([`PerCall`]).
+    fn with_vcpu_runs<B: RunBody<Self>>(&self, body: B) -> B::Output
+    where
+        Self: Sized,
+    {
+        body.run(self, &mut PerCall(self))
+    }
+
+    /// Block until no HPT resize preparation is in progress (the replayer calls it
+    /// before a PREPARE whose recorded result is H_SUCCESS). Default: nothing to wait for.
+    fn wait_resize_prepared(&self) {}
+
+    /// The current HPT order, checked against `HPT_SHIFT` records (`None`: unknown).
+    fn hpt_order(&self) -> Option<u32> {
+        None
+    }
+
     /// Runs the whole-VM invariant checker.
     fn check_invariants(&self) -> Result<(), Self::Violation>;
 
     /// Bits of output `out_index` (0 = r4) of `opcode` to ignore when comparing with a
     /// recorded QEMU result (empty for a bit-exact flavour).
     fn result_masks(&self, opcode: u64, out_index: usize) -> &'static [ResultMask];
+}
+
+/// Where a replay thread sends its vCPUs' hypercalls (see
+/// [`Hypervisor::with_vcpu_runs`]).
+pub trait HcallPort {
+    /// One hypercall of vCPU `vcpu` with r4..r11 in `regs`, rewritten in place;
+    /// returns r3.
+    fn hcall_regs(&mut self, vcpu: usize, opcode: u64, regs: &mut [u64; 8]) -> i64;
+}
+
+/// A replay loop, generic over the port its hypercalls go through.
+pub trait RunBody<H: ?Sized> {
+    /// What the loop returns.
+    type Output;
+    /// Run the loop on `vm`, issuing hypercalls through `port`.
+    fn run<P: HcallPort>(self, vm: &H, port: &mut P) -> Self::Output;
+}
+
+/// The default port: every hypercall enters and leaves the VM on its own.
+#[derive(Debug)]
+pub struct PerCall<'a, H: ?Sized>(pub &'a H);
+
+impl<H: Hypervisor + ?Sized> HcallPort for PerCall<'_, H> {
+    #[inline(always)]
+    fn hcall_regs(&mut self, vcpu: usize, opcode: u64, regs: &mut [u64; 8]) -> i64 {
+        self.0.hcall_regs(vcpu, opcode, regs)
+    }
+}
+
+impl HcallPort for revmap_hpt::VcpuRuns<'_> {
+    #[inline(always)]
+    fn hcall_regs(&mut self, vcpu: usize, opcode: u64, regs: &mut [u64; 8]) -> i64 {
+        revmap_hpt::VcpuRuns::hcall_regs(self, vcpu, opcode, regs)
+    }
 }
 
 /// Host backing page shift used for replay RAM: 16 MiB pages back every page size the
@@ -78,8 +132,21 @@ impl Hypervisor for Vm {
         Vm::hcall_regs(self, vcpu, opcode, regs)
     }
 
+    #[inline]
+    fn with_vcpu_runs<B: RunBody<Self>>(&self, body: B) -> B::Output {
+        body.run(self, &mut self.vcpu_runs())
+    }
+
     fn check_invariants(&self) -> Result<(), Self::Violation> {
         Vm::check_invariants(self).map(|_report| ())
+    }
+
+    fn wait_resize_prepared(&self) {
+        self.resize_ctl().wait_prepared();
+    }
+
+    fn hpt_order(&self) -> Option<u32> {
+        Some(Vm::hpt_order(self))
     }
 
     #[inline]

@@ -1,0 +1,515 @@
+//! The PREPARE/COMMIT state machine, the background preparation worker, and the
+//! stop-the-world commit (rehash + pivot) of a [`Vm`]. See the parent module for the
+//! ownership rules (invariant 19) and the commit invariants (20-23).
+
+use super::rehash::rehash_index;
+use super::{long_busy_for_ms, ResizeError, PREPARE_ESTIMATE_MS};
+use crate::flavour::Flavour;
+use crate::hash::{HptGeometry, MAX_HPT_ORDER, MAX_PAPR_HPT_ORDER, MIN_HPT_ORDER};
+use crate::hcall::*;
+use crate::hpte::{HpteR, HpteV};
+use crate::table::Hpt;
+use crate::vm::Vm;
+use alloc::vec::Vec;
+use revmap_rmap::sync::{thread, Arc, AtomicBool, AtomicU64, Ordering};
+use revmap_rmap::Ptex;
+
+#[cfg(feature = "shuttle")]
+use shuttle::sync::{Condvar, Mutex, MutexGuard};
+#[cfg(not(feature = "shuttle"))]
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+/// Counters proving the ownership rules (no leak, no double free): every table a
+/// worker allocates is eventually either installed by a commit or freed exactly once.
+#[derive(Debug, Default)]
+pub struct ResizeStats {
+    /// Preparations started (worker threads spawned).
+    pub started: AtomicU64,
+    /// Tables successfully allocated by workers.
+    pub allocated: AtomicU64,
+    /// Prepared tables freed (detached, cancelled, failed commit, or stale worker).
+    pub freed: AtomicU64,
+    /// Of `freed`: freed by a worker whose request had been detached meanwhile.
+    pub freed_by_worker: AtomicU64,
+    /// Prepared tables installed by a successful commit.
+    pub installed: AtomicU64,
+    /// Workers that have finished (published or freed their result).
+    pub finished: AtomicU64,
+}
+
+impl ResizeStats {
+    fn bump(c: &AtomicU64) {
+        // ORDERING: Relaxed: statistics; tests read them after joining/waiting.
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+    fn get(c: &AtomicU64) -> u64 {
+        // ORDERING: Relaxed: statistics.
+        c.load(Ordering::Relaxed)
+    }
+    /// Prepared tables currently alive (allocated, neither freed nor installed).
+    pub fn live(&self) -> u64 {
+        Self::get(&self.allocated) - Self::get(&self.freed) - Self::get(&self.installed)
+    }
+}
+
+/// A prepared table with its accounting: dropping it counts a free.
+#[derive(Debug)]
+struct Prepared {
+    hpt: Option<Hpt>,
+    stats: Arc<Shared>,
+}
+
+impl Prepared {
+    fn install(mut self) -> Option<Hpt> {
+        ResizeStats::bump(&self.stats.stats.installed);
+        self.hpt.take()
+    }
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        if self.hpt.take().is_some() {
+            ResizeStats::bump(&self.stats.stats.freed);
+        }
+    }
+}
+
+/// The pending request (KVM's `kvm->arch.resize_hpt` with its `error` field as state).
+#[derive(Debug, Default)]
+enum Pending {
+    /// Nothing pending.
+    #[default]
+    Idle,
+    /// A worker is allocating and owns the table (`error == -EBUSY`).
+    Allocating {
+        /// Requested order.
+        order: u32,
+        /// Request identity: a worker publishes only if it is still current.
+        id: u64,
+    },
+    /// Prepared (`error == 0`): the table belongs to the pending state.
+    Ready {
+        /// Order.
+        order: u32,
+        /// The zeroed, inactive new table.
+        table: Prepared,
+    },
+    /// The allocation failed (`error < 0`).
+    Failed {
+        /// Order.
+        order: u32,
+        /// The failure.
+        err: ResizeError,
+    },
+}
+
+impl Pending {
+    fn order(&self) -> Option<u32> {
+        match self {
+            Self::Idle => None,
+            Self::Allocating { order, .. }
+            | Self::Ready { order, .. }
+            | Self::Failed { order, .. } => Some(*order),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    pending: Mutex<Pending>,
+    changed: Condvar,
+    next_id: AtomicU64,
+    fail_next_alloc: AtomicBool,
+    hold: Mutex<bool>,
+    hold_cv: Condvar,
+    stats: ResizeStats,
+}
+
+/// The resize state of one VM (`mmu_setup_lock` and the pending request).
+#[derive(Debug)]
+pub struct ResizeCtl {
+    shared: Arc<Shared>,
+    /// QEMU's `spapr_hpt_shift_for_ramsize` of the VM's RAM.
+    ram_order: u32,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock cannot leave `Pending` torn (every transition is
+    // one assignment), so a poisoned lock is still consistent.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl ResizeCtl {
+    /// Resize state for a VM whose RAM-derived order is `ram_order`.
+    pub fn new(ram_order: u32) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                pending: Mutex::new(Pending::Idle),
+                changed: Condvar::new(),
+                next_id: AtomicU64::new(1),
+                fail_next_alloc: AtomicBool::new(false),
+                hold: Mutex::new(false),
+                hold_cv: Condvar::new(),
+                stats: ResizeStats::default(),
+            }),
+            ram_order,
+        }
+    }
+
+    /// Allocation and ownership counters.
+    pub fn stats(&self) -> &ResizeStats {
+        &self.shared.stats
+    }
+
+    /// The order the RAM size suggests (H_RESOURCE above it + 1).
+    pub fn ram_order(&self) -> u32 {
+        self.ram_order
+    }
+
+    /// Make the next preparation's allocation fail (H_NO_MEM), for tests.
+    pub fn inject_alloc_failure(&self) {
+        // ORDERING: Relaxed: read by the worker spawned after this call (the spawn
+        // synchronises).
+        self.shared.fail_next_alloc.store(true, Ordering::Relaxed);
+    }
+
+    /// Hold (true) or release (false) every preparation worker before it allocates,
+    /// so tests can act while a preparation is in progress.
+    pub fn hold_preparation(&self, hold: bool) {
+        *lock(&self.shared.hold) = hold;
+        self.shared.hold_cv.notify_all();
+    }
+
+    /// Block until no preparation is in progress (the pending request is not
+    /// `Allocating`). Used by the replay before a recorded PREPARE success.
+    pub fn wait_prepared(&self) {
+        let mut p = lock(&self.shared.pending);
+        while matches!(*p, Pending::Allocating { .. }) {
+            p = self
+                .shared
+                .changed
+                .wait(p)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+
+    /// Block until every worker ever started has finished (tests: leak accounting).
+    pub fn wait_workers(&self) {
+        let s = &self.shared.stats;
+        let mut p = lock(&self.shared.pending);
+        while ResizeStats::get(&s.finished) < ResizeStats::get(&s.started) {
+            p = self
+                .shared
+                .changed
+                .wait(p)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        drop(p);
+    }
+
+    /// `resize_hpt_release`: detach the pending request. A `Ready` table is freed here
+    /// (by dropping it); an `Allocating` one is only detached: its worker frees it.
+    fn release(p: &mut Pending) {
+        *p = Pending::Idle;
+    }
+
+    fn start(&self, p: &mut Pending, order: u32, flavour: Flavour) -> i64 {
+        // ORDERING: Relaxed: a unique id; published to the worker by the spawn.
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        *p = Pending::Allocating { order, id };
+        let shared = self.shared.clone();
+        ResizeStats::bump(&self.shared.stats.started);
+        let spawned = thread::Builder::new()
+            .name("hpt-resize-prepare".into())
+            .spawn(move || prepare_worker(shared, order, id, flavour));
+        match spawned {
+            Ok(_) => long_busy_for_ms(PREPARE_ESTIMATE_MS),
+            Err(_) => {
+                ResizeStats::bump(&self.shared.stats.finished);
+                *p = Pending::Idle;
+                H_NO_MEM
+            }
+        }
+    }
+}
+
+/// `resize_hpt_prepare_work`: allocate outside the lock, then publish if still
+/// current, else free (the worker owns a detached request).
+fn prepare_worker(shared: Arc<Shared>, order: u32, id: u64, flavour: Flavour) {
+    {
+        let mut h = lock(&shared.hold);
+        while *h {
+            h = shared
+                .hold_cv
+                .wait(h)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+    // ORDERING: Relaxed: a test hook, see `inject_alloc_failure`.
+    let fail = shared.fail_next_alloc.swap(false, Ordering::Relaxed);
+    let res = if fail {
+        Err(ResizeError::NoMem)
+    } else if flavour.resize_table_reads_zero_until_written() {
+        Hpt::new_pristine(order).map_err(|_| ResizeError::NoMem)
+    } else {
+        Hpt::new(order).map_err(|_| ResizeError::NoMem)
+    };
+    let res = res.map(|hpt| {
+        ResizeStats::bump(&shared.stats.allocated);
+        Prepared {
+            hpt: Some(hpt),
+            stats: shared.clone(),
+        }
+    });
+    let mut p = lock(&shared.pending);
+    let current = matches!(*p, Pending::Allocating { id: cur, .. } if cur == id);
+    if current {
+        *p = match res {
+            Ok(table) => Pending::Ready { order, table },
+            Err(err) => Pending::Failed { order, err },
+        };
+    } else if let Ok(t) = res {
+        // Detached while we allocated: the worker frees (invariant 19).
+        ResizeStats::bump(&shared.stats.freed_by_worker);
+        drop(t);
+    }
+    ResizeStats::bump(&shared.stats.finished);
+    drop(p);
+    shared.changed.notify_all();
+}
+
+/// Where a bolted entry goes, decided before anything is changed.
+struct Move {
+    old: Ptex,
+    new: Ptex,
+    /// VALID (mapped, chained) in the old table before the commit.
+    valid: bool,
+}
+
+impl Vm {
+    /// The resize state (statistics, test hooks, waiting for a preparation).
+    pub fn resize_ctl(&self) -> &ResizeCtl {
+        &self.resize
+    }
+
+    /// H_RESIZE_HPT_PREPARE (spec 3.7.1-3.7.2). Runs outside the vCPU gate.
+    pub(crate) fn h_resize_hpt_prepare(&self, flags: u64, shift: u64) -> i64 {
+        let ctl = &self.resize;
+        if flags != 0 {
+            return ResizeError::Invalid.papr();
+        }
+        if shift != 0
+            && !(u64::from(MIN_HPT_ORDER)..=u64::from(MAX_PAPR_HPT_ORDER)).contains(&shift)
+        {
+            return ResizeError::Invalid.papr();
+        }
+        // In range 0..=46 now.
+        let shift = shift as u32;
+        if shift > ctl.ram_order + 1 || shift > MAX_HPT_ORDER {
+            return ResizeError::Resource.papr();
+        }
+        let f = self.flavour();
+        let mut p = lock(&ctl.shared.pending);
+        if p.order() == Some(shift) {
+            match &*p {
+                Pending::Allocating { .. } => return long_busy_for_ms(PREPARE_ESTIMATE_MS),
+                Pending::Ready { .. } => return H_SUCCESS,
+                Pending::Failed { err, .. } => {
+                    let code = err.papr();
+                    if !f.resize_prepare_keeps_failed() {
+                        ResizeCtl::release(&mut p);
+                    }
+                    return code;
+                }
+                Pending::Idle => {}
+            }
+        }
+        ResizeCtl::release(&mut p);
+        if shift == 0 {
+            return H_SUCCESS;
+        }
+        let r = ctl.start(&mut p, shift, f);
+        drop(p);
+        ctl.shared.changed.notify_all();
+        r
+    }
+
+    /// H_RESIZE_HPT_COMMIT (spec 3.7.3). Runs outside the vCPU gate; stops every vCPU
+    /// for the rehash and pivot.
+    pub(crate) fn h_resize_hpt_commit(&self, flags: u64, shift: u64) -> i64 {
+        let ctl = &self.resize;
+        let f = self.flavour();
+        if flags != 0 {
+            return ResizeError::Invalid.papr();
+        }
+        if f.resize_commit_checks_shift()
+            && shift != 0
+            && !(u64::from(MIN_HPT_ORDER)..=u64::from(MAX_PAPR_HPT_ORDER)).contains(&shift)
+        {
+            return ResizeError::Invalid.papr();
+        }
+        let keep = f.resize_commit_keeps_pending_on_refusal();
+        let mut p = lock(&ctl.shared.pending);
+        let refusal = match &*p {
+            Pending::Idle => Some(ResizeError::NoPending),
+            _ if p.order().map(u64::from) != Some(shift) => Some(ResizeError::NoPending),
+            Pending::Allocating { .. } => Some(ResizeError::Busy),
+            Pending::Failed { err, .. } => {
+                let e = *err;
+                ResizeCtl::release(&mut p);
+                return e.papr();
+            }
+            Pending::Ready { .. } => None,
+        };
+        if let Some(e) = refusal {
+            if !keep {
+                ResizeCtl::release(&mut p);
+            }
+            drop(p);
+            ctl.shared.changed.notify_all();
+            return e.papr();
+        }
+        // The request is always consumed from here on (invariant 20).
+        let Pending::Ready { table, .. } = core::mem::take(&mut *p) else {
+            return ResizeError::Io.papr();
+        };
+        let ret = self.commit_stop_the_world(table);
+        drop(p);
+        ctl.shared.changed.notify_all();
+        ret
+    }
+
+    /// Close the gate, rehash, pivot or fail, reopen (invariants 20-23).
+    fn commit_stop_the_world(&self, table: Prepared) -> i64 {
+        let tables = self.tables();
+        tables.close_and_drain(self.tlb());
+        let ret = match self.rehash_into(table) {
+            Ok(new) => match tables.pivot(new) {
+                Ok(()) => {
+                    // Every TLB entry names an old-table index: flush them all.
+                    self.tlb().tlbie();
+                    self.bump_mmio_update();
+                    H_SUCCESS
+                }
+                Err(_unused) => {
+                    tables.reopen();
+                    ResizeError::NoMem.papr()
+                }
+            },
+            Err(e) => {
+                tables.reopen();
+                e.papr()
+            }
+        };
+        ret
+    }
+
+    /// The rehash (spec 3.7.5) from the current table into `table`. On `Err` the old
+    /// table is untouched.
+    fn rehash_into(&self, table: Prepared) -> Result<Hpt, ResizeError> {
+        let f = self.flavour();
+        let old = self.hpt();
+        // The memslot snapshot of the whole rehash (the gate is closed; memslot writers
+        // may publish meanwhile and wait for us to drop it).
+        let slots = self.memslots();
+        let (og, rev) = (old.geometry(), old.revmap());
+        let Some(new) = table.hpt.as_ref() else {
+            return Err(ResizeError::Io);
+        };
+        let ng: HptGeometry = new.geometry();
+        if !self.tables().can_pivot() {
+            return Err(ResizeError::NoMem);
+        }
+        // Phase 1: placement. Nothing of the old table changes.
+        let mut moves: Vec<Move> = Vec::new();
+        for (i, s) in old.slots().iter().enumerate() {
+            let v = HpteV(s.load_v());
+            if !v.is_used() || !v.is_bolted() {
+                continue;
+            }
+            let p = Ptex(i as u32);
+            let Some(sh) = f.page_shifts(v, HpteR(rev.guest_rpte(p.0))) else {
+                return Err(ResizeError::Io);
+            };
+            let n = rehash_index(v, sh.base, og, p, ng);
+            let Some(g) = new.lock(n) else {
+                return Err(ResizeError::Io);
+            };
+            if HpteV(g.v()).is_used() {
+                // Only bolted entries are placed, so any occupant is bolted.
+                return Err(ResizeError::BoltedCollision);
+            }
+            g.unlock_with(HpteV::VALID); // placeholder, rewritten in phase 2
+            moves.try_reserve(1).map_err(|_| ResizeError::NoMem)?;
+            moves.push(Move {
+                old: p,
+                new: n,
+                valid: v.is_valid(),
+            });
+        }
+        // Phase 2: transfer. Unmap every VALID entry (R/C harvested), copy bolted ones.
+        let absent = f.resize_bolted_arrive_absent();
+        for (i, s) in old.slots().iter().enumerate() {
+            let v = s.load_v();
+            if v & HpteV::VALID == 0 {
+                continue;
+            }
+            let p = Ptex(i as u32);
+            let Some(mut g) = old.lock(p) else { continue };
+            g.set_v((v & !HpteV::VALID) | HpteV::ABSENT);
+            let hw_r = g.r();
+            self.remove_revmap_chain(old, &slots, p, v, hw_r);
+            g.set_r(hw_r & !HpteR::RC);
+            drop(g);
+        }
+        let new_rev = new.revmap();
+        for m in &moves {
+            let Some(s) = old.slot(m.old) else { continue };
+            let v = s.load_v();
+            let r = s.load_r();
+            let gr = rev.guest_rpte(m.old.0);
+            // A formerly VALID entry is ABSENT in the old table now (phase 2).
+            let (nv, nr) = match (m.valid, absent) {
+                (false, _) => (v, r),
+                // KVM: ABSENT, key cleared (a paged-out entry never has key 31, D4).
+                (true, true) => (v, r & !HpteR::KEY),
+                (true, false) => ((v & !HpteV::ABSENT) | HpteV::VALID, r),
+            };
+            let Some(g) = new.lock(m.new) else { continue };
+            new_rev.set_guest_rpte(m.new.0, gr);
+            g.set_r(nr);
+            g.unlock_with(nv);
+            new.mark_written(m.new);
+        }
+        // Phase 3 (QEMU flavour): re-chain the VALID bolted entries in the new table.
+        if !absent {
+            for m in &moves {
+                let Some(mut g) = new.lock(m.new) else {
+                    continue;
+                };
+                let v = g.v();
+                if v & HpteV::VALID == 0 {
+                    continue;
+                }
+                let gr = new_rev.guest_rpte(m.new.0);
+                let rmap = self
+                    .entry_page(v, gr)
+                    .and_then(|(gfn, _)| slots.lookup(gfn).and_then(|s| s.rmap(gfn)));
+                match rmap {
+                    Some(rm) if !self.invalidate_seq().in_progress() => {
+                        let rg = rm.lock();
+                        // Pre-set real R/C only where the rmap records them (inv. 12).
+                        let rc = rg.word().rc();
+                        new_rev.link(rg, m.new.0);
+                        g.set_r(g.r() | (rc & HpteR::RC));
+                    }
+                    _ => {
+                        g.set_v((v & !HpteV::VALID) | HpteV::ABSENT);
+                    }
+                }
+                drop(g);
+            }
+        }
+        table.install().ok_or(ResizeError::Io)
+    }
+}
