@@ -726,7 +726,7 @@ impl<'scope> HostActors<'scope> {
         host: &'env H,
         cfg: &ActorConfig,
     ) -> Self {
-        let slots = host.memslots();
+        let slots = host.memslot_views();
         let control = Arc::new(Control {
             stop: AtomicBool::new(false),
             pause: AtomicBool::new(false),

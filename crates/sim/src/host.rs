@@ -61,7 +61,7 @@ pub trait HostMmu: Sync {
     type Error: fmt::Display;
 
     /// Snapshot of the memslots.
-    fn memslots(&self) -> Vec<SlotView>;
+    fn memslot_views(&self) -> Vec<SlotView>;
 
     /// Host reclaim of `[start, end)`: unmap every HPTE mapping it; returns how many.
     fn unmap_hva_range(&self, start: Hva, end: Hva) -> u64;

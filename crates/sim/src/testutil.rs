@@ -149,7 +149,7 @@ fn gfn_range(
 impl HostMmu for FakeHost {
     type Error = String;
 
-    fn memslots(&self) -> Vec<SlotView> {
+    fn memslot_views(&self) -> Vec<SlotView> {
         self.slots.clone()
     }
 

@@ -105,7 +105,7 @@ fn migration_rounds_cover_every_slot_and_clear_manual_ones() {
     host.touch(0, 5, true);
     host.touch(1, 99, true);
     host.touch(1, 3, true);
-    let mut m = Migration::new(1, host.memslots());
+    let mut m = Migration::new(1, host.memslot_views());
     let mut ops = HostOps::default();
     let mut events = Vec::new();
     let mut obs = |e: MigrationEvent<'_>| match e {
@@ -160,7 +160,7 @@ fn actor_steps_count_operations() {
     let cfg = ActorConfig::all(11);
     let mut ops = HostOps::default();
     for kind in cfg.kinds.clone() {
-        let mut a = Actor::new(kind, &cfg, host.memslots());
+        let mut a = Actor::new(kind, &cfg, host.memslot_views());
         for _ in 0..100 {
             a.step(&host, &mut ops).unwrap();
         }
@@ -290,7 +290,7 @@ fn a_panicking_actor_is_reported_and_does_not_hang_pause() {
     struct Boom;
     impl HostMmu for Boom {
         type Error = String;
-        fn memslots(&self) -> Vec<SlotView> {
+        fn memslot_views(&self) -> Vec<SlotView> {
             slots()
         }
         fn unmap_hva_range(&self, _: Hva, _: Hva) -> u64 {
