@@ -7,12 +7,22 @@
 //! * 3, 4: every chain member is VALID and maps the chain's frame; every VALID
 //!   memslot-backed HPTE is on exactly one chain (counts must match);
 //! * 7: HVLOCK clear at rest, never VALID and ABSENT together;
-//! * 8: ABSENT + key 31 only outside memslots (MMIO), and ABSENT outside memslots
-//!   always has key 31; VALID never outside memslots;
+//! * 8: ABSENT + key 31 (MMIO) never inside a memslot (a slot created over MMIO entries
+//!   turns them into paged-out entries); VALID never outside memslots. A non-key-31
+//!   ABSENT entry outside every slot is legal: its slot was deleted or moved away, and a
+//!   fault on it is MMIO, as in KVM;
 //! * 9: guest_rpte has no `HPTE_GR_RESERVED` bit (KVM flavour);
 //! * 13: a VALID page is no larger than its backing page, its slot is aligned for it,
 //!   and its real RPN is the host page of its guest frame;
-//! * free slots are all-zero in the KVM flavour; memslot dirty-bitmap shape.
+//! * free slots are all-zero in the KVM flavour; memslot dirty-bitmap shape, and no
+//!   dirty bit recorded in a slot whose dirty logging is off;
+//! * 14: at rest no HPTE lock (HVLOCK) and no rmap lock (bit 43) is held;
+//! * 16: no vCPU fault is in flight at a quiescent point (so with `mmu_ready` clear no
+//!   fault can be about to turn an entry VALID);
+//! * 17: no VALID HPTE maps a frame of an INVALID slot and no rmap word of an INVALID
+//!   slot has PRESENT (a flushed slot; [`Vm::check_slot_flushed`] checks a range);
+//! * 18: after an HPT reset every rmap word is 0 — this model has no HPT reset yet
+//!   (the resize issue), so there is nothing to check.
 //!
 //! Invariants 10-12 and 15 are about histories, checked by the tests that drive
 //! hardware R/C and invalidations. Cost: O(npte + guest frames).
@@ -55,6 +65,10 @@ impl Vm {
         let mut rep = CheckReport::default();
         let mut backed = vec![0u64; npte.div_ceil(64)];
         let mut nbacked = 0usize;
+        let slots = self.memslots();
+        if self.faults_in_flight() != 0 {
+            return Err(Violation::FaultInFlight);
+        }
 
         for (i, s) in hpt.slots().iter().enumerate() {
             let p = i as u32;
@@ -77,14 +91,14 @@ impl Vm {
                 return Err(Violation::BadPageSize { ptex: p });
             };
             let gfn = Gfn(HpteR(gr).page_addr(shifts.actual) >> PAGE_SHIFT);
-            let slot = self.memslots().lookup(gfn);
+            let slot = slots.lookup(gfn);
             if v & HpteV::ABSENT != 0 {
                 rep.absent += 1;
                 let key31 = HpteR(r).is_key31();
                 if key31 {
                     rep.mmio += 1;
                 }
-                if key31 == slot.is_some() {
+                if key31 && slot.is_some_and(|s| !s.is_invalid()) {
                     return Err(Violation::Key31InRam {
                         ptex: p,
                         gfn: gfn.0,
@@ -99,6 +113,12 @@ impl Vm {
                     why: "VALID entry outside every memslot (MMIO must be ABSENT)",
                 });
             };
+            if s.is_invalid() {
+                return Err(Violation::BadMapping {
+                    ptex: p,
+                    why: "VALID entry maps a frame of an INVALID (flushed) memslot",
+                });
+            }
             if shifts.actual > s.backing_page_shift() || !s.is_aligned_for(shifts.actual) {
                 return Err(Violation::BadMapping {
                     ptex: p,
@@ -118,8 +138,15 @@ impl Vm {
 
         let mut chained = vec![0u64; npte.div_ceil(64)];
         let mut first_err: Option<Violation> = None;
-        for s in self.memslots().iter() {
+        for s in slots.iter() {
             s.check().map_err(Violation::Memslot)?;
+            if s.is_invalid() {
+                if let Some(i) = s.rmaps().iter().position(|r| r.load().is_present()) {
+                    return Err(Violation::NotFlushed {
+                        gfn: s.base_gfn().0 + i as u64,
+                    });
+                }
+            }
             rep.dirty_frames += s.count_dirty();
             let base = s.base_gfn().0;
             let stats = check_rmaps(s.rmaps(), rev, |frame, p| {
@@ -168,5 +195,27 @@ impl Vm {
             });
         }
         Ok(rep)
+    }
+}
+
+impl Vm {
+    /// Invariant 17 for a range that no longer belongs to a slot (after a delete or a
+    /// move away): no VALID HPTE maps a frame of `[lo, hi)`. O(npte).
+    pub fn check_slot_flushed(&self, lo: Gfn, hi: Gfn) -> Result<(), Violation> {
+        let rev = self.hpt().revmap();
+        for (i, s) in self.hpt().slots().iter().enumerate() {
+            let v = s.load_v();
+            if v & HpteV::VALID == 0 {
+                continue;
+            }
+            let gr = rev.guest_rpte(i as u32);
+            if let Some((g, shift)) = self.entry_page(v, gr) {
+                let end = g.0 + (1u64 << (shift - PAGE_SHIFT));
+                if g.0 < hi.0 && lo.0 < end {
+                    return Err(Violation::NotFlushed { gfn: g.0 });
+                }
+            }
+        }
+        Ok(())
     }
 }

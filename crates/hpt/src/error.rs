@@ -128,7 +128,61 @@ pub enum Violation {
         /// dword 1.
         r: u64,
     },
-    /// Memslot-level invariant (dirty bitmap shape).
+    /// Memslot-level invariant (dirty bitmap shape, no dirty bits with logging off).
     #[error("memslot: {0}")]
     Memslot(&'static str),
+    /// Invariant 17: a VALID HPTE or a PRESENT rmap word for a frame of a flushed
+    /// (INVALID, deleted or moved-away) memslot range.
+    #[error("frame {gfn:#x} of a flushed memslot is still mapped")]
+    NotFlushed {
+        /// Guest frame.
+        gfn: u64,
+    },
+    /// Invariant 16 (quiescence): a vCPU fault is still in flight.
+    #[error("a vCPU fault is in flight at a quiescent point")]
+    FaultInFlight,
+}
+
+/// Why a host-side operation (memslot lifecycle, dirty log) failed. Host callers are
+/// the VMM and its threads, not the guest: bad arguments are errors here, never panics.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum HostError {
+    /// No memslot with this id.
+    #[error("no memslot {id:?}")]
+    NoSuchSlot {
+        /// The id.
+        id: revmap_rmap::SlotId,
+    },
+    /// The flags contain bits userspace may not set (INVALID, unknown bits) or change
+    /// (READONLY after creation, as KVM's `-EINVAL`).
+    #[error("memslot flags {flags:#x} not allowed here")]
+    BadFlags {
+        /// The raw flags.
+        flags: u32,
+    },
+    /// The slot could not be created or moved (size, alignment, overlap, allocation).
+    #[error(transparent)]
+    Memslot(#[from] MemslotError),
+    /// KVM_GET_DIRTY_LOG / KVM_CLEAR_DIRTY_LOG on a slot without dirty logging
+    /// (KVM's `-ENOENT`).
+    #[error("dirty logging is off for memslot {id:?}")]
+    DirtyLogDisabled {
+        /// The slot.
+        id: revmap_rmap::SlotId,
+    },
+    /// KVM_CLEAR_DIRTY_LOG outside the slot or with an unaligned first page
+    /// (KVM's `-EINVAL`).
+    #[error(
+        "dirty-log range of {len} words from page {first_page} is outside the slot or unaligned"
+    )]
+    BadDirtyRange {
+        /// First page.
+        first_page: u64,
+        /// Number of bitmap words.
+        len: usize,
+    },
+    /// Memory for a result could not be reserved.
+    #[error(transparent)]
+    Alloc(#[from] RmapError),
 }

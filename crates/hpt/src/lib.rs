@@ -9,6 +9,9 @@
 //! * [`check`]: the whole-VM invariant checker ([`Vm::check_invariants`]).
 //! * [`mmu`]: the "hardware": translation through the HPT with per-vCPU TLBs, setting
 //!   R/C; [`tlb`]: the tlbie handshake and the MMU-notifier sequence.
+//! * The host side: [`host`] (memslot lifecycle with the INVALID step, `mmu_ready`),
+//!   [`notifier`] (MMU-notifier unmap/age walkers), [`dirty`] (dirty logging),
+//!   [`fault`] (page-in of ABSENT entries, write upgrade).
 //!
 //! Lock order: HPTE lock (HVLOCK) -> rmap lock (bit 43). No hypercall allocates or takes
 //! a global lock.
@@ -19,17 +22,24 @@
 extern crate alloc;
 
 pub mod check;
+pub mod dirty;
 pub mod error;
+pub mod fault;
 pub mod flavour;
 pub mod hash;
 pub mod hcall;
+pub mod host;
 pub mod hpte;
 pub mod mmu;
+pub mod notifier;
 pub mod table;
 pub mod tlb;
 pub mod vm;
 
 pub use check::CheckReport;
-pub use error::{HptError, Violation};
+pub use error::{HostError, HptError, Violation};
+pub use fault::FaultOutcome;
 pub use flavour::{result_masks, Flavour, ResultMask};
+pub use host::MemslotSpec;
+pub use revmap_memslot::MemslotFlags;
 pub use vm::{HcallResult, Vm, VmConfig};

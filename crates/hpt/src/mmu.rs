@@ -20,13 +20,43 @@
 //!   larger than 8 MiB), H bit (= the group being searched) and base page size (= the
 //!   segment's) match.
 //! * A translation never returns an address outside the entry's page.
+//!
+//! # Faults
+//!
+//! [`VcpuMmu::access`] (and [`load`](VcpuMmu::load) / [`store`](VcpuMmu::store)) is
+//! what a vCPU does: translate, and on a failed translation enter the hypervisor's fault
+//! path ([`Vm::page_fault`], outside the access epoch) and retry until the access
+//! succeeds or the fault is MMIO, the guest's, or the MMU is not ready.
 
+use crate::fault::FaultOutcome;
 use crate::hash::{hpt_hash, primary_pteg, secondary_pteg, Segment};
 use crate::hpte::{kvm_page_shifts, HpteR, HpteV};
 use crate::table::HpteSlot;
 use crate::vm::Vm;
 use crate::HptError;
-use revmap_rmap::Ptex;
+use revmap_rmap::{Gpa, Ptex};
+
+/// How many times [`VcpuMmu::access`] re-enters the fault path before giving up.
+pub const MAX_FAULT_RETRIES: u32 = 100_000;
+
+/// Final outcome of a vCPU access through [`VcpuMmu::access`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessOutcome {
+    /// The access completed through this translation (R, and C for a store, set).
+    Done(Translation),
+    /// Emulated MMIO at this guest physical address.
+    Mmio {
+        /// Guest physical address accessed.
+        gpa: Gpa,
+    },
+    /// A fault the guest must handle (DSI/ISI): no HPTE, or its permissions deny it.
+    GuestFault(Fault),
+    /// `mmu_ready` is clear: the vCPU must leave the guest.
+    NotReady,
+    /// The fault path kept racing (e.g. constant invalidation) for
+    /// [`MAX_FAULT_RETRIES`] rounds.
+    GaveUp(Fault),
+}
 
 /// Kind of access.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,7 +78,7 @@ pub struct Translation {
     pub tlb_hit: bool,
 }
 
-/// Why a translation failed (the fault path comes with the host-side issue).
+/// Why a translation failed (handled by [`Vm::page_fault`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
     /// No HPTE matches: a guest page fault (DSI/ISI reflected to the guest).
@@ -192,6 +222,57 @@ impl<'vm> VcpuMmu<'vm> {
             ptex: p,
             tlb_hit: false,
         })
+    }
+
+    /// Perform an access as a vCPU does: translate; on a fault, run the hypervisor's
+    /// fault path ([`Vm::page_fault`]) and retry, until it completes or the outcome is
+    /// MMIO, a guest fault or "not ready".
+    pub fn access(&mut self, seg: &Segment, ea: u64, access: Access) -> AccessOutcome {
+        let mut last = Fault::NoHpte;
+        for _ in 0..MAX_FAULT_RETRIES {
+            let f = match self.translate(seg, ea, access) {
+                Ok(t) => return AccessOutcome::Done(t),
+                Err(f) => f,
+            };
+            last = f;
+            match self.vm.page_fault(self.slot, &f, access) {
+                FaultOutcome::Retry => {}
+                FaultOutcome::Mmio { gpa } => {
+                    let off = match f {
+                        Fault::Absent { ptex, .. } | Fault::Protection { ptex } => {
+                            self.page_offset(ptex, ea)
+                        }
+                        Fault::NoHpte => 0,
+                    };
+                    return AccessOutcome::Mmio {
+                        gpa: Gpa(gpa.0 | off),
+                    };
+                }
+                FaultOutcome::NoMapping => return AccessOutcome::GuestFault(f),
+                FaultOutcome::NotReady => return AccessOutcome::NotReady,
+            }
+        }
+        AccessOutcome::GaveUp(last)
+    }
+
+    /// A load through [`access`](Self::access).
+    pub fn load(&mut self, seg: &Segment, ea: u64) -> AccessOutcome {
+        self.access(seg, ea, Access::Load)
+    }
+
+    /// A store through [`access`](Self::access).
+    pub fn store(&mut self, seg: &Segment, ea: u64) -> AccessOutcome {
+        self.access(seg, ea, Access::Store)
+    }
+
+    /// Offset of `ea` inside the page HPTE `ptex` maps (0 if it no longer decodes).
+    fn page_offset(&self, ptex: Ptex, ea: u64) -> u64 {
+        let hpt = self.vm.hpt();
+        let Some(s) = hpt.slot(ptex) else { return 0 };
+        let gr = hpt.revmap().guest_rpte(ptex.0);
+        self.vm
+            .entry_page(s.load_v(), gr)
+            .map_or(0, |(_, shift)| ea & ((1u64 << shift) - 1))
     }
 
     /// Search the primary then the secondary PTEG for an entry with `state` (VALID or

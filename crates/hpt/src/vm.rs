@@ -18,8 +18,8 @@
 //! * R/C are read from dword 1 only after the tlbie that stabilises them (D5/D6).
 //! * Every hypercall validates each guest value with checked arithmetic before use; no
 //!   input panics, allocates, or touches memory outside this VM. The hot path takes no
-//!   global lock (only HPTE and rmap bit locks) and the memslot lookup is a scan of a
-//!   one-element array.
+//!   global lock (only HPTE and rmap bit locks); the memslot lookup loads the published
+//!   snapshot ([`SlotSet::load`], an SRCU read side) and scans its few slots.
 //! * See `check.rs` for the whole-VM invariants, verified by [`Vm::check_invariants`].
 
 use crate::error::HptError;
@@ -28,6 +28,7 @@ use crate::hcall::*;
 use crate::hpte::{HpteR, HpteV};
 use crate::table::{Hpt, HpteGuard};
 use crate::tlb::{InvalidateSeq, TlbDomain};
+use revmap_memslot::slots::{SlotSet, SlotsRef};
 use revmap_memslot::{Memslot, MemslotFlags, Memslots};
 use revmap_rmap::sync::{AtomicU64, Ordering};
 use revmap_rmap::{Gfn, Hva, Ptex, SlotId, PAGE_SHIFT};
@@ -78,10 +79,11 @@ pub struct HcallResult {
 pub struct Vm {
     flavour: Flavour,
     hpt: Hpt,
-    memslots: Memslots,
+    memslots: SlotSet,
     notifier: InvalidateSeq,
+    pub(crate) host: crate::host::HostState,
     tlb: TlbDomain,
-    mmio_update: AtomicU64,
+    pub(crate) mmio_update: AtomicU64,
 }
 
 const _: () = {
@@ -93,12 +95,16 @@ impl Vm {
     /// Create a VM: a zeroed HPT of 2^`hpt_order` bytes and one RAM memslot at gpa 0
     /// with dirty logging on and every host page present.
     pub fn new(cfg: VmConfig) -> Result<Vm, HptError> {
+        Self::with_hpt(cfg, Hpt::new(cfg.hpt_order)?)
+    }
+
+    /// [`Vm::new`] over an already built table (tiny tables for model checking).
+    pub(crate) fn with_hpt(cfg: VmConfig, hpt: Hpt) -> Result<Vm, HptError> {
         if cfg.ram_bytes == 0 || cfg.ram_bytes % (1 << PAGE_SHIFT) != 0 {
             return Err(HptError::BadRamSize {
                 bytes: cfg.ram_bytes,
             });
         }
-        let hpt = Hpt::new(cfg.hpt_order)?;
         let slot = Memslot::new(
             SlotId(0),
             Gfn(0),
@@ -112,8 +118,9 @@ impl Vm {
         Ok(Vm {
             flavour: cfg.flavour,
             hpt,
-            memslots,
+            memslots: SlotSet::new(memslots),
             notifier: InvalidateSeq::default(),
+            host: crate::host::HostState::new(),
             tlb: TlbDomain::new()?,
             mmio_update: AtomicU64::new(0),
         })
@@ -137,9 +144,16 @@ impl Vm {
         &self.hpt
     }
 
-    /// The memslots.
+    /// A snapshot of the memslots (an SRCU read side: drop it before calling a memslot
+    /// lifecycle method, which waits for readers).
     #[inline]
-    pub fn memslots(&self) -> &Memslots {
+    pub fn memslots(&self) -> SlotsRef {
+        self.memslots.load()
+    }
+
+    /// The published memslot set (lifecycle code).
+    #[inline]
+    pub(crate) fn slot_set(&self) -> &SlotSet {
         &self.memslots
     }
 
@@ -213,8 +227,8 @@ impl Vm {
         let pteh = pteh & !(HpteV::HV_SW | HpteV::VALID);
         let seq = self.notifier.sample();
         let gfn = Gfn(HpteR(ptel).page_addr(shifts.actual) >> PAGE_SHIFT);
-        let slot = self
-            .memslots
+        let slots = self.memslots.load();
+        let slot = slots
             .lookup(gfn)
             .filter(|s| !s.flags().contains(MemslotFlags::INVALID));
 
@@ -371,7 +385,8 @@ impl Vm {
         let Some((gfn, shift)) = self.entry_page(v, gr) else {
             return gr;
         };
-        let Some(slot) = self.memslots.lookup(gfn) else {
+        let slots = self.memslots.load();
+        let Some(slot) = slots.lookup(gfn) else {
             return gr;
         };
         if let Some(rm) = slot.rmap(gfn) {
@@ -560,8 +575,9 @@ impl Vm {
         if self.flavour.protect_keeps_real_readonly() {
             return true;
         }
+        let slots = self.memslots.load();
         self.entry_page(v, gr)
-            .and_then(|(gfn, _)| self.memslots.lookup(gfn))
+            .and_then(|(gfn, _)| slots.lookup(gfn))
             .is_some_and(|s| s.flags().contains(MemslotFlags::READONLY))
     }
 
@@ -617,7 +633,8 @@ impl Vm {
                 self.tlb.tlbie();
                 // Keep the reference for host aging (KVMPPC_RMAP_REFERENCED).
                 if let Some((gfn, _)) = self.entry_page(v, gr) {
-                    if let Some(rm) = self.memslots.lookup(gfn).and_then(|s| s.rmap(gfn)) {
+                    let slots = self.memslots.load();
+                    if let Some(rm) = slots.lookup(gfn).and_then(|s| s.rmap(gfn)) {
                         rm.lock().add_rc(HpteR::R);
                     }
                 }
@@ -653,7 +670,8 @@ impl Vm {
             if r & HpteR::C != 0 {
                 g.set_r(r & !HpteR::C);
                 if let Some((gfn, shift)) = self.entry_page(v, gr) {
-                    if let Some(s) = self.memslots.lookup(gfn) {
+                    let slots = self.memslots.load();
+                    if let Some(s) = slots.lookup(gfn) {
                         s.mark_dirty(gfn, 1 << (shift - PAGE_SHIFT));
                     }
                 }

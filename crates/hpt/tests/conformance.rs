@@ -710,7 +710,7 @@ fn item38_rmap_rings_for_aliased_frames() {
     use revmap_hpt::mmu::{Access, VcpuMmu};
     for f in BOTH {
         let vm = vm(f);
-        let slot = vm.memslots().lookup(Gfn(0x42)).unwrap();
+        let slot = vm.memslots().lookup(Gfn(0x42)).unwrap().clone();
         let rmap = slot.rmap(Gfn(0x42)).unwrap();
         let rev = vm.hpt().revmap();
         let members = || {

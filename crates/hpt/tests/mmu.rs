@@ -83,7 +83,7 @@ fn invalidation_flushes_the_tlb() {
         mmu.translate(&SEG, 5 << 12, Access::Load),
         Err(Fault::NoHpte)
     );
-    let s = vm.memslots().lookup(Gfn(0x10)).unwrap();
+    let s = vm.memslots().lookup(Gfn(0x10)).unwrap().clone();
     assert!(s.is_dirty(Gfn(0x10)), "C reached the dirty bitmap");
     assert!(
         s.rmap(Gfn(0x10)).unwrap().load().changed(),
@@ -104,7 +104,7 @@ fn protection_absent_and_mmio_faults() {
         })
     );
     // Host page not present -> ABSENT -> host fault.
-    let s = vm.memslots().lookup(Gfn(0x30)).unwrap();
+    let s = vm.memslots().lookup(Gfn(0x30)).unwrap().clone();
     s.set_host_present(Gfn(0x30), false);
     let p2 = enter(&vm, 8, 0x30, 2);
     assert_eq!(

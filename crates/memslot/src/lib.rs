@@ -14,8 +14,15 @@
 //!   host physical = host virtual (an identity host mapping), so a real HPTE never
 //!   carries the guest's RPN and leaks of the real word are visible in tests.
 //!
+//! A [`Memslot`] is a small *descriptor* (id, gfn range, flags) over shared per-slot
+//! data (the rmap words, dirty bitmap and host backing model, behind an `Arc`): moving a
+//! slot or changing its flags makes a new descriptor over the same data, as KVM inherits
+//! `memslot->arch.rmap` on MOVE and FLAGS_ONLY.
+//!
 //! [`Memslots`] is the small set of slots of one VM with gfn -> slot lookup by linear
-//! scan over a sorted array (VMs have a handful of slots).
+//! scan over a sorted array (VMs have a handful of slots). It is an immutable snapshot:
+//! [`slots::SlotSet`] publishes new snapshots while readers (hypercalls, vCPU faults,
+//! host walkers) keep using the one they loaded, and waits for them (KVM's SRCU).
 //!
 //! # Invariants
 //!
@@ -26,18 +33,22 @@
 //!   last dirty word beyond `npages` are never set.
 //! * Slots of one [`Memslots`] are sorted by `base_gfn` and never overlap.
 //!
-//! Lifecycle (create/move/delete with an INVALID step) and MMU notifiers come in a later
-//! issue; [`MemslotFlags::INVALID`] is reserved for it.
+//! * A descriptor's flags never contain [`MemslotFlags::INVALID`] unless it was published
+//!   by the lifecycle code's INVALID step (delete/move), and a slot with logging off has
+//!   an all-zero dirty bitmap once the flag change has been published.
 #![cfg_attr(not(any(feature = "std", test)), no_std)]
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 extern crate alloc;
 
+#[cfg(any(feature = "std", loom))]
+pub mod slots;
+
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use revmap_rmap::error::try_boxed_slice;
-use revmap_rmap::sync::{AtomicU64, Ordering};
+use revmap_rmap::sync::{Arc, AtomicU64, Ordering};
 use revmap_rmap::{Gfn, Hva, Rmap, RmapError, SlotId, PAGE_SHIFT};
 
 /// Largest number of 4 KiB frames one slot may hold (2^30 frames = 4 TiB of guest
@@ -58,8 +69,16 @@ impl MemslotFlags {
     pub const LOG_DIRTY_PAGES: Self = Self(1 << 0);
     /// `KVM_MEM_READONLY`: the host mapping is read-only; real HPTEs are made read-only.
     pub const READONLY: Self = Self(1 << 1);
-    /// `KVM_MEMSLOT_INVALID`: the slot is being deleted or moved (later issue).
+    /// `KVM_DIRTY_LOG_MANUAL_PROTECT` (a VM capability in KVM, a per-slot flag here):
+    /// `KVM_GET_DIRTY_LOG` returns the bitmap without clearing it; `KVM_CLEAR_DIRTY_LOG`
+    /// clears it.
+    pub const DIRTY_LOG_MANUAL_PROTECT: Self = Self(1 << 2);
+    /// `KVM_MEMSLOT_INVALID`: the slot is being deleted or moved; lookups still find it
+    /// but H_ENTER and the fault path treat its frames as emulated MMIO.
     pub const INVALID: Self = Self(1 << 16);
+    /// Flags userspace may set (everything but the internal INVALID state).
+    pub const USER_MASK: Self =
+        Self(Self::LOG_DIRTY_PAGES.0 | Self::READONLY.0 | Self::DIRTY_LOG_MANUAL_PROTECT.0);
 
     /// True if every flag of `other` is set.
     #[inline]
@@ -70,6 +89,11 @@ impl MemslotFlags {
     #[inline]
     pub const fn union(self, other: Self) -> Self {
         Self(self.0 | other.0)
+    }
+    /// These flags without those of `other`.
+    #[inline]
+    pub const fn difference(self, other: Self) -> Self {
+        Self(self.0 & !other.0)
     }
 }
 
@@ -116,14 +140,22 @@ pub enum MemslotError {
     Alloc(#[from] RmapError),
 }
 
-/// One guest memory slot with its rmap words, dirty bitmap and host backing model.
-#[derive(Debug)]
+/// One guest memory slot: a descriptor (id, gfn range, flags) over its shared rmap
+/// words, dirty bitmap and host backing model. Cloning is cheap and shares the data.
+#[derive(Debug, Clone)]
 pub struct Memslot {
     id: SlotId,
     base_gfn: Gfn,
     npages: u64,
-    backing_page_shift: u32,
     flags: MemslotFlags,
+    data: Arc<SlotData>,
+}
+
+/// The per-slot arrays, shared by every descriptor of one slot (KVM keeps
+/// `memslot->arch.rmap` across MOVE and FLAGS_ONLY).
+#[derive(Debug)]
+struct SlotData {
+    backing_page_shift: u32,
     userspace_addr: Hva,
     rmap: Box<[Rmap]>,
     dirty_bitmap: Box<[AtomicU64]>,
@@ -188,13 +220,51 @@ impl Memslot {
             id,
             base_gfn,
             npages,
-            backing_page_shift,
             flags,
-            userspace_addr,
-            rmap,
-            dirty_bitmap,
-            host_present,
+            data: Arc::new(SlotData {
+                backing_page_shift,
+                userspace_addr,
+                rmap,
+                dirty_bitmap,
+                host_present,
+            }),
         })
+    }
+
+    /// The same slot (same rmap words, bitmap and backing) at another base frame
+    /// (KVM_MR_MOVE). Fails if the range overflows or the new base is not aligned to the
+    /// backing page.
+    pub fn with_base(&self, base_gfn: Gfn) -> Result<Self, MemslotError> {
+        base_gfn
+            .0
+            .checked_add(self.npages)
+            .ok_or(MemslotError::Overflow)?;
+        let frames_per_backing = 1u64 << (self.data.backing_page_shift - PAGE_SHIFT);
+        if base_gfn.0 & (frames_per_backing - 1) != 0 {
+            return Err(MemslotError::Misaligned {
+                base_gfn,
+                hva: self.data.userspace_addr,
+                shift: self.data.backing_page_shift,
+            });
+        }
+        Ok(Self {
+            base_gfn,
+            ..self.clone()
+        })
+    }
+
+    /// The same slot with other flags (KVM_MR_FLAGS_ONLY, or the INVALID step).
+    pub fn with_flags(&self, flags: MemslotFlags) -> Self {
+        Self {
+            flags,
+            ..self.clone()
+        }
+    }
+
+    /// True if both descriptors describe the same slot data.
+    #[inline]
+    pub fn same_data(&self, other: &Memslot) -> bool {
+        Arc::ptr_eq(&self.data, &other.data)
     }
 
     /// Slot id.
@@ -215,7 +285,42 @@ impl Memslot {
     /// Host backing page shift.
     #[inline]
     pub fn backing_page_shift(&self) -> u32 {
-        self.backing_page_shift
+        self.data.backing_page_shift
+    }
+    /// True if the slot is in the INVALID step of a delete or move.
+    #[inline]
+    pub fn is_invalid(&self) -> bool {
+        self.flags.contains(MemslotFlags::INVALID)
+    }
+    /// Largest page shift an HPTE may map from this slot: bounded by the backing page
+    /// and by `slot_is_aligned` (base and size multiples of the page).
+    #[inline]
+    pub fn max_page_shift(&self) -> u32 {
+        let align = (self.base_gfn.0 | self.npages).trailing_zeros() + PAGE_SHIFT;
+        align.min(self.data.backing_page_shift)
+    }
+    /// End (exclusive) of the slot's frames.
+    #[inline]
+    pub fn end_gfn(&self) -> Gfn {
+        Gfn(self.base_gfn.0 + self.npages)
+    }
+    /// End (exclusive) of the slot's host virtual range.
+    #[inline]
+    pub fn hva_end(&self) -> Hva {
+        Hva(self.data.userspace_addr.0 + (self.npages << PAGE_SHIFT))
+    }
+    /// The frames `[lo, hi)` of this slot backed by host addresses in `[start, end)`, or
+    /// `None` if the ranges do not meet. Partial 4 KiB pages count.
+    pub fn hva_range_to_gfns(&self, start: Hva, end: Hva) -> Option<(Gfn, Gfn)> {
+        let ua = self.data.userspace_addr.0;
+        let a = start.0.max(ua);
+        let b = end.0.min(self.hva_end().0);
+        if a >= b {
+            return None;
+        }
+        let lo = (a - ua) >> PAGE_SHIFT;
+        let hi = (b - ua).div_ceil(1 << PAGE_SHIFT);
+        Some((Gfn(self.base_gfn.0 + lo), Gfn(self.base_gfn.0 + hi)))
     }
     /// Flags.
     #[inline]
@@ -225,7 +330,7 @@ impl Memslot {
     /// Host virtual address of the first frame.
     #[inline]
     pub fn userspace_addr(&self) -> Hva {
-        self.userspace_addr
+        self.data.userspace_addr
     }
 
     /// Offset of `gfn` in the slot, if it lies inside.
@@ -271,26 +376,26 @@ impl Memslot {
     /// The rmap word of `gfn`.
     #[inline(always)]
     pub fn rmap(&self, gfn: Gfn) -> Option<&Rmap> {
-        self.index_of(gfn).and_then(|i| self.rmap.get(i))
+        self.index_of(gfn).and_then(|i| self.data.rmap.get(i))
     }
 
     /// All rmap words, in frame order.
     #[inline]
     pub fn rmaps(&self) -> &[Rmap] {
-        &self.rmap
+        &self.data.rmap
     }
 
     /// Host virtual address of `gfn` (`__gfn_to_hva_memslot`).
     #[inline]
     pub fn gfn_to_hva(&self, gfn: Gfn) -> Option<Hva> {
         let i = self.index_of(gfn)? as u64;
-        Some(Hva(self.userspace_addr.0 + (i << PAGE_SHIFT)))
+        Some(Hva(self.data.userspace_addr.0 + (i << PAGE_SHIFT)))
     }
 
     /// Guest frame backed by `hva` (`hva_to_gfn_memslot`).
     #[inline]
     pub fn hva_to_gfn(&self, hva: Hva) -> Option<Gfn> {
-        let off = hva.0.checked_sub(self.userspace_addr.0)? >> PAGE_SHIFT;
+        let off = hva.0.checked_sub(self.data.userspace_addr.0)? >> PAGE_SHIFT;
         if off < self.npages {
             Some(Gfn(self.base_gfn.0 + off))
         } else {
@@ -301,7 +406,7 @@ impl Memslot {
     #[inline(always)]
     fn backing_index(&self, gfn: Gfn) -> Option<usize> {
         let i = self.index_of(gfn)?;
-        Some(i >> (self.backing_page_shift - PAGE_SHIFT))
+        Some(i >> (self.data.backing_page_shift - PAGE_SHIFT))
     }
 
     /// The host physical frame backing `gfn`, or `None` if the host page is not present
@@ -310,7 +415,7 @@ impl Memslot {
     #[inline(always)]
     pub fn host_pfn(&self, gfn: Gfn) -> Option<u64> {
         let b = self.backing_index(gfn)?;
-        let word = self.host_present.get(b / 64)?;
+        let word = self.data.host_present.get(b / 64)?;
         // ORDERING: Acquire pairs with the Release in `set_host_present`; the caller's
         // mmu_invalidate_seq sample/retry protocol decides whether the answer is used.
         if word.load(Ordering::Acquire) & (1 << (b % 64)) == 0 {
@@ -332,7 +437,7 @@ impl Memslot {
         let Some(b) = self.backing_index(gfn) else {
             return false;
         };
-        let Some(word) = self.host_present.get(b / 64) else {
+        let Some(word) = self.data.host_present.get(b / 64) else {
             return false;
         };
         let bit = 1u64 << (b % 64);
@@ -363,7 +468,7 @@ impl Memslot {
             let lo = i % 64;
             let n = (end - i).min(64 - lo);
             let mask = if n == 64 { !0 } else { ((1u64 << n) - 1) << lo };
-            if let Some(word) = self.dirty_bitmap.get(w) {
+            if let Some(word) = self.data.dirty_bitmap.get(w) {
                 // ORDERING: Relaxed: the bitmap is an accumulator of independent bits;
                 // the dirty-log reader harvests it with an atomic swap and needs no
                 // other data ordered with it.
@@ -380,7 +485,8 @@ impl Memslot {
         let Some(i) = self.index_of(gfn) else {
             return false;
         };
-        self.dirty_bitmap
+        self.data
+            .dirty_bitmap
             .get(i / 64)
             // ORDERING: Relaxed: see `mark_dirty`.
             .is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (i % 64)) != 0)
@@ -389,7 +495,7 @@ impl Memslot {
     /// The dirty bitmap words (KVM layout).
     #[inline]
     pub fn dirty_bitmap(&self) -> &[AtomicU64] {
-        &self.dirty_bitmap
+        &self.data.dirty_bitmap
     }
 
     /// Atomically fetch and clear dirty word `i` (the `xchg` loop of
@@ -398,14 +504,70 @@ impl Memslot {
     pub fn take_dirty_word(&self, i: usize) -> u64 {
         // ORDERING: AcqRel swap: the harvest must not be reordered before earlier
         // observations by the caller, nor lose a concurrent fetch_or.
-        self.dirty_bitmap
+        self.data.dirty_bitmap.get(i).map_or(0, |w| {
+            // ORDERING: Relaxed pre-check: a zero word needs no swap (a bit set after it
+            // is harvested by the next call); this keeps the empty scan read-only.
+            if w.load(Ordering::Relaxed) == 0 {
+                0
+            } else {
+                w.swap(0, Ordering::AcqRel)
+            }
+        })
+    }
+
+    /// Atomically clear the bits `mask` of dirty word `i` (KVM_CLEAR_DIRTY_LOG);
+    /// bits beyond the slot are ignored. Returns the bits that were set.
+    #[inline]
+    pub fn clear_dirty_bits(&self, i: usize, mask: u64) -> u64 {
+        // ORDERING: AcqRel: see `take_dirty_word`.
+        self.data
+            .dirty_bitmap
             .get(i)
-            .map_or(0, |w| w.swap(0, Ordering::AcqRel))
+            .map_or(0, |w| w.fetch_and(!mask, Ordering::AcqRel) & mask)
+    }
+
+    /// Snapshot of dirty word `i` (0 beyond the slot).
+    #[inline]
+    pub fn dirty_word(&self, i: usize) -> u64 {
+        // ORDERING: Acquire, pairs with the AcqRel harvests; a snapshot for manual
+        // protection and checks.
+        self.data
+            .dirty_bitmap
+            .get(i)
+            .map_or(0, |w| w.load(Ordering::Acquire))
+    }
+
+    /// Set every bit of `bits` in dirty word `i` (harvested C bits kept for a later
+    /// manual-protect clear); bits beyond the slot are dropped.
+    #[inline]
+    pub fn or_dirty_word(&self, i: usize, bits: u64) {
+        let tail = self.npages % 64;
+        let last = (self.npages / 64) as usize;
+        let bits = if tail != 0 && i == last {
+            bits & ((1u64 << tail) - 1)
+        } else {
+            bits
+        };
+        if bits != 0 {
+            if let Some(w) = self.data.dirty_bitmap.get(i) {
+                // ORDERING: Relaxed: an accumulator, see `mark_dirty`.
+                w.fetch_or(bits, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Clear the whole dirty bitmap (dirty logging switched on or off).
+    pub fn clear_dirty_bitmap(&self) {
+        for w in self.data.dirty_bitmap.iter() {
+            // ORDERING: Relaxed: the caller publishes the flag change after this.
+            w.store(0, Ordering::Relaxed);
+        }
     }
 
     /// Number of frames currently marked dirty.
     pub fn count_dirty(&self) -> u64 {
-        self.dirty_bitmap
+        self.data
+            .dirty_bitmap
             .iter()
             // ORDERING: Relaxed snapshot for statistics and checks.
             .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
@@ -415,15 +577,18 @@ impl Memslot {
     /// Check the slot's own invariants (dirty bitmap tail bits clear, sizes). Used by the
     /// VM checker.
     pub fn check(&self) -> Result<(), &'static str> {
-        if self.rmap.len() as u64 != self.npages {
+        if self.data.rmap.len() as u64 != self.npages {
             return Err("rmap array length differs from npages");
         }
-        if self.dirty_bitmap.len() as u64 != self.npages.div_ceil(64) {
+        if self.data.dirty_bitmap.len() as u64 != self.npages.div_ceil(64) {
             return Err("dirty bitmap length differs from ceil(npages/64)");
+        }
+        if !self.flags.contains(MemslotFlags::LOG_DIRTY_PAGES) && self.count_dirty() != 0 {
+            return Err("dirty bits recorded while dirty logging is off");
         }
         let tail = self.npages % 64;
         if tail != 0 {
-            if let Some(last) = self.dirty_bitmap.last() {
+            if let Some(last) = self.data.dirty_bitmap.last() {
                 // ORDERING: Relaxed snapshot at a quiescent point.
                 if last.load(Ordering::Relaxed) >> tail != 0 {
                     return Err("dirty bit set beyond the end of the slot");
@@ -434,7 +599,8 @@ impl Memslot {
     }
 }
 
-/// The memslots of one VM, sorted by `base_gfn`, non-overlapping.
+/// The memslots of one VM, sorted by `base_gfn`, non-overlapping: an immutable snapshot
+/// once published (see [`slots::SlotSet`]).
 #[derive(Debug, Default)]
 pub struct Memslots {
     slots: Vec<Memslot>,
@@ -468,6 +634,41 @@ impl Memslots {
         Ok(())
     }
 
+    /// A copy sharing every slot's data, allocated fallibly (the writer side of a
+    /// lifecycle change builds the next snapshot from it).
+    pub fn try_clone(&self) -> Result<Self, MemslotError> {
+        let mut slots = Vec::new();
+        slots.try_reserve_exact(self.slots.len() + 1).map_err(|_| {
+            MemslotError::Alloc(RmapError::Alloc {
+                bytes: (self.slots.len() + 1) * core::mem::size_of::<Memslot>(),
+            })
+        })?;
+        slots.extend(self.slots.iter().cloned());
+        Ok(Self { slots })
+    }
+
+    /// Remove slot `id`, returning it.
+    pub fn remove(&mut self, id: SlotId) -> Option<Memslot> {
+        let i = self.slots.iter().position(|s| s.id == id)?;
+        Some(self.slots.remove(i))
+    }
+
+    /// Replace the descriptor of the slot with the same id and base (flag changes);
+    /// returns false if there is none.
+    pub fn replace(&mut self, slot: Memslot) -> bool {
+        match self
+            .slots
+            .iter_mut()
+            .find(|s| s.id == slot.id && s.base_gfn == slot.base_gfn)
+        {
+            Some(s) => {
+                *s = slot;
+                true
+            }
+            None => false,
+        }
+    }
+
     /// The slot holding `gfn` (`__gfn_to_memslot`): a linear scan, O(number of slots).
     #[inline(always)]
     pub fn lookup(&self, gfn: Gfn) -> Option<&Memslot> {
@@ -479,10 +680,12 @@ impl Memslots {
         self.slots.iter().find(|s| s.id == id)
     }
 
-    /// The slot whose host range holds `hva`, and the frame it backs.
+    /// The first slot (in gfn order) whose host range holds `hva`, and the frame it
+    /// backs. Several slots may alias one host page; INVALID slots are skipped.
     pub fn hva_to_gfn(&self, hva: Hva) -> Option<(&Memslot, Gfn)> {
         self.slots
             .iter()
+            .filter(|s| !s.is_invalid())
             .find_map(|s| s.hva_to_gfn(hva).map(|g| (s, g)))
     }
 

@@ -1,0 +1,333 @@
+//! The host side of a VM, part 1: memslot lifecycle (KVM_SET_USER_MEMORY_REGION) with the
+//! INVALID step, `mmu_ready`, and the per-VM host state.
+//!
+//! # Lifecycle (kvm-rmap-anatomy A.8, D22, invariant 17)
+//!
+//! Every change is made by the holder of the slot-set writer lock (`slots_lock`) and
+//! published as a new immutable snapshot; [`SlotsWriter::publish`] returns only when no
+//! reader (hypercall, fault, host walker) still uses the previous one (SRCU).
+//!
+//! * **Create**: allocate the slot (rmap words, bitmap) fallibly, check overlaps, publish,
+//!   then turn every emulated-MMIO HPTE (ABSENT, key 31) whose frame the slot now backs
+//!   into a paged-out entry (key cleared) and bump `mmio_update` (KVM invalidates MMIO
+//!   caches on create), so that invariant 8 holds: key 31 never marks RAM.
+//! * **Delete / move**: publish the slot INVALID and wait for readers (from then on
+//!   H_ENTER and the fault path treat its frames as MMIO and no rmap of it can gain a
+//!   member), flush it (`kvmppc_core_flush_memslot_hv`: every chained HPTE unmapped,
+//!   ABSENT and off-chain, R/C harvested), then publish the set without it (delete) or
+//!   with it at its new base (move, same rmap array, then the MMIO sweep of the new
+//!   range).
+//! * **Flags**: dirty logging on/off (the bitmap is cleared when logging starts and when
+//!   it stops), manual dirty-log protection; READONLY cannot change (KVM's `-EINVAL`).
+//!
+//! # Invariants
+//!
+//! * After delete/move returns, no rmap word of the old range has PRESENT set and no
+//!   VALID HPTE maps a frame of it (17), checked by `check_invariants` and the tests.
+//! * `mmu_ready == false` and no fault in flight once [`Vm::set_mmu_ready`]`(false)`
+//!   returns (16): faults register in `faults_in_flight` before checking the flag.
+
+use crate::error::HostError;
+use crate::hpte::{HpteR, HpteV};
+use crate::vm::Vm;
+use alloc::vec::Vec;
+use revmap_memslot::slots::SlotsWriter;
+use revmap_memslot::{Memslot, MemslotFlags};
+use revmap_rmap::sync::{spin_loop, AtomicBool, AtomicU64, Ordering};
+use revmap_rmap::{Gfn, Hva, Ptex, SlotId};
+
+/// A memslot as userspace describes it (`struct kvm_userspace_memory_region` plus the
+/// model's host backing page size).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemslotSpec {
+    /// Slot id.
+    pub id: SlotId,
+    /// First guest frame.
+    pub base_gfn: Gfn,
+    /// Number of 4 KiB frames.
+    pub npages: u64,
+    /// Host virtual address of the first frame.
+    pub userspace_addr: Hva,
+    /// Host backing page shift (12, 16, 24, 34).
+    pub backing_page_shift: u32,
+    /// Flags (never INVALID).
+    pub flags: MemslotFlags,
+}
+
+impl MemslotSpec {
+    fn of(s: &Memslot) -> Self {
+        Self {
+            id: s.id(),
+            base_gfn: s.base_gfn(),
+            npages: s.npages(),
+            userspace_addr: s.userspace_addr(),
+            backing_page_shift: s.backing_page_shift(),
+            flags: s.flags().difference(MemslotFlags::INVALID),
+        }
+    }
+}
+
+/// Per-VM host state beside the HPT: `mmu_ready` and the count of vCPU faults in
+/// flight (so that clearing `mmu_ready` can wait for them).
+#[derive(Debug)]
+pub(crate) struct HostState {
+    mmu_ready: AtomicBool,
+    faults_in_flight: AtomicU64,
+}
+
+impl HostState {
+    pub(crate) fn new() -> Self {
+        Self {
+            mmu_ready: AtomicBool::new(true),
+            faults_in_flight: AtomicU64::new(0),
+        }
+    }
+}
+
+/// A registered fault; dropping it deregisters.
+pub(crate) struct FaultTicket<'a>(&'a HostState);
+
+impl Drop for FaultTicket<'_> {
+    fn drop(&mut self) {
+        // ORDERING: SeqCst, the fault half of the mmu_ready handshake (see
+        // `enter_fault`); also releases everything the fault wrote.
+        self.0.faults_in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Vm {
+    /// Set `mmu_ready` (KVM's `kvm->arch.mmu_ready`). Clearing it waits until no fault
+    /// that could have seen it set is still running, so afterwards no fault turns an
+    /// HPTE VALID (invariant 16) until it is set again.
+    pub fn set_mmu_ready(&self, ready: bool) {
+        // ORDERING: SeqCst store, then (when clearing) SeqCst loads of the in-flight
+        // count: a store-buffer handshake with `enter_fault` (increment, then load the
+        // flag), so either the fault sees `false` or we see its increment.
+        self.host.mmu_ready.store(ready, Ordering::SeqCst);
+        if !ready {
+            // ORDERING: SeqCst, see above.
+            while self.host.faults_in_flight.load(Ordering::SeqCst) != 0 {
+                spin_loop();
+            }
+        }
+    }
+
+    /// `mmu_ready`.
+    #[inline]
+    pub fn mmu_ready(&self) -> bool {
+        // ORDERING: SeqCst, see `set_mmu_ready`.
+        self.host.mmu_ready.load(Ordering::SeqCst)
+    }
+
+    /// Number of vCPU faults currently in the fault path.
+    pub(crate) fn faults_in_flight(&self) -> u64 {
+        // ORDERING: SeqCst, see `set_mmu_ready`.
+        self.host.faults_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Register a fault; `None` if the MMU is not ready.
+    pub(crate) fn enter_fault(&self) -> Option<FaultTicket<'_>> {
+        // ORDERING: SeqCst increment before the SeqCst flag load (see `set_mmu_ready`).
+        self.host.faults_in_flight.fetch_add(1, Ordering::SeqCst);
+        let t = FaultTicket(&self.host);
+        if self.mmu_ready() {
+            Some(t)
+        } else {
+            None
+        }
+    }
+
+    /// Create a memslot (KVM_MR_CREATE). Fails on bad flags, size, alignment, overlap
+    /// with another slot's frames or id, or if the rmap array cannot be allocated
+    /// (reference D14: a clean error, nothing else changes). Host ranges may alias.
+    pub fn create_memslot(&self, spec: MemslotSpec) -> Result<(), HostError> {
+        if spec.flags.difference(MemslotFlags::USER_MASK) != MemslotFlags::default() {
+            return Err(HostError::BadFlags {
+                flags: spec.flags.0,
+            });
+        }
+        let slot = Memslot::new(
+            spec.id,
+            spec.base_gfn,
+            spec.npages,
+            spec.backing_page_shift,
+            spec.flags,
+            spec.userspace_addr,
+        )?;
+        let (lo, hi) = (slot.base_gfn(), slot.end_gfn());
+        let mut w = self.slot_set().writer();
+        let mut next = w.next()?;
+        next.insert(slot)?;
+        w.publish(next);
+        self.reclassify_mmio(lo, hi);
+        Ok(())
+    }
+
+    /// Delete a memslot (KVM_MR_DELETE): INVALID step, flush, removal (invariant 17).
+    pub fn delete_memslot(&self, id: SlotId) -> Result<(), HostError> {
+        let mut w = self.slot_set().writer();
+        let old = Self::slot_of(&w, id)?;
+        self.invalidate_and_flush(&mut w, &old)?;
+        let mut next = w.next()?;
+        next.remove(id);
+        w.publish(next);
+        self.bump_mmio_update();
+        Ok(())
+    }
+
+    /// Move a memslot to `new_base` (KVM_MR_MOVE): INVALID step, flush, re-insert at the
+    /// new base with the same rmap array (reference D22). The new range is checked before
+    /// anything changes.
+    pub fn move_memslot(&self, id: SlotId, new_base: Gfn) -> Result<(), HostError> {
+        let mut w = self.slot_set().writer();
+        let old = Self::slot_of(&w, id)?;
+        if new_base == old.base_gfn() {
+            return Ok(());
+        }
+        let moved = old.with_base(new_base)?;
+        {
+            // Overlap check against every other slot, before the INVALID step.
+            let mut probe = w.next()?;
+            probe.remove(id);
+            probe.insert(moved.clone())?;
+        }
+        self.invalidate_and_flush(&mut w, &old)?;
+        let mut next = w.next()?;
+        next.remove(id);
+        next.insert(moved.clone())?;
+        w.publish(next);
+        self.reclassify_mmio(moved.base_gfn(), moved.end_gfn());
+        Ok(())
+    }
+
+    /// Change a memslot's flags (KVM_MR_FLAGS_ONLY): dirty logging on/off, manual
+    /// dirty-log protection. READONLY cannot change; INVALID is internal.
+    pub fn set_memslot_flags(&self, id: SlotId, flags: MemslotFlags) -> Result<(), HostError> {
+        let mut w = self.slot_set().writer();
+        let old = Self::slot_of(&w, id)?;
+        let bad = flags.difference(MemslotFlags::USER_MASK) != MemslotFlags::default()
+            || flags.contains(MemslotFlags::READONLY)
+                != old.flags().contains(MemslotFlags::READONLY);
+        if bad {
+            return Err(HostError::BadFlags { flags: flags.0 });
+        }
+        if flags == old.flags() {
+            return Ok(());
+        }
+        let log = MemslotFlags::LOG_DIRTY_PAGES;
+        let starts = flags.contains(log) && !old.flags().contains(log);
+        let stops = !flags.contains(log) && old.flags().contains(log);
+        if starts {
+            // Nobody records while logging is off: start from a clean bitmap.
+            old.clear_dirty_bitmap();
+        }
+        let mut next = w.next()?;
+        next.replace(old.with_flags(flags));
+        w.publish(next);
+        if stops {
+            // No reader of the logging snapshot is left: drop what it recorded.
+            old.clear_dirty_bitmap();
+        }
+        Ok(())
+    }
+
+    /// The slot and frame backed by host address `hva` (first non-INVALID slot in gfn
+    /// order if several alias it).
+    pub fn hva_to_gfn(&self, hva: Hva) -> Option<(SlotId, Gfn)> {
+        self.memslots().hva_to_gfn(hva).map(|(s, g)| (s.id(), g))
+    }
+
+    /// Ids of the current (non-INVALID) memslots, in gfn order.
+    pub fn memslot_ids(&self) -> Vec<SlotId> {
+        self.memslots()
+            .iter()
+            .filter(|s| !s.is_invalid())
+            .map(Memslot::id)
+            .collect()
+    }
+
+    /// Description of memslot `id`.
+    pub fn memslot_info(&self, id: SlotId) -> Option<MemslotSpec> {
+        self.memslots()
+            .get(id)
+            .filter(|s| !s.is_invalid())
+            .map(MemslotSpec::of)
+    }
+
+    fn slot_of(w: &SlotsWriter<'_>, id: SlotId) -> Result<Memslot, HostError> {
+        w.current()
+            .get(id)
+            .filter(|s| !s.is_invalid())
+            .cloned()
+            .ok_or(HostError::NoSuchSlot { id })
+    }
+
+    /// The INVALID step and the flush of `old` (delete and move).
+    fn invalidate_and_flush(
+        &self,
+        w: &mut SlotsWriter<'_>,
+        old: &Memslot,
+    ) -> Result<(), HostError> {
+        let invalid = old.with_flags(old.flags().union(MemslotFlags::INVALID));
+        let mut next = w.next()?;
+        next.replace(invalid.clone());
+        w.publish(next);
+        self.flush_memslot(&invalid);
+        Ok(())
+    }
+
+    /// `kvmppc_core_flush_memslot_hv`: unmap every HPTE chained on the slot. PRESENT is
+    /// tested without the lock: the slot is INVALID and published, so no chain of it can
+    /// gain a member. Returns the number of HPTEs unmapped.
+    pub(crate) fn flush_memslot(&self, slot: &Memslot) -> u64 {
+        let base = slot.base_gfn().0;
+        let mut n = 0;
+        for (i, rm) in slot.rmaps().iter().enumerate() {
+            if rm.load().is_present() {
+                n += self.unmap_rmap(slot, Gfn(base + i as u64), rm);
+            }
+        }
+        n
+    }
+
+    /// Turn emulated-MMIO HPTEs (ABSENT, key 31) whose guest frame lies in `[lo, hi)`
+    /// into paged-out entries (key cleared, as H_ENTER would have made them had the slot
+    /// existed), and bump `mmio_update`. Runs after the new slot set is published, so no
+    /// new MMIO entry for the range can appear.
+    pub(crate) fn reclassify_mmio(&self, lo: Gfn, hi: Gfn) {
+        let hpt = self.hpt();
+        let rev = hpt.revmap();
+        for (i, s) in hpt.slots().iter().enumerate() {
+            if s.load_v() & HpteV::ABSENT == 0 {
+                continue;
+            }
+            let Some(g) = hpt.lock(Ptex(i as u32)) else {
+                continue;
+            };
+            let v = g.v();
+            let r = g.r();
+            if v & HpteV::ABSENT == 0 || !HpteR(r).is_key31() {
+                continue;
+            }
+            let gr = rev.guest_rpte(i as u32);
+            let Some((gfn, shift)) = self.entry_page(v, gr) else {
+                continue;
+            };
+            if gfn < lo || gfn >= hi {
+                continue;
+            }
+            let psize_mask = (1u64 << shift) - 1;
+            g.set_r(gr & (HpteR::PP0 | psize_mask) & !HpteR::KEY);
+            drop(g);
+        }
+        self.bump_mmio_update();
+    }
+}
+
+impl Vm {
+    /// Invalidate per-vCPU MMIO translation caches (`mmio_update`).
+    pub(crate) fn bump_mmio_update(&self) {
+        // ORDERING: Relaxed: a generation counter for MMIO caches.
+        self.mmio_update.fetch_add(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,223 @@
+//! The replaceable memslot set of one VM (KVM's SRCU-protected `kvm_memslots`).
+//!
+//! Readers (hypercalls, vCPU faults, host walkers) call [`SlotSet::load`] and use the
+//! snapshot they got for the whole operation; a writer (memslot create/delete/move/flag
+//! change, serialised by [`SlotSet::writer`], KVM's `slots_lock`) builds a new
+//! [`Memslots`], publishes it with [`SlotsWriter::publish`], which returns only once no
+//! reader still holds the previous snapshot (`synchronize_srcu`).
+//!
+//! # Implementations (this module is the switch point)
+//!
+//! * Production (`std`, not model-checked): [`arc_swap::ArcSwap`]. A load is a thread-
+//!   local debt slot write plus a pointer load; no shared cache line is written, so vCPUs
+//!   do not contend. `publish` swaps the pointer (arc-swap converts outstanding debts on
+//!   the old pointer into counted references) and then waits until the old snapshot's
+//!   reference count drops to one: from then on no reader uses it.
+//! * Under loom (`--cfg loom`) and shuttle (feature `shuttle`): the model checker's own
+//!   `RwLock<Arc<Memslots>>`, held only for the pointer clone, so every interleaving of
+//!   publication and readers is explored; the grace period is the same reference-count
+//!   wait.
+//!
+//! # Invariants
+//!
+//! * A reader never sees a half-built set: snapshots are immutable once published.
+//! * After `publish` returns, no reader holds the previous snapshot, so e.g. after the
+//!   INVALID step every new reader sees the slot INVALID.
+//! * Readers must not hold a snapshot across a call that publishes (self-deadlock: the
+//!   grace period would wait for the caller itself).
+
+use crate::{MemslotError, Memslots};
+use core::ops::Deref;
+use revmap_rmap::sync::{spin_loop, Arc};
+
+#[cfg(loom)]
+use loom::sync::{Mutex, MutexGuard, RwLock};
+#[cfg(all(not(loom), feature = "shuttle"))]
+use shuttle::sync::{Mutex, MutexGuard, RwLock};
+#[cfg(all(not(loom), not(feature = "shuttle")))]
+use std::sync::{Mutex, MutexGuard};
+
+#[cfg(any(loom, feature = "shuttle"))]
+type Cell = RwLock<Arc<Memslots>>;
+#[cfg(all(not(loom), not(feature = "shuttle")))]
+type Cell = arc_swap::ArcSwap<Memslots>;
+
+#[cfg(any(loom, feature = "shuttle"))]
+type Held = Arc<Memslots>;
+#[cfg(all(not(loom), not(feature = "shuttle")))]
+type Held = arc_swap::Guard<Arc<Memslots>>;
+
+/// The published memslot set with its writer lock.
+pub struct SlotSet {
+    cell: Cell,
+    writer: Mutex<()>,
+}
+
+impl core::fmt::Debug for SlotSet {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("SlotSet")
+            .field("slots", &*self.load())
+            .finish()
+    }
+}
+
+/// A reader's snapshot of the memslot set (an SRCU read-side critical section): keep it
+/// for the whole operation, drop it before anything that publishes.
+pub struct SlotsRef(Held);
+
+impl Deref for SlotsRef {
+    type Target = Memslots;
+    #[inline(always)]
+    fn deref(&self) -> &Memslots {
+        &self.0
+    }
+}
+
+/// The writer lock (`slots_lock`): only its holder may publish.
+pub struct SlotsWriter<'a> {
+    set: &'a SlotSet,
+    _g: MutexGuard<'a, ()>,
+}
+
+impl SlotSet {
+    /// A set publishing `initial`.
+    pub fn new(initial: Memslots) -> Self {
+        #[cfg(any(loom, feature = "shuttle"))]
+        let cell = RwLock::new(Arc::new(initial));
+        #[cfg(all(not(loom), not(feature = "shuttle")))]
+        let cell = arc_swap::ArcSwap::from_pointee(initial);
+        Self {
+            cell,
+            writer: Mutex::new(()),
+        }
+    }
+
+    /// Load the current snapshot (`srcu_read_lock` + `kvm_memslots`).
+    #[inline(always)]
+    pub fn load(&self) -> SlotsRef {
+        #[cfg(any(loom, feature = "shuttle"))]
+        {
+            let g = match self.cell.read() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            SlotsRef(Arc::clone(&g))
+        }
+        #[cfg(all(not(loom), not(feature = "shuttle")))]
+        {
+            SlotsRef(self.cell.load())
+        }
+    }
+
+    /// Take the writer lock (serialises lifecycle changes; readers are not blocked).
+    pub fn writer(&self) -> SlotsWriter<'_> {
+        let g = match self.writer.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        SlotsWriter { set: self, _g: g }
+    }
+}
+
+impl SlotsWriter<'_> {
+    /// The current snapshot. Only writers change it, and we hold the writer lock.
+    pub fn current(&self) -> SlotsRef {
+        self.set.load()
+    }
+
+    /// A fallible copy of the current set to edit into the next one.
+    pub fn next(&self) -> Result<Memslots, MemslotError> {
+        self.current().try_clone()
+    }
+
+    /// Publish `next` and wait until no reader holds the previous snapshot
+    /// (`rcu_assign_pointer` + `synchronize_srcu`). The caller must hold no
+    /// [`SlotsRef`] of this set.
+    pub fn publish(&mut self, next: Memslots) {
+        let next = Arc::new(next);
+        #[cfg(any(loom, feature = "shuttle"))]
+        let old = {
+            let mut g = match self.set.cell.write() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            core::mem::replace(&mut *g, next)
+        };
+        #[cfg(all(not(loom), not(feature = "shuttle")))]
+        let old = self.set.cell.swap(next);
+        // Grace period: every reader that loaded `old` holds a counted reference to it
+        // (arc-swap paid its debts in `swap`); wait for all of them to drop it.
+        while Arc::strong_count(&old) > 1 {
+            spin_loop();
+            #[cfg(all(not(loom), not(feature = "shuttle")))]
+            revmap_rmap::sync::thread::yield_now();
+        }
+        drop(old);
+    }
+}
+
+#[cfg(all(test, not(loom), not(feature = "shuttle")))]
+mod tests {
+    use super::*;
+    use crate::{Memslot, MemslotFlags};
+    use revmap_rmap::{Gfn, Hva, SlotId};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    fn set_with(n: u16) -> Memslots {
+        let mut m = Memslots::new();
+        for i in 0..n {
+            m.insert(
+                Memslot::new(
+                    SlotId(i),
+                    Gfn(u64::from(i) * 0x100),
+                    0x100,
+                    12,
+                    MemslotFlags::default(),
+                    Hva(0x10_0000 * (u64::from(i) + 1)),
+                )
+                .unwrap(),
+            )
+            .unwrap();
+        }
+        m
+    }
+
+    #[test]
+    fn publish_replaces_and_shares_data() {
+        let s = SlotSet::new(set_with(1));
+        let before = s.load().get(SlotId(0)).unwrap().clone();
+        {
+            let mut w = s.writer();
+            let mut n = w.next().unwrap();
+            let moved = n.remove(SlotId(0)).unwrap().with_base(Gfn(0x1000)).unwrap();
+            n.insert(moved).unwrap();
+            w.publish(n);
+        }
+        let now = s.load();
+        let after = now.get(SlotId(0)).unwrap();
+        assert_eq!(after.base_gfn(), Gfn(0x1000));
+        assert!(after.same_data(&before), "move keeps the rmap array");
+        assert!(now.lookup(Gfn(0x10)).is_none());
+    }
+
+    #[test]
+    fn publish_waits_for_readers_of_the_old_snapshot() {
+        let s = SlotSet::new(set_with(1));
+        let done = AtomicBool::new(false);
+        std::thread::scope(|sc| {
+            let reader = s.load();
+            sc.spawn(|| {
+                let mut w = s.writer();
+                let n = w.next().unwrap();
+                w.publish(n);
+                done.store(true, Ordering::SeqCst);
+            });
+            for _ in 0..200 {
+                std::thread::yield_now();
+            }
+            assert!(!done.load(Ordering::SeqCst), "grace period ended early");
+            drop(reader);
+        });
+        assert!(done.load(Ordering::SeqCst));
+    }
+}
