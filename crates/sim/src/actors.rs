@@ -824,13 +824,11 @@ impl<'scope> HostActors<'scope> {
     }
 
     /// Stops every actor, joins them and returns the merged operation counts.
-    pub fn stop(self) -> Result<HostOps, ActorPanicked> {
-        // ORDERING: Release: pairs with the Acquire in `Control::stopping`.
-        self.control.stop.store(true, Ordering::Release);
-        self.resume();
+    pub fn stop(mut self) -> Result<HostOps, ActorPanicked> {
+        self.request_stop();
         let mut total = HostOps::default();
         let mut err = None;
-        for (kind, h) in self.handles {
+        for (kind, h) in core::mem::take(&mut self.handles) {
             match h.join() {
                 Ok(o) => total.merge(&o),
                 Err(_) => err = err.or(Some(ActorPanicked { kind })),
@@ -840,6 +838,20 @@ impl<'scope> HostActors<'scope> {
             Some(e) => Err(e),
             None => Ok(total),
         }
+    }
+
+    fn request_stop(&self) {
+        // ORDERING: Release: pairs with the Acquire in `Control::stopping`.
+        self.control.stop.store(true, Ordering::Release);
+        self.resume();
+    }
+}
+
+/// Dropping the runner without [`HostActors::stop`] (e.g. while unwinding from a
+/// failed check) still stops the actors, so the enclosing scope can join them.
+impl Drop for HostActors<'_> {
+    fn drop(&mut self) {
+        self.request_stop();
     }
 }
 

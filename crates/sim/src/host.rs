@@ -10,6 +10,7 @@
 //!   `base_gfn + i` of the slot.
 
 use core::fmt;
+use revmap_hpt::MemslotFlags;
 use revmap_rmap::{Gfn, Hva, SlotId, PAGE_SHIFT};
 
 /// What an actor needs to know about one memslot (a snapshot taken when it starts).
@@ -85,4 +86,54 @@ pub trait HostMmu: Sync {
         first_page: u64,
         bits: &[u64],
     ) -> Result<(), Self::Error>;
+}
+
+/// The real VM: forwards to the host-side methods of [`revmap_hpt::Vm`].
+impl HostMmu for revmap_hpt::Vm {
+    type Error = revmap_hpt::HostError;
+
+    fn memslot_views(&self) -> Vec<SlotView> {
+        self.memslot_ids()
+            .into_iter()
+            .filter_map(|id| self.memslot_info(id))
+            .map(|s| SlotView {
+                id: s.id,
+                base_gfn: s.base_gfn,
+                npages: s.npages,
+                userspace_addr: s.userspace_addr,
+                backing_page_shift: s.backing_page_shift,
+                dirty_logging: s.flags.contains(MemslotFlags::LOG_DIRTY_PAGES),
+                manual_protect: s.flags.contains(MemslotFlags::DIRTY_LOG_MANUAL_PROTECT),
+            })
+            .collect()
+    }
+
+    fn unmap_hva_range(&self, start: Hva, end: Hva) -> u64 {
+        revmap_hpt::Vm::unmap_hva_range(self, start, end)
+    }
+
+    fn host_page_in(&self, start: Hva, end: Hva) {
+        revmap_hpt::Vm::host_page_in(self, start, end)
+    }
+
+    fn age_gfn(&self, slot: SlotId, start: Gfn, end: Gfn) -> bool {
+        revmap_hpt::Vm::age_gfn(self, slot, start, end)
+    }
+
+    fn test_age_gfn(&self, slot: SlotId, start: Gfn, end: Gfn) -> bool {
+        revmap_hpt::Vm::test_age_gfn(self, slot, start, end)
+    }
+
+    fn get_dirty_log(&self, slot: SlotId) -> Result<Vec<u64>, Self::Error> {
+        revmap_hpt::Vm::get_dirty_log(self, slot)
+    }
+
+    fn clear_dirty_log(
+        &self,
+        slot: SlotId,
+        first_page: u64,
+        bits: &[u64],
+    ) -> Result<(), Self::Error> {
+        revmap_hpt::Vm::clear_dirty_log(self, slot, first_page, bits)
+    }
 }
