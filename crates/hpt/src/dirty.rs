@@ -6,7 +6,8 @@
 //!
 //! For every frame whose rmap word has PRESENT or CHANGED: consume CHANGED (C harvested
 //! earlier by H_REMOVE or an unmap), and for every VALID chain member whose dword 1 has
-//! C: set ABSENT, tlbie (so the final C is stable, invariant 11, and no vCPU TLB still
+//! C (peeked under the rmap lock; members with C clear are not locked): try-lock it
+//! (restart rule), set ABSENT, tlbie (so the final C is stable, invariant 11, and no vCPU TLB still
 //! believes C is set), clear C in the HPTE, record C in `guest_rpte`, and mark every
 //! 4 KiB frame of the page (the chain is that of the page's base frame, D15); restore
 //! VALID. Then OR in the slot's bitmap, which accumulates C bits recorded at unmap,
@@ -33,7 +34,7 @@ use crate::vm::Vm;
 use alloc::vec::Vec;
 use revmap_memslot::{Memslot, MemslotFlags};
 use revmap_rmap::ring::{RMAP_CHANGED, RMAP_PRESENT};
-use revmap_rmap::{Rmap, RmapError, SlotId, Visit, PAGE_SHIFT};
+use revmap_rmap::{HpteLocks, Ptex, Rmap, RmapError, RmapWord, SlotId, PAGE_SHIFT};
 
 /// Set bits `[i, i + n)` of a KVM-layout bitmap (clipped to its length).
 fn set_bits(map: &mut [u64], i: u64, n: u64) {
@@ -127,58 +128,95 @@ impl Vm {
     /// Scan every rmap of `s`, OR-ing the dirty frames found into `out` (KVM layout).
     pub(crate) fn harvest_dirty(&self, s: &Memslot, out: &mut [u64]) {
         const CHUNK: usize = 64;
+        const WANT: u64 = RMAP_PRESENT | RMAP_CHANGED;
         for (c, chunk) in s.rmaps().chunks(CHUNK).enumerate() {
-            // Lock-free pass: most chunks of a big slot are untouched.
-            let any = chunk.iter().fold(0u64, |a, r| a | r.load().bits());
-            if any & (RMAP_PRESENT | RMAP_CHANGED) == 0 {
+            // Lock-free pass with eight independent accumulators (no serial OR chain):
+            // most chunks of a big slot are untouched.
+            let mut acc = [0u64; 8];
+            let mut octs = chunk.chunks_exact(8);
+            for q in &mut octs {
+                if let [r0, r1, r2, r3, r4, r5, r6, r7] = q {
+                    acc[0] |= r0.load().bits();
+                    acc[1] |= r1.load().bits();
+                    acc[2] |= r2.load().bits();
+                    acc[3] |= r3.load().bits();
+                    acc[4] |= r4.load().bits();
+                    acc[5] |= r5.load().bits();
+                    acc[6] |= r6.load().bits();
+                    acc[7] |= r7.load().bits();
+                }
+            }
+            for r in octs.remainder() {
+                acc[0] |= r.load().bits();
+            }
+            if acc.iter().fold(0, |a, &b| a | b) & WANT == 0 {
                 continue;
             }
             for (k, rm) in chunk.iter().enumerate() {
-                if rm.load().bits() & (RMAP_PRESENT | RMAP_CHANGED) == 0 {
+                let w = rm.load();
+                if w.bits() & WANT == 0 {
                     continue;
                 }
-                let i = (c * CHUNK + k) as u64;
-                let n = self.test_clear_dirty(rm);
+                let n = self.test_clear_dirty(rm, w);
                 if n > 0 {
-                    set_bits(out, i, n);
+                    set_bits(out, (c * CHUNK + k) as u64, n);
                 }
             }
         }
     }
 
-    /// `kvm_test_clear_dirty_npages` for one frame: consume CHANGED and harvest/clear C
-    /// of every VALID chain member. Returns the number of 4 KiB frames dirty from this
-    /// frame on (the largest page found dirty).
-    fn test_clear_dirty(&self, rm: &Rmap) -> u64 {
+    /// `kvm_test_clear_dirty_npages` for one frame whose word looked like `w`: consume
+    /// CHANGED, then harvest and clear C of every VALID chain member whose dword 1 shows
+    /// C (read under the rmap lock without the HPTE lock, as KVM does; a member whose C
+    /// is clear is skipped without locking it). Returns the number of 4 KiB frames dirty
+    /// from this frame on (the largest page found dirty).
+    fn test_clear_dirty(&self, rm: &Rmap, w: RmapWord) -> u64 {
         let mut n = 0u64;
-        if rm.load().changed() && rm.lock().take_rc(HpteR::C) != 0 {
+        if w.changed() && rm.lock().take_rc(HpteR::C) != 0 {
             n = 1;
         }
-        if !rm.load().is_present() {
+        if !w.is_present() {
             return n;
         }
-        let rev = self.hpt().revmap();
-        rm.for_each_locked(rev, self.hpt(), |_g, p, h| {
+        let hpt = self.hpt();
+        let rev = hpt.revmap();
+        loop {
+            let g = rm.lock();
+            let dirty = rev.iter(&g).find(|&p| {
+                hpt.slot(Ptex(p))
+                    .is_some_and(|e| e.load_v() & HpteV::VALID != 0 && e.load_r() & HpteR::C != 0)
+            });
+            let Some(p) = dirty else {
+                return n;
+            };
+            let Some(mut h) = hpt.try_lock(Ptex(p), HpteV::HVLOCK) else {
+                // Restart rule: never spin on an HPTE lock under the rmap lock.
+                drop(g);
+                hpt.wait_hpte_unlocked(p);
+                continue;
+            };
             let v = h.v();
-            if v & HpteV::VALID == 0 || h.r() & HpteR::C == 0 {
-                return Visit::Continue;
+            if v & HpteV::VALID == 0 {
+                // Being removed by its holder, who harvests its C: wait for the unlink.
+                drop(g);
+                drop(h);
+                hpt.wait_hpte_unlocked(p);
+                continue;
             }
             h.set_v((v & !HpteV::VALID) | HpteV::ABSENT);
             h.publish_v();
             self.tlb().tlbie();
             let r = h.r();
+            h.set_r(r & !HpteR::C);
             if r & HpteR::C != 0 {
-                h.set_r(r & !HpteR::C);
                 let gr = rev.guest_rpte(p);
                 rev.set_guest_rpte(p, gr | HpteR::C);
                 let shift = self.entry_page(v, gr).map_or(PAGE_SHIFT, |(_, sh)| sh);
                 n = n.max(1 << (shift - PAGE_SHIFT));
             }
-            // The walker's unlock stores this (VALID again, ABSENT clear).
-            h.set_v(v);
-            Visit::Continue
-        });
-        n
+            h.unlock_with(v);
+            drop(g);
+        }
     }
 }
 

@@ -39,6 +39,18 @@ impl HptGeometry {
         }
         Ok(Self { order })
     }
+    /// Geometry for a model-checking table below PAPR's minimum (orders 8..18 too:
+    /// two PTEGs and up), so that loom's instrumented atomics stay few.
+    #[cfg(any(loom, feature = "shuttle"))]
+    pub(crate) const fn new_small(order: u32) -> Result<Self, HptError> {
+        if order < 8 {
+            return Err(HptError::BadOrder { order });
+        }
+        if order >= MIN_HPT_ORDER {
+            return Self::new(order);
+        }
+        Ok(Self { order })
+    }
     /// The order (log2 of the table size in bytes).
     #[inline(always)]
     pub const fn order(self) -> u32 {

@@ -21,6 +21,7 @@
 
 extern crate alloc;
 
+pub mod bench;
 pub mod check;
 pub mod dirty;
 pub mod error;

@@ -34,6 +34,7 @@ use crate::hpte::{kvm_page_shifts, HpteR, HpteV};
 use crate::table::HpteSlot;
 use crate::vm::Vm;
 use crate::HptError;
+use revmap_rmap::sync::spin_loop;
 use revmap_rmap::{Gpa, Ptex};
 
 /// How many times [`VcpuMmu::access`] re-enters the fault path before giving up.
@@ -184,16 +185,20 @@ impl<'vm> VcpuMmu<'vm> {
                 });
             }
         }
-        let Some((p, slot, v, r, shift)) = self.search(seg, ea, HpteV::VALID) else {
-            return Err(match self.search(seg, ea, HpteV::ABSENT) {
-                Some((p, _, _, r, _)) => Fault::Absent {
-                    ptex: p,
-                    mmio: HpteR(r).is_key31(),
-                },
-                None => Fault::NoHpte,
-            });
+        // One pass over both groups, each entry's dword 0 read once: an entry that is
+        // transiently ABSENT (H_PROTECT, H_CLEAR_MOD, a dirty scan or an unmap holding
+        // it) is reported as Absent, never as "no HPTE" (the fault path then waits for
+        // its lock and retries), as KVM's fault handler searches VALID|ABSENT.
+        let Some((p, slot, v, r, shift)) = self.search(seg, ea, HpteV::VALID | HpteV::ABSENT)
+        else {
+            return Err(Fault::NoHpte);
         };
-        let _ = v;
+        if v & HpteV::VALID == 0 {
+            return Err(Fault::Absent {
+                ptex: p,
+                mmio: HpteR(r).is_key31(),
+            });
+        }
         let writable = HpteR(r).is_writable();
         if store && !writable {
             return Err(Fault::Protection { ptex: p });
@@ -236,7 +241,9 @@ impl<'vm> VcpuMmu<'vm> {
             };
             last = f;
             match self.vm.page_fault(self.slot, &f, access) {
-                FaultOutcome::Retry => {}
+                // A retry may be waiting for a host invalidation to end: a spin (and a
+                // yield to the model checkers' schedulers).
+                FaultOutcome::Retry => spin_loop(),
                 FaultOutcome::Mmio { gpa } => {
                     let off = match f {
                         Fault::Absent { ptex, .. } | Fault::Protection { ptex } => {
@@ -275,8 +282,8 @@ impl<'vm> VcpuMmu<'vm> {
             .map_or(0, |(_, shift)| ea & ((1u64 << shift) - 1))
     }
 
-    /// Search the primary then the secondary PTEG for an entry with `state` (VALID or
-    /// ABSENT) translating `ea`.
+    /// Search the primary then the secondary PTEG for an entry with any bit of `state`
+    /// (VALID and/or ABSENT) translating `ea`; a VALID match wins over an ABSENT one.
     fn search(
         &self,
         seg: &Segment,
@@ -289,6 +296,7 @@ impl<'vm> VcpuMmu<'vm> {
         let va = seg.va(ea);
         let want_b = seg.ssize.b_bits();
         let avpn = (((va >> 23) as u64) << HpteV::AVPN_SHIFT) & HpteV::AVPN;
+        let mut absent = None;
         for (pteg, h) in [
             (primary_pteg(geo, hash), 0),
             (secondary_pteg(geo, hash), HpteV::SECONDARY),
@@ -297,7 +305,7 @@ impl<'vm> VcpuMmu<'vm> {
             for i in 0..8 {
                 let p = Ptex(base.0 + i);
                 let Some(slot) = hpt.slot(p) else { continue };
-                let v = slot.load_v();
+                let v = slot.hw_load_v();
                 if v & state == 0 || v & HpteV::SECONDARY != h || v & HpteV::B != want_b {
                     continue;
                 }
@@ -314,10 +322,13 @@ impl<'vm> VcpuMmu<'vm> {
                     0
                 };
                 if (v & HpteV::AVPN) & !ign == avpn & !ign {
-                    return Some((p, slot, v, r, sh.actual));
+                    if v & HpteV::VALID != 0 {
+                        return Some((p, slot, v, r, sh.actual));
+                    }
+                    absent.get_or_insert((p, slot, v, r, sh.actual));
                 }
             }
         }
-        None
+        absent
     }
 }

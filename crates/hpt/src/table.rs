@@ -58,6 +58,15 @@ impl HpteSlot {
         // program order on the reading side; writers publish it via dword 0.
         self.r.load(Ordering::Relaxed)
     }
+    /// Dword 0 as the MMU model ("hardware") reads it during an HPT search.
+    #[inline(always)]
+    pub fn hw_load_v(&self) -> u64 {
+        // ORDERING: SeqCst: the vCPU half of the store-buffering handshake of
+        // `TlbDomain::tlbie_after_sc_rmw` (after a vCPU registers, its searches must see
+        // every invalidation the hypervisor completed without a TLB shootdown). Also
+        // Acquire, as `load_v`. A plain load on x86.
+        self.v.load(Ordering::SeqCst)
+    }
     /// Hardware R/C update (the MMU model): atomically OR `bits` into dword 1.
     #[inline(always)]
     pub fn hw_set_rc(&self, bits: u64) -> u64 {
@@ -81,6 +90,17 @@ impl Hpt {
         let geo = HptGeometry::new(order)?;
         let n =
             usize::try_from(geo.npte()).map_err(|_| HptError::OrderTooLargeForLinks { order })?;
+        let slots = try_boxed_slice(n, |_| HpteSlot::default())?;
+        let revmap = Revmap::new(geo.npte())?;
+        Ok(Self { geo, slots, revmap })
+    }
+
+    /// A tiny zeroed table for model checking (orders from 8, see
+    /// `HptGeometry::new_small`).
+    #[cfg(any(loom, feature = "shuttle"))]
+    pub(crate) fn new_small(order: u32) -> Result<Self, HptError> {
+        let geo = HptGeometry::new_small(order)?;
+        let n = 1usize << (order - 4);
         let slots = try_boxed_slice(n, |_| HpteSlot::default())?;
         let revmap = Revmap::new(geo.npte())?;
         Ok(Self { geo, slots, revmap })
@@ -116,6 +136,22 @@ impl Hpt {
     pub fn try_lock(&self, ptex: Ptex, busy: u64) -> Option<HpteGuard<'_>> {
         let slot = self.slot(ptex)?;
         BitLockGuard::try_lock(&slot.v, HpteV::HVLOCK, busy | HpteV::HVLOCK).map(|g| HpteGuard {
+            g,
+            slot,
+            ptex,
+        })
+    }
+
+    /// Lock HPTE `ptex` and change its dword 0 from `expected` (HVLOCK clear) to `new`
+    /// in one `SeqCst` RMW; `None` if dword 0 no longer equals `expected` (or is locked).
+    ///
+    /// H_REMOVE uses it to clear VALID at the moment it locks: the cleared dword 0 is
+    /// published to the MMU model by the locking RMW itself, ready for
+    /// [`TlbDomain::tlbie_after_sc_rmw`](crate::tlb::TlbDomain::tlbie_after_sc_rmw).
+    #[inline(always)]
+    pub fn try_lock_replace(&self, ptex: Ptex, expected: u64, new: u64) -> Option<HpteGuard<'_>> {
+        let slot = self.slot(ptex)?;
+        BitLockGuard::try_lock_replace(&slot.v, HpteV::HVLOCK, expected, new).map(|g| HpteGuard {
             g,
             slot,
             ptex,

@@ -96,6 +96,26 @@ impl TlbDomain {
         }
     }
 
+    /// Complete an invalidation whose HPTE change was published by a `SeqCst`
+    /// read-modify-write (see [`Hpt::try_lock_replace`](crate::table::Hpt::try_lock_replace)):
+    /// like [`tlbie`](Self::tlbie), but free when no vCPU MMU is attached.
+    ///
+    /// With no vCPU registered nobody holds a translation to shoot down. A vCPU that
+    /// registers concurrently does so with a `SeqCst` RMW on `registered` and then reads
+    /// dword 0 with `SeqCst` loads; our change is a `SeqCst` RMW followed by a `SeqCst`
+    /// load of `registered`. In the single total order either our load sees its
+    /// registration (and we run the full handshake), or its registration comes after
+    /// our load and hence after our change, so its first HPT search sees the change
+    /// (the store-buffering pattern with every access sequentially consistent).
+    #[inline]
+    pub fn tlbie_after_sc_rmw(&self) {
+        // ORDERING: SeqCst, the hypervisor half of the handshake described above.
+        if self.registered.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        self.tlbie();
+    }
+
     /// Attach a vCPU: returns its epoch slot.
     pub fn register(&self) -> Result<usize, HptError> {
         loop {

@@ -31,7 +31,7 @@ use crate::tlb::{InvalidateSeq, TlbDomain};
 use revmap_memslot::slots::{SlotSet, SlotsRef};
 use revmap_memslot::{Memslot, MemslotFlags, Memslots};
 use revmap_rmap::sync::{AtomicU64, Ordering};
-use revmap_rmap::{Gfn, Hva, Ptex, SlotId, PAGE_SHIFT};
+use revmap_rmap::{Gfn, HpteLocks, Hva, Ptex, SlotId, PAGE_SHIFT};
 
 /// Host virtual address where guest RAM is "mapped" in the model (also its host
 /// physical address; aligned to 16 GiB so every backing page size fits).
@@ -96,6 +96,14 @@ impl Vm {
     /// with dirty logging on and every host page present.
     pub fn new(cfg: VmConfig) -> Result<Vm, HptError> {
         Self::with_hpt(cfg, Hpt::new(cfg.hpt_order)?)
+    }
+
+    /// A VM whose HPT may be smaller than PAPR's minimum (order 8 and up), for loom and
+    /// shuttle models that must keep the number of instrumented atomics small.
+    #[cfg(any(loom, feature = "shuttle"))]
+    #[doc(hidden)]
+    pub fn new_small(cfg: VmConfig) -> Result<Vm, HptError> {
+        Self::with_hpt(cfg, Hpt::new_small(cfg.hpt_order)?)
     }
 
     /// [`Vm::new`] over an already built table (tiny tables for model checking).
@@ -179,25 +187,52 @@ impl Vm {
     /// One PAPR hypercall from vCPU `vcpu`. `args` = r4.. (missing args read as 0,
     /// extra ignored). Unknown opcodes, non-multiples of 4 and the resize calls (later
     /// issue) return H_FUNCTION, as do H_CLEAR_REF/H_CLEAR_MOD in the QEMU flavour.
+    ///
+    /// A convenience over [`hcall_regs`](Self::hcall_regs), which is the hot path.
     #[inline]
     pub fn hcall(&self, vcpu: usize, opcode: u64, args: &[u64]) -> HcallResult {
-        let _ = vcpu; // per-vCPU state (MMIO cache) arrives with the fault path
         let mut out = [0u64; 8];
-        for (o, a) in out.iter_mut().zip(args) {
-            *o = *a;
-        }
-        let a = out;
-        let ret = match opcode {
-            H_ENTER => self.h_enter(a[0], a[1], a[2], a[3], &mut out),
-            H_REMOVE => self.h_remove(a[0], a[1], a[2], &mut out),
-            H_READ => self.h_read(a[0], a[1], &mut out),
-            H_PROTECT => self.h_protect(a[0], a[1], a[2]),
-            H_BULK_REMOVE => self.h_bulk_remove(&mut out),
-            H_CLEAR_REF if self.flavour.has_clear_ref_mod() => self.h_clear_ref(a[1], &mut out),
-            H_CLEAR_MOD if self.flavour.has_clear_ref_mod() => self.h_clear_mod(a[1], &mut out),
-            _ => H_FUNCTION,
-        };
+        let n = args.len().min(out.len());
+        out[..n].copy_from_slice(&args[..n]);
+        let ret = self.hcall_regs(vcpu, opcode, &mut out);
         HcallResult { ret, out }
+    }
+
+    /// One PAPR hypercall with the guest's r4..r11 in `regs`, rewritten in place as the
+    /// hardware hypercall ABI does (`gpr[4..]`): inputs are read from `regs`, outputs
+    /// written back; registers a call does not write keep their values. Returns r3.
+    ///
+    /// This is the hot path of trace replay and of the simulator's vCPUs: no copy of
+    /// the register block is made, each argument is read individually before any
+    /// output is written.
+    #[inline]
+    pub fn hcall_regs(&self, vcpu: usize, opcode: u64, regs: &mut [u64; 8]) -> i64 {
+        let _ = vcpu; // per-vCPU state (MMIO cache) arrives with the fault path
+        match opcode {
+            H_ENTER => {
+                let (flags, ptex, pteh, ptel) = (regs[0], regs[1], regs[2], regs[3]);
+                self.h_enter(flags, ptex, pteh, ptel, regs)
+            }
+            H_REMOVE => {
+                let (flags, ptex, avpn) = (regs[0], regs[1], regs[2]);
+                self.h_remove(flags, ptex, avpn, regs)
+            }
+            H_READ => {
+                let (flags, ptex) = (regs[0], regs[1]);
+                self.h_read(flags, ptex, regs)
+            }
+            H_PROTECT => self.h_protect(regs[0], regs[1], regs[2]),
+            H_BULK_REMOVE => self.h_bulk_remove(regs),
+            H_CLEAR_REF if self.flavour.has_clear_ref_mod() => {
+                let ptex = regs[1];
+                self.h_clear_ref(ptex, regs)
+            }
+            H_CLEAR_MOD if self.flavour.has_clear_ref_mod() => {
+                let ptex = regs[1];
+                self.h_clear_mod(ptex, regs)
+            }
+            _ => H_FUNCTION,
+        }
     }
 
     /// The memslot and 4K-frame count of the guest page an entry maps, decoded from
@@ -406,9 +441,19 @@ impl Vm {
     /// (old V, guest-view R).
     fn remove_locked(&self, mut g: HpteGuard<'_>) -> (u64, u64) {
         let v = g.v();
+        if v & HpteV::VALID != 0 {
+            self.invalidate(&mut g, v, 0);
+        }
+        self.remove_invalidated(g, v)
+    }
+
+    /// The rest of a removal once the HPTE is locked and, if it was VALID (`v`, the old
+    /// dword 0), its VALID bit is cleared and the invalidation completed: R/C are read
+    /// from dword 1 now (after the tlbie, D5/D6), the entry leaves its chain, both
+    /// dwords are zeroed and the lock is released.
+    fn remove_invalidated(&self, mut g: HpteGuard<'_>, v: u64) -> (u64, u64) {
         let p = g.ptex();
         let gr = if v & HpteV::VALID != 0 {
-            self.invalidate(&mut g, v, 0);
             let hw_r = g.r();
             self.remove_revmap_chain(p, v, hw_r)
         } else {
@@ -419,22 +464,42 @@ impl Vm {
             self.hpt.revmap().guest_rpte(p.0)
         };
         g.set_r(0);
-        g.unlock_with(0);
+        g.set_v(0);
+        drop(g);
         (self.flavour.present_v(v), self.flavour.present_r(gr))
     }
 
     /// H_REMOVE (spec 3.2).
+    ///
+    /// The match test runs on an unlocked snapshot of dword 0: a mismatch is answered
+    /// H_NOT_FOUND without taking the lock (the snapshot was the entry's value at that
+    /// instant). A match is locked with one `SeqCst` RMW that also clears VALID, so the
+    /// lock, the match and the invalidation are one atomic step; the TLB shootdown then
+    /// costs nothing when no vCPU MMU is attached (`tlbie_after_sc_rmw`).
     fn h_remove(&self, flags: u64, ptex: u64, avpn: u64, out: &mut [u64; 8]) -> i64 {
         let Some(p) = self.hpt.geometry().ptex(ptex) else {
             return H_PARAMETER;
         };
-        let Some(g) = self.hpt.lock(p) else {
+        let Some(slot) = self.hpt.slot(p) else {
             return H_PARAMETER;
         };
-        if !self.remove_matches(g.v(), flags, avpn) {
-            return H_NOT_FOUND;
+        let (g, v) = loop {
+            let v = slot.load_v();
+            if v & HpteV::HVLOCK != 0 {
+                self.hpt.wait_hpte_unlocked(p.0);
+                continue;
+            }
+            if !self.remove_matches(v, flags, avpn) {
+                return H_NOT_FOUND;
+            }
+            if let Some(g) = self.hpt.try_lock_replace(p, v, v & !HpteV::VALID) {
+                break (g, v);
+            }
+        };
+        if v & HpteV::VALID != 0 {
+            self.tlb.tlbie_after_sc_rmw();
         }
-        let (v, r) = self.remove_locked(g);
+        let (v, r) = self.remove_invalidated(g, v);
         out[0] = v;
         out[1] = r;
         H_SUCCESS

@@ -22,12 +22,16 @@ use crate::sync::{spin_loop, AtomicU64, Ordering};
 
 /// Attempt once to set `lock` in `word`, succeeding only if `(word & busy) == 0`.
 ///
-/// `busy` must include `lock`. This is KVM's `try_lock_hpte(hpte, bits)`: passing
-/// `HVLOCK | VALID | ABSENT` locks a slot only if it is free. Returns the value of the
-/// word before locking (lock bit clear) on success.
+/// `lock` is included in `busy` whether or not the caller listed it. This is KVM's
+/// `try_lock_hpte(hpte, bits)`: passing `HVLOCK | VALID | ABSENT` locks a slot only if it
+/// is free. Returns the value of the word before locking (lock bit clear) on success.
+///
+/// Like KVM's single `ldarx`/`stdcx.` attempt, this can fail spuriously when another
+/// thread locked and unlocked the word between our read and our CAS; callers that must
+/// make progress fall back to [`wait_unlocked`] and retry.
 #[inline]
 pub fn try_lock_bits(word: &AtomicU64, lock: u64, busy: u64) -> Option<u64> {
-    debug_assert!(busy & lock == lock, "busy mask must include the lock bit");
+    let busy = busy | lock;
     // ORDERING: Relaxed pre-check; it only decides whether to attempt the CAS.
     let old = word.load(Ordering::Relaxed);
     if old & busy != 0 {
@@ -42,14 +46,18 @@ pub fn try_lock_bits(word: &AtomicU64, lock: u64, busy: u64) -> Option<u64> {
 
 /// Spin until `lock` can be set in `word`; return the word's value (lock bit clear).
 ///
+/// `lock` is a single-bit mask.
+///
 /// KVM's `lock_rmap`: spin reading (no cache-line bouncing while another CPU holds it),
-/// then `test_and_set_bit_lock`.
+/// then set the bit with one atomic RMW (`test_and_set_bit_lock`). The RMW is a CAS
+/// from the value just read rather than an unconditional `fetch_or`: uncontended it costs
+/// the same, a failed attempt writes nothing, and it keeps the loop a plain
+/// test-and-test-and-set that loom can explore to completion (a `fetch_or` spin, which
+/// stores on every failed attempt, exceeds loom's branch bound).
 #[inline]
 pub fn lock_bits(word: &AtomicU64, lock: u64) -> u64 {
     loop {
-        // ORDERING: Acquire on the RMW that sets the bit pairs with the Release unlock.
-        let old = word.fetch_or(lock, Ordering::Acquire);
-        if old & lock == 0 {
+        if let Some(old) = try_lock_bits(word, lock, lock) {
             return old;
         }
         wait_unlocked(word, lock);
@@ -105,6 +113,36 @@ impl<'a> BitLockGuard<'a> {
     #[inline]
     pub fn try_lock(word: &'a AtomicU64, lock: u64, busy: u64) -> Option<Self> {
         try_lock_bits(word, lock, busy).map(|value| Self { word, lock, value })
+    }
+
+    /// Take the lock and change the word in one read-modify-write: if the word still
+    /// equals `expected` (lock clear), replace it with `new` plus the lock bit.
+    ///
+    /// The guard's value is `new`. This lets a holder publish a change at the very
+    /// moment it locks (the HPT clears VALID while locking for H_REMOVE), saving a
+    /// separate publishing store and giving that change a place in the `SeqCst` order.
+    #[inline]
+    pub fn try_lock_replace(
+        word: &'a AtomicU64,
+        lock: u64,
+        expected: u64,
+        new: u64,
+    ) -> Option<Self> {
+        // ORDERING: SeqCst on success: Acquire for the lock, and a place in the single
+        // total order so that callers can run store-buffering handshakes (the change is
+        // ordered before their later SeqCst loads). Failure takes nothing: Relaxed.
+        word.compare_exchange(
+            expected & !lock,
+            (new & !lock) | lock,
+            Ordering::SeqCst,
+            Ordering::Relaxed,
+        )
+        .ok()
+        .map(|_| Self {
+            word,
+            lock,
+            value: new & !lock,
+        })
     }
 
     /// The value the word will have when unlocked (lock bit clear).
@@ -182,6 +220,22 @@ mod tests {
         assert!(BitLockGuard::try_lock(&w, 0x40, 0x40).is_none());
         drop(g);
         assert_eq!(w.load(Ordering::Relaxed), 0x1);
+    }
+
+    #[test]
+    fn try_lock_replace_changes_and_locks_only_from_expected() {
+        let w = AtomicU64::new(0x21);
+        assert!(BitLockGuard::try_lock_replace(&w, LOCK, 0x20, 0x1).is_none());
+        assert_eq!(w.load(Ordering::Relaxed), 0x21, "mismatch must not write");
+        let g = BitLockGuard::try_lock_replace(&w, LOCK, 0x21, 0x20).expect("matches");
+        assert_eq!(
+            w.load(Ordering::Relaxed),
+            0x20 | LOCK,
+            "change visible while locked"
+        );
+        assert!(BitLockGuard::try_lock_replace(&w, LOCK, 0x20, 0x0).is_none());
+        drop(g);
+        assert_eq!(w.load(Ordering::Relaxed), 0x20);
     }
 
     #[test]

@@ -35,7 +35,8 @@
 //!
 //! # Invariants (reference section E, checked by [`check_rmaps`])
 //!
-//! 1. Only layout bits are used; the lock bit is clear at rest.
+//! 1. Only layout bits are used; the lock bit is clear at rest; the type byte is 0 or
+//!    `KVMPPC_RMAP_HPT`, and `KVMPPC_RMAP_HPT` whenever PRESENT is set.
 //! 2. PRESENT ⇔ the ring is non-empty; when PRESENT is clear, INDEX is 0.
 //! 3. (partly) INDEX < npte when PRESENT.
 //! 5. Ring consistency: `rev[rev[i].forw].back == i`, `rev[rev[i].back].forw == i`, and
@@ -44,6 +45,18 @@
 //!
 //! Invariants that need the HPT itself (membership ⇔ VALID, gfn of the head) are checked
 //! by the HPT crate's whole-VM checker, which calls [`Revmap::walk_ring`].
+//!
+//! # Memory
+//!
+//! Exactly 8 bytes per guest frame ([`Rmap`], [`RmapArray`]) plus 16 bytes per HPTE slot
+//! ([`RevmapEntry`]); a further mapping of a frame costs nothing (pinned by const asserts
+//! and by `tests/prop_ring.rs`).
+//!
+//! # Preconditions
+//!
+//! [`Revmap::link`] and [`Revmap::unlink`] index the revmap and panic on an index beyond
+//! it, like slice indexing: the hypercall layer validates guest indices against npte
+//! first. [`Revmap::try_link`] / [`Revmap::try_unlink`] return errors instead.
 
 use crate::bitlock::BitLockGuard;
 use crate::error::{try_boxed_slice, RmapError};
@@ -216,6 +229,19 @@ impl Rmap {
         *self = Rmap::new();
     }
 
+    /// Reset to 0 through shared access: take the lock and unlock with the word 0.
+    /// Returns the word it held. R/C history and the ring are dropped (the ring's
+    /// entries keep stale links, harmless because nothing points to them; see
+    /// [`Revmap::reset_links`]). This is `kvmppc_rmap_reset` for one word, safe to run
+    /// while other threads hold references to the array.
+    #[inline]
+    pub fn clear(&self) -> RmapWord {
+        let mut g = self.lock();
+        let old = g.word();
+        g.set_word(RmapWord::EMPTY);
+        old
+    }
+
     /// Walk the ring, removing every member under its HPTE lock (unmap, slot flush,
     /// resize), obeying the restart rule.
     ///
@@ -224,10 +250,13 @@ impl Rmap {
     /// the HPTE and harvests R/C. When a try-lock fails, the rmap lock is dropped, the
     /// walker waits read-only for the HPTE lock to clear and restarts from the head.
     /// Returns the number of entries removed.
-    pub fn drain_locked<H, F>(&self, revmap: &Revmap, locks: &H, mut f: F) -> usize
+    ///
+    /// The HPTE guard's lifetime is that of the `locks` borrow, so `H` may itself borrow
+    /// (a view of an HPT, a test wrapper); it need not be `'static`.
+    pub fn drain_locked<'l, H, F>(&self, revmap: &Revmap, locks: &'l H, mut f: F) -> usize
     where
-        H: HpteLocks + ?Sized,
-        F: FnMut(&mut RmapGuard<'_>, u32, H::Guard<'_>),
+        H: HpteLocks + ?Sized + 'l,
+        F: FnMut(&mut RmapGuard<'_>, u32, H::Guard<'l>),
     {
         let mut removed = 0;
         loop {
@@ -254,10 +283,10 @@ impl Rmap {
     /// waits read-only and restarts from the head, so `f` may see a member more than
     /// once and must be idempotent. `f` must not unlink members; it may return
     /// [`Visit::Stop`] to end the walk early.
-    pub fn for_each_locked<H, F>(&self, revmap: &Revmap, locks: &H, mut f: F)
+    pub fn for_each_locked<'l, H, F>(&self, revmap: &Revmap, locks: &'l H, mut f: F)
     where
-        H: HpteLocks + ?Sized,
-        F: FnMut(&mut RmapGuard<'_>, u32, &mut H::Guard<'_>) -> Visit,
+        H: HpteLocks + ?Sized + 'l,
+        F: FnMut(&mut RmapGuard<'_>, u32, &mut H::Guard<'l>) -> Visit,
     {
         'restart: loop {
             let mut g = self.lock();
@@ -290,6 +319,65 @@ impl Rmap {
     }
 }
 
+/// The rmap words of one memslot (`memslot->arch.rmap`): one [`Rmap`] per 4 KiB guest
+/// frame, indexed by the frame's offset in the slot. Exactly 8 bytes per frame.
+///
+/// It dereferences to `[Rmap]`, so `check_rmaps(array.iter(), ..)` and indexing work.
+#[derive(Debug)]
+pub struct RmapArray {
+    words: Box<[Rmap]>,
+}
+
+impl RmapArray {
+    /// `npages` empty words, failing cleanly (no abort) if memory is short or the count
+    /// does not fit the address space.
+    pub fn new(npages: u64) -> Result<Self, RmapError> {
+        let n = usize::try_from(npages).map_err(|_| RmapError::Alloc { bytes: usize::MAX })?;
+        Ok(Self {
+            words: Rmap::new_array(n)?,
+        })
+    }
+
+    /// The word of the frame at offset `index` in the slot.
+    #[inline]
+    pub fn get(&self, index: u64) -> Result<&Rmap, RmapError> {
+        usize::try_from(index)
+            .ok()
+            .and_then(|i| self.words.get(i))
+            .ok_or(RmapError::OutOfRange {
+                index,
+                len: self.words.len() as u64,
+            })
+    }
+
+    /// Zero every word through shared access (`kvmppc_rmap_reset`); R/C history is lost.
+    pub fn reset(&self) {
+        for r in self.words.iter() {
+            r.clear();
+        }
+    }
+
+    /// Check invariants 1, 2, 3 (bound), 5 and 6 over this slot's words (see
+    /// [`check_rmaps`]).
+    pub fn check(&self, revmap: &Revmap) -> Result<RingStats, RmapViolation> {
+        check_rmaps(self.words.iter(), revmap, |_, _| Ok(()))
+    }
+
+    /// Bytes of memory held by the words: exactly 8 per frame.
+    #[inline]
+    pub fn bytes(&self) -> usize {
+        core::mem::size_of_val::<[Rmap]>(&self.words)
+    }
+}
+
+impl core::ops::Deref for RmapArray {
+    type Target = [Rmap];
+    #[inline]
+    fn deref(&self) -> &[Rmap] {
+        &self.words
+    }
+}
+
 /// What a [`Rmap::for_each_locked`] visitor wants next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Visit {
@@ -312,6 +400,66 @@ pub trait HpteLocks {
     fn try_lock_hpte(&self, ptex: u32) -> Option<Self::Guard<'_>>;
     /// Busy-wait, read-only, until HPTE `ptex` is unlocked.
     fn wait_hpte_unlocked(&self, ptex: u32);
+}
+
+/// HVLOCK, the KVM software lock bit of HPTE dword 0 (`HPTE_V_HVLOCK`).
+pub const HPTE_V_HVLOCK: u64 = 0x40;
+
+/// A standalone table of HPTE lock words (HVLOCK in bit 6 of each), implementing
+/// [`HpteLocks`] for users that keep the HPTE locks apart from an HPT: model-checking
+/// tests, property tests and benchmarks of the ring. The hashed page table implements
+/// [`HpteLocks`] over its own dword 0 instead.
+#[derive(Debug)]
+pub struct HpteLockArray {
+    words: Box<[AtomicU64]>,
+}
+
+impl HpteLockArray {
+    /// `npte` unlocked words, failing cleanly if memory is short.
+    pub fn new(npte: usize) -> Result<Self, RmapError> {
+        Ok(Self {
+            words: try_boxed_slice(npte, |_| AtomicU64::new(0))?,
+        })
+    }
+
+    /// Spin until HPTE `ptex`'s lock is held (as hypercalls do: the HPTE lock is the
+    /// outer one). `None` if `ptex` is beyond the table.
+    #[inline]
+    pub fn lock_hpte(&self, ptex: u32) -> Option<BitLockGuard<'_>> {
+        self.words
+            .get(ptex as usize)
+            .map(|w| BitLockGuard::lock(w, HPTE_V_HVLOCK))
+    }
+
+    /// Number of HPTE lock words.
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.words.len()
+    }
+
+    /// True if the table has no words.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.words.is_empty()
+    }
+}
+
+impl HpteLocks for HpteLockArray {
+    type Guard<'a> = BitLockGuard<'a>;
+
+    #[inline]
+    fn try_lock_hpte(&self, ptex: u32) -> Option<BitLockGuard<'_>> {
+        self.words
+            .get(ptex as usize)
+            .and_then(|w| BitLockGuard::try_lock(w, HPTE_V_HVLOCK, HPTE_V_HVLOCK))
+    }
+
+    #[inline]
+    fn wait_hpte_unlocked(&self, ptex: u32) {
+        if let Some(w) = self.words.get(ptex as usize) {
+            crate::bitlock::wait_unlocked(w, HPTE_V_HVLOCK);
+        }
+    }
 }
 
 /// A held rmap lock. Edits are made to a cached copy of the word and published by the
@@ -465,8 +613,27 @@ impl Revmap {
     /// An empty word becomes `ptex | PRESENT | KVMPPC_RMAP_HPT` with its R/C kept.
     /// Returns the word as stored at unlock. The caller holds HPTE `ptex`'s lock and
     /// `ptex` is on no ring. O(1).
+    ///
+    /// # Panics
+    ///
+    /// If `ptex >= self.len()` (callers validate guest indices against npte first;
+    /// [`try_link`](Self::try_link) returns an error instead).
     #[inline]
-    pub fn link(&self, mut g: RmapGuard<'_>, ptex: u32) -> RmapWord {
+    pub fn link(&self, g: RmapGuard<'_>, ptex: u32) -> RmapWord {
+        self.link_inner(g, ptex)
+    }
+
+    /// [`link`](Self::link) with the index checked: returns [`RmapError::OutOfRange`]
+    /// (having unlocked the word unchanged: the guard is consumed either way) if `ptex`
+    /// is beyond the table.
+    #[inline]
+    pub fn try_link(&self, g: RmapGuard<'_>, ptex: u32) -> Result<RmapWord, RmapError> {
+        self.check_ptex(ptex)?;
+        Ok(self.link_inner(g, ptex))
+    }
+
+    #[inline(always)]
+    fn link_inner(&self, mut g: RmapGuard<'_>, ptex: u32) -> RmapWord {
         let w = g.word();
         match w.head() {
             Some(head) => {
@@ -492,27 +659,94 @@ impl Revmap {
 
     /// Unlink HPTE `ptex` from the ring headed by the locked word (the splice of
     /// `remove_revmap_chain` and `kvmppc_unmap_hpte`). If it was the head, the head moves
-    /// to its successor; if it was the only member, PRESENT and INDEX are cleared. The
-    /// removed entry's links are reset to itself. O(1).
+    /// to its successor; if it was the only member, PRESENT and INDEX are cleared (R/C and
+    /// the type byte are kept). The removed entry's links are reset to itself. O(1).
     ///
-    /// The caller holds the rmap lock (`g`) and `ptex` is on this ring.
+    /// The caller holds the rmap lock (`g`) and `ptex` is on this ring. Two cheap
+    /// violations of that precondition are detected and make the call a no-op instead of
+    /// corrupting the ring: an empty word, and an entry whose links point to itself while
+    /// it is not the head (an entry already unlinked: a double unlink must not clear
+    /// somebody else's chain). [`try_unlink`](Self::try_unlink) reports them.
+    ///
+    /// # Panics
+    ///
+    /// If `ptex >= self.len()` (callers validate guest indices against npte first;
+    /// [`try_unlink`](Self::try_unlink) returns an error instead).
     #[inline]
     pub fn unlink(&self, g: &mut RmapGuard<'_>, ptex: u32) {
+        self.unlink_inner(g, ptex);
+    }
+
+    /// [`unlink`](Self::unlink) with the precondition checked: returns
+    /// [`RmapError::OutOfRange`] if `ptex` is beyond the table, `Ok(false)` (and changes
+    /// nothing) if the word is empty or `ptex` is evidently not a ring member, `Ok(true)`
+    /// once unlinked.
+    #[inline]
+    pub fn try_unlink(&self, g: &mut RmapGuard<'_>, ptex: u32) -> Result<bool, RmapError> {
+        self.check_ptex(ptex)?;
+        Ok(self.unlink_inner(g, ptex))
+    }
+
+    #[inline(always)]
+    fn unlink_inner(&self, g: &mut RmapGuard<'_>, ptex: u32) -> bool {
         let w = g.word();
-        debug_assert!(w.is_present(), "unlink from an empty rmap");
+        let Some(head) = w.head() else {
+            return false;
+        };
         let next = self.forw(ptex);
         if next == ptex {
+            if head != ptex {
+                // Off-ring (links reset to itself) and not our head: not a member.
+                return false;
+            }
             g.set_word(RmapWord(w.0 & !(RMAP_INDEX | RMAP_PRESENT)));
         } else {
             let prev = self.back(ptex);
             self.set_back(next, prev);
             self.set_forw(prev, next);
-            if w.index() == ptex {
+            if head == ptex {
                 g.set_word(RmapWord((w.0 & !RMAP_INDEX) | u64::from(next)));
             }
             self.set_forw(ptex, ptex);
             self.set_back(ptex, ptex);
         }
+        true
+    }
+
+    /// `Ok(())` if `ptex` indexes a slot of this revmap.
+    #[inline]
+    pub fn check_ptex(&self, ptex: u32) -> Result<(), RmapError> {
+        if (ptex as usize) < self.entries.len() {
+            Ok(())
+        } else {
+            Err(RmapError::OutOfRange {
+                index: u64::from(ptex),
+                len: self.entries.len() as u64,
+            })
+        }
+    }
+
+    /// Reset every entry's links to itself (`guest_rpte` is kept), as after an HPT reset
+    /// or reallocation at the same order, when every rmap word of every memslot is zeroed
+    /// too (reference D3, D16, invariant 18: a ring whose words were reset but whose
+    /// links were not is harmless, the reverse is not; resetting both leaves no trace).
+    ///
+    /// Call only at a quiescent point: no ring operation may run concurrently (KVM holds
+    /// `mmu_setup_lock` with `mmu_ready == 0`); that exclusion also orders these stores.
+    pub fn reset_links(&self) {
+        for (i, e) in self.entries.iter().enumerate() {
+            // ORDERING: Relaxed; the caller's quiescence mechanism (a mutex, a join)
+            // publishes the reset to the next user.
+            e.forw.store(i as u32, Ordering::Relaxed);
+            // ORDERING: Relaxed; as above.
+            e.back.store(i as u32, Ordering::Relaxed);
+        }
+    }
+
+    /// Bytes of memory held by this revmap: exactly 16 per HPTE slot.
+    #[inline]
+    pub fn bytes(&self) -> usize {
+        core::mem::size_of_val::<[RevmapEntry]>(&self.entries)
     }
 
     /// Iterate the members of the ring headed by the locked word, from the head.
@@ -665,6 +899,12 @@ pub enum RmapViolation {
         /// The entry.
         ptex: u32,
     },
+    /// The checker could not allocate its bitmap.
+    #[error("checker allocation of {bytes} bytes failed")]
+    Alloc {
+        /// How many bytes were requested.
+        bytes: usize,
+    },
 }
 
 /// Summary of a successful [`check_rmaps`].
@@ -681,34 +921,51 @@ pub struct RingStats {
 /// Check invariants 1, 2, 3 (bound), 5 and 6 over a set of rmap words sharing one
 /// revmap, at a quiescent point (no lock held). `on_member(frame_index, ptex)` is called
 /// for each chain member so that callers can check HPT-level invariants too.
+///
+/// Invariant 1 here also requires a PRESENT word to carry the type `KVMPPC_RMAP_HPT`
+/// (only [`Revmap::link`] sets PRESENT, and it always sets the type). Every chain walk is
+/// bounded by npte steps, so a corrupted ring cannot hang the checker (reference D3).
+/// The only allocation is a bitmap of npte bits, made fallibly.
 pub fn check_rmaps<'a>(
     rmaps: impl IntoIterator<Item = &'a Rmap>,
     revmap: &Revmap,
     mut on_member: impl FnMut(usize, u32) -> Result<(), RmapViolation>,
 ) -> Result<RingStats, RmapViolation> {
-    let mut seen = alloc::vec![0u64; revmap.len().div_ceil(64)];
+    let words = revmap.len().div_ceil(64);
+    let mut seen = try_boxed_slice(words, |_| 0u64).map_err(|_| RmapViolation::Alloc {
+        bytes: words.saturating_mul(8),
+    })?;
     let mut stats = RingStats::default();
     for (frame, r) in rmaps.into_iter().enumerate() {
         let w = r.load();
         let kind = w.kind();
-        if w.0 & !RMAP_LAYOUT != 0 || w.is_locked() || (kind != 0 && kind != RMAP_TYPE_HPT) {
+        if w.0 & !RMAP_LAYOUT != 0
+            || w.is_locked()
+            || (kind != 0 && kind != RMAP_TYPE_HPT)
+            || (w.is_present() && kind != RMAP_TYPE_HPT)
+        {
             return Err(RmapViolation::BadLayout { frame, word: w });
         }
-        let mut dup = None;
-        let mut members = alloc::vec::Vec::new();
+        let mut first_err = None;
         let len = revmap.walk_ring(w, |p| {
-            let (wi, bit) = ((p / 64) as usize, 1u64 << (p % 64));
-            if seen[wi] & bit != 0 {
-                dup.get_or_insert(p);
+            if first_err.is_some() {
+                return;
             }
-            seen[wi] |= bit;
-            members.push(p);
+            let (wi, bit) = ((p / 64) as usize, 1u64 << (p % 64));
+            // walk_ring has checked p < npte, so wi < words.
+            if let Some(slot) = seen.get_mut(wi) {
+                if *slot & bit != 0 {
+                    first_err = Some(RmapViolation::DuplicateMember { ptex: p });
+                    return;
+                }
+                *slot |= bit;
+            }
+            if let Err(e) = on_member(frame, p) {
+                first_err = Some(e);
+            }
         })?;
-        if let Some(ptex) = dup {
-            return Err(RmapViolation::DuplicateMember { ptex });
-        }
-        for p in members {
-            on_member(frame, p)?;
+        if let Some(e) = first_err {
+            return Err(e);
         }
         if len > 0 {
             stats.chains += 1;
@@ -814,7 +1071,8 @@ mod tests {
         rev.link(a.lock(), 1);
         rev.link(a.lock(), 2);
         // Two words claiming the same entry.
-        b.lock().set_word(RmapWord(RMAP_PRESENT | 2));
+        b.lock()
+            .set_word(RmapWord(RMAP_TYPE_HPT | RMAP_PRESENT | 2));
         assert!(matches!(
             check_rmaps([&a, &b], &rev, |_, _| Ok(())),
             Err(RmapViolation::BrokenLinks { .. } | RmapViolation::DuplicateMember { .. })
@@ -829,6 +1087,103 @@ mod tests {
             check_rmaps([&b], &rev, |_, _| Ok(())),
             Err(RmapViolation::BadLayout { .. })
         ));
+        // PRESENT without the HPT type byte.
+        b.lock().set_word(RmapWord(RMAP_PRESENT | 1));
+        assert!(matches!(
+            check_rmaps([&b], &rev, |_, _| Ok(())),
+            Err(RmapViolation::BadLayout { .. })
+        ));
+        // A nested-type word in an HPT guest's array.
+        b.lock().set_word(RmapWord(RMAP_TYPE_NESTED));
+        assert!(matches!(
+            check_rmaps([&b], &rev, |_, _| Ok(())),
+            Err(RmapViolation::BadLayout { .. })
+        ));
+        // A member callback error is propagated.
+        b.lock().set_word(RmapWord::EMPTY);
+        assert_eq!(
+            check_rmaps([&a], &rev, |_, p| Err(RmapViolation::DuplicateMember {
+                ptex: p
+            })),
+            Err(RmapViolation::DuplicateMember { ptex: 1 })
+        );
+    }
+
+    #[test]
+    fn double_unlink_and_foreign_unlink_are_no_ops() {
+        let rev = Revmap::new(16).unwrap();
+        let a = Rmap::new();
+        let b = Rmap::new();
+        for p in [1, 2] {
+            rev.link(a.lock(), p);
+        }
+        rev.link(b.lock(), 5);
+        let mut g = a.lock();
+        rev.unlink(&mut g, 2);
+        // 2 is off-ring now (links to itself) and is not the head: must not empty `a`.
+        assert_eq!(rev.try_unlink(&mut g, 2), Ok(false));
+        // 7 was never linked.
+        assert_eq!(rev.try_unlink(&mut g, 7), Ok(false));
+        assert_eq!(g.word().head(), Some(1));
+        drop(g);
+        // Unlinking from an empty word changes nothing.
+        let c = Rmap::new();
+        assert_eq!(rev.try_unlink(&mut c.lock(), 5), Ok(false));
+        assert_eq!(c.load(), RmapWord::EMPTY);
+        assert_eq!(members(&rev, &b), [5]);
+        check_rmaps([&a, &b, &c], &rev, |_, _| Ok(())).unwrap();
+    }
+
+    #[test]
+    fn out_of_range_indices_are_errors_in_try_variants() {
+        let rev = Revmap::new(8).unwrap();
+        let r = Rmap::new();
+        assert_eq!(
+            rev.try_link(r.lock(), 8),
+            Err(RmapError::OutOfRange { index: 8, len: 8 })
+        );
+        assert!(!r.load().is_locked(), "the guard is consumed: unlocked");
+        assert_eq!(rev.try_link(r.lock(), 7).map(|w| w.head()), Ok(Some(7)));
+        assert!(rev.try_unlink(&mut r.lock(), u32::MAX).is_err());
+        assert_eq!(rev.try_unlink(&mut r.lock(), 7), Ok(true));
+        assert_eq!(r.load().head(), None);
+    }
+
+    #[test]
+    fn reset_clears_words_and_links() {
+        let rev = Revmap::new(8).unwrap();
+        let arr = RmapArray::new(4).unwrap();
+        rev.link(arr[1].lock(), 3);
+        rev.link(arr[1].lock(), 4);
+        arr[1].lock().add_rc(HPTE_R_R);
+        rev.set_guest_rpte(3, 0x1234);
+        assert_eq!(arr.check(&rev).unwrap().members, 2);
+        arr.reset();
+        rev.reset_links();
+        assert!(arr.iter().all(|r| r.load() == RmapWord::EMPTY));
+        assert_eq!((rev.forw(3), rev.back(4)), (3, 4));
+        assert_eq!(
+            rev.guest_rpte(3),
+            0x1234,
+            "guest view survives a link reset"
+        );
+        assert_eq!(arr.check(&rev).unwrap(), RingStats::default());
+        assert!(arr.get(4).is_err());
+        assert!(arr.get(3).is_ok());
+        // Relinking after the reset builds a fresh ring.
+        rev.link(arr[0].lock(), 4);
+        assert_eq!(members(&rev, &arr[0]), [4]);
+        let old = arr[0].clear();
+        assert_eq!(old.head(), Some(4));
+    }
+
+    #[cfg(not(feature = "shuttle"))]
+    #[test]
+    fn memory_is_8_bytes_per_frame_and_16_per_slot() {
+        assert_eq!(core::mem::size_of::<Rmap>(), 8);
+        assert_eq!(core::mem::size_of::<RevmapEntry>(), 16);
+        assert_eq!(RmapArray::new(1000).unwrap().bytes(), 8000);
+        assert_eq!(Revmap::new(1000).unwrap().bytes(), 16000);
     }
 
     /// A toy HPTE lock table for walker tests.

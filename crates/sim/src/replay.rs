@@ -347,20 +347,20 @@ impl FileReport {
         exp_ret: i64,
         present: u8,
         mut outs: impl FnMut(usize) -> u64,
-        got: &HcallResult,
+        (got_ret, got_out): (i64, &[u64; 8]),
     ) -> Option<(Field, u64, u64)> {
         self.calls += 1;
         let mut first = None;
-        if got.ret != exp_ret {
+        if got_ret != exp_ret {
             // Return codes are compared as their two's-complement bits.
-            first = Some((Field::Ret, exp_ret as u64, got.ret as u64));
+            first = Some((Field::Ret, exp_ret as u64, got_ret as u64));
         }
         let mut bits = present;
         while bits != 0 {
             let i = bits.trailing_zeros() as usize;
             bits &= bits - 1;
             let e = outs(i);
-            let g = got.out[i];
+            let g = got_out[i];
             if e != g && !self.excused(vm, opcode, i, e ^ g) && first.is_none() {
                 first = Some((Field::Out(i as u8), e, g));
             }
@@ -522,7 +522,7 @@ where
                     h.expected.ret,
                     h.expected.present,
                     |i| outs.get(i).copied().unwrap_or(0),
-                    &got,
+                    (got.ret, &got.out),
                 );
                 if f.is_some() {
                     rep.record_mismatch(h.line, h.opcode(), f);
@@ -754,7 +754,13 @@ pub fn replay_preparsed<H: Hypervisor>(
             break;
         };
         rest = tail;
-        let got = vm.hcall(head.cpu(), head.opcode(), args);
+        // Registers are rewritten in place; unwritten ones read back as their inputs,
+        // missing inputs as 0 (as on a fresh call).
+        let mut regs = [0u64; 8];
+        for (r, a) in regs.iter_mut().zip(args) {
+            *r = *a;
+        }
+        let got_ret = vm.hcall_regs(head.cpu(), head.opcode(), &mut regs);
         let mut it = outs.iter();
         let f = rep.judge(
             vm,
@@ -763,7 +769,7 @@ pub fn replay_preparsed<H: Hypervisor>(
             *ret as i64,
             present,
             |_| it.next().copied().unwrap_or(0),
-            &got,
+            (got_ret, &regs),
         );
         if f.is_some() {
             mismatch_slow(&mut rep, trace, head, f);

@@ -114,9 +114,19 @@ fn all_matching_calls_pass_and_get_the_right_registers() {
     assert_eq!(rep.stopped_at, None);
     assert_eq!(rep.hpt_order, 18);
     let seen = vm.seen.borrow();
-    assert_eq!(seen[0], (1, 0x08, vec![0, 8, 0x4000000000000001, 0x190]));
-    assert_eq!(seen[1], (0, 0x04, vec![0x8000_0000, 9, 0x4000000000000000]));
-    assert_eq!(seen[2], (0, 0x18, vec![4, 9, 0]));
+    // The pre-parsed engine passes the whole r4..r11 block (the in-place register
+    // ABI): the recorded arguments first, every other register zero.
+    let regs = |a: &[u64]| {
+        let mut v = a.to_vec();
+        v.resize(8, 0);
+        v
+    };
+    assert_eq!(seen[0], (1, 0x08, regs(&[0, 8, 0x4000000000000001, 0x190])));
+    assert_eq!(
+        seen[1],
+        (0, 0x04, regs(&[0x8000_0000, 9, 0x4000000000000000]))
+    );
+    assert_eq!(seen[2], (0, 0x18, regs(&[4, 9, 0])));
     let rep2 = stream(
         TRACE,
         ScriptVm::new(good_script()),

@@ -27,6 +27,15 @@ pub trait Hypervisor {
     /// One PAPR hypercall from `vcpu`; `args` = r4 ...
     fn hcall(&self, vcpu: usize, opcode: u64, args: &[u64]) -> HcallResult;
 
+    /// One PAPR hypercall with r4..r11 in `regs`, rewritten in place (the hot path of
+    /// pre-parsed replay); returns r3. The default goes through [`hcall`](Self::hcall).
+    #[inline]
+    fn hcall_regs(&self, vcpu: usize, opcode: u64, regs: &mut [u64; 8]) -> i64 {
+        let r = self.hcall(vcpu, opcode, regs);
+        *regs = r.out;
+        r.ret
+    }
+
     /// Runs the whole-VM invariant checker.
     fn check_invariants(&self) -> Result<(), Self::Violation>;
 
@@ -62,6 +71,11 @@ impl Hypervisor for Vm {
     #[inline(always)]
     fn hcall(&self, vcpu: usize, opcode: u64, args: &[u64]) -> HcallResult {
         Vm::hcall(self, vcpu, opcode, args)
+    }
+
+    #[inline(always)]
+    fn hcall_regs(&self, vcpu: usize, opcode: u64, regs: &mut [u64; 8]) -> i64 {
+        Vm::hcall_regs(self, vcpu, opcode, regs)
     }
 
     fn check_invariants(&self) -> Result<(), Self::Violation> {
