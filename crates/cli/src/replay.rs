@@ -42,7 +42,9 @@ pub struct ReplayArgs {
     #[arg(long)]
     preparse: bool,
     /// Run the host actors (memory pressure, aging, live migration) concurrently with
-    /// the replay against the same VM; every result must still match.
+    /// the replay against the same VM; every result must still match. Implies
+    /// --preparse; the checker runs (actors paused) every --check-every calls, 4096 by
+    /// default.
     #[arg(long)]
     host_interference: bool,
     /// Seed of the host actors.
@@ -53,10 +55,10 @@ pub struct ReplayArgs {
         requires = "host_interference"
     )]
     seed: u64,
-    /// Replay calls per interference phase.
+    /// Replay calls per interference phase (default 256).
     #[arg(long, value_name = "N", requires = "host_interference")]
     host_phase: Option<NonZeroU64>,
-    /// Host operations each actor performs per phase.
+    /// Host operations each actor performs per phase (default 4).
     #[arg(long, value_name = "K", requires = "host_interference")]
     host_ops: Option<NonZeroU64>,
     /// Trace files (gzip or plain text).

@@ -48,18 +48,18 @@ fn check(t: &PreparsedTrace, flavour: Flavour, seed: u64) -> u64 {
 #[test]
 fn boot_trace_is_guest_invariant_under_host_interference() {
     let t = trace("boot.txt.gz");
-    for seed in [1, 2, 3] {
+    for seed in [1, 2] {
         check(&t, Flavour::Kvm, seed);
     }
-    check(&t, Flavour::Qemu, 4);
+    check(&t, Flavour::Qemu, 3);
 }
 
 #[test]
 fn resize_trace_prefix_is_guest_invariant_under_host_interference() {
     let t = trace("resize.txt.gz");
     assert_eq!(t.calls(), 122_251, "up to the first resize record");
-    for seed in [1, 2, 3] {
+    for seed in [4, 5] {
         check(&t, Flavour::Kvm, seed);
     }
-    check(&t, Flavour::Qemu, 4);
+    check(&t, Flavour::Qemu, 6);
 }
