@@ -106,10 +106,12 @@ impl FakeHost {
 
     /// Whether some operation is running now.
     pub(crate) fn busy(&self) -> bool {
+        // ORDERING: SeqCst: test code; the simplest total order for the probe.
         self.in_op.load(Ordering::SeqCst) != 0
     }
 
     fn op<R>(&self, f: impl FnOnce(&mut State, &[SlotView]) -> R) -> R {
+        // ORDERING: SeqCst: test code, ordered with `busy` probes.
         self.in_op.fetch_add(1, Ordering::SeqCst);
         // Widen the window in which an operation is in progress.
         for _ in 0..50 {
@@ -120,6 +122,7 @@ impl FakeHost {
             f(&mut st, &self.slots)
         };
         thread::yield_now();
+        // ORDERING: SeqCst: as above.
         self.in_op.fetch_sub(1, Ordering::SeqCst);
         r
     }
@@ -282,10 +285,12 @@ impl Hypervisor for FakeHost {
     }
 
     fn check_invariants(&self) -> Result<(), String> {
+        // ORDERING: SeqCst: test statistics.
         self.checks.fetch_add(1, Ordering::SeqCst);
         // Give a running operation time to show itself.
         for _ in 0..20 {
             if self.busy() {
+                // ORDERING: SeqCst: test statistics.
                 self.checks_during_op.fetch_add(1, Ordering::SeqCst);
                 return Err("host operation in progress at a quiescent point".into());
             }

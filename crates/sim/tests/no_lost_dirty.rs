@@ -77,6 +77,7 @@ struct Done<'a>(&'a AtomicUsize);
 
 impl Drop for Done<'_> {
     fn drop(&mut self) {
+        // ORDERING: SeqCst: the migration loop polls it; no data rides on it.
         self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
@@ -129,12 +130,15 @@ fn run(seed: u64, page_in: bool, manual_protect: bool) -> Run {
                     let mut rec = Vec::with_capacity(STORES_PER_VCPU);
                     for n in 0..STORES_PER_VCPU {
                         if n % STORES_PER_ROUND == 0 && n > 0 {
+                            // ORDERING: SeqCst: pacing only.
                             let seen = round.load(Ordering::SeqCst);
                             while round.load(Ordering::SeqCst) == seen {
                                 thread::yield_now();
                             }
                         }
                         let k = xorshift(&mut rng) % PAGES;
+                        // ORDERING: SeqCst (at least Acquire): the store below (the
+                        // MMU's fetch_or of C) cannot be ordered before this read.
                         let r = round.load(Ordering::SeqCst);
                         let mut tries = 0;
                         loop {
@@ -142,6 +146,7 @@ fn run(seed: u64, page_in: bool, manual_protect: bool) -> Run {
                             match t {
                                 Ok(_) => break,
                                 Err(f @ (Fault::Absent { .. } | Fault::Protection { .. })) => {
+                                    // ORDERING: Relaxed: a statistic.
                                     faults.fetch_add(1, Ordering::Relaxed);
                                     match vm.page_fault(cpu, &f, Access::Store) {
                                         // Re-entering the guest takes time: let the
@@ -156,6 +161,7 @@ fn run(seed: u64, page_in: bool, manual_protect: bool) -> Run {
                                     // racing a state flip (page-in, or a dirty scan's
                                     // ABSENT window). KVM's real-mode handler re-searches
                                     // VALID|ABSENT and resumes the guest; so do we.
+                                    // ORDERING: Relaxed: a statistic.
                                     no_hpte.fetch_add(1, Ordering::Relaxed);
                                 }
                             }
@@ -182,6 +188,7 @@ fn run(seed: u64, page_in: bool, manual_protect: bool) -> Run {
         let mut mig = Migration::new(seed, vm.memslot_views());
         let mut ops = HostOps::default();
         let mut observe = |e: MigrationEvent<'_>| match e {
+            // ORDERING: SeqCst: published before this round's first harvest.
             MigrationEvent::RoundStart { round: r } => round.store(r, Ordering::SeqCst),
             MigrationEvent::Log {
                 round: r,
@@ -199,6 +206,7 @@ fn run(seed: u64, page_in: bool, manual_protect: bool) -> Run {
                 }
             }
         };
+        // ORDERING: SeqCst: see `Done`.
         while running.load(Ordering::SeqCst) != 0 {
             mig.run_round(&vm, &mut ops, &mut observe);
             actors.end_phase();
