@@ -3,13 +3,22 @@
 //! Invariants: one report (or one error) per file, in argument order; every file is
 //! attempted even after a failure; the exit code is the worst outcome (0 all passed —
 //! a file stopped at a resize record counts as passed; 1 some file mismatched, had
-//! violations or hit an unsupported record; 2 some file could not be read or parsed).
+//! violations or hit an unsupported record; 2 some file could not be read or parsed, or
+//! a host actor failed).
+//!
+//! With `--host-interference` each file is pre-parsed and replayed on one vCPU thread
+//! while the host actors (memory pressure, aging, migration; seeded with `--seed`) run
+//! on other threads against the same VM; the checker runs with the actors paused every
+//! `--check-every` calls (default 4096) and at the end, and the report gains the host
+//! operation counts.
 
 use crate::backend::{make_vm, FlavourArg};
 use clap::Args;
-use revmap_sim::replay::{
-    replay_file, FileReport, PreparsedTrace, ReplayError, ReplayOptions, StopReason,
+use revmap_sim::actors::HostOps;
+use revmap_sim::interference::{
+    replay_file_with_interference, InterferenceError, InterferenceOptions,
 };
+use revmap_sim::replay::{replay_file, FileReport, PreparsedTrace, ReplayOptions, StopReason};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -32,6 +41,26 @@ pub struct ReplayArgs {
     /// Parse each whole file first, then time only the replay loop.
     #[arg(long)]
     preparse: bool,
+    /// Run the host actors (memory pressure, aging, live migration) concurrently with
+    /// the replay against the same VM; every result must still match. Implies
+    /// --preparse; the checker runs (actors paused) every --check-every calls, 4096 by
+    /// default.
+    #[arg(long)]
+    host_interference: bool,
+    /// Seed of the host actors.
+    #[arg(
+        long,
+        value_name = "S",
+        default_value_t = 1,
+        requires = "host_interference"
+    )]
+    seed: u64,
+    /// Replay calls per interference phase (default 256).
+    #[arg(long, value_name = "N", requires = "host_interference")]
+    host_phase: Option<NonZeroU64>,
+    /// Host operations each actor performs per phase (default 4).
+    #[arg(long, value_name = "K", requires = "host_interference")]
+    host_ops: Option<NonZeroU64>,
     /// Trace files (gzip or plain text).
     #[arg(required = true, value_name = "FILE")]
     files: Vec<PathBuf>,
@@ -68,9 +97,26 @@ struct ReportJson<'a> {
     invariant_violations: u64,
     first_violation: Option<&'a str>,
     stopped_at: Option<StopJson>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    host_ops: Option<HostOps>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    host: Option<&'a HostJson>,
     seconds: f64,
     calls_per_second: f64,
     passed: bool,
+}
+
+#[derive(Serialize)]
+struct HostJson {
+    seed: u64,
+    phases: u64,
+    host_ops_total: u64,
+}
+
+/// A replay's report and, under interference, the host side's figures.
+struct Outcome {
+    report: FileReport,
+    host: Option<(HostOps, HostJson)>,
 }
 
 #[derive(Serialize)]
@@ -80,7 +126,8 @@ struct ErrorJson<'a> {
     error: String,
 }
 
-fn to_json(r: &FileReport, flavour: FlavourArg) -> ReportJson<'_> {
+fn to_json(o: &Outcome, flavour: FlavourArg) -> ReportJson<'_> {
+    let r = &o.report;
     ReportJson {
         file: &r.file,
         flavour: flavour.to_string(),
@@ -108,13 +155,16 @@ fn to_json(r: &FileReport, flavour: FlavourArg) -> ReportJson<'_> {
             },
             message: s.to_string(),
         }),
+        host_ops: o.host.as_ref().map(|h| h.0),
+        host: o.host.as_ref().map(|h| &h.1),
         seconds: r.seconds,
         calls_per_second: r.calls_per_second(),
         passed: r.passed(),
     }
 }
 
-fn human(out: &mut impl Write, r: &FileReport, flavour: FlavourArg) -> std::io::Result<()> {
+fn human(out: &mut impl Write, o: &Outcome, flavour: FlavourArg) -> std::io::Result<()> {
+    let r = &o.report;
     writeln!(
         out,
         "{} (flavour {flavour}, HPT order {})",
@@ -147,6 +197,33 @@ fn human(out: &mut impl Write, r: &FileReport, flavour: FlavourArg) -> std::io::
     if let Some(v) = &r.first_violation {
         writeln!(out, "  first violation: {v}")?;
     }
+    if let Some((ops, h)) = &o.host {
+        writeln!(
+            out,
+            "  host interference: seed {}, {} phases, {} host operations",
+            h.seed, h.phases, h.host_ops_total
+        )?;
+        writeln!(
+            out,
+            "    unmap_hva_range {} ({} HPTEs unmapped), host_page_in {}",
+            ops.unmap_hva_range, ops.hptes_unmapped, ops.host_page_in
+        )?;
+        writeln!(
+            out,
+            "    age_gfn {} ({} young), test_age_gfn {} ({} young)",
+            ops.age_gfn, ops.age_gfn_young, ops.test_age_gfn, ops.test_age_gfn_young
+        )?;
+        writeln!(
+            out,
+            "    get_dirty_log {} in {} rounds ({} dirty pages, max {}/round), clear_dirty_log {}, errors {}",
+            ops.get_dirty_log,
+            ops.dirty_log_rounds,
+            ops.dirty_pages,
+            ops.max_dirty_pages_per_round,
+            ops.clear_dirty_log,
+            ops.errors
+        )?;
+    }
     if let Some(s) = &r.stopped_at {
         writeln!(out, "  STOPPED EARLY: {s}")?;
         writeln!(
@@ -169,16 +246,39 @@ fn human(out: &mut impl Write, r: &FileReport, flavour: FlavourArg) -> std::io::
     writeln!(out, "  result: {verdict}")
 }
 
-fn replay_one(args: &ReplayArgs, path: &PathBuf) -> Result<FileReport, ReplayError> {
+fn replay_one(args: &ReplayArgs, path: &PathBuf) -> Result<Outcome, InterferenceError> {
     let opts = ReplayOptions {
         check_every: args.check_every,
     };
     let flavour = args.flavour;
-    if args.preparse {
+    if args.host_interference {
+        let mut io = InterferenceOptions::new(args.seed);
+        if let Some(n) = args.check_every {
+            io.check_every = n;
+        }
+        if let Some(n) = args.host_phase {
+            io.phase_calls = n;
+        }
+        if args.host_ops.is_some() {
+            io.actors.ops_per_phase = args.host_ops;
+        }
+        let rep = replay_file_with_interference(path, &io, |spec| make_vm(flavour, spec))?;
+        let h = HostJson {
+            seed: rep.seed,
+            phases: rep.phases,
+            host_ops_total: rep.host_ops.total(),
+        };
+        return Ok(Outcome {
+            report: rep.replay,
+            host: Some((rep.host_ops, h)),
+        });
+    }
+    let report = if args.preparse {
         PreparsedTrace::open(path)?.replay_with(&opts, |spec| make_vm(flavour, spec))
     } else {
         replay_file(path, &opts, |spec| make_vm(flavour, spec))
-    }
+    }?;
+    Ok(Outcome { report, host: None })
 }
 
 /// Runs `revmap replay`; returns the process exit code.
@@ -190,7 +290,7 @@ pub fn run(args: &ReplayArgs) -> ExitCode {
         let name = path.display().to_string();
         let written = match replay_one(args, path) {
             Ok(rep) => {
-                if !rep.passed() {
+                if !rep.report.passed() {
                     worst = worst.max(1);
                 }
                 if args.json {

@@ -210,3 +210,90 @@ fn malformed_record_after_alloc_exits_2_and_other_files_still_run() {
     assert!(v[0]["error"].is_string());
     assert_eq!(v[1]["passed"], true);
 }
+
+#[test]
+fn host_interference_flags_need_the_mode_and_valid_values() {
+    for args in [
+        &["replay", "--seed", "3", "x"][..],
+        &["replay", "--host-phase", "10", "x"],
+        &["replay", "--host-ops", "2", "x"],
+        &["replay", "--host-interference", "--seed", "-1", "x"],
+        &["replay", "--host-interference", "--host-phase", "0", "x"],
+        &["replay", "--host-interference", "--host-ops", "0", "x"],
+    ] {
+        let o = revmap(args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        no_panic(&o);
+    }
+    let o = revmap(&["replay", "--host-interference", "/nonexistent/t.gz"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("/nonexistent/t.gz"));
+}
+
+#[test]
+fn host_interference_reports_host_ops_and_passes_on_the_boot_trace() {
+    let o = revmap(&[
+        "replay",
+        "--json",
+        "--host-interference",
+        "--seed",
+        "7",
+        "--check-every",
+        "20000",
+        &trace("boot.txt.gz"),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v = &json_lines(&o)[0];
+    assert_eq!(v["calls"], 86_327);
+    assert_eq!(v["mismatched"], 0);
+    assert_eq!(v["invariant_violations"], 0);
+    assert_eq!(v["checks"], 86_327 / 20_000 + 1);
+    assert_eq!(v["passed"], true);
+    assert_eq!(v["host"]["seed"], 7);
+    assert_eq!(v["host"]["phases"], 86_327 / 256);
+    let ops = &v["host_ops"];
+    for k in [
+        "unmap_hva_range",
+        "hptes_unmapped",
+        "host_page_in",
+        "age_gfn",
+        "test_age_gfn",
+        "get_dirty_log",
+        "clear_dirty_log",
+        "dirty_log_rounds",
+        "dirty_pages",
+        "errors",
+    ] {
+        assert!(ops[k].is_u64(), "{k}: {ops}");
+    }
+    let total = v["host"]["host_ops_total"].as_u64().unwrap();
+    assert!(total >= 3 * 4 * (86_327 / 256), "{total}");
+    assert!(ops["unmap_hva_range"].as_u64().unwrap() > 0);
+    assert!(ops["age_gfn"].as_u64().unwrap() > 0);
+    assert!(ops["get_dirty_log"].as_u64().unwrap() > 0);
+    assert_eq!(ops["errors"], 0);
+    // Plain replay JSON has no host fields.
+    let o = revmap(&["replay", "--json", &trace("boot.txt.gz")]);
+    let v = &json_lines(&o)[0];
+    assert!(v.get("host_ops").is_none() && v.get("host").is_none());
+}
+
+#[test]
+fn host_interference_human_output_and_mismatch_exit_1() {
+    let p = temp_file(
+        "mismatch-hi.txt",
+        "HPT_ALLOC shift=18\n\
+         H_ENTER cpu=0 flags=0x0 ptex=0x3d38 pteh=0x4009287a77000005 ptel=0x11194 -> ret=0 idx=0x3d39\n",
+    );
+    let ps = p.display().to_string();
+    let o = revmap(&["replay", "--host-interference", "--flavour", "qemu", &ps]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let s = stdout(&o);
+    assert!(s.contains("host interference: seed 1"), "{s}");
+    assert!(
+        s.contains("unmap_hva_range") && s.contains("get_dirty_log"),
+        "{s}"
+    );
+    assert!(s.contains("first mismatch: line 2: H_ENTER r4"), "{s}");
+    assert!(s.contains("result: FAIL"), "{s}");
+}

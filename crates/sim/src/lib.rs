@@ -1,8 +1,17 @@
-//! The revmap simulator crate. For now: the [`replay`] engine, which replays real-guest
-//! HPT hypercall traces against a VM and compares every result.
+//! The revmap simulator crate: the [`replay`] engine, which replays real-guest HPT
+//! hypercall traces against a VM and compares every result; the host [`actors`]
+//! (memory pressure, aging, live migration) behind the [`host::HostMmu`] trait; and
+//! [`interference`], replay with the actors running concurrently.
 //!
-//! Invariants: this crate contains no unsafe code and no atomics of its own.
+//! Invariants: this crate contains no unsafe code; its atomics and threads come only
+//! from `revmap_rmap::sync`.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod actors;
+pub mod host;
+pub mod interference;
 pub mod replay;
+
+#[cfg(test)]
+pub(crate) mod testutil;

@@ -770,6 +770,14 @@ impl PreparsedTrace {
         self.words.len() * 8 + self.lines.len() * 8
     }
 
+    /// Creates this trace's VM with `make_vm` (a failure names the `HPT_ALLOC` line).
+    pub fn make_vm<H, E: fmt::Display>(
+        &self,
+        make_vm: impl FnOnce(VmSpec) -> Result<H, E>,
+    ) -> Result<H, ReplayError> {
+        make(&self.file, self.alloc_line, self.hpt_order, make_vm)
+    }
+
     /// Creates the VM with `make_vm` and replays onto it.
     pub fn replay_with<H, E>(
         &self,
