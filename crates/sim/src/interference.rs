@@ -114,6 +114,14 @@ impl<H: Hypervisor> Hypervisor for Interfered<'_, '_, H> {
         r
     }
 
+    fn wait_resize_prepared(&self) {
+        self.vm.wait_resize_prepared();
+    }
+
+    fn hpt_order(&self) -> Option<u32> {
+        self.vm.hpt_order()
+    }
+
     fn check_invariants(&self) -> Result<(), Self::Violation> {
         self.actors.pause();
         let r = self.vm.check_invariants();
