@@ -49,3 +49,8 @@ pub use host::MemslotSpec;
 pub use revmap_memslot::MemslotFlags;
 pub use run::{VcpuRun, VcpuRuns};
 pub use vm::{HcallResult, Vm, VmConfig};
+
+/// The README's Rust examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
