@@ -12,6 +12,8 @@ pub mod actors;
 pub mod host;
 pub mod interference;
 pub mod replay;
+pub mod report;
+pub mod workload;
 
 #[cfg(test)]
 pub(crate) mod testutil;
