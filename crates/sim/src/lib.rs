@@ -13,6 +13,8 @@ pub mod host;
 pub mod interference;
 pub mod replay;
 pub mod report;
+pub mod run;
+pub mod scenario;
 pub mod workload;
 
 #[cfg(test)]

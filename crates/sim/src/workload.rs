@@ -48,7 +48,7 @@ const SHARED_POOL_4K: u64 = 4096;
 
 /// Relative weights of the guest's steady-state operations.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct WorkloadMix {
     /// Touch a random page of a process (load or store through the MMU).
     pub touch: u32,
@@ -82,7 +82,7 @@ impl Default for WorkloadMix {
 
 /// Configuration of the guest workload.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct WorkloadConfig {
     /// Page shift of the bolted kernel linear map: 24 (16M) or 16 (64K).
     pub linear_page_shift: u32,
