@@ -30,6 +30,13 @@ pub struct RunArgs {
     /// Print the report as one JSON object instead of the human summary.
     #[arg(long)]
     json: bool,
+    /// Run every actor on one thread under a seeded scheduler, checking invariants
+    /// after every step; the same seed gives the same event digest.
+    #[arg(long)]
+    deterministic: bool,
+    /// Scheduler steps in deterministic mode (overrides the scenario's).
+    #[arg(long, value_name = "N", requires = "deterministic")]
+    steps: Option<u64>,
 }
 
 fn load(args: &RunArgs) -> Result<Scenario, String> {
@@ -42,6 +49,9 @@ fn load(args: &RunArgs) -> Result<Scenario, String> {
     }
     if let Some(s) = args.seed {
         sc.seed = s;
+    }
+    if let Some(n) = args.steps {
+        sc.deterministic.steps = n;
     }
     sc.validate().map_err(|e| e.to_string())?;
     Ok(sc)
@@ -75,6 +85,15 @@ pub fn run(args: &RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if args.deterministic {
+        return match revmap_sim::det::run_deterministic(&sc) {
+            Ok(r) => print(&r, args.json),
+            Err(e) => {
+                eprintln!("revmap run: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let bar = ProgressBar::with_draw_target(
         Some((sc.duration_secs * 10.0).ceil() as u64),
         ProgressDrawTarget::stderr(),

@@ -70,7 +70,7 @@ pub struct Progress {
 /// One resize of the schedule.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ResizeRecord {
-    /// Seconds into the run when it started.
+    /// Seconds into the run when it started (deterministic mode: the step).
     pub at_s: f64,
     /// Order before.
     pub from_order: u32,
@@ -355,6 +355,7 @@ pub fn run(sc: &Scenario, mut progress: impl FnMut(&Progress)) -> Result<RunRepo
         resizes: Vec::new(),
         migration_ops: HostOps::default(),
         rounds: Vec::new(),
+        deterministic: false,
     };
     let t0 = Instant::now();
     let outcome = thread::scope(
@@ -521,6 +522,8 @@ pub(crate) struct Controller<'a> {
     pub(crate) resizes: Vec<ResizeRecord>,
     pub(crate) migration_ops: HostOps,
     pub(crate) rounds: Vec<u64>,
+    /// Deterministic mode: wait for the preparation instead of sleeping between polls.
+    pub(crate) deterministic: bool,
 }
 
 impl Controller<'_> {
@@ -554,7 +557,10 @@ impl Controller<'_> {
         start: impl FnOnce(),
     ) {
         let from = self.vm.hpt_order();
-        let target = u32::try_from(i64::from(from) + i64::from(delta)).unwrap_or(from);
+        // Clamped to PAPR's minimum order, as a guest's hot-remove policy would be.
+        let target = u32::try_from(i64::from(from) + i64::from(delta))
+            .unwrap_or(from)
+            .max(revmap_hpt::hash::MIN_HPT_ORDER);
         let shift = u64::from(target);
         let vcpu = self.sc.guest.vcpus;
         let t = Instant::now();
@@ -566,7 +572,11 @@ impl Controller<'_> {
             if !is_long_busy(ret) || calls > 10_000 {
                 break;
             }
-            thread::sleep(Duration::from_millis(1));
+            if self.deterministic {
+                self.vm.resize_ctl().wait_prepared();
+            } else {
+                thread::sleep(Duration::from_millis(1));
+            }
         }
         let prepare_ms = t.elapsed().as_secs_f64() * 1e3;
         let mut rec = ResizeRecord {
@@ -830,8 +840,9 @@ impl RunReport {
         for z in &self.resize {
             let _ = writeln!(
                 o,
-                "resize at {:.1} s: order {} -> {}: PREPARE x{} ({:.1} ms, ret {}), COMMIT {}, quiesce {:.0} us, pause {:.0} us, now {}",
+                "resize at {:.1} {}: order {} -> {}: PREPARE x{} ({:.1} ms, ret {}), COMMIT {}, quiesce {:.0} us, pause {:.0} us, now {}",
                 z.at_s,
+                if self.deterministic { "(step)" } else { "s" },
                 z.from_order,
                 z.target_order,
                 z.prepare_calls,

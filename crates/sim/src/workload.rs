@@ -391,7 +391,7 @@ impl GuestCpu {
     fn alloc_gpa(&mut self, kind: PageKind) -> u64 {
         let shift = kind.shift();
         let size = 1u64 << shift;
-        let lo = KERNEL_RESERVED.div_ceil(size);
+        let lo = KERNEL_RESERVED.min(self.ram_bytes / 4).div_ceil(size);
         let hi = (self.ram_bytes / size).max(lo + 1);
         if kind == PageKind::K4 && self.rng.gen_range(0..1000) < self.cfg.shared_per_mille {
             let pool = SHARED_POOL_4K.min(hi - lo);
