@@ -34,6 +34,10 @@ pub struct RunArgs {
     /// after every step; the same seed gives the same event digest.
     #[arg(long)]
     deterministic: bool,
+    /// Write PNG and SVG plots (latency, ring lengths, dirty pages per round,
+    /// throughput with resizes) into DIR.
+    #[arg(long, value_name = "DIR")]
+    plot: Option<PathBuf>,
     /// Scheduler steps in deterministic mode (overrides the scenario's).
     #[arg(long, value_name = "N", requires = "deterministic")]
     steps: Option<u64>,
@@ -57,7 +61,25 @@ fn load(args: &RunArgs) -> Result<Scenario, String> {
     Ok(sc)
 }
 
-fn print(report: &RunReport, json: bool) -> ExitCode {
+fn print(report: &RunReport, json: bool, plot: Option<&PathBuf>) -> ExitCode {
+    if let Some(dir) = plot {
+        match crate::plot::write_plots(report, dir) {
+            Ok((files, no_font)) => {
+                if no_font {
+                    eprintln!("revmap run: no TrueType font found; wrote SVG plots only");
+                }
+                eprintln!(
+                    "revmap run: wrote {} plot files to {}",
+                    files.len(),
+                    dir.display()
+                );
+            }
+            Err(e) => {
+                eprintln!("revmap run: cannot write plots to {}: {e}", dir.display());
+                return ExitCode::from(2);
+            }
+        }
+    }
     if json {
         match serde_json::to_string(report) {
             Ok(s) => println!("{s}"),
@@ -87,7 +109,7 @@ pub fn run(args: &RunArgs) -> ExitCode {
     };
     if args.deterministic {
         return match revmap_sim::det::run_deterministic(&sc) {
-            Ok(r) => print(&r, args.json),
+            Ok(r) => print(&r, args.json, args.plot.as_ref()),
             Err(e) => {
                 eprintln!("revmap run: {e}");
                 ExitCode::from(2)
@@ -112,7 +134,7 @@ pub fn run(args: &RunArgs) -> ExitCode {
     });
     bar.finish_and_clear();
     match report {
-        Ok(r) => print(&r, args.json),
+        Ok(r) => print(&r, args.json, args.plot.as_ref()),
         Err(e) => {
             eprintln!("revmap run: {e}");
             ExitCode::from(2)

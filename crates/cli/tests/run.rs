@@ -83,3 +83,44 @@ fn bad_scenarios_and_flags_exit_2_with_a_message() {
     let o = revmap(&["run", "--scenario", bad.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("guest.vcpus"));
 }
+
+#[test]
+fn plot_writes_svg_and_png_files() {
+    let f = temp_file("plot.toml", SMALL);
+    let dir = std::env::temp_dir().join(format!("revmap-plots-{}", std::process::id()));
+    let o = revmap(&[
+        "run",
+        "--scenario",
+        f.to_str().unwrap(),
+        "--duration",
+        "1",
+        "--plot",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for name in ["latency", "rings", "dirty_pages", "throughput"] {
+        let svg = std::fs::read_to_string(dir.join(format!("{name}.svg"))).unwrap();
+        assert!(svg.starts_with("<svg") && svg.len() > 1000, "{name}");
+    }
+    let s = String::from_utf8_lossy(&o.stdout);
+    assert!(s.contains("invariant_violations 0"), "{s}");
+}
+
+#[test]
+fn deterministic_mode_reproduces_a_seed() {
+    let args = [
+        "run",
+        "--deterministic",
+        "--steps",
+        "300",
+        "--seed",
+        "4",
+        "--json",
+    ];
+    let a: serde_json::Value = serde_json::from_slice(&revmap(&args).stdout).unwrap();
+    let b: serde_json::Value = serde_json::from_slice(&revmap(&args).stdout).unwrap();
+    assert_eq!(a["digest"], b["digest"]);
+    assert_eq!(a["invariant_violations"], 0);
+    assert_eq!(a["invariant_checks"], 300);
+    assert_eq!(a["deterministic"], true);
+}
