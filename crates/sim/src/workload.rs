@@ -28,7 +28,7 @@
 use crate::report::HcallStats;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use revmap_hpt::hash::{hpt_hash, primary_pteg, secondary_pteg, Segment, SegmentSize};
+use revmap_hpt::hash::{hpt_hash, primary_pteg, secondary_pteg, HptGeometry, Segment, SegmentSize};
 use revmap_hpt::hcall::*;
 use revmap_hpt::hpte::{encode_avpn, HpteR, HpteV};
 use revmap_hpt::mmu::{Access, AccessOutcome, Fault, VcpuMmu};
@@ -185,8 +185,9 @@ struct Pte {
     gpa: u64,
     /// Writable (else clean / write-protected: pp = 3).
     writable: bool,
-    /// The HPTE slot Linux remembers (may be stale: evicted or removed by the host
-    /// never; evicted by a guest insert often).
+    /// Linux's "hidx": the slot in the group (bits 0-2) and the secondary bit (3) of
+    /// the HPTE it inserted; the PTEG is recomputed from the hash and the current HPT
+    /// size, so it survives a resize. May be stale (the entry was evicted).
     hidx: Option<u64>,
 }
 
@@ -218,6 +219,9 @@ pub struct GuestCpu {
     cfg: WorkloadConfig,
     ram_bytes: u64,
     rng: ChaCha8Rng,
+    /// The HPT geometry as the guest knows it (refreshed at every operation; a resize
+    /// commit happens between operations).
+    geo: Option<HptGeometry>,
     procs: Vec<Process>,
     next_ctx: u64,
     /// Hypercall counts, results and latencies.
@@ -255,6 +259,7 @@ impl GuestCpu {
             cfg,
             ram_bytes,
             rng,
+            geo: None,
             procs: Vec::new(),
             next_ctx: 1,
             stats: HcallStats::new()?,
@@ -337,6 +342,7 @@ impl GuestCpu {
 
     /// One guest operation, chosen by the mix.
     pub fn step(&mut self, vm: &Vm, mmu: &mut VcpuMmu<'_>, port: &mut dyn GuestPort) {
+        self.geo = Some(vm.hpt().geometry());
         let m = self.cfg.mix;
         let weights = [
             m.touch,
@@ -407,6 +413,18 @@ impl GuestCpu {
 
     fn ea_of(kind: PageKind, pageno: u64) -> u64 {
         (kind.seg_index() << SEG_SHIFT) | (pageno << kind.shift())
+    }
+
+    /// The HPTE index a Linux hidx designates for `ea` in `seg`.
+    fn ptex_of(&self, seg: &Segment, ea: u64, hidx: u64) -> u64 {
+        let Some(geo) = self.geo else { return hidx & 7 };
+        let hash = hpt_hash(seg, ea);
+        let g = if hidx & 8 != 0 {
+            secondary_pteg(geo, hash)
+        } else {
+            primary_pteg(geo, hash)
+        };
+        g * 8 + (hidx & 7)
     }
 
     fn avpn_of(seg: &Segment, kind: PageKind, ea: u64) -> u64 {
@@ -486,7 +504,8 @@ impl GuestCpu {
         let pp = if pte.writable { 2 } else { 3 };
         if let Some(h) = pte.hidx {
             let avpn = Self::avpn_of(seg, pte.kind, ea);
-            let r = self.hcall(port, H_PROTECT, &[pp | H_AVPN, h, avpn]);
+            let ptex = self.ptex_of(seg, ea, h);
+            let r = self.hcall(port, H_PROTECT, &[pp | H_AVPN, ptex, avpn]);
             if r.ret == H_SUCCESS {
                 return;
             }
@@ -515,7 +534,8 @@ impl GuestCpu {
         let pte = *pte;
         let avpn = Self::avpn_of(seg, pte.kind, ea);
         if let Some(h) = pte.hidx {
-            let r = self.hcall(port, H_PROTECT, &[2 | H_AVPN, h, avpn]);
+            let ptex = self.ptex_of(seg, ea, h);
+            let r = self.hcall(port, H_PROTECT, &[2 | H_AVPN, ptex, avpn]);
             if r.ret == H_SUCCESS {
                 return;
             }
@@ -547,10 +567,10 @@ impl GuestCpu {
             let geo = vm.hpt().geometry();
             let hash = hpt_hash(seg, ea);
             let groups = [primary_pteg(geo, hash), secondary_pteg(geo, hash)];
-            for (g, h) in groups.iter().zip([0, HpteV::SECONDARY]) {
+            for ((g, h), sec) in groups.iter().zip([0, HpteV::SECONDARY]).zip([0, 8]) {
                 let r = self.hcall(port, H_ENTER, &[0, g * 8, pteh | h, ptel]);
                 if r.ret == H_SUCCESS {
-                    return Some(r.out[0]);
+                    return Some((r.out[0] & 7) | sec);
                 }
                 if r.ret != H_PTEG_FULL {
                     self.stats.enter_errors += 1;
@@ -591,7 +611,8 @@ impl GuestCpu {
             let seg = self.seg_of(p, pte.kind);
             let ea = Self::ea_of(pte.kind, pte.pageno);
             let avpn = Self::avpn_of(&seg, pte.kind, ea);
-            self.hcall(port, H_REMOVE, &[H_AVPN, h, avpn]);
+            let ptex = self.ptex_of(&seg, ea, h);
+            self.hcall(port, H_REMOVE, &[H_AVPN, ptex, avpn]);
         }
     }
 
@@ -627,7 +648,7 @@ impl GuestCpu {
             let Some(h) = pte.hidx else { continue };
             let seg = self.seg_of(p, pte.kind);
             let ea = Self::ea_of(pte.kind, pte.pageno);
-            batch.push(BulkTsh::REQUEST | BulkTsh::AVPN | h);
+            batch.push(BulkTsh::REQUEST | BulkTsh::AVPN | self.ptex_of(&seg, ea, h));
             batch.push(Self::avpn_of(&seg, pte.kind, ea));
             if batch.len() == 8 {
                 self.hcall(port, H_BULK_REMOVE, &batch);
@@ -662,7 +683,8 @@ impl GuestCpu {
         let seg = self.seg_of(p, pte.kind);
         let ea = Self::ea_of(pte.kind, pte.pageno);
         let avpn = Self::avpn_of(&seg, pte.kind, ea);
-        let r = self.hcall(port, H_PROTECT, &[3 | H_AVPN, h, avpn]);
+        let ptex = self.ptex_of(&seg, ea, h);
+        let r = self.hcall(port, H_PROTECT, &[3 | H_AVPN, ptex, avpn]);
         if r.ret == H_NOT_FOUND {
             if let Some(x) = self.procs.get_mut(p).and_then(|pr| pr.pages.get_mut(i)) {
                 x.hidx = None;
