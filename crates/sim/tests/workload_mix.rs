@@ -67,3 +67,47 @@ fn workload_mix_matches_the_resize_trace() {
         "mix differs by {d:.3}: {ours:?} vs {real:?}"
     );
 }
+
+#[test]
+fn bolted_linear_map_survives_the_workload_and_hidx_stays_usable() {
+    use revmap_hpt::hpte::HpteV;
+    let vm = Vm::new(VmConfig {
+        ram_bytes: 256 << 20,
+        hpt_order: 18,
+        flavour: Flavour::Kvm,
+        backing_page_shift: 24,
+    })
+    .unwrap();
+    // Little churn, so that the resident set outgrows the table.
+    let mut cfg = WorkloadConfig::default();
+    cfg.mix.munmap_page = 5;
+    cfg.mix.exec = 0;
+    cfg.mix.exit = 0;
+    let mut cpu = GuestCpu::new(0, 3, 256 << 20, cfg).unwrap();
+    let mut mmu = VcpuMmu::new(&vm).unwrap();
+    let mut run = vm.vcpu_run(0);
+    cpu.boot(&vm, &mut run);
+    // A small table (order 18, 16K slots) fills up: evictions must happen and must
+    // never take a bolted entry.
+    for _ in 0..60_000 {
+        cpu.step(&vm, &mut mmu, &mut run);
+    }
+    drop(run);
+    let bolted = vm
+        .hpt()
+        .slots()
+        .iter()
+        .filter(|s| {
+            let v = s.load_v();
+            v & HpteV::VALID != 0 && v & HpteV::BOLTED != 0
+        })
+        .count();
+    assert_eq!(bolted, 16, "256 MiB / 16M linear-map pages");
+    assert!(cpu.stats.evictions > 0, "the small table must fill");
+    assert_eq!(cpu.stats.enter_errors, 0);
+    assert!(cpu.stats.touches > 10_000);
+    // Every hypercall was well-formed: only H_SUCCESS, H_NOT_FOUND or H_PTEG_FULL.
+    let odd: u64 = cpu.stats.other_ret.iter().sum();
+    assert!(odd <= cpu.stats.count(revmap_trace::HcallKind::Enter) / 2);
+    vm.check_invariants().unwrap();
+}
