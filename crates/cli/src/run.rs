@@ -121,7 +121,7 @@ pub fn run(args: &RunArgs) -> ExitCode {
         ProgressDrawTarget::stderr(),
     );
     if let Ok(style) = ProgressStyle::with_template(
-        "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} ticks  {msg}",
+        "{spinner} [{elapsed_precise}] {bar:30} {percent:>3}%  {msg}",
     ) {
         bar.set_style(style);
     }
