@@ -2,6 +2,9 @@
 //! a scenario file, or flags overriding it; a progress bar on a terminal; a human
 //! summary or one JSON object.
 //!
+//! With `--deterministic`, a run that finds a violation is shrunk
+//! (`revmap_sim::det::minimise`) and the smallest failing scenario printed as TOML.
+//!
 //! Invariants: a bad scenario file or flag value prints one clear message and exits 2;
 //! a run that found invariant violations exits 1; otherwise 0. The progress bar is drawn
 //! on stderr only when stderr is a terminal (indicatif hides it otherwise), so stdout
@@ -98,6 +101,25 @@ fn print(report: &RunReport, json: bool, plot: Option<&PathBuf>) -> ExitCode {
     }
 }
 
+/// A deterministic run failed: shrink it and print the smallest failing scenario (as
+/// TOML, to stderr) so it can be re-run with `--deterministic --scenario`.
+fn report_minimised(sc: &Scenario) {
+    match revmap_sim::det::minimise(sc) {
+        Ok(Some((small, rep))) => {
+            eprintln!(
+                "revmap run: smallest failing scenario found ({}):",
+                rep.first_violation.as_deref().unwrap_or("violation")
+            );
+            match toml::to_string(&small) {
+                Ok(t) => eprintln!("{t}"),
+                Err(e) => eprintln!("revmap run: cannot print it: {e}"),
+            }
+        }
+        Ok(None) => eprintln!("revmap run: the failure did not reproduce when re-run"),
+        Err(e) => eprintln!("revmap run: cannot minimise: {e}"),
+    }
+}
+
 /// Runs `revmap run`.
 pub fn run(args: &RunArgs) -> ExitCode {
     let sc = match load(args) {
@@ -109,7 +131,12 @@ pub fn run(args: &RunArgs) -> ExitCode {
     };
     if args.deterministic {
         return match revmap_sim::det::run_deterministic(&sc) {
-            Ok(r) => print(&r, args.json, args.plot.as_ref()),
+            Ok(r) => {
+                if r.failing_step.is_some() {
+                    report_minimised(&sc);
+                }
+                print(&r, args.json, args.plot.as_ref())
+            }
             Err(e) => {
                 eprintln!("revmap run: {e}");
                 ExitCode::from(2)
@@ -120,9 +147,9 @@ pub fn run(args: &RunArgs) -> ExitCode {
         Some((sc.duration_secs * 10.0).ceil() as u64),
         ProgressDrawTarget::stderr(),
     );
-    if let Ok(style) = ProgressStyle::with_template(
-        "{spinner} [{elapsed_precise}] {bar:30} {percent:>3}%  {msg}",
-    ) {
+    if let Ok(style) =
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {percent:>3}%  {msg}")
+    {
         bar.set_style(style);
     }
     let report = run_scenario(&sc, |p: &Progress| {

@@ -13,6 +13,8 @@
 //!   result) is the same for the same seed and scenario ([`run_deterministic`]).
 //! * The checker runs after every step; the first violation stops the run and is
 //!   reported with its step number, so a failing seed reproduces exactly.
+//! * [`minimise`] shrinks a failing scenario (fewer steps, actors, vCPUs, no resize)
+//!   while it still fails.
 //! * All vCPUs share one [`revmap_hpt::VcpuRuns`]; the resize calls pause it (out of
 //!   the gate) so a COMMIT never waits for this thread.
 
@@ -95,6 +97,7 @@ pub fn run_deterministic(sc: &Scenario) -> Result<RunReport, RunError> {
     let total_w = nv as u32 * VCPU_WEIGHT + (n_agents - nv) as u32;
     let mut next_resize = 0usize;
     let mut rounds: Vec<u64> = Vec::new();
+    let mut failing_step = None;
     for step in 0..steps {
         if let Some(r) = sc.resize.get(next_resize) {
             if step as f64 >= r.at * steps as f64 {
@@ -148,6 +151,7 @@ pub fn run_deterministic(sc: &Scenario) -> Result<RunReport, RunError> {
             if let Some(v) = ctl.first_violation.as_mut() {
                 *v = format!("step {step}: {v}");
             }
+            failing_step = Some(step);
             break;
         }
     }
@@ -171,7 +175,7 @@ pub fn run_deterministic(sc: &Scenario) -> Result<RunReport, RunError> {
     drop(mmus);
     let checks = (ctl.checks, ctl.violations, ctl.first_violation.take());
     let resizes = std::mem::take(&mut ctl.resizes);
-    Ok(build_report(
+    let mut report = build_report(
         sc,
         &vm,
         true,
@@ -184,5 +188,57 @@ pub fn run_deterministic(sc: &Scenario) -> Result<RunReport, RunError> {
         resizes,
         checks,
         Vec::new(),
-    ))
+    );
+    report.failing_step = failing_step;
+    Ok(report)
+}
+
+/// Shrinks a failing deterministic scenario: cuts the run just after the failing step,
+/// then repeatedly tries dropping the resize schedule, a host actor or a vCPU, keeping
+/// any change after which the run still fails. Returns `None` if `sc` does not fail.
+/// (A smaller scenario changes the schedule, so the failure it keeps may be found at a
+/// different step; every candidate is re-run in full.)
+pub fn minimise(sc: &Scenario) -> Result<Option<(Scenario, RunReport)>, RunError> {
+    let r = run_deterministic(sc)?;
+    let Some(step) = r.failing_step else {
+        return Ok(None);
+    };
+    let mut best = sc.clone();
+    best.deterministic.steps = step + 1;
+    let mut best_report = run_deterministic(&best)?;
+    if best_report.failing_step.is_none() {
+        return Ok(Some((sc.clone(), r)));
+    }
+    loop {
+        let mut candidates = Vec::new();
+        if !best.resize.is_empty() {
+            let mut c = best.clone();
+            c.resize.clear();
+            candidates.push(c);
+        }
+        for i in 0..best.host.actors.len() {
+            let mut c = best.clone();
+            c.host.actors.remove(i);
+            candidates.push(c);
+        }
+        if best.guest.vcpus > 1 {
+            let mut c = best.clone();
+            c.guest.vcpus -= 1;
+            candidates.push(c);
+        }
+        let mut improved = false;
+        for mut c in candidates {
+            let rep = run_deterministic(&c)?;
+            if let Some(s) = rep.failing_step {
+                c.deterministic.steps = s + 1;
+                best = c;
+                best_report = rep;
+                improved = true;
+                break;
+            }
+        }
+        if !improved {
+            return Ok(Some((best, best_report)));
+        }
+    }
 }

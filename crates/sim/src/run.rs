@@ -193,6 +193,8 @@ pub struct RunReport {
     pub invariant_violations: u64,
     /// The first violation, if any.
     pub first_violation: Option<String>,
+    /// Deterministic mode: the step after which the checker failed.
+    pub failing_step: Option<u64>,
     /// Event digest (reproducible in deterministic mode).
     pub digest: String,
     /// Throughput over time.
@@ -738,6 +740,7 @@ pub(crate) fn build_report(
         invariant_checks: checks.0,
         invariant_violations: checks.1,
         first_violation: checks.2,
+        failing_step: None,
         digest: format!("{:016x}", stats.digest),
         timeline,
         latency_buckets,

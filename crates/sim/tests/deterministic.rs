@@ -54,3 +54,10 @@ fn a_few_hundred_seeds_briefly() {
         );
     }
 }
+
+#[test]
+fn minimise_returns_none_for_a_passing_run() {
+    assert!(revmap_sim::det::minimise(&scenario(3, 100, 32))
+        .unwrap()
+        .is_none());
+}
