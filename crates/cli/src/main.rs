@@ -6,7 +6,9 @@
 #![forbid(unsafe_code)]
 
 mod backend;
+mod plot;
 mod replay;
+mod run;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -21,8 +23,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the simulator: vCPUs, host actors and an HPT resize (not implemented yet).
-    Run,
+    /// Run the simulator: vCPU threads with a Linux-like guest workload, host actors
+    /// (memory pressure, aging, live migration) and HPT resizes; then a report.
+    Run(run::RunArgs),
     /// Replay real guest hypercall traces and compare every result.
     Replay(replay::ReplayArgs),
     /// Run the benchmarks: rmap, replay, host, resize (not implemented yet).
@@ -43,7 +46,7 @@ fn main() -> ExitCode {
     };
     let name = match cli.command {
         Command::Replay(args) => return replay::run(&args),
-        Command::Run => "run",
+        Command::Run(args) => return run::run(&args),
         Command::Bench => "bench",
     };
     eprintln!("revmap {name}: not implemented yet");

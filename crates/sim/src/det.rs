@@ -1,0 +1,244 @@
+//! Deterministic simulation (`revmap run --deterministic`): every actor -- the guest
+//! vCPUs, memory pressure, aging, the migration loop and the resize controller -- on
+//! one thread, interleaved by a seeded scheduler at guest-operation (a few hypercalls)
+//! and host-operation granularity, with the whole-VM invariant checker after every
+//! step.
+//!
+//! # Invariants
+//!
+//! * The schedule is a pure function of the seed: the scheduler's ChaCha8 stream picks
+//!   the next actor; every actor draws from its own seeded stream; a resize PREPARE is
+//!   polled by waiting for the preparation (never by time). Hence the event digest
+//!   (every hypercall with its arguments and results, every host operation with its
+//!   result) is the same for the same seed and scenario ([`run_deterministic`]).
+//! * The checker runs after every step; the first violation stops the run and is
+//!   reported with its step number, so a failing seed reproduces exactly.
+//! * [`minimise`] shrinks a failing scenario (fewer steps, actors, vCPUs, no resize)
+//!   while it still fails.
+//! * All vCPUs share one [`revmap_hpt::VcpuRuns`]; the resize calls pause it (out of
+//!   the gate) so a COMMIT never waits for this thread.
+
+use crate::actors::{Actor, ActorConfig, HostOp, HostOps, Migration, MigrationEvent};
+use crate::host::HostMmu;
+use crate::report::{digest_word, HcallStats};
+use crate::run::{build_report, make_vm, Controller, GuestCounters, RunError, RunReport};
+use crate::scenario::{HostActor, Scenario};
+use crate::workload::GuestCpu;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use revmap_hpt::mmu::VcpuMmu;
+use std::time::Instant;
+
+/// Scheduler weight of one vCPU (host actors weigh 1 each).
+pub const VCPU_WEIGHT: u32 = 4;
+
+fn digest_str(mut d: u64, s: &str) -> u64 {
+    for b in s.bytes() {
+        d = digest_word(d, u64::from(b));
+    }
+    d
+}
+
+/// Runs `sc` deterministically for `sc.deterministic.steps` steps on a guest of
+/// `sc.deterministic.ram_mib` MiB (module docs).
+pub fn run_deterministic(sc: &Scenario) -> Result<RunReport, RunError> {
+    let vm = make_vm(sc, Some(sc.deterministic.ram_mib))?;
+    let ram = sc.deterministic.ram_mib << 20;
+    let nv = sc.guest.vcpus;
+    let start_order = vm.hpt_order();
+    let steps = sc.deterministic.steps;
+    let t0 = Instant::now();
+    let mut cpus = Vec::with_capacity(nv);
+    let mut mmus = Vec::with_capacity(nv);
+    for v in 0..nv {
+        cpus.push(GuestCpu::new(v, sc.seed, ram, sc.workload)?);
+        mmus.push(VcpuMmu::new(&vm)?);
+    }
+    let slots = vm.memslot_views();
+    let cfg = ActorConfig {
+        seed: sc.seed,
+        kinds: Vec::new(),
+        page_in: sc.host.page_in,
+        max_outstanding: sc.host.max_outstanding,
+        ops_per_phase: None,
+    };
+    let mut actors: Vec<Actor> = sc
+        .host
+        .actors
+        .iter()
+        .filter(|a| **a != HostActor::Migration)
+        .map(|a| Actor::new(a.kind(), &cfg, slots.clone()))
+        .collect();
+    let mut migration = sc
+        .host
+        .actors
+        .contains(&HostActor::Migration)
+        .then(|| Migration::new(sc.seed, slots.clone()));
+    let mut ctl = Controller {
+        vm: &vm,
+        sc,
+        checks: 0,
+        violations: 0,
+        first_violation: None,
+        resizes: Vec::new(),
+        migration_ops: HostOps::default(),
+        rounds: Vec::new(),
+        deterministic: true,
+    };
+    let mut host_ops = HostOps::default();
+    let mut host_digest = 0u64;
+    let mut sched = ChaCha8Rng::seed_from_u64(sc.seed);
+    sched.set_stream(0x5ced);
+    let mut runs = vm.vcpu_runs();
+    if let Some(c0) = cpus.first_mut() {
+        c0.boot(&vm, &mut runs);
+    }
+    let n_agents = nv + actors.len() + usize::from(migration.is_some());
+    let total_w = nv as u32 * VCPU_WEIGHT + (n_agents - nv) as u32;
+    let mut next_resize = 0usize;
+    let mut rounds: Vec<u64> = Vec::new();
+    let mut failing_step = None;
+    for step in 0..steps {
+        if let Some(r) = sc.resize.get(next_resize) {
+            if step as f64 >= r.at * steps as f64 {
+                next_resize += 1;
+                ctl.resize(&mut runs, r.order_delta, step as f64, || {}, || {});
+            }
+        }
+        let mut x = sched.gen_range(0..total_w.max(1));
+        let agent = if x < nv as u32 * VCPU_WEIGHT {
+            (x / VCPU_WEIGHT) as usize
+        } else {
+            x -= nv as u32 * VCPU_WEIGHT;
+            nv + x as usize
+        };
+        if agent < nv {
+            if let (Some(cpu), Some(mmu)) = (cpus.get_mut(agent), mmus.get_mut(agent)) {
+                cpu.step(&vm, mmu, &mut runs);
+            }
+        } else if let Some(a) = actors.get_mut(agent - nv) {
+            // Host operations run outside the guest (as host threads would).
+            runs.pause();
+            let before = host_ops.hptes_unmapped;
+            if let Some(op) = a.step(&vm, &mut host_ops) {
+                host_digest = digest_str(host_digest, &format!("{op:?}"));
+                host_digest = digest_word(host_digest, host_ops.hptes_unmapped - before);
+            }
+        } else if let Some(m) = migration.as_mut() {
+            runs.pause();
+            let mut observe = |e: MigrationEvent<'_>| match e {
+                MigrationEvent::RoundStart { .. } => rounds.push(0),
+                MigrationEvent::Log { bitmap, .. } => {
+                    let n: u64 = bitmap.iter().map(|w| u64::from(w.count_ones())).sum();
+                    if let Some(last) = rounds.last_mut() {
+                        *last += n;
+                    }
+                }
+            };
+            if let Some(op) = m.step(&vm, &mut host_ops, &mut observe) {
+                let tag = match op {
+                    HostOp::GetDirtyLog { slot, round } => (slot.0 as u64) << 32 | round,
+                    HostOp::ClearDirtyLog { first_page, .. } => first_page,
+                    _ => 0,
+                };
+                host_digest = digest_word(host_digest, tag);
+                host_digest = digest_word(host_digest, host_ops.dirty_pages);
+            }
+        }
+        runs.pause();
+        ctl.check();
+        if ctl.violations != 0 {
+            if let Some(v) = ctl.first_violation.as_mut() {
+                *v = format!("step {step}: {v}");
+            }
+            failing_step = Some(step);
+            break;
+        }
+    }
+    drop(runs);
+    let mut stats = HcallStats::new()?;
+    for c in &cpus {
+        stats.merge(&c.stats);
+    }
+    stats.digest = digest_word(stats.digest, host_digest);
+    let guest = GuestCounters {
+        touches: stats.touches,
+        hash_faults: stats.hash_faults,
+        protection_faults: stats.protection_faults,
+        other_faults: stats.other_faults,
+        evictions: stats.evictions,
+        enter_errors: stats.enter_errors,
+        forks: stats.forks,
+        execs: stats.execs,
+        exits: stats.exits,
+    };
+    drop(mmus);
+    let checks = (ctl.checks, ctl.violations, ctl.first_violation.take());
+    let resizes = std::mem::take(&mut ctl.resizes);
+    let mut report = build_report(
+        sc,
+        &vm,
+        true,
+        t0.elapsed().as_secs_f64(),
+        start_order,
+        &stats,
+        guest,
+        host_ops,
+        rounds,
+        resizes,
+        checks,
+        Vec::new(),
+    );
+    report.failing_step = failing_step;
+    Ok(report)
+}
+
+/// Shrinks a failing deterministic scenario: cuts the run just after the failing step,
+/// then repeatedly tries dropping the resize schedule, a host actor or a vCPU, keeping
+/// any change after which the run still fails. Returns `None` if `sc` does not fail.
+/// (A smaller scenario changes the schedule, so the failure it keeps may be found at a
+/// different step; every candidate is re-run in full.)
+pub fn minimise(sc: &Scenario) -> Result<Option<(Scenario, RunReport)>, RunError> {
+    let r = run_deterministic(sc)?;
+    let Some(step) = r.failing_step else {
+        return Ok(None);
+    };
+    let mut best = sc.clone();
+    best.deterministic.steps = step + 1;
+    let mut best_report = run_deterministic(&best)?;
+    if best_report.failing_step.is_none() {
+        return Ok(Some((sc.clone(), r)));
+    }
+    loop {
+        let mut candidates = Vec::new();
+        if !best.resize.is_empty() {
+            let mut c = best.clone();
+            c.resize.clear();
+            candidates.push(c);
+        }
+        for i in 0..best.host.actors.len() {
+            let mut c = best.clone();
+            c.host.actors.remove(i);
+            candidates.push(c);
+        }
+        if best.guest.vcpus > 1 {
+            let mut c = best.clone();
+            c.guest.vcpus -= 1;
+            candidates.push(c);
+        }
+        let mut improved = false;
+        for mut c in candidates {
+            let rep = run_deterministic(&c)?;
+            if let Some(s) = rep.failing_step {
+                c.deterministic.steps = s + 1;
+                best = c;
+                best_report = rep;
+                improved = true;
+                break;
+            }
+        }
+        if !improved {
+            return Ok(Some((best, best_report)));
+        }
+    }
+}
