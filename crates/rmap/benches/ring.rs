@@ -1,7 +1,8 @@
-//! Criterion benchmarks of the HPT rmap ring against the baselines of `baseline.rs`.
+//! Criterion benchmarks of the HPT rmap ring against the baselines of
+//! `revmap_rmap::baseline` (feature `baselines`, required by this bench).
 //!
 //! Run (short, as on the shared machine):
-//! `cargo bench -p revmap-rmap --bench ring -- --warm-up-time 1 --measurement-time 3`.
+//! `cargo bench -p revmap-rmap --features baselines --bench ring -- --warm-up-time 1 --measurement-time 3`.
 //!
 //! Groups, each at chain lengths 1, 2, 14, 100 and 1000 on frame 0 (63 other frames hold
 //! one mapping each, so map-based baselines are not trivially small):
@@ -18,11 +19,11 @@
 //!
 //! Before the groups it prints the memory each structure holds (`bytes:` lines).
 
-mod baseline;
-
-use baseline::{BaselineRmap, MutexHashMap, SlabList, SmallVecFrames};
 use criterion::{black_box, BenchmarkId, Criterion};
-use revmap_rmap::ring::{Revmap, RmapArray};
+use revmap_rmap::baseline::{
+    BaselineRmap, MutexHashMap, RingRmap as Ring, SlabList, SmallVecFrames,
+};
+use revmap_rmap::ring::RmapArray;
 
 const FRAMES: usize = 64;
 const NPTE: usize = 2048;
@@ -30,52 +31,14 @@ const LENGTHS: [u32; 5] = [1, 2, 14, 100, 1000];
 /// The HPTE linked and unlinked by the pair benchmark (never preloaded).
 const EXTRA: u32 = 2000;
 
-/// The ring under the same interface as the baselines.
-struct Ring {
-    rev: Revmap,
-    arr: RmapArray,
-}
-
-impl BaselineRmap for Ring {
-    const NAME: &'static str = "ring";
-    fn new(frames: usize, npte: usize) -> Self {
-        Self {
-            rev: Revmap::new(npte as u64).unwrap(),
-            arr: RmapArray::new(frames as u64).unwrap(),
-        }
-    }
-    #[inline]
-    fn link(&self, gfn: u64, ptex: u32) {
-        self.rev.link(self.arr[gfn as usize].lock(), ptex);
-    }
-    #[inline]
-    fn unlink(&self, gfn: u64, ptex: u32) -> bool {
-        self.rev.unlink(&mut self.arr[gfn as usize].lock(), ptex);
-        true
-    }
-    #[inline]
-    fn count(&self, gfn: u64) -> usize {
-        let g = self.arr[gfn as usize].lock();
-        self.rev.chain_len(&g)
-    }
-    #[inline]
-    fn sum(&self, gfn: u64) -> u64 {
-        let g = self.arr[gfn as usize].lock();
-        self.rev.iter(&g).map(u64::from).sum()
-    }
-    fn bytes(&self) -> usize {
-        self.arr.bytes() + self.rev.bytes()
-    }
-}
-
 /// A map with `members` HPTEs (0..members) on frame 0 and one on each other frame.
 fn populated<M: BaselineRmap>(members: u32) -> M {
-    let m = M::new(FRAMES, NPTE);
+    let m = M::new(FRAMES, NPTE).unwrap();
     for p in 0..members {
-        m.link(0, p);
+        m.link(0, p).unwrap();
     }
     for f in 1..FRAMES {
-        m.link(f as u64, 1024 + f as u32);
+        m.link(f as u64, 1024 + f as u32).unwrap();
     }
     m
 }
@@ -86,11 +49,11 @@ fn link_unlink<M: BaselineRmap>(c: &mut Criterion) {
         let m = populated::<M>(n - 1);
         g.bench_with_input(BenchmarkId::new(M::NAME, n), &n, |b, _| {
             b.iter(|| {
-                m.link(black_box(0), black_box(EXTRA));
-                m.unlink(black_box(0), black_box(EXTRA))
+                m.link(black_box(0), black_box(EXTRA)).unwrap();
+                m.unlink(black_box(0), black_box(EXTRA)).unwrap()
             })
         });
-        assert_eq!(m.count(0), n as usize - 1);
+        assert_eq!(m.count(0).unwrap(), n as usize - 1);
     }
     g.finish();
 }
@@ -111,9 +74,9 @@ fn iterate<M: BaselineRmap>(c: &mut Criterion) {
     let mut g = c.benchmark_group("iterate");
     for n in LENGTHS {
         let m = populated::<M>(n);
-        assert_eq!(m.sum(0), u64::from(n) * u64::from(n - 1) / 2);
+        assert_eq!(m.sum(0).unwrap(), u64::from(n) * u64::from(n - 1) / 2);
         g.bench_with_input(BenchmarkId::new(M::NAME, n), &n, |b, _| {
-            b.iter(|| m.sum(black_box(0)))
+            b.iter(|| m.sum(black_box(0)).unwrap())
         });
     }
     g.finish();
@@ -123,9 +86,9 @@ fn count<M: BaselineRmap>(c: &mut Criterion) {
     let mut g = c.benchmark_group("count");
     for n in LENGTHS {
         let m = populated::<M>(n);
-        assert_eq!(m.count(0), n as usize);
+        assert_eq!(m.count(0).unwrap(), n as usize);
         g.bench_with_input(BenchmarkId::new(M::NAME, n), &n, |b, _| {
-            b.iter(|| m.count(black_box(0)))
+            b.iter(|| m.count(black_box(0)).unwrap())
         });
     }
     g.finish();
@@ -135,13 +98,13 @@ fn count<M: BaselineRmap>(c: &mut Criterion) {
 /// 8192-slot HPT (the common case: most frames are mapped once), and one frame with 1000
 /// mappings (aliasing) over a 2048-slot HPT.
 fn report_bytes<M: BaselineRmap>() {
-    let spread = M::new(4096, 8192);
+    let spread = M::new(4096, 8192).unwrap();
     for f in 0..4096u32 {
-        spread.link(u64::from(f), f * 2);
+        spread.link(u64::from(f), f * 2).unwrap();
     }
-    let alias = M::new(FRAMES, NPTE);
+    let alias = M::new(FRAMES, NPTE).unwrap();
     for p in 0..1000 {
-        alias.link(0, p);
+        alias.link(0, p).unwrap();
     }
     eprintln!(
         "bytes: {:>16}  4096 frames x 1 mapping (npte 8192): {:>7} B = {:5.1} B/entry | \

@@ -19,6 +19,8 @@
 extern crate alloc;
 
 pub mod addr;
+#[cfg(feature = "baselines")]
+pub mod baseline;
 pub mod bitlock;
 pub mod error;
 pub mod nested;
