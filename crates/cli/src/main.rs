@@ -6,6 +6,10 @@
 #![forbid(unsafe_code)]
 
 mod backend;
+mod bench;
+mod bench_host;
+mod bench_replay;
+mod bench_rmap;
 mod plot;
 mod replay;
 mod run;
@@ -28,8 +32,8 @@ enum Command {
     Run(run::RunArgs),
     /// Replay real guest hypercall traces and compare every result.
     Replay(replay::ReplayArgs),
-    /// Run the benchmarks: rmap, replay, host, resize (not implemented yet).
-    Bench,
+    /// Run the benchmarks: rmap, replay, host (tables, or JSON lines with --json).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -44,11 +48,9 @@ fn main() -> ExitCode {
             };
         }
     };
-    let name = match cli.command {
-        Command::Replay(args) => return replay::run(&args),
-        Command::Run(args) => return run::run(&args),
-        Command::Bench => "bench",
-    };
-    eprintln!("revmap {name}: not implemented yet");
-    ExitCode::from(2)
+    match cli.command {
+        Command::Replay(args) => replay::run(&args),
+        Command::Run(args) => run::run(&args),
+        Command::Bench(args) => bench::run(&args),
+    }
 }

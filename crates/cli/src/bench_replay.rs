@@ -1,0 +1,208 @@
+//! `revmap bench replay [FILE...]`: replay throughput of pre-parsed real traces and the
+//! streaming parser's throughput.
+//!
+//! Per file: the file is decompressed to memory first (decompression is not timed);
+//! the streaming parser then builds a [`PreparsedTrace`] from the in-memory text, timed
+//! (`parse_mb_per_s`, MB = 10^6 bytes of decompressed text, median over parses). Per
+//! flavour: `--runs` replays, each on a fresh VM, timing only the replay loop;
+//! `hcalls_per_s_median` is the median over the runs. A replay that mismatches or
+//! finds an invariant violation is an error, not a figure.
+//!
+//! With no FILE the vendored `traces/*.gz` are used, looked up in `./traces` and then
+//! at the repository root the binary was built from.
+
+use crate::backend::{make_vm, FlavourArg};
+use crate::bench::{median, print_rows, Common, Row};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use revmap_sim::replay::{replay_preparsed, PreparsedTrace, ReplayOptions};
+use revmap_trace::TraceReader;
+use serde::Serialize;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Arguments of `revmap bench replay`.
+#[derive(Debug, Args)]
+pub struct ReplayBenchArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Flavours to replay on (repeatable; default: kvm and qemu).
+    #[arg(long, value_enum, value_name = "FLAVOUR")]
+    flavour: Vec<FlavourArg>,
+    /// Fresh-VM replays per trace and flavour (default 10, 2 with --quick).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    runs: Option<u32>,
+    /// Trace files (gzip or plain text); default: the vendored traces/*.gz.
+    #[arg(value_name = "FILE")]
+    files: Vec<PathBuf>,
+}
+
+/// One result row.
+#[derive(Debug, Serialize)]
+struct ReplayRow {
+    file: String,
+    flavour: String,
+    calls: u64,
+    runs: u32,
+    hcalls_per_s_median: f64,
+    ns_per_call_median: f64,
+    text_bytes: u64,
+    parse_mb_per_s: f64,
+}
+
+impl Row for ReplayRow {
+    const HEADERS: &'static [&'static str] = &[
+        "file",
+        "flavour",
+        "calls",
+        "runs",
+        "Mcalls/s (median)",
+        "ns/call",
+        "text MB",
+        "parse MB/s",
+    ];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.file.clone(),
+            self.flavour.clone(),
+            self.calls.to_string(),
+            self.runs.to_string(),
+            format!("{:.2}", self.hcalls_per_s_median / 1e6),
+            format!("{:.1}", self.ns_per_call_median),
+            format!("{:.1}", self.text_bytes as f64 / 1e6),
+            format!("{:.1}", self.parse_mb_per_s),
+        ]
+    }
+}
+
+/// The vendored traces directory: `./traces`, else the repository's.
+fn traces_dir() -> Result<PathBuf> {
+    let candidates = [
+        PathBuf::from("traces"),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../traces"),
+    ];
+    for c in &candidates {
+        if c.is_dir() {
+            return Ok(c.clone());
+        }
+    }
+    bail!(
+        "no FILE given and no traces directory found (looked in ./traces and {}); \
+         run from the repository root or name trace files",
+        candidates[1].display()
+    )
+}
+
+fn default_files() -> Result<Vec<PathBuf>> {
+    let dir = traces_dir()?;
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "gz"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        bail!("no *.gz trace in {}", dir.display());
+    }
+    Ok(files)
+}
+
+/// The file's text, decompressed if it starts with the gzip magic.
+fn read_text(path: &Path) -> Result<Vec<u8>> {
+    let raw = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    if raw.starts_with(&[0x1f, 0x8b]) {
+        let mut text = Vec::new();
+        flate2::read::MultiGzDecoder::new(&raw[..])
+            .read_to_end(&mut text)
+            .with_context(|| format!("decompressing {}", path.display()))?;
+        Ok(text)
+    } else {
+        Ok(raw)
+    }
+}
+
+fn parse(text: &[u8], name: &str) -> Result<PreparsedTrace> {
+    let mut reader = TraceReader::new(text, name);
+    PreparsedTrace::from_reader(&mut reader).with_context(|| format!("parsing {name}"))
+}
+
+fn bench_file(
+    path: &Path,
+    flavours: &[FlavourArg],
+    runs: u32,
+    quick: bool,
+) -> Result<Vec<ReplayRow>> {
+    let name = path.display().to_string();
+    let text = read_text(path)?;
+    let parses = if quick { 1 } else { 3 };
+    let mut mbps = Vec::new();
+    let mut trace = None;
+    for _ in 0..parses {
+        let t = Instant::now();
+        let parsed = parse(&text, &name)?;
+        let secs = t.elapsed().as_secs_f64();
+        mbps.push(if secs > 0.0 {
+            text.len() as f64 / secs / 1e6
+        } else {
+            0.0
+        });
+        trace = Some(parsed);
+    }
+    let Some(trace) = trace else {
+        bail!("{name}: not parsed");
+    };
+    let parse_mb_per_s = median(&mut mbps);
+    let mut rows = Vec::new();
+    for &flavour in flavours {
+        let mut rates = Vec::new();
+        for _ in 0..runs {
+            let vm = trace.make_vm(|spec| make_vm(flavour, spec))?;
+            let rep = replay_preparsed(&trace, &vm, &ReplayOptions::default());
+            if !rep.passed() {
+                bail!(
+                    "{name} ({flavour}): the replay did not pass ({} mismatched, {} invariant violations)",
+                    rep.mismatched,
+                    rep.invariant_violations
+                );
+            }
+            rates.push(rep.calls_per_second());
+        }
+        let rate = median(&mut rates);
+        rows.push(ReplayRow {
+            file: name.clone(),
+            flavour: flavour.to_string(),
+            calls: trace.calls(),
+            runs,
+            hcalls_per_s_median: rate,
+            ns_per_call_median: if rate > 0.0 { 1e9 / rate } else { 0.0 },
+            text_bytes: text.len() as u64,
+            parse_mb_per_s,
+        });
+    }
+    Ok(rows)
+}
+
+/// Runs `revmap bench replay`.
+pub fn run(args: &ReplayBenchArgs) -> Result<()> {
+    let files = if args.files.is_empty() {
+        default_files()?
+    } else {
+        args.files.clone()
+    };
+    let flavours = if args.flavour.is_empty() {
+        vec![FlavourArg::Kvm, FlavourArg::Qemu]
+    } else {
+        args.flavour.clone()
+    };
+    let runs = args.runs.unwrap_or(if args.common.quick { 2 } else { 10 });
+    let mut rows = Vec::new();
+    for f in &files {
+        rows.extend(bench_file(f, &flavours, runs, args.common.quick)?);
+    }
+    print_rows(
+        "pre-parsed trace replay (fresh VM per run; parse = streaming parser on decompressed text)",
+        &rows,
+        args.common.json,
+    )
+}
