@@ -35,7 +35,7 @@ pub struct BenchArgs {
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
     /// The three reverse maps (HPT ring, pte_list, nested) against the baselines
-    /// (Mutex<HashMap>, slab list, per-frame SmallVec): ns per op and bytes per entry.
+    /// (mutex-guarded HashMap, slab list, per-frame SmallVec): ns per op and bytes per entry.
     Rmap(crate::bench_rmap::RmapArgs),
     /// Pre-parsed real traces: hypercalls per second (median over fresh-VM replays) and
     /// streaming-parser throughput.
