@@ -51,6 +51,7 @@ pub fn run(args: &BenchArgs) -> ExitCode {
         BenchCommand::Rmap(a) => crate::bench_rmap::run(a),
         BenchCommand::Replay(a) => crate::bench_replay::run(a),
         BenchCommand::Host(a) => crate::bench_host::run(a),
+        // `BenchCommand::Resize(a) => crate::bench_resize::run(a),` at the merge.
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -206,3 +206,39 @@ pub fn run(args: &ReplayBenchArgs) -> Result<()> {
         args.common.json,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn read_text_decompresses_gzip_and_passes_plain_text() {
+        let dir = std::env::temp_dir().join(format!("revmap-bench-replay-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let plain = dir.join("t.txt");
+        std::fs::write(&plain, b"HPT_ALLOC 18\n").unwrap();
+        assert_eq!(read_text(&plain).unwrap(), b"HPT_ALLOC 18\n");
+        let gz = dir.join("t.txt.gz");
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        enc.write_all(b"some text\n").unwrap();
+        std::fs::write(&gz, enc.finish().unwrap()).unwrap();
+        assert_eq!(read_text(&gz).unwrap(), b"some text\n");
+        assert!(read_text(&dir.join("missing")).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_vendored_traces_are_found() {
+        let files = default_files().unwrap();
+        assert!(
+            files.iter().any(|f| f.ends_with("boot.txt.gz")),
+            "{files:?}"
+        );
+    }
+
+    #[test]
+    fn a_text_without_hpt_alloc_is_an_error() {
+        assert!(parse(b"", "empty").is_err());
+    }
+}
