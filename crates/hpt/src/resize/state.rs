@@ -3,7 +3,7 @@
 //! ownership rules (invariant 19) and the commit invariants (20-23).
 
 use super::rehash::rehash_index;
-use super::{long_busy_for_ms, ResizeError, PREPARE_ESTIMATE_MS};
+use super::{long_busy_for_ms, ResizeError, ResizeMode, PREPARE_ESTIMATE_MS};
 use crate::flavour::Flavour;
 use crate::hash::{HptGeometry, MAX_HPT_ORDER, MAX_PAPR_HPT_ORDER, MIN_HPT_ORDER};
 use crate::hcall::*;
@@ -54,13 +54,13 @@ impl ResizeStats {
 
 /// A prepared table with its accounting: dropping it counts a free.
 #[derive(Debug)]
-struct Prepared {
-    hpt: Option<Hpt>,
+pub(super) struct Prepared {
+    pub(super) hpt: Option<Hpt>,
     stats: Arc<Shared>,
 }
 
 impl Prepared {
-    fn install(mut self) -> Option<Hpt> {
+    pub(super) fn install(mut self) -> Option<Hpt> {
         ResizeStats::bump(&self.stats.stats.installed);
         self.hpt.take()
     }
@@ -123,6 +123,10 @@ struct Shared {
     hold: Mutex<bool>,
     hold_cv: Condvar,
     stats: ResizeStats,
+    /// The commit mode (`ResizeMode as u64`).
+    mode: AtomicU64,
+    /// The last commit's pause (gate closed -> gate reopened), in nanoseconds.
+    last_pause_ns: AtomicU64,
 }
 
 /// The resize state of one VM (`mmu_setup_lock` and the pending request).
@@ -151,6 +155,8 @@ impl ResizeCtl {
                 hold: Mutex::new(false),
                 hold_cv: Condvar::new(),
                 stats: ResizeStats::default(),
+                mode: AtomicU64::new(ResizeMode::DEFAULT as u64),
+                last_pause_ns: AtomicU64::new(0),
             }),
             ram_order,
         }
@@ -159,6 +165,32 @@ impl ResizeCtl {
     /// Allocation and ownership counters.
     pub fn stats(&self) -> &ResizeStats {
         &self.shared.stats
+    }
+
+    /// How COMMIT runs (see [`ResizeMode`]); takes effect at the next COMMIT.
+    pub fn set_mode(&self, mode: ResizeMode) {
+        // ORDERING: Relaxed: a configuration value read by the next COMMIT, which
+        // takes `mmu_setup_lock` after any caller that needs it ordered.
+        self.shared.mode.store(mode as u64, Ordering::Relaxed);
+    }
+
+    /// The commit mode in effect.
+    pub fn mode(&self) -> ResizeMode {
+        // ORDERING: Relaxed: see `set_mode`.
+        ResizeMode::from_u64(self.shared.mode.load(Ordering::Relaxed))
+    }
+
+    /// The pause of the last successful or failed COMMIT that closed the gate: from
+    /// closing the gate (vCPUs stopped) to reopening it, in nanoseconds.
+    pub fn last_pause_ns(&self) -> u64 {
+        // ORDERING: Relaxed: a measurement, written by the committer before it
+        // returns from the hypercall the reader waited for.
+        self.shared.last_pause_ns.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn record_pause(&self, ns: u64) {
+        // ORDERING: Relaxed: see `last_pause_ns`.
+        self.shared.last_pause_ns.store(ns, Ordering::Relaxed);
     }
 
     /// The order the RAM size suggests (H_RESOURCE above it + 1).
@@ -278,6 +310,11 @@ fn prepare_worker(shared: Arc<Shared>, order: u32, id: u64, flavour: Flavour) {
     shared.changed.notify_all();
 }
 
+/// Nanoseconds since `t0`, saturating.
+pub(super) fn elapsed_ns(t0: std::time::Instant) -> u64 {
+    u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// Where a bolted entry goes, decided before anything is changed.
 struct Move {
     old: Ptex,
@@ -373,7 +410,10 @@ impl Vm {
         let Pending::Ready { table, .. } = core::mem::take(&mut *p) else {
             return ResizeError::Io.papr();
         };
-        let ret = self.commit_stop_the_world(table);
+        let ret = match ctl.mode() {
+            ResizeMode::StopTheWorld => self.commit_stop_the_world(table),
+            ResizeMode::PreCopy => self.commit_precopy(table),
+        };
         drop(p);
         ctl.shared.changed.notify_all();
         ret
@@ -382,10 +422,12 @@ impl Vm {
     /// Close the gate, rehash, pivot or fail, reopen (invariants 20-23).
     fn commit_stop_the_world(&self, table: Prepared) -> i64 {
         let tables = self.tables();
+        let t0 = std::time::Instant::now();
         tables.close_and_drain(self.tlb());
         let ret = match self.rehash_into(table) {
             Ok(new) => match tables.pivot(new) {
                 Ok(()) => {
+                    self.resize.record_pause(elapsed_ns(t0));
                     // Every TLB entry names an old-table index: flush them all.
                     self.tlb().tlbie();
                     self.bump_mmio_update();
@@ -393,11 +435,13 @@ impl Vm {
                 }
                 Err(_unused) => {
                     tables.reopen();
+                    self.resize.record_pause(elapsed_ns(t0));
                     ResizeError::NoMem.papr()
                 }
             },
             Err(e) => {
                 tables.reopen();
+                self.resize.record_pause(elapsed_ns(t0));
                 e.papr()
             }
         };

@@ -1,0 +1,1 @@
+//! Commit-pause benchmark (placeholder, filled below).

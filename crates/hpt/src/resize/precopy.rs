@@ -1,0 +1,300 @@
+//! The pre-copy commit ([`ResizeMode::PreCopy`](super::ResizeMode), beyond KVM): the
+//! vCPUs are stopped only for what changed since the copy.
+//!
+//! # Design
+//!
+//! The committer holds `mmu_setup_lock` throughout (no second commit, no PREPARE can
+//! replace the table it fills) and runs outside the vCPU gate.
+//!
+//! 1. **Drain (gate open, vCPUs running).** Every VALID entry of the old table leaves
+//!    its rmap ring: the host's own `kvm_unmap_gfn_range` walker runs over every
+//!    memslot (HPTE becomes ABSENT, tlbie, R/C harvested into guest_rpte, the rmap word
+//!    and the dirty bitmap: nothing is lost, invariant 10). This is exactly what a host
+//!    page-out may do at any time, so it is invisible to the guest (H_READ presents an
+//!    ABSENT entry as valid) and every invariant holds before, during and after it: it
+//!    is an ordinary host walker inside `Vm::host_access`.
+//! 2. **Copy (gate open).** Every bolted, non-VALID entry is snapshotted under its HPTE
+//!    lock (dword 0, dword 1, guest_rpte) and written to its rehashed index in the new,
+//!    still inactive table; a bolted/bolted collision is only noted (the guest may
+//!    still remove one of the two). The snapshots form a list sorted by old index.
+//!    Entries the guest or the fault path made VALID meanwhile are left for step 3.
+//! 3. **Commit (gate closed and drained).** One pass over the old table's dword 0
+//!    compares each slot with its snapshot: an entry that is VALID (entered or paged
+//!    in since step 1) is unmapped as in the stop-the-world transfer; an entry whose
+//!    words differ from its snapshot (H_REMOVE, H_PROTECT, H_ENTER since step 2) has
+//!    its copy withdrawn from the new table and, if still bolted, is placed again; a
+//!    noted collision is retried. A collision that remains fails the commit with
+//!    H_PTEG_FULL: the new table is freed and the old one stays active, with exactly
+//!    the guest-visible contents it had (only ABSENT transitions, as a host page-out,
+//!    happened to it: invariant 23 in its guest-visible form). Then pivot (reopens the
+//!    gate) and a full tlbie, as stop-the-world.
+//!
+//! # Invariants
+//!
+//! * At every quiescent point the current table satisfies the whole-VM checker: the
+//!   new table is unreachable by vCPUs and walkers until the pivot, and the old one is
+//!   only changed by the host walker of step 1 and by vCPUs.
+//! * After step 3 no entry of the old table is VALID or on a ring, and the new table
+//!   holds exactly the bolted entries of the old table at the moment the gate closed,
+//!   with the words stop-the-world would have written (mode-comparison test).
+//! * Hardware R/C never goes unharvested: step 1 harvests under the walker protocol
+//!   (tlbie before reading R/C), step 3 with every vCPU out of the gate.
+
+use super::rehash::rehash_index;
+use super::state::{elapsed_ns, Prepared};
+use super::ResizeError;
+use crate::hcall::H_SUCCESS;
+use crate::hpte::{HpteR, HpteV};
+use crate::table::Hpt;
+use crate::vm::Vm;
+use alloc::vec::Vec;
+use revmap_memslot::Memslots;
+use revmap_rmap::Ptex;
+
+/// A bolted entry copied in step 2.
+#[derive(Debug, Clone, Copy)]
+struct Copied {
+    old: Ptex,
+    new: Ptex,
+    v: u64,
+    r: u64,
+    gr: u64,
+    /// Written to the new table (false: its slot was taken; retried in step 3).
+    placed: bool,
+}
+
+/// A bolted entry to place in step 3.
+#[derive(Debug, Clone, Copy)]
+struct ToPlace {
+    old: Ptex,
+    /// Was VALID when the gate closed (unmapped by step 3).
+    was_valid: bool,
+}
+
+impl Vm {
+    /// The pre-copy commit of `table` (module docs). Returns the PAPR code.
+    pub(super) fn commit_precopy(&self, table: Prepared) -> i64 {
+        let Some(new) = table.hpt.as_ref() else {
+            return ResizeError::Io.papr();
+        };
+        // Step 1: drain every ring of the old table while vCPUs run.
+        {
+            let slots = self.memslots();
+            for s in slots.iter() {
+                let acc = self.host_access();
+                self.unmap_slot_range(acc.hpt(), s, s.base_gfn(), s.end_gfn());
+            }
+        }
+        // Step 2: copy the bolted entries.
+        let copied = match self.precopy_bolted(new) {
+            Ok(c) => c,
+            Err(e) => return e.papr(),
+        };
+        // Step 3: stop, re-apply, pivot.
+        let tables = self.tables();
+        let t0 = std::time::Instant::now();
+        tables.close_and_drain(self.tlb());
+        let ret = match self.precopy_finish(new, &copied) {
+            Ok(()) => match table.install() {
+                Some(hpt) => match tables.pivot(hpt) {
+                    Ok(()) => {
+                        self.resize.record_pause(elapsed_ns(t0));
+                        self.tlb().tlbie();
+                        self.bump_mmio_update();
+                        return H_SUCCESS;
+                    }
+                    Err(_unused) => ResizeError::NoMem.papr(),
+                },
+                None => ResizeError::Io.papr(),
+            },
+            Err(e) => e.papr(),
+        };
+        tables.reopen();
+        self.resize.record_pause(elapsed_ns(t0));
+        ret
+    }
+
+    /// Step 2 (gate open): snapshot and place every bolted, non-VALID entry.
+    fn precopy_bolted(&self, new: &Hpt) -> Result<Vec<Copied>, ResizeError> {
+        let acc = self.host_access();
+        let old = acc.hpt();
+        let f = self.flavour();
+        let (og, ng, rev, new_rev) = (old.geometry(), new.geometry(), old.revmap(), new.revmap());
+        let mut out: Vec<Copied> = Vec::new();
+        for (i, s) in old.slots().iter().enumerate() {
+            let v = HpteV(s.load_v());
+            if !v.is_used() || !v.is_bolted() || v.is_valid() {
+                continue;
+            }
+            let p = Ptex(i as u32);
+            let Some(g) = old.lock(p) else { continue };
+            let v = g.v();
+            let (r, gr) = (g.r(), rev.guest_rpte(p.0));
+            drop(g);
+            let hv = HpteV(v);
+            if !hv.is_used() || !hv.is_bolted() || hv.is_valid() {
+                continue;
+            }
+            // Undecodable: left for step 3, which fails the commit as stop-the-world.
+            let Some(sh) = f.page_shifts(hv, HpteR(gr)) else {
+                continue;
+            };
+            let n = rehash_index(hv, sh.base, og, p, ng);
+            let Some(ng_) = new.lock(n) else {
+                return Err(ResizeError::Io);
+            };
+            let placed = if HpteV(ng_.v()).is_used() {
+                drop(ng_);
+                false
+            } else {
+                new_rev.set_guest_rpte(n.0, gr);
+                ng_.set_r(r);
+                ng_.unlock_with(v);
+                new.mark_written(n);
+                true
+            };
+            out.try_reserve(1).map_err(|_| ResizeError::NoMem)?;
+            out.push(Copied {
+                old: p,
+                new: n,
+                v,
+                r,
+                gr,
+                placed,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Step 3 (gate closed): re-apply what changed since step 2. On `Err` the new
+    /// table is to be discarded; the old one has only had entries made ABSENT.
+    fn precopy_finish(&self, new: &Hpt, copied: &[Copied]) -> Result<(), ResizeError> {
+        let f = self.flavour();
+        let old = self.hpt();
+        let slots = self.memslots();
+        let (og, ng, rev, new_rev) = (old.geometry(), new.geometry(), old.revmap(), new.revmap());
+        if !self.tables().can_pivot() {
+            return Err(ResizeError::NoMem);
+        }
+        let mut todo: Vec<ToPlace> = Vec::new();
+        let mut next = copied.iter().peekable();
+        for (i, s) in old.slots().iter().enumerate() {
+            let p = Ptex(i as u32);
+            let rec = next.next_if(|c| c.old == p);
+            let v = s.load_v();
+            let hv = HpteV(v);
+            let bolted = hv.is_used() && hv.is_bolted();
+            let changed = if hv.is_valid() {
+                true
+            } else if !bolted {
+                rec.is_some()
+            } else {
+                match rec {
+                    None => true,
+                    Some(c) => (c.v, c.r, c.gr) != (v, s.load_r(), rev.guest_rpte(p.0)),
+                }
+            };
+            if !changed {
+                if let Some(c) = rec.filter(|c| !c.placed) {
+                    push(&mut todo, c.old, false)?;
+                }
+                continue;
+            }
+            if let Some(c) = rec.filter(|c| c.placed) {
+                // Withdraw the stale copy.
+                if let Some(mut g) = new.lock(c.new) {
+                    new_rev.set_guest_rpte(c.new.0, 0);
+                    g.set_r(0);
+                    g.set_v(0);
+                    drop(g);
+                }
+            }
+            if hv.is_valid() {
+                self.precopy_unmap(old, &slots, p);
+            }
+            if bolted {
+                push(&mut todo, p, hv.is_valid())?;
+            }
+        }
+        let absent = f.resize_bolted_arrive_absent();
+        for t in &todo {
+            let Some(s) = old.slot(t.old) else { continue };
+            let (v, r, gr) = (s.load_v(), s.load_r(), rev.guest_rpte(t.old.0));
+            let Some(sh) = f.page_shifts(HpteV(v), HpteR(gr)) else {
+                return Err(ResizeError::Io);
+            };
+            let n = rehash_index(HpteV(v), sh.base, og, t.old, ng);
+            let Some(g) = new.lock(n) else {
+                return Err(ResizeError::Io);
+            };
+            if HpteV(g.v()).is_used() {
+                drop(g);
+                return Err(ResizeError::BoltedCollision);
+            }
+            // As the stop-the-world transfer: a formerly VALID entry is ABSENT in the
+            // old table now.
+            let (nv, nr) = match (t.was_valid, absent) {
+                (false, _) => (v, r),
+                (true, true) => (v, r & !HpteR::KEY),
+                (true, false) => ((v & !HpteV::ABSENT) | HpteV::VALID, r),
+            };
+            new_rev.set_guest_rpte(n.0, gr);
+            g.set_r(nr);
+            if t.was_valid && !absent {
+                self.precopy_rechain(new, &slots, g, nv);
+            } else {
+                g.unlock_with(nv);
+            }
+            new.mark_written(n);
+        }
+        Ok(())
+    }
+
+    /// Unmap a VALID old entry with every vCPU stopped (the stop-the-world transfer).
+    fn precopy_unmap(&self, old: &Hpt, slots: &Memslots, p: Ptex) {
+        let Some(mut g) = old.lock(p) else { return };
+        let v = g.v();
+        if v & HpteV::VALID == 0 {
+            return;
+        }
+        g.set_v((v & !HpteV::VALID) | HpteV::ABSENT);
+        let hw_r = g.r();
+        self.remove_revmap_chain(old, slots, p, v, hw_r);
+        g.set_r(hw_r & !HpteR::RC);
+    }
+
+    /// QEMU flavour: link a formerly VALID bolted entry, now at `g` in the new table,
+    /// into its frame's ring and unlock it VALID (ABSENT if it cannot be chained).
+    fn precopy_rechain(
+        &self,
+        new: &Hpt,
+        slots: &Memslots,
+        mut g: crate::table::HpteGuard<'_>,
+        v: u64,
+    ) {
+        let new_rev = new.revmap();
+        let p = g.ptex();
+        let gr = new_rev.guest_rpte(p.0);
+        let rmap = self
+            .entry_page(v, gr)
+            .and_then(|(gfn, _)| slots.lookup(gfn).and_then(|s| s.rmap(gfn)));
+        match rmap {
+            Some(rm) if !self.invalidate_seq().in_progress() => {
+                let rg = rm.lock();
+                // Pre-set real R/C only where the rmap records them (invariant 12).
+                let rc = rg.word().rc();
+                new_rev.link(rg, p.0);
+                g.set_r(g.r() | (rc & HpteR::RC));
+                g.set_v(v);
+            }
+            _ => g.set_v((v & !HpteV::VALID) | HpteV::ABSENT),
+        }
+        drop(g);
+    }
+}
+
+fn push(todo: &mut Vec<ToPlace>, old: Ptex, was_valid: bool) -> Result<(), ResizeError> {
+    todo.try_reserve(1).map_err(|_| ResizeError::NoMem)?;
+    todo.push(ToPlace { old, was_valid });
+    Ok(())
+}
