@@ -15,8 +15,9 @@
 //!    is an ordinary host walker inside `Vm::host_access`.
 //! 2. **Copy (gate open).** Every bolted, non-VALID entry is snapshotted under its HPTE
 //!    lock (dword 0, dword 1, guest_rpte) and written to its rehashed index in the new,
-//!    still inactive table; a bolted/bolted collision is only noted (the guest may
-//!    still remove one of the two). The snapshots form a list sorted by old index.
+//!    still inactive table (not yet marked written in QEMU's pristine bitmap, so a
+//!    withdrawn copy reads back as never written); a bolted/bolted collision is only
+//!    noted (the guest may still remove one of the two). The snapshots form a list sorted by old index.
 //!    Entries the guest or the fault path made VALID meanwhile are left for step 3.
 //! 3. **Commit (gate closed and drained).** One pass over the old table's dword 0
 //!    compares each slot with its snapshot: an entry that is VALID (entered or paged
@@ -90,6 +91,7 @@ impl Vm {
             Ok(c) => c,
             Err(e) => return e.papr(),
         };
+        self.resize.precopy_hold_point();
         // Step 3: stop, re-apply, pivot.
         let tables = self.tables();
         let t0 = std::time::Instant::now();
@@ -150,7 +152,8 @@ impl Vm {
                 new_rev.set_guest_rpte(n.0, gr);
                 ng_.set_r(r);
                 ng_.unlock_with(v);
-                new.mark_written(n);
+                // Not `mark_written` yet: a copy withdrawn in step 3 must read back as
+                // never written (QEMU's pristine slots); step 3 marks the kept ones.
                 true
             };
             out.try_reserve(1).map_err(|_| ResizeError::NoMem)?;
@@ -177,6 +180,8 @@ impl Vm {
             return Err(ResizeError::NoMem);
         }
         let mut todo: Vec<ToPlace> = Vec::new();
+        // Old indices of placed copies withdrawn, ascending.
+        let mut withdrawn: Vec<Ptex> = Vec::new();
         let mut next = copied.iter().peekable();
         for (i, s) in old.slots().iter().enumerate() {
             let p = Ptex(i as u32);
@@ -201,6 +206,8 @@ impl Vm {
                 continue;
             }
             if let Some(c) = rec.filter(|c| c.placed) {
+                withdrawn.try_reserve(1).map_err(|_| ResizeError::NoMem)?;
+                withdrawn.push(c.old);
                 // Withdraw the stale copy.
                 if let Some(mut g) = new.lock(c.new) {
                     new_rev.set_guest_rpte(c.new.0, 0);
@@ -214,6 +221,14 @@ impl Vm {
             }
             if bolted {
                 push(&mut todo, p, hv.is_valid())?;
+            }
+        }
+        if f.resize_table_reads_zero_until_written() {
+            let mut withdrawn = withdrawn.iter().peekable();
+            for c in copied.iter().filter(|c| c.placed) {
+                if withdrawn.next_if(|&&w| w == c.old).is_none() {
+                    new.mark_written(c.new);
+                }
             }
         }
         let absent = f.resize_bolted_arrive_absent();

@@ -122,6 +122,9 @@ struct Shared {
     fail_next_alloc: AtomicBool,
     hold: Mutex<bool>,
     hold_cv: Condvar,
+    /// Test hook: (hold a pre-copy commit before it closes the gate, one is held now).
+    hold_commit: Mutex<(bool, bool)>,
+    hold_commit_cv: Condvar,
     stats: ResizeStats,
     /// The commit mode (`ResizeMode as u64`).
     mode: AtomicU64,
@@ -154,6 +157,8 @@ impl ResizeCtl {
                 fail_next_alloc: AtomicBool::new(false),
                 hold: Mutex::new(false),
                 hold_cv: Condvar::new(),
+                hold_commit: Mutex::new((false, false)),
+                hold_commit_cv: Condvar::new(),
                 stats: ResizeStats::default(),
                 mode: AtomicU64::new(ResizeMode::DEFAULT as u64),
                 last_pause_ns: AtomicU64::new(0),
@@ -210,6 +215,44 @@ impl ResizeCtl {
     pub fn hold_preparation(&self, hold: bool) {
         *lock(&self.shared.hold) = hold;
         self.shared.hold_cv.notify_all();
+    }
+
+    /// Hold (true) or release (false) every pre-copy COMMIT after its copy, before it
+    /// closes the gate, so tests can change the guest between the copy and the
+    /// stop (the changes step 3 must re-apply).
+    pub fn hold_precopy_commit(&self, hold: bool) {
+        lock(&self.shared.hold_commit).0 = hold;
+        self.shared.hold_commit_cv.notify_all();
+    }
+
+    /// Block until a pre-copy COMMIT is held by [`hold_precopy_commit`](Self::hold_precopy_commit).
+    pub fn wait_precopy_commit_held(&self) {
+        let mut h = lock(&self.shared.hold_commit);
+        while !h.1 {
+            h = self
+                .shared
+                .hold_commit_cv
+                .wait(h)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+
+    /// The committer's side of the hook.
+    pub(super) fn precopy_hold_point(&self) {
+        let mut h = lock(&self.shared.hold_commit);
+        if !h.0 {
+            return;
+        }
+        h.1 = true;
+        self.shared.hold_commit_cv.notify_all();
+        while h.0 {
+            h = self
+                .shared
+                .hold_commit_cv
+                .wait(h)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        h.1 = false;
     }
 
     /// Block until no preparation is in progress (the pending request is not
