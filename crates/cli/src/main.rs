@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 mod backend;
+mod bench_resize;
 mod replay;
 
 use clap::{Parser, Subcommand};
@@ -25,8 +26,8 @@ enum Command {
     Run,
     /// Replay real guest hypercall traces and compare every result.
     Replay(replay::ReplayArgs),
-    /// Run the benchmarks: rmap, replay, host, resize (not implemented yet).
-    Bench,
+    /// Run the benchmarks (so far: `bench resize`).
+    Bench(bench_resize::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -44,7 +45,7 @@ fn main() -> ExitCode {
     let name = match cli.command {
         Command::Replay(args) => return replay::run(&args),
         Command::Run => "run",
-        Command::Bench => "bench",
+        Command::Bench(args) => return bench_resize::run(&args),
     };
     eprintln!("revmap {name}: not implemented yet");
     ExitCode::from(2)
