@@ -7,7 +7,7 @@
 //!   H_REMOVE, MMU stores) resized up and down in both modes gives identical H_READ
 //!   dumps of the whole table after every commit, and the checker passes.
 use revmap_hpt::hcall::*;
-use revmap_hpt::resize::ResizeMode;
+use revmap_hpt::resize::{PrecopyHold, ResizeMode};
 use revmap_hpt::{result_masks, Flavour, Vm, VmConfig};
 use std::io::{BufRead, BufReader};
 
@@ -318,16 +318,27 @@ fn exact(mask: u64, page: u64, slot: u64, gfn: u64, bolted: bool) -> [u64; 4] {
 /// Run `commit` to `order` on both VMs; on the pre-copy one, apply `changes` between
 /// its copy and its stop, on the stop-the-world one before the commit. Returns the
 /// two return codes.
-fn commit_with_changes(vms: &[Vm; 2], order: u64, changes: impl Fn(&Vm)) -> [i64; 2] {
+fn commit_with_changes(
+    vms: &[Vm; 2],
+    order: u64,
+    at: PrecopyHold,
+    changes: impl Fn(&Vm),
+) -> [i64; 2] {
     changes(&vms[0]);
     let a = commit_to(&vms[0], order);
     let ctl = vms[1].resize_ctl();
-    ctl.hold_precopy_commit(true);
+    ctl.hold_precopy_commit(at);
     let b = std::thread::scope(|s| {
         let h = s.spawn(|| commit_to(&vms[1], order));
-        ctl.wait_precopy_commit_held();
+        while !ctl.precopy_commit_held() {
+            if h.is_finished() {
+                let r = h.join().unwrap();
+                panic!("the commit to {order} never reached {at:?}: {r}");
+            }
+            std::thread::yield_now();
+        }
         changes(&vms[1]);
-        ctl.hold_precopy_commit(false);
+        ctl.hold_precopy_commit(PrecopyHold::None);
         h.join().unwrap()
     });
     [a, b]
@@ -351,7 +362,12 @@ fn two_vms(flavour: Flavour, order: u32) -> [Vm; 2] {
 fn changes_between_copy_and_stop_are_reapplied() {
     use revmap_hpt::mmu::{Access, Fault};
     use revmap_rmap::Ptex;
-    for flavour in [Flavour::Kvm, Flavour::Qemu] {
+    for (flavour, at) in [
+        (Flavour::Kvm, PrecopyHold::BeforeRounds),
+        (Flavour::Kvm, PrecopyHold::BeforeStop),
+        (Flavour::Qemu, PrecopyHold::BeforeRounds),
+        (Flavour::Qemu, PrecopyHold::BeforeStop),
+    ] {
         let vms = two_vms(flavour, 18);
         let m18 = (1u64 << 11) - 1;
         for vm in &vms {
@@ -363,7 +379,7 @@ fn changes_between_copy_and_stop_are_reapplied() {
             }
         }
         let ptex = |page: u64, slot: u64| ((0x42 ^ page) & m18) * 8 + slot;
-        let rets = commit_with_changes(&vms, 19, |vm| {
+        let rets = commit_with_changes(&vms, 19, at, |vm| {
             // Remove a copied bolted entry, re-protect another, enter new bolted and
             // non-bolted entries, replace one bolted entry by another at its slot,
             // and page a drained bolted entry back in (VALID again).
@@ -397,7 +413,11 @@ fn changes_between_copy_and_stop_are_reapplied() {
             vm.check_invariants().unwrap();
             assert_eq!(vm.hpt_order(), 19);
         }
-        assert_eq!(diff(&vms[0], &vms[1]), None, "{flavour}: tables differ");
+        assert_eq!(
+            diff(&vms[0], &vms[1]),
+            None,
+            "{flavour} {at:?}: tables differ"
+        );
 
         // Shrink 19 -> 18: two bolted entries fold onto one slot. The copy notes the
         // collision; the guest removes one before the stop: both modes succeed.
@@ -408,7 +428,7 @@ fn changes_between_copy_and_stop_are_reapplied() {
                 assert_eq!(r.ret, H_SUCCESS);
             }
         }
-        let rets = commit_with_changes(&vms, 18, |vm| {
+        let rets = commit_with_changes(&vms, 18, at, |vm| {
             let p = ((0x42 ^ 0x801) & m19) * 8 + 7;
             assert_eq!(vm.hcall(1, H_REMOVE, &[0, p, 0]).ret, H_SUCCESS);
         });
@@ -417,15 +437,19 @@ fn changes_between_copy_and_stop_are_reapplied() {
             [H_SUCCESS, H_SUCCESS],
             "{flavour}: collision resolved"
         );
-        assert_eq!(diff(&vms[0], &vms[1]), None, "{flavour}: tables differ");
+        assert_eq!(
+            diff(&vms[0], &vms[1]),
+            None,
+            "{flavour} {at:?}: tables differ"
+        );
 
         // Grow again, then shrink with a collision the guest creates between the
         // copy and the stop: both modes fail with H_PTEG_FULL, old table kept.
         assert_eq!(
-            commit_with_changes(&vms, 19, |_| {}),
+            commit_with_changes(&vms, 19, at, |_| {}),
             [H_SUCCESS, H_SUCCESS]
         );
-        let rets = commit_with_changes(&vms, 18, |vm| {
+        let rets = commit_with_changes(&vms, 18, at, |vm| {
             let r = vm.hcall(1, H_ENTER, &exact(m19, 0x801, 7, 0x77, true));
             assert_eq!(r.ret, H_SUCCESS);
         });

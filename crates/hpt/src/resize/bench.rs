@@ -165,9 +165,11 @@ fn populated(cfg: &ResizeBenchConfig, order: u32) -> Result<(Vm, u64, u64), Resi
 }
 
 /// A vCPU thread's loop: enter, read, protect and remove its own non-bolted entries
-/// until `stop`; counts completed hypercalls.
+/// until `stop`; counts completed hypercalls. Each call enters and leaves the gate
+/// (`Vm::hcall`), so a thread the host preempts between calls does not hold up a
+/// commit (with run handles, which stay in the gate, the pause on an oversubscribed
+/// host measures the scheduler's latency rather than the commit).
 fn vcpu_loop(vm: &Vm, id: usize, stop: &AtomicBool, done: &AtomicU64, frames: u64) {
-    let mut run = vm.vcpu_run(id);
     let mut rng = Rng(0x1234_5678 + id as u64);
     let mut mine: Vec<u64> = Vec::new();
     let mut n = 0u64;
@@ -175,18 +177,18 @@ fn vcpu_loop(vm: &Vm, id: usize, stop: &AtomicBool, done: &AtomicU64, frames: u6
     while !stop.load(Ordering::Relaxed) {
         let mask = vm.hpt().geometry().mask();
         let args = random_entry(&mut rng, mask, frames, false);
-        let r = run.hcall(H_ENTER, &args);
+        let r = vm.hcall(id, H_ENTER, &args);
         if r.ret == H_SUCCESS && mine.try_reserve(1).is_ok() {
             mine.push(r.out[0]);
         }
         if let Some(&p) = mine.last() {
-            let _ = run.hcall(H_READ, &[0, p]);
-            let _ = run.hcall(H_PROTECT, &[1, p, 0]);
+            let _ = vm.hcall(id, H_READ, &[0, p]);
+            let _ = vm.hcall(id, H_PROTECT, &[1, p, 0]);
         }
         if mine.len() > 64 {
             let p = mine.swap_remove(rng.below(mine.len() as u64) as usize);
             // H_NOT_FOUND after a commit dropped it: fine.
-            let _ = run.hcall(H_REMOVE, &[0, p, 0]);
+            let _ = vm.hcall(id, H_REMOVE, &[0, p, 0]);
         }
         n += 4;
     }

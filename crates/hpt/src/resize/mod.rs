@@ -48,7 +48,7 @@ pub mod rehash;
 mod state;
 
 #[cfg(feature = "std")]
-pub use state::{ResizeCtl, ResizeStats};
+pub use state::{PrecopyHold, ResizeCtl, ResizeStats};
 
 use crate::hcall::*;
 

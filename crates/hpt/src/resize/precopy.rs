@@ -42,7 +42,7 @@
 //!   (tlbie before reading R/C), step 3 with every vCPU out of the gate.
 
 use super::rehash::rehash_index;
-use super::state::{elapsed_ns, Prepared};
+use super::state::{elapsed_ns, PrecopyHold, Prepared};
 use super::ResizeError;
 use crate::hcall::H_SUCCESS;
 use crate::hpte::{HpteR, HpteV};
@@ -50,7 +50,7 @@ use crate::table::Hpt;
 use crate::vm::Vm;
 use alloc::vec::Vec;
 use revmap_memslot::Memslots;
-use revmap_rmap::Ptex;
+use revmap_rmap::{Gfn, Ptex, PAGE_SHIFT};
 
 /// A bolted entry copied in step 2.
 #[derive(Debug, Clone, Copy)]
@@ -60,9 +60,17 @@ struct Copied {
     v: u64,
     r: u64,
     gr: u64,
+    /// The snapshot was a bolted entry (false: the entry was removed or changed
+    /// into a non-bolted one by a re-copy round; the record keeps its words).
+    bolted: bool,
     /// Written to the new table (false: its slot was taken; retried in step 3).
     placed: bool,
 }
+
+/// Re-copy rounds at most, before stopping whatever remains.
+const MAX_ROUNDS: usize = 8;
+/// Stop re-copying once a round found at most this many changed slots.
+const FINAL_ROUND_SLOTS: usize = 4096;
 
 /// A bolted entry to place in step 3.
 #[derive(Debug, Clone, Copy)]
@@ -78,6 +86,19 @@ impl Vm {
         let Some(new) = table.hpt.as_ref() else {
             return ResizeError::Io.papr();
         };
+        let tables = self.tables();
+        // No memslot change (and so no MMIO reclassification of paged-out entries)
+        // until the commit is over: slots_lock is below mmu_setup_lock.
+        let writer = self.slot_set().writer();
+        if let Err(e) = self.resize.track_alloc(self.hpt().geometry().npte()) {
+            return e.papr();
+        }
+        // Step 0: switch change tracking on with every vCPU out of the gate.
+        let t1 = std::time::Instant::now();
+        tables.close_and_drain(self.tlb());
+        self.resize.set_tracking(true);
+        tables.reopen();
+        let pause1 = elapsed_ns(t1);
         // Step 1: drain every ring of the old table while vCPUs run.
         {
             let slots = self.memslots();
@@ -86,21 +107,38 @@ impl Vm {
                 self.unmap_slot_range(acc.hpt(), s, s.base_gfn(), s.end_gfn());
             }
         }
-        // Step 2: copy the bolted entries.
-        let copied = match self.precopy_bolted(new) {
-            Ok(c) => c,
-            Err(e) => return e.papr(),
-        };
-        self.resize.precopy_hold_point();
-        // Step 3: stop, re-apply, pivot.
-        let tables = self.tables();
+        // Step 2: copy the bolted entries, note the VALID ones; then re-copy rounds
+        // over the groups changed meanwhile, while vCPUs run, until few remain.
+        let prepared = self
+            .precopy_bolted(new)
+            .and_then(|(mut copied, mut carry)| {
+                self.resize.precopy_hold_point(PrecopyHold::BeforeRounds);
+                for _ in 0..MAX_ROUNDS {
+                    let groups = self.resize.track_take(true)?;
+                    let n = self.precopy_round(new, &mut copied, &groups, &mut carry)?;
+                    if n <= FINAL_ROUND_SLOTS {
+                        break;
+                    }
+                }
+                Ok((copied, carry))
+            });
+        self.resize.precopy_hold_point(PrecopyHold::BeforeStop);
+        // Step 3: stop, re-apply what changed, pivot.
         let t0 = std::time::Instant::now();
         tables.close_and_drain(self.tlb());
-        let ret = match self.precopy_finish(new, &copied) {
+        self.resize.set_tracking(false);
+        let copied = self
+            .resize
+            .track_take(false)
+            .and_then(|g| prepared.map(|(c, v)| (c, v, g)));
+        let ret = match copied
+            .and_then(|(c, valid, groups)| self.precopy_finish(new, &c, &valid, &groups))
+        {
             Ok(()) => match table.install() {
                 Some(hpt) => match tables.pivot(hpt) {
                     Ok(()) => {
-                        self.resize.record_pause(elapsed_ns(t0));
+                        self.resize.record_pause(pause1 + elapsed_ns(t0));
+                        drop(writer);
                         self.tlb().tlbie();
                         self.bump_mmio_update();
                         return H_SUCCESS;
@@ -112,20 +150,28 @@ impl Vm {
             Err(e) => e.papr(),
         };
         tables.reopen();
-        self.resize.record_pause(elapsed_ns(t0));
+        self.resize.record_pause(pause1 + elapsed_ns(t0));
+        drop(writer);
         ret
     }
 
     /// Step 2 (gate open): snapshot and place every bolted, non-VALID entry.
-    fn precopy_bolted(&self, new: &Hpt) -> Result<Vec<Copied>, ResizeError> {
+    #[allow(clippy::type_complexity)]
+    fn precopy_bolted(&self, new: &Hpt) -> Result<(Vec<Copied>, Vec<u32>), ResizeError> {
         let acc = self.host_access();
         let old = acc.hpt();
         let f = self.flavour();
         let (og, ng, rev, new_rev) = (old.geometry(), new.geometry(), old.revmap(), new.revmap());
         let mut out: Vec<Copied> = Vec::new();
+        let mut valid: Vec<u32> = Vec::new();
         for (i, s) in old.slots().iter().enumerate() {
             let v = HpteV(s.load_v());
-            if !v.is_used() || !v.is_bolted() || v.is_valid() {
+            if v.is_valid() {
+                valid.try_reserve(1).map_err(|_| ResizeError::NoMem)?;
+                valid.push(i as u32);
+                continue;
+            }
+            if !v.is_used() || !v.is_bolted() {
                 continue;
             }
             let p = Ptex(i as u32);
@@ -134,11 +180,18 @@ impl Vm {
             let (r, gr) = (g.r(), rev.guest_rpte(p.0));
             drop(g);
             let hv = HpteV(v);
-            if !hv.is_used() || !hv.is_bolted() || hv.is_valid() {
+            if hv.is_valid() {
+                valid.try_reserve(1).map_err(|_| ResizeError::NoMem)?;
+                valid.push(i as u32);
+                continue;
+            }
+            if !hv.is_used() || !hv.is_bolted() {
                 continue;
             }
             // Undecodable: left for step 3, which fails the commit as stop-the-world.
             let Some(sh) = f.page_shifts(hv, HpteR(gr)) else {
+                valid.try_reserve(1).map_err(|_| ResizeError::NoMem)?;
+                valid.push(i as u32);
                 continue;
             };
             let n = rehash_index(hv, sh.base, og, p, ng);
@@ -163,15 +216,141 @@ impl Vm {
                 v,
                 r,
                 gr,
+                bolted: true,
                 placed,
             });
         }
-        Ok(out)
+        Ok((out, valid))
+    }
+
+    /// A re-copy round (gate open): bring the copies of the slots of `groups` up to
+    /// date. VALID entries and new bolted entries without a record go to `carry` for
+    /// step 3. Returns the number of slots that had changed.
+    fn precopy_round(
+        &self,
+        new: &Hpt,
+        copied: &mut [Copied],
+        groups: &[u64],
+        carry: &mut Vec<u32>,
+    ) -> Result<usize, ResizeError> {
+        let acc = self.host_access();
+        let old = acc.hpt();
+        let f = self.flavour();
+        let (og, ng, rev, new_rev) = (old.geometry(), new.geometry(), old.revmap(), new.revmap());
+        let npte = og.npte();
+        let slots = self.memslots();
+        let mut changed = 0;
+        for (w, &bits) in groups.iter().enumerate() {
+            let mut b = bits;
+            while b != 0 {
+                let i = (w as u64) * 64 + u64::from(b.trailing_zeros());
+                b &= b - 1;
+                {
+                    if i >= npte {
+                        break;
+                    }
+                    let p = Ptex(i as u32);
+                    let Some(lk) = old.lock(p) else { continue };
+                    let (v, r, gr) = (lk.v(), lk.r(), rev.guest_rpte(p.0));
+                    drop(lk);
+                    let hv = HpteV(v);
+                    let bolted = hv.is_used() && hv.is_bolted();
+                    let rec = copied
+                        .binary_search_by_key(&p.0, |c| c.old.0)
+                        .ok()
+                        .and_then(|k| copied.get_mut(k));
+                    if hv.is_valid() {
+                        changed += 1;
+                        // Unmap it now, as step 1 did, through its frame's ring; an
+                        // entry on no ring waits for step 3.
+                        let frame = self.entry_page(v, gr).and_then(|(gfn, shift)| {
+                            slots
+                                .lookup(gfn)
+                                .map(|s| (s, gfn, 1u64 << (shift - PAGE_SHIFT)))
+                        });
+                        match frame {
+                            Some((s, gfn, n)) => {
+                                self.unmap_slot_range(old, s, gfn, Gfn(gfn.0 + n));
+                            }
+                            None => {
+                                carry.try_reserve(1).map_err(|_| ResizeError::NoMem)?;
+                                carry.push(p.0);
+                            }
+                        }
+                        if !bolted {
+                            continue;
+                        }
+                        // A bolted entry: bring its copy up to date below, from the
+                        // words it has now.
+                    }
+                    let (v, r, gr) = if hv.is_valid() {
+                        let Some(sl) = old.slot(p) else { continue };
+                        (sl.load_v(), sl.load_r(), rev.guest_rpte(p.0))
+                    } else {
+                        (v, r, gr)
+                    };
+                    let hv = HpteV(v);
+                    if hv.is_valid() {
+                        // Still VALID (no ring, or re-faulted): step 3.
+                        carry.try_reserve(1).map_err(|_| ResizeError::NoMem)?;
+                        carry.push(p.0);
+                        continue;
+                    }
+                    let Some(c) = rec else {
+                        if bolted {
+                            changed += 1;
+                            carry.try_reserve(1).map_err(|_| ResizeError::NoMem)?;
+                            carry.push(p.0);
+                        }
+                        continue;
+                    };
+                    if (c.v, c.r, c.gr) == (v, r, gr) {
+                        continue;
+                    }
+                    changed += 1;
+                    if c.placed {
+                        if let Some(mut ng_) = new.lock(c.new) {
+                            new_rev.set_guest_rpte(c.new.0, 0);
+                            ng_.set_r(0);
+                            ng_.set_v(0);
+                            drop(ng_);
+                        }
+                        c.placed = false;
+                    }
+                    (c.v, c.r, c.gr, c.bolted) = (v, r, gr, bolted);
+                    if !bolted {
+                        continue;
+                    }
+                    let Some(sh) = f.page_shifts(hv, HpteR(gr)) else {
+                        continue;
+                    };
+                    c.new = rehash_index(hv, sh.base, og, p, ng);
+                    let Some(ng_) = new.lock(c.new) else {
+                        return Err(ResizeError::Io);
+                    };
+                    if HpteV(ng_.v()).is_used() {
+                        drop(ng_);
+                    } else {
+                        new_rev.set_guest_rpte(c.new.0, gr);
+                        ng_.set_r(r);
+                        ng_.unlock_with(v);
+                        c.placed = true;
+                    }
+                }
+            }
+        }
+        Ok(changed)
     }
 
     /// Step 3 (gate closed): re-apply what changed since step 2. On `Err` the new
     /// table is to be discarded; the old one has only had entries made ABSENT.
-    fn precopy_finish(&self, new: &Hpt, copied: &[Copied]) -> Result<(), ResizeError> {
+    fn precopy_finish(
+        &self,
+        new: &Hpt,
+        copied: &[Copied],
+        valid: &[u32],
+        groups: &[u64],
+    ) -> Result<(), ResizeError> {
         let f = self.flavour();
         let old = self.hpt();
         let slots = self.memslots();
@@ -182,25 +361,51 @@ impl Vm {
         let mut todo: Vec<ToPlace> = Vec::new();
         // Old indices of placed copies withdrawn, ascending.
         let mut withdrawn: Vec<Ptex> = Vec::new();
-        let mut next = copied.iter().peekable();
-        for (i, s) in old.slots().iter().enumerate() {
-            let p = Ptex(i as u32);
-            let rec = next.next_if(|c| c.old == p);
+        // The candidates: every slot of a changed group, every entry VALID at the
+        // copy, every copy that could not be placed. Nothing else can differ from
+        // its copy (module docs).
+        let mut cand: Vec<u32> = Vec::new();
+        let npte = old.geometry().npte();
+        for (w, &bits) in groups.iter().enumerate() {
+            let mut b = bits;
+            while b != 0 {
+                let i = (w as u64) * 64 + u64::from(b.trailing_zeros());
+                b &= b - 1;
+                if i < npte {
+                    cand.try_reserve(1).map_err(|_| ResizeError::NoMem)?;
+                    cand.push(i as u32);
+                }
+            }
+        }
+        cand.try_reserve(valid.len())
+            .map_err(|_| ResizeError::NoMem)?;
+        cand.extend_from_slice(valid);
+        for c in copied.iter().filter(|c| c.bolted && !c.placed) {
+            cand.try_reserve(1).map_err(|_| ResizeError::NoMem)?;
+            cand.push(c.old.0);
+        }
+        cand.sort_unstable();
+        cand.dedup();
+        for &i in &cand {
+            let p = Ptex(i);
+            let Some(s) = old.slot(p) else { continue };
+            let rec = copied
+                .binary_search_by_key(&p.0, |c| c.old.0)
+                .ok()
+                .and_then(|k| copied.get(k));
             let v = s.load_v();
             let hv = HpteV(v);
             let bolted = hv.is_used() && hv.is_bolted();
             let changed = if hv.is_valid() {
                 true
-            } else if !bolted {
-                rec.is_some()
             } else {
                 match rec {
-                    None => true,
+                    None => bolted,
                     Some(c) => (c.v, c.r, c.gr) != (v, s.load_r(), rev.guest_rpte(p.0)),
                 }
             };
             if !changed {
-                if let Some(c) = rec.filter(|c| !c.placed) {
+                if let Some(c) = rec.filter(|c| c.bolted && !c.placed) {
                     push(&mut todo, c.old, false)?;
                 }
                 continue;

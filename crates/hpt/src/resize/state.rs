@@ -52,6 +52,32 @@ impl ResizeStats {
     }
 }
 
+/// Where a pre-copy commit stops for a test ([`ResizeCtl::hold_precopy_commit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrecopyHold {
+    /// Do not hold.
+    None = 0,
+    /// After the first copy, before the re-copy rounds.
+    BeforeRounds = 1,
+    /// After the rounds, before the final stop.
+    BeforeStop = 2,
+}
+
+/// Marks an HPTE as changed when dropped ([`ResizeCtl::track_on_exit`]).
+#[derive(Debug)]
+pub(crate) struct TrackOnExit<'a> {
+    ctl: Option<&'a ResizeCtl>,
+    ptex: Ptex,
+}
+
+impl Drop for TrackOnExit<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.ctl {
+            c.track_ptex(u64::from(self.ptex.0));
+        }
+    }
+}
+
 /// A prepared table with its accounting: dropping it counts a free.
 #[derive(Debug)]
 pub(super) struct Prepared {
@@ -123,7 +149,7 @@ struct Shared {
     hold: Mutex<bool>,
     hold_cv: Condvar,
     /// Test hook: (hold a pre-copy commit before it closes the gate, one is held now).
-    hold_commit: Mutex<(bool, bool)>,
+    hold_commit: Mutex<(u8, bool)>,
     hold_commit_cv: Condvar,
     stats: ResizeStats,
     /// The commit mode (`ResizeMode as u64`).
@@ -136,6 +162,12 @@ struct Shared {
 #[derive(Debug)]
 pub struct ResizeCtl {
     shared: Arc<Shared>,
+    /// A pre-copy commit is tracking changed PTEGs (read by every hypercall: inline,
+    /// not behind the `Arc`).
+    track_on: AtomicBool,
+    /// The PTEGs of the current table changed since tracking began (bit per group);
+    /// empty when not tracking.
+    track: Mutex<Vec<u64>>,
     /// QEMU's `spapr_hpt_shift_for_ramsize` of the VM's RAM.
     ram_order: u32,
 }
@@ -157,14 +189,97 @@ impl ResizeCtl {
                 fail_next_alloc: AtomicBool::new(false),
                 hold: Mutex::new(false),
                 hold_cv: Condvar::new(),
-                hold_commit: Mutex::new((false, false)),
+                hold_commit: Mutex::new((0, false)),
                 hold_commit_cv: Condvar::new(),
                 stats: ResizeStats::default(),
                 mode: AtomicU64::new(ResizeMode::DEFAULT as u64),
                 last_pause_ns: AtomicU64::new(0),
             }),
+            track_on: AtomicBool::new(false),
+            track: Mutex::new(Vec::new()),
             ram_order,
         }
+    }
+
+    /// Whether a pre-copy commit is tracking changes (the hypercall hot path's check).
+    #[inline(always)]
+    pub(crate) fn tracking(&self) -> bool {
+        // ORDERING: Relaxed: switched on only while the gate is closed; every vCPU,
+        // fault and walker re-enters the gate with a SeqCst load of the state word that
+        // reads the reopening RMW, which orders the switch before this load.
+        self.track_on.load(Ordering::Relaxed)
+    }
+
+    /// Record that HPTE `ptex` of the current table changed (called inside the gate,
+    /// after the change, only while [`tracking`](Self::tracking)).
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn track_ptex(&self, ptex: u64) {
+        let g = ptex;
+        let mut t = lock(&self.track);
+        if let Some(w) = t.get_mut((g / 64) as usize) {
+            *w |= 1 << (g % 64);
+        }
+    }
+
+    /// The fault-path hook: a guard that marks `ptex`'s group when dropped (after the
+    /// fault changed the entry, still inside the gate), if tracking.
+    #[inline(always)]
+    pub(crate) fn track_on_exit(&self, ptex: Ptex) -> TrackOnExit<'_> {
+        TrackOnExit {
+            ctl: self.tracking().then_some(self),
+            ptex,
+        }
+    }
+
+    /// The hypercall hook, after the call: mark the entries it may have changed
+    /// (`args` are the inputs, `out` the outputs, `ret` the return code).
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn track_hcall(&self, opcode: u64, args: &[u64; 8], out: &[u64; 8], ret: i64) {
+        match opcode {
+            // H_ENTER changes nothing unless it succeeds, then only the slot it returns.
+            H_ENTER if ret == H_SUCCESS => self.track_ptex(out[0]),
+            H_REMOVE | H_PROTECT | H_CLEAR_REF | H_CLEAR_MOD => {
+                self.track_ptex(args[1]);
+            }
+            H_BULK_REMOVE => {
+                for tsh in [args[0], args[2], args[4], args[6]] {
+                    self.track_ptex(tsh & BulkTsh::PTEX);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Start tracking a table of `npte` entries: allocate the bitmap (tracking itself
+    /// is switched on with the gate closed, [`set_tracking`](Self::set_tracking)).
+    pub(super) fn track_alloc(&self, npte: u64) -> Result<(), ResizeError> {
+        let words = npte.div_ceil(64) as usize;
+        let mut t = lock(&self.track);
+        t.clear();
+        t.try_reserve_exact(words).map_err(|_| ResizeError::NoMem)?;
+        t.resize(words, 0);
+        Ok(())
+    }
+
+    /// Switch tracking on or off (the gate must be closed and drained).
+    pub(super) fn set_tracking(&self, on: bool) {
+        // ORDERING: Relaxed: see `tracking`.
+        self.track_on.store(on, Ordering::Relaxed);
+    }
+
+    /// Take the bitmap, leaving an empty one (tracking off) or, with `fresh`, a zeroed
+    /// one of the same size (tracking continues: a re-copy round).
+    pub(super) fn track_take(&self, fresh: bool) -> Result<Vec<u64>, ResizeError> {
+        let mut next = Vec::new();
+        let mut t = lock(&self.track);
+        if fresh {
+            next.try_reserve_exact(t.len())
+                .map_err(|_| ResizeError::NoMem)?;
+            next.resize(t.len(), 0);
+        }
+        Ok(core::mem::replace(&mut *t, next))
     }
 
     /// Allocation and ownership counters.
@@ -217,11 +332,12 @@ impl ResizeCtl {
         self.shared.hold_cv.notify_all();
     }
 
-    /// Hold (true) or release (false) every pre-copy COMMIT after its copy, before it
-    /// closes the gate, so tests can change the guest between the copy and the
-    /// stop (the changes step 3 must re-apply).
-    pub fn hold_precopy_commit(&self, hold: bool) {
-        lock(&self.shared.hold_commit).0 = hold;
+    /// Hold every pre-copy COMMIT at `at` (or release with [`PrecopyHold::None`]), so
+    /// tests can change the guest while the commit copies: before the re-copy rounds
+    /// (the rounds must pick the changes up) or just before the final stop (the stop
+    /// must re-apply them).
+    pub fn hold_precopy_commit(&self, at: PrecopyHold) {
+        lock(&self.shared.hold_commit).0 = at as u8;
         self.shared.hold_commit_cv.notify_all();
     }
 
@@ -237,15 +353,21 @@ impl ResizeCtl {
         }
     }
 
+    /// Whether a pre-copy COMMIT is held now (see
+    /// [`hold_precopy_commit`](Self::hold_precopy_commit)).
+    pub fn precopy_commit_held(&self) -> bool {
+        lock(&self.shared.hold_commit).1
+    }
+
     /// The committer's side of the hook.
-    pub(super) fn precopy_hold_point(&self) {
+    pub(super) fn precopy_hold_point(&self, here: PrecopyHold) {
         let mut h = lock(&self.shared.hold_commit);
-        if !h.0 {
+        if h.0 != here as u8 || here == PrecopyHold::None {
             return;
         }
         h.1 = true;
         self.shared.hold_commit_cv.notify_all();
-        while h.0 {
+        while h.0 == here as u8 {
             h = self
                 .shared
                 .hold_commit_cv
