@@ -26,6 +26,14 @@
 //! its ring, harvest R/C into guest_rpte, the rmap word and the dirty bitmap: nothing
 //! is lost, invariant 10) and writes the bolted ones into the new table.
 //!
+//! # Pre-copy commit (beyond KVM)
+//!
+//! [`ResizeMode::PreCopy`] (the default, per VM via [`ResizeCtl::set_mode`]) drains
+//! the old table's rings and copies the bolted entries while vCPUs run, tracking the
+//! guest's changes (hooks in `Vm::dispatch` and the fault path), and stops the vCPUs
+//! only to switch tracking on and to re-apply what changed: see `precopy`. Both modes
+//! give the guest identical results (`tests/resize_modes.rs`).
+//!
 //! # Return codes
 //!
 //! [`ResizeError`] is the kernel-side result and [`ResizeError::papr`] the one

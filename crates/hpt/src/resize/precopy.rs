@@ -4,42 +4,57 @@
 //! # Design
 //!
 //! The committer holds `mmu_setup_lock` throughout (no second commit, no PREPARE can
-//! replace the table it fills) and runs outside the vCPU gate.
+//! replace the table it fills) and `slots_lock` (no memslot change, so no MMIO
+//! reclassification of paged-out entries, until it is over), and runs outside the gate.
 //!
-//! 1. **Drain (gate open, vCPUs running).** Every VALID entry of the old table leaves
-//!    its rmap ring: the host's own `kvm_unmap_gfn_range` walker runs over every
-//!    memslot (HPTE becomes ABSENT, tlbie, R/C harvested into guest_rpte, the rmap word
-//!    and the dirty bitmap: nothing is lost, invariant 10). This is exactly what a host
-//!    page-out may do at any time, so it is invisible to the guest (H_READ presents an
-//!    ABSENT entry as valid) and every invariant holds before, during and after it: it
-//!    is an ordinary host walker inside `Vm::host_access`.
+//! 0. **Tracking on (gate closed, O(1)).** Close and drain the gate, switch change
+//!    tracking on, reopen: no work is done while closed. From then on every hypercall
+//!    marks, after it ran and still inside the gate, each HPTE it may have changed
+//!    (`Vm::dispatch`: the index H_ENTER returned, the `ptex` of H_REMOVE, H_PROTECT,
+//!    H_CLEAR_REF/MOD, the four of H_BULK_REMOVE) and the fault path marks the entry it
+//!    faulted on, in a per-HPTE bitmap. The flag only changes with the gate closed, so
+//!    it is constant during any call, and a vCPU re-entering the gate after the reopen
+//!    (a `SeqCst` load of the state word) sees it set.
+//! 1. **Drain (gate open).** Every VALID entry leaves its rmap ring through the host's
+//!    own `kvm_unmap_gfn_range` walker over every memslot (ABSENT, tlbie, R/C harvested
+//!    into guest_rpte, the rmap word and the dirty bitmap: invariant 10). A host
+//!    page-out may do this at any time, so the guest cannot see it.
 //! 2. **Copy (gate open).** Every bolted, non-VALID entry is snapshotted under its HPTE
 //!    lock (dword 0, dword 1, guest_rpte) and written to its rehashed index in the new,
-//!    still inactive table (not yet marked written in QEMU's pristine bitmap, so a
-//!    withdrawn copy reads back as never written); a bolted/bolted collision is only
-//!    noted (the guest may still remove one of the two). The snapshots form a list sorted by old index.
-//!    Entries the guest or the fault path made VALID meanwhile are left for step 3.
-//! 3. **Commit (gate closed and drained).** One pass over the old table's dword 0
-//!    compares each slot with its snapshot: an entry that is VALID (entered or paged
-//!    in since step 1) is unmapped as in the stop-the-world transfer; an entry whose
-//!    words differ from its snapshot (H_REMOVE, H_PROTECT, H_ENTER since step 2) has
-//!    its copy withdrawn from the new table and, if still bolted, is placed again; a
-//!    noted collision is retried. A collision that remains fails the commit with
-//!    H_PTEG_FULL: the new table is freed and the old one stays active, with exactly
-//!    the guest-visible contents it had (only ABSENT transitions, as a host page-out,
-//!    happened to it: invariant 23 in its guest-visible form). Then pivot (reopens the
-//!    gate) and a full tlbie, as stop-the-world.
+//!    inactive table (not yet marked written in QEMU's pristine bitmap, so a withdrawn
+//!    copy reads back as never written); a bolted/bolted collision is only noted.
+//!    VALID entries are listed for step 4.
+//! 3. **Re-copy rounds (gate open).** Take the bitmap (a fresh one continues
+//!    tracking) and bring each marked HPTE up to date: a VALID one is unmapped through
+//!    its ring as in step 1 (listed for step 4 if it has none), a changed bolted copy
+//!    is withdrawn and placed again. Rounds repeat until one finds at most
+//!    `FINAL_ROUND_SLOTS` changes (or `MAX_ROUNDS`), like a live migration's pre-copy.
+//! 4. **Commit (gate closed and drained).** Tracking off; the candidates are the
+//!    marked HPTEs of the last window, the listed VALID ones and the copies that could
+//!    not be placed. Each is compared with its copy: VALID -> unmapped as in the
+//!    stop-the-world transfer; changed -> copy withdrawn, placed again if bolted; a
+//!    collision that remains fails the commit with H_PTEG_FULL (the new table is
+//!    freed, the old one stays active with the guest-visible contents it had: only
+//!    ABSENT transitions, as a host page-out, happened to it; invariant 23 in its
+//!    guest-visible form). Then pivot (reopens the gate) and a full tlbie.
+//!
+//! The pause ([`ResizeCtl::last_pause_ns`](super::ResizeCtl::last_pause_ns)) is the
+//! sum of the two gate-closed intervals, steps 0 and 4.
 //!
 //! # Invariants
 //!
-//! * At every quiescent point the current table satisfies the whole-VM checker: the
-//!   new table is unreachable by vCPUs and walkers until the pivot, and the old one is
-//!   only changed by the host walker of step 1 and by vCPUs.
-//! * After step 3 no entry of the old table is VALID or on a ring, and the new table
-//!   holds exactly the bolted entries of the old table at the moment the gate closed,
-//!   with the words stop-the-world would have written (mode-comparison test).
-//! * Hardware R/C never goes unharvested: step 1 harvests under the walker protocol
-//!   (tlbie before reading R/C), step 3 with every vCPU out of the gate.
+//! * Completeness: an HPTE whose words at step 4 differ from its copy (or that is
+//!   VALID, or bolted without a copy) is a candidate. Changes before step 0 are seen
+//!   by step 2's scan; after it, every change is made by a hypercall or a fault (marked
+//!   after the change, inside the gate, so a round that takes the bitmap after the mark
+//!   sees the change, and step 4 sees every mark) or by a host walker, which only
+//!   touches VALID entries (listed or marked when they became VALID).
+//! * At every quiescent point the current table satisfies the whole-VM checker: the new
+//!   table is unreachable until the pivot, and the old one is only changed by host
+//!   walkers and vCPUs.
+//! * After step 4 no old entry is VALID or on a ring, and the new table holds exactly
+//!   the bolted entries of the old table at the moment the gate closed, with the words
+//!   stop-the-world would have written (`tests/resize_modes.rs`).
 
 use super::rehash::rehash_index;
 use super::state::{elapsed_ns, PrecopyHold, Prepared};
