@@ -83,9 +83,9 @@ struct Copied {
 }
 
 /// Re-copy rounds at most, before stopping whatever remains.
-const MAX_ROUNDS: usize = 8;
+const MAX_ROUNDS: usize = 16;
 /// Stop re-copying once a round found at most this many changed slots.
-const FINAL_ROUND_SLOTS: usize = 4096;
+const FINAL_ROUND_SLOTS: usize = 256;
 
 /// A bolted entry to place in step 3.
 #[derive(Debug, Clone, Copy)]
