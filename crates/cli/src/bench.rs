@@ -2,7 +2,7 @@
 //! `--json`, one JSON object per row on its own line.
 //!
 //! Subcommands: `rmap` ([`crate::bench_rmap`]), `replay` ([`crate::bench_replay`]),
-//! `host` ([`crate::bench_host`]); `resize` is added by the resize benchmark's branch.
+//! `host` ([`crate::bench_host`]), `resize` ([`crate::bench_resize`]).
 //!
 //! Invariants: every figure is the median over repeated timed batches
 //! (`std::time::Instant`, results through `black_box`); `--quick` only shrinks sizes and
@@ -42,7 +42,9 @@ enum BenchCommand {
     Replay(crate::bench_replay::ReplayBenchArgs),
     /// unmap_gfn_range and dirty-log harvest against a raw sequential scan.
     Host(crate::bench_host::HostArgs),
-    // `Resize(crate::bench_resize::ResizeArgs)` goes here (the resize benchmark's branch).
+    /// The HPT resize commit pause (vCPUs stopped to running), stop-the-world vs pre-copy,
+    /// for HPT orders 20..=26.
+    Resize(crate::bench_resize::ResizeArgs),
 }
 
 /// Runs `revmap bench`.
@@ -51,7 +53,7 @@ pub fn run(args: &BenchArgs) -> ExitCode {
         BenchCommand::Rmap(a) => crate::bench_rmap::run(a),
         BenchCommand::Replay(a) => crate::bench_replay::run(a),
         BenchCommand::Host(a) => crate::bench_host::run(a),
-        // `BenchCommand::Resize(a) => crate::bench_resize::run(a),` at the merge.
+        BenchCommand::Resize(a) => return crate::bench_resize::resize(a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -9,6 +9,7 @@ mod backend;
 mod bench;
 mod bench_host;
 mod bench_replay;
+mod bench_resize;
 mod bench_rmap;
 mod plot;
 mod replay;

@@ -72,6 +72,8 @@ impl Vm {
         };
         // Inside the gate for the whole fault: it runs on one table (D7).
         let acc = self.host_access();
+        #[cfg(feature = "std")]
+        let _track = self.resize.track_on_exit(p);
         let hpt = acc.hpt();
         let slots = self.memslots();
         let rev = hpt.revmap();
@@ -148,6 +150,8 @@ impl Vm {
             return FaultOutcome::NotReady;
         };
         let acc = self.host_access();
+        #[cfg(feature = "std")]
+        let _track = self.resize.track_on_exit(p);
         let hpt = acc.hpt();
         let slots = self.memslots();
         let rev = hpt.revmap();

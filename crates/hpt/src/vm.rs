@@ -275,6 +275,27 @@ impl Vm {
         opcode: u64,
         regs: &mut [u64; 8],
     ) -> i64 {
+        // A pre-copy resize commit is in progress (`resize::precopy`): mark the
+        // entries this call may have changed, after it ran (the flag cannot change while
+        // we are inside the gate).
+        #[cfg(feature = "std")]
+        if self.resize.tracking() {
+            let args = *regs;
+            let ret = self.dispatch_untracked(hpt, slots, opcode, regs);
+            self.resize.track_hcall(opcode, &args, regs, ret);
+            return ret;
+        }
+        self.dispatch_untracked(hpt, slots, opcode, regs)
+    }
+
+    #[inline(always)]
+    fn dispatch_untracked(
+        &self,
+        hpt: &Hpt,
+        slots: &Memslots,
+        opcode: u64,
+        regs: &mut [u64; 8],
+    ) -> i64 {
         match opcode {
             H_ENTER => self.h_enter(hpt, slots, regs),
             H_REMOVE => {

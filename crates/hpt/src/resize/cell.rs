@@ -70,6 +70,20 @@ const _: () = {
     assert!((GEN_MASK << GEN_SHIFT) & CLOSED == 0);
 };
 
+/// One step of a gate wait: spin briefly, then yield the CPU (std builds) so that on an
+/// oversubscribed host the thread being waited for gets to run. Under loom and shuttle
+/// `spin_loop` already yields to the model's scheduler.
+#[inline]
+fn backoff(spins: &mut u32) {
+    *spins = spins.saturating_add(1);
+    #[cfg(all(feature = "std", not(loom), not(feature = "shuttle")))]
+    if *spins > 64 {
+        std::thread::yield_now();
+        return;
+    }
+    spin_loop();
+}
+
 #[derive(Debug)]
 #[repr(align(128))]
 struct VcpuGate(AtomicU64);
@@ -260,8 +274,9 @@ impl TableCell {
     /// Wait until the gate is open.
     pub fn wait_open(&self) {
         // ORDERING: Acquire: seeing "open" acquires the pivot's table installation.
+        let mut spins = 0;
         while self.state.load(Ordering::Acquire) & CLOSED != 0 {
-            spin_loop();
+            backoff(&mut spins);
         }
     }
 
@@ -289,16 +304,17 @@ impl TableCell {
     pub fn close_and_drain(&self, tlb: &TlbDomain) {
         // ORDERING: SeqCst RMW: the committer half of the handshake.
         self.state.fetch_or(CLOSED, Ordering::SeqCst);
+        let mut spins = 0;
         for g in self.vcpus.iter() {
             // ORDERING: SeqCst (handshake) and acquiring: the vCPU's table writes
             // happen-before our rehash once we see "out".
             while g.0.load(Ordering::SeqCst) != 0 {
-                spin_loop();
+                backoff(&mut spins);
             }
         }
         // ORDERING: SeqCst, as above.
         while self.host.0.load(Ordering::SeqCst) != 0 {
-            spin_loop();
+            backoff(&mut spins);
         }
         tlb.wait_all_idle();
     }

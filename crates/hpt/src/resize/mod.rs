@@ -26,6 +26,14 @@
 //! its ring, harvest R/C into guest_rpte, the rmap word and the dirty bitmap: nothing
 //! is lost, invariant 10) and writes the bolted ones into the new table.
 //!
+//! # Pre-copy commit (beyond KVM)
+//!
+//! [`ResizeMode::PreCopy`] (the default, per VM via [`ResizeCtl::set_mode`]) drains
+//! the old table's rings and copies the bolted entries while vCPUs run, tracking the
+//! guest's changes (hooks in `Vm::dispatch` and the fault path), and stops the vCPUs
+//! only to switch tracking on and to re-apply what changed: see `precopy`. Both modes
+//! give the guest identical results (`tests/resize_modes.rs`).
+//!
 //! # Return codes
 //!
 //! [`ResizeError`] is the kernel-side result and [`ResizeError::papr`] the one
@@ -37,16 +45,58 @@
 //! it in front of KVM too). A COMMIT after a failed allocation answers H_NO_MEM in both
 //! flavours (spec 6).
 
+#[cfg(feature = "std")]
+pub mod bench;
 pub mod cell;
 mod flavour;
+#[cfg(feature = "std")]
+mod precopy;
 pub mod rehash;
 #[cfg(feature = "std")]
 mod state;
 
 #[cfg(feature = "std")]
-pub use state::{ResizeCtl, ResizeStats};
+pub use state::{PrecopyHold, ResizeCtl, ResizeStats};
 
 use crate::hcall::*;
+
+/// How H_RESIZE_HPT_COMMIT runs (per VM, [`ResizeCtl::set_mode`]).
+///
+/// The default is [`PreCopy`](Self::PreCopy): both modes give the guest the same
+/// results (tested, and the resize trace replays bit-exact in both), and pre-copy keeps
+/// the vCPUs stopped for a fraction of the time; the extra total work it does (one
+/// more pass over the old table while vCPUs run) is paid by the committing vCPU, which
+/// is blocked in COMMIT anyway. Stop-the-world stays for comparison
+/// (`revmap bench resize`) and as KVM's reference behaviour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResizeMode {
+    /// KVM: close the gate, rehash the whole old table, pivot, reopen.
+    StopTheWorld = 0,
+    /// Drain the old table's rings and copy the bolted entries while vCPUs run; with
+    /// the gate closed only re-apply what changed since, pivot and reopen
+    /// (`precopy` module docs).
+    PreCopy = 1,
+}
+
+impl ResizeMode {
+    /// The mode a new VM starts in.
+    pub const DEFAULT: Self = Self::PreCopy;
+
+    /// Decode the stored discriminant (anything else reads as the default).
+    pub const fn from_u64(x: u64) -> Self {
+        match x {
+            0 => Self::StopTheWorld,
+            1 => Self::PreCopy,
+            _ => Self::DEFAULT,
+        }
+    }
+}
+
+impl Default for ResizeMode {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
 
 /// Kernel-side result of a resize operation (KVM's errno values), mapped to PAPR in
 /// one place.

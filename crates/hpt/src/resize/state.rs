@@ -3,7 +3,7 @@
 //! ownership rules (invariant 19) and the commit invariants (20-23).
 
 use super::rehash::rehash_index;
-use super::{long_busy_for_ms, ResizeError, PREPARE_ESTIMATE_MS};
+use super::{long_busy_for_ms, ResizeError, ResizeMode, PREPARE_ESTIMATE_MS};
 use crate::flavour::Flavour;
 use crate::hash::{HptGeometry, MAX_HPT_ORDER, MAX_PAPR_HPT_ORDER, MIN_HPT_ORDER};
 use crate::hcall::*;
@@ -52,15 +52,41 @@ impl ResizeStats {
     }
 }
 
+/// Where a pre-copy commit stops for a test ([`ResizeCtl::hold_precopy_commit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrecopyHold {
+    /// Do not hold.
+    None = 0,
+    /// After the first copy, before the re-copy rounds.
+    BeforeRounds = 1,
+    /// After the rounds, before the final stop.
+    BeforeStop = 2,
+}
+
+/// Marks an HPTE as changed when dropped ([`ResizeCtl::track_on_exit`]).
+#[derive(Debug)]
+pub(crate) struct TrackOnExit<'a> {
+    ctl: Option<&'a ResizeCtl>,
+    ptex: Ptex,
+}
+
+impl Drop for TrackOnExit<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.ctl {
+            c.track_ptex(u64::from(self.ptex.0));
+        }
+    }
+}
+
 /// A prepared table with its accounting: dropping it counts a free.
 #[derive(Debug)]
-struct Prepared {
-    hpt: Option<Hpt>,
+pub(super) struct Prepared {
+    pub(super) hpt: Option<Hpt>,
     stats: Arc<Shared>,
 }
 
 impl Prepared {
-    fn install(mut self) -> Option<Hpt> {
+    pub(super) fn install(mut self) -> Option<Hpt> {
         ResizeStats::bump(&self.stats.stats.installed);
         self.hpt.take()
     }
@@ -122,13 +148,26 @@ struct Shared {
     fail_next_alloc: AtomicBool,
     hold: Mutex<bool>,
     hold_cv: Condvar,
+    /// Test hook: (hold a pre-copy commit before it closes the gate, one is held now).
+    hold_commit: Mutex<(u8, bool)>,
+    hold_commit_cv: Condvar,
     stats: ResizeStats,
+    /// The commit mode (`ResizeMode as u64`).
+    mode: AtomicU64,
+    /// The last commit's pause (gate closed -> gate reopened), in nanoseconds.
+    last_pause_ns: AtomicU64,
 }
 
 /// The resize state of one VM (`mmu_setup_lock` and the pending request).
 #[derive(Debug)]
 pub struct ResizeCtl {
     shared: Arc<Shared>,
+    /// A pre-copy commit is tracking changed PTEGs (read by every hypercall: inline,
+    /// not behind the `Arc`).
+    track_on: AtomicBool,
+    /// The PTEGs of the current table changed since tracking began (bit per group);
+    /// empty when not tracking.
+    track: Mutex<Vec<u64>>,
     /// QEMU's `spapr_hpt_shift_for_ramsize` of the VM's RAM.
     ram_order: u32,
 }
@@ -150,15 +189,128 @@ impl ResizeCtl {
                 fail_next_alloc: AtomicBool::new(false),
                 hold: Mutex::new(false),
                 hold_cv: Condvar::new(),
+                hold_commit: Mutex::new((0, false)),
+                hold_commit_cv: Condvar::new(),
                 stats: ResizeStats::default(),
+                mode: AtomicU64::new(ResizeMode::DEFAULT as u64),
+                last_pause_ns: AtomicU64::new(0),
             }),
+            track_on: AtomicBool::new(false),
+            track: Mutex::new(Vec::new()),
             ram_order,
         }
+    }
+
+    /// Whether a pre-copy commit is tracking changes (the hypercall hot path's check).
+    #[inline(always)]
+    pub(crate) fn tracking(&self) -> bool {
+        // ORDERING: Relaxed: switched on only while the gate is closed; every vCPU,
+        // fault and walker re-enters the gate with a SeqCst load of the state word that
+        // reads the reopening RMW, which orders the switch before this load.
+        self.track_on.load(Ordering::Relaxed)
+    }
+
+    /// Record that HPTE `ptex` of the current table changed (called inside the gate,
+    /// after the change, only while [`tracking`](Self::tracking)).
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn track_ptex(&self, ptex: u64) {
+        let g = ptex;
+        let mut t = lock(&self.track);
+        if let Some(w) = t.get_mut((g / 64) as usize) {
+            *w |= 1 << (g % 64);
+        }
+    }
+
+    /// The fault-path hook: a guard that marks `ptex`'s group when dropped (after the
+    /// fault changed the entry, still inside the gate), if tracking.
+    #[inline(always)]
+    pub(crate) fn track_on_exit(&self, ptex: Ptex) -> TrackOnExit<'_> {
+        TrackOnExit {
+            ctl: self.tracking().then_some(self),
+            ptex,
+        }
+    }
+
+    /// The hypercall hook, after the call: mark the entries it may have changed
+    /// (`args` are the inputs, `out` the outputs, `ret` the return code).
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn track_hcall(&self, opcode: u64, args: &[u64; 8], out: &[u64; 8], ret: i64) {
+        match opcode {
+            // H_ENTER changes nothing unless it succeeds, then only the slot it returns.
+            H_ENTER if ret == H_SUCCESS => self.track_ptex(out[0]),
+            H_REMOVE | H_PROTECT | H_CLEAR_REF | H_CLEAR_MOD => {
+                self.track_ptex(args[1]);
+            }
+            H_BULK_REMOVE => {
+                for tsh in [args[0], args[2], args[4], args[6]] {
+                    self.track_ptex(tsh & BulkTsh::PTEX);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Start tracking a table of `npte` entries: allocate the bitmap (tracking itself
+    /// is switched on with the gate closed, [`set_tracking`](Self::set_tracking)).
+    pub(super) fn track_alloc(&self, npte: u64) -> Result<(), ResizeError> {
+        let words = npte.div_ceil(64) as usize;
+        let mut t = lock(&self.track);
+        t.clear();
+        t.try_reserve_exact(words).map_err(|_| ResizeError::NoMem)?;
+        t.resize(words, 0);
+        Ok(())
+    }
+
+    /// Switch tracking on or off (the gate must be closed and drained).
+    pub(super) fn set_tracking(&self, on: bool) {
+        // ORDERING: Relaxed: see `tracking`.
+        self.track_on.store(on, Ordering::Relaxed);
+    }
+
+    /// Take the bitmap, leaving an empty one (tracking off) or, with `fresh`, a zeroed
+    /// one of the same size (tracking continues: a re-copy round).
+    pub(super) fn track_take(&self, fresh: bool) -> Result<Vec<u64>, ResizeError> {
+        let mut next = Vec::new();
+        let mut t = lock(&self.track);
+        if fresh {
+            next.try_reserve_exact(t.len())
+                .map_err(|_| ResizeError::NoMem)?;
+            next.resize(t.len(), 0);
+        }
+        Ok(core::mem::replace(&mut *t, next))
     }
 
     /// Allocation and ownership counters.
     pub fn stats(&self) -> &ResizeStats {
         &self.shared.stats
+    }
+
+    /// How COMMIT runs (see [`ResizeMode`]); takes effect at the next COMMIT.
+    pub fn set_mode(&self, mode: ResizeMode) {
+        // ORDERING: Relaxed: a configuration value read by the next COMMIT, which
+        // takes `mmu_setup_lock` after any caller that needs it ordered.
+        self.shared.mode.store(mode as u64, Ordering::Relaxed);
+    }
+
+    /// The commit mode in effect.
+    pub fn mode(&self) -> ResizeMode {
+        // ORDERING: Relaxed: see `set_mode`.
+        ResizeMode::from_u64(self.shared.mode.load(Ordering::Relaxed))
+    }
+
+    /// The pause of the last successful or failed COMMIT that closed the gate: from
+    /// closing the gate (vCPUs stopped) to reopening it, in nanoseconds.
+    pub fn last_pause_ns(&self) -> u64 {
+        // ORDERING: Relaxed: a measurement, written by the committer before it
+        // returns from the hypercall the reader waited for.
+        self.shared.last_pause_ns.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn record_pause(&self, ns: u64) {
+        // ORDERING: Relaxed: see `last_pause_ns`.
+        self.shared.last_pause_ns.store(ns, Ordering::Relaxed);
     }
 
     /// The order the RAM size suggests (H_RESOURCE above it + 1).
@@ -178,6 +330,51 @@ impl ResizeCtl {
     pub fn hold_preparation(&self, hold: bool) {
         *lock(&self.shared.hold) = hold;
         self.shared.hold_cv.notify_all();
+    }
+
+    /// Hold every pre-copy COMMIT at `at` (or release with [`PrecopyHold::None`]), so
+    /// tests can change the guest while the commit copies: before the re-copy rounds
+    /// (the rounds must pick the changes up) or just before the final stop (the stop
+    /// must re-apply them).
+    pub fn hold_precopy_commit(&self, at: PrecopyHold) {
+        lock(&self.shared.hold_commit).0 = at as u8;
+        self.shared.hold_commit_cv.notify_all();
+    }
+
+    /// Block until a pre-copy COMMIT is held by [`hold_precopy_commit`](Self::hold_precopy_commit).
+    pub fn wait_precopy_commit_held(&self) {
+        let mut h = lock(&self.shared.hold_commit);
+        while !h.1 {
+            h = self
+                .shared
+                .hold_commit_cv
+                .wait(h)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+
+    /// Whether a pre-copy COMMIT is held now (see
+    /// [`hold_precopy_commit`](Self::hold_precopy_commit)).
+    pub fn precopy_commit_held(&self) -> bool {
+        lock(&self.shared.hold_commit).1
+    }
+
+    /// The committer's side of the hook.
+    pub(super) fn precopy_hold_point(&self, here: PrecopyHold) {
+        let mut h = lock(&self.shared.hold_commit);
+        if h.0 != here as u8 || here == PrecopyHold::None {
+            return;
+        }
+        h.1 = true;
+        self.shared.hold_commit_cv.notify_all();
+        while h.0 == here as u8 {
+            h = self
+                .shared
+                .hold_commit_cv
+                .wait(h)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        h.1 = false;
     }
 
     /// Block until no preparation is in progress (the pending request is not
@@ -278,6 +475,11 @@ fn prepare_worker(shared: Arc<Shared>, order: u32, id: u64, flavour: Flavour) {
     shared.changed.notify_all();
 }
 
+/// Nanoseconds since `t0`, saturating.
+pub(super) fn elapsed_ns(t0: std::time::Instant) -> u64 {
+    u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// Where a bolted entry goes, decided before anything is changed.
 struct Move {
     old: Ptex,
@@ -373,7 +575,10 @@ impl Vm {
         let Pending::Ready { table, .. } = core::mem::take(&mut *p) else {
             return ResizeError::Io.papr();
         };
-        let ret = self.commit_stop_the_world(table);
+        let ret = match ctl.mode() {
+            ResizeMode::StopTheWorld => self.commit_stop_the_world(table),
+            ResizeMode::PreCopy => self.commit_precopy(table),
+        };
         drop(p);
         ctl.shared.changed.notify_all();
         ret
@@ -382,10 +587,12 @@ impl Vm {
     /// Close the gate, rehash, pivot or fail, reopen (invariants 20-23).
     fn commit_stop_the_world(&self, table: Prepared) -> i64 {
         let tables = self.tables();
+        let t0 = std::time::Instant::now();
         tables.close_and_drain(self.tlb());
         let ret = match self.rehash_into(table) {
             Ok(new) => match tables.pivot(new) {
                 Ok(()) => {
+                    self.resize.record_pause(elapsed_ns(t0));
                     // Every TLB entry names an old-table index: flush them all.
                     self.tlb().tlbie();
                     self.bump_mmio_update();
@@ -393,11 +600,13 @@ impl Vm {
                 }
                 Err(_unused) => {
                     tables.reopen();
+                    self.resize.record_pause(elapsed_ns(t0));
                     ResizeError::NoMem.papr()
                 }
             },
             Err(e) => {
                 tables.reopen();
+                self.resize.record_pause(elapsed_ns(t0));
                 e.papr()
             }
         };

@@ -1,0 +1,468 @@
+//! Pre-copy vs stop-the-world commit: the guest cannot tell them apart.
+//!
+//! * The resize trace replays in both modes, both flavours (bit-exact in the QEMU
+//!   flavour, under `result_masks` in the KVM flavour), and every guest-visible result
+//!   word (return codes and outputs, unmasked) is identical between the two modes.
+//! * A random guest (bolted and non-bolted entries of several sizes, H_PROTECT,
+//!   H_REMOVE, MMU stores) resized up and down in both modes gives identical H_READ
+//!   dumps of the whole table after every commit, and the checker passes.
+use revmap_hpt::hcall::*;
+use revmap_hpt::resize::{PrecopyHold, ResizeMode};
+use revmap_hpt::{result_masks, Flavour, Vm, VmConfig};
+use std::io::{BufRead, BufReader};
+
+const RESIZE: &str = "/work/shared/traces/resize.txt.gz";
+const MODES: [ResizeMode; 2] = [ResizeMode::StopTheWorld, ResizeMode::PreCopy];
+
+fn opcode(name: &str) -> Option<(u64, &'static [&'static str], &'static [&'static str])> {
+    Some(match name {
+        "H_ENTER" => (H_ENTER, &["flags", "ptex", "pteh", "ptel"], &["idx"]),
+        "H_REMOVE" => (
+            H_REMOVE,
+            &["flags", "ptex", "avpn"],
+            &["old_pteh", "old_ptel"],
+        ),
+        "H_PROTECT" => (H_PROTECT, &["flags", "ptex", "avpn"], &[]),
+        "H_READ" => (
+            H_READ,
+            &["flags", "ptex"],
+            &[
+                "pteh0", "ptel0", "pteh1", "ptel1", "pteh2", "ptel2", "pteh3", "ptel3",
+            ],
+        ),
+        "H_BULK_REMOVE" => (
+            H_BULK_REMOVE,
+            &[
+                "tsh0", "tsl0", "tsh1", "tsl1", "tsh2", "tsl2", "tsh3", "tsl3",
+            ],
+            &["rsp0", "", "rsp1", "", "rsp2", "", "rsp3", ""],
+        ),
+        _ => return None,
+    })
+}
+
+fn field(kv: &[(&str, &str)], k: &str) -> Option<u64> {
+    let v = kv.iter().find(|(n, _)| *n == k)?.1;
+    match v.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16).ok(),
+        None => v.parse::<i64>().ok().map(|x| x as u64),
+    }
+}
+
+/// Replay the resize trace; returns every guest-visible result word in order (empty if
+/// the trace is absent).
+fn replay(path: &str, flavour: Flavour, mode: ResizeMode) -> Vec<u64> {
+    let mut seen = Vec::new();
+    let Ok(f) = std::fs::File::open(path) else {
+        eprintln!("trace not present, skipping");
+        return seen;
+    };
+    let rd = BufReader::new(flate2::read::GzDecoder::new(f));
+    let vm = Vm::new(VmConfig {
+        ram_bytes: 1 << 30,
+        hpt_order: 23,
+        flavour,
+        backing_page_shift: 24,
+    })
+    .unwrap();
+    vm.resize_ctl().set_mode(mode);
+    assert_eq!(vm.resize_ctl().mode(), mode);
+    let mut commits = 0;
+    for (lineno, line) in rd.lines().enumerate() {
+        let line = line.unwrap();
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let (lhs, rhs) = line.split_once(" -> ").unwrap_or((&line, ""));
+        let mut it = lhs.split_whitespace();
+        let name = it.next().unwrap();
+        let kin: Vec<_> = it.filter_map(|t| t.split_once('=')).collect();
+        let kout: Vec<_> = rhs
+            .split_whitespace()
+            .filter_map(|t| t.split_once('='))
+            .collect();
+        if name == "HPT_SHIFT" {
+            assert_eq!(u64::from(vm.hpt_order()), field(&kin, "new").unwrap());
+            continue;
+        }
+        if let Some(op) = match name {
+            "H_RESIZE_HPT_PREPARE" => Some(H_RESIZE_HPT_PREPARE),
+            "H_RESIZE_HPT_COMMIT" => Some(H_RESIZE_HPT_COMMIT),
+            _ => None,
+        } {
+            let args = [field(&kin, "flags").unwrap(), field(&kin, "shift").unwrap()];
+            let want = field(&kout, "ret").unwrap() as i64;
+            if op == H_RESIZE_HPT_PREPARE && want == H_SUCCESS {
+                vm.resize_ctl().wait_prepared();
+            }
+            let got = vm.hcall(0, op, &args).ret;
+            let ok = got == want
+                || (op == H_RESIZE_HPT_PREPARE && is_long_busy(want) && got == H_SUCCESS);
+            assert!(ok, "{mode:?} line {lineno}: {line}: got {got}");
+            if op == H_RESIZE_HPT_COMMIT {
+                seen.push(got as u64);
+                commits += 1;
+                vm.check_invariants().unwrap();
+            }
+            continue;
+        }
+        let Some((op, ins, outs)) = opcode(name) else {
+            continue;
+        };
+        let args: Vec<u64> = ins.iter().map(|k| field(&kin, k).unwrap()).collect();
+        let want_ret = field(&kout, "ret").unwrap() as i64;
+        let got = vm.hcall(0, op, &args);
+        assert_eq!(got.ret, want_ret, "{mode:?} line {lineno}: {line}");
+        seen.push(got.ret as u64);
+        if got.ret == H_SUCCESS || op == H_BULK_REMOVE {
+            for (i, k) in outs.iter().enumerate() {
+                if k.is_empty() {
+                    continue;
+                }
+                seen.push(got.out[i]);
+                let Some(want) = field(&kout, k) else {
+                    continue;
+                };
+                let ignore: u64 = result_masks(flavour, op, i)
+                    .iter()
+                    .map(|m| m.mask)
+                    .fold(0, |a, b| a | b);
+                assert_eq!(
+                    got.out[i] & !ignore,
+                    want & !ignore,
+                    "{mode:?} line {lineno} out[{i}] ({k}): got {:#x} want {want:#x}",
+                    got.out[i]
+                );
+            }
+        }
+    }
+    vm.check_invariants().unwrap();
+    assert!(commits >= 4, "the trace commits");
+    seen
+}
+
+#[test]
+fn resize_trace_same_guest_results_in_both_modes_qemu() {
+    let [a, b] = MODES.map(|m| replay(RESIZE, Flavour::Qemu, m));
+    assert_eq!(a.len(), b.len());
+    assert!(a == b, "QEMU flavour: the modes differ");
+}
+
+#[test]
+fn resize_trace_same_guest_results_in_both_modes_kvm() {
+    let [a, b] = MODES.map(|m| replay(RESIZE, Flavour::Kvm, m));
+    assert_eq!(a.len(), b.len());
+    assert!(a == b, "KVM flavour: the modes differ");
+}
+
+/// xorshift64*: a deterministic stream for the random guest.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Every slot as H_READ presents it.
+/// One slot as H_READ presents it: (return code, dword 0, dword 1).
+type Slot = (i64, u64, u64);
+
+/// The first slot where two VMs' tables differ.
+fn diff(a: &Vm, b: &Vm) -> Option<(usize, Slot, Slot)> {
+    let (x, y) = (dump(a), dump(b));
+    x.iter()
+        .zip(&y)
+        .enumerate()
+        .find(|(_, (p, q))| p != q)
+        .map(|(i, (p, q))| (i, *p, *q))
+}
+
+fn dump(vm: &Vm) -> Vec<Slot> {
+    let n = vm.hpt().geometry().npte();
+    (0..n)
+        .map(|p| {
+            let r = vm.hcall(0, H_READ, &[0, p]);
+            (r.ret, r.out[0], r.out[1])
+        })
+        .collect()
+}
+
+/// One random guest step on `vm`; returns its guest-visible result.
+fn step(vm: &Vm, rng: &mut Rng, live: &mut Vec<u64>) -> (i64, [u64; 2]) {
+    let geo = vm.hpt().geometry();
+    match rng.below(10) {
+        0..=5 => {
+            let vsid = 0x40 + rng.below(8);
+            let page = rng.below(1 << 16);
+            let bolted = rng.below(16) == 0;
+            let (lp, actual, gfn) = if rng.below(4) == 0 {
+                (0x1000, 16, rng.below(1 << 10) << 4)
+            } else {
+                (0, 12, rng.below(1 << 14))
+            };
+            let ea = page << actual;
+            let va = (vsid << 28) | (ea & 0xfff_ffff);
+            let hash = vsid ^ ((ea & 0xfff_ffff) >> 12);
+            let _ = va;
+            let avpn = (((vsid << 28) | (ea & 0xfff_ffff)) >> 23) << 7;
+            let mut v = avpn | 1;
+            if bolted {
+                v |= 0x10;
+            }
+            if actual != 12 {
+                v |= 0x4;
+            }
+            let secondary = rng.below(4) == 0;
+            let group = if secondary {
+                v |= 0x2;
+                !hash & geo.mask()
+            } else {
+                hash & geo.mask()
+            };
+            let r = vm.hcall(0, H_ENTER, &[0, group * 8, v, (gfn << 12) | lp | 0x190]);
+            if r.ret == H_SUCCESS {
+                live.push(r.out[0]);
+            }
+            (r.ret, [r.out[0], 0])
+        }
+        6 | 7 if !live.is_empty() => {
+            let i = rng.below(live.len() as u64) as usize;
+            let p = live.swap_remove(i);
+            let r = vm.hcall(0, H_REMOVE, &[0, p, 0]);
+            (r.ret, [r.out[0], r.out[1]])
+        }
+        _ if !live.is_empty() => {
+            let p = live[rng.below(live.len() as u64) as usize];
+            let pp = rng.below(4);
+            let r = vm.hcall(0, H_PROTECT, &[pp, p, 0]);
+            (r.ret, [0, 0])
+        }
+        _ => (0, [0, 0]),
+    }
+}
+
+fn commit_to(vm: &Vm, order: u64) -> i64 {
+    let r = vm.hcall(0, H_RESIZE_HPT_PREPARE, &[0, order]).ret;
+    assert!(r == H_SUCCESS || r == H_LONG_BUSY_ORDER_100_MSEC, "{r}");
+    vm.resize_ctl().wait_prepared();
+    vm.hcall(0, H_RESIZE_HPT_COMMIT, &[0, order]).ret
+}
+
+#[test]
+fn random_guest_same_tables_in_both_modes() {
+    for flavour in [Flavour::Kvm, Flavour::Qemu] {
+        for seed in 1..=6u64 {
+            let vms = MODES.map(|m| {
+                let vm = Vm::new(VmConfig {
+                    ram_bytes: 64 << 20,
+                    hpt_order: 18,
+                    flavour,
+                    backing_page_shift: 24,
+                })
+                .unwrap();
+                vm.resize_ctl().set_mode(m);
+                vm
+            });
+            let mut rngs = [Rng(seed * 0x9E37_79B9), Rng(seed * 0x9E37_79B9)];
+            let mut lives = [Vec::new(), Vec::new()];
+            let mut order_rng = Rng(seed + 77);
+            let mut commits = [0u32; 2];
+            for round in 0..6 {
+                for _ in 0..600 {
+                    let a = step(&vms[0], &mut rngs[0], &mut lives[0]);
+                    let b = step(&vms[1], &mut rngs[1], &mut lives[1]);
+                    assert_eq!(a, b, "{flavour} seed {seed} round {round}");
+                }
+                let order = 18 + order_rng.below(3);
+                let rets = [commit_to(&vms[0], order), commit_to(&vms[1], order)];
+                assert_eq!(rets[0], rets[1], "{flavour} seed {seed}: commit to {order}");
+                for (k, vm) in vms.iter().enumerate() {
+                    vm.check_invariants().unwrap();
+                    if rets[k] == H_SUCCESS {
+                        commits[k] += 1;
+                        // The non-bolted entries are gone: forget them.
+                        lives[k].retain(|&p| vm.hcall(0, H_READ, &[0, p]).out[0] & 0x11 == 0x11);
+                    }
+                }
+                assert_eq!(lives[0], lives[1]);
+                assert!(
+                    dump(&vms[0]) == dump(&vms[1]),
+                    "{flavour} seed {seed} round {round}: tables differ"
+                );
+            }
+            assert!(
+                commits[0] >= 3,
+                "{flavour} seed {seed}: too few successful commits"
+            );
+        }
+    }
+}
+
+/// H_ENTER arguments: a 4K entry for `page` (vsid 0x42) in its primary group of a table
+/// of `mask`, exact `slot`.
+fn exact(mask: u64, page: u64, slot: u64, gfn: u64, bolted: bool) -> [u64; 4] {
+    let vsid = 0x42u64;
+    let ptex = ((vsid ^ page) & mask) * 8 + slot;
+    let avpn = (((vsid << 28) | (page << 12)) >> 23) << 7;
+    let b = if bolted { 0x10 } else { 0 };
+    [H_EXACT, ptex, avpn | b | 1, (gfn << 12) | 0x190]
+}
+
+/// Run `commit` to `order` on both VMs; on the pre-copy one, apply `changes` between
+/// its copy and its stop, on the stop-the-world one before the commit. Returns the
+/// two return codes.
+fn commit_with_changes(
+    vms: &[Vm; 2],
+    order: u64,
+    at: PrecopyHold,
+    changes: impl Fn(&Vm),
+) -> [i64; 2] {
+    changes(&vms[0]);
+    let a = commit_to(&vms[0], order);
+    let ctl = vms[1].resize_ctl();
+    ctl.hold_precopy_commit(at);
+    let b = std::thread::scope(|s| {
+        let h = s.spawn(|| commit_to(&vms[1], order));
+        while !ctl.precopy_commit_held() {
+            if h.is_finished() {
+                let r = h.join().unwrap();
+                panic!("the commit to {order} never reached {at:?}: {r}");
+            }
+            std::thread::yield_now();
+        }
+        changes(&vms[1]);
+        ctl.hold_precopy_commit(PrecopyHold::None);
+        h.join().unwrap()
+    });
+    [a, b]
+}
+
+fn two_vms(flavour: Flavour, order: u32) -> [Vm; 2] {
+    MODES.map(|m| {
+        let vm = Vm::new(VmConfig {
+            ram_bytes: 64 << 20,
+            hpt_order: order,
+            flavour,
+            backing_page_shift: 24,
+        })
+        .unwrap();
+        vm.resize_ctl().set_mode(m);
+        vm
+    })
+}
+
+#[test]
+fn changes_between_copy_and_stop_are_reapplied() {
+    use revmap_hpt::mmu::{Access, Fault};
+    use revmap_rmap::Ptex;
+    for (flavour, at) in [
+        (Flavour::Kvm, PrecopyHold::BeforeRounds),
+        (Flavour::Kvm, PrecopyHold::BeforeStop),
+        (Flavour::Qemu, PrecopyHold::BeforeRounds),
+        (Flavour::Qemu, PrecopyHold::BeforeStop),
+    ] {
+        let vms = two_vms(flavour, 18);
+        let m18 = (1u64 << 11) - 1;
+        for vm in &vms {
+            for k in 0..6 {
+                let r = vm.hcall(0, H_ENTER, &exact(m18, 0x100 + k, k % 8, 0x200 + k, true));
+                assert_eq!(r.ret, H_SUCCESS);
+                let r = vm.hcall(0, H_ENTER, &exact(m18, 0x300 + k, 1, 0x400 + k, false));
+                assert_eq!(r.ret, H_SUCCESS);
+            }
+        }
+        let ptex = |page: u64, slot: u64| ((0x42 ^ page) & m18) * 8 + slot;
+        let rets = commit_with_changes(&vms, 19, at, |vm| {
+            // Remove a copied bolted entry, re-protect another, enter new bolted and
+            // non-bolted entries, replace one bolted entry by another at its slot,
+            // and page a drained bolted entry back in (VALID again).
+            assert_eq!(
+                vm.hcall(1, H_REMOVE, &[0, ptex(0x100, 0), 0]).ret,
+                H_SUCCESS
+            );
+            assert_eq!(
+                vm.hcall(1, H_PROTECT, &[3, ptex(0x101, 1), 0]).ret,
+                H_SUCCESS
+            );
+            let r = vm.hcall(1, H_ENTER, &exact(m18, 0x500, 4, 0x600, true));
+            assert_eq!(r.ret, H_SUCCESS);
+            let r = vm.hcall(1, H_ENTER, &exact(m18, 0x501, 2, 0x601, false));
+            assert_eq!(r.ret, H_SUCCESS);
+            assert_eq!(
+                vm.hcall(1, H_REMOVE, &[0, ptex(0x102, 2), 0]).ret,
+                H_SUCCESS
+            );
+            let mut args = exact(m18, 0x102, 2, 0x700, true);
+            args[2] |= 0x8; // a guest software bit: a different dword 0
+            assert_eq!(vm.hcall(1, H_ENTER, &args).ret, H_SUCCESS);
+            let f = Fault::Absent {
+                ptex: Ptex(ptex(0x103, 3) as u32),
+                mmio: false,
+            };
+            let _ = vm.page_fault(1, &f, Access::Load);
+        });
+        assert_eq!(rets, [H_SUCCESS, H_SUCCESS], "{flavour}");
+        for vm in &vms {
+            vm.check_invariants().unwrap();
+            assert_eq!(vm.hpt_order(), 19);
+        }
+        assert_eq!(
+            diff(&vms[0], &vms[1]),
+            None,
+            "{flavour} {at:?}: tables differ"
+        );
+
+        // Shrink 19 -> 18: two bolted entries fold onto one slot. The copy notes the
+        // collision; the guest removes one before the stop: both modes succeed.
+        let m19 = (1u64 << 12) - 1;
+        for vm in &vms {
+            for page in [0x001u64, 0x801] {
+                let r = vm.hcall(0, H_ENTER, &exact(m19, page, 7, 0x50 + page % 8, true));
+                assert_eq!(r.ret, H_SUCCESS);
+            }
+        }
+        let rets = commit_with_changes(&vms, 18, at, |vm| {
+            let p = ((0x42 ^ 0x801) & m19) * 8 + 7;
+            assert_eq!(vm.hcall(1, H_REMOVE, &[0, p, 0]).ret, H_SUCCESS);
+        });
+        assert_eq!(
+            rets,
+            [H_SUCCESS, H_SUCCESS],
+            "{flavour}: collision resolved"
+        );
+        assert_eq!(
+            diff(&vms[0], &vms[1]),
+            None,
+            "{flavour} {at:?}: tables differ"
+        );
+
+        // Grow again, then shrink with a collision the guest creates between the
+        // copy and the stop: both modes fail with H_PTEG_FULL, old table kept.
+        assert_eq!(
+            commit_with_changes(&vms, 19, at, |_| {}),
+            [H_SUCCESS, H_SUCCESS]
+        );
+        let rets = commit_with_changes(&vms, 18, at, |vm| {
+            let r = vm.hcall(1, H_ENTER, &exact(m19, 0x801, 7, 0x77, true));
+            assert_eq!(r.ret, H_SUCCESS);
+        });
+        assert_eq!(rets, [H_PTEG_FULL, H_PTEG_FULL], "{flavour}");
+        for vm in &vms {
+            vm.check_invariants().unwrap();
+            assert_eq!(vm.hpt_order(), 19);
+            vm.resize_ctl().wait_workers();
+            assert_eq!(vm.resize_ctl().stats().live(), 0);
+        }
+        assert!(
+            dump(&vms[0]) == dump(&vms[1]),
+            "{flavour}: old tables differ"
+        );
+    }
+}
