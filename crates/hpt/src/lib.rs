@@ -33,6 +33,7 @@ pub mod hash;
 pub mod hcall;
 pub mod host;
 pub mod hpte;
+pub mod hw;
 pub mod mmu;
 pub mod notifier;
 pub mod resize;

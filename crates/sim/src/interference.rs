@@ -122,6 +122,10 @@ impl<H: Hypervisor> Hypervisor for Interfered<'_, '_, H> {
         self.vm.hpt_order()
     }
 
+    fn hw_set_rc(&self, ptex: u64, bits: u64) -> Option<u64> {
+        self.vm.hw_set_rc(ptex, bits)
+    }
+
     fn check_invariants(&self) -> Result<(), Self::Violation> {
         self.actors.pause();
         let r = self.vm.check_invariants();

@@ -17,8 +17,12 @@
 //!   before a PREPARE recorded as H_SUCCESS the replayer waits for the preparation to
 //!   finish ([`Hypervisor::wait_resize_prepared`]); `HPT_SHIFT` records are checked
 //!   against the VM's order (streaming mode; a disagreement counts as a mismatched
-//!   COMMIT). `HW_SET_*` records are not replayed: the replay stops at the first one
-//!   ([`FileReport::stopped_at`]).
+//!   COMMIT).
+//! * `HW_SET_R` / `HW_SET_C` records (the MMU set R or C) are replayed through
+//!   [`Hypervisor::hw_set_rc`] and judged like a call: the guest's view of dword 1
+//!   afterwards must equal the recorded `pte1` with the bit set (`pte1` is the word the
+//!   MMU read or wrote; either way that is the result), under H_READ's dword-1 masks.
+//!   They count in `calls` (records replayed).
 //! * With [`ReplayOptions::check_every`] = N the whole-VM checker runs after every N-th
 //!   call and once at the end (or at the stop record); each failed check counts one
 //!   violation.
@@ -26,6 +30,8 @@
 //!   except on a mismatch, a violation, or the first use of a mask name.
 
 use core::fmt;
+use revmap_hpt::hcall::{H_NOT_FOUND, H_READ, H_SUCCESS};
+use revmap_hpt::hpte::HpteR;
 use revmap_trace::{HcallKind, HwBit, Record, TraceError, TraceReader};
 use std::io::BufRead;
 use std::num::NonZeroU64;
@@ -144,7 +150,11 @@ pub struct Mismatch {
 impl Mismatch {
     /// The hypercall's PAPR name.
     pub fn hcall_name(&self) -> &'static str {
-        HcallKind::from_opcode(self.opcode).map_or("H_UNKNOWN", HcallKind::name)
+        match self.opcode {
+            HW_SET_R_OP => "HW_SET_R",
+            HW_SET_C_OP => "HW_SET_C",
+            op => HcallKind::from_opcode(op).map_or("H_UNKNOWN", HcallKind::name),
+        }
     }
 
     /// The recorded value formatted as in the trace (decimal ret, hex registers).
@@ -185,7 +195,7 @@ impl fmt::Display for Mismatch {
 pub enum StopReason {
     /// An HPT resize record (`H_RESIZE_HPT_PREPARE/COMMIT`, `HPT_SHIFT`).
     Resize,
-    /// A `HW_SET_R` / `HW_SET_C` record (MMU-side R/C updates are not modelled yet).
+    /// A `HW_SET_R` / `HW_SET_C` record (no longer produced: they are replayed).
     HwSet,
 }
 
@@ -201,24 +211,6 @@ pub struct Stop {
 }
 
 impl Stop {
-    fn of(record: &Record) -> Option<Stop> {
-        let (name, reason) = match record {
-            Record::HwSet {
-                bit: HwBit::Reference,
-                ..
-            } => ("HW_SET_R", StopReason::HwSet),
-            Record::HwSet {
-                bit: HwBit::Change, ..
-            } => ("HW_SET_C", StopReason::HwSet),
-            _ => return None,
-        };
-        Some(Stop {
-            line: record.line(),
-            record: name,
-            reason,
-        })
-    }
-
     /// Whether the stop is the expected one for this issue (a resize record), which
     /// does not fail a replay.
     pub fn is_resize(&self) -> bool {
@@ -564,6 +556,21 @@ impl<R: BufRead, H: Hypervisor> RunBody<H> for StreamBody<'_, R> {
                     }
                     rep.maybe_check(vm, opts);
                 }
+                Record::HwSet {
+                    line,
+                    bit,
+                    ptex,
+                    pte1,
+                } => {
+                    let (op, b) = hw_op(bit);
+                    let mut regs = [ptex, 0, 0, 0, 0, 0, 0, 0];
+                    let got = replay_hw_set(vm, op, ptex, &mut regs);
+                    let f = rep.judge(vm, H_READ, H_SUCCESS, 0b10, |_| pte1 | b, (got, &regs));
+                    if f.is_some() {
+                        rep.record_mismatch(line, op, f);
+                    }
+                    rep.maybe_check(vm, opts);
+                }
                 Record::HptAlloc { line, .. } => {
                     return Err(ReplayError::SecondAlloc { file, line });
                 }
@@ -579,10 +586,6 @@ impl<R: BufRead, H: Hypervisor> RunBody<H> for StreamBody<'_, R> {
                             );
                         }
                     }
-                }
-                other => {
-                    rep.stopped_at = Stop::of(&other);
-                    break;
                 }
             }
         }
@@ -694,7 +697,9 @@ impl PreparsedTrace {
         };
         let mut words: Vec<u64> = Vec::new();
         let mut lines: Vec<u64> = Vec::new();
-        let mut stop = None;
+        // Every record type replays; `stop` is kept in the report for the record kinds a
+        // later format version may add.
+        let stop = None;
         while let Some(rec) = reader.next_record()? {
             match rec {
                 Record::Hcall(h) => {
@@ -719,15 +724,30 @@ impl PreparsedTrace {
                     );
                     lines.push(h.line);
                 }
+                Record::HwSet {
+                    line,
+                    bit,
+                    ptex,
+                    pte1,
+                } => {
+                    let (op, b) = hw_op(bit);
+                    let Some(head) = PackedCall::new(op, 0, 1, 0b10) else {
+                        return Err(ReplayError::Unrepresentable {
+                            file,
+                            line,
+                            what: "hardware record",
+                        });
+                    };
+                    words.try_reserve(4).map_err(|_| oom(&file))?;
+                    lines.try_reserve(1).map_err(|_| oom(&file))?;
+                    words.extend_from_slice(&[head.0, H_SUCCESS as u64, ptex, pte1 | b]);
+                    lines.push(line);
+                }
                 Record::HptAlloc { line, .. } => {
                     return Err(ReplayError::SecondAlloc { file, line });
                 }
                 // Checked in streaming mode only.
                 Record::HptShift { .. } => {}
-                other => {
-                    stop = Stop::of(&other);
-                    break;
-                }
             }
         }
         words.shrink_to_fit();
@@ -851,11 +871,16 @@ fn preparsed_loop<H: Hypervisor, P: HcallPort>(
         if resize_waits(head.opcode(), exp_ret) {
             vm.wait_resize_prepared();
         }
-        let got_ret = port.hcall_regs(head.cpu(), head.opcode(), &mut regs);
+        let is_hw = head.opcode() & 3 != 0;
+        let got_ret = if is_hw {
+            replay_hw_set(vm, head.opcode(), regs[0], &mut regs)
+        } else {
+            port.hcall_regs(head.cpu(), head.opcode(), &mut regs)
+        };
         let mut it = outs.iter();
         let f = rep.judge(
             vm,
-            head.opcode(),
+            if is_hw { H_READ } else { head.opcode() },
             resize_expected(head.opcode(), exp_ret, got_ret),
             present,
             |_| it.next().copied().unwrap_or(0),
@@ -891,6 +916,41 @@ fn resize_expected(opcode: u64, exp_ret: i64, got_ret: i64) -> i64 {
         got_ret
     } else {
         exp_ret
+    }
+}
+
+/// Pseudo-opcode of a `HW_SET_R` record in the replay's call stream (not a multiple of
+/// 4, so never a hypercall).
+pub const HW_SET_R_OP: u64 = 0x1;
+/// Pseudo-opcode of a `HW_SET_C` record in the replay's call stream.
+pub const HW_SET_C_OP: u64 = 0x2;
+
+/// The pseudo-opcode and dword-1 bit of a hardware R/C record.
+fn hw_op(bit: HwBit) -> (u64, u64) {
+    match bit {
+        HwBit::Reference => (HW_SET_R_OP, HpteR::R),
+        HwBit::Change => (HW_SET_C_OP, HpteR::C),
+    }
+}
+
+/// Replays a hardware R/C record (`op` a pseudo-opcode) on `ptex` into `regs[1]`
+/// (dword 1 as the guest then sees it) and returns H_SUCCESS, or H_NOT_FOUND if the
+/// entry was not guest-valid. The recorded `pte1` with the bit set must equal it
+/// (`pte1` is the word the MMU read or wrote: either way `pte1 | bit` is the result);
+/// it is judged with H_READ's dword-1 masks.
+#[cold]
+fn replay_hw_set<H: Hypervisor>(vm: &H, op: u64, ptex: u64, regs: &mut [u64; 8]) -> i64 {
+    let bit = if op == HW_SET_R_OP {
+        HpteR::R
+    } else {
+        HpteR::C
+    };
+    match vm.hw_set_rc(ptex, bit) {
+        Some(r) => {
+            regs[1] = r;
+            H_SUCCESS
+        }
+        None => H_NOT_FOUND,
     }
 }
 

@@ -195,7 +195,9 @@ pub enum Record {
         bit: HwBit,
         /// The HPTE index, as recorded (not range-checked by the parser).
         ptex: u64,
-        /// Dword 1 of the HPTE after the update, as recorded.
+        /// Dword 1 of the HPTE as the MMU read it for the update (QEMU's
+        /// `hpte_set_r/c(ptex, pte1)` argument), as recorded; the word afterwards is
+        /// `pte1` with the bit set.
         pte1: u64,
     },
 }

@@ -219,17 +219,54 @@ fn prepare_long_busy_is_matched_by_success_only_for_prepare() {
     assert!(!resize_waits(H_RESIZE_HPT_COMMIT, 0));
 }
 
+/// A fake VM for hardware records: entry 9 is guest-valid with dword 1 = 0x190.
+struct HwVm(ScriptVm);
+
+impl Hypervisor for HwVm {
+    type Violation = String;
+    fn hcall(&self, vcpu: usize, opcode: u64, args: &[u64]) -> HcallResult {
+        self.0.hcall(vcpu, opcode, args)
+    }
+    fn check_invariants(&self) -> Result<(), String> {
+        Ok(())
+    }
+    fn result_masks(&self, opcode: u64, out_index: usize) -> &'static [ResultMask] {
+        self.0.result_masks(opcode, out_index)
+    }
+    fn hw_set_rc(&self, ptex: u64, bits: u64) -> Option<u64> {
+        (ptex == 9).then_some(0x190 | bits)
+    }
+}
+
 #[test]
-fn hw_set_stops_and_fails() {
-    let text = format!("{TRACE}HW_SET_R ptex=0x9 pte1=0x190\n");
-    let rep = preparsed(
-        &text,
-        &ScriptVm::new(good_script()),
-        ReplayOptions::default(),
+fn hw_set_records_replay_and_are_judged() {
+    // R on an entry that has it, C added, then C recorded with the wrong word, then a
+    // record on an entry that is not guest-valid.
+    let text = format!(
+        "{TRACE}HW_SET_R ptex=0x9 pte1=0x190\nHW_SET_C ptex=0x9 pte1=0x110\n\
+         HW_SET_C ptex=0x9 pte1=0x10\nHW_SET_R ptex=0x8 pte1=0x190\n"
     );
-    let stop = rep.stopped_at.unwrap();
-    assert_eq!((stop.record, stop.reason), ("HW_SET_R", StopReason::HwSet));
-    assert!(!rep.passed());
+    let mut r = TraceReader::new(Cursor::new(text.clone()), "t.txt");
+    let t = PreparsedTrace::from_reader(&mut r).unwrap();
+    let rep = replay_preparsed(
+        &t,
+        &HwVm(ScriptVm::new(good_script())),
+        &ReplayOptions::default(),
+    );
+    assert_eq!((rep.calls, rep.matched, rep.mismatched), (7, 5, 2));
+    let m = rep.first_mismatch.unwrap();
+    assert_eq!((m.line, m.hcall_name()), (9, "HW_SET_C"));
+    assert_eq!(rep.stopped_at, None);
+    let mut r = TraceReader::new(Cursor::new(text.clone()), "t.txt");
+    let streamed = replay_reader(&mut r, &ReplayOptions::default(), |_| {
+        Ok::<_, &str>(HwVm(ScriptVm::new(good_script())))
+    })
+    .unwrap();
+    assert_eq!(
+        (streamed.calls, streamed.matched, streamed.mismatched),
+        (7, 5, 2)
+    );
+    assert_eq!(streamed.first_mismatch.unwrap().line, 9);
 }
 
 #[test]

@@ -56,6 +56,14 @@ pub trait Hypervisor {
         None
     }
 
+    /// The MMU sets `bits` (R and/or C of dword 1) in HPTE `ptex` (a `HW_SET_R` /
+    /// `HW_SET_C` record); returns dword 1 as the guest now sees it, or `None` if the
+    /// entry is not guest-valid. Default: hardware updates are not modelled.
+    fn hw_set_rc(&self, ptex: u64, bits: u64) -> Option<u64> {
+        let _ = (ptex, bits);
+        None
+    }
+
     /// Runs the whole-VM invariant checker.
     fn check_invariants(&self) -> Result<(), Self::Violation>;
 
@@ -143,6 +151,10 @@ impl Hypervisor for Vm {
 
     fn wait_resize_prepared(&self) {
         self.resize_ctl().wait_prepared();
+    }
+
+    fn hw_set_rc(&self, ptex: u64, bits: u64) -> Option<u64> {
+        Vm::hw_set_rc(self, ptex, bits)
     }
 
     fn hpt_order(&self) -> Option<u32> {
