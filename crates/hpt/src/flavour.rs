@@ -2,7 +2,7 @@
 //!
 //! * [`Flavour::Kvm`]: Linux KVM Book3S HV (`book3s_hv_rm_mmu.c`), the default.
 //! * [`Flavour::Qemu`]: QEMU's sPAPR machine under TCG (`spapr_vhyp_mmu.c`), which
-//!   recorded the traces in `/work/shared/traces`; replaying those must be bit-exact.
+//!   recorded the traces vendored in `traces/`; replaying those must be bit-exact.
 //!
 //! Both flavours share one implementation: a real HPT in KVM's representation
 //! (HVLOCK lock bit, ABSENT entries for MMIO and paged-out pages, host RPNs in dword 1),

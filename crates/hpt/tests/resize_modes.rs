@@ -9,55 +9,15 @@
 use revmap_hpt::hcall::*;
 use revmap_hpt::resize::{PrecopyHold, ResizeMode};
 use revmap_hpt::{result_masks, Flavour, Vm, VmConfig};
-use std::io::{BufRead, BufReader};
 
-const RESIZE: &str = "/work/shared/traces/resize.txt.gz";
+mod common;
+use common::{field, opcode, trace_lines, RESIZE};
 const MODES: [ResizeMode; 2] = [ResizeMode::StopTheWorld, ResizeMode::PreCopy];
-
-fn opcode(name: &str) -> Option<(u64, &'static [&'static str], &'static [&'static str])> {
-    Some(match name {
-        "H_ENTER" => (H_ENTER, &["flags", "ptex", "pteh", "ptel"], &["idx"]),
-        "H_REMOVE" => (
-            H_REMOVE,
-            &["flags", "ptex", "avpn"],
-            &["old_pteh", "old_ptel"],
-        ),
-        "H_PROTECT" => (H_PROTECT, &["flags", "ptex", "avpn"], &[]),
-        "H_READ" => (
-            H_READ,
-            &["flags", "ptex"],
-            &[
-                "pteh0", "ptel0", "pteh1", "ptel1", "pteh2", "ptel2", "pteh3", "ptel3",
-            ],
-        ),
-        "H_BULK_REMOVE" => (
-            H_BULK_REMOVE,
-            &[
-                "tsh0", "tsl0", "tsh1", "tsl1", "tsh2", "tsl2", "tsh3", "tsl3",
-            ],
-            &["rsp0", "", "rsp1", "", "rsp2", "", "rsp3", ""],
-        ),
-        _ => return None,
-    })
-}
-
-fn field(kv: &[(&str, &str)], k: &str) -> Option<u64> {
-    let v = kv.iter().find(|(n, _)| *n == k)?.1;
-    match v.strip_prefix("0x") {
-        Some(h) => u64::from_str_radix(h, 16).ok(),
-        None => v.parse::<i64>().ok().map(|x| x as u64),
-    }
-}
 
 /// Replay the resize trace; returns every guest-visible result word in order (empty if
 /// the trace is absent).
 fn replay(path: &str, flavour: Flavour, mode: ResizeMode) -> Vec<u64> {
     let mut seen = Vec::new();
-    let Ok(f) = std::fs::File::open(path) else {
-        eprintln!("trace not present, skipping");
-        return seen;
-    };
-    let rd = BufReader::new(flate2::read::GzDecoder::new(f));
     let vm = Vm::new(VmConfig {
         ram_bytes: 1 << 30,
         hpt_order: 23,
@@ -68,8 +28,7 @@ fn replay(path: &str, flavour: Flavour, mode: ResizeMode) -> Vec<u64> {
     vm.resize_ctl().set_mode(mode);
     assert_eq!(vm.resize_ctl().mode(), mode);
     let mut commits = 0;
-    for (lineno, line) in rd.lines().enumerate() {
-        let line = line.unwrap();
+    for (lineno, line) in trace_lines(path).enumerate() {
         if line.starts_with('#') || line.is_empty() {
             continue;
         }
@@ -144,6 +103,11 @@ fn replay(path: &str, flavour: Flavour, mode: ResizeMode) -> Vec<u64> {
 #[test]
 fn resize_trace_same_guest_results_in_both_modes_qemu() {
     let [a, b] = MODES.map(|m| replay(RESIZE, Flavour::Qemu, m));
+    assert!(
+        a.len() > 373_000,
+        "every record's results collected: {}",
+        a.len()
+    );
     assert_eq!(a.len(), b.len());
     assert!(a == b, "QEMU flavour: the modes differ");
 }
@@ -151,6 +115,11 @@ fn resize_trace_same_guest_results_in_both_modes_qemu() {
 #[test]
 fn resize_trace_same_guest_results_in_both_modes_kvm() {
     let [a, b] = MODES.map(|m| replay(RESIZE, Flavour::Kvm, m));
+    assert!(
+        a.len() > 373_000,
+        "every record's results collected: {}",
+        a.len()
+    );
     assert_eq!(a.len(), b.len());
     assert!(a == b, "KVM flavour: the modes differ");
 }

@@ -6,52 +6,11 @@
 //! is the HPT crate's own end-to-end check.)
 use revmap_hpt::hcall::*;
 use revmap_hpt::{result_masks, Flavour, Vm, VmConfig};
-use std::io::{BufRead, BufReader};
 
-const BOOT: &str = "/work/shared/traces/boot.txt.gz";
-const RESIZE: &str = "/work/shared/traces/resize.txt.gz";
-
-fn opcode(name: &str) -> Option<(u64, &'static [&'static str], &'static [&'static str])> {
-    Some(match name {
-        "H_ENTER" => (H_ENTER, &["flags", "ptex", "pteh", "ptel"], &["idx"]),
-        "H_REMOVE" => (
-            H_REMOVE,
-            &["flags", "ptex", "avpn"],
-            &["old_pteh", "old_ptel"],
-        ),
-        "H_PROTECT" => (H_PROTECT, &["flags", "ptex", "avpn"], &[]),
-        "H_READ" => (
-            H_READ,
-            &["flags", "ptex"],
-            &[
-                "pteh0", "ptel0", "pteh1", "ptel1", "pteh2", "ptel2", "pteh3", "ptel3",
-            ],
-        ),
-        "H_BULK_REMOVE" => (
-            H_BULK_REMOVE,
-            &[
-                "tsh0", "tsl0", "tsh1", "tsl1", "tsh2", "tsl2", "tsh3", "tsl3",
-            ],
-            &["rsp0", "", "rsp1", "", "rsp2", "", "rsp3", ""],
-        ),
-        _ => return None,
-    })
-}
-
-fn field(kv: &[(&str, &str)], k: &str) -> Option<u64> {
-    let v = kv.iter().find(|(n, _)| *n == k)?.1;
-    match v.strip_prefix("0x") {
-        Some(h) => u64::from_str_radix(h, 16).ok(),
-        None => v.parse::<i64>().ok().map(|x| x as u64),
-    }
-}
+mod common;
+use common::{field, opcode, trace_lines, BOOT, RESIZE};
 
 fn replay(path: &str, flavour: Flavour) -> usize {
-    let Ok(f) = std::fs::File::open(path) else {
-        eprintln!("trace not present, skipping");
-        return 0;
-    };
-    let rd = BufReader::new(flate2::read::GzDecoder::new(f));
     let vm = Vm::new(VmConfig {
         ram_bytes: 1 << 30,
         hpt_order: 23,
@@ -61,8 +20,7 @@ fn replay(path: &str, flavour: Flavour) -> usize {
     .unwrap();
     let mut n = 0;
     let mut resizes = 0;
-    for (lineno, line) in rd.lines().enumerate() {
-        let line = line.unwrap();
+    for (lineno, line) in trace_lines(path).enumerate() {
         if line.starts_with('#') || line.is_empty() {
             continue;
         }

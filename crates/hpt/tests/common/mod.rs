@@ -1,0 +1,58 @@
+//! Helpers shared by the HPT crate's trace tests: the vendored real traces and a
+//! minimal reader of their lines, independent of `revmap-trace` so that the HPT crate
+//! checks itself end to end. Each test binary uses a subset of them.
+#![allow(dead_code)]
+
+use revmap_hpt::hcall::*;
+use std::io::{BufRead, BufReader};
+
+/// The vendored boot trace.
+pub const BOOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../traces/boot.txt.gz");
+/// The vendored resize trace.
+pub const RESIZE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../traces/resize.txt.gz");
+
+/// The lines of a vendored trace. The traces are part of the repository, so a missing
+/// one fails the test rather than skipping it.
+pub fn trace_lines(path: &str) -> impl Iterator<Item = String> {
+    let f = std::fs::File::open(path).unwrap_or_else(|e| panic!("vendored trace {path}: {e}"));
+    BufReader::new(flate2::read::GzDecoder::new(f))
+        .lines()
+        .map(|l| l.expect("readable trace line"))
+}
+
+/// An HPT hypercall's opcode, input keys (r4..) and output keys (r4..; "" = not recorded).
+pub fn opcode(name: &str) -> Option<(u64, &'static [&'static str], &'static [&'static str])> {
+    Some(match name {
+        "H_ENTER" => (H_ENTER, &["flags", "ptex", "pteh", "ptel"], &["idx"]),
+        "H_REMOVE" => (
+            H_REMOVE,
+            &["flags", "ptex", "avpn"],
+            &["old_pteh", "old_ptel"],
+        ),
+        "H_PROTECT" => (H_PROTECT, &["flags", "ptex", "avpn"], &[]),
+        "H_READ" => (
+            H_READ,
+            &["flags", "ptex"],
+            &[
+                "pteh0", "ptel0", "pteh1", "ptel1", "pteh2", "ptel2", "pteh3", "ptel3",
+            ],
+        ),
+        "H_BULK_REMOVE" => (
+            H_BULK_REMOVE,
+            &[
+                "tsh0", "tsl0", "tsh1", "tsl1", "tsh2", "tsl2", "tsh3", "tsl3",
+            ],
+            &["rsp0", "", "rsp1", "", "rsp2", "", "rsp3", ""],
+        ),
+        _ => return None,
+    })
+}
+
+/// The value of key `k` (hex with `0x`, else signed decimal).
+pub fn field(kv: &[(&str, &str)], k: &str) -> Option<u64> {
+    let v = kv.iter().find(|(n, _)| *n == k)?.1;
+    match v.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16).ok(),
+        None => v.parse::<i64>().ok().map(|x| x as u64),
+    }
+}
