@@ -11,32 +11,20 @@
 //! Run: `cargo test -p revmap-hpt --features shuttle --release --test shuttle_host`.
 #![cfg(feature = "shuttle")]
 
-use revmap_hpt::hash::{hpt_hash, primary_pteg, Segment, SegmentSize};
+mod common;
+use common::{small_vm, SEG};
+
+use revmap_hpt::hash::{hpt_hash, primary_pteg};
 use revmap_hpt::hcall::*;
 use revmap_hpt::hpte::{encode_avpn, HpteR, HpteV};
 use revmap_hpt::mmu::{Access, AccessOutcome, Fault, VcpuMmu};
 use revmap_hpt::vm::RAM_HVA_BASE;
-use revmap_hpt::{Flavour, MemslotFlags, MemslotSpec, Vm, VmConfig};
+use revmap_hpt::{MemslotFlags, MemslotSpec, Vm};
 use revmap_rmap::sync::{thread, Arc, AtomicU64, Ordering};
 use revmap_rmap::{Gfn, Hva, Ptex, SlotId};
 use shuttle::rand::{thread_rng, RngCore};
 
-const SEG: Segment = Segment {
-    vsid: 0x5_1234,
-    ssize: SegmentSize::S256M,
-    base_shift: 12,
-};
 const PAGES: u64 = 8;
-
-fn small_vm() -> Vm {
-    Vm::new_small(VmConfig {
-        ram_bytes: 32 << 12,
-        hpt_order: 11,
-        flavour: Flavour::Kvm,
-        backing_page_shift: 12,
-    })
-    .unwrap()
-}
 
 /// Map ea page k -> gfn `gfn`; returns the ptex.
 fn enter(vm: &Vm, k: u64, gfn: u64, pp: u64) -> u64 {

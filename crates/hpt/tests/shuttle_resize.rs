@@ -17,32 +17,20 @@
 //! Run: `cargo test -p revmap-hpt --features shuttle --release --test shuttle_resize`.
 #![cfg(feature = "shuttle")]
 
-use revmap_hpt::hash::{hpt_hash, primary_pteg, Segment, SegmentSize};
+mod common;
+use common::{small_vm, SEG};
+
+use revmap_hpt::hash::{hpt_hash, primary_pteg};
 use revmap_hpt::hcall::*;
 use revmap_hpt::hpte::{encode_avpn, HpteR, HpteV};
 use revmap_hpt::mmu::{Access, AccessOutcome, VcpuMmu};
 use revmap_hpt::vm::RAM_HVA_BASE;
-use revmap_hpt::{Flavour, Vm, VmConfig};
+use revmap_hpt::Vm;
 use revmap_rmap::sync::{thread, Arc, Ordering};
 use revmap_rmap::{Gfn, Hva, SlotId};
 
-const SEG: Segment = Segment {
-    vsid: 0x5_1234,
-    ssize: SegmentSize::S256M,
-    base_shift: 12,
-};
 /// Bolted pages 0..BOLTED, non-bolted pages above.
 const BOLTED: u64 = 4;
-
-fn small_vm() -> Vm {
-    Vm::new_small(VmConfig {
-        ram_bytes: 32 << 12,
-        hpt_order: 11,
-        flavour: Flavour::Kvm,
-        backing_page_shift: 12,
-    })
-    .unwrap()
-}
 
 /// H_ENTER arguments mapping ea page `k` -> gfn `gfn` (read/write).
 fn enter_args(vm: &Vm, k: u64, gfn: u64, bolted: bool) -> [u64; 4] {

@@ -6,8 +6,10 @@
 //! Run: `cargo test -p revmap-hpt --features shuttle --release --test shuttle_run`.
 #![cfg(feature = "shuttle")]
 
+mod common;
+
 use revmap_hpt::hcall::*;
-use revmap_hpt::{Flavour, MemslotFlags, MemslotSpec, Vm, VmConfig};
+use revmap_hpt::{MemslotFlags, MemslotSpec, Vm};
 use revmap_rmap::sync::{thread, Arc};
 use revmap_rmap::{Gfn, Hva, SlotId};
 
@@ -15,13 +17,7 @@ const BASE: u64 = 0x100;
 const NPAGES: u64 = 8;
 
 fn small_vm() -> Vm {
-    let vm = Vm::new_small(VmConfig {
-        ram_bytes: 32 << 12,
-        hpt_order: 11,
-        flavour: Flavour::Kvm,
-        backing_page_shift: 12,
-    })
-    .unwrap();
+    let vm = common::small_vm();
     vm.create_memslot(MemslotSpec {
         id: SlotId(1),
         base_gfn: Gfn(BASE),
