@@ -1,0 +1,440 @@
+//! The nested-HV hypercalls' numbers, return codes, argument decoding and checks, and
+//! the one mapping from their errors to PAPR return codes ([`HcallError::papr`]).
+//!
+//! * H_SET_PARTITION_TABLE ([`check_set_partition_table`]): PATS <= 4 (at most 4096
+//!   entries) and a base inside L1's memory, else H_PARAMETER; PTCR 0 is accepted and
+//!   disables nesting.
+//! * H_ENTER_NESTED, its memory-side checks ([`check_enter_nested`]): PTCR 0 →
+//!   H_NOT_AVAILABLE; LPID 0 (revmap rejects it, unlike Linux L0) or an LPID outside L1's
+//!   partition table → H_PARAMETER.
+//! * H_TLB_INVALIDATE ([`TlbInvalidate::decode`]): r4 is a tlbie image (RIC, PRS, R),
+//!   r5 = RS (LPID in the low 32 bits), r6 = RB (EPN, IS, AP). R = 0, PRS = 1, RIC = 3,
+//!   IS = 1, and IS = 0 with RIC != 0 are H_PARAMETER; an IS = 0 AP that names no page
+//!   size is H_PARAMETER before any LPID lookup.
+
+use crate::addr::NGpa;
+use crate::radix::{PageSize, Ptcr};
+use revmap_rmap::nested::MAX_NESTED_LPID;
+use revmap_rmap::{Gpa, Lpid};
+
+/// H_SET_PARTITION_TABLE opcode.
+pub const H_SET_PARTITION_TABLE: u64 = 0xF800;
+/// H_ENTER_NESTED opcode.
+pub const H_ENTER_NESTED: u64 = 0xF804;
+/// H_TLB_INVALIDATE opcode.
+pub const H_TLB_INVALIDATE: u64 = 0xF808;
+/// H_COPY_TOFROM_GUEST opcode.
+pub const H_COPY_TOFROM_GUEST: u64 = 0xF80C;
+/// H_RPT_INVALIDATE opcode.
+pub const H_RPT_INVALIDATE: u64 = 0x448;
+
+/// Success.
+pub const H_SUCCESS: i64 = 0;
+/// Nesting not available (H_ENTER_NESTED with PTCR 0).
+pub const H_NOT_AVAILABLE: i64 = 3;
+/// Not supported / nesting not enabled for this VM.
+pub const H_FUNCTION: i64 = -2;
+/// Bad parameter.
+pub const H_PARAMETER: i64 = -4;
+/// Bad mode (TM state).
+pub const H_BAD_MODE: i64 = -5;
+/// Not found (H_COPY_TOFROM_GUEST shortfall).
+pub const H_NOT_FOUND: i64 = -7;
+/// Out of memory.
+pub const H_NO_MEM: i64 = -9;
+/// Writing back L2 state failed.
+pub const H_AUTHORITY: i64 = -10;
+/// Bad parameter 2.
+pub const H_P2: i64 = -55;
+/// Bad parameter 3.
+pub const H_P3: i64 = -56;
+/// Bad parameter 4.
+pub const H_P4: i64 = -57;
+/// Bad parameter 5.
+pub const H_P5: i64 = -58;
+/// Unsupported (H_RPT_INVALIDATE on a non-radix guest).
+pub const H_UNSUPPORTED: i64 = -67;
+/// Internal: a signal is pending (the dispatcher returns r3 = 0 and exits to userspace).
+pub const H_INTERRUPT: i64 = -69;
+/// Internal: userspace must emulate (MMIO); also r3 = 0 to L1.
+pub const H_TOO_HARD: i64 = 9999;
+
+/// The largest PATS an L1 may register (a 64 KiB table of 4096 entries).
+pub const MAX_L1_PATS: u32 = 4;
+
+/// Why a nested hypercall was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, thiserror::Error)]
+pub enum HcallError {
+    /// Nesting is not enabled for this VM.
+    #[error("nested virtualization is not enabled")]
+    NestingDisabled,
+    /// H_SET_PARTITION_TABLE: PATS above 4.
+    #[error("partition table of PATS {pats} exceeds 4096 entries")]
+    TableTooLarge {
+        /// The PATS asked for.
+        pats: u32,
+    },
+    /// H_SET_PARTITION_TABLE: the base is not L1 memory.
+    #[error("partition table base {0} is not L1 memory")]
+    TableNotInMemory(Gpa),
+    /// H_ENTER_NESTED with PTCR 0.
+    #[error("no partition table registered (PTCR 0)")]
+    NoPartitionTable,
+    /// H_ENTER_NESTED naming LPID 0 (the host's; a 0 nested-rmap entry would hide a list).
+    #[error("LPID 0 cannot name a nested guest")]
+    LpidZero,
+    /// An LPID at or above L1's partition-table size (or above 12 bits).
+    #[error("LPID {lpid} is outside the partition table ({entries} entries)")]
+    LpidOutOfRange {
+        /// The LPID named.
+        lpid: u64,
+        /// Entries of the current table.
+        entries: u64,
+    },
+    /// H_TLB_INVALIDATE in the hash form (R = 0).
+    #[error("tlbie with R = 0 (hash) is not supported")]
+    TlbieHash,
+    /// H_TLB_INVALIDATE process-scoped (PRS = 1): the L2 does that itself.
+    #[error("process-scoped tlbie (PRS = 1) is not emulated")]
+    TlbieProcessScoped,
+    /// H_TLB_INVALIDATE with RIC = 3 (reserved).
+    #[error("RIC = 3 is reserved")]
+    TlbieRic3,
+    /// H_TLB_INVALIDATE with IS = 1 (PID scope).
+    #[error("IS = 1 (PID scope) is not a partition-scoped form")]
+    TlbieIs1,
+    /// H_TLB_INVALIDATE of one page (IS = 0) with RIC != 0.
+    #[error("a page invalidation (IS = 0) must have RIC = 0, not {ric}")]
+    TlbiePageRic {
+        /// The RIC given.
+        ric: u8,
+    },
+    /// H_TLB_INVALIDATE of one page with an AP that names no page size.
+    #[error("AP {ap} names no page size")]
+    TlbieBadAp {
+        /// The AP given.
+        ap: u8,
+    },
+}
+
+impl HcallError {
+    /// The PAPR return code L1 sees (the crate's one error-to-code table).
+    pub const fn papr(self) -> i64 {
+        match self {
+            HcallError::NestingDisabled => H_FUNCTION,
+            HcallError::NoPartitionTable => H_NOT_AVAILABLE,
+            HcallError::TableTooLarge { .. }
+            | HcallError::TableNotInMemory(_)
+            | HcallError::LpidZero
+            | HcallError::LpidOutOfRange { .. }
+            | HcallError::TlbieHash
+            | HcallError::TlbieProcessScoped
+            | HcallError::TlbieRic3
+            | HcallError::TlbieIs1
+            | HcallError::TlbiePageRic { .. }
+            | HcallError::TlbieBadAp { .. } => H_PARAMETER,
+        }
+    }
+}
+
+/// H_SET_PARTITION_TABLE's checks (`kvmhv_set_partition_table`): PATS <= 4, and
+/// `base_is_l1_memory` (asked about the table's base; KVM checks its gfn is a visible
+/// L1 gfn) must hold. On success the caller stores `ptcr` verbatim and does nothing
+/// else (no flush, no nested-guest change).
+pub fn check_set_partition_table(
+    ptcr: Ptcr,
+    base_is_l1_memory: impl FnOnce(Gpa) -> bool,
+) -> Result<(), HcallError> {
+    if ptcr.pats() > MAX_L1_PATS {
+        return Err(HcallError::TableTooLarge { pats: ptcr.pats() });
+    }
+    if !base_is_l1_memory(Gpa(ptcr.base())) {
+        return Err(HcallError::TableNotInMemory(Gpa(ptcr.base())));
+    }
+    Ok(())
+}
+
+/// The memory-side checks of H_ENTER_NESTED, in KVM's order: PTCR 0 → H_NOT_AVAILABLE;
+/// LPID 0 → H_PARAMETER (revmap's choice); an LPID outside the current partition table
+/// (`kvmhv_get_nested`) → H_PARAMETER. Returns the L2's LPID.
+pub fn check_enter_nested(ptcr: Ptcr, l1_lpid: u64) -> Result<Lpid, HcallError> {
+    if ptcr.is_zero() {
+        return Err(HcallError::NoPartitionTable);
+    }
+    if l1_lpid == 0 {
+        return Err(HcallError::LpidZero);
+    }
+    let entries = ptcr.entries().min(u64::from(MAX_NESTED_LPID) + 1);
+    if l1_lpid >= entries {
+        return Err(HcallError::LpidOutOfRange {
+            lpid: l1_lpid,
+            entries,
+        });
+    }
+    // l1_lpid < 4096: fits 12 bits.
+    Ok(Lpid(l1_lpid as u16))
+}
+
+/// The tlbie instruction image of H_TLB_INVALIDATE's r4.
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TlbieInstr(pub u64);
+
+impl TlbieInstr {
+    /// RIC, radix invalidation control (bits 18-19).
+    pub const RIC: u64 = 0x3 << 18;
+    /// PRS, process-scoped (bit 17).
+    pub const PRS: u64 = 1 << 17;
+    /// R, radix (bit 16).
+    pub const R: u64 = 1 << 16;
+
+    /// The image L1 builds (`H_TLBIE_P1_ENC(ric, prs, r)`).
+    pub const fn encode(ric: u8, prs: bool, r: bool) -> Self {
+        TlbieInstr(((ric as u64 & 3) << 18) | ((prs as u64) << 17) | ((r as u64) << 16))
+    }
+    /// RIC.
+    pub const fn ric(self) -> u8 {
+        ((self.0 & Self::RIC) >> 18) as u8
+    }
+    /// PRS.
+    pub const fn prs(self) -> bool {
+        self.0 & Self::PRS != 0
+    }
+    /// R.
+    pub const fn radix(self) -> bool {
+        self.0 & Self::R != 0
+    }
+}
+
+/// RB of a tlbie (H_TLB_INVALIDATE's r6).
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TlbieRb(pub u64);
+
+impl TlbieRb {
+    /// EPN: the effective page number, an address (bits 12-63).
+    pub const EPN: u64 = !0xFFF;
+    /// IS, invalidation selector (bits 10-11): 0 page, 1 PID, 2 LPID, 3 all.
+    pub const IS: u64 = 0x3 << 10;
+    /// AP, actual page size (bits 5-7).
+    pub const AP: u64 = 0x7 << 5;
+    /// IS = 2 with LPID scope (`TLBIEL_INVAL_SET_LPID`).
+    pub const INVAL_SET_LPID: u64 = 0x800;
+
+    /// The address (EPN << 12).
+    pub const fn addr(self) -> u64 {
+        self.0 & Self::EPN
+    }
+    /// IS.
+    pub const fn is(self) -> u8 {
+        ((self.0 & Self::IS) >> 10) as u8
+    }
+    /// AP.
+    pub const fn ap(self) -> u8 {
+        ((self.0 & Self::AP) >> 5) as u8
+    }
+}
+
+/// What an LPID-wide invalidation flushes (RIC).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Ric {
+    /// RIC 0: TLB entries (L0 drops the L2's shadow translations).
+    Tlb,
+    /// RIC 1: page-walk cache (L0 caches no L1 directory: nothing to do).
+    Pwc,
+    /// RIC 2: everything, including the partition-table cache (re-read the PATE).
+    All,
+}
+
+/// A decoded, accepted H_TLB_INVALIDATE.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TlbInvalidate {
+    /// IS = 0, RIC = 0: one page of `size` containing `addr` for `lpid`.
+    Page {
+        /// RS low 32 bits (an L1 LPID; unknown or out-of-table LPIDs are a no-op).
+        lpid: u32,
+        /// The address from RB (not yet aligned).
+        addr: u64,
+        /// The page size AP names.
+        size: PageSize,
+    },
+    /// IS = 2: everything of `lpid`.
+    Lpid {
+        /// RS low 32 bits.
+        lpid: u32,
+        /// What to flush.
+        ric: Ric,
+    },
+    /// IS = 3: every LPID.
+    All {
+        /// What to flush.
+        ric: Ric,
+    },
+}
+
+impl TlbInvalidate {
+    /// Decodes and checks H_TLB_INVALIDATE(r4 = instr, r5 = rs, r6 = rb).
+    pub fn decode(instr: u64, rs: u64, rb: u64) -> Result<Self, HcallError> {
+        let i = TlbieInstr(instr);
+        let rb = TlbieRb(rb);
+        let lpid = (rs & 0xFFFF_FFFF) as u32;
+        if !i.radix() {
+            return Err(HcallError::TlbieHash);
+        }
+        if i.prs() {
+            return Err(HcallError::TlbieProcessScoped);
+        }
+        let ric = match i.ric() {
+            0 => Ric::Tlb,
+            1 => Ric::Pwc,
+            2 => Ric::All,
+            _ => return Err(HcallError::TlbieRic3),
+        };
+        match rb.is() {
+            0 => {
+                if ric != Ric::Tlb {
+                    return Err(HcallError::TlbiePageRic { ric: i.ric() });
+                }
+                let ap = rb.ap();
+                let size = PageSize::from_ap(ap).ok_or(HcallError::TlbieBadAp { ap })?;
+                Ok(TlbInvalidate::Page {
+                    lpid,
+                    addr: rb.addr(),
+                    size,
+                })
+            }
+            1 => Err(HcallError::TlbieIs1),
+            2 => Ok(TlbInvalidate::Lpid { lpid, ric }),
+            _ => Ok(TlbInvalidate::All { ric }),
+        }
+    }
+
+    /// For a page invalidation: the L2 range it covers, `[start, start + size)` with
+    /// `start` aligned down to `size`; `None` if it lies beyond the 52-bit space (no
+    /// translation can exist there) or for the LPID-wide forms.
+    pub fn page_range(self) -> Option<(NGpa, PageSize)> {
+        match self {
+            TlbInvalidate::Page { addr, size, .. } => {
+                NGpa::new(size.align_down(addr)).map(|a| (a, size))
+            }
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RIC2_LPID: u64 = 0x90000; // H_TLBIE_P1_ENC(2, 0, 1), as in the traces.
+
+    #[test]
+    fn tlbie_encoding_matches_the_traces() {
+        assert_eq!(TlbieInstr::encode(2, false, true).0, RIC2_LPID);
+        let i = TlbieInstr(RIC2_LPID);
+        assert_eq!((i.ric(), i.prs(), i.radix()), (2, false, true));
+        assert_eq!(
+            TlbInvalidate::decode(RIC2_LPID, 0x73d, TlbieRb::INVAL_SET_LPID),
+            Ok(TlbInvalidate::Lpid {
+                lpid: 0x73d,
+                ric: Ric::All
+            })
+        );
+    }
+
+    #[test]
+    fn every_rejected_form_is_h_parameter() {
+        let r = |ric, prs, radix| TlbieInstr::encode(ric, prs, radix).0;
+        let cases = [
+            (r(0, false, false), 0x800, HcallError::TlbieHash),
+            (r(0, true, true), 0x800, HcallError::TlbieProcessScoped),
+            (r(3, false, true), 0x800, HcallError::TlbieRic3),
+            (r(0, false, true), 0x400, HcallError::TlbieIs1),
+            (r(1, false, true), 0x0, HcallError::TlbiePageRic { ric: 1 }),
+            (r(2, false, true), 0x0, HcallError::TlbiePageRic { ric: 2 }),
+            (r(0, false, true), 3 << 5, HcallError::TlbieBadAp { ap: 3 }),
+            (r(0, false, true), 7 << 5, HcallError::TlbieBadAp { ap: 7 }),
+        ];
+        for (instr, rb, want) in cases {
+            let got = TlbInvalidate::decode(instr, 5, rb);
+            assert_eq!(got, Err(want), "instr {instr:#x} rb {rb:#x}");
+            assert_eq!(want.papr(), H_PARAMETER);
+        }
+    }
+
+    #[test]
+    fn accepted_forms() {
+        let r0 = TlbieInstr::encode(0, false, true).0;
+        // One 64K page, AP 5, unaligned EPN.
+        let t = TlbInvalidate::decode(r0, 0x1_0000_0007, 0x3b9a_7000 | (5 << 5)).unwrap();
+        assert_eq!(
+            t,
+            TlbInvalidate::Page {
+                lpid: 7,
+                addr: 0x3b9a_7000,
+                size: PageSize::P64K
+            }
+        );
+        assert_eq!(
+            t.page_range(),
+            Some((NGpa::new(0x3b9a_0000).unwrap(), PageSize::P64K))
+        );
+        for (ap, size) in [(0, PageSize::P4K), (1, PageSize::P2M), (2, PageSize::P1G)] {
+            let t = TlbInvalidate::decode(r0, 1, ap << 5).unwrap();
+            assert!(matches!(t, TlbInvalidate::Page { size: s, .. } if s == size));
+        }
+        // Beyond the 52-bit space: accepted, nothing to do.
+        let t = TlbInvalidate::decode(r0, 1, 0xFFF0_0000_0000_0000).unwrap();
+        assert_eq!(t.page_range(), None);
+        for (ric, want) in [(0, Ric::Tlb), (1, Ric::Pwc), (2, Ric::All)] {
+            let i = TlbieInstr::encode(ric, false, true).0;
+            assert_eq!(
+                TlbInvalidate::decode(i, 9, 0x800),
+                Ok(TlbInvalidate::Lpid { lpid: 9, ric: want })
+            );
+            assert_eq!(
+                TlbInvalidate::decode(i, 9, 0xC00),
+                Ok(TlbInvalidate::All { ric: want })
+            );
+        }
+    }
+
+    #[test]
+    fn set_partition_table_checks() {
+        let ram = |g: Gpa| g.0 < 0x1_0000_0000;
+        assert_eq!(check_set_partition_table(Ptcr(0x10004), ram), Ok(()));
+        assert_eq!(check_set_partition_table(Ptcr(0), ram), Ok(()));
+        // Misaligned base (128 KiB table at 64 KiB) is accepted, as KVM does.
+        assert_eq!(
+            check_set_partition_table(Ptcr(0x10003 + 0x1_0000), ram),
+            Ok(())
+        );
+        let e = check_set_partition_table(Ptcr(0x10005), ram).unwrap_err();
+        assert_eq!(e, HcallError::TableTooLarge { pats: 5 });
+        assert_eq!(e.papr(), H_PARAMETER);
+        let e = check_set_partition_table(Ptcr(0x2_0000_0000 | 4), ram).unwrap_err();
+        assert_eq!(e, HcallError::TableNotInMemory(Gpa(0x2_0000_0000)));
+        assert_eq!(e.papr(), H_PARAMETER);
+    }
+
+    #[test]
+    fn enter_nested_checks() {
+        assert_eq!(
+            check_enter_nested(Ptcr(0), 1).map_err(HcallError::papr),
+            Err(H_NOT_AVAILABLE)
+        );
+        assert_eq!(
+            check_enter_nested(Ptcr(0x10004), 0),
+            Err(HcallError::LpidZero)
+        );
+        assert_eq!(check_enter_nested(Ptcr(0x10004), 4095), Ok(Lpid(4095)));
+        assert_eq!(
+            check_enter_nested(Ptcr(0x10003), 2048).map_err(HcallError::papr),
+            Err(H_PARAMETER)
+        );
+        assert_eq!(check_enter_nested(Ptcr(0x10003), 2047), Ok(Lpid(2047)));
+        // A larger table (set through ONE_REG) still cannot name more than 12 bits.
+        assert!(check_enter_nested(Ptcr(0x10008), 4096).is_err());
+        assert_eq!(HcallError::NestingDisabled.papr(), H_FUNCTION);
+    }
+}
