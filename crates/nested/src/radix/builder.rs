@@ -101,9 +101,9 @@ impl<'m> RadixBuilder<'m> {
 
     fn alloc_table(&mut self, level: Level) -> Result<u64, BuildError> {
         let bytes = 1u64 << (self.geometry.nls(level) + 3);
-        let base = self.next.div_ceil(bytes) * bytes;
-        match base.checked_add(bytes) {
-            Some(end) if end <= self.end && self.mem.is_ram(Gpa(base), bytes) => {
+        let base = self.next.div_ceil(bytes).checked_mul(bytes);
+        match base.and_then(|b| Some((b, b.checked_add(bytes)?))) {
+            Some((base, end)) if end <= self.end && self.mem.is_ram(Gpa(base), bytes) => {
                 self.next = end;
                 // Tables start zeroed (fresh memory, or cleared here if reused).
                 for off in (0..bytes).step_by(8) {
