@@ -6,7 +6,9 @@
 //!   64K base geometries, PDE/PTE words, R/C semantics, the walk and its failure causes
 //!   (HDSISR/SRR1 bits), guest memory ([`radix::GuestMemory`], [`radix::SparseMemory`])
 //!   and a tree builder for tests.
-//! * [`access`]: what L1's tables make of one L2 access by KVM L0's rules.
+//! * [`access`]: what L1's tables make of one L2 access by KVM L0's rules;
+//!   [`fault`]: the shadow leaf derived from L0's and L1's leaves (permissions, R/C,
+//!   size, nested-rmap key) and the SET_RC decision.
 //! * [`hcall`]: H_SET_PARTITION_TABLE, H_ENTER_NESTED and H_TLB_INVALIDATE argument
 //!   decoding and checks, with their PAPR return codes.
 //! * [`guest`]: per-L2 state and the registry of nested guests; [`lpid`]: shadow LPIDs.
@@ -49,6 +51,7 @@
 
 pub mod access;
 pub mod addr;
+pub mod fault;
 pub mod guest;
 pub mod hcall;
 pub mod lpid;

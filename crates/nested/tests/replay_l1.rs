@@ -3,18 +3,25 @@
 //! `check_set_partition_table`, nested guests and their PATE cache through
 //! `NestedGuests`, H_TLB_INVALIDATE through `TlbInvalidate::decode`, and every
 //! `L2_ACCESS` through `access::l1_translate` (the radix walk plus KVM L0's rules).
-//! Every recorded result must be reproduced exactly. The host must-sets are checked
+//! Every recorded result must be reproduced exactly. For every completed access the
+//! shadow leaf `fault::shadow_leaf` derives (over an L0 that backs each L1 gfn with a
+//! 64 KiB host frame, a new one after every `HOST_UNMAP`) must land on the current frame
+//! and grant no more than L1's and L0's leaves. The host must-sets are checked
 //! against the README's rules computed from the completed accesses (exact equality: the
 //! must-sets are the truth, and this harness is the ground truth for the shadow MMU's
 //! replay). The registry's invariants are checked after every record.
 
 use revmap_nested::access::{l1_translate, L1Layout, L2Outcome};
+use revmap_nested::fault::{l0_leaf_for_l1, shadow_leaf, L0Leaf};
 use revmap_nested::hcall::{check_enter_nested, check_set_partition_table, Ric, TlbInvalidate};
 use revmap_nested::radix::{Access, Exit, Ptcr, SparseMemory};
+use revmap_nested::radix::{PageSize, RadixPte};
 use revmap_nested::{GuestId, NGpa, NestedGuests, ShadowLpidAllocator};
 use revmap_rmap::Gpa;
+use revmap_rmap::Lpid;
 use revmap_trace::nested::{AccessKind, AccessOutcome, NestedHeader, NestedReader, NestedRecord};
 use std::collections::BTreeSet;
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 fn trace(name: &str) -> PathBuf {
@@ -30,6 +37,10 @@ struct L1Side {
     guests: NestedGuests,
     young: BTreeSet<u64>,
     dirty: BTreeSet<u64>,
+    /// L0 backing: L1 gfn → host frame (64 KiB), a new frame after every unmap.
+    frames: HashMap<u64, u64>,
+    next_frame: u64,
+    shadow_checked: u64,
 }
 
 #[derive(Default, Debug)]
@@ -38,6 +49,7 @@ struct Report {
     matched: u64,
     first_mismatch: Option<String>,
     completed: u64,
+    shadow_checked: u64,
     exits: u64,
     guests_created: u64,
 }
@@ -51,6 +63,9 @@ impl L1Side {
             guests: NestedGuests::new(ShadowLpidAllocator::new(4096)),
             young: BTreeSet::new(),
             dirty: BTreeSet::new(),
+            frames: HashMap::new(),
+            next_frame: 1,
+            shadow_checked: 0,
         }
     }
 
@@ -98,6 +113,7 @@ impl L1Side {
         let out = match l1_translate(&self.mem, root, n_gpa, access, self.layout()) {
             L2Outcome::Complete(t) => {
                 let gfn = t.raddr.0 >> NestedHeader::GFN_SHIFT;
+                self.check_shadow(lpid, n_gpa, access, &t);
                 self.young.insert(gfn);
                 if access == Access::Store {
                     self.dirty.insert(gfn);
@@ -143,6 +159,56 @@ impl L1Side {
             _ => {}
         }
         0
+    }
+
+    /// Derives the shadow leaf L0 would install for a completed access (L0 backing the
+    /// L1 page with a 64 KiB leaf on a fresh or current host frame) and checks that it
+    /// lands on that frame and grants no more than L1's and L0's leaves.
+    fn check_shadow(
+        &mut self,
+        lpid: u64,
+        n_gpa: NGpa,
+        access: Access,
+        t: &revmap_nested::radix::Translation,
+    ) {
+        let gfn = t.raddr.0 >> NestedHeader::GFN_SHIFT;
+        let next = &mut self.next_frame;
+        let frame = *self.frames.entry(gfn).or_insert_with(|| {
+            *next += 1;
+            *next
+        });
+        let hpa = frame << NestedHeader::GFN_SHIFT;
+        let l0 = L0Leaf {
+            pte: l0_leaf_for_l1(hpa, access == Access::Store),
+            size: PageSize::P64K,
+        };
+        let s = shadow_leaf(l0, t, n_gpa, access, PageSize::P64K, Lpid(lpid as u16))
+            .expect("a completed access has a shadow leaf");
+        let mask = s.size.bytes() - 1;
+        let landed = (s.pte.rpn() & !mask) | (n_gpa.raw() & mask);
+        assert_eq!(
+            landed,
+            hpa | (t.raddr.0 & 0xffff),
+            "shadow leaf lands on the current frame"
+        );
+        for bit in [
+            RadixPte::EAA_READ,
+            RadixPte::EAA_RW,
+            RadixPte::EAA_X,
+            RadixPte::R,
+            RadixPte::C,
+        ] {
+            if s.pte.bits() & bit != 0 {
+                assert!(t.pte.bits() & bit != 0 || (bit == RadixPte::EAA_READ && t.pte.may_read()));
+                assert!(l0.pte.bits() & bit != 0);
+            }
+        }
+        assert!(
+            s.pte.permits(access) && s.pte.rc_permits(access),
+            "the access completes through it"
+        );
+        assert_eq!(s.rmap_base.0 >> NestedHeader::GFN_SHIFT, gfn);
+        self.shadow_checked += 1;
     }
 
     /// The gfns of the L0 backing pages overlapping [gfn, gfn + npages).
@@ -225,6 +291,7 @@ fn replay(name: &str) -> Report {
             NestedRecord::HostUnmap { gfn, npages, .. } => {
                 let span = l1.backing_span(gfn, npages);
                 l1.young.retain(|g| !span.contains(g));
+                l1.frames.retain(|g, _| !span.contains(g));
             }
             NestedRecord::HostAge {
                 gfn,
@@ -270,6 +337,7 @@ fn replay(name: &str) -> Report {
         }
     }
     rep.guests_created = l1.guests.counts().0;
+    rep.shadow_checked = l1.shadow_checked;
     rep
 }
 
@@ -281,6 +349,7 @@ fn small_trace_l1_side_results_reproduced() {
     assert_eq!(rep.checked, 3454);
     assert_eq!(rep.matched, rep.checked);
     assert_eq!(rep.completed, 509 + 1432 + 148);
+    assert_eq!(rep.shadow_checked, rep.completed);
     assert!(rep.guests_created >= 16, "{rep:?}");
 }
 
@@ -291,4 +360,5 @@ fn basic_trace_l1_side_results_reproduced() {
     assert_eq!(rep.checked, 1 + 5521 + 94_462 + 2570 + 961);
     assert_eq!(rep.matched, rep.checked);
     assert_eq!(rep.completed, 16_763 + 45_586 + 4387);
+    assert_eq!(rep.shadow_checked, rep.completed);
 }
