@@ -56,6 +56,7 @@ pub mod guest;
 pub mod hcall;
 pub mod lpid;
 pub mod radix;
+pub mod shadow;
 
 pub use addr::{NGpa, ShadowLpid};
 pub use guest::{GuestError, GuestId, NestedGuest, NestedGuests, Released};

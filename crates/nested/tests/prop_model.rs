@@ -209,3 +209,95 @@ proptest! {
         }
     }
 }
+
+mod shadow_model {
+    use proptest::prelude::*;
+    use revmap_nested::radix::{Geometry, PageSize, RadixPte};
+    use revmap_nested::shadow::{Inserted, ShadowPte, ShadowTable};
+    use revmap_nested::NGpa;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Insert(u64, u8, u64, bool),
+        Remove(u64),
+        Clear,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            8 => (0u64..1 << 14, 0u8..3, 0u64..64, any::<bool>()).prop_map(|(a, s, r, w)| Op::Insert(a, s, r, w)),
+            3 => (0u64..1 << 14).prop_map(Op::Remove),
+            1 => Just(Op::Clear),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// The shadow table against a list of non-overlapping leaves: after every step
+        /// both agree on every probed address, and the table's invariants hold.
+        #[test]
+        fn shadow_table_matches_a_leaf_list(ops in proptest::collection::vec(op(), 1..48)) {
+            const SIZES: [PageSize; 3] = [PageSize::P64K, PageSize::P2M, PageSize::P1G];
+            let mut t = ShadowTable::new(Geometry::Base64K);
+            let mut model: Vec<ShadowPte> = Vec::new();
+            let covers = |l: &ShadowPte, a: u64| l.n_gpa.raw() <= a && a < l.n_gpa.raw() + l.size.bytes();
+            for op in ops {
+                match op {
+                    Op::Insert(a, s, r, w) => {
+                        // Addresses in units of 64K over a 1 GiB window.
+                        let size = SIZES[s as usize];
+                        let n = size.align_down(a << 16);
+                        let flags = RadixPte::R | RadixPte::EAA_READ | if w { RadixPte::EAA_RW } else { 0 };
+                        let new = ShadowPte {
+                            n_gpa: NGpa::new(n).unwrap(),
+                            size,
+                            pte: RadixPte::new(r << 30, flags),
+                        };
+                        let out = t.insert(new).unwrap();
+                        let end = n + size.bytes();
+                        let same = model.iter().position(|l| l.n_gpa == new.n_gpa && l.size == size);
+                        match (out, same) {
+                            (Inserted::New { mut displaced }, None) => {
+                                let mut gone: Vec<ShadowPte> = model
+                                    .iter()
+                                    .copied()
+                                    .filter(|l| l.n_gpa.raw() < end && n < l.n_gpa.raw() + l.size.bytes())
+                                    .collect();
+                                gone.sort_by_key(|l| l.n_gpa);
+                                displaced.sort_by_key(|l| l.n_gpa);
+                                prop_assert_eq!(&displaced, &gone);
+                                model.retain(|l| !gone.contains(l));
+                                model.push(new);
+                            }
+                            (Inserted::Identical, Some(i)) => prop_assert_eq!(model[i], new),
+                            (Inserted::Merged, Some(i)) => {
+                                model[i].pte = RadixPte(model[i].pte.bits() | new.pte.bits());
+                            }
+                            (Inserted::Replaced { old }, Some(i)) => {
+                                prop_assert_eq!(old, model[i]);
+                                model[i] = new;
+                            }
+                            (o, m) => prop_assert!(false, "{:?} vs {:?}", o, m),
+                        }
+                    }
+                    Op::Remove(a) => {
+                        let a = a << 16;
+                        let got = t.remove(NGpa::new(a).unwrap());
+                        let want = model.iter().position(|l| covers(l, a)).map(|i| model.swap_remove(i));
+                        prop_assert_eq!(got, want);
+                    }
+                    Op::Clear => {
+                        prop_assert_eq!(t.clear(), model.len());
+                        model.clear();
+                    }
+                }
+                prop_assert_eq!(t.check(), Ok(model.len()));
+                for probe in (0u64..1 << 30).step_by(1 << 20) {
+                    let want = model.iter().copied().find(|l| covers(l, probe));
+                    prop_assert_eq!(t.lookup(NGpa::new(probe).unwrap()), want);
+                }
+            }
+        }
+    }
+}
