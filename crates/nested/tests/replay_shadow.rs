@@ -20,7 +20,6 @@ use revmap_nested::hcall::{check_enter_nested, check_set_partition_table, Ric, T
 use revmap_nested::radix::{Access, Exit, Geometry, PageSize, Ptcr, RadixPte, SparseMemory};
 use revmap_nested::shadow::{Inserted, ShadowPte, ShadowTable};
 use revmap_nested::{GuestId, NGpa, NestedGuests, Released, ShadowLpidAllocator};
-use revmap_rmap::nested::Inserted as RmapInserted;
 use revmap_rmap::{Gpa, NestedCache, NestedLimits, NestedPool, NestedRmap, NestedRmapEntry};
 use revmap_trace::nested::{AccessKind, AccessOutcome, NestedHeader, NestedReader, NestedRecord};
 use std::collections::{BTreeSet, HashMap};
@@ -294,19 +293,14 @@ impl Mmu {
                 valid.get(&e.raw()).copied().unwrap_or(true)
             });
         drop(cache);
-        match out {
-            Ok(o) => {
-                if o.inserted == RmapInserted::Linked {
-                    self.nodes += 1;
-                }
-                self.nodes -= o.reclaimed as u64;
-            }
-            Err(e) => {
-                self.violation(format!("nested rmap insert refused: {e}"));
-                return Some(AccessOutcome::Ret(i64::MIN));
-            }
+        if let Err(e) = out {
+            self.violation(format!("nested rmap insert refused: {e}"));
+            return Some(AccessOutcome::Ret(i64::MIN));
         }
+        // A word of n entries holds n - 1 nodes.
         let len = self.rmap[word_gfn].lock().len(&self.pool);
+        self.nodes =
+            self.nodes + len.saturating_sub(1) as u64 - live.len().saturating_sub(1) as u64;
         self.stats.rmap_entries_max_per_gfn = self.stats.rmap_entries_max_per_gfn.max(len);
         self.stats.rmap_nodes_max = self.stats.rmap_nodes_max.max(self.nodes);
         let new = ShadowPte {
@@ -514,12 +508,17 @@ impl Mmu {
 
 fn replay(name: &str) -> Stats {
     let r = NestedReader::open(trace(name)).unwrap();
+    let header = r.header();
+    run(name, header, r.map(Result::unwrap))
+}
+
+/// Feeds `records` (after `header`) through the MMU and compares every result.
+fn run(name: &str, header: NestedHeader, records: impl Iterator<Item = NestedRecord>) -> Stats {
     assert_eq!(
-        r.header().l0_page_shift,
-        16,
+        header.l0_page_shift, 16,
         "this harness backs L1 with 64 KiB pages only"
     );
-    let mut m = Mmu::new(r.header());
+    let mut m = Mmu::new(header);
     let check = |s: &mut Stats, line: u64, what: &str, ok: bool, detail: String| {
         s.checked += 1;
         if ok {
@@ -528,8 +527,7 @@ fn replay(name: &str) -> Stats {
             s.first_mismatch = Some(format!("{name}:{line}: {what}: {detail}"));
         }
     };
-    for rec in r {
-        let rec = rec.unwrap();
+    for rec in records {
         let line = rec.line();
         match rec {
             NestedRecord::L1Store { gpa, val, .. } => m.mem.write_be_u64(Gpa(gpa), val).unwrap(),
@@ -657,4 +655,80 @@ fn basic_trace_replays_through_shadow_tables() {
     let s = replay("nested-basic.txt.gz");
     assert_clean(&s, 1 + 5521 + 94_462 + 2570 + 961);
     assert!(s.shadow_hits > 0 && s.rmap_invalidations > 0, "{s:#?}");
+}
+
+/// A hostile L1 (KVM's weakness, reference B.5): one L1 page is mapped into thousands of
+/// distinct L2 addresses in turn, each accessed then unmapped and invalidated by L1,
+/// while L0 never unmaps the page. KVM would keep every (lpid, n_gpa) pair; here stale
+/// entries are reclaimed at the cap, so the word never holds more than 64 entries and
+/// every access still completes on the right page.
+#[test]
+fn hostile_l1_cannot_grow_the_nested_rmap() {
+    use revmap_nested::hcall::TlbieInstr;
+    use revmap_nested::radix::{PateDw0, RadixPde};
+    const PAIRS: u64 = 3000;
+    let header = NestedHeader {
+        l1_memory_bytes: 1 << 32,
+        l0_page_shift: 16,
+        l1_base_page_shift: 16,
+    };
+    // L1's tables: root at 1 MiB; every root slot's PUD table is the same page, every
+    // PUD slot's PMD table too, and every PMD entry L1 sets points to one PTE table
+    // whose entry 0 maps the victim L1 page at 256 MiB.
+    let (root, pud, pmd, pte) = (0x10_0000u64, 0x12_0000u64, 0x13_0000u64, 0x14_0000u64);
+    let victim = 0x1000_0000u64;
+    let lpid = 7u64;
+    let ptcr = 0x1_0000u64 | 4;
+    let mut recs = Vec::new();
+    let mut line = 0u64;
+    let mut push = |f: &mut dyn FnMut(u64) -> NestedRecord| {
+        line += 1;
+        recs.push(f(line));
+    };
+    let store = |gpa: u64, val: u64| move |line| NestedRecord::L1Store { line, gpa, val };
+    push(&mut |line| NestedRecord::SetPartitionTable { line, ptcr, ret: 0 });
+    push(&mut store(
+        0x1_0000 + 16 * lpid,
+        PateDw0::radix52(root, 13).bits(),
+    ));
+    for i in 0..512 {
+        push(&mut store(root + 8 * i, RadixPde::new(pud, 9).bits()));
+        push(&mut store(pud + 8 * i, RadixPde::new(pmd, 9).bits()));
+    }
+    let leaf = RadixPte::new(
+        victim,
+        RadixPte::R | RadixPte::C | RadixPte::EAA_RW | RadixPte::EAA_READ,
+    );
+    push(&mut store(pte, leaf.bits()));
+    let page_inval = TlbieInstr::encode(0, false, true).0;
+    for k in 0..PAIRS {
+        // n_gpa = (k / 512) GiB + (k % 512) * 2 MiB, all aliasing the victim page.
+        let (g, j) = (k / 512, k % 512);
+        let n = (g << 30) | (j << 21);
+        push(&mut store(pmd + 8 * j, RadixPde::new(pte, 5).bits()));
+        push(&mut |line| NestedRecord::L2Access {
+            line,
+            lpid,
+            gpa: n | 0x18,
+            acc: AccessKind::Write,
+            outcome: AccessOutcome::Ok {
+                l1gpa: victim | 0x18,
+            },
+        });
+        push(&mut store(pmd + 8 * j, 0));
+        push(&mut |line| NestedRecord::TlbInvalidate {
+            line,
+            instr: page_inval,
+            rs: lpid,
+            rb: n | (5 << 5),
+            ret: 0,
+        });
+    }
+    drop(push);
+    let s = run("hostile", header, recs.into_iter());
+    assert_clean(&s, 1 + 2 * PAIRS);
+    // The bound holds and is reached: stale entries were reclaimed, none refused.
+    assert_eq!(s.rmap_entries_max_per_gfn, 64, "{s:#?}");
+    assert!(s.rmap_nodes_max <= 63, "{s:#?}");
+    assert_eq!(s.rmap_invalidations, 0);
 }
