@@ -724,7 +724,6 @@ fn hostile_l1_cannot_grow_the_nested_rmap() {
             ret: 0,
         });
     }
-    drop(push);
     let s = run("hostile", header, recs.into_iter());
     assert_clean(&s, 1 + 2 * PAIRS);
     // The bound holds and is reached: stale entries were reclaimed, none refused.
