@@ -12,6 +12,16 @@
 //! * [`hcall`]: H_SET_PARTITION_TABLE, H_ENTER_NESTED and H_TLB_INVALIDATE argument
 //!   decoding and checks, with their PAPR return codes.
 //! * [`guest`]: per-L2 state and the registry of nested guests; [`lpid`]: shadow LPIDs.
+//! * [`shadow`]: L0's shadow partition-scoped table for one L2 (single-threaded model)
+//!   with `kvmppc_create_pte`'s insertion rules.
+//!
+//! What this crate does not have yet: the host side (L0's table for L1 over the shared
+//! memslots and host memory, MMU-notifier unmap, aging and dirty harvest through the
+//! nested rmap), the hypercall port, and concurrency (per-L2 `tlb_lock`, loom and shuttle
+//! models). `tests/replay_shadow.rs` plays that host side in a single thread and replays
+//! both vendored nested traces through [`shadow::ShadowTable`], [`fault`] and
+//! `revmap_rmap::NestedRmap` with every result matched; it is the reference for the
+//! threaded implementation on the host layer.
 //!
 //! Facts come from `nested-radix-mmu.md` (the reference digest of KVM's
 //! `book3s_hv_nested.c` / `book3s_64_mmu_radix.c` and the ISA); no KVM code is copied.
