@@ -212,9 +212,11 @@ impl GfnRanges {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
-    /// Number of gfns in the list.
+    /// Number of gfns in the list (saturating at `u64::MAX`).
     pub fn gfn_count(&self) -> u64 {
-        self.0.iter().map(|r| r.last - r.first + 1).sum()
+        self.0.iter().fold(0u64, |n, r| {
+            n.saturating_add((r.last - r.first).saturating_add(1))
+        })
     }
     /// Whether `gfn` is in the list (binary search).
     pub fn contains(&self, gfn: u64) -> bool {
@@ -1335,6 +1337,13 @@ mod tests {
             panic!()
         };
         assert!(dirty_must.is_empty());
+        let NestedRecord::HostDirtyLog { dirty_must, .. } =
+            rec("HOST_DIRTY_LOG -> dirty_must=0x0-0xffffffffffffffff")
+        else {
+            panic!()
+        };
+        assert_eq!(dirty_must.gfn_count(), u64::MAX);
+        assert!(dirty_must.contains(u64::MAX));
         let NestedRecord::HostDirtyLog { dirty_must, .. } =
             rec("HOST_DIRTY_LOG -> dirty_must=0x5,0x7-0x9")
         else {

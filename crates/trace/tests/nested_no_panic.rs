@@ -2,7 +2,7 @@
 //! error, line by line, through the reader and through the slice parser.
 
 use proptest::prelude::*;
-use revmap_trace::nested::{for_each_nested_record, parse_nested_line, NestedReader};
+use revmap_trace::nested::{for_each_nested_record, parse_nested_line, NestedReader, NestedRecord};
 
 const WORDS: &[&str] = &[
     "L1_MEMORY",
@@ -54,6 +54,7 @@ const WORDS: &[&str] = &[
     "dirty_must=0x1-",
     "dirty_must=-0x1",
     "dirty_must=,",
+    "dirty_must=0x0-0xffffffffffffffff",
     "=",
     "0x",
     "#",
@@ -101,8 +102,15 @@ proptest! {
         let _ = for_each_nested_record(text.as_bytes(), "p", |_| ());
         if let Ok(r) = NestedReader::new(std::io::Cursor::new(text.clone()), "p") {
             for rec in r {
-                if rec.is_err() {
-                    break;
+                match rec {
+                    Ok(NestedRecord::HostAge { young_must: g, .. })
+                    | Ok(NestedRecord::HostDirtyLog { dirty_must: g, .. }) => {
+                        let _ = (g.gfn_count(), g.contains(u64::MAX), g.contains(0));
+                    }
+                    Ok(r) => {
+                        let _ = (r.line(), r.name(), r.has_result());
+                    }
+                    Err(_) => break,
                 }
             }
         }
