@@ -11,6 +11,9 @@
 //!   r5 = RS (LPID in the low 32 bits), r6 = RB (EPN, IS, AP). R = 0, PRS = 1, RIC = 3,
 //!   IS = 1, and IS = 0 with RIC != 0 are H_PARAMETER; an IS = 0 AP that names no page
 //!   size is H_PARAMETER before any LPID lookup.
+//! * H_RPT_INVALIDATE ([`decode_h_rpt_invalidate`]): end < start → H_P5; for a nested
+//!   guest, nesting off → H_FUNCTION, target other than CMMU → H_P2, no known page size
+//!   → H_P4; ranges above 33 pages of a size become an LPID flush.
 
 use crate::addr::NGpa;
 use crate::radix::{PageSize, Ptcr};
@@ -109,6 +112,20 @@ pub enum HcallError {
         /// The RIC given.
         ric: u8,
     },
+    /// H_RPT_INVALIDATE with end < start.
+    #[error("H_RPT_INVALIDATE range ends ({end:#x}) before it starts ({start:#x})")]
+    RptEndBeforeStart {
+        /// r8.
+        start: u64,
+        /// r9.
+        end: u64,
+    },
+    /// H_RPT_INVALIDATE of a nested guest with a target other than CMMU.
+    #[error("H_RPT_INVALIDATE target {0:#x} is not CMMU for a nested flush")]
+    RptTarget(u64),
+    /// H_RPT_INVALIDATE of TLB entries with no known page size in the mask.
+    #[error("H_RPT_INVALIDATE page-size mask {0:#x} names no page size")]
+    RptPageSizes(u64),
     /// H_TLB_INVALIDATE of one page with an AP that names no page size.
     #[error("AP {ap} names no page size")]
     TlbieBadAp {
@@ -123,6 +140,9 @@ impl HcallError {
         match self {
             HcallError::NestingDisabled => H_FUNCTION,
             HcallError::NoPartitionTable => H_NOT_AVAILABLE,
+            HcallError::RptEndBeforeStart { .. } => H_P5,
+            HcallError::RptTarget(_) => H_P2,
+            HcallError::RptPageSizes(_) => H_P4,
             HcallError::TableTooLarge { .. }
             | HcallError::TableNotInMemory(_)
             | HcallError::LpidZero
@@ -322,9 +342,206 @@ impl TlbInvalidate {
     }
 }
 
+/// H_RPT_INVALIDATE type bit: the id is a nested guest's LPID (partition scope).
+pub const H_RPTI_TYPE_NESTED: u64 = 0x1;
+/// H_RPT_INVALIDATE type bit: TLB entries.
+pub const H_RPTI_TYPE_TLB: u64 = 0x2;
+/// H_RPT_INVALIDATE type bit: page-walk cache.
+pub const H_RPTI_TYPE_PWC: u64 = 0x4;
+/// H_RPT_INVALIDATE type bit: partition-table (with NESTED) or process-table cache.
+pub const H_RPTI_TYPE_PAT: u64 = 0x8;
+/// TLB | PWC | PAT: everything of a nested guest (an RIC = 2 LPID flush).
+pub const H_RPTI_TYPE_NESTED_ALL: u64 = H_RPTI_TYPE_TLB | H_RPTI_TYPE_PWC | H_RPTI_TYPE_PAT;
+/// H_RPT_INVALIDATE target: all vCPUs' MMUs (the only target a nested flush accepts).
+pub const H_RPTI_TARGET_CMMU: u64 = 0x1;
+/// Ranges longer than this many pages of a size become an LPID-wide flush
+/// (`tlb_range_flush_page_ceiling`).
+pub const RANGE_FLUSH_PAGE_CEILING: u64 = 33;
+
+/// The H_RPT_INVALIDATE page-size mask bit of `size` (4K 0x1, 64K 0x2, 2M 0x4, 1G 0x8).
+pub const fn rpt_page_size_bit(size: PageSize) -> u64 {
+    match size {
+        PageSize::P4K => 0x1,
+        PageSize::P64K => 0x2,
+        PageSize::P2M => 0x4,
+        PageSize::P1G => 0x8,
+    }
+}
+
+/// What an accepted H_RPT_INVALIDATE asks of L0.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RptInvalidate {
+    /// Without NESTED: a process-scoped flush of L1's own LPID (not a nested-MMU matter).
+    ProcessScoped,
+    /// Nothing to do (PWC alone: L0 keeps no nested page-walk cache).
+    Nothing,
+    /// An LPID-wide flush of the L2 `lpid` (an unknown LPID is a no-op, H_SUCCESS).
+    Lpid {
+        /// The L2's l1_lpid (r4).
+        lpid: u64,
+        /// RIC 2 for NESTED_ALL, RIC 0 otherwise.
+        ric: Ric,
+    },
+    /// Page invalidations of `lpid`: for each size, every page of that size in
+    /// `[start, end)` (at most 33 pages each).
+    Pages {
+        /// The L2's l1_lpid.
+        lpid: u64,
+        /// The sizes asked for, smallest first.
+        sizes: Vec<PageSize>,
+        /// r8.
+        start: u64,
+        /// r9.
+        end: u64,
+    },
+}
+
+/// Decodes and checks H_RPT_INVALIDATE(r4 = id, r5 = target, r6 = type, r7 = page sizes,
+/// r8 = start, r9 = end) from a radix L1 (`kvmppc_h_rpt_invalidate` →
+/// `do_h_rpt_invalidate_pat`), in KVM's order: end < start → H_P5; with NESTED: nesting
+/// off → H_FUNCTION, target != CMMU → H_P2; NESTED_ALL → RIC 2 LPID flush; the whole
+/// space (0, −1) → RIC 0 LPID flush; TLB → per page size, an LPID flush when a range
+/// exceeds 33 pages, H_P4 when the mask names no size; PWC alone → nothing.
+pub fn decode_h_rpt_invalidate(
+    id: u64,
+    target: u64,
+    kind: u64,
+    page_sizes: u64,
+    start: u64,
+    end: u64,
+    nesting_enabled: bool,
+) -> Result<RptInvalidate, HcallError> {
+    if end < start {
+        return Err(HcallError::RptEndBeforeStart { start, end });
+    }
+    if kind & H_RPTI_TYPE_NESTED == 0 {
+        return Ok(RptInvalidate::ProcessScoped);
+    }
+    if !nesting_enabled {
+        return Err(HcallError::NestingDisabled);
+    }
+    if target != H_RPTI_TARGET_CMMU {
+        return Err(HcallError::RptTarget(target));
+    }
+    if kind & H_RPTI_TYPE_NESTED_ALL == H_RPTI_TYPE_NESTED_ALL {
+        return Ok(RptInvalidate::Lpid {
+            lpid: id,
+            ric: Ric::All,
+        });
+    }
+    if kind & H_RPTI_TYPE_TLB == 0 {
+        return Ok(RptInvalidate::Nothing);
+    }
+    if start == 0 && end == u64::MAX {
+        return Ok(RptInvalidate::Lpid {
+            lpid: id,
+            ric: Ric::Tlb,
+        });
+    }
+    let sizes: Vec<PageSize> = PageSize::ALL
+        .into_iter()
+        .filter(|&s| page_sizes & rpt_page_size_bit(s) != 0)
+        .collect();
+    if sizes.is_empty() {
+        return Err(HcallError::RptPageSizes(page_sizes));
+    }
+    if sizes
+        .iter()
+        .any(|s| (end - start) >> s.shift() > RANGE_FLUSH_PAGE_CEILING)
+    {
+        return Ok(RptInvalidate::Lpid {
+            lpid: id,
+            ric: Ric::Tlb,
+        });
+    }
+    Ok(RptInvalidate::Pages {
+        lpid: id,
+        sizes,
+        start,
+        end,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rpt_invalidate_rules() {
+        let nested_tlb = H_RPTI_TYPE_NESTED | H_RPTI_TYPE_TLB;
+        let d = |kind, sizes, start, end| {
+            decode_h_rpt_invalidate(5, H_RPTI_TARGET_CMMU, kind, sizes, start, end, true)
+        };
+        assert_eq!(
+            d(nested_tlb, 0x2, 0x20, 0x10).map_err(HcallError::papr),
+            Err(H_P5)
+        );
+        assert_eq!(
+            decode_h_rpt_invalidate(5, 0x2, nested_tlb, 0x2, 0, 0x1_0000, true)
+                .map_err(HcallError::papr),
+            Err(H_P2)
+        );
+        assert_eq!(
+            decode_h_rpt_invalidate(5, 1, nested_tlb, 0x2, 0, 0x1_0000, false)
+                .map_err(HcallError::papr),
+            Err(H_FUNCTION)
+        );
+        assert_eq!(
+            d(H_RPTI_TYPE_TLB, 0x2, 0, 1),
+            Ok(RptInvalidate::ProcessScoped)
+        );
+        assert_eq!(
+            d(H_RPTI_TYPE_NESTED | H_RPTI_TYPE_NESTED_ALL, 0, 0, 0),
+            Ok(RptInvalidate::Lpid {
+                lpid: 5,
+                ric: Ric::All
+            })
+        );
+        assert_eq!(
+            d(H_RPTI_TYPE_NESTED | H_RPTI_TYPE_PWC, 0x2, 0, 1),
+            Ok(RptInvalidate::Nothing)
+        );
+        assert_eq!(
+            d(nested_tlb, 0x2, 0, u64::MAX),
+            Ok(RptInvalidate::Lpid {
+                lpid: 5,
+                ric: Ric::Tlb
+            })
+        );
+        assert_eq!(
+            d(nested_tlb, 0x10, 0, 0x1_0000).map_err(HcallError::papr),
+            Err(H_P4)
+        );
+        // 33 pages of 64 KiB: page by page; 34: an LPID flush.
+        assert_eq!(
+            d(nested_tlb, 0x2, 0x10_0000, 0x10_0000 + 33 * 0x1_0000),
+            Ok(RptInvalidate::Pages {
+                lpid: 5,
+                sizes: vec![PageSize::P64K],
+                start: 0x10_0000,
+                end: 0x10_0000 + 33 * 0x1_0000
+            })
+        );
+        assert_eq!(
+            d(nested_tlb, 0x2, 0x10_0000, 0x10_0000 + 34 * 0x1_0000),
+            Ok(RptInvalidate::Lpid {
+                lpid: 5,
+                ric: Ric::Tlb
+            })
+        );
+        // Several sizes: the smallest decides the ceiling.
+        assert_eq!(
+            d(nested_tlb, 0x6, 0, 34 * 0x1_0000),
+            Ok(RptInvalidate::Lpid {
+                lpid: 5,
+                ric: Ric::Tlb
+            })
+        );
+        let Ok(RptInvalidate::Pages { sizes, .. }) = d(nested_tlb, u64::MAX, 0, 0x1000) else {
+            panic!()
+        };
+        assert_eq!(sizes, PageSize::ALL.to_vec());
+    }
 
     const RIC2_LPID: u64 = 0x90000; // H_TLBIE_P1_ENC(2, 0, 1), as in the traces.
 
