@@ -11,6 +11,8 @@
 //!   r5 = RS (LPID in the low 32 bits), r6 = RB (EPN, IS, AP). R = 0, PRS = 1, RIC = 3,
 //!   IS = 1, and IS = 0 with RIC != 0 are H_PARAMETER; an IS = 0 AP that names no page
 //!   size is H_PARAMETER before any LPID lookup.
+//! * H_COPY_TOFROM_GUEST ([`decode_h_copy_tofrom_guest`]): both directions or an
+//!   effective address above 52 bits → H_PARAMETER.
 //! * H_RPT_INVALIDATE ([`decode_h_rpt_invalidate`]): end < start → H_P5; for a nested
 //!   guest, nesting off → H_FUNCTION, target other than CMMU → H_P2, no known page size
 //!   → H_P4; ranges above 33 pages of a size become an LPID flush.
@@ -126,6 +128,12 @@ pub enum HcallError {
     /// H_RPT_INVALIDATE of TLB entries with no known page size in the mask.
     #[error("H_RPT_INVALIDATE page-size mask {0:#x} names no page size")]
     RptPageSizes(u64),
+    /// H_COPY_TOFROM_GUEST with both `to` and `from` set.
+    #[error("H_COPY_TOFROM_GUEST with both a source and a destination")]
+    CopyBothDirections,
+    /// H_COPY_TOFROM_GUEST with an effective address using bits 52-63.
+    #[error("H_COPY_TOFROM_GUEST effective address {0:#x} uses bits 52-63")]
+    CopyBadEaddr(u64),
     /// H_TLB_INVALIDATE of one page with an AP that names no page size.
     #[error("AP {ap} names no page size")]
     TlbieBadAp {
@@ -152,6 +160,8 @@ impl HcallError {
             | HcallError::TlbieRic3
             | HcallError::TlbieIs1
             | HcallError::TlbiePageRic { .. }
+            | HcallError::CopyBothDirections
+            | HcallError::CopyBadEaddr(_)
             | HcallError::TlbieBadAp { .. } => H_PARAMETER,
         }
     }
@@ -342,6 +352,81 @@ impl TlbInvalidate {
     }
 }
 
+/// Which way H_COPY_TOFROM_GUEST copies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CopyDirection {
+    /// From the L2's effective address into L1 memory at `to` (L1 emulating a load).
+    FromGuest {
+        /// The L1 destination (r7).
+        to: Gpa,
+    },
+    /// From L1 memory at `from` to the L2's effective address (L1 emulating a store).
+    /// Both `to` and `from` 0 also land here, as a copy from L1 address 0 (KVM's reading).
+    ToGuest {
+        /// The L1 source (r8).
+        from: Gpa,
+    },
+}
+
+/// A checked H_COPY_TOFROM_GUEST request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CopyRequest {
+    /// The L2's l1_lpid (r4); the caller looks it up without creating it (unknown →
+    /// H_PARAMETER).
+    pub lpid: u64,
+    /// The L2 process id (r5).
+    pub pid: u64,
+    /// The L2 effective address (r6).
+    pub eaddr: u64,
+    /// The direction and the L1 address.
+    pub direction: CopyDirection,
+    /// Bytes to copy (r9).
+    pub len: u64,
+}
+
+impl CopyRequest {
+    /// The quadrant L0 copies through with LPIDR = the shadow LPID: 1 (PIDR = pid) for a
+    /// non-zero pid, 2 (PID 0) otherwise.
+    pub const fn quadrant(&self) -> u8 {
+        if self.pid != 0 {
+            1
+        } else {
+            2
+        }
+    }
+}
+
+/// Decodes and checks H_COPY_TOFROM_GUEST(r4 = lpid, r5 = pid, r6 = eaddr, r7 = to,
+/// r8 = from, r9 = n): both directions → H_PARAMETER; eaddr bits 52-63 → H_PARAMETER.
+/// (Any shortfall of the copy itself is H_NOT_FOUND; L0 never demand-faults for it.)
+pub fn decode_h_copy_tofrom_guest(
+    lpid: u64,
+    pid: u64,
+    eaddr: u64,
+    to: u64,
+    from: u64,
+    len: u64,
+) -> Result<CopyRequest, HcallError> {
+    if to != 0 && from != 0 {
+        return Err(HcallError::CopyBothDirections);
+    }
+    if eaddr >> 52 != 0 {
+        return Err(HcallError::CopyBadEaddr(eaddr));
+    }
+    let direction = if to != 0 {
+        CopyDirection::FromGuest { to: Gpa(to) }
+    } else {
+        CopyDirection::ToGuest { from: Gpa(from) }
+    };
+    Ok(CopyRequest {
+        lpid,
+        pid,
+        eaddr,
+        direction,
+        len,
+    })
+}
+
 /// H_RPT_INVALIDATE type bit: the id is a nested guest's LPID (partition scope).
 pub const H_RPTI_TYPE_NESTED: u64 = 0x1;
 /// H_RPT_INVALIDATE type bit: TLB entries.
@@ -465,6 +550,27 @@ pub fn decode_h_rpt_invalidate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copy_tofrom_guest_checks() {
+        let r =
+            decode_h_copy_tofrom_guest(3, 9, 0xc000_0000_0000_1000 >> 12, 0x5000, 0, 64).unwrap();
+        assert_eq!(r.direction, CopyDirection::FromGuest { to: Gpa(0x5000) });
+        assert_eq!(r.quadrant(), 1);
+        let r = decode_h_copy_tofrom_guest(3, 0, 0x1000, 0, 0x6000, 8).unwrap();
+        assert_eq!(r.direction, CopyDirection::ToGuest { from: Gpa(0x6000) });
+        assert_eq!(r.quadrant(), 2);
+        let r = decode_h_copy_tofrom_guest(3, 0, 0x1000, 0, 0, 8).unwrap();
+        assert_eq!(r.direction, CopyDirection::ToGuest { from: Gpa(0) });
+        assert_eq!(
+            decode_h_copy_tofrom_guest(3, 0, 0x1000, 1, 2, 8).map_err(HcallError::papr),
+            Err(H_PARAMETER)
+        );
+        assert_eq!(
+            decode_h_copy_tofrom_guest(3, 0, 1 << 52, 1, 0, 8),
+            Err(HcallError::CopyBadEaddr(1 << 52))
+        );
+    }
 
     #[test]
     fn rpt_invalidate_rules() {
