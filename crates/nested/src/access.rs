@@ -1,5 +1,5 @@
 //! What L1's tables make of one L2 access, by KVM L0's rules (the L1 side of
-//! `__kvmhv_nested_page_fault`, steps 1-5 and the R/C rule of step 3).
+//! `__kvmhv_nested_page_fault` up to the L0 side, and its R/C rule).
 //!
 //! [`l1_translate`] needs only L1's memory and the L2's cached PATE dw0: it is what any
 //! shadow implementation must agree with, whatever it caches. In order, the first rule

@@ -4,7 +4,7 @@
 //!   `n_gpa`) are [`NGpa`], so the two spaces cannot be mixed up.
 //! * L1's name for an L2 is [`revmap_rmap::Lpid`] (`l1_lpid`, 12 bits); the hardware LPID
 //!   L0 runs it with is [`ShadowLpid`]. KVM's aging and dirty paths flush with the wrong
-//!   one of the two (reference §5 note); distinct types make that a type error.
+//!   one of the two (`kvmhv_update_nest_rmap_rc` flushes with the l1_lpid); distinct types make that a type error.
 
 use crate::radix::RADIX_TREE_BITS;
 

@@ -3,14 +3,14 @@
 //! L1's leaves (permissions, R/C, size, sub-page RPN), the nested-rmap key, and the
 //! SET_RC decision.
 //!
-//! Rules (reference §1.4 and §4 steps 3, 4, 6-10):
+//! Rules (`kvmppc_book3s_instantiate_page`, `__kvmhv_nested_page_fault`):
 //! * L0's partition-scoped leaf for L1 always has R; a write fault (or an upgraded write)
 //!   gets EAA W and C together, any other fault drops both, so the first store faults
 //!   again (how dirty logging sees writes). Read and execute are granted.
 //! * The shadow leaf is L0's leaf with READ removed unless L1 may read, WRITE unless L1
 //!   may write, EXEC unless L1 may execute, R unless L1's leaf has R, and C unless L1's
 //!   leaf has C **and** the access is a store. So no shadow leaf grants more than both
-//!   (invariant 3 of the reference).
+//!   (no amplification).
 //! * An L1 leaf smaller than L0's PAGE_SIZE is unsupported (KVM's −EINVAL).
 //! * Size: when L0's leaf is larger than L1's, the shadow leaf is PAGE_SIZE (KVM picks
 //!   PMD size only when PMD_SHIFT < L1's shift, which no larger L0 leaf allows) and the
@@ -89,7 +89,7 @@ pub struct ShadowLeaf {
     pub rmap_entry: NestedRmapEntry,
 }
 
-/// Derives the shadow leaf for an L2 `access` at `n_gpa` (§4 steps 4, 7-10). `l1` is the
+/// Derives the shadow leaf for an L2 `access` at `n_gpa` (`__kvmhv_nested_page_fault`). `l1` is the
 /// walk of L1's table (its `raddr` is the L1 address of the access), `l0` L0's leaf for
 /// that L1 address, `page` L0's PAGE_SIZE.
 pub fn shadow_leaf(
@@ -146,7 +146,7 @@ pub fn shadow_leaf(
     })
 }
 
-/// The SET_RC decision (§4 step 3): the R/C bits L0 may set in its own leaf and in the
+/// The SET_RC decision (`__kvmhv_nested_page_fault`): the R/C bits L0 may set in its own leaf and in the
 /// shadow leaf for `access`, or `SetRc` if L1's leaf lacks them (L1 must set its own).
 pub const fn rc_to_set(l1pte: RadixPte, access: Access) -> Result<u64, FaultCause> {
     if !l1pte.rc_permits(access) {

@@ -13,7 +13,7 @@
 //! * [`NestedGuests::remove`] takes the guest out of the idr and drops the idr's
 //!   reference (RIC = 2 flush finding PATE dw0 = 0, VM teardown).
 //!
-//! Invariants (reference §7, 10-12; [`NestedGuests::check`]): the idr maps an l1_lpid to
+//! Invariants ([`NestedGuests::check`]): the idr maps an l1_lpid to
 //! at most one guest; live shadow LPIDs are unique; refcnt = (1 if in the idr) + holders,
 //! so a guest in the idr has refcnt >= 1; a released guest is in no map.
 //!
@@ -245,7 +245,7 @@ impl NestedGuests {
         (self.created, self.released)
     }
 
-    /// Checks invariants 10-11 of the reference: idr keys match their guests, one guest
+    /// Checks the LPID and reference-count invariants: idr keys match their guests, one guest
     /// per key, unique shadow LPIDs, refcnt >= 1 for idr members. Returns the number of
     /// live guests.
     pub fn check(&self) -> Result<usize, String> {

@@ -1,6 +1,6 @@
 //! [`ShadowLpidAllocator`]: L0's allocator of hardware LPIDs for nested guests.
 //!
-//! Invariants (reference §7, invariant 10): LPID 0 (the host) is never handed out; an
+//! Invariants (the nested MMU's LPID invariant): LPID 0 (the host) is never handed out; an
 //! LPID claimed for an L1 ([`ShadowLpidAllocator::claim`]) is never handed out as a
 //! shadow LPID; a live LPID is handed out once until freed; freeing an LPID that is not
 //! allocated is an error, never a silent double free.

@@ -3,7 +3,7 @@
 //!
 //! This is the single-threaded model (the caller serialises, as KVM's `mmu_lock` does);
 //! directories are owned boxes, not words in host memory, so no directory can point to
-//! a freed table (invariant 14 of the reference holds by construction).
+//! a freed table (the table-shape invariant holds by construction).
 //!
 //! Invariants ([`ShadowTable::check`]): no leaf at the root; leaves only at the level of
 //! their size; every leaf valid with its RPN and L2 base aligned to its size; the leaf

@@ -11,7 +11,7 @@
 //! This harness plays the host layer (one memslot, 64 KiB L0 leaves); the next session
 //! moves it onto the shared host layer. Every result must match, every completed
 //! access must land on the frame currently backing its L1 page, and the invariants of
-//! reference §7 (coverage, no amplification, unmap completeness, the bound) are checked
+//! nested MMU (coverage, no amplification, unmap completeness, the bound) are checked
 //! at the end and after every host unmap.
 
 use revmap_nested::access::{l1_translate, L1Layout, L2Outcome};
@@ -335,7 +335,7 @@ impl Mmu {
                 if let (Some((start, size)), Some(table)) =
                     (t.page_range(), self.shadows.get_mut(&id))
                 {
-                    // Row 7: step by the shadow leaf found (or PAGE_SIZE) until the AP
+                    // kvmhv_emulate_tlbie_tlb_addr: step by the shadow leaf found (or PAGE_SIZE) until the AP
                     // size is covered, at least once.
                     let end = start.raw() + size.bytes();
                     let mut a = start.raw();
@@ -410,7 +410,7 @@ impl Mmu {
         self.frame_gfn.remove(&l0.frame);
     }
 
-    /// `HOST_UNMAP`: every gfn of the range, then unmap completeness (invariant 4): no
+    /// `HOST_UNMAP`: every gfn of the range, then unmap completeness: no
     /// shadow leaf of any L2 maps one of the old frames.
     fn host_unmap(&mut self, gfn: u64, npages: u64) {
         let mut frames = BTreeSet::new();
@@ -463,7 +463,7 @@ impl Mmu {
         had
     }
 
-    /// Reference §7 invariants 1-3 over every shadow leaf.
+    /// Coverage, table shape and no amplification over every shadow leaf.
     fn check_coverage(&mut self) {
         let mut problems = Vec::new();
         for (id, t) in &self.shadows {
@@ -657,7 +657,7 @@ fn basic_trace_replays_through_shadow_tables() {
     assert!(s.shadow_hits > 0 && s.rmap_invalidations > 0, "{s:#?}");
 }
 
-/// A hostile L1 (KVM's weakness, reference B.5): one L1 page is mapped into thousands of
+/// A hostile L1 (KVM's unbounded stale growth): one L1 page is mapped into thousands of
 /// distinct L2 addresses in turn, each accessed then unmapped and invalidated by L1,
 /// while L0 never unmaps the page. KVM would keep every (lpid, n_gpa) pair; here stale
 /// entries are reclaimed at the cap, so the word never holds more than 64 entries and
