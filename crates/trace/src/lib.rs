@@ -21,6 +21,7 @@
 #![warn(missing_docs)]
 
 pub mod line;
+pub mod nested;
 pub mod reader;
 pub mod record;
 

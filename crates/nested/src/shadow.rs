@@ -1,0 +1,482 @@
+//! [`ShadowTable`]: L0's shadow partition-scoped table for one L2 (n_gpa → host page),
+//! in L0's geometry, with KVM's `kvmppc_create_pte` insertion rules.
+//!
+//! This is the single-threaded model (the caller serialises, as KVM's `mmu_lock` does);
+//! directories are owned boxes, not words in host memory, so no directory can point to
+//! a freed table (the table-shape invariant holds by construction).
+//!
+//! Invariants ([`ShadowTable::check`]): no leaf at the root; leaves only at the level of
+//! their size; every leaf valid with its RPN and L2 base aligned to its size; the leaf
+//! count matches the tree.
+//!
+//! Insertion ([`ShadowTable::insert`], `kvmppc_create_pte`): a leaf of another size in
+//! the way is removed; a directory under a new large leaf is removed with every leaf in
+//! it; an identical leaf is left alone; a leaf differing only in W/R/C gets the new bits
+//! ORed in; a leaf with another RPN or attributes is replaced. Every removed leaf is
+//! returned so the caller can flush it. The caller adds a nested-rmap entry only for a
+//! [`Inserted::New`] or replaced leaf.
+
+use crate::addr::NGpa;
+use crate::radix::{Geometry, Level, PageSize, RadixPte, RADIX_TREE_BITS};
+
+#[derive(Debug)]
+enum Slot {
+    Empty,
+    Leaf(RadixPte),
+    Dir(Box<[Slot]>),
+}
+
+/// The leaf slot on the path `idx` from `t` at level `at`, if the path ends in a leaf.
+fn leaf_in<'a>(t: &'a mut [Slot], idx: &[usize; 4], at: Level) -> Option<(&'a mut Slot, Level)> {
+    let i = idx[at as usize];
+    match &t[i] {
+        Slot::Empty => None,
+        Slot::Leaf(_) => Some((&mut t[i], at)),
+        Slot::Dir(_) => match &mut t[i] {
+            Slot::Dir(d) => leaf_in(d, idx, at.below()?),
+            _ => None,
+        },
+    }
+}
+
+fn table(nls: u32) -> Box<[Slot]> {
+    (0..1usize << nls).map(|_| Slot::Empty).collect()
+}
+
+/// A leaf of the shadow table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShadowPte {
+    /// The L2 address of the leaf's base.
+    pub n_gpa: NGpa,
+    /// Its size.
+    pub size: PageSize,
+    /// The PTE.
+    pub pte: RadixPte,
+}
+
+/// What an insertion did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Inserted {
+    /// A brand-new leaf (plus any leaves of other sizes it displaced).
+    New {
+        /// Leaves removed to make room (to be flushed).
+        displaced: Vec<ShadowPte>,
+    },
+    /// The same leaf was already there.
+    Identical,
+    /// The leaf was there with fewer W/R/C bits; they were ORed in.
+    Merged,
+    /// A leaf with another RPN or attributes was replaced.
+    Replaced {
+        /// The old leaf.
+        old: ShadowPte,
+    },
+}
+
+/// Why an insertion was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ShadowInsertError {
+    /// The size has no level in this geometry.
+    #[error("{0:?} leaves do not exist in this geometry")]
+    Size(PageSize),
+    /// The L2 base or the RPN is not aligned to the size, or the PTE is not a valid leaf.
+    #[error("leaf {0:?} is malformed or misaligned")]
+    Malformed(ShadowPte),
+}
+
+/// The shadow table of one L2.
+#[derive(Debug)]
+pub struct ShadowTable {
+    geometry: Geometry,
+    root: Box<[Slot]>,
+    leaves: usize,
+}
+
+fn size_of(geometry: Geometry, level: Level) -> Option<PageSize> {
+    match level {
+        Level::Pud => Some(PageSize::P1G),
+        Level::Pmd => Some(PageSize::P2M),
+        Level::Pte => Some(geometry.base_page()),
+        Level::Root => None,
+    }
+}
+
+/// Appends every leaf under `slots` (a table at `level` whose first slot maps `base`).
+fn collect(geometry: Geometry, slots: &[Slot], level: Level, base: u64, out: &mut Vec<ShadowPte>) {
+    let Some(size) = size_of(geometry, level) else {
+        for (i, s) in slots.iter().enumerate() {
+            if let Slot::Dir(d) = s {
+                let span = 1u64 << (RADIX_TREE_BITS - geometry.nls(Level::Root));
+                if let Some(b) = level.below() {
+                    collect(geometry, d, b, base + i as u64 * span, out);
+                }
+            }
+        }
+        return;
+    };
+
+    // A slot at `level` spans one leaf of `size`.
+    for (i, s) in slots.iter().enumerate() {
+        let at = base + i as u64 * size.bytes();
+        match s {
+            Slot::Empty => {}
+            Slot::Leaf(pte) => out.push(ShadowPte {
+                n_gpa: NGpa::new(at).unwrap_or_default(),
+                size,
+                pte: *pte,
+            }),
+            Slot::Dir(d) => {
+                if let Some(b) = level.below() {
+                    collect(geometry, d, b, at, out);
+                }
+            }
+        }
+    }
+}
+
+const MERGEABLE: u64 = RadixPte::EAA_RW | RadixPte::R | RadixPte::C;
+
+impl ShadowTable {
+    /// An empty table (a 2^13-entry root) of L0's `geometry`.
+    pub fn new(geometry: Geometry) -> Self {
+        ShadowTable {
+            geometry,
+            root: table(geometry.nls(Level::Root)),
+            leaves: 0,
+        }
+    }
+
+    /// The geometry.
+    pub fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    /// Number of leaves.
+    pub fn leaves(&self) -> usize {
+        self.leaves
+    }
+
+    fn level_of(&self, size: PageSize) -> Option<Level> {
+        match size {
+            PageSize::P1G => Some(Level::Pud),
+            PageSize::P2M => Some(Level::Pmd),
+            s if s == self.geometry.base_page() => Some(Level::Pte),
+            _ => None,
+        }
+    }
+
+    fn index(&self, level: Level, n: u64) -> usize {
+        let mut remaining = RADIX_TREE_BITS;
+        let mut at = Level::Root;
+        loop {
+            let nls = self.geometry.nls(at);
+            remaining -= nls;
+            if at == level {
+                return ((n >> remaining) & ((1 << nls) - 1)) as usize;
+            }
+            match at.below() {
+                Some(b) => at = b,
+                None => return 0,
+            }
+        }
+    }
+
+    /// The leaf covering `n`, if any (the hardware's shadow walk).
+    pub fn lookup(&self, n: NGpa) -> Option<ShadowPte> {
+        let mut t = &self.root;
+        let mut level = Level::Root;
+        loop {
+            match &t[self.index(level, n.raw())] {
+                Slot::Empty => return None,
+                Slot::Leaf(pte) => {
+                    let size = self.size_of(level)?;
+                    return Some(ShadowPte {
+                        n_gpa: n.align_down(size.bytes()),
+                        size,
+                        pte: *pte,
+                    });
+                }
+                Slot::Dir(d) => {
+                    t = d;
+                    level = level.below()?;
+                }
+            }
+        }
+    }
+
+    fn size_of(&self, level: Level) -> Option<PageSize> {
+        size_of(self.geometry, level)
+    }
+
+    fn collect(&self, slots: &[Slot], level: Level, base: u64, out: &mut Vec<ShadowPte>) {
+        collect(self.geometry, slots, level, base, out)
+    }
+
+    /// Inserts the leaf `new` (`kvmppc_create_pte`).
+    pub fn insert(&mut self, new: ShadowPte) -> Result<Inserted, ShadowInsertError> {
+        let level = self
+            .level_of(new.size)
+            .ok_or(ShadowInsertError::Size(new.size))?;
+        let mask = new.size.bytes() - 1;
+        if new.n_gpa.raw() & mask != 0
+            || new.pte.rpn() & mask != 0
+            || !new.pte.is_valid()
+            || !new.pte.is_leaf()
+        {
+            return Err(ShadowInsertError::Malformed(new));
+        }
+        let n = new.n_gpa.raw();
+        let geometry = self.geometry;
+        let mut displaced = Vec::new();
+        let mut idx = [0usize; 4];
+        for l in Level::WALK_ORDER {
+            idx[l as usize] = self.index(l, n);
+        }
+        let mut t: &mut Box<[Slot]> = &mut self.root;
+        let mut at = Level::Root;
+        let mut base = 0u64;
+        while at != level {
+            let below = at.below().ok_or(ShadowInsertError::Size(new.size))?;
+            let span_shift = RADIX_TREE_BITS
+                - Level::WALK_ORDER
+                    .iter()
+                    .take_while(|&&l| l >= at)
+                    .map(|&l| geometry.nls(l))
+                    .sum::<u32>();
+            let i = idx[at as usize];
+            base |= (i as u64) << span_shift;
+            let slot = &mut t[i];
+            if let Slot::Leaf(pte) = *slot {
+                // A larger leaf in the way: remove it.
+                displaced.push(ShadowPte {
+                    n_gpa: NGpa::new(base).unwrap_or_default(),
+                    size: match at {
+                        Level::Pud => PageSize::P1G,
+                        _ => PageSize::P2M,
+                    },
+                    pte,
+                });
+                *slot = Slot::Empty;
+            }
+            if let Slot::Empty = slot {
+                *slot = Slot::Dir(table(geometry.nls(below)));
+            }
+            t = match slot {
+                Slot::Dir(d) => d,
+                _ => return Err(ShadowInsertError::Malformed(new)),
+            };
+            at = below;
+        }
+        let i = idx[level as usize];
+        let outcome = match std::mem::replace(&mut t[i], Slot::Empty) {
+            Slot::Empty => {
+                t[i] = Slot::Leaf(new.pte);
+                Inserted::New { displaced }
+            }
+            Slot::Dir(d) => {
+                // A directory under the new large leaf: every leaf in it goes.
+                let below = level.below().ok_or(ShadowInsertError::Malformed(new))?;
+                collect(geometry, &d, below, n, &mut displaced);
+                t[i] = Slot::Leaf(new.pte);
+                Inserted::New { displaced }
+            }
+            Slot::Leaf(old) => {
+                let out = if old == new.pte {
+                    Inserted::Identical
+                } else if old.bits() & !MERGEABLE == new.pte.bits() & !MERGEABLE {
+                    Inserted::Merged
+                } else {
+                    Inserted::Replaced {
+                        old: ShadowPte { pte: old, ..new },
+                    }
+                };
+                let pte = match out {
+                    Inserted::Merged => RadixPte(old.bits() | new.pte.bits()),
+                    _ => new.pte,
+                };
+                t[i] = Slot::Leaf(pte);
+                out
+            }
+        };
+        let added = matches!(outcome, Inserted::New { .. }) as usize;
+        let removed = match &outcome {
+            Inserted::New { displaced } => displaced.len(),
+            _ => 0,
+        };
+        self.leaves = self.leaves + added - removed;
+        Ok(outcome)
+    }
+
+    fn leaf_slot(&mut self, n: NGpa) -> Option<(&mut Slot, Level)> {
+        let mut idx = [0usize; 4];
+        for l in Level::WALK_ORDER {
+            idx[l as usize] = self.index(l, n.raw());
+        }
+        leaf_in(&mut self.root, &idx, Level::Root)
+    }
+
+    /// Removes the leaf covering `n` (`kvmppc_unmap_pte` on the shadow table; the caller
+    /// flushes it with the shadow LPID).
+    pub fn remove(&mut self, n: NGpa) -> Option<ShadowPte> {
+        let (slot, level) = self.leaf_slot(n)?;
+        let Slot::Leaf(pte) = std::mem::replace(slot, Slot::Empty) else {
+            return None;
+        };
+        self.leaves -= 1;
+        let size = self.size_of(level)?;
+        Some(ShadowPte {
+            n_gpa: n.align_down(size.bytes()),
+            size,
+            pte,
+        })
+    }
+
+    /// Clears `clear` and sets `set` in the leaf covering `n`; returns the new leaf.
+    pub fn update(&mut self, n: NGpa, clear: u64, set: u64) -> Option<RadixPte> {
+        let (slot, _) = self.leaf_slot(n)?;
+        let Slot::Leaf(pte) = slot else {
+            return None;
+        };
+        *pte = RadixPte((pte.bits() & !clear) | set);
+        Some(*pte)
+    }
+
+    /// Drops every leaf and directory (`kvmppc_free_pgtable_radix`: the full teardown
+    /// that an LPID-wide flush does). Returns the number of leaves dropped.
+    pub fn clear(&mut self) -> usize {
+        let n = self.leaves;
+        self.root = table(self.geometry.nls(Level::Root));
+        self.leaves = 0;
+        n
+    }
+
+    /// Every leaf, in address order.
+    pub fn leaves_vec(&self) -> Vec<ShadowPte> {
+        let mut out = Vec::new();
+        self.collect(&self.root, Level::Root, 0, &mut out);
+        out
+    }
+
+    /// Checks the table's invariants; returns the leaf count.
+    pub fn check(&self) -> Result<usize, String> {
+        for (i, s) in self.root.iter().enumerate() {
+            if let Slot::Leaf(_) = s {
+                return Err(format!("leaf at root index {i}"));
+            }
+        }
+        let all = self.leaves_vec();
+        for l in &all {
+            let mask = l.size.bytes() - 1;
+            if !l.pte.is_valid()
+                || !l.pte.is_leaf()
+                || l.pte.rpn() & mask != 0
+                || l.n_gpa.raw() & mask != 0
+            {
+                return Err(format!("malformed leaf {l:?}"));
+            }
+        }
+        if all.len() != self.leaves {
+            return Err(format!(
+                "{} leaves counted, {} in the tree",
+                self.leaves,
+                all.len()
+            ));
+        }
+        Ok(all.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const F: u64 = RadixPte::R | RadixPte::EAA_READ;
+
+    fn leaf(n: u64, size: PageSize, rpn: u64, flags: u64) -> ShadowPte {
+        ShadowPte {
+            n_gpa: NGpa::new(n).unwrap(),
+            size,
+            pte: RadixPte::new(rpn, flags),
+        }
+    }
+
+    #[test]
+    fn insert_lookup_remove_each_size() {
+        let mut t = ShadowTable::new(Geometry::Base64K);
+        for (i, s) in [PageSize::P64K, PageSize::P2M, PageSize::P1G]
+            .into_iter()
+            .enumerate()
+        {
+            let n = (i as u64 + 1) << 32;
+            let l = leaf(n, s, 0x40_0000_0000, F);
+            assert_eq!(t.insert(l), Ok(Inserted::New { displaced: vec![] }));
+            let got = t.lookup(NGpa::new(n + s.bytes() - 1).unwrap()).unwrap();
+            assert_eq!(got, l);
+            assert_eq!(t.lookup(NGpa::new(n + s.bytes()).unwrap()), None);
+        }
+        assert_eq!(t.check(), Ok(3));
+        assert!(matches!(
+            t.insert(leaf(0, PageSize::P4K, 0, F)),
+            Err(ShadowInsertError::Size(_))
+        ));
+        assert!(matches!(
+            t.insert(leaf(0x1000, PageSize::P64K, 0, F)),
+            Err(ShadowInsertError::Malformed(_))
+        ));
+        let r = t.remove(NGpa::new((2 << 32) + 0x1234).unwrap()).unwrap();
+        assert_eq!((r.size, r.n_gpa.raw()), (PageSize::P2M, 2 << 32));
+        assert_eq!(t.remove(NGpa::new(2 << 32).unwrap()), None);
+        assert_eq!(t.check(), Ok(2));
+        assert_eq!(t.clear(), 2);
+        assert_eq!(t.check(), Ok(0));
+    }
+
+    #[test]
+    fn create_pte_rules() {
+        let mut t = ShadowTable::new(Geometry::Base64K);
+        let small = leaf(0x20_0000, PageSize::P64K, 0x10_0000, F);
+        let small2 = leaf(0x21_0000, PageSize::P64K, 0x11_0000, F);
+        t.insert(small).unwrap();
+        t.insert(small2).unwrap();
+        assert_eq!(t.insert(small), Ok(Inserted::Identical));
+        // W/R/C only: merged.
+        let more = leaf(
+            0x20_0000,
+            PageSize::P64K,
+            0x10_0000,
+            F | RadixPte::EAA_RW | RadixPte::C,
+        );
+        assert_eq!(t.insert(more), Ok(Inserted::Merged));
+        assert_eq!(t.lookup(small.n_gpa).unwrap().pte, more.pte);
+        // Another RPN: replaced.
+        let other = leaf(0x20_0000, PageSize::P64K, 0x50_0000, F);
+        assert_eq!(
+            t.insert(other),
+            Ok(Inserted::Replaced {
+                old: ShadowPte {
+                    pte: more.pte,
+                    ..other
+                }
+            })
+        );
+        assert_eq!(t.leaves(), 2);
+        // A 2M leaf over the directory holding both: they are displaced.
+        let big = leaf(0x20_0000, PageSize::P2M, 0x60_0000, F);
+        let Ok(Inserted::New { displaced }) = t.insert(big) else {
+            panic!()
+        };
+        assert_eq!(displaced, vec![other, small2]);
+        assert_eq!(t.check(), Ok(1));
+        // A 64K leaf inside the 2M leaf displaces it.
+        let Ok(Inserted::New { displaced }) = t.insert(small) else {
+            panic!()
+        };
+        assert_eq!(displaced, vec![big]);
+        assert_eq!(t.check(), Ok(1));
+        assert_eq!(
+            t.update(small.n_gpa, RadixPte::R, RadixPte::C)
+                .map(|p| p.bits() & (RadixPte::R | RadixPte::C)),
+            Some(RadixPte::C)
+        );
+    }
+}
