@@ -6,7 +6,9 @@
 //!   MAXPHYADDR, atomic A/D setting and the hardware #PF error code;
 //! * [`access_test`]: the kvm-unit-tests `x86/access.c` conformance model (its 31 flag
 //!   dimensions, expected-result rules, enumeration, seeded sampling and sub-tests), run
-//!   against the walker.
+//!   against the walker;
+//! * [`walk_check`]: the replay of real x86 walk traces (`traces/x86/`) through the
+//!   walker, by the traces' normative rules: the ground truth for the shadow MMU.
 //!
 //! ```
 //! use revmap_shadow::access_test::{AccessConfig, AccessRunner};
@@ -21,3 +23,4 @@
 
 pub mod access_test;
 pub mod paging;
+pub mod walk_check;
