@@ -912,3 +912,440 @@ fn walk_once<M: GuestPhysMemory + ?Sized>(
         pkey,
     })))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: u64 = PT_PRESENT;
+    const W: u64 = PT_WRITABLE;
+    const U: u64 = PT_USER;
+    const PWU: u64 = P | W | U;
+
+    fn mem_with(entries: &[(u64, u64)]) -> SparseMemory {
+        let mut m = SparseMemory::new();
+        for &(a, v) in entries {
+            m.write_u64(Gpa(a), v).unwrap();
+        }
+        m
+    }
+
+    fn ec(w: &Walk) -> u32 {
+        w.fault().expect("a fault").error_code.bits()
+    }
+
+    /// 32-bit paging: PD at 0x1000; va 0x0040_3123 -> PDE index 1, PTE index 3.
+    fn mode32(cr4: u64) -> CpuMode {
+        CpuMode::new(CR0_PG | CR0_PE | CR0_WP, 0x1000, cr4, 0)
+    }
+
+    #[test]
+    fn bits32_4k_walk_uses_4_byte_entries_and_sets_a_d_with_u32_cmpxchg() {
+        let mut m = SparseMemory::new();
+        m.write_u32(Gpa(0x1004), 0x2000 | PWU as u32).unwrap();
+        m.write_u32(Gpa(0x200c), 0x7000 | PWU as u32).unwrap();
+        // The neighbouring 4-byte entry must not be touched by the 32-bit cmpxchg.
+        m.write_u32(Gpa(0x2008), 0xdead_b001).unwrap();
+        let mode = mode32(0);
+        let w = walk(
+            &mut m,
+            &mode,
+            Gva(0x0040_3123),
+            Access::WRITE | Access::USER,
+        )
+        .unwrap();
+        let t = w.translation().unwrap();
+        assert_eq!((t.gpa, t.page_shift, t.leaf_level), (Gpa(0x7123), 12, 1));
+        assert_eq!(
+            w.reads.iter().map(|r| r.gpa.0).collect::<Vec<_>>(),
+            [0x1004, 0x200c]
+        );
+        assert_eq!(m.read_u32(Gpa(0x200c)).unwrap(), 0x7000 | PWU as u32 | 0x60);
+        assert_eq!(m.read_u32(Gpa(0x1004)).unwrap(), 0x2000 | PWU as u32 | 0x20);
+        assert_eq!(m.read_u32(Gpa(0x2008)).unwrap(), 0xdead_b001);
+        // No XD in 4-byte entries and no NXE: a fetch fault carries no I/D.
+        m.write_u32(Gpa(0x200c), 0x7000 | P as u32).unwrap();
+        let w = walk(
+            &mut m,
+            &mode,
+            Gva(0x0040_3123),
+            Access::FETCH | Access::USER,
+        )
+        .unwrap();
+        assert_eq!(ec(&w), 0x5);
+        // ...unless SMEP is on.
+        let w = walk(
+            &mut m,
+            &mode32(CR4_SMEP),
+            Gva(0x0040_3123),
+            Access::FETCH | Access::USER,
+        )
+        .unwrap();
+        assert_eq!(ec(&w), 0x15);
+    }
+
+    #[test]
+    fn bits32_pse_4m_pages_with_and_without_pse36() {
+        let mut m = SparseMemory::new();
+        // A 4 MiB PDE for va 0x0040_0000 at PA 0x3_0080_0000 (PSE-36: bits 13..20 = PA 32..39).
+        let pde = 0x0080_0000u64 | (3 << 13) | PT_PAGE_SIZE | PWU;
+        m.write_u32(Gpa(0x1004), pde as u32).unwrap();
+        let va = Gva(0x0041_2345);
+        let w = walk(&mut m, &mode32(CR4_PSE), va, Access::empty()).unwrap();
+        let t = w.translation().unwrap();
+        assert_eq!(
+            (t.gpa, t.page_shift, t.leaf_level),
+            (Gpa(0x3_0081_2345), 22, 2)
+        );
+        // Without PSE-36 (CPUID), bits 13..21 are reserved: P|RSVD.
+        let mut no36 = mode32(CR4_PSE);
+        no36.pse36 = false;
+        let w = walk(&mut m, &no36, va, Access::empty()).unwrap();
+        assert_eq!(ec(&w), 0x9);
+        assert_eq!(
+            w.fault().unwrap().reason,
+            FaultReason::Reserved { level: 2 }
+        );
+        // MAXPHYADDR 33: PA bit 33 (PDE bit 14) is reserved, bit 32 is not.
+        let mut m33 = mode32(CR4_PSE);
+        m33.maxphyaddr = 33;
+        assert_eq!(ec(&walk(&mut m, &m33, va, Access::empty()).unwrap()), 0x9);
+        m.write_u32(Gpa(0x1004), (pde & !(1 << 14)) as u32).unwrap();
+        let t = *walk(&mut m, &m33, va, Access::empty())
+            .unwrap()
+            .translation()
+            .unwrap();
+        assert_eq!(t.gpa, Gpa(0x1_0081_2345));
+        // Bit 21 is always reserved in a 4 MiB PDE.
+        m.write_u32(Gpa(0x1004), (pde | 1 << 21) as u32).unwrap();
+        assert_eq!(
+            ec(&walk(&mut m, &mode32(CR4_PSE), va, Access::empty()).unwrap()),
+            0x9
+        );
+        // With CR4.PSE=0 the PS bit is ignored: the PDE points to a page table.
+        m.write_u32(Gpa(0x1004), 0x0080_0000 | PT_PAGE_SIZE as u32 | PWU as u32)
+            .unwrap();
+        m.write_u32(Gpa(0x80_0000 + 0x12 * 4), 0x9000 | PWU as u32)
+            .unwrap();
+        let w = walk(&mut m, &mode32(0), va, Access::empty()).unwrap();
+        assert_eq!(w.translation().unwrap().gpa, Gpa(0x9345));
+        assert_eq!(w.reads.len(), 2);
+    }
+
+    fn pae(efer: u64) -> CpuMode {
+        CpuMode::new(CR0_PG | CR0_PE | CR0_WP, 0x1020, CR4_PAE, efer)
+    }
+
+    #[test]
+    fn pae_walk_pdptes_nx_and_reserved_bits() {
+        // CR3 = 0x1020 (32-byte aligned); va 0xc060_1234: PDPTE 3, PDE 3, PTE 1.
+        let mut m = mem_with(&[
+            (0x1020 + 3 * 8, 0x2000 | P),
+            (0x2000 + 3 * 8, 0x3000 | PWU),
+            (0x3000 + 8, 0x8000 | PWU | PT64_NX),
+        ]);
+        let va = Gva(0x1_c060_1234); // Truncated to 32 bits.
+        let w = walk(&mut m, &pae(EFER_NXE), va, Access::WRITE).unwrap();
+        assert_eq!(w.translation().unwrap().gpa, Gpa(0x8234));
+        // The PDPTE has no A bit: only the PDE and PTE get A (and D).
+        assert_eq!(
+            w.ad_writes.iter().map(|a| a.level).collect::<Vec<_>>(),
+            [2, 1]
+        );
+        assert_eq!(
+            ec(&walk(&mut m, &pae(EFER_NXE), va, Access::FETCH).unwrap()),
+            0x11
+        );
+        // Bit 63 is reserved without NXE.
+        assert_eq!(
+            ec(&walk(&mut m, &pae(0), va, Access::empty()).unwrap()),
+            0x9
+        );
+        // PDPTE bits 1-2 and 5-8 are reserved.
+        for bit in [1, 2, 5, 6, 7, 8] {
+            m.write_u64(Gpa(0x1038), 0x2000 | P | 1 << bit).unwrap();
+            let w = walk(&mut m, &pae(EFER_NXE), va, Access::empty()).unwrap();
+            assert_eq!(
+                w.fault().unwrap().reason,
+                FaultReason::Reserved { level: 3 },
+                "bit {bit}"
+            );
+        }
+        // The cached PDPTRs win over memory.
+        let mut cached = pae(EFER_NXE);
+        cached.pdptrs = Some([0, 0, 0, 0x2000 | P]);
+        assert!(walk(&mut m, &cached, va, Access::empty())
+            .unwrap()
+            .translation()
+            .is_some());
+        // A 2 MiB PDE; bit 13 reserved in it.
+        m.write_u64(Gpa(0x2018), 0x40_0000 | PT_PAGE_SIZE | PWU)
+            .unwrap();
+        let t = *walk(&mut m, &cached, va, Access::empty())
+            .unwrap()
+            .translation()
+            .unwrap();
+        assert_eq!((t.gpa, t.page_shift), (Gpa(0x40_1234), 21));
+        m.write_u64(Gpa(0x2018), 0x40_0000 | 1 << 13 | PT_PAGE_SIZE | PWU)
+            .unwrap();
+        assert_eq!(
+            ec(&walk(&mut m, &cached, va, Access::empty()).unwrap()),
+            0x9
+        );
+    }
+
+    /// 4-level tables: PML4 0x1000 -> PDPT 0x2000 -> PD 0x3000 -> PT 0x4000, va 0.
+    fn long_tables(pte: u64) -> SparseMemory {
+        mem_with(&[
+            (0x1000, 0x2000 | PWU),
+            (0x2000, 0x3000 | PWU),
+            (0x3000, 0x4000 | PWU),
+            (0x4000, pte),
+        ])
+    }
+
+    #[test]
+    fn long_mode_reserved_bits_follow_maxphyaddr_and_level() {
+        let mut mode = CpuMode::long4(0x1000);
+        mode.maxphyaddr = 36;
+        let mut m = long_tables(0xff_0000_0000 | PWU);
+        let w = walk(&mut m, &mode, Gva(0), Access::WRITE | Access::USER).unwrap();
+        assert_eq!(ec(&w), 0xf); // P|W|U|RSVD
+        assert_eq!(
+            w.fault().unwrap().reason,
+            FaultReason::Reserved { level: 1 }
+        );
+        assert!(w.ad_writes.is_empty() && m.read_u64(Gpa(0x1000)).unwrap() & PT_ACCESSED == 0);
+        mode.maxphyaddr = 40;
+        assert!(walk(&mut m, &mode, Gva(0), Access::empty())
+            .unwrap()
+            .translation()
+            .is_some());
+        // PS in a PML4E is reserved.
+        m.write_u64(Gpa(0x1000), 0x2000 | PWU | PT_PAGE_SIZE)
+            .unwrap();
+        assert_eq!(
+            ec(&walk(&mut m, &mode, Gva(0), Access::empty()).unwrap()),
+            0x9
+        );
+        // A 1 GiB PDPTE; bits 13..29 reserved; PS reserved without GBPAGES.
+        m.write_u64(Gpa(0x1000), 0x2000 | PWU).unwrap();
+        m.write_u64(Gpa(0x2000), 0x4000_0000 | PT_PAGE_SIZE | PWU)
+            .unwrap();
+        let w = walk(&mut m, &mode, Gva(0x1234_5678), Access::empty()).unwrap();
+        let t = w.translation().unwrap();
+        assert_eq!(
+            (t.gpa, t.page_shift, t.leaf_level),
+            (Gpa(0x5234_5678), 30, 3)
+        );
+        mode.gbpages = false;
+        assert_eq!(
+            ec(&walk(&mut m, &mode, Gva(0), Access::empty()).unwrap()),
+            0x9
+        );
+        mode.gbpages = true;
+        m.write_u64(Gpa(0x2000), 0x4000_0000 | 1 << 29 | PT_PAGE_SIZE | PWU)
+            .unwrap();
+        assert_eq!(
+            ec(&walk(&mut m, &mode, Gva(0), Access::empty()).unwrap()),
+            0x9
+        );
+        // A table outside guest memory faults as not present.
+        let mut small = SparseMemory::with_limit(0x3000);
+        small.write_u64(Gpa(0x1000), 0x2000 | PWU).unwrap();
+        small.write_u64(Gpa(0x2000), 0x8000 | PWU).unwrap();
+        let w = walk(&mut small, &mode, Gva(0), Access::empty()).unwrap();
+        assert_eq!(
+            w.fault().unwrap().reason,
+            FaultReason::Unbacked { level: 2 }
+        );
+        assert_eq!(ec(&w), 0);
+    }
+
+    #[test]
+    fn five_level_walk_reads_five_entries() {
+        let mut m = long_tables(0x9000 | PWU);
+        m.write_u64(Gpa(0x5000 + 8 * 0x100), 0x1000 | PWU).unwrap();
+        let mut mode = CpuMode::long4(0x5000);
+        mode.cr4 |= CR4_LA57;
+        let va = Gva(0xff00_0000_0000_0123);
+        let w = walk(&mut m, &mode, va, Access::empty()).unwrap();
+        assert_eq!(w.reads.len(), 5);
+        assert_eq!(w.reads[0].level, 5);
+        assert_eq!(w.translation().unwrap().gpa, Gpa(0x9123));
+    }
+
+    #[test]
+    fn supervisor_rules_wp_smep_smap() {
+        let mut mode = CpuMode::long4(0x1000);
+        let mut m = long_tables(0x9000 | P | U | PT_DIRTY | PT_ACCESSED);
+        // WP=1: a supervisor write to a read-only page faults; WP=0 allows it.
+        assert_eq!(
+            ec(&walk(&mut m, &mode, Gva(0), Access::WRITE).unwrap()),
+            0x3
+        );
+        mode.cr0 &= !CR0_WP;
+        assert!(walk(&mut m, &mode, Gva(0), Access::WRITE)
+            .unwrap()
+            .translation()
+            .is_some());
+        // ...but never a user write.
+        assert_eq!(
+            ec(&walk(&mut m, &mode, Gva(0), Access::WRITE | Access::USER).unwrap()),
+            0x7
+        );
+        // SMEP: supervisor fetch from a user page.
+        mode.cr4 |= CR4_SMEP;
+        assert_eq!(
+            ec(&walk(&mut m, &mode, Gva(0), Access::FETCH).unwrap()),
+            0x11
+        );
+        // SMAP: supervisor data access to a user page, unless AC and explicit.
+        mode.cr4 |= CR4_SMAP;
+        assert_eq!(
+            ec(&walk(&mut m, &mode, Gva(0), Access::empty()).unwrap()),
+            0x1
+        );
+        let ac = Access::EFLAGS_AC;
+        assert!(walk(&mut m, &mode, Gva(0), ac)
+            .unwrap()
+            .translation()
+            .is_some());
+        let implicit = Access::EFLAGS_AC | Access::IMPLICIT;
+        assert_eq!(ec(&walk(&mut m, &mode, Gva(0), implicit).unwrap()), 0x1);
+        // SMAP does not apply to fetches (SMEP does) nor to user accesses.
+        assert!(walk(&mut m, &mode, Gva(0), Access::USER)
+            .unwrap()
+            .translation()
+            .is_some());
+    }
+
+    #[test]
+    fn protection_keys_pku_and_pks() {
+        let mut mode = CpuMode::long4(0x1000);
+        mode.cr4 |= CR4_PKE | CR4_PKS;
+        let key3 = 3u64 << PT64_PKEY_SHIFT;
+        let mut m = long_tables(0x9000 | PWU | key3 | PT_ACCESSED | PT_DIRTY);
+        mode.pkru = 0b10 << 6; // key 3: WD
+        assert!(walk(&mut m, &mode, Gva(0), Access::USER)
+            .unwrap()
+            .translation()
+            .is_some());
+        assert_eq!(
+            ec(&walk(&mut m, &mode, Gva(0), Access::USER | Access::WRITE).unwrap()),
+            0x27
+        );
+        // Supervisor write with WP=0 ignores WD; fetches ignore keys.
+        mode.cr0 &= !CR0_WP;
+        let ok = walk(&mut m, &mode, Gva(0), Access::WRITE).unwrap();
+        assert_eq!(ok.translation().unwrap().pkey, 3);
+        mode.pkru = 0b01 << 6; // key 3: AD
+        assert!(walk(&mut m, &mode, Gva(0), Access::FETCH | Access::USER)
+            .unwrap()
+            .translation()
+            .is_some());
+        assert_eq!(
+            ec(&walk(&mut m, &mode, Gva(0), Access::USER).unwrap()),
+            0x25
+        );
+        // PK is reported together with an R/W violation.
+        m.write_u64(Gpa(0x4000), 0x9000 | P | U | key3).unwrap();
+        assert_eq!(
+            ec(&walk(&mut m, &mode, Gva(0), Access::USER | Access::WRITE).unwrap()),
+            0x27
+        );
+        // PKS guards supervisor pages with PKRS.
+        m.write_u64(Gpa(0x4000), 0x9000 | P | W | key3).unwrap();
+        mode.pkrs = 0b01 << 6;
+        assert_eq!(
+            ec(&walk(&mut m, &mode, Gva(0), Access::empty()).unwrap()),
+            0x21
+        );
+        // Outside long mode there are no keys.
+        mode.efer &= !EFER_LMA;
+        assert!(!mode.pke() && !mode.pks());
+    }
+
+    #[test]
+    fn a20_masks_table_and_final_addresses() {
+        let mut m = long_tables(0x10_9000 | PWU);
+        let mut mode = CpuMode::long4(0x1000);
+        mode.a20 = false;
+        let t = *walk(&mut m, &mode, Gva(0x123), Access::empty())
+            .unwrap()
+            .translation()
+            .unwrap();
+        assert_eq!(t.gpa, Gpa(0x9123));
+    }
+
+    /// A memory whose first `fail` compare-exchanges lose to a concurrent writer.
+    struct Racy {
+        inner: SparseMemory,
+        fail: u32,
+    }
+
+    impl GuestPhysMemory for Racy {
+        fn read_u64(&self, gpa: Gpa) -> Result<u64, MemoryError> {
+            self.inner.read_u64(gpa)
+        }
+        fn read_u32(&self, gpa: Gpa) -> Result<u32, MemoryError> {
+            self.inner.read_u32(gpa)
+        }
+        fn cmpxchg_u64(
+            &mut self,
+            gpa: Gpa,
+            old: u64,
+            new: u64,
+        ) -> Result<Result<(), u64>, MemoryError> {
+            if self.fail > 0 {
+                self.fail -= 1;
+                return Ok(Err(old ^ PT_ACCESSED));
+            }
+            self.inner.cmpxchg_u64(gpa, old, new)
+        }
+        fn cmpxchg_u32(
+            &mut self,
+            gpa: Gpa,
+            old: u32,
+            new: u32,
+        ) -> Result<Result<(), u32>, MemoryError> {
+            self.inner.cmpxchg_u32(gpa, old, new)
+        }
+    }
+
+    #[test]
+    fn lost_cmpxchg_restarts_the_walk_and_gives_up_eventually() {
+        let mode = CpuMode::long4(0x1000);
+        let mut m = Racy {
+            inner: long_tables(0x9000 | PWU),
+            fail: 1,
+        };
+        let w = walk(&mut m, &mode, Gva(0), Access::WRITE).unwrap();
+        assert_eq!(w.restarts, 1);
+        assert_eq!(w.reads.len(), 8); // Re-reads after the restart are recorded.
+        assert!(!w.ad_writes[0].ok && w.ad_writes[1..].iter().all(|a| a.ok));
+        assert_eq!(m.inner.read_u64(Gpa(0x4000)).unwrap(), 0x9000 | PWU | 0x60);
+        let mut m = Racy {
+            inner: long_tables(0x9000 | PWU),
+            fail: u32::MAX,
+        };
+        assert_eq!(
+            walk(&mut m, &mode, Gva(0), Access::empty()),
+            Err(WalkError::TooManyRestarts(0))
+        );
+    }
+
+    #[test]
+    fn paging_off_is_identity() {
+        let mode = CpuMode::new(CR0_PE, 0, 0, 0);
+        let w = walk(
+            &mut SparseMemory::new(),
+            &mode,
+            Gva(0x12_3456),
+            Access::WRITE,
+        )
+        .unwrap();
+        assert_eq!(w.translation().unwrap().gpa, Gpa(0x12_3456));
+        assert!(w.reads.is_empty());
+    }
+}
