@@ -338,6 +338,62 @@ impl CpuMode {
     }
 }
 
+/// What of the vCPU state changes how guest entries are interpreted: KVM's `cpu_role`
+/// (`kvm_mmu_page_role` base bits plus `kvm_mmu_extended_role`). Two modes with equal
+/// roles give every guest entry the same meaning; a change resets the MMU context.
+/// CR3, PKRU/PKRS and CR4.PGE are not part of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CpuRole {
+    /// The paging mode (KVM's `level` / `root_level` with `has_4_byte_gpte`).
+    pub paging: PagingMode,
+    /// CR0.WP (`cr0_wp`).
+    pub cr0_wp: bool,
+    /// Effective EFER.NXE (`efer_nx`).
+    pub efer_nx: bool,
+    /// CR4.SMEP ∧ ¬CR0.WP (`smep_andnot_wp`).
+    pub smep_andnot_wp: bool,
+    /// CR4.SMAP ∧ ¬CR0.WP (`smap_andnot_wp`).
+    pub smap_andnot_wp: bool,
+    /// CR4.PSE (extended role `cr4_pse`).
+    pub cr4_pse: bool,
+    /// CR4.SMEP (extended `cr4_smep`).
+    pub cr4_smep: bool,
+    /// CR4.SMAP (extended `cr4_smap`).
+    pub cr4_smap: bool,
+    /// Effective CR4.PKE (extended `cr4_pke`).
+    pub cr4_pke: bool,
+    /// Effective CR4.PKS.
+    pub cr4_pks: bool,
+    /// MAXPHYADDR (reserved bits).
+    pub maxphyaddr: u8,
+    /// CPUID PDPE1GB.
+    pub gbpages: bool,
+    /// CPUID PSE-36.
+    pub pse36: bool,
+}
+
+impl CpuMode {
+    /// The role: everything here that changes how entries are read.
+    pub const fn role(&self) -> CpuRole {
+        let wp = self.wp();
+        CpuRole {
+            paging: self.paging(),
+            cr0_wp: wp,
+            efer_nx: self.nxe(),
+            smep_andnot_wp: self.smep() && !wp,
+            smap_andnot_wp: self.smap() && !wp,
+            cr4_pse: self.pse(),
+            cr4_smep: self.smep(),
+            cr4_smap: self.smap(),
+            cr4_pke: self.pke(),
+            cr4_pks: self.pks(),
+            maxphyaddr: self.maxphyaddr,
+            gbpages: self.gbpages,
+            pse36: self.pse36,
+        }
+    }
+}
+
 /// Bits `lo..=hi` set (empty if `lo > hi`).
 const fn bits(lo: u32, hi: u32) -> u64 {
     if lo > hi || hi > 63 {
@@ -1333,6 +1389,24 @@ mod tests {
             walk(&mut m, &mode, Gva(0), Access::empty()),
             Err(WalkError::TooManyRestarts(0))
         );
+    }
+
+    #[test]
+    fn role_tracks_interpretation_not_root_or_keys() {
+        let a = CpuMode::long4(0x1000);
+        let mut b = CpuMode::long4(0x5000);
+        b.pkru = 0x5555_5554;
+        b.cr4 |= 1 << 7; // PGE
+        assert_eq!(a.role(), b.role());
+        b.cr0 &= !CR0_WP;
+        assert_ne!(a.role(), b.role());
+        let mut c = a;
+        c.cr4 |= CR4_LA57;
+        assert_eq!(c.role().paging, PagingMode::Long5);
+        // EFER.NXE without PAE has no effect.
+        let p32 = CpuMode::new(CR0_PG | CR0_PE, 0, 0, EFER_NXE);
+        assert!(!p32.role().efer_nx);
+        assert_eq!(p32.role().paging, PagingMode::Bits32);
     }
 
     #[test]

@@ -12,6 +12,8 @@
 //!   the walk's A/D updates applied. QEMU's TLB `prot` is recomputed and compared too
 //!   (separately counted: it is a TLB detail, not architecture), as is the trace's
 //!   `smap` flag against CR4.SMAP/CPL/EFLAGS.AC;
+//! * in a multi-vCPU trace, a walk whose recorded A/D compare-exchange lost (`fail`) is a
+//!   cross-vCPU race: counted, its outcome compared, the model resynchronized;
 //! * after a mismatch the recorded values (with their A/D updates) are loaded into the
 //!   model and the replay continues.
 //!
@@ -72,6 +74,9 @@ pub struct WalkCheckReport {
     pub prot_disagreements: u64,
     /// Walks whose `smap` flag disagreed with CR4.SMAP, CPL, EFLAGS.AC and `rcpl`.
     pub smap_flag_disagreements: u64,
+    /// Walks of a multi-vCPU trace whose recorded A/D compare-exchange lost to another
+    /// vCPU (`ad=GPA:fail`): the allowed exception; only their outcome is compared.
+    pub cross_vcpu_races: u64,
 }
 
 /// The replay state: guest memory and the per-vCPU control state.
@@ -196,6 +201,39 @@ impl WalkChecker {
             Ok(g) => g,
             Err(e) => return self.mismatch(w, "walk error", "a walk".into(), e.to_string()),
         };
+        if w.ad.iter().any(|a| a.new.is_none()) {
+            if self.cpus.len() < 2 {
+                return self.mismatch(
+                    w,
+                    "A/D cmpxchg failure in a 1-vCPU trace",
+                    "no race".into(),
+                    format!("{:x?}", w.ad),
+                );
+            }
+            // A cross-vCPU race: the recorded entries (synthesized above, last value per
+            // address) are the state after it. Compare the outcome, then resynchronize.
+            self.report.cross_vcpu_races += 1;
+            let same = match (&w.outcome, &got.outcome) {
+                (WalkOutcome::Translated { pa, .. }, Ok(t)) => *pa == t.gpa.0,
+                (WalkOutcome::PageFault { ec }, Err(pf)) => *ec == u64::from(pf.error_code.bits()),
+                _ => false,
+            };
+            if !same {
+                return self.mismatch(
+                    w,
+                    "outcome after a race",
+                    format!("{:x?}", w.outcome),
+                    format!("{:x?}", got.outcome),
+                );
+            }
+            for a in &w.ad {
+                if let Some(v) = a.new {
+                    self.store(&mode, a.gpa, v);
+                }
+            }
+            self.report.matched += 1;
+            return;
+        }
         // Structure: every entry address, and how many.
         let rec_addrs: Vec<u64> = w.ptes.iter().map(|p| p.gpa).collect();
         let got_addrs: Vec<u64> = got.reads.iter().map(|e| e.gpa.0).collect();
@@ -301,4 +339,72 @@ fn qemu_prot(mode: &CpuMode, w: &WalkRecord, t: &Translation) -> (bool, bool, bo
         wr = false;
     }
     (r, wr, x)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use revmap_trace::x86::{parse_x86_line, X86Line};
+
+    fn run(text: &str) -> WalkCheckReport {
+        let mut c = WalkChecker::new();
+        for (i, l) in text.lines().enumerate() {
+            if let X86Line::Record(r) = parse_x86_line(l.as_bytes(), i as u64 + 1).unwrap() {
+                c.record(&r);
+            }
+        }
+        c.report
+    }
+
+    const CPU: &str =
+        "CPU cpu=0 cr0=0x80050033 cr3=0x1000 cr4=0x20 efer=0xd01 pkru=0x0 pkrs=0x0 a20=1 maxphy=40";
+
+    #[test]
+    fn matching_walks_and_each_kind_of_mismatch() {
+        let ok = "WALK cpu=0 va=0x234 acc=w cpl=3 smap=0 pte=0x1000:0x2067,0x2000:0x3067,0x3000:0x4067,0x4000:0x9007 ad=0x4000:0x9067 -> pa=0x9234 psz=12 prot=rw-";
+        let r = run(&format!("{CPU}\n{ok}\n"));
+        assert_eq!(
+            (r.checked, r.matched, r.mismatched, r.ad_writes),
+            (1, 1, 0, 1)
+        );
+        assert_eq!((r.synthesized_new, r.synthesized_changed), (4, 0));
+        // The same walk again: D is already set in the model, so no A/D update.
+        let again = ok.replace(
+            "pte=0x1000:0x2067,0x2000:0x3067,0x3000:0x4067,0x4000:0x9007 ad=0x4000:0x9067",
+            "pte=0x1000:0x2067,0x2000:0x3067,0x3000:0x4067,0x4000:0x9067",
+        );
+        let r = run(&format!("{CPU}\n{ok}\n{again}\n"));
+        assert_eq!((r.matched, r.synthesized_changed), (2, 0));
+        let cases = [
+            // A missing A/D update.
+            (ok.replace(" ad=0x4000:0x9067", ""), "A/D updates"),
+            // A wrong pa.
+            (ok.replace("pa=0x9234", "pa=0x9235"), "translation"),
+            // A wrong entry address.
+            (ok.replace("0x4000:0x9007", "0x4008:0x9007"), "entries read"),
+            // A fault the walker does not see.
+            (
+                again.replace(" -> pa=0x9234 psz=12 prot=rw-", " -> fault ec=0x7"),
+                "outcome",
+            ),
+        ];
+        for (line, what) in cases {
+            let r = run(&format!("{CPU}\n{line}\n"));
+            assert_eq!((r.checked, r.mismatched), (1, 1), "{line}");
+            assert_eq!(r.first_mismatch.unwrap().what, what);
+        }
+        // A walk before any CPU record of its vCPU.
+        let r = run(&format!("{ok}\n"));
+        assert_eq!(r.first_mismatch.unwrap().what, "WALK before any CPU record");
+    }
+
+    #[test]
+    fn races_are_allowed_only_with_two_vcpus() {
+        let racy = "WALK cpu=0 va=0x234 acc=r cpl=3 smap=0 pte=0x1000:0x2067,0x2000:0x3067,0x3000:0x4067,0x4000:0x9005,0x4000:0x9025 ad=0x4000:fail -> pa=0x9234 psz=12 prot=r--";
+        let r = run(&format!("{CPU}\n{racy}\n"));
+        assert_eq!(r.mismatched, 1);
+        let cpu1 = CPU.replace("cpu=0", "cpu=1");
+        let r = run(&format!("{CPU}\n{cpu1}\n{racy}\n"));
+        assert_eq!((r.matched, r.cross_vcpu_races), (1, 1));
+    }
 }
