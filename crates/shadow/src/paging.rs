@@ -570,6 +570,16 @@ pub struct EntryRead {
     pub gpa: Gpa,
     /// The value read (a 4-byte entry zero-extended).
     pub value: u64,
+    /// The rights of the entries above this one, ANDed (KVM's `pt_access[level - 1]`):
+    /// the `role.access` of a shadow page for the table holding this entry.
+    pub pt_access: Acc,
+}
+
+impl EntryRead {
+    /// The guest frame of the table holding this entry (KVM's `table_gfn[level - 1]`).
+    pub const fn table_gfn(&self) -> u64 {
+        self.gpa.gfn()
+    }
 }
 
 /// One accessed/dirty update the walk attempted.
@@ -868,6 +878,7 @@ fn walk_once<M: GuestPhysMemory + ?Sized>(
             level,
             gpa: Gpa(gpa),
             value: v,
+            pt_access: acc,
         });
         if v & PT_PRESENT == 0 {
             return Ok(fault(ec, FaultReason::NotPresent { level }));
@@ -1407,6 +1418,22 @@ mod tests {
         let p32 = CpuMode::new(CR0_PG | CR0_PE, 0, 0, EFER_NXE);
         assert!(!p32.role().efer_nx);
         assert_eq!(p32.role().paging, PagingMode::Bits32);
+    }
+
+    #[test]
+    fn pt_access_is_the_rights_above_each_entry() {
+        // PML4E P|W|U, PDPTE P|U (read-only), PDE P|W|U|XD, PTE P|W|U.
+        let mut m = mem_with(&[
+            (0x1000, 0x2000 | PWU),
+            (0x2000, 0x3000 | P | U),
+            (0x3000, 0x4000 | PWU | PT64_NX),
+            (0x4000, 0x9000 | PWU),
+        ]);
+        let w = walk(&mut m, &CpuMode::long4(0x1000), Gva(0), Access::USER).unwrap();
+        let acc: Vec<_> = w.reads.iter().map(|r| r.pt_access).collect();
+        assert_eq!(acc, [Acc::ALL, Acc::ALL, Acc::USER | Acc::EXEC, Acc::USER]);
+        assert_eq!(w.reads[2].table_gfn(), 3);
+        assert_eq!(w.translation().unwrap().pte_access, Acc::USER);
     }
 
     #[test]
