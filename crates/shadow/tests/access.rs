@@ -91,3 +91,43 @@ fn six_sub_tests_pass() {
         assert_eq!(res, Ok(()), "{name}");
     }
 }
+
+#[test]
+fn space_sizes_match_the_reference_counts() {
+    // The reference's brute-force counts per paging depth (x86-shadow-mmu.md, access.c size).
+    let cases = [
+        (AccessConfig::default(), 19_169_280u64),
+        (
+            AccessConfig {
+                pku: false,
+                ..AccessConfig::default()
+            },
+            1_916_928,
+        ),
+        (
+            AccessConfig {
+                maxphyaddr: 36,
+                pku: false,
+                ..AccessConfig::default()
+            },
+            2_899_968,
+        ),
+        (
+            AccessConfig {
+                maxphyaddr: 52,
+                ..AccessConfig::default()
+            },
+            9_338_880,
+        ),
+        (
+            AccessConfig {
+                fep: true,
+                ..AccessConfig::default()
+            },
+            38_338_560,
+        ),
+    ];
+    for (cfg, want) in cases {
+        assert_eq!(AccessSpace::new(&cfg).count() as u64, want, "{cfg:?}");
+    }
+}
