@@ -7,6 +7,8 @@
 //! * [`access_test`]: the kvm-unit-tests `x86/access.c` conformance model (its 31 flag
 //!   dimensions, expected-result rules, enumeration, seeded sampling and sub-tests), run
 //!   against the walker;
+//! * [`role`]: the shadow-page role word (`kvm_mmu_page_role`) with KVM's root and
+//!   child rules, and the SPTE format;
 //! * [`walk_check`]: the replay of real x86 walk traces (`traces/x86/`) through the
 //!   walker, by the traces' normative rules: the ground truth for the shadow MMU.
 //!
@@ -23,4 +25,5 @@
 
 pub mod access_test;
 pub mod paging;
+pub mod role;
 pub mod walk_check;
