@@ -9,6 +9,8 @@
 //!   against the walker;
 //! * [`role`]: the shadow-page role word (`kvm_mmu_page_role`) with KVM's root and
 //!   child rules, and the SPTE format;
+//! * [`write_track`]: the offset arithmetic of emulated page-table writes (which SPTEs a
+//!   store hits, misaligned writes, the flooding threshold);
 //! * [`walk_check`]: the replay of real x86 walk traces (`traces/x86/`) through the
 //!   walker, by the traces' normative rules: the ground truth for the shadow MMU.
 //!
@@ -27,3 +29,4 @@ pub mod access_test;
 pub mod paging;
 pub mod role;
 pub mod walk_check;
+pub mod write_track;
