@@ -744,6 +744,55 @@ pub fn permission_fault(mode: &CpuMode, access: Access, acc: Acc, pkey: u8) -> P
     }
 }
 
+/// Whether a present gpte at `level` maps a page (KVM's `is_last_gpte`): level 1 always;
+/// a PDE with PS (32-bit paging only with CR4.PSE); a long-mode PDPTE with PS.
+pub const fn is_last_gpte(mode: &CpuMode, level: u8, gpte: u64) -> bool {
+    let ps = gpte & PT_PAGE_SIZE != 0;
+    match (mode.paging(), level) {
+        (_, 1) => true,
+        (PagingMode::Bits32, 2) => ps && mode.pse(),
+        (_, 2) => ps,
+        (PagingMode::Long4 | PagingMode::Long5, 3) => ps,
+        _ => false,
+    }
+}
+
+/// Whether a present gpte at `level` has a reserved bit set (KVM's
+/// `is_rsvd_bits_set` on the guest MMU): the mode's masks by MAXPHYADDR, NXE, level and
+/// leaf format, PS in a 1 GiB PDPTE without GBPAGES, the PSE-36 rules of a 4 MiB PDE.
+pub fn is_rsvd_gpte(mode: &CpuMode, level: u8, gpte: u64) -> bool {
+    let leaf = is_last_gpte(mode, level, gpte);
+    if mode.paging().has_4_byte_gpte() {
+        return level == 2 && leaf && gpte & mode.rsvd_mask_pse_pde() != 0;
+    }
+    let mut mask = mode.rsvd_mask_64(level, leaf);
+    if leaf && level == 3 && !mode.gbpages {
+        mask |= PT_PAGE_SIZE;
+    }
+    gpte & mask != 0
+}
+
+/// The rights a leaf gpte grants by itself (KVM's `gpte_access`), in ACC format.
+pub fn gpte_access(mode: &CpuMode, gpte: u64) -> Acc {
+    entry_acc(mode, 1, gpte)
+}
+
+/// KVM's `protect_clean_gpte`: write permission is withheld from a clean (D=0) leaf so
+/// that the first write faults and sets D. A writable SPTE exists only for a dirty gpte.
+pub fn protect_clean_gpte(acc: Acc, gpte: u64) -> Acc {
+    if gpte & PT_DIRTY == 0 {
+        acc - Acc::WRITE
+    } else {
+        acc
+    }
+}
+
+/// KVM's `prefetch_invalid_gpte`: a gpte that must not be mapped speculatively (prefetch
+/// or unsync resync): not present, A clear, or a reserved bit set.
+pub fn prefetch_invalid_gpte(mode: &CpuMode, level: u8, gpte: u64) -> bool {
+    gpte & PT_PRESENT == 0 || gpte & PT_ACCESSED == 0 || is_rsvd_gpte(mode, level, gpte)
+}
+
 /// The rights one 8-byte entry grants (PAE PDPTEs grant everything).
 fn entry_acc(mode: &CpuMode, level: u8, v: u64) -> Acc {
     if mode.paging() == PagingMode::Pae && level == 3 {
@@ -884,12 +933,12 @@ fn walk_once<M: GuestPhysMemory + ?Sized>(
             return Ok(fault(ec, FaultReason::NotPresent { level }));
         }
         let rsvd = PfErrorCode::PRESENT | PfErrorCode::RSVD;
+        if is_rsvd_gpte(mode, level, v) {
+            return Ok(fault(ec | rsvd, FaultReason::Reserved { level }));
+        }
         if four {
             acc &= entry_acc(mode, level, v) | Acc::EXEC;
-            if level == 2 && v & PT_PAGE_SIZE != 0 && mode.pse() {
-                if v & mode.rsvd_mask_pse_pde() != 0 {
-                    return Ok(fault(ec | rsvd, FaultReason::Reserved { level }));
-                }
+            if is_last_gpte(mode, level, v) && level == 2 {
                 let hi = ((v >> 13) & 0xff) << 32;
                 break (v, 22, (v & 0xffc0_0000) | hi);
             }
@@ -898,18 +947,8 @@ fn walk_once<M: GuestPhysMemory + ?Sized>(
             }
             table = v & 0xffff_f000 & a20;
         } else {
-            let ps = v & PT_PAGE_SIZE != 0;
-            let is_leaf =
-                level == 1 || (ps && (level == 2 || (level == 3 && paging != PagingMode::Pae)));
-            let mut mask = mode.rsvd_mask_64(level, is_leaf);
-            if is_leaf && level == 3 && !mode.gbpages {
-                mask |= PT_PAGE_SIZE;
-            }
-            if v & mask != 0 {
-                return Ok(fault(ec | rsvd, FaultReason::Reserved { level }));
-            }
             acc &= entry_acc(mode, level, v);
-            if is_leaf {
+            if is_last_gpte(mode, level, v) {
                 let shift = 12 + 9 * (u32::from(level) - 1);
                 break (v, shift as u8, v & PT64_ADDR_MASK & !((1u64 << shift) - 1));
             }
@@ -1434,6 +1473,30 @@ mod tests {
         assert_eq!(acc, [Acc::ALL, Acc::ALL, Acc::USER | Acc::EXEC, Acc::USER]);
         assert_eq!(w.reads[2].table_gfn(), 3);
         assert_eq!(w.translation().unwrap().pte_access, Acc::USER);
+    }
+
+    #[test]
+    fn gpte_helpers_for_sync_and_prefetch() {
+        let l4 = CpuMode::long4(0);
+        let leaf = 0x9000 | PWU | PT_ACCESSED;
+        assert!(!prefetch_invalid_gpte(&l4, 1, leaf));
+        assert!(prefetch_invalid_gpte(&l4, 1, leaf & !PT_ACCESSED));
+        assert!(prefetch_invalid_gpte(&l4, 1, leaf & !P));
+        assert!(prefetch_invalid_gpte(&l4, 1, leaf | 1 << 45));
+        assert_eq!(gpte_access(&l4, leaf | PT64_NX), Acc::WRITE | Acc::USER);
+        assert_eq!(protect_clean_gpte(Acc::ALL, leaf), Acc::USER | Acc::EXEC);
+        assert_eq!(protect_clean_gpte(Acc::ALL, leaf | PT_DIRTY), Acc::ALL);
+        // Leaf rules by mode.
+        assert!(is_last_gpte(&l4, 3, PT_PAGE_SIZE) && !is_last_gpte(&l4, 4, PT_PAGE_SIZE));
+        let p32 = CpuMode::new(CR0_PG, 0, 0, 0);
+        assert!(!is_last_gpte(&p32, 2, PT_PAGE_SIZE));
+        assert!(is_last_gpte(
+            &CpuMode::new(CR0_PG, 0, CR4_PSE, 0),
+            2,
+            PT_PAGE_SIZE
+        ));
+        let pae = CpuMode::new(CR0_PG, 0, CR4_PAE, 0);
+        assert!(!is_last_gpte(&pae, 3, PT_PAGE_SIZE) && is_rsvd_gpte(&pae, 3, PT_PAGE_SIZE));
     }
 
     #[test]
