@@ -24,6 +24,7 @@ pub mod line;
 pub mod nested;
 pub mod reader;
 pub mod record;
+pub mod x86;
 
 pub use line::{parse_line, Line, LineError};
 pub use reader::{for_each_record, DynBufRead, TraceError, TraceReader, MAX_LINE_BYTES};
