@@ -2,7 +2,7 @@
 //! found by the whole-VM checker ([`Violation`]). Guest-facing failures are never Rust
 //! errors: they are PAPR return codes in an `HcallResult` (see `hcall`).
 
-use revmap_memslot::MemslotError;
+use revmap_host::MemslotError;
 use revmap_rmap::ring::RmapViolation;
 use revmap_rmap::RmapError;
 

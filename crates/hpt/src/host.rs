@@ -31,8 +31,8 @@ use crate::error::HostError;
 use crate::hpte::{HpteR, HpteV};
 use crate::vm::Vm;
 use alloc::vec::Vec;
-use revmap_memslot::slots::SlotsWriter;
-use revmap_memslot::{Memslot, MemslotFlags};
+use revmap_host::slots::SlotsWriter;
+use revmap_host::{Memslot, MemslotFlags};
 use revmap_rmap::sync::{spin_loop, AtomicBool, AtomicU64, Ordering};
 use revmap_rmap::{Gfn, Hva, Ptex, SlotId};
 
@@ -266,7 +266,7 @@ impl Vm {
     /// Publish `next` and wait for readers (SRCU): vCPU run handles pinned on the old
     /// snapshot are kicked through the gate word (`resize::cell`) so that they re-pin
     /// at their next hypercall, one mechanism for both stop-the-world kinds.
-    fn publish_slots(&self, w: &mut SlotsWriter<'_>, next: revmap_memslot::Memslots) {
+    fn publish_slots(&self, w: &mut SlotsWriter<'_>, next: revmap_host::Memslots) {
         w.publish_with(next, || self.tables().kick());
     }
 
