@@ -59,42 +59,31 @@ pub const MEMSLOT_MAX_NPAGES: u64 = 1 << 30;
 /// Smallest and largest supported host backing page shifts.
 pub const BACKING_SHIFTS: core::ops::RangeInclusive<u32> = PAGE_SHIFT..=34;
 
-/// Memslot flags (KVM's `KVM_MEM_*` plus the internal INVALID state).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct MemslotFlags(pub u32);
+bitflags::bitflags! {
+    /// Memslot flags (KVM's `KVM_MEM_*` plus the internal INVALID state).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+    pub struct MemslotFlags: u32 {
+        /// `KVM_MEM_LOG_DIRTY_PAGES`: C bits harvested from HPTEs are recorded in the
+        /// dirty bitmap.
+        const LOG_DIRTY_PAGES = 1 << 0;
+        /// `KVM_MEM_READONLY`: the host mapping is read-only; real HPTEs are made
+        /// read-only.
+        const READONLY = 1 << 1;
+        /// `KVM_DIRTY_LOG_MANUAL_PROTECT` (a VM capability in KVM, a per-slot flag here):
+        /// `KVM_GET_DIRTY_LOG` returns the bitmap without clearing it;
+        /// `KVM_CLEAR_DIRTY_LOG` clears it.
+        const DIRTY_LOG_MANUAL_PROTECT = 1 << 2;
+        /// `KVM_MEMSLOT_INVALID`: the slot is being deleted or moved; lookups still find
+        /// it but H_ENTER and the fault path treat its frames as emulated MMIO.
+        const INVALID = 1 << 16;
+    }
+}
 
 impl MemslotFlags {
-    /// `KVM_MEM_LOG_DIRTY_PAGES`: C bits harvested from HPTEs are recorded in the
-    /// dirty bitmap.
-    pub const LOG_DIRTY_PAGES: Self = Self(1 << 0);
-    /// `KVM_MEM_READONLY`: the host mapping is read-only; real HPTEs are made read-only.
-    pub const READONLY: Self = Self(1 << 1);
-    /// `KVM_DIRTY_LOG_MANUAL_PROTECT` (a VM capability in KVM, a per-slot flag here):
-    /// `KVM_GET_DIRTY_LOG` returns the bitmap without clearing it; `KVM_CLEAR_DIRTY_LOG`
-    /// clears it.
-    pub const DIRTY_LOG_MANUAL_PROTECT: Self = Self(1 << 2);
-    /// `KVM_MEMSLOT_INVALID`: the slot is being deleted or moved; lookups still find it
-    /// but H_ENTER and the fault path treat its frames as emulated MMIO.
-    pub const INVALID: Self = Self(1 << 16);
     /// Flags userspace may set (everything but the internal INVALID state).
-    pub const USER_MASK: Self =
-        Self(Self::LOG_DIRTY_PAGES.0 | Self::READONLY.0 | Self::DIRTY_LOG_MANUAL_PROTECT.0);
-
-    /// True if every flag of `other` is set.
-    #[inline]
-    pub const fn contains(self, other: Self) -> bool {
-        self.0 & other.0 == other.0
-    }
-    /// Union of two flag sets.
-    #[inline]
-    pub const fn union(self, other: Self) -> Self {
-        Self(self.0 | other.0)
-    }
-    /// These flags without those of `other`.
-    #[inline]
-    pub const fn difference(self, other: Self) -> Self {
-        Self(self.0 & !other.0)
-    }
+    pub const USER_MASK: Self = Self::LOG_DIRTY_PAGES
+        .union(Self::READONLY)
+        .union(Self::DIRTY_LOG_MANUAL_PROTECT);
 }
 
 /// Why a memslot could not be created or inserted.
@@ -138,6 +127,40 @@ pub enum MemslotError {
     /// Metadata allocation failed.
     #[error(transparent)]
     Alloc(#[from] RmapError),
+}
+
+/// A memslot invariant found broken by [`Memslot::check`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SlotCheckError {
+    /// The rmap array does not hold one word per frame.
+    #[error("memslot {id:?}: rmap array of {len} words differs from npages")]
+    RmapLength {
+        /// The slot.
+        id: SlotId,
+        /// Words found.
+        len: usize,
+    },
+    /// The dirty bitmap does not hold `ceil(npages / 64)` words.
+    #[error("memslot {id:?}: dirty bitmap of {len} words differs from ceil(npages/64)")]
+    BitmapLength {
+        /// The slot.
+        id: SlotId,
+        /// Words found.
+        len: usize,
+    },
+    /// Dirty bits are recorded although dirty logging is off.
+    #[error("memslot {id:?}: dirty bits recorded while dirty logging is off")]
+    DirtyWhileNotLogging {
+        /// The slot.
+        id: SlotId,
+    },
+    /// A bit of the last dirty word beyond the end of the slot is set.
+    #[error("memslot {id:?}: dirty bit set beyond the end of the slot")]
+    BitmapTail {
+        /// The slot.
+        id: SlotId,
+    },
 }
 
 /// One guest memory slot: a descriptor (id, gfn range, flags) over its shared rmap
@@ -576,22 +599,28 @@ impl Memslot {
 
     /// Check the slot's own invariants (dirty bitmap tail bits clear, sizes). Used by the
     /// VM checker.
-    pub fn check(&self) -> Result<(), &'static str> {
+    pub fn check(&self) -> Result<(), SlotCheckError> {
         if self.data.rmap.len() as u64 != self.npages {
-            return Err("rmap array length differs from npages");
+            return Err(SlotCheckError::RmapLength {
+                id: self.id,
+                len: self.data.rmap.len(),
+            });
         }
         if self.data.dirty_bitmap.len() as u64 != self.npages.div_ceil(64) {
-            return Err("dirty bitmap length differs from ceil(npages/64)");
+            return Err(SlotCheckError::BitmapLength {
+                id: self.id,
+                len: self.data.dirty_bitmap.len(),
+            });
         }
         if !self.flags.contains(MemslotFlags::LOG_DIRTY_PAGES) && self.count_dirty() != 0 {
-            return Err("dirty bits recorded while dirty logging is off");
+            return Err(SlotCheckError::DirtyWhileNotLogging { id: self.id });
         }
         let tail = self.npages % 64;
         if tail != 0 {
             if let Some(last) = self.data.dirty_bitmap.last() {
                 // ORDERING: Relaxed snapshot at a quiescent point.
                 if last.load(Ordering::Relaxed) >> tail != 0 {
-                    return Err("dirty bit set beyond the end of the slot");
+                    return Err(SlotCheckError::BitmapTail { id: self.id });
                 }
             }
         }

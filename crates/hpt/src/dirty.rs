@@ -109,7 +109,9 @@ impl Vm {
             return Err(HostError::DirtyLogDisabled { id });
         }
         if !s.flags().contains(MemslotFlags::DIRTY_LOG_MANUAL_PROTECT) {
-            return Err(HostError::BadFlags { flags: s.flags().0 });
+            return Err(HostError::BadFlags {
+                flags: s.flags().bits(),
+            });
         }
         let bad = HostError::BadDirtyRange {
             first_page,

@@ -2,7 +2,7 @@
 //! found by the whole-VM checker ([`Violation`]). Guest-facing failures are never Rust
 //! errors: they are PAPR return codes in an `HcallResult` (see `hcall`).
 
-use revmap_host::MemslotError;
+use revmap_host::{MemslotError, SlotCheckError};
 use revmap_rmap::ring::RmapViolation;
 use revmap_rmap::RmapError;
 
@@ -135,8 +135,8 @@ pub enum Violation {
         r: u64,
     },
     /// Memslot-level invariant (dirty bitmap shape, no dirty bits with logging off).
-    #[error("memslot: {0}")]
-    Memslot(&'static str),
+    #[error(transparent)]
+    Memslot(#[from] SlotCheckError),
     /// Invariant 17: a VALID HPTE or a PRESENT rmap word for a frame of a flushed
     /// (INVALID, deleted or moved-away) memslot range.
     #[error("frame {gfn:#x} of a flushed memslot is still mapped")]

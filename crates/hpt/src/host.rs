@@ -152,7 +152,7 @@ impl Vm {
     pub fn create_memslot(&self, spec: MemslotSpec) -> Result<(), HostError> {
         if spec.flags.difference(MemslotFlags::USER_MASK) != MemslotFlags::default() {
             return Err(HostError::BadFlags {
-                flags: spec.flags.0,
+                flags: spec.flags.bits(),
             });
         }
         let slot = Memslot::new(
@@ -218,7 +218,9 @@ impl Vm {
             || flags.contains(MemslotFlags::READONLY)
                 != old.flags().contains(MemslotFlags::READONLY);
         if bad {
-            return Err(HostError::BadFlags { flags: flags.0 });
+            return Err(HostError::BadFlags {
+                flags: flags.bits(),
+            });
         }
         if flags == old.flags() {
             return Ok(());
