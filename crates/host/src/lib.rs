@@ -8,14 +8,12 @@
 //!   of HPTEs that map that frame;
 //! * a dirty bitmap in KVM's `u64` layout: bit `i % 64` of word `i / 64` is frame
 //!   `base_gfn + i` (`memslot->dirty_bitmap`, first half only);
-//! * a host backing model: the slot is backed by host pages of `backing_page_shift`
-//!   (4 KiB, 64 KiB, 16 MiB, ...), each present or not ("paged out"). The model's host
-//!   physical frame of guest frame `g` is `(userspace_addr >> 12) + (g - base_gfn)`:
-//!   host physical = host virtual (an identity host mapping), so a real HPTE never
-//!   carries the guest's RPN and leaks of the real word are visible in tests.
+//! * the host memory behind its host virtual range, a [`HostMemory`] (guest frame ->
+//!   host page, presence, page-in/out): [`SimHostMemory`], the simulated host, by
+//!   default, or any implementation given to [`Memslot::with_memory`].
 //!
 //! A [`Memslot`] is a small *descriptor* (id, gfn range, flags) over shared per-slot
-//! data (the rmap words, dirty bitmap and host backing model, behind an `Arc`): moving a
+//! data (the rmap words, dirty bitmap and host memory, behind an `Arc`): moving a
 //! slot or changing its flags makes a new descriptor over the same data, as KVM inherits
 //! `memslot->arch.rmap` on MOVE and FLAGS_ONLY.
 //!
@@ -42,8 +40,11 @@
 
 extern crate alloc;
 
+pub mod memory;
 #[cfg(any(feature = "std", loom))]
 pub mod slots;
+
+pub use memory::{HostMemory, SimHostMemory};
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -124,6 +125,14 @@ pub enum MemslotError {
         /// The rejected slot's id.
         id: SlotId,
     },
+    /// The host memory given for the slot covers fewer frames than the slot.
+    #[error("host memory of {covered} pages cannot back a memslot of {npages} pages")]
+    BackingTooSmall {
+        /// Frames of the slot.
+        npages: u64,
+        /// Frames the host memory covers.
+        covered: u64,
+    },
     /// Metadata allocation failed.
     #[error(transparent)]
     Alloc(#[from] RmapError),
@@ -178,16 +187,20 @@ pub struct Memslot {
 /// `memslot->arch.rmap` across MOVE and FLAGS_ONLY).
 #[derive(Debug)]
 struct SlotData {
+    /// `memory.page_shift()`, cached for the hot path.
     backing_page_shift: u32,
+    /// `memory.hva_range().0`, cached for the hot path.
     userspace_addr: Hva,
     rmap: Box<[Rmap]>,
     dirty_bitmap: Box<[AtomicU64]>,
-    /// One bit per backing page: set = the host page is present (mapped).
-    host_present: Box<[AtomicU64]>,
+    /// The host memory behind `[userspace_addr, userspace_addr + npages * 4K)`.
+    memory: Box<dyn HostMemory>,
 }
 
 impl Memslot {
-    /// Create a slot; every host backing page starts present, the dirty bitmap clear.
+    /// Create a slot over simulated host memory ([`SimHostMemory`]) at
+    /// `userspace_addr` in host pages of `backing_page_shift`; every host page starts
+    /// present, the dirty bitmap clear.
     ///
     /// Allocation is fallible: a slot too large for memory is [`MemslotError::Alloc`],
     /// never an abort.
@@ -199,6 +212,39 @@ impl Memslot {
         flags: MemslotFlags,
         userspace_addr: Hva,
     ) -> Result<Self, MemslotError> {
+        Self::validate(base_gfn, npages, backing_page_shift, userspace_addr)?;
+        let memory = SimHostMemory::new(userspace_addr, npages, backing_page_shift)?;
+        Self::build(id, base_gfn, npages, flags, Box::new(memory))
+    }
+
+    /// Create a slot of `npages` frames from `base_gfn` over `memory`: the slot's host
+    /// virtual range starts at `memory.hva_range().0` and its backing page shift is
+    /// `memory.page_shift()`. Fails like [`new`](Self::new), or with
+    /// [`MemslotError::BackingTooSmall`] if `memory` covers fewer than `npages` frames.
+    pub fn with_memory(
+        id: SlotId,
+        base_gfn: Gfn,
+        npages: u64,
+        flags: MemslotFlags,
+        memory: Box<dyn HostMemory>,
+    ) -> Result<Self, MemslotError> {
+        let (start, end) = memory.hva_range();
+        let shift = memory.page_shift();
+        Self::validate(base_gfn, npages, shift, start)?;
+        let covered = end.0.saturating_sub(start.0) >> PAGE_SHIFT;
+        if covered < npages {
+            return Err(MemslotError::BackingTooSmall { npages, covered });
+        }
+        Self::build(id, base_gfn, npages, flags, memory)
+    }
+
+    /// The size, range and alignment checks shared by both constructors.
+    fn validate(
+        base_gfn: Gfn,
+        npages: u64,
+        backing_page_shift: u32,
+        userspace_addr: Hva,
+    ) -> Result<(), MemslotError> {
         if npages == 0 {
             return Err(MemslotError::Empty);
         }
@@ -227,29 +273,31 @@ impl Memslot {
                 shift: backing_page_shift,
             });
         }
+        Ok(())
+    }
+
+    /// Allocate the rmap words and dirty bitmap of a validated slot.
+    fn build(
+        id: SlotId,
+        base_gfn: Gfn,
+        npages: u64,
+        flags: MemslotFlags,
+        memory: Box<dyn HostMemory>,
+    ) -> Result<Self, MemslotError> {
         let n = usize::try_from(npages).map_err(|_| MemslotError::TooLarge { npages })?;
-        let words = n.div_ceil(64);
-        let nbacking = npages.div_ceil(frames_per_backing);
-        let backing_words = usize::try_from(nbacking.div_ceil(64))
-            .map_err(|_| MemslotError::TooLarge { npages })?;
         let rmap = Rmap::new_array(n)?;
-        let dirty_bitmap = try_boxed_slice(words, |_| AtomicU64::new(0))?;
-        let host_present = try_boxed_slice(backing_words, |w| {
-            let first = w as u64 * 64;
-            let left = nbacking.saturating_sub(first).min(64);
-            AtomicU64::new(if left == 64 { !0 } else { (1u64 << left) - 1 })
-        })?;
+        let dirty_bitmap = try_boxed_slice(n.div_ceil(64), |_| AtomicU64::new(0))?;
         Ok(Self {
             id,
             base_gfn,
             npages,
             flags,
             data: Arc::new(SlotData {
-                backing_page_shift,
-                userspace_addr,
+                backing_page_shift: memory.page_shift(),
+                userspace_addr: memory.hva_range().0,
                 rmap,
                 dirty_bitmap,
-                host_present,
+                memory,
             }),
         })
     }
@@ -426,25 +474,17 @@ impl Memslot {
         }
     }
 
-    #[inline(always)]
-    fn backing_index(&self, gfn: Gfn) -> Option<usize> {
-        let i = self.index_of(gfn)?;
-        Some(i >> (self.data.backing_page_shift - PAGE_SHIFT))
+    /// The host memory behind the slot.
+    #[inline]
+    pub fn memory(&self) -> &dyn HostMemory {
+        &*self.data.memory
     }
 
-    /// The host physical frame backing `gfn`, or `None` if the host page is not present
-    /// (paged out) or `gfn` is outside the slot. In this model host physical = host
-    /// virtual (see the module docs).
+    /// The host physical frame backing `gfn` (KVM's `__gfn_to_pfn_memslot`), or `None`
+    /// if the host page is not present (paged out) or `gfn` is outside the slot.
     #[inline(always)]
     pub fn host_pfn(&self, gfn: Gfn) -> Option<u64> {
-        let b = self.backing_index(gfn)?;
-        let word = self.data.host_present.get(b / 64)?;
-        // ORDERING: Acquire pairs with the Release in `set_host_present`; the caller's
-        // mmu_invalidate_seq sample/retry protocol decides whether the answer is used.
-        if word.load(Ordering::Acquire) & (1 << (b % 64)) == 0 {
-            return None;
-        }
-        self.gfn_to_hva(gfn).map(|h| h.0 >> PAGE_SHIFT)
+        self.data.memory.hva_to_pfn(self.gfn_to_hva(gfn)?)
     }
 
     /// Whether the host backing page holding `gfn` is present.
@@ -453,24 +493,19 @@ impl Memslot {
         self.host_pfn(gfn).is_some()
     }
 
-    /// Mark the host backing page holding `gfn` present or not present (the host-side
-    /// issue's page-out/page-in; callers bracket it with an MMU invalidation).
-    /// Returns false if `gfn` is outside the slot.
+    /// Mark the host backing page holding `gfn` present or not present (host page-in /
+    /// page-out through [`HostMemory`]; callers bracket a page-out with an MMU
+    /// invalidation). Returns false if `gfn` is outside the slot or the host memory
+    /// refused.
     pub fn set_host_present(&self, gfn: Gfn, present: bool) -> bool {
-        let Some(b) = self.backing_index(gfn) else {
+        let Some(hva) = self.gfn_to_hva(gfn) else {
             return false;
         };
-        let Some(word) = self.data.host_present.get(b / 64) else {
-            return false;
-        };
-        let bit = 1u64 << (b % 64);
-        // ORDERING: Release so a reader that sees the bit also sees what preceded it.
         if present {
-            word.fetch_or(bit, Ordering::Release);
+            self.data.memory.page_in(hva)
         } else {
-            word.fetch_and(!bit, Ordering::Release);
+            self.data.memory.page_out(hva)
         }
-        true
     }
 
     /// Record `npages` frames from `gfn` as dirty (`kvmppc_update_dirty_map`: a huge page

@@ -30,9 +30,10 @@
 use crate::error::HostError;
 use crate::hpte::{HpteR, HpteV};
 use crate::vm::Vm;
+use alloc::boxed::Box;
 use alloc::vec::Vec;
 use revmap_host::slots::SlotsWriter;
-use revmap_host::{Memslot, MemslotFlags};
+use revmap_host::{HostMemory, Memslot, MemslotFlags};
 use revmap_rmap::sync::{spin_loop, AtomicBool, AtomicU64, Ordering};
 use revmap_rmap::{Gfn, Hva, Ptex, SlotId};
 
@@ -146,15 +147,13 @@ impl Vm {
         }
     }
 
-    /// Create a memslot (KVM_MR_CREATE). Fails on bad flags, size, alignment, overlap
-    /// with another slot's frames or id, or if the rmap array cannot be allocated
-    /// (reference D14: a clean error, nothing else changes). Host ranges may alias.
+    /// Create a memslot (KVM_MR_CREATE) over simulated host memory
+    /// ([`SimHostMemory`](revmap_host::SimHostMemory)) at `spec.userspace_addr`. Fails on
+    /// bad flags, size, alignment, overlap with another slot's frames or id, or if the
+    /// rmap array cannot be allocated (a clean error, nothing else changes). Host
+    /// ranges may alias.
     pub fn create_memslot(&self, spec: MemslotSpec) -> Result<(), HostError> {
-        if spec.flags.difference(MemslotFlags::USER_MASK) != MemslotFlags::default() {
-            return Err(HostError::BadFlags {
-                flags: spec.flags.bits(),
-            });
-        }
+        Self::check_user_flags(spec.flags)?;
         let slot = Memslot::new(
             spec.id,
             spec.base_gfn,
@@ -163,6 +162,38 @@ impl Vm {
             spec.flags,
             spec.userspace_addr,
         )?;
+        self.insert_memslot(slot)
+    }
+
+    /// Create a memslot (KVM_MR_CREATE) of `npages` frames from `base_gfn` over the host
+    /// memory `memory`: its host range starts at `memory.hva_range().0` and its backing
+    /// page shift is `memory.page_shift()`. Fails as
+    /// [`create_memslot`](Self::create_memslot) does, or if `memory` covers fewer than
+    /// `npages` frames.
+    pub fn create_memslot_with_memory(
+        &self,
+        id: SlotId,
+        base_gfn: Gfn,
+        npages: u64,
+        flags: MemslotFlags,
+        memory: Box<dyn HostMemory>,
+    ) -> Result<(), HostError> {
+        Self::check_user_flags(flags)?;
+        let slot = Memslot::with_memory(id, base_gfn, npages, flags, memory)?;
+        self.insert_memslot(slot)
+    }
+
+    fn check_user_flags(flags: MemslotFlags) -> Result<(), HostError> {
+        if flags.difference(MemslotFlags::USER_MASK) != MemslotFlags::default() {
+            return Err(HostError::BadFlags {
+                flags: flags.bits(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Publish a new slot, then turn the MMIO entries of its range into paged-out ones.
+    fn insert_memslot(&self, slot: Memslot) -> Result<(), HostError> {
         let (lo, hi) = (slot.base_gfn(), slot.end_gfn());
         let mut w = self.slot_set().writer();
         let mut next = w.next()?;
