@@ -1,4 +1,42 @@
-//! Guest memory slots (KVM's `struct kvm_memory_slot`, lean version).
+//! The generic host layer of a hypervisor MMU model (the role of KVM's `virt/kvm`):
+//! what every guest MMU (the hashed page table, the x86 shadow MMU, the nested MMU)
+//! plugs into.
+//!
+//! * [`Memslot`] / [`Memslots`]: guest memory slots with their per-frame rmap words and
+//!   dirty bitmaps in KVM's layout; [`slots`]: the published slot-set snapshot (SRCU).
+//! * [`memory`]: the [`HostMemory`] trait (guest frame -> host page, presence,
+//!   page-in/out) and the simulated host, [`SimHostMemory`].
+//! * [`notifier`]: the MMU-notifier invalidation sequence ([`InvalidateSeq`]).
+//! * [`mmu`]: the host-side interface every MMU implements, [`HostMmu`] (notifier
+//!   callbacks, aging, dirty log).
+//!
+//! ```
+//! use revmap_host::{HostMemory, Memslot, MemslotFlags, SlotView};
+//! use revmap_rmap::{Gfn, Hva, SlotId};
+//!
+//! // 1 MiB of guest frames from gfn 0x100, backed by 64 KiB host pages at 0x7f00_0000_0000.
+//! let slot = Memslot::new(
+//!     SlotId(0),
+//!     Gfn(0x100),
+//!     256,
+//!     16,
+//!     MemslotFlags::LOG_DIRTY_PAGES,
+//!     Hva(0x7f00_0000_0000),
+//! )?;
+//! assert_eq!(slot.gfn_to_hva(Gfn(0x101)), Some(Hva(0x7f00_0000_1000)));
+//! // The simulated host maps host virtual = host physical.
+//! assert_eq!(slot.host_pfn(Gfn(0x101)), Some(0x7f00_0000_1));
+//! // Host reclaim takes the whole 64 KiB host page away.
+//! assert!(slot.memory().page_out(Hva(0x7f00_0000_0000)));
+//! assert!(!slot.is_host_present(Gfn(0x10f)) && slot.is_host_present(Gfn(0x110)));
+//! // A 16-frame write dirties 16 bits of the KVM-layout bitmap; harvesting clears them.
+//! assert_eq!(slot.mark_dirty(Gfn(0x100), 16), 16);
+//! assert_eq!(slot.take_dirty_word(0), 0xffff);
+//! assert_eq!(SlotView::of(&slot).bitmap_words(), 4);
+//! # Ok::<(), revmap_host::MemslotError>(())
+//! ```
+//!
+//! # Memslots (KVM's `struct kvm_memory_slot`, lean version)
 //!
 //! A [`Memslot`] maps a contiguous run of guest frames `[base_gfn, base_gfn + npages)`
 //! onto host virtual memory at `userspace_addr`, and carries the per-frame metadata the
@@ -41,10 +79,14 @@
 extern crate alloc;
 
 pub mod memory;
+pub mod mmu;
+pub mod notifier;
 #[cfg(any(feature = "std", loom))]
 pub mod slots;
 
 pub use memory::{HostMemory, SimHostMemory};
+pub use mmu::{HostMmu, SlotView};
+pub use notifier::InvalidateSeq;
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;

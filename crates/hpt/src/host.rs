@@ -33,7 +33,7 @@ use crate::vm::Vm;
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use revmap_host::slots::SlotsWriter;
-use revmap_host::{HostMemory, Memslot, MemslotFlags};
+use revmap_host::{HostMemory, HostMmu, Memslot, MemslotFlags, SlotView};
 use revmap_rmap::sync::{spin_loop, AtomicBool, AtomicU64, Ordering};
 use revmap_rmap::{Gfn, Hva, Ptex, SlotId};
 
@@ -381,5 +381,83 @@ impl Vm {
     pub(crate) fn bump_mmio_update(&self) {
         // ORDERING: Relaxed: a generation counter for MMIO caches.
         self.mmio_update.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The host-side interface of the generic host layer, forwarded to the methods above
+/// and to those of [`notifier`](crate::notifier) and [`dirty`](crate::dirty).
+///
+/// Host code written against [`HostMmu`] drives this VM, and any other MMU, alike:
+///
+/// ```
+/// use revmap_hpt::{HostMmu, MemslotFlags, Vm, VmConfig};
+///
+/// /// Generic host code: reclaim the first 64 KiB of every slot.
+/// fn reclaim_head<H: HostMmu>(host: &H) -> u64 {
+///     host.memslot_views()
+///         .iter()
+///         .map(|s| host.unmap_hva_range(s.userspace_addr, s.hva_of(16)))
+///         .sum()
+/// }
+///
+/// let vm = Vm::new(VmConfig { ram_bytes: 64 << 20, hpt_order: 18, ..VmConfig::default() })?;
+/// assert_eq!(reclaim_head(&vm), 0, "nothing is mapped yet");
+/// let ram = vm.memslot_views()[0];
+/// vm.set_memslot_flags(ram.id, MemslotFlags::LOG_DIRTY_PAGES)?;
+/// let log = HostMmu::get_dirty_log(&vm, ram.id)?;
+/// assert_eq!(log.len() as u64, ram.bitmap_words());
+/// assert!(log.iter().all(|w| *w == 0));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+impl HostMmu for Vm {
+    type Error = HostError;
+
+    fn memslot_views(&self) -> Vec<SlotView> {
+        self.memslots()
+            .iter()
+            .filter(|s| !s.is_invalid())
+            .map(SlotView::of)
+            .collect()
+    }
+
+    fn invalidate_range_start(&self, start: Hva, end: Hva) {
+        Vm::invalidate_range_start(self, start, end)
+    }
+
+    fn invalidate_range_end(&self, start: Hva, end: Hva) {
+        Vm::invalidate_range_end(self, start, end)
+    }
+
+    fn unmap_hva_range(&self, start: Hva, end: Hva) -> u64 {
+        Vm::unmap_hva_range(self, start, end)
+    }
+
+    fn host_page_in(&self, start: Hva, end: Hva) {
+        Vm::host_page_in(self, start, end)
+    }
+
+    fn unmap_gfn_range(&self, slot: SlotId, start: Gfn, end: Gfn) -> u64 {
+        Vm::unmap_gfn_range(self, slot, start, end)
+    }
+
+    fn age_gfn(&self, slot: SlotId, start: Gfn, end: Gfn) -> bool {
+        Vm::age_gfn(self, slot, start, end)
+    }
+
+    fn test_age_gfn(&self, slot: SlotId, start: Gfn, end: Gfn) -> bool {
+        Vm::test_age_gfn(self, slot, start, end)
+    }
+
+    fn get_dirty_log(&self, slot: SlotId) -> Result<Vec<u64>, HostError> {
+        Vm::get_dirty_log(self, slot)
+    }
+
+    fn clear_dirty_log(
+        &self,
+        slot: SlotId,
+        first_page: u64,
+        bits: &[u64],
+    ) -> Result<(), HostError> {
+        Vm::clear_dirty_log(self, slot, first_page, bits)
     }
 }

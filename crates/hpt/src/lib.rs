@@ -47,7 +47,7 @@ pub use error::{HostError, HptError, Violation};
 pub use fault::FaultOutcome;
 pub use flavour::{result_masks, Flavour, ResultMask};
 pub use host::MemslotSpec;
-pub use revmap_host::MemslotFlags;
+pub use revmap_host::{HostMemory, HostMmu, MemslotFlags, SimHostMemory, SlotView};
 pub use run::{VcpuRun, VcpuRuns};
 pub use vm::{HcallResult, Vm, VmConfig};
 
