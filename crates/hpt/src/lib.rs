@@ -17,7 +17,9 @@
 //!
 //! Lock order: HPTE lock (HVLOCK) -> rmap lock (bit 43). No hypercall allocates or takes
 //! a global lock.
-#![cfg_attr(not(any(feature = "std", test)), no_std)]
+//!
+//! The crate needs `std` (the published memslot set and the resize protocol block on
+//! locks); only `revmap-rmap` and `revmap-host` build without it.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
