@@ -34,12 +34,6 @@ pub enum HptError {
     /// Table allocation failed.
     #[error(transparent)]
     Alloc(#[from] RmapError),
-    /// A benchmark fixture could not be built as asked (see `bench`).
-    #[error("benchmark fixture: {what}")]
-    Fixture {
-        /// What went wrong.
-        what: &'static str,
-    },
     /// All vCPU MMU slots are taken.
     #[error("no free vCPU MMU slot (at most {max})")]
     TooManyVcpus {

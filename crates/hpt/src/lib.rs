@@ -25,7 +25,6 @@
 
 extern crate alloc;
 
-pub mod bench;
 pub mod check;
 pub mod dirty;
 pub mod error;

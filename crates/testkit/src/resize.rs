@@ -3,7 +3,7 @@
 //! VSIDs and pages, 4K and 64K, primary and secondary groups, as a booted guest's
 //! table looks) grows by one order while vCPU threads keep making hypercalls (H_ENTER,
 //! H_READ, H_PROTECT, H_REMOVE of their own entries) through PREPARE and COMMIT. The
-//! figure is [`ResizeCtl::last_pause_ns`](super::ResizeCtl::last_pause_ns): gate
+//! figure is [`ResizeCtl::last_pause_ns`](revmap_hpt::resize::ResizeCtl::last_pause_ns): gate
 //! closed (vCPUs stopped) to gate reopened, measured inside the commit, for
 //! stop-the-world and pre-copy on identically populated VMs in the same run.
 //!
@@ -11,12 +11,11 @@
 //! table); every step returns an error rather than panicking; the vCPU threads are
 //! stopped and joined before a VM is dropped.
 
-use super::ResizeMode;
-use crate::error::HptError;
-use crate::hcall::*;
-use crate::vm::{Vm, VmConfig};
-use crate::Flavour;
-use alloc::vec::Vec;
+use revmap_hpt::hcall::*;
+use revmap_hpt::resize::ResizeMode;
+use revmap_hpt::vm::{Vm, VmConfig};
+use revmap_hpt::Flavour;
+use revmap_hpt::HptError;
 use revmap_rmap::sync::{thread, Arc, AtomicBool, AtomicU64, Ordering};
 
 /// What to measure.
@@ -212,7 +211,7 @@ fn measure(
     for id in 0..cfg.vcpus {
         let (vm, stop, done) = (vm.clone(), stop.clone(), done.clone());
         let h = thread::Builder::new()
-            .name(alloc::format!("bench-vcpu-{id}"))
+            .name(format!("bench-vcpu-{id}"))
             .spawn(move || vcpu_loop(&vm, id + 1, &stop, &done, frames));
         match h {
             Ok(h) => threads.push(h),
