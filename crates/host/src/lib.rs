@@ -78,6 +78,8 @@
 
 extern crate alloc;
 
+#[cfg(any(feature = "std", loom))]
+pub mod lifecycle;
 pub mod memory;
 pub mod mmu;
 pub mod notifier;
@@ -166,6 +168,19 @@ pub enum MemslotError {
     Overlap {
         /// The rejected slot's id.
         id: SlotId,
+    },
+    /// No memslot with this id (or it is being deleted or moved).
+    #[error("no memslot {id:?}")]
+    NoSuchSlot {
+        /// The id.
+        id: SlotId,
+    },
+    /// Flags userspace may not set (INVALID, unknown bits) or change (READONLY after
+    /// creation, as KVM's `-EINVAL`).
+    #[error("memslot flags {flags:?} not allowed here")]
+    BadFlags {
+        /// The flags asked for.
+        flags: MemslotFlags,
     },
     /// The host memory given for the slot covers fewer frames than the slot.
     #[error("host memory of {covered} pages cannot back a memslot of {npages} pages")]

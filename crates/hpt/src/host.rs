@@ -1,24 +1,20 @@
 //! The host side of a VM, part 1: memslot lifecycle (KVM_SET_USER_MEMORY_REGION) with the
-//! INVALID step, `mmu_ready`, and the per-VM host state.
+//! INVALID step, `mmu_ready`, the per-VM host state, and the VM's implementation of the
+//! host layer's [`HostMmu`] trait.
 //!
-//! # Lifecycle (kvm-rmap-anatomy A.8, D22, invariant 17)
+//! # Lifecycle
 //!
-//! Every change is made by the holder of the slot-set writer lock (`slots_lock`) and
-//! published as a new immutable snapshot; [`SlotsWriter::publish`] returns only when no
-//! reader (hypercall, fault, host walker) still uses the previous one (SRCU).
+//! The MMU-independent protocol (writer lock, snapshot publication with SRCU-like grace
+//! periods, the INVALID step, overlap checks, dirty-bitmap clearing on flag changes) is
+//! `revmap_host::lifecycle`; this module supplies the HPT's hooks:
 //!
-//! * **Create**: allocate the slot (rmap words, bitmap) fallibly, check overlaps, publish,
-//!   then turn every emulated-MMIO HPTE (ABSENT, key 31) whose frame the slot now backs
-//!   into a paged-out entry (key cleared) and bump `mmio_update` (KVM invalidates MMIO
-//!   caches on create), so that invariant 8 holds: key 31 never marks RAM.
-//! * **Delete / move**: publish the slot INVALID and wait for readers (from then on
-//!   H_ENTER and the fault path treat its frames as MMIO and no rmap of it can gain a
-//!   member), flush it (`kvmppc_core_flush_memslot_hv`: every chained HPTE unmapped,
-//!   ABSENT and off-chain, R/C harvested), then publish the set without it (delete) or
-//!   with it at its new base (move, same rmap array, then the MMIO sweep of the new
-//!   range).
-//! * **Flags**: dirty logging on/off (the bitmap is cleared when logging starts and when
-//!   it stops), manual dirty-log protection; READONLY cannot change (KVM's `-EINVAL`).
+//! * publication kicks vCPU run handles pinned on the old snapshot;
+//! * the flush of an INVALID slot is `kvmppc_core_flush_memslot_hv`: every chained HPTE
+//!   unmapped, ABSENT and off-chain, R/C harvested;
+//! * after a create or move, every emulated-MMIO HPTE (ABSENT, key 31) whose frame the
+//!   slot now backs becomes a paged-out entry (key cleared) and `mmio_update` is bumped
+//!   (KVM invalidates MMIO caches), so that key 31 never marks RAM (invariant 8); after a
+//!   delete `mmio_update` is bumped.
 //!
 //! # Invariants
 //!
@@ -32,8 +28,8 @@ use crate::hpte::{HpteR, HpteV};
 use crate::vm::Vm;
 use alloc::boxed::Box;
 use alloc::vec::Vec;
-use revmap_host::slots::SlotsWriter;
-use revmap_host::{HostMemory, HostMmu, Memslot, MemslotFlags, SlotView};
+use revmap_host::lifecycle::{self, MemslotArch, MemslotChange};
+use revmap_host::{HostMemory, HostMmu, Memslot, MemslotError, MemslotFlags, SlotView};
 use revmap_rmap::sync::{spin_loop, AtomicBool, AtomicU64, Ordering};
 use revmap_rmap::{Gfn, Hva, Ptex, SlotId};
 
@@ -64,6 +60,44 @@ impl MemslotSpec {
             userspace_addr: s.userspace_addr(),
             backing_page_shift: s.backing_page_shift(),
             flags: s.flags().difference(MemslotFlags::INVALID),
+        }
+    }
+}
+
+/// The lifecycle's errors as the VM reports them.
+fn host_error(e: MemslotError) -> HostError {
+    match e {
+        MemslotError::NoSuchSlot { id } => HostError::NoSuchSlot { id },
+        MemslotError::BadFlags { flags } => HostError::BadFlags {
+            flags: flags.bits(),
+        },
+        e => HostError::Memslot(e),
+    }
+}
+
+/// The HPT's memory-region hooks for the generic lifecycle (`revmap_host::lifecycle`).
+struct HptArch<'a>(&'a Vm);
+
+impl MemslotArch for HptArch<'_> {
+    /// vCPU run handles pinned on the old snapshot are kicked through the gate word
+    /// (`resize::cell`) so that they re-pin at their next hypercall, one mechanism for
+    /// both stop-the-world kinds.
+    fn kick_readers(&self) {
+        self.0.tables().kick();
+    }
+
+    fn flush_memslot(&self, slot: &Memslot) {
+        self.0.flush_memslot(slot);
+    }
+
+    /// Create and move turn the emulated-MMIO HPTEs of the new range into paged-out
+    /// entries (key 31 never marks RAM); every change invalidates MMIO caches.
+    fn commit_memory_region(&self, change: MemslotChange<'_>) {
+        match change {
+            MemslotChange::Create(s) | MemslotChange::Move(s) => {
+                self.0.reclassify_mmio(s.base_gfn(), s.end_gfn())
+            }
+            MemslotChange::Delete(_) => self.0.bump_mmio_update(),
         }
     }
 }
@@ -162,7 +196,7 @@ impl Vm {
             spec.flags,
             spec.userspace_addr,
         )?;
-        self.insert_memslot(slot)
+        lifecycle::create_memslot(self.slot_set(), &HptArch(self), slot).map_err(host_error)
     }
 
     /// Create a memslot (KVM_MR_CREATE) of `npages` frames from `base_gfn` over the host
@@ -180,7 +214,7 @@ impl Vm {
     ) -> Result<(), HostError> {
         Self::check_user_flags(flags)?;
         let slot = Memslot::with_memory(id, base_gfn, npages, flags, memory)?;
-        self.insert_memslot(slot)
+        lifecycle::create_memslot(self.slot_set(), &HptArch(self), slot).map_err(host_error)
     }
 
     fn check_user_flags(flags: MemslotFlags) -> Result<(), HostError> {
@@ -192,85 +226,22 @@ impl Vm {
         Ok(())
     }
 
-    /// Publish a new slot, then turn the MMIO entries of its range into paged-out ones.
-    fn insert_memslot(&self, slot: Memslot) -> Result<(), HostError> {
-        let (lo, hi) = (slot.base_gfn(), slot.end_gfn());
-        let mut w = self.slot_set().writer();
-        let mut next = w.next()?;
-        next.insert(slot)?;
-        self.publish_slots(&mut w, next);
-        self.reclassify_mmio(lo, hi);
-        Ok(())
-    }
-
     /// Delete a memslot (KVM_MR_DELETE): INVALID step, flush, removal (invariant 17).
     pub fn delete_memslot(&self, id: SlotId) -> Result<(), HostError> {
-        let mut w = self.slot_set().writer();
-        let old = Self::slot_of(&w, id)?;
-        self.invalidate_and_flush(&mut w, &old)?;
-        let mut next = w.next()?;
-        next.remove(id);
-        self.publish_slots(&mut w, next);
-        self.bump_mmio_update();
-        Ok(())
+        lifecycle::delete_memslot(self.slot_set(), &HptArch(self), id).map_err(host_error)
     }
 
     /// Move a memslot to `new_base` (KVM_MR_MOVE): INVALID step, flush, re-insert at the
-    /// new base with the same rmap array (reference D22). The new range is checked before
-    /// anything changes.
+    /// new base with the same rmap array. The new range is checked before anything
+    /// changes.
     pub fn move_memslot(&self, id: SlotId, new_base: Gfn) -> Result<(), HostError> {
-        let mut w = self.slot_set().writer();
-        let old = Self::slot_of(&w, id)?;
-        if new_base == old.base_gfn() {
-            return Ok(());
-        }
-        let moved = old.with_base(new_base)?;
-        {
-            // Overlap check against every other slot, before the INVALID step.
-            let mut probe = w.next()?;
-            probe.remove(id);
-            probe.insert(moved.clone())?;
-        }
-        self.invalidate_and_flush(&mut w, &old)?;
-        let mut next = w.next()?;
-        next.remove(id);
-        next.insert(moved.clone())?;
-        self.publish_slots(&mut w, next);
-        self.reclassify_mmio(moved.base_gfn(), moved.end_gfn());
-        Ok(())
+        lifecycle::move_memslot(self.slot_set(), &HptArch(self), id, new_base).map_err(host_error)
     }
 
     /// Change a memslot's flags (KVM_MR_FLAGS_ONLY): dirty logging on/off, manual
     /// dirty-log protection. READONLY cannot change; INVALID is internal.
     pub fn set_memslot_flags(&self, id: SlotId, flags: MemslotFlags) -> Result<(), HostError> {
-        let mut w = self.slot_set().writer();
-        let old = Self::slot_of(&w, id)?;
-        let bad = flags.difference(MemslotFlags::USER_MASK) != MemslotFlags::default()
-            || flags.contains(MemslotFlags::READONLY)
-                != old.flags().contains(MemslotFlags::READONLY);
-        if bad {
-            return Err(HostError::BadFlags {
-                flags: flags.bits(),
-            });
-        }
-        if flags == old.flags() {
-            return Ok(());
-        }
-        let log = MemslotFlags::LOG_DIRTY_PAGES;
-        let starts = flags.contains(log) && !old.flags().contains(log);
-        let stops = !flags.contains(log) && old.flags().contains(log);
-        if starts {
-            // Nobody records while logging is off: start from a clean bitmap.
-            old.clear_dirty_bitmap();
-        }
-        let mut next = w.next()?;
-        next.replace(old.with_flags(flags));
-        self.publish_slots(&mut w, next);
-        if stops {
-            // No reader of the logging snapshot is left: drop what it recorded.
-            old.clear_dirty_bitmap();
-        }
-        Ok(())
+        lifecycle::set_memslot_flags(self.slot_set(), &HptArch(self), id, flags).map_err(host_error)
     }
 
     /// The slot and frame backed by host address `hva` (first non-INVALID slot in gfn
@@ -294,35 +265,6 @@ impl Vm {
             .get(id)
             .filter(|s| !s.is_invalid())
             .map(MemslotSpec::of)
-    }
-
-    /// Publish `next` and wait for readers (SRCU): vCPU run handles pinned on the old
-    /// snapshot are kicked through the gate word (`resize::cell`) so that they re-pin
-    /// at their next hypercall, one mechanism for both stop-the-world kinds.
-    fn publish_slots(&self, w: &mut SlotsWriter<'_>, next: revmap_host::Memslots) {
-        w.publish_with(next, || self.tables().kick());
-    }
-
-    fn slot_of(w: &SlotsWriter<'_>, id: SlotId) -> Result<Memslot, HostError> {
-        w.current()
-            .get(id)
-            .filter(|s| !s.is_invalid())
-            .cloned()
-            .ok_or(HostError::NoSuchSlot { id })
-    }
-
-    /// The INVALID step and the flush of `old` (delete and move).
-    fn invalidate_and_flush(
-        &self,
-        w: &mut SlotsWriter<'_>,
-        old: &Memslot,
-    ) -> Result<(), HostError> {
-        let invalid = old.with_flags(old.flags().union(MemslotFlags::INVALID));
-        let mut next = w.next()?;
-        next.replace(invalid.clone());
-        self.publish_slots(w, next);
-        self.flush_memslot(&invalid);
-        Ok(())
     }
 
     /// `kvmppc_core_flush_memslot_hv`: unmap every HPTE chained on the slot. PRESENT is
