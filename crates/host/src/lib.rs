@@ -64,7 +64,7 @@
 //!
 //! * `npages >= 1`, the gfn range and the hva range do not overflow, `userspace_addr`
 //!   and `base_gfn` are aligned to the backing page size, and `npages` is bounded by
-//!   [`MEMSLOT_MAX_NPAGES`] (KVM's "rmap array larger than RAM" check, reference D14).
+//!   [`MEMSLOT_MAX_NPAGES`] (KVM's check in `kvm_alloc_memslot_metadata` that an rmap array is never larger than RAM).
 //! * `rmap.len() == npages`, `dirty_bitmap.len() == ceil(npages / 64)`, and bits of the
 //!   last dirty word beyond `npages` are never set.
 //! * Slots of one [`Memslots`] are sorted by `base_gfn` and never overlap.

@@ -45,8 +45,9 @@ fn enter_all(vm: &Vm, pages: u64, per_page: u64, shift: u32) -> Result<Vec<u32>,
         let r = (page << shift) | lp | HpteR::M | 2;
         let res = vm.hcall(0, H_ENTER, &[H_EXACT, i, v, r]);
         if res.ret != H_SUCCESS {
-            return Err(FixtureError::Invalid {
-                what: "H_ENTER of a fixture mapping failed",
+            return Err(FixtureError::Enter {
+                ptex: i,
+                ret: res.ret,
             });
         }
         ptexes.push(res.out[0] as u32);
@@ -67,9 +68,7 @@ impl UnmapFixture {
     /// entirely by HPTEs of `1 << page_shift` bytes (12 or 16).
     pub fn new(slot_bytes: u64, page_shift: u32) -> Result<Self, FixtureError> {
         if page_shift != 12 && page_shift != 16 {
-            return Err(FixtureError::Invalid {
-                what: "unmap fixture pages must be 4 KiB or 64 KiB",
-            });
+            return Err(FixtureError::PageShift { shift: page_shift });
         }
         let pages = slot_bytes >> page_shift;
         let vm = Vm::new(VmConfig {

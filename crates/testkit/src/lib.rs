@@ -36,10 +36,18 @@ pub enum FixtureError {
     /// Memory for the fixture could not be reserved.
     #[error(transparent)]
     Alloc(#[from] revmap_rmap::RmapError),
-    /// The fixture cannot be built as asked.
-    #[error("benchmark fixture: {what}")]
-    Invalid {
-        /// What went wrong.
-        what: &'static str,
+    /// H_ENTER of a fixture mapping failed.
+    #[error("benchmark fixture: H_ENTER at HPTE {ptex} returned {ret}")]
+    Enter {
+        /// The HPTE index asked for (H_EXACT).
+        ptex: u64,
+        /// The hypercall's return code.
+        ret: i64,
+    },
+    /// Unmap-fixture pages must be 4 KiB or 64 KiB.
+    #[error("benchmark fixture: page shift {shift} is neither 12 nor 16")]
+    PageShift {
+        /// The shift asked for.
+        shift: u32,
     },
 }

@@ -18,6 +18,24 @@ use revmap_hpt::Flavour;
 use revmap_hpt::HptError;
 use revmap_rmap::sync::{thread, Arc, AtomicBool, AtomicU64, Ordering};
 
+/// The two resize hypercalls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResizeCall {
+    /// `H_RESIZE_HPT_PREPARE`.
+    Prepare,
+    /// `H_RESIZE_HPT_COMMIT`.
+    Commit,
+}
+
+impl core::fmt::Display for ResizeCall {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            Self::Prepare => "H_RESIZE_HPT_PREPARE",
+            Self::Commit => "H_RESIZE_HPT_COMMIT",
+        })
+    }
+}
+
 /// What to measure.
 #[derive(Debug, Clone)]
 pub struct ResizeBenchConfig {
@@ -84,8 +102,8 @@ pub enum ResizeBenchError {
     Resize {
         /// Target order.
         order: u32,
-        /// Which hypercall.
-        what: &'static str,
+        /// Which hypercall (`H_RESIZE_HPT_PREPARE` or `H_RESIZE_HPT_COMMIT`).
+        what: ResizeCall,
         /// Its return code.
         ret: i64,
     },
@@ -222,16 +240,16 @@ fn measure(
     let res = (|| {
         let r = vm.hcall(0, H_RESIZE_HPT_PREPARE, &[0, new]).ret;
         if r != H_SUCCESS && !is_long_busy(r) {
-            return Err(("PREPARE", r));
+            return Err((ResizeCall::Prepare, r));
         }
         vm.resize_ctl().wait_prepared();
         let r = vm.hcall(0, H_RESIZE_HPT_PREPARE, &[0, new]).ret;
         if r != H_SUCCESS {
-            return Err(("PREPARE", r));
+            return Err((ResizeCall::Prepare, r));
         }
         let r = vm.hcall(0, H_RESIZE_HPT_COMMIT, &[0, new]).ret;
         if r != H_SUCCESS {
-            return Err(("COMMIT", r));
+            return Err((ResizeCall::Commit, r));
         }
         Ok(vm.resize_ctl().last_pause_ns())
     })();

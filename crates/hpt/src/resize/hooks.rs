@@ -32,6 +32,11 @@ mod noop {
     pub(crate) struct TestHooks;
 
     impl TestHooks {
+        /// No hooks.
+        pub(crate) const fn new() -> Self {
+            Self
+        }
+
         /// Never fails an allocation.
         #[inline(always)]
         pub(crate) fn take_alloc_failure(&self) -> bool {
@@ -73,6 +78,11 @@ mod imp {
     }
 
     impl TestHooks {
+        /// Hooks that hold nothing and fail nothing until a test sets them.
+        pub(crate) fn new() -> Self {
+            Self::default()
+        }
+
         pub(crate) fn inject_alloc_failure(&self) {
             // ORDERING: Relaxed: read by the worker spawned after this call (the spawn
             // synchronises).

@@ -174,7 +174,7 @@ impl ResizeCtl {
                 pending: Mutex::new(Pending::Idle),
                 changed: Condvar::new(),
                 next_id: AtomicU64::new(1),
-                hooks: TestHooks::default(),
+                hooks: TestHooks::new(),
                 stats: ResizeStats::default(),
                 mode: AtomicU64::new(ResizeMode::DEFAULT as u64),
                 last_pause_ns: AtomicU64::new(0),
