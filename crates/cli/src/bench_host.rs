@@ -13,7 +13,7 @@
 use crate::bench::{median, print_rows, Common, Row};
 use anyhow::{bail, Result};
 use clap::Args;
-use revmap_hpt::bench::{raw_scan, DirtyFixture, UnmapFixture};
+use revmap_testkit::host::{raw_scan, DirtyFixture, UnmapFixture};
 use serde::Serialize;
 use std::hint::black_box;
 use std::time::Instant;

@@ -1,13 +1,13 @@
 //! `revmap bench resize [--json]`: the HPT resize commit pause, stop-the-world vs
-//! pre-copy, for HPT orders 20..=26 (see `revmap_hpt::resize::bench`).
+//! pre-copy, for HPT orders 20..=26 (see `revmap_testkit::resize`).
 //!
 //! Invariants: bad arguments are clap errors (exit 2); a failed measurement prints a
 //! message and exits 2; `--json` prints one JSON object per line with `order`,
 //! `stop_the_world_pause_us`, `precopy_pause_us` and `ratio` (plus context fields).
 
 use clap::Args;
-use revmap_hpt::resize::bench::{run_resize_bench, ResizeBenchConfig, ResizeBenchRow};
 use revmap_hpt::Flavour;
+use revmap_testkit::resize::{run_resize_bench, ResizeBenchConfig, ResizeBenchRow};
 use std::process::ExitCode;
 
 /// Options of `revmap bench resize`.

@@ -7,9 +7,9 @@
 //! Sizes can be reduced with `REVMAP_BENCH_GIB` (default 16 for the dirty log) and the
 //! mapping counts chosen with `REVMAP_BENCH_PER_FRAME` (default `0,1,4`).
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
-use revmap_hpt::bench::{raw_scan, DirtyFixture, UnmapFixture};
 use revmap_hpt::{Vm, VmConfig};
 use revmap_rmap::Gfn;
+use revmap_testkit::host::{raw_scan, DirtyFixture, UnmapFixture};
 use std::hint::black_box;
 
 const GIB: u64 = 1 << 30;

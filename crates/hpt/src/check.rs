@@ -127,8 +127,13 @@ impl Vm {
                     why: "page larger than its backing page or slot misaligned",
                 });
             }
-            let host = s.gfn_to_hva(gfn).map(|h| h.0);
-            if host != Some(HpteR(r).page_addr(shifts.actual)) {
+            let Some(pfn) = s.host_pfn(gfn) else {
+                return Err(Violation::BadMapping {
+                    ptex: p,
+                    why: "VALID entry maps a host page that is not present",
+                });
+            };
+            if pfn << PAGE_SHIFT != HpteR(r).page_addr(shifts.actual) {
                 return Err(Violation::BadMapping {
                     ptex: p,
                     why: "real RPN is not the host page of the guest frame",

@@ -33,7 +33,7 @@ use crate::hpte::{HpteR, HpteV};
 use crate::table::Hpt;
 use crate::vm::Vm;
 use alloc::vec::Vec;
-use revmap_memslot::{Memslot, MemslotFlags};
+use revmap_host::{Memslot, MemslotFlags};
 use revmap_rmap::ring::{RMAP_CHANGED, RMAP_PRESENT};
 use revmap_rmap::{HpteLocks, Ptex, Rmap, RmapError, RmapWord, SlotId, PAGE_SHIFT};
 
@@ -109,7 +109,9 @@ impl Vm {
             return Err(HostError::DirtyLogDisabled { id });
         }
         if !s.flags().contains(MemslotFlags::DIRTY_LOG_MANUAL_PROTECT) {
-            return Err(HostError::BadFlags { flags: s.flags().0 });
+            return Err(HostError::BadFlags {
+                flags: s.flags().bits(),
+            });
         }
         let bad = HostError::BadDirtyRange {
             first_page,

@@ -2,7 +2,7 @@
 //! found by the whole-VM checker ([`Violation`]). Guest-facing failures are never Rust
 //! errors: they are PAPR return codes in an `HcallResult` (see `hcall`).
 
-use revmap_memslot::MemslotError;
+use revmap_host::{MemslotError, SlotCheckError};
 use revmap_rmap::ring::RmapViolation;
 use revmap_rmap::RmapError;
 
@@ -34,12 +34,6 @@ pub enum HptError {
     /// Table allocation failed.
     #[error(transparent)]
     Alloc(#[from] RmapError),
-    /// A benchmark fixture could not be built as asked (see `bench`).
-    #[error("benchmark fixture: {what}")]
-    Fixture {
-        /// What went wrong.
-        what: &'static str,
-    },
     /// All vCPU MMU slots are taken.
     #[error("no free vCPU MMU slot (at most {max})")]
     TooManyVcpus {
@@ -135,8 +129,8 @@ pub enum Violation {
         r: u64,
     },
     /// Memslot-level invariant (dirty bitmap shape, no dirty bits with logging off).
-    #[error("memslot: {0}")]
-    Memslot(&'static str),
+    #[error(transparent)]
+    Memslot(#[from] SlotCheckError),
     /// Invariant 17: a VALID HPTE or a PRESENT rmap word for a frame of a flushed
     /// (INVALID, deleted or moved-away) memslot range.
     #[error("frame {gfn:#x} of a flushed memslot is still mapped")]

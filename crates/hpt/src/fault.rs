@@ -32,7 +32,7 @@ use crate::flavour::{Target, WimgVerdict};
 use crate::hpte::{HpteR, HpteV};
 use crate::mmu::{Access, Fault};
 use crate::vm::Vm;
-use revmap_memslot::MemslotFlags;
+use revmap_host::MemslotFlags;
 use revmap_rmap::{Gpa, Hva, Ptex, PAGE_SHIFT};
 
 /// What the hypervisor's fault path decided.

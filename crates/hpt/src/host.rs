@@ -1,24 +1,20 @@
 //! The host side of a VM, part 1: memslot lifecycle (KVM_SET_USER_MEMORY_REGION) with the
-//! INVALID step, `mmu_ready`, and the per-VM host state.
+//! INVALID step, `mmu_ready`, the per-VM host state, and the VM's implementation of the
+//! host layer's [`HostMmu`] trait.
 //!
-//! # Lifecycle (kvm-rmap-anatomy A.8, D22, invariant 17)
+//! # Lifecycle
 //!
-//! Every change is made by the holder of the slot-set writer lock (`slots_lock`) and
-//! published as a new immutable snapshot; [`SlotsWriter::publish`] returns only when no
-//! reader (hypercall, fault, host walker) still uses the previous one (SRCU).
+//! The MMU-independent protocol (writer lock, snapshot publication with SRCU-like grace
+//! periods, the INVALID step, overlap checks, dirty-bitmap clearing on flag changes) is
+//! `revmap_host::lifecycle`; this module supplies the HPT's hooks:
 //!
-//! * **Create**: allocate the slot (rmap words, bitmap) fallibly, check overlaps, publish,
-//!   then turn every emulated-MMIO HPTE (ABSENT, key 31) whose frame the slot now backs
-//!   into a paged-out entry (key cleared) and bump `mmio_update` (KVM invalidates MMIO
-//!   caches on create), so that invariant 8 holds: key 31 never marks RAM.
-//! * **Delete / move**: publish the slot INVALID and wait for readers (from then on
-//!   H_ENTER and the fault path treat its frames as MMIO and no rmap of it can gain a
-//!   member), flush it (`kvmppc_core_flush_memslot_hv`: every chained HPTE unmapped,
-//!   ABSENT and off-chain, R/C harvested), then publish the set without it (delete) or
-//!   with it at its new base (move, same rmap array, then the MMIO sweep of the new
-//!   range).
-//! * **Flags**: dirty logging on/off (the bitmap is cleared when logging starts and when
-//!   it stops), manual dirty-log protection; READONLY cannot change (KVM's `-EINVAL`).
+//! * publication kicks vCPU run handles pinned on the old snapshot;
+//! * the flush of an INVALID slot is `kvmppc_core_flush_memslot_hv`: every chained HPTE
+//!   unmapped, ABSENT and off-chain, R/C harvested;
+//! * after a create or move, every emulated-MMIO HPTE (ABSENT, key 31) whose frame the
+//!   slot now backs becomes a paged-out entry (key cleared) and `mmio_update` is bumped
+//!   (KVM invalidates MMIO caches), so that key 31 never marks RAM (invariant 8); after a
+//!   delete `mmio_update` is bumped.
 //!
 //! # Invariants
 //!
@@ -30,9 +26,10 @@
 use crate::error::HostError;
 use crate::hpte::{HpteR, HpteV};
 use crate::vm::Vm;
+use alloc::boxed::Box;
 use alloc::vec::Vec;
-use revmap_memslot::slots::SlotsWriter;
-use revmap_memslot::{Memslot, MemslotFlags};
+use revmap_host::lifecycle::{self, MemslotArch, MemslotChange};
+use revmap_host::{HostMemory, HostMmu, Memslot, MemslotError, MemslotFlags, SlotView};
 use revmap_rmap::sync::{spin_loop, AtomicBool, AtomicU64, Ordering};
 use revmap_rmap::{Gfn, Hva, Ptex, SlotId};
 
@@ -63,6 +60,44 @@ impl MemslotSpec {
             userspace_addr: s.userspace_addr(),
             backing_page_shift: s.backing_page_shift(),
             flags: s.flags().difference(MemslotFlags::INVALID),
+        }
+    }
+}
+
+/// The lifecycle's errors as the VM reports them.
+fn host_error(e: MemslotError) -> HostError {
+    match e {
+        MemslotError::NoSuchSlot { id } => HostError::NoSuchSlot { id },
+        MemslotError::BadFlags { flags } => HostError::BadFlags {
+            flags: flags.bits(),
+        },
+        e => HostError::Memslot(e),
+    }
+}
+
+/// The HPT's memory-region hooks for the generic lifecycle (`revmap_host::lifecycle`).
+struct HptArch<'a>(&'a Vm);
+
+impl MemslotArch for HptArch<'_> {
+    /// vCPU run handles pinned on the old snapshot are kicked through the gate word
+    /// (`resize::cell`) so that they re-pin at their next hypercall, one mechanism for
+    /// both stop-the-world kinds.
+    fn kick_readers(&self) {
+        self.0.tables().kick();
+    }
+
+    fn flush_memslot(&self, slot: &Memslot) {
+        self.0.flush_memslot(slot);
+    }
+
+    /// Create and move turn the emulated-MMIO HPTEs of the new range into paged-out
+    /// entries (key 31 never marks RAM); every change invalidates MMIO caches.
+    fn commit_memory_region(&self, change: MemslotChange<'_>) {
+        match change {
+            MemslotChange::Create(s) | MemslotChange::Move(s) => {
+                self.0.reclassify_mmio(s.base_gfn(), s.end_gfn())
+            }
+            MemslotChange::Delete(_) => self.0.bump_mmio_update(),
         }
     }
 }
@@ -146,15 +181,13 @@ impl Vm {
         }
     }
 
-    /// Create a memslot (KVM_MR_CREATE). Fails on bad flags, size, alignment, overlap
-    /// with another slot's frames or id, or if the rmap array cannot be allocated
-    /// (reference D14: a clean error, nothing else changes). Host ranges may alias.
+    /// Create a memslot (KVM_MR_CREATE) over simulated host memory
+    /// ([`SimHostMemory`](revmap_host::SimHostMemory)) at `spec.userspace_addr`. Fails on
+    /// bad flags, size, alignment, overlap with another slot's frames or id, or if the
+    /// rmap array cannot be allocated (a clean error, nothing else changes). Host
+    /// ranges may alias.
     pub fn create_memslot(&self, spec: MemslotSpec) -> Result<(), HostError> {
-        if spec.flags.difference(MemslotFlags::USER_MASK) != MemslotFlags::default() {
-            return Err(HostError::BadFlags {
-                flags: spec.flags.0,
-            });
-        }
+        Self::check_user_flags(spec.flags)?;
         let slot = Memslot::new(
             spec.id,
             spec.base_gfn,
@@ -163,81 +196,52 @@ impl Vm {
             spec.flags,
             spec.userspace_addr,
         )?;
-        let (lo, hi) = (slot.base_gfn(), slot.end_gfn());
-        let mut w = self.slot_set().writer();
-        let mut next = w.next()?;
-        next.insert(slot)?;
-        self.publish_slots(&mut w, next);
-        self.reclassify_mmio(lo, hi);
+        lifecycle::create_memslot(self.slot_set(), &HptArch(self), slot).map_err(host_error)
+    }
+
+    /// Create a memslot (KVM_MR_CREATE) of `npages` frames from `base_gfn` over the host
+    /// memory `memory`: its host range starts at `memory.hva_range().0` and its backing
+    /// page shift is `memory.page_shift()`. Fails as
+    /// [`create_memslot`](Self::create_memslot) does, or if `memory` covers fewer than
+    /// `npages` frames.
+    pub fn create_memslot_with_memory(
+        &self,
+        id: SlotId,
+        base_gfn: Gfn,
+        npages: u64,
+        flags: MemslotFlags,
+        memory: Box<dyn HostMemory>,
+    ) -> Result<(), HostError> {
+        Self::check_user_flags(flags)?;
+        let slot = Memslot::with_memory(id, base_gfn, npages, flags, memory)?;
+        lifecycle::create_memslot(self.slot_set(), &HptArch(self), slot).map_err(host_error)
+    }
+
+    fn check_user_flags(flags: MemslotFlags) -> Result<(), HostError> {
+        if flags.difference(MemslotFlags::USER_MASK) != MemslotFlags::default() {
+            return Err(HostError::BadFlags {
+                flags: flags.bits(),
+            });
+        }
         Ok(())
     }
 
     /// Delete a memslot (KVM_MR_DELETE): INVALID step, flush, removal (invariant 17).
     pub fn delete_memslot(&self, id: SlotId) -> Result<(), HostError> {
-        let mut w = self.slot_set().writer();
-        let old = Self::slot_of(&w, id)?;
-        self.invalidate_and_flush(&mut w, &old)?;
-        let mut next = w.next()?;
-        next.remove(id);
-        self.publish_slots(&mut w, next);
-        self.bump_mmio_update();
-        Ok(())
+        lifecycle::delete_memslot(self.slot_set(), &HptArch(self), id).map_err(host_error)
     }
 
     /// Move a memslot to `new_base` (KVM_MR_MOVE): INVALID step, flush, re-insert at the
-    /// new base with the same rmap array (reference D22). The new range is checked before
-    /// anything changes.
+    /// new base with the same rmap array. The new range is checked before anything
+    /// changes.
     pub fn move_memslot(&self, id: SlotId, new_base: Gfn) -> Result<(), HostError> {
-        let mut w = self.slot_set().writer();
-        let old = Self::slot_of(&w, id)?;
-        if new_base == old.base_gfn() {
-            return Ok(());
-        }
-        let moved = old.with_base(new_base)?;
-        {
-            // Overlap check against every other slot, before the INVALID step.
-            let mut probe = w.next()?;
-            probe.remove(id);
-            probe.insert(moved.clone())?;
-        }
-        self.invalidate_and_flush(&mut w, &old)?;
-        let mut next = w.next()?;
-        next.remove(id);
-        next.insert(moved.clone())?;
-        self.publish_slots(&mut w, next);
-        self.reclassify_mmio(moved.base_gfn(), moved.end_gfn());
-        Ok(())
+        lifecycle::move_memslot(self.slot_set(), &HptArch(self), id, new_base).map_err(host_error)
     }
 
     /// Change a memslot's flags (KVM_MR_FLAGS_ONLY): dirty logging on/off, manual
     /// dirty-log protection. READONLY cannot change; INVALID is internal.
     pub fn set_memslot_flags(&self, id: SlotId, flags: MemslotFlags) -> Result<(), HostError> {
-        let mut w = self.slot_set().writer();
-        let old = Self::slot_of(&w, id)?;
-        let bad = flags.difference(MemslotFlags::USER_MASK) != MemslotFlags::default()
-            || flags.contains(MemslotFlags::READONLY)
-                != old.flags().contains(MemslotFlags::READONLY);
-        if bad {
-            return Err(HostError::BadFlags { flags: flags.0 });
-        }
-        if flags == old.flags() {
-            return Ok(());
-        }
-        let log = MemslotFlags::LOG_DIRTY_PAGES;
-        let starts = flags.contains(log) && !old.flags().contains(log);
-        let stops = !flags.contains(log) && old.flags().contains(log);
-        if starts {
-            // Nobody records while logging is off: start from a clean bitmap.
-            old.clear_dirty_bitmap();
-        }
-        let mut next = w.next()?;
-        next.replace(old.with_flags(flags));
-        self.publish_slots(&mut w, next);
-        if stops {
-            // No reader of the logging snapshot is left: drop what it recorded.
-            old.clear_dirty_bitmap();
-        }
-        Ok(())
+        lifecycle::set_memslot_flags(self.slot_set(), &HptArch(self), id, flags).map_err(host_error)
     }
 
     /// The slot and frame backed by host address `hva` (first non-INVALID slot in gfn
@@ -261,35 +265,6 @@ impl Vm {
             .get(id)
             .filter(|s| !s.is_invalid())
             .map(MemslotSpec::of)
-    }
-
-    /// Publish `next` and wait for readers (SRCU): vCPU run handles pinned on the old
-    /// snapshot are kicked through the gate word (`resize::cell`) so that they re-pin
-    /// at their next hypercall, one mechanism for both stop-the-world kinds.
-    fn publish_slots(&self, w: &mut SlotsWriter<'_>, next: revmap_memslot::Memslots) {
-        w.publish_with(next, || self.tables().kick());
-    }
-
-    fn slot_of(w: &SlotsWriter<'_>, id: SlotId) -> Result<Memslot, HostError> {
-        w.current()
-            .get(id)
-            .filter(|s| !s.is_invalid())
-            .cloned()
-            .ok_or(HostError::NoSuchSlot { id })
-    }
-
-    /// The INVALID step and the flush of `old` (delete and move).
-    fn invalidate_and_flush(
-        &self,
-        w: &mut SlotsWriter<'_>,
-        old: &Memslot,
-    ) -> Result<(), HostError> {
-        let invalid = old.with_flags(old.flags().union(MemslotFlags::INVALID));
-        let mut next = w.next()?;
-        next.replace(invalid.clone());
-        self.publish_slots(w, next);
-        self.flush_memslot(&invalid);
-        Ok(())
     }
 
     /// `kvmppc_core_flush_memslot_hv`: unmap every HPTE chained on the slot. PRESENT is
@@ -348,5 +323,83 @@ impl Vm {
     pub(crate) fn bump_mmio_update(&self) {
         // ORDERING: Relaxed: a generation counter for MMIO caches.
         self.mmio_update.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The host-side interface of the generic host layer, forwarded to the methods above
+/// and to those of [`notifier`](crate::notifier) and [`dirty`](crate::dirty).
+///
+/// Host code written against [`HostMmu`] drives this VM, and any other MMU, alike:
+///
+/// ```
+/// use revmap_hpt::{HostMmu, MemslotFlags, Vm, VmConfig};
+///
+/// /// Generic host code: reclaim the first 64 KiB of every slot.
+/// fn reclaim_head<H: HostMmu>(host: &H) -> u64 {
+///     host.memslot_views()
+///         .iter()
+///         .map(|s| host.unmap_hva_range(s.userspace_addr, s.hva_of(16)))
+///         .sum()
+/// }
+///
+/// let vm = Vm::new(VmConfig { ram_bytes: 64 << 20, hpt_order: 18, ..VmConfig::default() })?;
+/// assert_eq!(reclaim_head(&vm), 0, "nothing is mapped yet");
+/// let ram = vm.memslot_views()[0];
+/// vm.set_memslot_flags(ram.id, MemslotFlags::LOG_DIRTY_PAGES)?;
+/// let log = HostMmu::get_dirty_log(&vm, ram.id)?;
+/// assert_eq!(log.len() as u64, ram.bitmap_words());
+/// assert!(log.iter().all(|w| *w == 0));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+impl HostMmu for Vm {
+    type Error = HostError;
+
+    fn memslot_views(&self) -> Vec<SlotView> {
+        self.memslots()
+            .iter()
+            .filter(|s| !s.is_invalid())
+            .map(SlotView::of)
+            .collect()
+    }
+
+    fn invalidate_range_start(&self, start: Hva, end: Hva) {
+        Vm::invalidate_range_start(self, start, end)
+    }
+
+    fn invalidate_range_end(&self, start: Hva, end: Hva) {
+        Vm::invalidate_range_end(self, start, end)
+    }
+
+    fn unmap_hva_range(&self, start: Hva, end: Hva) -> u64 {
+        Vm::unmap_hva_range(self, start, end)
+    }
+
+    fn host_page_in(&self, start: Hva, end: Hva) {
+        Vm::host_page_in(self, start, end)
+    }
+
+    fn unmap_gfn_range(&self, slot: SlotId, start: Gfn, end: Gfn) -> u64 {
+        Vm::unmap_gfn_range(self, slot, start, end)
+    }
+
+    fn age_gfn(&self, slot: SlotId, start: Gfn, end: Gfn) -> bool {
+        Vm::age_gfn(self, slot, start, end)
+    }
+
+    fn test_age_gfn(&self, slot: SlotId, start: Gfn, end: Gfn) -> bool {
+        Vm::test_age_gfn(self, slot, start, end)
+    }
+
+    fn get_dirty_log(&self, slot: SlotId) -> Result<Vec<u64>, HostError> {
+        Vm::get_dirty_log(self, slot)
+    }
+
+    fn clear_dirty_log(
+        &self,
+        slot: SlotId,
+        first_page: u64,
+        bits: &[u64],
+    ) -> Result<(), HostError> {
+        Vm::clear_dirty_log(self, slot, first_page, bits)
     }
 }

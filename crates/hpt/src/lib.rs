@@ -17,13 +17,14 @@
 //!
 //! Lock order: HPTE lock (HVLOCK) -> rmap lock (bit 43). No hypercall allocates or takes
 //! a global lock.
-#![cfg_attr(not(any(feature = "std", test)), no_std)]
+//!
+//! The crate needs `std` (the published memslot set and the resize protocol block on
+//! locks); only `revmap-rmap` and `revmap-host` build without it.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 extern crate alloc;
 
-pub mod bench;
 pub mod check;
 pub mod dirty;
 pub mod error;
@@ -47,7 +48,7 @@ pub use error::{HostError, HptError, Violation};
 pub use fault::FaultOutcome;
 pub use flavour::{result_masks, Flavour, ResultMask};
 pub use host::MemslotSpec;
-pub use revmap_memslot::MemslotFlags;
+pub use revmap_host::{HostMemory, HostMmu, MemslotFlags, SimHostMemory, SlotView};
 pub use run::{VcpuRun, VcpuRuns};
 pub use vm::{HcallResult, Vm, VmConfig};
 

@@ -27,8 +27,8 @@
 use crate::hpte::{HpteR, HpteV};
 use crate::table::{Hpt, HpteGuard};
 use crate::vm::Vm;
-use revmap_memslot::slots::SlotsRef;
-use revmap_memslot::Memslot;
+use revmap_host::slots::SlotsRef;
+use revmap_host::Memslot;
 use revmap_rmap::{Gfn, HpteLocks, Hva, Ptex, Rmap, RmapGuard, SlotId, Visit, PAGE_SHIFT};
 
 /// Frames `[lo, hi)` of `slot` widened outward to whole host backing pages.

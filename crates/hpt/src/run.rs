@@ -34,7 +34,7 @@ use crate::resize::cell::{TableCell, OUT_OF_GATE};
 use crate::table::Hpt;
 use crate::tlb::MAX_VCPUS;
 use crate::vm::{is_resize_opcode, HcallResult, Vm};
-use revmap_memslot::Memslots;
+use revmap_host::Memslots;
 use revmap_rmap::sync::Arc;
 
 /// A set of vCPUs driven by one thread (the replay: one run per trace cpu id), each in

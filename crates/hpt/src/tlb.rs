@@ -23,8 +23,9 @@
 //!
 //! # mmu_invalidate_seq
 //!
-//! [`InvalidateSeq`] is KVM's `mmu_invalidate_seq` + `mmu_invalidate_in_progress`: a
-//! host-side invalidation (later issue) brackets its work with `begin`/`end`; H_ENTER
+//! [`InvalidateSeq`] (from the host layer, `revmap_host::notifier`) is KVM's
+//! `mmu_invalidate_seq` + `mmu_invalidate_in_progress`: a host-side invalidation
+//! brackets its work with `begin`/`end`; H_ENTER
 //! samples the sequence before translating gfn -> host pfn and checks
 //! [`InvalidateSeq::retry`] under the rmap lock, demoting the new HPTE to ABSENT on a
 //! race (invariant 15).
@@ -190,55 +191,9 @@ impl TlbDomain {
     }
 }
 
-/// KVM's `mmu_invalidate_seq` and `mmu_invalidate_in_progress`.
-#[derive(Debug, Default)]
-pub struct InvalidateSeq {
-    seq: AtomicU64,
-    in_progress: AtomicU64,
-}
-
-impl InvalidateSeq {
-    /// Sample the sequence before a gfn -> host translation (`mmu_invalidate_seq` read
-    /// followed by `smp_rmb`).
-    #[inline(always)]
-    pub fn sample(&self) -> u64 {
-        // ORDERING: Acquire: the later host-presence reads must not be hoisted above it.
-        self.seq.load(Ordering::Acquire)
-    }
-
-    /// True if an invalidation is running now.
-    #[inline(always)]
-    pub fn in_progress(&self) -> bool {
-        // ORDERING: Acquire, pairs with the Release in `begin`.
-        self.in_progress.load(Ordering::Acquire) != 0
-    }
-
-    /// `mmu_invalidate_retry`: must be called with the rmap lock held. True if an
-    /// invalidation is running or completed since `sampled`.
-    #[inline(always)]
-    pub fn retry(&self, sampled: u64) -> bool {
-        if self.in_progress() {
-            return true;
-        }
-        // ORDERING: Acquire (smp_rmb between the two reads).
-        self.seq.load(Ordering::Acquire) != sampled
-    }
-
-    /// Start a host-side invalidation (`mmu_invalidate_begin`).
-    pub fn begin(&self) {
-        // ORDERING: SeqCst so that it is ordered before the invalidation's rmap walk
-        // and visible to any inserter that takes an rmap lock after it.
-        self.in_progress.fetch_add(1, Ordering::SeqCst);
-    }
-
-    /// End a host-side invalidation (`mmu_invalidate_end`): bump the sequence, then
-    /// drop the in-progress count.
-    pub fn end(&self) {
-        // ORDERING: SeqCst: the sequence bump is visible before the count drops.
-        self.seq.fetch_add(1, Ordering::SeqCst);
-        self.in_progress.fetch_sub(1, Ordering::SeqCst);
-    }
-}
+/// KVM's `mmu_invalidate_seq` and `mmu_invalidate_in_progress`: generic, it lives in
+/// the host layer.
+pub use revmap_host::notifier::InvalidateSeq;
 
 #[cfg(all(test, not(loom)))]
 mod tests {
@@ -290,17 +245,5 @@ mod tests {
         d.end_access(i);
         h.join().unwrap();
         assert!(done.load(Ordering::SeqCst));
-    }
-
-    #[test]
-    fn invalidate_seq_retry() {
-        let s = InvalidateSeq::default();
-        let t = s.sample();
-        assert!(!s.retry(t));
-        s.begin();
-        assert!(s.retry(t) && s.in_progress());
-        s.end();
-        assert!(s.retry(t), "sequence moved");
-        assert!(!s.retry(s.sample()));
     }
 }

@@ -29,8 +29,8 @@ use crate::hpte::{HpteR, HpteV};
 use crate::resize::cell::{HostAccess, TableCell};
 use crate::table::{Hpt, HpteGuard};
 use crate::tlb::{InvalidateSeq, TlbDomain};
-use revmap_memslot::slots::{SlotSet, SlotsRef};
-use revmap_memslot::{Memslot, MemslotFlags, Memslots};
+use revmap_host::slots::{SlotSet, SlotsRef};
+use revmap_host::{Memslot, MemslotFlags, Memslots};
 use revmap_rmap::sync::{Arc, AtomicU64, Ordering};
 use revmap_rmap::{Gfn, HpteLocks, Hva, Ptex, SlotId, PAGE_SHIFT};
 

@@ -649,3 +649,105 @@ fn checker_reports_a_chained_entry_of_an_invalid_slot_as_unflushed() {
         Err(Violation::NotFlushed { gfn: 0x90 })
     );
 }
+
+// ---------------------------------------------------------------- host memory
+
+/// Host memory that is not the identity map: frame `i` of the range is host frame
+/// `pfn_base + i`, and pages can be taken away.
+#[derive(Debug)]
+struct OffsetMemory {
+    start: Hva,
+    npages: u64,
+    pfn_base: u64,
+    out: revmap_rmap::sync::AtomicBool,
+}
+
+impl revmap_host::HostMemory for OffsetMemory {
+    fn hva_range(&self) -> (Hva, Hva) {
+        (self.start, Hva(self.start.0 + (self.npages << 12)))
+    }
+    fn page_shift(&self) -> u32 {
+        12
+    }
+    fn hva_to_pfn(&self, hva: Hva) -> Option<u64> {
+        let i = hva.0.checked_sub(self.start.0)? >> 12;
+        let out = self.out.load(revmap_rmap::sync::Ordering::SeqCst);
+        (i < self.npages && !(out && i == 0)).then_some(self.pfn_base + i)
+    }
+    fn page_out(&self, hva: Hva) -> bool {
+        let hit = hva == self.start;
+        if hit {
+            self.out.store(true, revmap_rmap::sync::Ordering::SeqCst);
+        }
+        hit
+    }
+    fn page_in(&self, hva: Hva) -> bool {
+        let hit = hva == self.start;
+        if hit {
+            self.out.store(false, revmap_rmap::sync::Ordering::SeqCst);
+        }
+        hit
+    }
+}
+
+#[test]
+fn memslot_over_custom_host_memory_maps_its_frames() {
+    let vm = vm();
+    let base = 0x10_0000u64; // above the 64 MiB of RAM
+    let start = Hva(0x5000_0000_0000);
+    let mem = OffsetMemory {
+        start,
+        npages: 16,
+        pfn_base: 0x4_2000,
+        out: revmap_rmap::sync::AtomicBool::new(false),
+    };
+    vm.create_memslot_with_memory(
+        SlotId(9),
+        Gfn(base),
+        16,
+        MemslotFlags::default(),
+        Box::new(mem),
+    )
+    .unwrap();
+    let info = vm.memslot_info(SlotId(9)).unwrap();
+    assert_eq!((info.userspace_addr, info.backing_page_shift), (start, 12));
+
+    // The real RPN comes from the host memory, not from the identity map.
+    let p = enter(&vm, 12, 0x1000, (base + 1) << 12, 0);
+    assert_eq!(HpteR(r_of(&vm, p)).page_addr(12), (0x4_2000 + 1) << 12);
+    check(&vm);
+
+    // A host page the memory reports absent makes H_ENTER's entry ABSENT, and paging it
+    // out through the VM unmaps what maps it.
+    let q = enter(&vm, 12, 0x2000, base << 12, 0);
+    assert_ne!(v_of(&vm, q) & HpteV::VALID, 0);
+    assert_eq!(vm.unmap_hva_range(start, Hva(start.0 + 0x1000)), 1);
+    assert_eq!(v_of(&vm, q) & HpteV::VALID, 0);
+    let q2 = enter(&vm, 12, 0x3000, base << 12, 0);
+    assert_eq!(
+        v_of(&vm, q2) & HpteV::VALID,
+        0,
+        "absent host page: not VALID"
+    );
+    check(&vm);
+
+    // Memory smaller than the slot is refused.
+    let small = OffsetMemory {
+        start: Hva(0x6000_0000_0000),
+        npages: 4,
+        pfn_base: 0,
+        out: revmap_rmap::sync::AtomicBool::new(false),
+    };
+    assert!(matches!(
+        vm.create_memslot_with_memory(
+            SlotId(10),
+            Gfn(0x20_0000),
+            8,
+            MemslotFlags::default(),
+            Box::new(small)
+        ),
+        Err(HostError::Memslot(
+            revmap_host::MemslotError::BackingTooSmall { .. }
+        ))
+    ));
+}

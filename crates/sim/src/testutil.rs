@@ -16,6 +16,9 @@ use std::sync::Mutex;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Seen {
     Unmap(Hva, Hva),
+    InvalidateStart(Hva, Hva),
+    InvalidateEnd(Hva, Hva),
+    UnmapGfn(SlotId, Gfn, Gfn),
     PageIn(Hva, Hva),
     Age(SlotId, Gfn, Gfn),
     TestAge(SlotId, Gfn, Gfn),
@@ -170,6 +173,47 @@ impl HostMmu for FakeHost {
                     "unmap range {lo}..{hi} not an aligned power of two"
                 ));
             }
+            let f = &mut st.frames[k];
+            let mut unmapped = 0;
+            for i in lo..hi {
+                if f.present[i] {
+                    unmapped += 1;
+                    f.present[i] = false;
+                    f.referenced[i] = false;
+                }
+            }
+            unmapped
+        })
+    }
+
+    fn invalidate_range_start(&self, start: Hva, end: Hva) {
+        self.op(|st, slots| {
+            st.seen.push(Seen::InvalidateStart(start, end));
+            match hva_range(slots, start, end) {
+                Some((k, lo, hi)) => {
+                    let f = &mut st.frames[k];
+                    f.present[lo..hi].fill(false);
+                    f.referenced[lo..hi].fill(false);
+                }
+                None => st
+                    .violations
+                    .push(format!("invalidate outside RAM {start}..{end}")),
+            }
+        })
+    }
+
+    fn invalidate_range_end(&self, start: Hva, end: Hva) {
+        self.op(|st, _| st.seen.push(Seen::InvalidateEnd(start, end)))
+    }
+
+    fn unmap_gfn_range(&self, slot: SlotId, start: Gfn, end: Gfn) -> u64 {
+        self.op(|st, slots| {
+            st.seen.push(Seen::UnmapGfn(slot, start, end));
+            let Some((k, lo, hi)) = gfn_range(slots, slot, start, end) else {
+                st.violations
+                    .push(format!("unmap_gfn_range outside slot {start}..{end}"));
+                return 0;
+            };
             let f = &mut st.frames[k];
             let mut unmapped = 0;
             for i in lo..hi {

@@ -45,10 +45,10 @@
 //! it in front of KVM too). A COMMIT after a failed allocation answers H_NO_MEM in both
 //! flavours (spec 6).
 
-#[cfg(feature = "std")]
-pub mod bench;
 pub mod cell;
 mod flavour;
+#[cfg(feature = "std")]
+mod hooks;
 #[cfg(feature = "std")]
 mod precopy;
 pub mod rehash;

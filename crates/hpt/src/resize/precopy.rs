@@ -64,7 +64,7 @@ use crate::hpte::{HpteR, HpteV};
 use crate::table::Hpt;
 use crate::vm::Vm;
 use alloc::vec::Vec;
-use revmap_memslot::Memslots;
+use revmap_host::Memslots;
 use revmap_rmap::{Gfn, Ptex, PAGE_SHIFT};
 
 /// A bolted entry copied in step 2.

@@ -52,16 +52,8 @@ impl ResizeStats {
     }
 }
 
-/// Where a pre-copy commit stops for a test ([`ResizeCtl::hold_precopy_commit`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PrecopyHold {
-    /// Do not hold.
-    None = 0,
-    /// After the first copy, before the re-copy rounds.
-    BeforeRounds = 1,
-    /// After the rounds, before the final stop.
-    BeforeStop = 2,
-}
+pub use super::hooks::PrecopyHold;
+use super::hooks::TestHooks;
 
 /// Marks an HPTE as changed when dropped ([`ResizeCtl::track_on_exit`]).
 #[derive(Debug)]
@@ -145,12 +137,8 @@ struct Shared {
     pending: Mutex<Pending>,
     changed: Condvar,
     next_id: AtomicU64,
-    fail_next_alloc: AtomicBool,
-    hold: Mutex<bool>,
-    hold_cv: Condvar,
-    /// Test hook: (hold a pre-copy commit before it closes the gate, one is held now).
-    hold_commit: Mutex<(u8, bool)>,
-    hold_commit_cv: Condvar,
+    /// Test hooks (zero-sized without the `test-hooks` feature).
+    hooks: TestHooks,
     stats: ResizeStats,
     /// The commit mode (`ResizeMode as u64`).
     mode: AtomicU64,
@@ -186,11 +174,7 @@ impl ResizeCtl {
                 pending: Mutex::new(Pending::Idle),
                 changed: Condvar::new(),
                 next_id: AtomicU64::new(1),
-                fail_next_alloc: AtomicBool::new(false),
-                hold: Mutex::new(false),
-                hold_cv: Condvar::new(),
-                hold_commit: Mutex::new((0, false)),
-                hold_commit_cv: Condvar::new(),
+                hooks: TestHooks::new(),
                 stats: ResizeStats::default(),
                 mode: AtomicU64::new(ResizeMode::DEFAULT as u64),
                 last_pause_ns: AtomicU64::new(0),
@@ -319,62 +303,44 @@ impl ResizeCtl {
     }
 
     /// Make the next preparation's allocation fail (H_NO_MEM), for tests.
+    #[cfg(feature = "test-hooks")]
     pub fn inject_alloc_failure(&self) {
-        // ORDERING: Relaxed: read by the worker spawned after this call (the spawn
-        // synchronises).
-        self.shared.fail_next_alloc.store(true, Ordering::Relaxed);
+        self.shared.hooks.inject_alloc_failure();
     }
 
     /// Hold (true) or release (false) every preparation worker before it allocates,
     /// so tests can act while a preparation is in progress.
+    #[cfg(feature = "test-hooks")]
     pub fn hold_preparation(&self, hold: bool) {
-        *lock(&self.shared.hold) = hold;
-        self.shared.hold_cv.notify_all();
+        self.shared.hooks.hold_preparation(hold);
     }
 
     /// Hold every pre-copy COMMIT at `at` (or release with [`PrecopyHold::None`]), so
     /// tests can change the guest while the commit copies: before the re-copy rounds
     /// (the rounds must pick the changes up) or just before the final stop (the stop
     /// must re-apply them).
+    #[cfg(feature = "test-hooks")]
     pub fn hold_precopy_commit(&self, at: PrecopyHold) {
-        lock(&self.shared.hold_commit).0 = at as u8;
-        self.shared.hold_commit_cv.notify_all();
+        self.shared.hooks.hold_precopy_commit(at);
     }
 
     /// Block until a pre-copy COMMIT is held by [`hold_precopy_commit`](Self::hold_precopy_commit).
+    #[cfg(feature = "test-hooks")]
     pub fn wait_precopy_commit_held(&self) {
-        let mut h = lock(&self.shared.hold_commit);
-        while !h.1 {
-            h = self
-                .shared
-                .hold_commit_cv
-                .wait(h)
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-        }
+        self.shared.hooks.wait_precopy_commit_held();
     }
 
     /// Whether a pre-copy COMMIT is held now (see
     /// [`hold_precopy_commit`](Self::hold_precopy_commit)).
+    #[cfg(feature = "test-hooks")]
     pub fn precopy_commit_held(&self) -> bool {
-        lock(&self.shared.hold_commit).1
+        self.shared.hooks.precopy_commit_held()
     }
 
-    /// The committer's side of the hook.
+    /// The committer's side of the pre-copy hold hook (a no-op without `test-hooks`).
+    #[inline(always)]
     pub(super) fn precopy_hold_point(&self, here: PrecopyHold) {
-        let mut h = lock(&self.shared.hold_commit);
-        if h.0 != here as u8 || here == PrecopyHold::None {
-            return;
-        }
-        h.1 = true;
-        self.shared.hold_commit_cv.notify_all();
-        while h.0 == here as u8 {
-            h = self
-                .shared
-                .hold_commit_cv
-                .wait(h)
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-        }
-        h.1 = false;
+        self.shared.hooks.precopy_point(here);
     }
 
     /// Block until no preparation is in progress (the pending request is not
@@ -433,17 +399,8 @@ impl ResizeCtl {
 /// `resize_hpt_prepare_work`: allocate outside the lock, then publish if still
 /// current, else free (the worker owns a detached request).
 fn prepare_worker(shared: Arc<Shared>, order: u32, id: u64, flavour: Flavour) {
-    {
-        let mut h = lock(&shared.hold);
-        while *h {
-            h = shared
-                .hold_cv
-                .wait(h)
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-        }
-    }
-    // ORDERING: Relaxed: a test hook, see `inject_alloc_failure`.
-    let fail = shared.fail_next_alloc.swap(false, Ordering::Relaxed);
+    shared.hooks.preparation_point();
+    let fail = shared.hooks.take_alloc_failure();
     let res = if fail {
         Err(ResizeError::NoMem)
     } else if flavour.resize_table_reads_zero_until_written() {

@@ -296,6 +296,11 @@ fn a_panicking_actor_is_reported_and_does_not_hang_pause() {
         fn unmap_hva_range(&self, _: Hva, _: Hva) -> u64 {
             panic!("boom")
         }
+        fn invalidate_range_start(&self, _: Hva, _: Hva) {}
+        fn invalidate_range_end(&self, _: Hva, _: Hva) {}
+        fn unmap_gfn_range(&self, _: SlotId, _: Gfn, _: Gfn) -> u64 {
+            0
+        }
         fn host_page_in(&self, _: Hva, _: Hva) {}
         fn age_gfn(&self, _: SlotId, _: Gfn, _: Gfn) -> bool {
             false

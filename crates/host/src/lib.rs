@@ -1,4 +1,42 @@
-//! Guest memory slots (KVM's `struct kvm_memory_slot`, lean version).
+//! The generic host layer of a hypervisor MMU model (the role of KVM's `virt/kvm`):
+//! what every guest MMU (the hashed page table, the x86 shadow MMU, the nested MMU)
+//! plugs into.
+//!
+//! * [`Memslot`] / [`Memslots`]: guest memory slots with their per-frame rmap words and
+//!   dirty bitmaps in KVM's layout; [`slots`]: the published slot-set snapshot (SRCU).
+//! * [`memory`]: the [`HostMemory`] trait (guest frame -> host page, presence,
+//!   page-in/out) and the simulated host, [`SimHostMemory`].
+//! * [`notifier`]: the MMU-notifier invalidation sequence ([`InvalidateSeq`]).
+//! * [`mmu`]: the host-side interface every MMU implements, [`HostMmu`] (notifier
+//!   callbacks, aging, dirty log).
+//!
+//! ```
+//! use revmap_host::{HostMemory, Memslot, MemslotFlags, SlotView};
+//! use revmap_rmap::{Gfn, Hva, SlotId};
+//!
+//! // 1 MiB of guest frames from gfn 0x100, backed by 64 KiB host pages at 0x7f00_0000_0000.
+//! let slot = Memslot::new(
+//!     SlotId(0),
+//!     Gfn(0x100),
+//!     256,
+//!     16,
+//!     MemslotFlags::LOG_DIRTY_PAGES,
+//!     Hva(0x7f00_0000_0000),
+//! )?;
+//! assert_eq!(slot.gfn_to_hva(Gfn(0x101)), Some(Hva(0x7f00_0000_1000)));
+//! // The simulated host maps host virtual = host physical.
+//! assert_eq!(slot.host_pfn(Gfn(0x101)), Some(0x7f00_0000_1));
+//! // Host reclaim takes the whole 64 KiB host page away.
+//! assert!(slot.memory().page_out(Hva(0x7f00_0000_0000)));
+//! assert!(!slot.is_host_present(Gfn(0x10f)) && slot.is_host_present(Gfn(0x110)));
+//! // A 16-frame write dirties 16 bits of the KVM-layout bitmap; harvesting clears them.
+//! assert_eq!(slot.mark_dirty(Gfn(0x100), 16), 16);
+//! assert_eq!(slot.take_dirty_word(0), 0xffff);
+//! assert_eq!(SlotView::of(&slot).bitmap_words(), 4);
+//! # Ok::<(), revmap_host::MemslotError>(())
+//! ```
+//!
+//! # Memslots (KVM's `struct kvm_memory_slot`, lean version)
 //!
 //! A [`Memslot`] maps a contiguous run of guest frames `[base_gfn, base_gfn + npages)`
 //! onto host virtual memory at `userspace_addr`, and carries the per-frame metadata the
@@ -8,14 +46,12 @@
 //!   of HPTEs that map that frame;
 //! * a dirty bitmap in KVM's `u64` layout: bit `i % 64` of word `i / 64` is frame
 //!   `base_gfn + i` (`memslot->dirty_bitmap`, first half only);
-//! * a host backing model: the slot is backed by host pages of `backing_page_shift`
-//!   (4 KiB, 64 KiB, 16 MiB, ...), each present or not ("paged out"). The model's host
-//!   physical frame of guest frame `g` is `(userspace_addr >> 12) + (g - base_gfn)`:
-//!   host physical = host virtual (an identity host mapping), so a real HPTE never
-//!   carries the guest's RPN and leaks of the real word are visible in tests.
+//! * the host memory behind its host virtual range, a [`HostMemory`] (guest frame ->
+//!   host page, presence, page-in/out): [`SimHostMemory`], the simulated host, by
+//!   default, or any implementation given to [`Memslot::with_memory`].
 //!
 //! A [`Memslot`] is a small *descriptor* (id, gfn range, flags) over shared per-slot
-//! data (the rmap words, dirty bitmap and host backing model, behind an `Arc`): moving a
+//! data (the rmap words, dirty bitmap and host memory, behind an `Arc`): moving a
 //! slot or changing its flags makes a new descriptor over the same data, as KVM inherits
 //! `memslot->arch.rmap` on MOVE and FLAGS_ONLY.
 //!
@@ -28,7 +64,7 @@
 //!
 //! * `npages >= 1`, the gfn range and the hva range do not overflow, `userspace_addr`
 //!   and `base_gfn` are aligned to the backing page size, and `npages` is bounded by
-//!   [`MEMSLOT_MAX_NPAGES`] (KVM's "rmap array larger than RAM" check, reference D14).
+//!   [`MEMSLOT_MAX_NPAGES`] (KVM's check in `kvm_alloc_memslot_metadata` that an rmap array is never larger than RAM).
 //! * `rmap.len() == npages`, `dirty_bitmap.len() == ceil(npages / 64)`, and bits of the
 //!   last dirty word beyond `npages` are never set.
 //! * Slots of one [`Memslots`] are sorted by `base_gfn` and never overlap.
@@ -43,7 +79,16 @@
 extern crate alloc;
 
 #[cfg(any(feature = "std", loom))]
+pub mod lifecycle;
+pub mod memory;
+pub mod mmu;
+pub mod notifier;
+#[cfg(any(feature = "std", loom))]
 pub mod slots;
+
+pub use memory::{HostMemory, SimHostMemory};
+pub use mmu::{HostMmu, SlotView};
+pub use notifier::InvalidateSeq;
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -59,42 +104,31 @@ pub const MEMSLOT_MAX_NPAGES: u64 = 1 << 30;
 /// Smallest and largest supported host backing page shifts.
 pub const BACKING_SHIFTS: core::ops::RangeInclusive<u32> = PAGE_SHIFT..=34;
 
-/// Memslot flags (KVM's `KVM_MEM_*` plus the internal INVALID state).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct MemslotFlags(pub u32);
+bitflags::bitflags! {
+    /// Memslot flags (KVM's `KVM_MEM_*` plus the internal INVALID state).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+    pub struct MemslotFlags: u32 {
+        /// `KVM_MEM_LOG_DIRTY_PAGES`: C bits harvested from HPTEs are recorded in the
+        /// dirty bitmap.
+        const LOG_DIRTY_PAGES = 1 << 0;
+        /// `KVM_MEM_READONLY`: the host mapping is read-only; real HPTEs are made
+        /// read-only.
+        const READONLY = 1 << 1;
+        /// `KVM_DIRTY_LOG_MANUAL_PROTECT` (a VM capability in KVM, a per-slot flag here):
+        /// `KVM_GET_DIRTY_LOG` returns the bitmap without clearing it;
+        /// `KVM_CLEAR_DIRTY_LOG` clears it.
+        const DIRTY_LOG_MANUAL_PROTECT = 1 << 2;
+        /// `KVM_MEMSLOT_INVALID`: the slot is being deleted or moved; lookups still find
+        /// it but H_ENTER and the fault path treat its frames as emulated MMIO.
+        const INVALID = 1 << 16;
+    }
+}
 
 impl MemslotFlags {
-    /// `KVM_MEM_LOG_DIRTY_PAGES`: C bits harvested from HPTEs are recorded in the
-    /// dirty bitmap.
-    pub const LOG_DIRTY_PAGES: Self = Self(1 << 0);
-    /// `KVM_MEM_READONLY`: the host mapping is read-only; real HPTEs are made read-only.
-    pub const READONLY: Self = Self(1 << 1);
-    /// `KVM_DIRTY_LOG_MANUAL_PROTECT` (a VM capability in KVM, a per-slot flag here):
-    /// `KVM_GET_DIRTY_LOG` returns the bitmap without clearing it; `KVM_CLEAR_DIRTY_LOG`
-    /// clears it.
-    pub const DIRTY_LOG_MANUAL_PROTECT: Self = Self(1 << 2);
-    /// `KVM_MEMSLOT_INVALID`: the slot is being deleted or moved; lookups still find it
-    /// but H_ENTER and the fault path treat its frames as emulated MMIO.
-    pub const INVALID: Self = Self(1 << 16);
     /// Flags userspace may set (everything but the internal INVALID state).
-    pub const USER_MASK: Self =
-        Self(Self::LOG_DIRTY_PAGES.0 | Self::READONLY.0 | Self::DIRTY_LOG_MANUAL_PROTECT.0);
-
-    /// True if every flag of `other` is set.
-    #[inline]
-    pub const fn contains(self, other: Self) -> bool {
-        self.0 & other.0 == other.0
-    }
-    /// Union of two flag sets.
-    #[inline]
-    pub const fn union(self, other: Self) -> Self {
-        Self(self.0 | other.0)
-    }
-    /// These flags without those of `other`.
-    #[inline]
-    pub const fn difference(self, other: Self) -> Self {
-        Self(self.0 & !other.0)
-    }
+    pub const USER_MASK: Self = Self::LOG_DIRTY_PAGES
+        .union(Self::READONLY)
+        .union(Self::DIRTY_LOG_MANUAL_PROTECT);
 }
 
 /// Why a memslot could not be created or inserted.
@@ -135,9 +169,64 @@ pub enum MemslotError {
         /// The rejected slot's id.
         id: SlotId,
     },
+    /// No memslot with this id (or it is being deleted or moved).
+    #[error("no memslot {id:?}")]
+    NoSuchSlot {
+        /// The id.
+        id: SlotId,
+    },
+    /// Flags userspace may not set (INVALID, unknown bits) or change (READONLY after
+    /// creation, as KVM's `-EINVAL`).
+    #[error("memslot flags {flags:?} not allowed here")]
+    BadFlags {
+        /// The flags asked for.
+        flags: MemslotFlags,
+    },
+    /// The host memory given for the slot covers fewer frames than the slot.
+    #[error("host memory of {covered} pages cannot back a memslot of {npages} pages")]
+    BackingTooSmall {
+        /// Frames of the slot.
+        npages: u64,
+        /// Frames the host memory covers.
+        covered: u64,
+    },
     /// Metadata allocation failed.
     #[error(transparent)]
     Alloc(#[from] RmapError),
+}
+
+/// A memslot invariant found broken by [`Memslot::check`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SlotCheckError {
+    /// The rmap array does not hold one word per frame.
+    #[error("memslot {id:?}: rmap array of {len} words differs from npages")]
+    RmapLength {
+        /// The slot.
+        id: SlotId,
+        /// Words found.
+        len: usize,
+    },
+    /// The dirty bitmap does not hold `ceil(npages / 64)` words.
+    #[error("memslot {id:?}: dirty bitmap of {len} words differs from ceil(npages/64)")]
+    BitmapLength {
+        /// The slot.
+        id: SlotId,
+        /// Words found.
+        len: usize,
+    },
+    /// Dirty bits are recorded although dirty logging is off.
+    #[error("memslot {id:?}: dirty bits recorded while dirty logging is off")]
+    DirtyWhileNotLogging {
+        /// The slot.
+        id: SlotId,
+    },
+    /// A bit of the last dirty word beyond the end of the slot is set.
+    #[error("memslot {id:?}: dirty bit set beyond the end of the slot")]
+    BitmapTail {
+        /// The slot.
+        id: SlotId,
+    },
 }
 
 /// One guest memory slot: a descriptor (id, gfn range, flags) over its shared rmap
@@ -155,16 +244,20 @@ pub struct Memslot {
 /// `memslot->arch.rmap` across MOVE and FLAGS_ONLY).
 #[derive(Debug)]
 struct SlotData {
+    /// `memory.page_shift()`, cached for the hot path.
     backing_page_shift: u32,
+    /// `memory.hva_range().0`, cached for the hot path.
     userspace_addr: Hva,
     rmap: Box<[Rmap]>,
     dirty_bitmap: Box<[AtomicU64]>,
-    /// One bit per backing page: set = the host page is present (mapped).
-    host_present: Box<[AtomicU64]>,
+    /// The host memory behind `[userspace_addr, userspace_addr + npages * 4K)`.
+    memory: Box<dyn HostMemory>,
 }
 
 impl Memslot {
-    /// Create a slot; every host backing page starts present, the dirty bitmap clear.
+    /// Create a slot over simulated host memory ([`SimHostMemory`]) at
+    /// `userspace_addr` in host pages of `backing_page_shift`; every host page starts
+    /// present, the dirty bitmap clear.
     ///
     /// Allocation is fallible: a slot too large for memory is [`MemslotError::Alloc`],
     /// never an abort.
@@ -176,6 +269,39 @@ impl Memslot {
         flags: MemslotFlags,
         userspace_addr: Hva,
     ) -> Result<Self, MemslotError> {
+        Self::validate(base_gfn, npages, backing_page_shift, userspace_addr)?;
+        let memory = SimHostMemory::new(userspace_addr, npages, backing_page_shift)?;
+        Self::build(id, base_gfn, npages, flags, Box::new(memory))
+    }
+
+    /// Create a slot of `npages` frames from `base_gfn` over `memory`: the slot's host
+    /// virtual range starts at `memory.hva_range().0` and its backing page shift is
+    /// `memory.page_shift()`. Fails like [`new`](Self::new), or with
+    /// [`MemslotError::BackingTooSmall`] if `memory` covers fewer than `npages` frames.
+    pub fn with_memory(
+        id: SlotId,
+        base_gfn: Gfn,
+        npages: u64,
+        flags: MemslotFlags,
+        memory: Box<dyn HostMemory>,
+    ) -> Result<Self, MemslotError> {
+        let (start, end) = memory.hva_range();
+        let shift = memory.page_shift();
+        Self::validate(base_gfn, npages, shift, start)?;
+        let covered = end.0.saturating_sub(start.0) >> PAGE_SHIFT;
+        if covered < npages {
+            return Err(MemslotError::BackingTooSmall { npages, covered });
+        }
+        Self::build(id, base_gfn, npages, flags, memory)
+    }
+
+    /// The size, range and alignment checks shared by both constructors.
+    fn validate(
+        base_gfn: Gfn,
+        npages: u64,
+        backing_page_shift: u32,
+        userspace_addr: Hva,
+    ) -> Result<(), MemslotError> {
         if npages == 0 {
             return Err(MemslotError::Empty);
         }
@@ -204,29 +330,31 @@ impl Memslot {
                 shift: backing_page_shift,
             });
         }
+        Ok(())
+    }
+
+    /// Allocate the rmap words and dirty bitmap of a validated slot.
+    fn build(
+        id: SlotId,
+        base_gfn: Gfn,
+        npages: u64,
+        flags: MemslotFlags,
+        memory: Box<dyn HostMemory>,
+    ) -> Result<Self, MemslotError> {
         let n = usize::try_from(npages).map_err(|_| MemslotError::TooLarge { npages })?;
-        let words = n.div_ceil(64);
-        let nbacking = npages.div_ceil(frames_per_backing);
-        let backing_words = usize::try_from(nbacking.div_ceil(64))
-            .map_err(|_| MemslotError::TooLarge { npages })?;
         let rmap = Rmap::new_array(n)?;
-        let dirty_bitmap = try_boxed_slice(words, |_| AtomicU64::new(0))?;
-        let host_present = try_boxed_slice(backing_words, |w| {
-            let first = w as u64 * 64;
-            let left = nbacking.saturating_sub(first).min(64);
-            AtomicU64::new(if left == 64 { !0 } else { (1u64 << left) - 1 })
-        })?;
+        let dirty_bitmap = try_boxed_slice(n.div_ceil(64), |_| AtomicU64::new(0))?;
         Ok(Self {
             id,
             base_gfn,
             npages,
             flags,
             data: Arc::new(SlotData {
-                backing_page_shift,
-                userspace_addr,
+                backing_page_shift: memory.page_shift(),
+                userspace_addr: memory.hva_range().0,
                 rmap,
                 dirty_bitmap,
-                host_present,
+                memory,
             }),
         })
     }
@@ -403,25 +531,17 @@ impl Memslot {
         }
     }
 
-    #[inline(always)]
-    fn backing_index(&self, gfn: Gfn) -> Option<usize> {
-        let i = self.index_of(gfn)?;
-        Some(i >> (self.data.backing_page_shift - PAGE_SHIFT))
+    /// The host memory behind the slot.
+    #[inline]
+    pub fn memory(&self) -> &dyn HostMemory {
+        &*self.data.memory
     }
 
-    /// The host physical frame backing `gfn`, or `None` if the host page is not present
-    /// (paged out) or `gfn` is outside the slot. In this model host physical = host
-    /// virtual (see the module docs).
+    /// The host physical frame backing `gfn` (KVM's `__gfn_to_pfn_memslot`), or `None`
+    /// if the host page is not present (paged out) or `gfn` is outside the slot.
     #[inline(always)]
     pub fn host_pfn(&self, gfn: Gfn) -> Option<u64> {
-        let b = self.backing_index(gfn)?;
-        let word = self.data.host_present.get(b / 64)?;
-        // ORDERING: Acquire pairs with the Release in `set_host_present`; the caller's
-        // mmu_invalidate_seq sample/retry protocol decides whether the answer is used.
-        if word.load(Ordering::Acquire) & (1 << (b % 64)) == 0 {
-            return None;
-        }
-        self.gfn_to_hva(gfn).map(|h| h.0 >> PAGE_SHIFT)
+        self.data.memory.hva_to_pfn(self.gfn_to_hva(gfn)?)
     }
 
     /// Whether the host backing page holding `gfn` is present.
@@ -430,24 +550,19 @@ impl Memslot {
         self.host_pfn(gfn).is_some()
     }
 
-    /// Mark the host backing page holding `gfn` present or not present (the host-side
-    /// issue's page-out/page-in; callers bracket it with an MMU invalidation).
-    /// Returns false if `gfn` is outside the slot.
+    /// Mark the host backing page holding `gfn` present or not present (host page-in /
+    /// page-out through [`HostMemory`]; callers bracket a page-out with an MMU
+    /// invalidation). Returns false if `gfn` is outside the slot or the host memory
+    /// refused.
     pub fn set_host_present(&self, gfn: Gfn, present: bool) -> bool {
-        let Some(b) = self.backing_index(gfn) else {
+        let Some(hva) = self.gfn_to_hva(gfn) else {
             return false;
         };
-        let Some(word) = self.data.host_present.get(b / 64) else {
-            return false;
-        };
-        let bit = 1u64 << (b % 64);
-        // ORDERING: Release so a reader that sees the bit also sees what preceded it.
         if present {
-            word.fetch_or(bit, Ordering::Release);
+            self.data.memory.page_in(hva)
         } else {
-            word.fetch_and(!bit, Ordering::Release);
+            self.data.memory.page_out(hva)
         }
-        true
     }
 
     /// Record `npages` frames from `gfn` as dirty (`kvmppc_update_dirty_map`: a huge page
@@ -576,22 +691,28 @@ impl Memslot {
 
     /// Check the slot's own invariants (dirty bitmap tail bits clear, sizes). Used by the
     /// VM checker.
-    pub fn check(&self) -> Result<(), &'static str> {
+    pub fn check(&self) -> Result<(), SlotCheckError> {
         if self.data.rmap.len() as u64 != self.npages {
-            return Err("rmap array length differs from npages");
+            return Err(SlotCheckError::RmapLength {
+                id: self.id,
+                len: self.data.rmap.len(),
+            });
         }
         if self.data.dirty_bitmap.len() as u64 != self.npages.div_ceil(64) {
-            return Err("dirty bitmap length differs from ceil(npages/64)");
+            return Err(SlotCheckError::BitmapLength {
+                id: self.id,
+                len: self.data.dirty_bitmap.len(),
+            });
         }
         if !self.flags.contains(MemslotFlags::LOG_DIRTY_PAGES) && self.count_dirty() != 0 {
-            return Err("dirty bits recorded while dirty logging is off");
+            return Err(SlotCheckError::DirtyWhileNotLogging { id: self.id });
         }
         let tail = self.npages % 64;
         if tail != 0 {
             if let Some(last) = self.data.dirty_bitmap.last() {
                 // ORDERING: Relaxed snapshot at a quiescent point.
                 if last.load(Ordering::Relaxed) >> tail != 0 {
-                    return Err("dirty bit set beyond the end of the slot");
+                    return Err(SlotCheckError::BitmapTail { id: self.id });
                 }
             }
         }

@@ -3,7 +3,7 @@
 //! VSIDs and pages, 4K and 64K, primary and secondary groups, as a booted guest's
 //! table looks) grows by one order while vCPU threads keep making hypercalls (H_ENTER,
 //! H_READ, H_PROTECT, H_REMOVE of their own entries) through PREPARE and COMMIT. The
-//! figure is [`ResizeCtl::last_pause_ns`](super::ResizeCtl::last_pause_ns): gate
+//! figure is [`ResizeCtl::last_pause_ns`](revmap_hpt::resize::ResizeCtl::last_pause_ns): gate
 //! closed (vCPUs stopped) to gate reopened, measured inside the commit, for
 //! stop-the-world and pre-copy on identically populated VMs in the same run.
 //!
@@ -11,13 +11,30 @@
 //! table); every step returns an error rather than panicking; the vCPU threads are
 //! stopped and joined before a VM is dropped.
 
-use super::ResizeMode;
-use crate::error::HptError;
-use crate::hcall::*;
-use crate::vm::{Vm, VmConfig};
-use crate::Flavour;
-use alloc::vec::Vec;
+use revmap_hpt::hcall::*;
+use revmap_hpt::resize::ResizeMode;
+use revmap_hpt::vm::{Vm, VmConfig};
+use revmap_hpt::Flavour;
+use revmap_hpt::HptError;
 use revmap_rmap::sync::{thread, Arc, AtomicBool, AtomicU64, Ordering};
+
+/// The two resize hypercalls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResizeCall {
+    /// `H_RESIZE_HPT_PREPARE`.
+    Prepare,
+    /// `H_RESIZE_HPT_COMMIT`.
+    Commit,
+}
+
+impl core::fmt::Display for ResizeCall {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            Self::Prepare => "H_RESIZE_HPT_PREPARE",
+            Self::Commit => "H_RESIZE_HPT_COMMIT",
+        })
+    }
+}
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -85,8 +102,8 @@ pub enum ResizeBenchError {
     Resize {
         /// Target order.
         order: u32,
-        /// Which hypercall.
-        what: &'static str,
+        /// Which hypercall (`H_RESIZE_HPT_PREPARE` or `H_RESIZE_HPT_COMMIT`).
+        what: ResizeCall,
         /// Its return code.
         ret: i64,
     },
@@ -212,7 +229,7 @@ fn measure(
     for id in 0..cfg.vcpus {
         let (vm, stop, done) = (vm.clone(), stop.clone(), done.clone());
         let h = thread::Builder::new()
-            .name(alloc::format!("bench-vcpu-{id}"))
+            .name(format!("bench-vcpu-{id}"))
             .spawn(move || vcpu_loop(&vm, id + 1, &stop, &done, frames));
         match h {
             Ok(h) => threads.push(h),
@@ -223,16 +240,16 @@ fn measure(
     let res = (|| {
         let r = vm.hcall(0, H_RESIZE_HPT_PREPARE, &[0, new]).ret;
         if r != H_SUCCESS && !is_long_busy(r) {
-            return Err(("PREPARE", r));
+            return Err((ResizeCall::Prepare, r));
         }
         vm.resize_ctl().wait_prepared();
         let r = vm.hcall(0, H_RESIZE_HPT_PREPARE, &[0, new]).ret;
         if r != H_SUCCESS {
-            return Err(("PREPARE", r));
+            return Err((ResizeCall::Prepare, r));
         }
         let r = vm.hcall(0, H_RESIZE_HPT_COMMIT, &[0, new]).ret;
         if r != H_SUCCESS {
-            return Err(("COMMIT", r));
+            return Err((ResizeCall::Commit, r));
         }
         Ok(vm.resize_ctl().last_pause_ns())
     })();

@@ -10,13 +10,12 @@
 //! Invariants: every fixture keeps the VM consistent (`check_invariants` passes between
 //! operations); sizes are validated and errors returned, never panics.
 
-use crate::error::HptError;
-use crate::hcall::{H_ENTER, H_EXACT, H_SUCCESS};
-use crate::hpte::{HpteR, HpteV};
-use crate::mmu::{Access, Fault};
-use crate::vm::{Vm, VmConfig};
-use crate::Flavour;
-use alloc::vec::Vec;
+use crate::FixtureError;
+use revmap_hpt::hcall::{H_ENTER, H_EXACT, H_SUCCESS};
+use revmap_hpt::hpte::{HpteR, HpteV};
+use revmap_hpt::mmu::{Access, Fault};
+use revmap_hpt::vm::{Vm, VmConfig};
+use revmap_hpt::Flavour;
 use revmap_rmap::{Gfn, Ptex, RmapError, SlotId, PAGE_SHIFT};
 
 /// Smallest HPT order with at least `n` slots (and at least 18).
@@ -27,7 +26,7 @@ fn order_for(n: u64) -> u32 {
 
 /// H_ENTER `count` mappings of pages of `1 << shift` bytes at consecutive indices;
 /// mapping `i` maps guest page `i / per_page` (`per_page` mappings per page).
-fn enter_all(vm: &Vm, pages: u64, per_page: u64, shift: u32) -> Result<Vec<u32>, HptError> {
+fn enter_all(vm: &Vm, pages: u64, per_page: u64, shift: u32) -> Result<Vec<u32>, FixtureError> {
     let n = pages * per_page;
     let mut ptexes = Vec::new();
     ptexes
@@ -46,8 +45,9 @@ fn enter_all(vm: &Vm, pages: u64, per_page: u64, shift: u32) -> Result<Vec<u32>,
         let r = (page << shift) | lp | HpteR::M | 2;
         let res = vm.hcall(0, H_ENTER, &[H_EXACT, i, v, r]);
         if res.ret != H_SUCCESS {
-            return Err(HptError::Fixture {
-                what: "H_ENTER of a fixture mapping failed",
+            return Err(FixtureError::Enter {
+                ptex: i,
+                ret: res.ret,
             });
         }
         ptexes.push(res.out[0] as u32);
@@ -66,11 +66,9 @@ pub struct UnmapFixture {
 impl UnmapFixture {
     /// A VM whose RAM slot of `slot_bytes` (backed by 64 KiB host pages) is mapped
     /// entirely by HPTEs of `1 << page_shift` bytes (12 or 16).
-    pub fn new(slot_bytes: u64, page_shift: u32) -> Result<Self, HptError> {
+    pub fn new(slot_bytes: u64, page_shift: u32) -> Result<Self, FixtureError> {
         if page_shift != 12 && page_shift != 16 {
-            return Err(HptError::Fixture {
-                what: "unmap fixture pages must be 4 KiB or 64 KiB",
-            });
+            return Err(FixtureError::PageShift { shift: page_shift });
         }
         let pages = slot_bytes >> page_shift;
         let vm = Vm::new(VmConfig {
@@ -124,7 +122,7 @@ pub struct DirtyFixture {
 impl DirtyFixture {
     /// A VM whose RAM slot of `slot_bytes` (4 KiB host pages, dirty logging on) has
     /// every frame mapped `per_frame` times (0 = no mapping at all).
-    pub fn new(slot_bytes: u64, per_frame: u64) -> Result<Self, HptError> {
+    pub fn new(slot_bytes: u64, per_frame: u64) -> Result<Self, FixtureError> {
         let frames = slot_bytes >> PAGE_SHIFT;
         let vm = Vm::new(VmConfig {
             ram_bytes: slot_bytes,
@@ -151,7 +149,7 @@ impl DirtyFixture {
     }
 
     /// One KVM_GET_DIRTY_LOG of the slot; returns the number of dirty frames.
-    pub fn harvest(&self) -> Result<u64, crate::HostError> {
+    pub fn harvest(&self) -> Result<u64, revmap_hpt::HostError> {
         let log = self.vm.get_dirty_log(SlotId(0))?;
         Ok(log.iter().map(|w| u64::from(w.count_ones())).sum())
     }
