@@ -44,7 +44,7 @@ pub struct HpteSlot {
     r: AtomicU64,
 }
 
-#[cfg(not(any(loom, feature = "shuttle")))]
+#[cfg(not(any(loom, shuttle)))]
 const _: () = assert!(core::mem::size_of::<HpteSlot>() == 16);
 
 impl HpteSlot {
@@ -149,7 +149,7 @@ impl Hpt {
 
     /// A tiny zeroed table for model checking (orders from 8, see
     /// `HptGeometry::new_small`).
-    #[cfg(any(loom, feature = "shuttle"))]
+    #[cfg(any(loom, shuttle))]
     pub(crate) fn new_small(order: u32) -> Result<Self, HptError> {
         let geo = HptGeometry::new_small(order)?;
         let n = 1usize << (order - 4);

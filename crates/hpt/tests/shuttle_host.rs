@@ -9,7 +9,7 @@
 //! * clearing `mmu_ready` racing a page-in: once cleared, the entry no longer changes.
 //!
 //! Run: `cargo test -p revmap-hpt --features shuttle --release --test shuttle_host`.
-#![cfg(feature = "shuttle")]
+#![cfg(shuttle)]
 
 mod common;
 use common::{small_vm, SEG};

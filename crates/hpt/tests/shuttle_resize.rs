@@ -15,7 +15,7 @@
 //! page still translates (no bolted entry lost) and the whole-VM checker passes.
 //!
 //! Run: `cargo test -p revmap-hpt --features shuttle --release --test shuttle_resize`.
-#![cfg(feature = "shuttle")]
+#![cfg(shuttle)]
 
 mod common;
 use common::{small_vm, SEG};

@@ -4,7 +4,7 @@
 //! the commit pivots, the deleted slot is flushed, and the whole-VM checker passes.
 //!
 //! Run: `cargo test -p revmap-hpt --features shuttle --release --test shuttle_run`.
-#![cfg(feature = "shuttle")]
+#![cfg(shuttle)]
 
 mod common;
 

@@ -421,7 +421,7 @@ proptest! {
 
 /// The memory contract: 8 bytes per guest frame, 16 bytes per HPTE slot, nothing per
 /// extra mapping.
-#[cfg(not(feature = "shuttle"))]
+#[cfg(not(shuttle))]
 #[test]
 fn memory_is_exactly_8_per_frame_and_16_per_slot() {
     use revmap_rmap::ring::{RevmapEntry, Rmap};

@@ -3,7 +3,7 @@
 //! per-thread model are checked at the end (a quiescent point).
 //!
 //! Run: `cargo test -p revmap-rmap --features shuttle --test shuttle_lists`.
-#![cfg(all(feature = "shuttle", not(loom)))]
+#![cfg(all(shuttle, not(loom)))]
 
 use revmap_rmap::nested::{check_nested_rmaps, NestedError, NestedLimits};
 use revmap_rmap::pte_list::{check_pte_lists, DescCache, DescPool, PteListHead, SpteHandle};

@@ -13,7 +13,7 @@
 //! shuttle runs every access sequentially consistent, so it checks the protocol (no lost
 //! or duplicated members, no deadlock, restart rule), not the memory orderings: those are
 //! loom's job (`loom_ring.rs`, `loom_bitlock.rs`).
-#![cfg(feature = "shuttle")]
+#![cfg(shuttle)]
 
 use revmap_rmap::ring::{
     check_rmaps, HpteLockArray, Revmap, RmapArray, RmapViolation, Visit, HPTE_R_C, HPTE_R_R,

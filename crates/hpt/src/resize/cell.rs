@@ -44,7 +44,7 @@ use revmap_rmap::error::try_boxed_slice;
 use revmap_rmap::sync::{spin_loop, AtomicU64, Ordering};
 
 #[cfg(feature = "std")]
-use std::sync::OnceLock;
+use revmap_rmap::sync::{yield_now, OnceLock};
 
 /// Table generations a `Vm` can install between two [`TableCell::reclaim_retired`].
 pub const MAX_GENERATIONS: usize = 64;
@@ -76,9 +76,9 @@ const _: () = {
 #[inline]
 fn backoff(spins: &mut u32) {
     *spins = spins.saturating_add(1);
-    #[cfg(all(feature = "std", not(loom), not(feature = "shuttle")))]
+    #[cfg(feature = "std")]
     if *spins > 64 {
-        std::thread::yield_now();
+        yield_now();
         return;
     }
     spin_loop();

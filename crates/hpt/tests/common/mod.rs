@@ -58,7 +58,7 @@ pub fn field(kv: &[(&str, &str)], k: &str) -> Option<u64> {
 }
 
 /// The 256M segment (4K base pages) the shuttle models translate through.
-#[cfg(feature = "shuttle")]
+#[cfg(shuttle)]
 pub const SEG: revmap_hpt::hash::Segment = revmap_hpt::hash::Segment {
     vsid: 0x5_1234,
     ssize: revmap_hpt::hash::SegmentSize::S256M,
@@ -67,7 +67,7 @@ pub const SEG: revmap_hpt::hash::Segment = revmap_hpt::hash::Segment {
 
 /// A tiny KVM-flavour VM for model checking: 32 frames of RAM backed by 4K pages and an
 /// order-11 HPT, so the instrumented atomics stay few.
-#[cfg(feature = "shuttle")]
+#[cfg(shuttle)]
 pub fn small_vm() -> revmap_hpt::Vm {
     revmap_hpt::Vm::new_small(revmap_hpt::VmConfig {
         ram_bytes: 32 << 12,
