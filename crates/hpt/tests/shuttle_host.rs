@@ -12,7 +12,7 @@
 #![cfg(shuttle)]
 
 mod common;
-use common::{small_vm, SEG};
+use common::{check, small_vm, SEG};
 
 use revmap_hpt::hash::{hpt_hash, primary_pteg};
 use revmap_hpt::hcall::*;
@@ -34,12 +34,6 @@ fn enter(vm: &Vm, k: u64, gfn: u64, pp: u64) -> u64 {
     let r = vm.hcall(0, H_ENTER, &[0, group, pteh, (gfn << 12) | HpteR::M | pp]);
     assert_eq!(r.ret, H_SUCCESS);
     r.out[0]
-}
-
-fn check(vm: &Vm) {
-    if let Err(e) = vm.check_invariants() {
-        panic!("invariant violated: {e}");
-    }
 }
 
 fn no_lost_dirty_page() {
