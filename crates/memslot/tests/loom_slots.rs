@@ -5,7 +5,8 @@
 #![cfg(loom)]
 
 use loom::sync::atomic::{AtomicBool, Ordering};
-use revmap_memslot::{Memslot, MemslotFlags, Memslots, SlotSet};
+use revmap_memslot::slots::SlotSet;
+use revmap_memslot::{Memslot, MemslotFlags, Memslots};
 use revmap_rmap::sync::{thread, Arc};
 use revmap_rmap::{Gfn, Hva, SlotId};
 
