@@ -8,7 +8,7 @@
 //!   some schedule, entries made then are MMIO, nothing VALID is left in the old range;
 //! * clearing `mmu_ready` racing a page-in: once cleared, the entry no longer changes.
 //!
-//! Run: `cargo test -p revmap-hpt --features shuttle --release --test shuttle_host`.
+//! Run: `RUSTFLAGS="--cfg shuttle" CARGO_TARGET_DIR=target/shuttle cargo test -p revmap-hpt --release --test shuttle_host`.
 #![cfg(shuttle)]
 
 mod common;

@@ -1,6 +1,6 @@
 //! shuttle stress of the HPT rmap ring: many threads, many operations, random schedules.
 //!
-//! Run: `cargo test -p revmap-rmap --features shuttle --release --test shuttle_ring`.
+//! Run: `RUSTFLAGS="--cfg shuttle" CARGO_TARGET_DIR=target/shuttle cargo test -p revmap-rmap --release --test shuttle_ring`.
 //!
 //! Four "HPTE owner" threads each own a disjoint set of HPTE slots and, following the
 //! hypercall lock order (HPTE lock, then rmap lock), enter them into random frames' rings
