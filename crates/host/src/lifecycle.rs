@@ -185,7 +185,7 @@ pub fn set_memslot_flags<A: MemslotArch + ?Sized>(
     Ok(())
 }
 
-#[cfg(all(test, not(loom), not(feature = "shuttle")))]
+#[cfg(all(test, not(loom), not(shuttle)))]
 mod tests {
     use super::*;
     use revmap_rmap::Hva;

@@ -6,17 +6,15 @@
 //! [`Memslots`], publishes it with [`SlotsWriter::publish`], which returns only once no
 //! reader still holds the previous snapshot (`synchronize_srcu`).
 //!
-//! # Implementations (this module is the switch point)
+//! # Implementation
 //!
-//! * Production (`std`, not model-checked): [`arc_swap::ArcSwap`]. A load is a thread-
-//!   local debt slot write plus a pointer load; no shared cache line is written, so vCPUs
-//!   do not contend. `publish` swaps the pointer (arc-swap converts outstanding debts on
-//!   the old pointer into counted references) and then waits until the old snapshot's
-//!   reference count drops to one: from then on no reader uses it.
-//! * Under loom (`--cfg loom`) and shuttle (feature `shuttle`): the model checker's own
-//!   `RwLock<Arc<Memslots>>`, held only for the pointer clone, so every interleaving of
-//!   publication and readers is explored; the grace period is the same reference-count
-//!   wait.
+//! The set lives in a [`revmap_rmap::sync::ArcCell`] (the workspace's one sync switch
+//! point): in production an `arc_swap::ArcSwap`, whose load is a thread-local debt slot
+//! write plus a pointer load, so vCPUs do not contend; under loom and shuttle an
+//! `RwLock<Arc<Memslots>>`, so every interleaving of publication and readers is
+//! explored. `publish` swaps the pointer (every outstanding reader of the old set then
+//! holds a counted reference) and waits until the old snapshot's reference count drops
+//! to one: from then on no reader uses it.
 //!
 //! # Invariants
 //!
@@ -28,28 +26,11 @@
 
 use crate::{MemslotError, Memslots};
 use core::ops::Deref;
-use revmap_rmap::sync::{spin_loop, Arc};
-
-#[cfg(loom)]
-use loom::sync::{Mutex, MutexGuard, RwLock};
-#[cfg(all(not(loom), feature = "shuttle"))]
-use shuttle::sync::{Mutex, MutexGuard, RwLock};
-#[cfg(all(not(loom), not(feature = "shuttle")))]
-use std::sync::{Mutex, MutexGuard};
-
-#[cfg(any(loom, feature = "shuttle"))]
-type Cell = RwLock<Arc<Memslots>>;
-#[cfg(all(not(loom), not(feature = "shuttle")))]
-type Cell = arc_swap::ArcSwap<Memslots>;
-
-#[cfg(any(loom, feature = "shuttle"))]
-type Held = Arc<Memslots>;
-#[cfg(all(not(loom), not(feature = "shuttle")))]
-type Held = arc_swap::Guard<Arc<Memslots>>;
+use revmap_rmap::sync::{lock, yield_now, Arc, ArcCell, ArcGuard, Mutex, MutexGuard};
 
 /// The published memslot set with its writer lock.
 pub struct SlotSet {
-    cell: Cell,
+    cell: ArcCell<Memslots>,
     writer: Mutex<()>,
 }
 
@@ -63,7 +44,7 @@ impl core::fmt::Debug for SlotSet {
 
 /// A reader's snapshot of the memslot set (an SRCU read-side critical section): keep it
 /// for the whole operation, drop it before anything that publishes.
-pub struct SlotsRef(Held);
+pub struct SlotsRef(ArcGuard<Memslots>);
 
 impl Deref for SlotsRef {
     type Target = Memslots;
@@ -82,12 +63,8 @@ pub struct SlotsWriter<'a> {
 impl SlotSet {
     /// A set publishing `initial`.
     pub fn new(initial: Memslots) -> Self {
-        #[cfg(any(loom, feature = "shuttle"))]
-        let cell = RwLock::new(Arc::new(initial));
-        #[cfg(all(not(loom), not(feature = "shuttle")))]
-        let cell = arc_swap::ArcSwap::from_pointee(initial);
         Self {
-            cell,
+            cell: ArcCell::new(initial),
             writer: Mutex::new(()),
         }
     }
@@ -95,18 +72,7 @@ impl SlotSet {
     /// Load the current snapshot (`srcu_read_lock` + `kvm_memslots`).
     #[inline(always)]
     pub fn load(&self) -> SlotsRef {
-        #[cfg(any(loom, feature = "shuttle"))]
-        {
-            let g = match self.cell.read() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
-            SlotsRef(Arc::clone(&g))
-        }
-        #[cfg(all(not(loom), not(feature = "shuttle")))]
-        {
-            SlotsRef(self.cell.load())
-        }
+        SlotsRef(self.cell.load())
     }
 
     /// A counted reference to the current snapshot, for readers that keep it across many
@@ -114,27 +80,15 @@ impl SlotSet {
     /// [`SlotsWriter::publish`] waits for it to be dropped, so such a reader must be
     /// told to re-pin (see [`SlotsWriter::publish_with`]).
     pub fn load_full(&self) -> Arc<Memslots> {
-        #[cfg(any(loom, feature = "shuttle"))]
-        {
-            let g = match self.cell.read() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
-            Arc::clone(&g)
-        }
-        #[cfg(all(not(loom), not(feature = "shuttle")))]
-        {
-            self.cell.load_full()
-        }
+        self.cell.load_full()
     }
 
     /// Take the writer lock (serialises lifecycle changes; readers are not blocked).
     pub fn writer(&self) -> SlotsWriter<'_> {
-        let g = match self.writer.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        SlotsWriter { set: self, _g: g }
+        SlotsWriter {
+            set: self,
+            _g: lock(&self.writer),
+        }
     }
 }
 
@@ -161,29 +115,18 @@ impl SlotsWriter<'_> {
     /// [`SlotSet::load_full`]) to drop the old snapshot and re-pin.
     pub fn publish_with(&mut self, next: Memslots, kick: impl FnOnce()) {
         let next = Arc::new(next);
-        #[cfg(any(loom, feature = "shuttle"))]
-        let old = {
-            let mut g = match self.set.cell.write() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
-            core::mem::replace(&mut *g, next)
-        };
-        #[cfg(all(not(loom), not(feature = "shuttle")))]
         let old = self.set.cell.swap(next);
         kick();
         // Grace period: every reader that loaded `old` holds a counted reference to it
         // (arc-swap paid its debts in `swap`); wait for all of them to drop it.
         while Arc::strong_count(&old) > 1 {
-            spin_loop();
-            #[cfg(all(not(loom), not(feature = "shuttle")))]
-            revmap_rmap::sync::thread::yield_now();
+            yield_now();
         }
         drop(old);
     }
 }
 
-#[cfg(all(test, not(loom), not(feature = "shuttle")))]
+#[cfg(all(test, not(loom), not(shuttle)))]
 mod tests {
     use super::*;
     use crate::{Memslot, MemslotFlags};
@@ -227,24 +170,33 @@ mod tests {
         assert!(now.lookup(Gfn(0x10)).is_none());
     }
 
+    /// The writer's kick hook runs after the swap and before the grace period; the
+    /// test holds a reader across it and only then records the release and drops the
+    /// reader. A publish that returned before the reader dropped its snapshot would
+    /// read `released == false`. (The exhaustive version is `tests/loom_slots.rs`.)
     #[test]
     fn publish_waits_for_readers_of_the_old_snapshot() {
         let s = SlotSet::new(set_with(1));
-        let done = AtomicBool::new(false);
+        let released = AtomicBool::new(false);
+        let swapped = std::sync::Barrier::new(2);
         std::thread::scope(|sc| {
             let reader = s.load();
-            sc.spawn(|| {
+            let writer = sc.spawn(|| {
                 let mut w = s.writer();
                 let n = w.next().unwrap();
-                w.publish(n);
-                done.store(true, Ordering::SeqCst);
+                w.publish_with(n, || {
+                    swapped.wait();
+                });
+                released.load(Ordering::SeqCst)
             });
-            for _ in 0..200 {
-                std::thread::yield_now();
-            }
-            assert!(!done.load(Ordering::SeqCst), "grace period ended early");
+            swapped.wait();
+            assert_eq!(reader.len(), 1, "the old snapshot is still readable");
+            released.store(true, Ordering::SeqCst);
             drop(reader);
+            assert!(
+                writer.join().unwrap(),
+                "grace period ended while a reader held the old snapshot"
+            );
         });
-        assert!(done.load(Ordering::SeqCst));
     }
 }

@@ -41,7 +41,7 @@ impl HptGeometry {
     }
     /// Geometry for a model-checking table below PAPR's minimum (orders 8..18 too:
     /// two PTEGs and up), so that loom's instrumented atomics stay few.
-    #[cfg(any(loom, feature = "shuttle"))]
+    #[cfg(any(loom, shuttle))]
     pub(crate) const fn new_small(order: u32) -> Result<Self, HptError> {
         if order < 8 {
             return Err(HptError::BadOrder { order });

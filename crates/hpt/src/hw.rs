@@ -43,7 +43,7 @@ impl Vm {
     }
 }
 
-#[cfg(all(test, not(loom), not(feature = "shuttle")))]
+#[cfg(all(test, not(loom), not(shuttle)))]
 mod tests {
     use crate::hcall::{H_ENTER, H_READ, H_REMOVE, H_SUCCESS};
     use crate::hpte::HpteR;

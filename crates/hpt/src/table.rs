@@ -44,7 +44,7 @@ pub struct HpteSlot {
     r: AtomicU64,
 }
 
-#[cfg(not(any(loom, feature = "shuttle")))]
+#[cfg(not(any(loom, shuttle)))]
 const _: () = assert!(core::mem::size_of::<HpteSlot>() == 16);
 
 impl HpteSlot {
@@ -65,17 +65,18 @@ impl HpteSlot {
     /// Dword 0 as the MMU model ("hardware") reads it during an HPT search.
     #[inline(always)]
     pub fn hw_load_v(&self) -> u64 {
-        // ORDERING: SeqCst: the vCPU half of the store-buffering handshake of
-        // `TlbDomain::tlbie_after_sc_rmw` (after a vCPU registers, its searches must see
-        // every invalidation the hypervisor completed without a TLB shootdown). Also
-        // Acquire, as `load_v`. A plain load on x86.
+        // ORDERING: SeqCst (a plain load on x86), at least Acquire as `load_v`: the
+        // vCPU's read of the store-buffering handshake of
+        // `TlbDomain::tlbie_after_sc_rmw`, ordered after its registration by the
+        // SeqCst fence in `TlbDomain::register` (after a vCPU registers, its searches
+        // see every invalidation the hypervisor completed without a TLB shootdown).
         self.v.load(Ordering::SeqCst)
     }
     /// Hardware R/C update (the MMU model): atomically OR `bits` into dword 1.
     #[inline(always)]
     pub fn hw_set_rc(&self, bits: u64) -> u64 {
         // ORDERING: Relaxed RMW: atomicity is what matters (no lost concurrent update);
-        // the hypervisor reads it after a tlbie, whose SeqCst handshake orders it.
+        // the hypervisor reads it after a tlbie, whose fenced handshake orders it.
         self.r.fetch_or(bits, Ordering::Relaxed)
     }
 }
@@ -149,7 +150,7 @@ impl Hpt {
 
     /// A tiny zeroed table for model checking (orders from 8, see
     /// `HptGeometry::new_small`).
-    #[cfg(any(loom, feature = "shuttle"))]
+    #[cfg(any(loom, shuttle))]
     pub(crate) fn new_small(order: u32) -> Result<Self, HptError> {
         let geo = HptGeometry::new_small(order)?;
         let n = 1usize << (order - 4);

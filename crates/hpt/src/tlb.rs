@@ -17,9 +17,12 @@
 //!   caller may read dword 1 and harvest final R/C (reference D5/D6, invariant 11).
 //!
 //! The announce/re-read on the vCPU side and the increment/scan on the hypervisor side
-//! form a store-buffer (Dekker) pattern; all four accesses are `SeqCst`, so at least
-//! one side sees the other. A vCPU that registers concurrently with a tlbie is either
-//! seen by the scan or starts after the increment and sees the published HPTE change.
+//! form a store-buffer (Dekker) pattern; each side puts a `SeqCst` fence between its
+//! write and its read, so at least one side sees the other. (Fences, not `SeqCst`
+//! accesses: loom models `SeqCst` fences but treats `SeqCst` loads and stores as
+//! acquire/release; `tests/loom_tlb.rs` checks the handshake and shows that each
+//! fence is needed.) A vCPU that registers concurrently with a tlbie is either seen by
+//! the scan or starts after the increment and sees the published HPTE change.
 //!
 //! # mmu_invalidate_seq
 //!
@@ -33,7 +36,7 @@
 use crate::error::HptError;
 use alloc::boxed::Box;
 use revmap_rmap::error::try_boxed_slice;
-use revmap_rmap::sync::{spin_loop, AtomicU64, Ordering};
+use revmap_rmap::sync::{fence, spin_loop, AtomicU64, Ordering};
 
 /// Maximum number of vCPU MMU models attached to one VM.
 pub const MAX_VCPUS: usize = 64;
@@ -74,20 +77,33 @@ impl TlbDomain {
     /// translation is still running (global `tlbie` + `tlbsync` + `ptesync`).
     #[inline]
     pub fn tlbie(&self) {
-        // ORDERING: SeqCst RMW, the hypervisor half of the Dekker handshake; also a
+        self.tlbie_with::<true>();
+    }
+
+    /// Not part of the API: [`tlbie`](Self::tlbie) with the handshake's fence dropped
+    /// when `FENCED` is false, so that the loom model can show the fence is needed.
+    #[doc(hidden)]
+    #[inline]
+    pub fn tlbie_with<const FENCED: bool>(&self) {
+        // ORDERING: SeqCst RMW, the hypervisor's write of the Dekker handshake; also a
         // release of the HPTE change published before it.
         let new = self.gen.fetch_add(1, Ordering::SeqCst).wrapping_add(1);
-        // ORDERING: SeqCst so the scan is ordered after the increment (module docs).
-        let mut reg = self.registered.load(Ordering::SeqCst);
+        if FENCED {
+            // ORDERING: SeqCst fence: orders the increment before the scan against
+            // the vCPU's fence in `begin_access` (module docs).
+            fence(Ordering::SeqCst);
+        }
+        // ORDERING: Acquire: a registration seen here is scanned.
+        let mut reg = self.registered.load(Ordering::Acquire);
         while reg != 0 {
             let i = reg.trailing_zeros() as usize;
             reg &= reg - 1;
             if let Some(e) = self.epochs.get(i) {
                 loop {
-                    // ORDERING: SeqCst (handshake) and acquire: seeing IDLE or a newer
+                    // ORDERING: Acquire (after the fence above): seeing IDLE or a newer
                     // epoch means the vCPU's R/C fetch_or of its old access happened
                     // before, so our later dword 1 read sees it.
-                    let a = e.0.load(Ordering::SeqCst);
+                    let a = e.0.load(Ordering::Acquire);
                     if a == IDLE || a >= new {
                         break;
                     }
@@ -102,16 +118,32 @@ impl TlbDomain {
     /// like [`tlbie`](Self::tlbie), but free when no vCPU MMU is attached.
     ///
     /// With no vCPU registered nobody holds a translation to shoot down. A vCPU that
-    /// registers concurrently does so with a `SeqCst` RMW on `registered` and then reads
-    /// dword 0 with `SeqCst` loads; our change is a `SeqCst` RMW followed by a `SeqCst`
-    /// load of `registered`. In the single total order either our load sees its
-    /// registration (and we run the full handshake), or its registration comes after
-    /// our load and hence after our change, so its first HPT search sees the change
-    /// (the store-buffering pattern with every access sequentially consistent).
+    /// registers concurrently does so with an RMW on `registered` followed by a `SeqCst`
+    /// fence, and only then reads dword 0; our change is an RMW followed by a `SeqCst`
+    /// fence and a load of `registered`. The two fences are ordered in the single total
+    /// order: either our load sees its registration (and we run the full handshake),
+    /// or its dword 0 reads come after our fence and see the change (the
+    /// store-buffering pattern; `tests/loom_tlb.rs` checks it).
     #[inline]
     pub fn tlbie_after_sc_rmw(&self) {
-        // ORDERING: SeqCst, the hypervisor half of the handshake described above.
-        if self.registered.load(Ordering::SeqCst) == 0 {
+        self.tlbie_after_sc_rmw_with::<true>();
+    }
+
+    /// Not part of the API: [`tlbie_after_sc_rmw`](Self::tlbie_after_sc_rmw) with its
+    /// fence dropped when `FENCED` is false (for the loom model only).
+    #[doc(hidden)]
+    #[inline]
+    pub fn tlbie_after_sc_rmw_with<const FENCED: bool>(&self) {
+        if FENCED {
+            // ORDERING: SeqCst fence: the hypervisor half of the handshake above,
+            // between the HPTE change and the load of `registered`.
+            fence(Ordering::SeqCst);
+        }
+        // ORDERING: Acquire, after the fence: reading a mask from which a vCPU has
+        // unregistered acquires its `unregister` (a release RMW), so the R/C updates
+        // of its last accesses are visible to the caller's harvest. (Relaxed here is
+        // wrong: `tests/loom_tlb.rs` finds the lost R bit.)
+        if self.registered.load(Ordering::Acquire) == 0 {
             return;
         }
         self.tlbie();
@@ -121,7 +153,7 @@ impl TlbDomain {
     /// after closing the gate, so that no MMU access uses the table being replaced).
     pub fn wait_all_idle(&self) {
         // ORDERING: SeqCst: the committer half of the gate handshake
-        // (`resize::cell`), ordered after its SeqCst close.
+        // (`resize::cell`), after its close and SeqCst fence.
         let mut reg = self.registered.load(Ordering::SeqCst);
         while reg != 0 {
             let i = reg.trailing_zeros() as usize;
@@ -135,8 +167,17 @@ impl TlbDomain {
         }
     }
 
-    /// Attach a vCPU: returns its epoch slot.
+    /// Attach a vCPU: returns its epoch slot. The vCPU's HPT searches after this call
+    /// see every change whose invalidation skipped the shootdown
+    /// ([`tlbie_after_sc_rmw`](Self::tlbie_after_sc_rmw)).
     pub fn register(&self) -> Result<usize, HptError> {
+        self.register_with::<true>()
+    }
+
+    /// Not part of the API: [`register`](Self::register) with its fence dropped when
+    /// `FENCED` is false (for the loom model only).
+    #[doc(hidden)]
+    pub fn register_with<const FENCED: bool>(&self) -> Result<usize, HptError> {
         loop {
             // ORDERING: SeqCst, ordered with the tlbie scan (module docs).
             let cur = self.registered.load(Ordering::SeqCst);
@@ -150,6 +191,12 @@ impl TlbDomain {
                 .compare_exchange(cur, cur | (1 << i), Ordering::SeqCst, Ordering::Relaxed)
                 .is_ok()
             {
+                if FENCED {
+                    // ORDERING: SeqCst fence: the vCPU half of the
+                    // `tlbie_after_sc_rmw` handshake, between the registration and the
+                    // first HPT search.
+                    fence(Ordering::SeqCst);
+                }
                 return Ok(i as usize);
             }
         }
@@ -167,14 +214,29 @@ impl TlbDomain {
     /// entries may be used until [`end_access`](Self::end_access).
     #[inline]
     pub fn begin_access(&self, i: usize) -> u64 {
+        self.begin_access_with::<true>(i)
+    }
+
+    /// Not part of the API: [`begin_access`](Self::begin_access) with the handshake's
+    /// fence dropped when `FENCED` is false (for the loom model only).
+    #[doc(hidden)]
+    #[inline]
+    pub fn begin_access_with<const FENCED: bool>(&self, i: usize) -> u64 {
         let Some(e) = self.epochs.get(i) else {
             return self.generation();
         };
         loop {
-            let g = self.generation();
-            // ORDERING: SeqCst, the vCPU half of the Dekker handshake.
-            e.0.store(g, Ordering::SeqCst);
-            if self.generation() == g {
+            // ORDERING: Acquire: a generation read here acquires the tlbie RMW that
+            // made it (and the HPTE change published before it).
+            let g = self.gen.load(Ordering::Acquire);
+            // ORDERING: Relaxed store, SeqCst fence, re-read: the vCPU half of the
+            // Dekker handshake with `tlbie` (module docs).
+            e.0.store(g, Ordering::Relaxed);
+            if FENCED {
+                fence(Ordering::SeqCst);
+            }
+            // ORDERING: Acquire, as the first read.
+            if self.gen.load(Ordering::Acquire) == g {
                 return g;
             }
         }
@@ -195,7 +257,7 @@ impl TlbDomain {
 /// the host layer.
 pub use revmap_host::notifier::InvalidateSeq;
 
-#[cfg(all(test, not(loom)))]
+#[cfg(all(test, not(any(loom, shuttle))))]
 mod tests {
     use super::*;
 
@@ -221,29 +283,33 @@ mod tests {
         d.end_access(i);
     }
 
+    /// A tlbie issued during an access returns only after the access ended: the R/C
+    /// update the access makes at its very end (after the tlbie has started, which we
+    /// see by its generation bump, a progress condition rather than a count of yields)
+    /// is visible to the hypervisor's harvest right after `tlbie` returns. The
+    /// exhaustive version is `tests/loom_tlb.rs`.
     #[test]
     fn tlbie_waits_for_an_access_in_progress() {
-        use revmap_rmap::sync::{thread, Arc, AtomicBool};
-        let d = Arc::new(TlbDomain::new().unwrap());
+        use crate::hpte::HpteR;
+        let d = TlbDomain::new().unwrap();
         let i = d.register().unwrap();
-        d.begin_access(i);
-        let done = Arc::new(AtomicBool::new(false));
-        let h = {
-            let (d, done) = (d.clone(), done.clone());
-            thread::spawn(move || {
+        let g = d.begin_access(i);
+        let rc = std::sync::atomic::AtomicU64::new(0);
+        std::thread::scope(|s| {
+            let h = s.spawn(|| {
                 d.tlbie();
-                done.store(true, Ordering::SeqCst);
-            })
-        };
-        for _ in 0..1000 {
-            thread::yield_now();
-        }
-        assert!(
-            !done.load(Ordering::SeqCst),
-            "tlbie returned during an old access"
-        );
-        d.end_access(i);
-        h.join().unwrap();
-        assert!(done.load(Ordering::SeqCst));
+                rc.load(std::sync::atomic::Ordering::Relaxed)
+            });
+            while d.generation() == g {
+                std::thread::yield_now();
+            }
+            rc.fetch_or(HpteR::R, std::sync::atomic::Ordering::Relaxed);
+            d.end_access(i);
+            assert_eq!(
+                h.join().unwrap(),
+                HpteR::R,
+                "tlbie returned during an old access"
+            );
+        });
     }
 }

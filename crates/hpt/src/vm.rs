@@ -113,7 +113,7 @@ impl Vm {
 
     /// A VM whose HPT may be smaller than PAPR's minimum (order 8 and up), for loom and
     /// shuttle models that must keep the number of instrumented atomics small.
-    #[cfg(any(loom, feature = "shuttle"))]
+    #[cfg(any(loom, shuttle))]
     #[doc(hidden)]
     pub fn new_small(cfg: VmConfig) -> Result<Vm, HptError> {
         Self::with_hpt(cfg, Hpt::new_small(cfg.hpt_order)?)

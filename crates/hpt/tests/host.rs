@@ -1,6 +1,8 @@
 //! The host side: memslot lifecycle, MMU notifiers, aging, dirty logging and the fault
 //! path, each checked against the whole-VM invariant checker, with named regression
 //! tests for the reference's bugs (D2, D4, D14, D15, D22) and invariants 10, 15-17.
+mod common;
+use common::read;
 use revmap_hpt::hash::{hpt_hash, primary_pteg, Segment, SegmentSize};
 use revmap_hpt::hcall::*;
 use revmap_hpt::hpte::{encode_avpn, HpteR, HpteV};
@@ -62,12 +64,6 @@ fn v_of(vm: &Vm, p: u64) -> u64 {
 
 fn r_of(vm: &Vm, p: u64) -> u64 {
     vm.hpt().slot(Ptex(p as u32)).unwrap().load_r()
-}
-
-fn read(vm: &Vm, p: u64) -> (u64, u64) {
-    let r = vm.hcall(0, H_READ, &[0, p]);
-    assert_eq!(r.ret, H_SUCCESS);
-    (r.out[0], r.out[1])
 }
 
 fn check(vm: &Vm) -> revmap_hpt::CheckReport {

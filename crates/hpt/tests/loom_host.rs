@@ -35,24 +35,8 @@ fn tiny_vm() -> Vm {
     .unwrap()
 }
 
-/// Run `f` under loom (preemption bound 3); returns the number of interleavings
-/// explored, which each test asserts is more than one (the model really branches).
-fn model(f: impl Fn() + Sync + Send + 'static) -> usize {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let runs = std::sync::Arc::new(AtomicUsize::new(0));
-    let r = runs.clone();
-    let mut b = loom::model::Builder::new();
-    b.preemption_bound = Some(3);
-    b.max_branches = 100_000;
-    b.check(move || {
-        r.fetch_add(1, Ordering::Relaxed);
-        f()
-    });
-    let n = runs.load(Ordering::Relaxed);
-    eprintln!("loom: {n} interleavings");
-    assert!(n > 1, "the model did not branch");
-    n
-}
+mod common;
+use common::loom_model as model;
 
 fn host_page() -> (Hva, Hva) {
     let a = Hva(RAM_HVA_BASE + (GFN << 12));

@@ -1,6 +1,8 @@
 //! The MMU ("hardware") model: translation, R/C updates, TLB flushes, faults, and the
 //! concurrency property that hypercalls never lose a C bit set by hardware (D5/D6,
 //! invariant 10).
+mod common;
+use common::read;
 use revmap_hpt::hash::{hpt_hash, primary_pteg, Segment, SegmentSize};
 use revmap_hpt::hcall::*;
 use revmap_hpt::hpte::{encode_avpn, HpteR, HpteV};
@@ -38,12 +40,6 @@ fn enter(vm: &Vm, k: u64, gpa_page: u64, pp: u64) -> u64 {
     let r = vm.hcall(0, H_ENTER, &[0, group, pteh, ptel]);
     assert_eq!(r.ret, H_SUCCESS);
     r.out[0]
-}
-
-fn read(vm: &Vm, p: u64) -> (u64, u64) {
-    let r = vm.hcall(0, H_READ, &[0, p]);
-    assert_eq!(r.ret, H_SUCCESS);
-    (r.out[0], r.out[1])
 }
 
 #[test]

@@ -2,6 +2,7 @@
 //! invariant checker after every call, a plain model of which slots are in use, and
 //! arbitrary (hostile) arguments that must never panic.
 use proptest::prelude::*;
+use proptest::test_runner::FileFailurePersistence;
 use revmap_hpt::hcall::*;
 use revmap_hpt::hpte::{HpteR, HpteV};
 use revmap_hpt::{Flavour, Vm, VmConfig};
@@ -115,7 +116,7 @@ fn hostile() -> impl Strategy<Value = (u64, Vec<u64>)> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 128, failure_persistence: Some(Box::new(FileFailurePersistence::SourceParallel("proptest-regressions"))), ..ProptestConfig::default() })]
 
     #[test]
     fn random_sequences_keep_every_invariant(

@@ -4,6 +4,7 @@
 //! flag changes), with the whole-VM invariant checker after every step and the model
 //! "the guest sees nothing": every host operation leaves every H_READ result unchanged.
 use proptest::prelude::*;
+use proptest::test_runner::FileFailurePersistence;
 use revmap_hpt::hash::{hpt_hash, primary_pteg, Segment, SegmentSize};
 use revmap_hpt::hcall::*;
 use revmap_hpt::hpte::{encode_avpn, HpteR, HpteV};
@@ -230,7 +231,7 @@ impl World<'_> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 96, failure_persistence: Some(Box::new(FileFailurePersistence::SourceParallel("proptest-regressions"))), ..ProptestConfig::default() })]
     #[test]
     fn host_ops_are_invisible_to_the_guest(ops in prop::collection::vec(op(), 1..60)) {
         let vm = Vm::new(VmConfig {

@@ -1,7 +1,7 @@
 //! The vCPU run handle (`run.rs`): hypercalls on a pinned table and memslot snapshot,
 //! kicked by resize commits and memslot updates from other threads, a COMMIT through
 //! the handle itself, several handles on one thread, and the checker after each step.
-#![cfg(not(feature = "shuttle"))]
+#![cfg(not(shuttle))]
 
 use revmap_hpt::hcall::*;
 use revmap_hpt::{Flavour, MemslotFlags, MemslotSpec, Vm, VmConfig};

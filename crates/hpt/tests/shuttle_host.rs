@@ -8,11 +8,11 @@
 //!   some schedule, entries made then are MMIO, nothing VALID is left in the old range;
 //! * clearing `mmu_ready` racing a page-in: once cleared, the entry no longer changes.
 //!
-//! Run: `cargo test -p revmap-hpt --features shuttle --release --test shuttle_host`.
-#![cfg(feature = "shuttle")]
+//! Run: `RUSTFLAGS="--cfg shuttle" CARGO_TARGET_DIR=target/shuttle cargo test -p revmap-hpt --release --test shuttle_host`.
+#![cfg(shuttle)]
 
 mod common;
-use common::{small_vm, SEG};
+use common::{check, small_vm, SEG};
 
 use revmap_hpt::hash::{hpt_hash, primary_pteg};
 use revmap_hpt::hcall::*;
@@ -34,12 +34,6 @@ fn enter(vm: &Vm, k: u64, gfn: u64, pp: u64) -> u64 {
     let r = vm.hcall(0, H_ENTER, &[0, group, pteh, (gfn << 12) | HpteR::M | pp]);
     assert_eq!(r.ret, H_SUCCESS);
     r.out[0]
-}
-
-fn check(vm: &Vm) {
-    if let Err(e) = vm.check_invariants() {
-        panic!("invariant violated: {e}");
-    }
 }
 
 fn no_lost_dirty_page() {

@@ -14,11 +14,11 @@
 //! freed + installed, nothing live), the table has the expected order, every bolted
 //! page still translates (no bolted entry lost) and the whole-VM checker passes.
 //!
-//! Run: `cargo test -p revmap-hpt --features shuttle --release --test shuttle_resize`.
-#![cfg(feature = "shuttle")]
+//! Run: `RUSTFLAGS="--cfg shuttle" CARGO_TARGET_DIR=target/shuttle cargo test -p revmap-hpt --release --test shuttle_resize`.
+#![cfg(shuttle)]
 
 mod common;
-use common::{small_vm, SEG};
+use common::{check, small_vm, SEG};
 
 use revmap_hpt::hash::{hpt_hash, primary_pteg};
 use revmap_hpt::hcall::*;
@@ -41,12 +41,6 @@ fn enter_args(vm: &Vm, k: u64, gfn: u64, bolted: bool) -> [u64; 4] {
         pteh |= HpteV::BOLTED;
     }
     [0, group, pteh, (gfn << 12) | HpteR::M | 2]
-}
-
-fn check(vm: &Vm) {
-    if let Err(e) = vm.check_invariants() {
-        panic!("invariant violated: {e}");
-    }
 }
 
 #[derive(Debug, Clone, Copy)]

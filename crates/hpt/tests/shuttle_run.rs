@@ -3,8 +3,8 @@
 //! Every operation completes (no deadlock: the handles re-pin at their next hypercall),
 //! the commit pivots, the deleted slot is flushed, and the whole-VM checker passes.
 //!
-//! Run: `cargo test -p revmap-hpt --features shuttle --release --test shuttle_run`.
-#![cfg(feature = "shuttle")]
+//! Run: `RUSTFLAGS="--cfg shuttle" CARGO_TARGET_DIR=target/shuttle cargo test -p revmap-hpt --release --test shuttle_run`.
+#![cfg(shuttle)]
 
 mod common;
 

@@ -25,10 +25,10 @@
 
 use crate::error::RmapError;
 use crate::ring::{Revmap, RmapArray};
+use crate::sync::{lock, Mutex, MutexGuard};
 use slab::Slab;
 use smallvec::SmallVec;
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::vec::Vec;
 
 /// The operations every benchmarked reverse map provides.
@@ -47,10 +47,6 @@ pub trait BaselineRmap: Sync + Sized {
     fn sum(&self, gfn: u64) -> Result<u64, RmapError>;
     /// Bytes of memory held (capacity, not just length).
     fn bytes(&self) -> usize;
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn index(i: u64, len: usize) -> Result<usize, RmapError> {

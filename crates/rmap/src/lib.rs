@@ -7,12 +7,13 @@
 //!   descriptors of 14 entries.
 //! * [`nested`]: the PowerPC nested-guest rmap: (LPID, frame) entries kept inline in the
 //!   word or in a list whose last link holds the tagged inline value.
-//! * [`bitlock`]: the bit locks all of them use; [`sync`]: the single switch point that
-//!   routes atomics to loom or shuttle under model checking.
+//! * [`bitlock`]: the bit locks all of them use; [`sync`]: the single switch point of
+//!   every atomic, lock, once-cell and thread of the workspace's libraries, routed to
+//!   loom (`--cfg loom`) or shuttle (`--cfg shuttle`) under model checking.
 //!
-//! The crate is `no_std` + `alloc`; the `std` feature (default) adds thread helpers and
-//! the `shuttle` feature routes atomics through shuttle.
-#![cfg_attr(not(any(feature = "std", loom, test)), no_std)]
+//! The crate is `no_std` + `alloc`; the `std` feature (default) adds the locks,
+//! threads and thread helpers of [`sync`].
+#![cfg_attr(not(any(feature = "std", loom, shuttle, test)), no_std)]
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 

@@ -123,9 +123,9 @@ const _: () = assert!(
 );
 const _: () = assert!(RMAP_NESTED_LPID_MASK & RMAP_NESTED_GPA_MASK == 0);
 const _: () = assert!(ENTRY_ZERO_BITS & NESTED_RMAP_LOCK == NESTED_RMAP_LOCK);
-#[cfg(not(any(loom, feature = "shuttle")))]
+#[cfg(not(any(loom, shuttle)))]
 const _: () = assert!(core::mem::size_of::<NestedNode>() == 16);
-#[cfg(not(any(loom, feature = "shuttle")))]
+#[cfg(not(any(loom, shuttle)))]
 const _: () = assert!(core::mem::size_of::<NestedRmap>() == 8);
 
 /// Errors of nested rmap operations.

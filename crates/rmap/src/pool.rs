@@ -42,16 +42,15 @@
 //! allocating owner (the free-list push is `Release`, the pop `Acquire`).
 //!
 //! Under `cfg(loom)` the chunk base shrinks to 2 nodes so that models stay small. The
-//! directory cells ([`OnceBox`]) use `core` atomics even under loom/shuttle; publication
-//! of a chunk happens-before any index of it is handed out (the free-list CAS), and the
-//! cell's own Release/Acquire pair is correct by construction.
+//! directory cells are [`OnceBox`]es from [`crate::sync`]; publication of a chunk
+//! happens-before any index of it is handed out (the free-list CAS), and the cell's
+//! own Release/Acquire pair (model-checked under loom) publishes its contents.
 
 use crate::bitlock::BitLockGuard;
 use crate::error::{try_boxed_slice, RmapError};
-use crate::sync::{AtomicU64, Ordering};
+use crate::sync::{AtomicU64, OnceBox, Ordering};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
-use once_cell::race::OnceBox;
 
 /// log2 of the number of nodes in chunk 0.
 #[cfg(not(loom))]

@@ -94,9 +94,9 @@ const TAG_MASK: u64 = (1 << RMAP_DESC_SHIFT) - 1;
 /// `spte_count` value marking a descriptor vacant (in the pool).
 const DESC_VACANT: u32 = u32::MAX;
 
-#[cfg(not(any(loom, feature = "shuttle")))]
+#[cfg(not(any(loom, shuttle)))]
 const _: () = assert!(core::mem::size_of::<PteListDesc>() == 128);
-#[cfg(not(any(loom, feature = "shuttle")))]
+#[cfg(not(any(loom, shuttle)))]
 const _: () = assert!(core::mem::size_of::<PteListHead>() == 8);
 const _: () = assert!(KVM_RMAP_MANY & KVM_RMAP_LOCKED == 0);
 const _: () = assert!((KVM_RMAP_MANY | KVM_RMAP_LOCKED) & !TAG_MASK == 0);

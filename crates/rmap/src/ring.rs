@@ -96,9 +96,9 @@ const _: () = assert!(RMAP_CHANGED == 1 << 39);
 const _: () = assert!(RMAP_REFERENCED == 1 << 40);
 // The memory contract (8 bytes per frame, 16 per HPTE slot) holds for real atomics;
 // loom's and shuttle's instrumented atomics are larger.
-#[cfg(not(any(loom, feature = "shuttle")))]
+#[cfg(not(any(loom, shuttle)))]
 const _: () = assert!(core::mem::size_of::<RevmapEntry>() == 16);
-#[cfg(not(any(loom, feature = "shuttle")))]
+#[cfg(not(any(loom, shuttle)))]
 const _: () = assert!(core::mem::size_of::<Rmap>() == 8);
 
 /// Largest number of HPTE slots 32-bit links can index (HPT order 36).
@@ -1177,7 +1177,7 @@ mod tests {
         assert_eq!(old.head(), Some(4));
     }
 
-    #[cfg(not(feature = "shuttle"))]
+    #[cfg(not(shuttle))]
     #[test]
     fn memory_is_8_bytes_per_frame_and_16_per_slot() {
         assert_eq!(core::mem::size_of::<Rmap>(), 8);

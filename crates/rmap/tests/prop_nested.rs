@@ -4,6 +4,7 @@
 #![cfg(not(loom))]
 
 use proptest::prelude::*;
+use proptest::test_runner::FileFailurePersistence;
 use revmap_rmap::nested::{check_nested_rmaps, Inserted, NestedLimits};
 use revmap_rmap::{
     Gpa, Lpid, NestedCache, NestedError, NestedPool, NestedRmap, NestedRmapEntry, RmapError,
@@ -50,7 +51,7 @@ fn ent(lpid: u16, frame: u64) -> NestedRmapEntry {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 256, failure_persistence: Some(Box::new(FileFailurePersistence::SourceParallel("proptest-regressions"))), ..ProptestConfig::default() })]
 
     #[test]
     fn nested_matches_model(ops in prop::collection::vec(op(), 1..150)) {

@@ -4,6 +4,7 @@
 #![cfg(not(loom))]
 
 use proptest::prelude::*;
+use proptest::test_runner::FileFailurePersistence;
 use revmap_rmap::pte_list::{check_pte_lists, check_rmap_head, PTE_LIST_EXT};
 use revmap_rmap::{
     DescCache, DescPool, PteListError, PteListHead, RmapError, SpteHandle, RMAP_RECYCLE_THRESHOLD,
@@ -64,7 +65,7 @@ fn h(v: u64) -> SpteHandle {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 128, failure_persistence: Some(Box::new(FileFailurePersistence::SourceParallel("proptest-regressions"))), ..ProptestConfig::default() })]
 
     #[test]
     fn pte_list_matches_model(ops in prop::collection::vec(op(), 1..120)) {

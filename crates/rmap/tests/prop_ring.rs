@@ -12,6 +12,7 @@
 use proptest::prelude::*;
 use proptest::strategy::Union;
 use proptest::test_runner::Config;
+use proptest::test_runner::FileFailurePersistence;
 use proptest_state_machine::{prop_state_machine, ReferenceStateMachine, StateMachineTest};
 use revmap_rmap::ring::{
     check_rmaps, HpteLockArray, HpteLocks, Revmap, RmapArray, RmapViolation, RmapWord, Visit,
@@ -360,7 +361,7 @@ fn ring_of(sut: &Sut, gfn: u64) -> Vec<u32> {
 prop_state_machine! {
     #![proptest_config(Config {
         cases: 256,
-        failure_persistence: None,
+        failure_persistence: Some(Box::new(FileFailurePersistence::SourceParallel("proptest-regressions"))),
         .. Config::default()
     })]
 
@@ -370,7 +371,7 @@ prop_state_machine! {
 }
 
 proptest! {
-    #![proptest_config(Config { cases: 256, failure_persistence: None, ..Config::default() })]
+    #![proptest_config(Config { cases: 256, failure_persistence: Some(Box::new(FileFailurePersistence::SourceParallel("proptest-regressions"))), ..Config::default() })]
 
     /// Linking an HPTE that is still on gfn A's chain into gfn B's (what an HPT reset
     /// without an rmap reset does, reference D3) is caught by the checker.
@@ -421,7 +422,7 @@ proptest! {
 
 /// The memory contract: 8 bytes per guest frame, 16 bytes per HPTE slot, nothing per
 /// extra mapping.
-#[cfg(not(feature = "shuttle"))]
+#[cfg(not(shuttle))]
 #[test]
 fn memory_is_exactly_8_per_frame_and_16_per_slot() {
     use revmap_rmap::ring::{RevmapEntry, Rmap};

@@ -2,8 +2,8 @@
 //! many operations each, random and PCT schedules; the invariant checkers and a
 //! per-thread model are checked at the end (a quiescent point).
 //!
-//! Run: `cargo test -p revmap-rmap --features shuttle --test shuttle_lists`.
-#![cfg(all(feature = "shuttle", not(loom)))]
+//! Run: `RUSTFLAGS="--cfg shuttle" CARGO_TARGET_DIR=target/shuttle cargo test -p revmap-rmap --test shuttle_lists`.
+#![cfg(all(shuttle, not(loom)))]
 
 use revmap_rmap::nested::{check_nested_rmaps, NestedError, NestedLimits};
 use revmap_rmap::pte_list::{check_pte_lists, DescCache, DescPool, PteListHead, SpteHandle};

@@ -1,6 +1,6 @@
 //! shuttle stress of the HPT rmap ring: many threads, many operations, random schedules.
 //!
-//! Run: `cargo test -p revmap-rmap --features shuttle --release --test shuttle_ring`.
+//! Run: `RUSTFLAGS="--cfg shuttle" CARGO_TARGET_DIR=target/shuttle cargo test -p revmap-rmap --release --test shuttle_ring`.
 //!
 //! Four "HPTE owner" threads each own a disjoint set of HPTE slots and, following the
 //! hypercall lock order (HPTE lock, then rmap lock), enter them into random frames' rings
@@ -13,7 +13,7 @@
 //! shuttle runs every access sequentially consistent, so it checks the protocol (no lost
 //! or duplicated members, no deadlock, restart rule), not the memory orderings: those are
 //! loom's job (`loom_ring.rs`, `loom_bitlock.rs`).
-#![cfg(feature = "shuttle")]
+#![cfg(shuttle)]
 
 use revmap_rmap::ring::{
     check_rmaps, HpteLockArray, Revmap, RmapArray, RmapViolation, Visit, HPTE_R_C, HPTE_R_R,

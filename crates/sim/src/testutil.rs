@@ -8,9 +8,8 @@
 
 use crate::host::{HostMmu, SlotView};
 use crate::replay::{HcallResult, Hypervisor, ResultMask};
-use revmap_rmap::sync::{spin_loop, thread, AtomicU64, AtomicUsize, Ordering};
+use revmap_rmap::sync::{spin_loop, thread, AtomicU64, AtomicUsize, Mutex, Ordering};
 use revmap_rmap::{Gfn, Hva, SlotId, PAGE_SHIFT};
-use std::sync::Mutex;
 
 /// A recorded host operation (as seen by the host, with results).
 #[derive(Clone, Debug, PartialEq, Eq)]

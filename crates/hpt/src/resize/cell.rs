@@ -14,15 +14,19 @@
 //!   [`MAX_GENERATIONS`] commits may happen between two reclaims; a commit beyond that
 //!   fails with H_NO_MEM and leaves the old table active.
 //! * **The gate** (`mmu_ready`). Each hypercall runs inside a per-vCPU gate word
-//!   (cache-padded, written only by that vCPU's thread): entry stores "in" (`SeqCst`)
-//!   then loads the gate word (`SeqCst`); exit stores "out" (`Release`). A commit
-//!   closes the gate with a `SeqCst` RMW and then waits (`SeqCst` loads) until every
-//!   vCPU word reads "out", every host accessor has left and every vCPU MMU access
-//!   epoch is idle. This is the store-buffering (Dekker) pattern: in the single total
-//!   order of `SeqCst` operations either the committer sees the vCPU's "in" (and waits
-//!   for its "out") or the vCPU sees "closed" (and backs off before touching the table).
-//!   The vCPU side costs one locked store per hypercall and no shared cache line; the
-//!   replay benchmark measures it (see the resize report in DESIGN.md).
+//!   (cache-padded, written only by that vCPU's thread): entry stores "in", issues a
+//!   `SeqCst` fence, then loads the state word (`Acquire`); exit stores "out"
+//!   (`Release`). A commit closes the gate with an RMW, issues a `SeqCst` fence and then
+//!   waits (`Acquire` loads) until every vCPU word reads "out", every host accessor has
+//!   left and every vCPU MMU access epoch is idle. This is the store-buffering (Dekker)
+//!   pattern: the two fences are ordered in the single total order of `SeqCst`
+//!   operations, so either the committer sees the vCPU's "in" (and waits for its "out")
+//!   or the vCPU sees "closed" (and backs off before touching the table). Fences rather
+//!   than `SeqCst` accesses, because loom models `SeqCst` fences but treats `SeqCst`
+//!   loads and stores as acquire/release: `tests/loom_gate.rs` checks this handshake
+//!   and shows that dropping the vCPU's fence lets a commit run under a vCPU. The vCPU
+//!   side costs one fence per hypercall and no shared cache line; the replay benchmark
+//!   measures it (see the resize report in DESIGN.md).
 //! * **Host walkers** (MMU notifiers, dirty scans, the checker) enter through
 //!   [`TableCell::host_enter`], a shared counter with the same handshake; a commit
 //!   drains them too, so a walker runs entirely on the old table or entirely on the new
@@ -41,10 +45,10 @@ use crate::table::Hpt;
 use crate::tlb::{TlbDomain, MAX_VCPUS};
 use alloc::boxed::Box;
 use revmap_rmap::error::try_boxed_slice;
-use revmap_rmap::sync::{spin_loop, AtomicU64, Ordering};
+use revmap_rmap::sync::{fence, spin_loop, AtomicU64, Ordering};
 
 #[cfg(feature = "std")]
-use std::sync::OnceLock;
+use revmap_rmap::sync::{yield_now, OnceLock};
 
 /// Table generations a `Vm` can install between two [`TableCell::reclaim_retired`].
 pub const MAX_GENERATIONS: usize = 64;
@@ -76,9 +80,9 @@ const _: () = {
 #[inline]
 fn backoff(spins: &mut u32) {
     *spins = spins.saturating_add(1);
-    #[cfg(all(feature = "std", not(loom), not(feature = "shuttle")))]
+    #[cfg(feature = "std")]
     if *spins > 64 {
-        std::thread::yield_now();
+        yield_now();
         return;
     }
     spin_loop();
@@ -120,7 +124,7 @@ impl Drop for VcpuInGuest<'_> {
     #[inline(always)]
     fn drop(&mut self) {
         // ORDERING: Release: everything this hypercall did to the table happens-before
-        // the committer's SeqCst (hence acquiring) load that sees "out".
+        // the committer's Acquire load that sees "out".
         self.gate.store(0, Ordering::Release);
     }
 }
@@ -197,7 +201,7 @@ impl TableCell {
     /// gate, reloading table and memslot snapshot). Used after a memslot publication.
     pub fn kick(&self) {
         // ORDERING: SeqCst RMW: ordered after the caller's publication (the memslot
-        // pointer swap), so a run handle that reads the new kick count in its SeqCst
+        // pointer swap), so a run handle that reads the new kick count in its Acquire
         // re-entry then loads the new snapshot.
         self.state.fetch_add(1 << KICK_SHIFT, Ordering::SeqCst);
     }
@@ -217,7 +221,7 @@ impl TableCell {
     /// makes the change visible eventually), it never lets a pivot happen under it.
     #[inline(always)]
     pub(crate) fn state_relaxed(&self) -> u64 {
-        // ORDERING: Relaxed: see the doc comment; re-pinning re-enters with SeqCst.
+        // ORDERING: Relaxed: see the doc comment; re-pinning re-enters the gate.
         self.state.load(Ordering::Relaxed)
     }
 
@@ -225,11 +229,25 @@ impl TableCell {
     /// state word seen, whose generation is the table to use until leaving.
     #[inline(always)]
     pub(crate) fn enter_gate(&self, gate: &AtomicU64) -> u64 {
+        self.enter_gate_with::<true>(gate)
+    }
+
+    /// [`enter_gate`](Self::enter_gate); `FENCED = false` drops the handshake's fence
+    /// (only for the loom model that shows the fence is needed).
+    #[inline(always)]
+    fn enter_gate_with<const FENCED: bool>(&self, gate: &AtomicU64) -> u64 {
         loop {
-            // ORDERING: SeqCst store then SeqCst load: the vCPU half of the Dekker
-            // handshake with `close_and_drain` (module docs).
-            gate.store(1, Ordering::SeqCst);
-            let s = self.state.load(Ordering::SeqCst);
+            // ORDERING: Relaxed store, SeqCst fence, then the load: the vCPU half of
+            // the store-buffering handshake with `close_and_drain` (module docs). The
+            // fence orders the "in" store before the state load against the
+            // committer's fence.
+            gate.store(1, Ordering::Relaxed);
+            if FENCED {
+                fence(Ordering::SeqCst);
+            }
+            // ORDERING: Acquire: an open state word with generation N acquires the
+            // pivot's RMW that published table N.
+            let s = self.state.load(Ordering::Acquire);
             if s & CLOSED == 0 {
                 return s;
             }
@@ -241,22 +259,33 @@ impl TableCell {
     #[inline(always)]
     pub(crate) fn leave_gate(gate: &AtomicU64) {
         // ORDERING: Release: everything done inside happens-before the committer's
-        // SeqCst (hence acquiring) load that sees "out".
+        // Acquire load that sees "out".
         gate.store(0, Ordering::Release);
     }
 
     /// `mmu_ready`: the gate is open.
     #[inline]
     pub fn mmu_ready(&self) -> bool {
-        // ORDERING: SeqCst: the MMU model's half of the handshake (module docs).
+        // ORDERING: SeqCst: the MMU model's half of the handshake (module docs); the
+        // MMU model reads it after `TlbDomain::begin_access`, whose SeqCst fence
+        // orders its epoch store before this load.
         self.state.load(Ordering::SeqCst) & CLOSED == 0
     }
 
     /// Enter the gate as vCPU `vcpu` (waits while a commit has it closed).
     #[inline(always)]
     pub fn enter_vcpu(&self, vcpu: usize) -> VcpuInGuest<'_> {
+        self.enter_vcpu_with::<true>(vcpu)
+    }
+
+    /// Not part of the API: [`enter_vcpu`](Self::enter_vcpu) with the handshake's
+    /// fence dropped when `FENCED` is false, so that the loom model can show the fence
+    /// is needed. Production code calls only `enter_vcpu`.
+    #[doc(hidden)]
+    #[inline(always)]
+    pub fn enter_vcpu_with<const FENCED: bool>(&self, vcpu: usize) -> VcpuInGuest<'_> {
         let gate = self.vcpu_gate(vcpu);
-        let s = self.enter_gate(gate);
+        let s = self.enter_gate_with::<FENCED>(gate);
         VcpuInGuest {
             gate,
             hpt: self.table_of(s),
@@ -283,9 +312,11 @@ impl TableCell {
     /// Enter the gate as a host-side accessor (waits while a commit has it closed).
     pub fn host_enter(&self) -> HostAccess<'_> {
         loop {
-            // ORDERING: SeqCst RMW then SeqCst load (Dekker with `close_and_drain`).
-            self.host.0.fetch_add(1, Ordering::SeqCst);
-            let s = self.state.load(Ordering::SeqCst);
+            // ORDERING: Relaxed RMW, SeqCst fence, Acquire load: the store-buffering
+            // handshake with `close_and_drain`, as a vCPU's (`enter_gate`).
+            self.host.0.fetch_add(1, Ordering::Relaxed);
+            fence(Ordering::SeqCst);
+            let s = self.state.load(Ordering::Acquire);
             if s & CLOSED == 0 {
                 return HostAccess {
                     cell: self,
@@ -302,18 +333,21 @@ impl TableCell {
     /// accessor or vCPU MMU access (`tlb`'s epochs) is inside. The caller must be
     /// outside the gate and must be the only committer (it holds `mmu_setup_lock`).
     pub fn close_and_drain(&self, tlb: &TlbDomain) {
-        // ORDERING: SeqCst RMW: the committer half of the handshake.
+        // ORDERING: SeqCst RMW then SeqCst fence: the committer half of the
+        // store-buffering handshake (module docs); the fence orders the close before
+        // the gate loads against each entering vCPU's fence.
         self.state.fetch_or(CLOSED, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
         let mut spins = 0;
         for g in self.vcpus.iter() {
-            // ORDERING: SeqCst (handshake) and acquiring: the vCPU's table writes
-            // happen-before our rehash once we see "out".
-            while g.0.load(Ordering::SeqCst) != 0 {
+            // ORDERING: Acquire: seeing the vCPU's Release "out" makes its table writes
+            // happen-before our rehash.
+            while g.0.load(Ordering::Acquire) != 0 {
                 backoff(&mut spins);
             }
         }
-        // ORDERING: SeqCst, as above.
-        while self.host.0.load(Ordering::SeqCst) != 0 {
+        // ORDERING: Acquire, as above (the accessors' Release decrement).
+        while self.host.0.load(Ordering::Acquire) != 0 {
             backoff(&mut spins);
         }
         tlb.wait_all_idle();
@@ -321,7 +355,7 @@ impl TableCell {
 
     /// Reopen the gate on the same generation (a failed commit).
     pub fn reopen(&self) {
-        // ORDERING: SeqCst: pairs with the vCPUs' SeqCst loads.
+        // ORDERING: SeqCst RMW (a release): waiting vCPUs acquire it in `wait_open`.
         self.state.fetch_and(!CLOSED, Ordering::SeqCst);
     }
 

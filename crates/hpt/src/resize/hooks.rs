@@ -54,17 +54,7 @@ mod noop {
 #[cfg(feature = "test-hooks")]
 mod imp {
     use super::PrecopyHold;
-    use revmap_rmap::sync::{AtomicBool, Ordering};
-
-    #[cfg(feature = "shuttle")]
-    use shuttle::sync::{Condvar, Mutex, MutexGuard};
-    #[cfg(not(feature = "shuttle"))]
-    use std::sync::{Condvar, Mutex, MutexGuard};
-
-    fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-        // The guarded values are plain flags: a poisoned lock is still consistent.
-        m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
+    use revmap_rmap::sync::{lock, wait, AtomicBool, Condvar, Mutex, Ordering};
 
     /// The hooks' state, shared by the controller and its preparation workers.
     #[derive(Debug, Default)]
@@ -104,10 +94,7 @@ mod imp {
         pub(crate) fn preparation_point(&self) {
             let mut h = lock(&self.hold);
             while *h {
-                h = self
-                    .hold_cv
-                    .wait(h)
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                h = wait(&self.hold_cv, h);
             }
         }
 
@@ -119,10 +106,7 @@ mod imp {
         pub(crate) fn wait_precopy_commit_held(&self) {
             let mut h = lock(&self.hold_commit);
             while !h.1 {
-                h = self
-                    .hold_commit_cv
-                    .wait(h)
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                h = wait(&self.hold_commit_cv, h);
             }
         }
 
@@ -139,10 +123,7 @@ mod imp {
             h.1 = true;
             self.hold_commit_cv.notify_all();
             while h.0 == here as u8 {
-                h = self
-                    .hold_commit_cv
-                    .wait(h)
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                h = wait(&self.hold_commit_cv, h);
             }
             h.1 = false;
         }

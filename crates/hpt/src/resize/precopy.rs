@@ -129,7 +129,7 @@ impl Vm {
             .and_then(|(mut copied, mut carry)| {
                 self.resize.precopy_hold_point(PrecopyHold::BeforeRounds);
                 for _ in 0..MAX_ROUNDS {
-                    let groups = self.resize.track_take(true)?;
+                    let groups = self.resize.track_drain()?;
                     let n = self.precopy_round(new, &mut copied, &groups, &mut carry)?;
                     if n <= FINAL_ROUND_SLOTS {
                         break;
@@ -144,8 +144,9 @@ impl Vm {
         self.resize.set_tracking(false);
         let copied = self
             .resize
-            .track_take(false)
+            .track_drain()
             .and_then(|g| prepared.map(|(c, v)| (c, v, g)));
+        self.resize.track_free();
         let ret = match copied
             .and_then(|(c, valid, groups)| self.precopy_finish(new, &c, &valid, &groups))
         {
@@ -476,7 +477,7 @@ impl Vm {
             new_rev.set_guest_rpte(n.0, gr);
             g.set_r(nr);
             if t.was_valid && !absent {
-                self.precopy_rechain(new, &slots, g, nv);
+                self.rechain_bolted(new, &slots, g, nv);
             } else {
                 g.unlock_with(nv);
             }
@@ -496,35 +497,6 @@ impl Vm {
         let hw_r = g.r();
         self.remove_revmap_chain(old, slots, p, v, hw_r);
         g.set_r(hw_r & !HpteR::RC);
-    }
-
-    /// QEMU flavour: link a formerly VALID bolted entry, now at `g` in the new table,
-    /// into its frame's ring and unlock it VALID (ABSENT if it cannot be chained).
-    fn precopy_rechain(
-        &self,
-        new: &Hpt,
-        slots: &Memslots,
-        mut g: crate::table::HpteGuard<'_>,
-        v: u64,
-    ) {
-        let new_rev = new.revmap();
-        let p = g.ptex();
-        let gr = new_rev.guest_rpte(p.0);
-        let rmap = self
-            .entry_page(v, gr)
-            .and_then(|(gfn, _)| slots.lookup(gfn).and_then(|s| s.rmap(gfn)));
-        match rmap {
-            Some(rm) if !self.invalidate_seq().in_progress() => {
-                let rg = rm.lock();
-                // Pre-set real R/C only where the rmap records them (invariant 12).
-                let rc = rg.word().rc();
-                new_rev.link(rg, p.0);
-                g.set_r(g.r() | (rc & HpteR::RC));
-                g.set_v(v);
-            }
-            _ => g.set_v((v & !HpteV::VALID) | HpteV::ABSENT),
-        }
-        drop(g);
     }
 }
 

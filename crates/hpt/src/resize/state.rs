@@ -10,14 +10,13 @@ use crate::hcall::*;
 use crate::hpte::{HpteR, HpteV};
 use crate::table::Hpt;
 use crate::vm::Vm;
+use alloc::boxed::Box;
 use alloc::vec::Vec;
-use revmap_rmap::sync::{thread, Arc, AtomicBool, AtomicU64, Ordering};
-use revmap_rmap::Ptex;
-
-#[cfg(feature = "shuttle")]
-use shuttle::sync::{Condvar, Mutex, MutexGuard};
-#[cfg(not(feature = "shuttle"))]
-use std::sync::{Condvar, Mutex, MutexGuard};
+use revmap_host::Memslots;
+use revmap_rmap::sync::{
+    lock, thread, wait, Arc, ArcCell, AtomicBool, AtomicU64, Condvar, Mutex, Ordering,
+};
+use revmap_rmap::{Ptex, PAGE_SHIFT};
 
 /// Counters proving the ownership rules (no leak, no double free): every table a
 /// worker allocates is eventually either installed by a commit or freed exactly once.
@@ -153,17 +152,13 @@ pub struct ResizeCtl {
     /// A pre-copy commit is tracking changed PTEGs (read by every hypercall: inline,
     /// not behind the `Arc`).
     track_on: AtomicBool,
-    /// The PTEGs of the current table changed since tracking began (bit per group);
-    /// empty when not tracking.
-    track: Mutex<Vec<u64>>,
+    /// The HPTEs of the current table changed since the copier last drained them (bit
+    /// `ptex % 64` of word `ptex / 64`): vCPUs set bits with `fetch_or`, the copier
+    /// swaps whole words out ([`track_drain`](Self::track_drain)). Empty when no
+    /// pre-copy commit runs; replaced only by the committer.
+    track: ArcCell<Box<[AtomicU64]>>,
     /// QEMU's `spapr_hpt_shift_for_ramsize` of the VM's RAM.
     ram_order: u32,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding the lock cannot leave `Pending` torn (every transition is
-    // one assignment), so a poisoned lock is still consistent.
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl ResizeCtl {
@@ -180,7 +175,7 @@ impl ResizeCtl {
                 last_pause_ns: AtomicU64::new(0),
             }),
             track_on: AtomicBool::new(false),
-            track: Mutex::new(Vec::new()),
+            track: ArcCell::new(Box::default()),
             ram_order,
         }
     }
@@ -195,14 +190,17 @@ impl ResizeCtl {
     }
 
     /// Record that HPTE `ptex` of the current table changed (called inside the gate,
-    /// after the change, only while [`tracking`](Self::tracking)).
+    /// after the change, only while [`tracking`](Self::tracking)): one `fetch_or` on
+    /// the word of `ptex`, no lock.
     #[cold]
     #[inline(never)]
     pub(crate) fn track_ptex(&self, ptex: u64) {
-        let g = ptex;
-        let mut t = lock(&self.track);
-        if let Some(w) = t.get_mut((g / 64) as usize) {
-            *w |= 1 << (g % 64);
+        let map = self.track.load();
+        if let Some(w) = usize::try_from(ptex / 64).ok().and_then(|i| map.get(i)) {
+            // ORDERING: Release: the change (made under the HPTE lock, released
+            // before this mark) happens-before the copier's AcqRel swap that takes
+            // the bit, so the copier's later look at the entry sees it.
+            w.fetch_or(1 << (ptex % 64), Ordering::Release);
         }
     }
 
@@ -239,11 +237,10 @@ impl ResizeCtl {
     /// Start tracking a table of `npte` entries: allocate the bitmap (tracking itself
     /// is switched on with the gate closed, [`set_tracking`](Self::set_tracking)).
     pub(super) fn track_alloc(&self, npte: u64) -> Result<(), ResizeError> {
-        let words = npte.div_ceil(64) as usize;
-        let mut t = lock(&self.track);
-        t.clear();
-        t.try_reserve_exact(words).map_err(|_| ResizeError::NoMem)?;
-        t.resize(words, 0);
+        let words = usize::try_from(npte.div_ceil(64)).map_err(|_| ResizeError::NoMem)?;
+        let map = revmap_rmap::error::try_boxed_slice(words, |_| AtomicU64::new(0))
+            .map_err(|_| ResizeError::NoMem)?;
+        drop(self.track.swap(Arc::new(map)));
         Ok(())
     }
 
@@ -253,17 +250,23 @@ impl ResizeCtl {
         self.track_on.store(on, Ordering::Relaxed);
     }
 
-    /// Take the bitmap, leaving an empty one (tracking off) or, with `fresh`, a zeroed
-    /// one of the same size (tracking continues: a re-copy round).
-    pub(super) fn track_take(&self, fresh: bool) -> Result<Vec<u64>, ResizeError> {
-        let mut next = Vec::new();
-        let mut t = lock(&self.track);
-        if fresh {
-            next.try_reserve_exact(t.len())
-                .map_err(|_| ResizeError::NoMem)?;
-            next.resize(t.len(), 0);
-        }
-        Ok(core::mem::replace(&mut *t, next))
+    /// Take the marks set since the last drain, word by word (`swap(0)`), into a plain
+    /// bitmap. Marks made meanwhile stay for the next drain: a vCPU that changes an
+    /// entry after the copier looked at it marks it after the swap of its word.
+    pub(super) fn track_drain(&self) -> Result<Vec<u64>, ResizeError> {
+        let map = self.track.load();
+        let mut out = Vec::new();
+        out.try_reserve_exact(map.len())
+            .map_err(|_| ResizeError::NoMem)?;
+        // ORDERING: AcqRel: acquires the vCPUs' marks (see `track_ptex`); the swap
+        // leaves the word at 0 for the marks that follow.
+        out.extend(map.iter().map(|w| w.swap(0, Ordering::AcqRel)));
+        Ok(out)
+    }
+
+    /// Free the bitmap (tracking must be off and the gate closed, or the commit over).
+    pub(super) fn track_free(&self) {
+        drop(self.track.swap(Arc::new(Box::default())));
     }
 
     /// Allocation and ownership counters.
@@ -348,11 +351,7 @@ impl ResizeCtl {
     pub fn wait_prepared(&self) {
         let mut p = lock(&self.shared.pending);
         while matches!(*p, Pending::Allocating { .. }) {
-            p = self
-                .shared
-                .changed
-                .wait(p)
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            p = wait(&self.shared.changed, p);
         }
     }
 
@@ -361,11 +360,7 @@ impl ResizeCtl {
         let s = &self.shared.stats;
         let mut p = lock(&self.shared.pending);
         while ResizeStats::get(&s.finished) < ResizeStats::get(&s.started) {
-            p = self
-                .shared
-                .changed
-                .wait(p)
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            p = wait(&self.shared.changed, p);
         }
         drop(p);
     }
@@ -435,6 +430,56 @@ fn prepare_worker(shared: Arc<Shared>, order: u32, id: u64, flavour: Flavour) {
 /// Nanoseconds since `t0`, saturating.
 pub(super) fn elapsed_ns(t0: std::time::Instant) -> u64 {
     u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl Vm {
+    /// Both commit paths, QEMU flavour: link a formerly VALID bolted entry, locked at
+    /// `g` in the new table, into its frame's ring and leave it VALID with dword 0 `v`,
+    /// or ABSENT if it cannot be chained. This is H_ENTER's protocol
+    /// (`kvmppc_do_h_enter`): sample `mmu_invalidate_seq` before translating the guest
+    /// frame to the host page, then re-check it with the rmap lock held
+    /// (`mmu_invalidate_retry`); an invalidation that ran or is running in between, a
+    /// host page that is no longer present, or one that is no longer the page the
+    /// entry names, demotes the entry to ABSENT (a later fault re-validates it).
+    pub(super) fn rechain_bolted(
+        &self,
+        new: &Hpt,
+        slots: &Memslots,
+        mut g: crate::table::HpteGuard<'_>,
+        v: u64,
+    ) {
+        let new_rev = new.revmap();
+        let p = g.ptex();
+        let gr = new_rev.guest_rpte(p.0);
+        let seq = self.invalidate_seq().sample();
+        let rmap = self.entry_page(v, gr).and_then(|(gfn, actual)| {
+            let s = slots.lookup(gfn).filter(|s| !s.is_invalid())?;
+            if self.invalidate_seq().in_progress() {
+                return None;
+            }
+            let pfn = s.host_pfn(gfn)?;
+            (HpteR(g.r()).page_addr(actual) >> PAGE_SHIFT == pfn).then_some(())?;
+            s.rmap(gfn)
+        });
+        let demoted = (v & !HpteV::VALID) | HpteV::ABSENT;
+        match rmap {
+            Some(rm) => {
+                let rg = rm.lock();
+                if self.invalidate_seq().retry(seq) {
+                    drop(rg);
+                    g.set_v(demoted);
+                } else {
+                    // Pre-set real R/C only where the rmap records them (invariant 12).
+                    let rc = rg.word().rc();
+                    new_rev.link(rg, p.0);
+                    g.set_r(g.r() | (rc & HpteR::RC));
+                    g.set_v(v);
+                }
+            }
+            None => g.set_v(demoted),
+        }
+        drop(g);
+    }
 }
 
 /// Where a bolted entry goes, decided before anything is changed.
@@ -650,30 +695,14 @@ impl Vm {
         // Phase 3 (QEMU flavour): re-chain the VALID bolted entries in the new table.
         if !absent {
             for m in &moves {
-                let Some(mut g) = new.lock(m.new) else {
+                let Some(g) = new.lock(m.new) else {
                     continue;
                 };
                 let v = g.v();
                 if v & HpteV::VALID == 0 {
                     continue;
                 }
-                let gr = new_rev.guest_rpte(m.new.0);
-                let rmap = self
-                    .entry_page(v, gr)
-                    .and_then(|(gfn, _)| slots.lookup(gfn).and_then(|s| s.rmap(gfn)));
-                match rmap {
-                    Some(rm) if !self.invalidate_seq().in_progress() => {
-                        let rg = rm.lock();
-                        // Pre-set real R/C only where the rmap records them (inv. 12).
-                        let rc = rg.word().rc();
-                        new_rev.link(rg, m.new.0);
-                        g.set_r(g.r() | (rc & HpteR::RC));
-                    }
-                    _ => {
-                        g.set_v((v & !HpteV::VALID) | HpteV::ABSENT);
-                    }
-                }
-                drop(g);
+                self.rechain_bolted(new, &slots, g, v);
             }
         }
         table.install().ok_or(ResizeError::Io)

@@ -58,7 +58,7 @@ pub fn field(kv: &[(&str, &str)], k: &str) -> Option<u64> {
 }
 
 /// The 256M segment (4K base pages) the shuttle models translate through.
-#[cfg(feature = "shuttle")]
+#[cfg(shuttle)]
 pub const SEG: revmap_hpt::hash::Segment = revmap_hpt::hash::Segment {
     vsid: 0x5_1234,
     ssize: revmap_hpt::hash::SegmentSize::S256M,
@@ -67,7 +67,7 @@ pub const SEG: revmap_hpt::hash::Segment = revmap_hpt::hash::Segment {
 
 /// A tiny KVM-flavour VM for model checking: 32 frames of RAM backed by 4K pages and an
 /// order-11 HPT, so the instrumented atomics stay few.
-#[cfg(feature = "shuttle")]
+#[cfg(any(loom, shuttle))]
 pub fn small_vm() -> revmap_hpt::Vm {
     revmap_hpt::Vm::new_small(revmap_hpt::VmConfig {
         ram_bytes: 32 << 12,
@@ -76,4 +76,38 @@ pub fn small_vm() -> revmap_hpt::Vm {
         backing_page_shift: 12,
     })
     .expect("tiny VM")
+}
+
+/// Run `f` under loom (preemption bound 3); returns the number of executions explored,
+/// which must be more than one (the model really branches).
+#[cfg(loom)]
+pub fn loom_model(f: impl Fn() + Sync + Send + 'static) -> usize {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let runs = std::sync::Arc::new(AtomicUsize::new(0));
+    let r = runs.clone();
+    let mut b = loom::model::Builder::new();
+    b.preemption_bound = Some(3);
+    b.max_branches = 100_000;
+    b.check(move || {
+        r.fetch_add(1, Ordering::Relaxed);
+        f()
+    });
+    let n = runs.load(Ordering::Relaxed);
+    eprintln!("loom: {n} executions");
+    assert!(n > 1, "the model did not branch");
+    n
+}
+
+/// H_READ of one HPTE, which must succeed: (dword 0, dword 1).
+pub fn read(vm: &revmap_hpt::Vm, p: u64) -> (u64, u64) {
+    let r = vm.hcall(0, H_READ, &[0, p]);
+    assert_eq!(r.ret, H_SUCCESS);
+    (r.out[0], r.out[1])
+}
+
+/// The whole-VM checker, as a test assertion.
+pub fn check(vm: &revmap_hpt::Vm) {
+    if let Err(e) = vm.check_invariants() {
+        panic!("invariant violated: {e}");
+    }
 }
