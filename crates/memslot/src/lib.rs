@@ -42,6 +42,7 @@
 
 extern crate alloc;
 
+pub mod port;
 #[cfg(any(feature = "std", loom))]
 pub mod slots;
 
