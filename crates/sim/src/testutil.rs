@@ -291,7 +291,7 @@ impl HypercallPort for &FakeHost {
     where
         Self: 'a;
     fn vcpu_runs(&self) -> Self {
-        *self
+        self
     }
     fn hcall_regs(&mut self, _vcpu: VcpuId, _opcode: u64, regs: &mut [u64; 8]) -> i64 {
         *regs = [0; 8];

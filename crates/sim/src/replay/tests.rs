@@ -47,7 +47,7 @@ impl HypercallPort for &ScriptVm {
     where
         Self: 'a;
     fn vcpu_runs(&self) -> Self {
-        *self
+        self
     }
     fn hcall_regs(&mut self, vcpu: VcpuId, opcode: u64, regs: &mut [u64; 8]) -> i64 {
         self.seen

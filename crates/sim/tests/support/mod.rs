@@ -61,7 +61,7 @@ impl HypercallPort for &QemuModel {
     where
         Self: 'a;
     fn vcpu_runs(&self) -> Self {
-        *self
+        self
     }
     fn hcall_regs(&mut self, _vcpu: VcpuId, opcode: u64, regs: &mut [u64; 8]) -> i64 {
         let r = self.call(opcode, regs);
