@@ -4,7 +4,7 @@
 
 use revmap_memslot::MemslotError;
 use revmap_rmap::ring::RmapViolation;
-use revmap_rmap::RmapError;
+use revmap_rmap::{Ptex, RmapError};
 
 /// Why a VM or HPT could not be created.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -60,7 +60,7 @@ pub enum Violation {
     #[error("HPTE {ptex}: dword0 {v:#x} locked at rest or VALID|ABSENT")]
     BadSoftwareBits {
         /// HPTE index.
-        ptex: u32,
+        ptex: Ptex,
         /// dword 0.
         v: u64,
     },
@@ -68,7 +68,7 @@ pub enum Violation {
     #[error("HPTE {ptex} is on a chain but not VALID (dword0 {v:#x})")]
     ChainedNotValid {
         /// HPTE index.
-        ptex: u32,
+        ptex: Ptex,
         /// dword 0.
         v: u64,
     },
@@ -76,7 +76,7 @@ pub enum Violation {
     #[error("HPTE {ptex} maps gfn {gfn:#x} but is chained on frame {frame:#x}")]
     WrongChain {
         /// HPTE index.
-        ptex: u32,
+        ptex: Ptex,
         /// gfn from guest_rpte.
         gfn: u64,
         /// gfn of the chain.
@@ -90,14 +90,14 @@ pub enum Violation {
         /// Sum of chain lengths.
         chained: usize,
         /// First VALID HPTE not on a chain.
-        first: Option<u32>,
+        first: Option<Ptex>,
     },
     /// Invariant 8: an MMIO (ABSENT, key 31) HPTE inside a memslot, or a paged-out one
     /// with key 31.
     #[error("HPTE {ptex}: ABSENT entry with key 31 maps RAM gfn {gfn:#x}")]
     Key31InRam {
         /// HPTE index.
-        ptex: u32,
+        ptex: Ptex,
         /// Guest frame.
         gfn: u64,
     },
@@ -105,7 +105,7 @@ pub enum Violation {
     #[error("HPTE {ptex}: guest_rpte {rpte:#x} has the reserved bit 62")]
     GuestReserved {
         /// HPTE index.
-        ptex: u32,
+        ptex: Ptex,
         /// guest_rpte.
         rpte: u64,
     },
@@ -114,7 +114,7 @@ pub enum Violation {
     #[error("HPTE {ptex}: VALID mapping inconsistent with its memslot: {why}")]
     BadMapping {
         /// HPTE index.
-        ptex: u32,
+        ptex: Ptex,
         /// What is wrong.
         why: &'static str,
     },
@@ -122,13 +122,13 @@ pub enum Violation {
     #[error("HPTE {ptex}: in-use entry with undecodable page size")]
     BadPageSize {
         /// HPTE index.
-        ptex: u32,
+        ptex: Ptex,
     },
     /// An invalid (free) entry holding leftover bits the flavour never leaves behind.
     #[error("HPTE {ptex}: free entry holds v={v:#x} r={r:#x}")]
     DirtyFreeSlot {
         /// HPTE index.
-        ptex: u32,
+        ptex: Ptex,
         /// dword 0.
         v: u64,
         /// dword 1.
