@@ -78,6 +78,7 @@
 
 extern crate alloc;
 
+pub mod port;
 #[cfg(any(feature = "std", loom))]
 pub mod lifecycle;
 pub mod memory;

@@ -77,20 +77,27 @@ impl Vm {
             let v = s.load_v();
             let r = s.load_r();
             if v & HpteV::HVLOCK != 0 || (v & HpteV::VALID != 0 && v & HpteV::ABSENT != 0) {
-                return Err(Violation::BadSoftwareBits { ptex: p, v });
+                return Err(Violation::BadSoftwareBits { ptex: Ptex(p), v });
             }
             if !HpteV(v).is_used() {
                 if f == Flavour::Kvm && (v != 0 || r != 0) {
-                    return Err(Violation::DirtyFreeSlot { ptex: p, v, r });
+                    return Err(Violation::DirtyFreeSlot {
+                        ptex: Ptex(p),
+                        v,
+                        r,
+                    });
                 }
                 continue;
             }
             let gr = rev.guest_rpte(p);
             if f.guest_rpte_of(gr) != gr {
-                return Err(Violation::GuestReserved { ptex: p, rpte: gr });
+                return Err(Violation::GuestReserved {
+                    ptex: Ptex(p),
+                    rpte: gr,
+                });
             }
             let Some(shifts) = f.page_shifts(HpteV(v), HpteR(gr)) else {
-                return Err(Violation::BadPageSize { ptex: p });
+                return Err(Violation::BadPageSize { ptex: Ptex(p) });
             };
             let gfn = Gfn(HpteR(gr).page_addr(shifts.actual) >> PAGE_SHIFT);
             let slot = slots.lookup(gfn);
@@ -102,7 +109,7 @@ impl Vm {
                 }
                 if key31 && slot.is_some_and(|s| !s.is_invalid()) {
                     return Err(Violation::Key31InRam {
-                        ptex: p,
+                        ptex: Ptex(p),
                         gfn: gfn.0,
                     });
                 }
@@ -111,31 +118,31 @@ impl Vm {
             rep.valid += 1;
             let Some(s) = slot else {
                 return Err(Violation::BadMapping {
-                    ptex: p,
+                    ptex: Ptex(p),
                     why: "VALID entry outside every memslot (MMIO must be ABSENT)",
                 });
             };
             if s.is_invalid() {
                 return Err(Violation::BadMapping {
-                    ptex: p,
+                    ptex: Ptex(p),
                     why: "VALID entry maps a frame of an INVALID (flushed) memslot",
                 });
             }
             if shifts.actual > s.backing_page_shift() || !s.is_aligned_for(shifts.actual) {
                 return Err(Violation::BadMapping {
-                    ptex: p,
+                    ptex: Ptex(p),
                     why: "page larger than its backing page or slot misaligned",
                 });
             }
             let Some(pfn) = s.host_pfn(gfn) else {
                 return Err(Violation::BadMapping {
-                    ptex: p,
+                    ptex: Ptex(p),
                     why: "VALID entry maps a host page that is not present",
                 });
             };
             if pfn << PAGE_SHIFT != HpteR(r).page_addr(shifts.actual) {
                 return Err(Violation::BadMapping {
-                    ptex: p,
+                    ptex: Ptex(p),
                     why: "real RPN is not the host page of the guest frame",
                 });
             }
@@ -159,17 +166,17 @@ impl Vm {
             let stats = check_rmaps(s.rmaps(), rev, |frame, p| {
                 let v = hpt.slot(Ptex(p)).map_or(0, |e| e.load_v());
                 let err = if v & HpteV::VALID == 0 {
-                    Some(Violation::ChainedNotValid { ptex: p, v })
+                    Some(Violation::ChainedNotValid { ptex: Ptex(p), v })
                 } else {
                     let gr = rev.guest_rpte(p);
                     match self.entry_page(v, gr) {
                         Some((g, _)) if g.0 == base + frame as u64 => None,
                         Some((g, _)) => Some(Violation::WrongChain {
-                            ptex: p,
+                            ptex: Ptex(p),
                             gfn: g.0,
                             frame: base + frame as u64,
                         }),
-                        None => Some(Violation::BadPageSize { ptex: p }),
+                        None => Some(Violation::BadPageSize { ptex: Ptex(p) }),
                     }
                 };
                 if let Some(e) = err {
@@ -194,7 +201,7 @@ impl Vm {
                 .zip(&chained)
                 .enumerate()
                 .find(|(_, (b, c))| *b & !*c != 0)
-                .map(|(w, (b, c))| (w * 64) as u32 + (b & !c).trailing_zeros());
+                .map(|(w, (b, c))| Ptex((w * 64) as u32 + (b & !c).trailing_zeros()));
             return Err(Violation::ChainCount {
                 valid: nbacked,
                 chained: rep.chain_members,

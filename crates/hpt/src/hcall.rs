@@ -196,6 +196,34 @@ impl BulkTsh {
     pub const fn hremove_flags(self) -> u64 {
         self.flags() >> Self::FLAGS_TO_HREMOVE_SHIFT
     }
+    /// CODE of a response word.
+    #[inline]
+    pub const fn code(self) -> crate::papr::BulkCode {
+        use crate::papr::BulkCode;
+        match self.0 & Self::CODE {
+            Self::CODE_SUCCESS => BulkCode::Success,
+            Self::CODE_NOT_FOUND => BulkCode::NotFound,
+            Self::CODE_PARM => BulkCode::Parameter,
+            _ => BulkCode::Hardware,
+        }
+    }
+    /// RC bits of a response word (R and C of the removed entry, in the flavour's
+    /// placement).
+    #[inline]
+    pub const fn rc(self) -> u64 {
+        self.0 & Self::RC
+    }
+    /// PTEX of the word as a [`Ptex`](revmap_rmap::Ptex) (`None` if it does not fit
+    /// 32 bits, which no table of order <= 36 has).
+    #[inline]
+    pub const fn ptex_index(self) -> Option<revmap_rmap::Ptex> {
+        let p = self.ptex();
+        if p > u32::MAX as u64 {
+            None
+        } else {
+            Some(revmap_rmap::Ptex(p as u32))
+        }
+    }
 }
 
 const _: () = assert!(BulkTsh::AVPN >> BulkTsh::FLAGS_TO_HREMOVE_SHIFT == H_AVPN);

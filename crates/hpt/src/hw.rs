@@ -14,16 +14,17 @@
 
 use crate::hpte::{HpteR, HpteV};
 use crate::vm::Vm;
+use revmap_rmap::Ptex;
 
 impl Vm {
     /// The MMU sets `bits` (`HpteR::R` and/or `HpteR::C`; other bits are ignored) in HPTE
     /// `ptex`. Returns dword 1 as the guest now sees it (what H_READ would return), or
     /// `None` if `ptex` is out of range or the entry is not guest-valid.
-    pub fn hw_set_rc(&self, ptex: u64, bits: u64) -> Option<u64> {
+    pub fn hw_set_rc(&self, ptex: Ptex, bits: u64) -> Option<u64> {
         let bits = bits & HpteR::RC;
         let access = self.host_access();
         let hpt = access.hpt();
-        let p = hpt.geometry().ptex(ptex)?;
+        let p = hpt.geometry().ptex(u64::from(ptex.0))?;
         let g = hpt.lock(p)?;
         let v = g.v();
         if !HpteV(v).is_used() {
@@ -48,6 +49,7 @@ mod tests {
     use crate::hcall::{H_ENTER, H_READ, H_REMOVE, H_SUCCESS};
     use crate::hpte::HpteR;
     use crate::{Flavour, Vm, VmConfig};
+    use revmap_rmap::Ptex;
 
     fn vm(flavour: Flavour) -> Vm {
         Vm::new(VmConfig {
@@ -65,13 +67,17 @@ mod tests {
             let r = vm.hcall(0, H_ENTER, &[0, 8, 0x4000_0000_0000_0001, 0x5000 | 0x110]);
             assert_eq!(r.ret, H_SUCCESS);
             let p = r.out[0];
-            let after = vm.hw_set_rc(p, HpteR::C).expect("guest-valid");
+            let after = vm.hw_set_rc(Ptex(p as u32), HpteR::C).expect("guest-valid");
             assert_eq!(after & HpteR::RC, HpteR::RC, "{f}");
             assert_eq!(vm.hcall(0, H_READ, &[0, p]).out[1], after, "{f}");
             let rm = vm.hcall(0, H_REMOVE, &[0, p, 0]);
             assert_eq!(rm.ret, H_SUCCESS);
             assert_ne!(rm.out[1] & HpteR::C, 0, "{f}: C harvested at removal");
-            assert_eq!(vm.hw_set_rc(p, HpteR::R), None, "{f}: free slot refused");
+            assert_eq!(
+                vm.hw_set_rc(Ptex(p as u32), HpteR::R),
+                None,
+                "{f}: free slot refused"
+            );
             vm.check_invariants().unwrap();
         }
     }
@@ -86,10 +92,10 @@ mod tests {
             &[0, 16, 0x4000_0000_0000_0101, (1 << 40) | 0x20],
         );
         assert_eq!(r.ret, H_SUCCESS);
-        let after = vm.hw_set_rc(r.out[0], HpteR::R).unwrap();
+        let after = vm.hw_set_rc(Ptex(r.out[0] as u32), HpteR::R).unwrap();
         assert_ne!(after & HpteR::R, 0);
         assert_eq!(vm.hcall(0, H_READ, &[0, r.out[0]]).out[1], after);
-        assert_eq!(vm.hw_set_rc(1 << 40, HpteR::R), None, "out of range");
+        assert_eq!(vm.hw_set_rc(Ptex(1 << 30), HpteR::R), None, "out of range");
         vm.check_invariants().unwrap();
     }
 }

@@ -30,12 +30,14 @@
 //! * One handle per vCPU id at a time, and no [`Vm::hcall`] for that id while it
 //!   exists (they share the gate word).
 
+use crate::error::PaprError;
 use crate::resize::cell::{TableCell, OUT_OF_GATE};
 use crate::table::Hpt;
-use crate::tlb::MAX_VCPUS;
 use crate::vm::{is_resize_opcode, HcallResult, Vm};
+use revmap_host::port::HypercallPort;
 use revmap_host::Memslots;
 use revmap_rmap::sync::Arc;
+use revmap_rmap::VcpuId;
 
 /// A set of vCPUs driven by one thread (the replay: one run per trace cpu id), each in
 /// the guest for a run of hypercalls. They share one pinned table and memslot snapshot
@@ -44,7 +46,7 @@ use revmap_rmap::sync::Arc;
 #[derive(Debug)]
 pub struct VcpuRuns<'vm> {
     vm: &'vm Vm,
-    /// Bit `i`: the gate word of vCPU `i % MAX_VCPUS` reads "in" for us.
+    /// Bit `i`: the gate word of vCPU `i` reads "in" for us.
     entered: u64,
     /// The state word seen at the last (re)pin, or [`OUT_OF_GATE`] when none entered.
     pinned: u64,
@@ -58,13 +60,13 @@ pub struct VcpuRuns<'vm> {
 #[derive(Debug)]
 pub struct VcpuRun<'vm> {
     runs: VcpuRuns<'vm>,
-    vcpu: usize,
+    vcpu: VcpuId,
 }
 
 impl Vm {
     /// Enter the guest as vCPU `vcpu` for a run of hypercalls (module docs). Waits while
     /// a resize commit has the gate closed.
-    pub fn vcpu_run(&self, vcpu: usize) -> VcpuRun<'_> {
+    pub fn vcpu_run(&self, vcpu: VcpuId) -> VcpuRun<'_> {
         let mut runs = self.vcpu_runs();
         runs.enter(vcpu);
         VcpuRun { runs, vcpu }
@@ -91,26 +93,32 @@ impl<'vm> VcpuRuns<'vm> {
 
     /// Whether vCPU `vcpu` is inside the gate (entered and not paused).
     #[inline]
-    pub fn is_pinned(&self, vcpu: usize) -> bool {
-        self.entered & Self::bit(vcpu) != 0
-    }
-
-    #[inline(always)]
-    fn bit(vcpu: usize) -> u64 {
-        1u64 << (vcpu % MAX_VCPUS)
+    pub fn is_pinned(&self, vcpu: VcpuId) -> bool {
+        self.entered & vcpu.bit() != 0
     }
 
     /// One hypercall of vCPU `vcpu`, as [`Vm::hcall_regs`] but on the pinned table
     /// and memslot snapshot: the per-call cost of the gate is a bit test and one
     /// `Relaxed` load compared with the pinned state.
     #[inline]
-    pub fn hcall_regs(&mut self, vcpu: usize, opcode: u64, regs: &mut [u64; 8]) -> i64 {
+    pub fn hcall_regs(&mut self, vcpu: VcpuId, opcode: u64, regs: &mut [u64; 8]) -> i64 {
+        PaprError::code_of(self.call(vcpu, opcode, regs))
+    }
+
+    /// [`hcall_regs`](Self::hcall_regs) with the result typed (the typed hypercalls).
+    #[inline(always)]
+    pub(crate) fn call(
+        &mut self,
+        vcpu: VcpuId,
+        opcode: u64,
+        regs: &mut [u64; 8],
+    ) -> Result<(), PaprError> {
         if is_resize_opcode(opcode) {
             // Out of the guest for the resize calls: a COMMIT must not wait for us.
             self.pause();
             return self.vm.resize_hcall(opcode, regs[0], regs[1]);
         }
-        if self.entered & Self::bit(vcpu) == 0 || self.vm.tables().state_relaxed() != self.pinned {
+        if self.entered & vcpu.bit() == 0 || self.vm.tables().state_relaxed() != self.pinned {
             self.enter(vcpu);
         }
         self.vm.dispatch(self.hpt, &self.slots, opcode, regs)
@@ -118,7 +126,7 @@ impl<'vm> VcpuRuns<'vm> {
 
     /// One hypercall with arguments as a slice (as [`Vm::hcall`]).
     #[inline]
-    pub fn hcall(&mut self, vcpu: usize, opcode: u64, args: &[u64]) -> HcallResult {
+    pub fn hcall(&mut self, vcpu: VcpuId, opcode: u64, args: &[u64]) -> HcallResult {
         let mut out = [0u64; 8];
         let n = args.len().min(out.len());
         out[..n].copy_from_slice(&args[..n]);
@@ -138,7 +146,10 @@ impl<'vm> VcpuRuns<'vm> {
         while e != 0 {
             let i = e.trailing_zeros() as usize;
             e &= e - 1;
-            TableCell::leave_gate(tables.vcpu_gate(i));
+            // `entered` only holds bits of valid ids, so `new` always succeeds.
+            if let Ok(v) = VcpuId::new(i) {
+                TableCell::leave_gate(tables.vcpu_gate(v));
+            }
         }
         self.entered = 0;
         self.pinned = OUT_OF_GATE;
@@ -149,10 +160,10 @@ impl<'vm> VcpuRuns<'vm> {
     /// every vCPU leaves first and the pin is rebuilt (table and memslot snapshot).
     #[cold]
     #[inline(never)]
-    fn enter(&mut self, vcpu: usize) {
+    fn enter(&mut self, vcpu: VcpuId) {
         let tables = self.vm.tables();
         let gate = tables.vcpu_gate(vcpu);
-        let bit = Self::bit(vcpu);
+        let bit = vcpu.bit();
         loop {
             if self.entered != 0 && tables.state_relaxed() != self.pinned {
                 self.pause();
@@ -197,7 +208,7 @@ impl<'vm> VcpuRun<'vm> {
 
     /// The vCPU id.
     #[inline]
-    pub fn vcpu(&self) -> usize {
+    pub fn vcpu(&self) -> VcpuId {
         self.vcpu
     }
 
@@ -223,5 +234,91 @@ impl<'vm> VcpuRun<'vm> {
     /// Leave the gate until the next hypercall (see [`VcpuRuns::pause`]).
     pub fn pause(&mut self) {
         self.runs.pause();
+    }
+}
+
+/// The VM as a hypercall port (the owner's view; the shared `&Vm` below is the same):
+/// each call enters and leaves the guest on its own ([`Vm::hcall_regs`]);
+/// [`vcpu_runs`](HypercallPort::vcpu_runs) starts a pinned run ([`VcpuRuns`]).
+impl HypercallPort for Vm {
+    type Runs<'a> = VcpuRuns<'a>;
+
+    #[inline]
+    fn vcpu_runs(&self) -> VcpuRuns<'_> {
+        Vm::vcpu_runs(self)
+    }
+
+    #[inline(always)]
+    fn hcall_regs(&mut self, vcpu: VcpuId, opcode: u64, regs: &mut [u64; 8]) -> i64 {
+        PaprError::code_of(self.call(vcpu, opcode, regs))
+    }
+}
+
+/// The VM as a hypercall port: each call enters and leaves the guest on its own
+/// ([`Vm::hcall_regs`]); [`vcpu_runs`](HypercallPort::vcpu_runs) starts a pinned run
+/// ([`VcpuRuns`]).
+impl<'vm> HypercallPort for &'vm Vm {
+    type Runs<'a>
+        = VcpuRuns<'vm>
+    where
+        Self: 'a;
+
+    #[inline]
+    fn vcpu_runs(&self) -> VcpuRuns<'vm> {
+        Vm::vcpu_runs(self)
+    }
+
+    #[inline(always)]
+    fn hcall_regs(&mut self, vcpu: VcpuId, opcode: u64, regs: &mut [u64; 8]) -> i64 {
+        PaprError::code_of(self.call(vcpu, opcode, regs))
+    }
+}
+
+/// Several vCPUs of one thread in the guest ([`VcpuRuns::hcall_regs`]).
+impl<'vm> HypercallPort for VcpuRuns<'vm> {
+    type Runs<'a>
+        = VcpuRuns<'vm>
+    where
+        Self: 'a;
+
+    /// A new, separate set of runs on the same VM.
+    #[inline]
+    fn vcpu_runs(&self) -> VcpuRuns<'vm> {
+        self.vm.vcpu_runs()
+    }
+
+    #[inline(always)]
+    fn hcall_regs(&mut self, vcpu: VcpuId, opcode: u64, regs: &mut [u64; 8]) -> i64 {
+        VcpuRuns::hcall_regs(self, vcpu, opcode, regs)
+    }
+
+    #[inline]
+    fn pause(&mut self) {
+        VcpuRuns::pause(self);
+    }
+}
+
+/// One vCPU in the guest: every call is made as the handle's vCPU, whatever `vcpu`
+/// says ([`VcpuRun::hcall_regs`]).
+impl<'vm> HypercallPort for VcpuRun<'vm> {
+    type Runs<'a>
+        = VcpuRuns<'vm>
+    where
+        Self: 'a;
+
+    /// A new, separate set of runs on the same VM.
+    #[inline]
+    fn vcpu_runs(&self) -> VcpuRuns<'vm> {
+        self.runs.vm.vcpu_runs()
+    }
+
+    #[inline(always)]
+    fn hcall_regs(&mut self, _vcpu: VcpuId, opcode: u64, regs: &mut [u64; 8]) -> i64 {
+        VcpuRun::hcall_regs(self, opcode, regs)
+    }
+
+    #[inline]
+    fn pause(&mut self) {
+        VcpuRun::pause(self);
     }
 }

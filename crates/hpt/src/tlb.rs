@@ -38,8 +38,9 @@ use alloc::boxed::Box;
 use revmap_rmap::error::try_boxed_slice;
 use revmap_rmap::sync::{fence, spin_loop, AtomicU64, Ordering};
 
-/// Maximum number of vCPU MMU models attached to one VM.
-pub const MAX_VCPUS: usize = 64;
+/// Maximum number of vCPU MMU models attached to one VM (the supported vCPU count,
+/// [`revmap_rmap::MAX_VCPUS`]).
+pub use revmap_rmap::MAX_VCPUS;
 
 /// Epoch word value of a vCPU not inside an access.
 const IDLE: u64 = u64::MAX;

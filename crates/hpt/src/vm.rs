@@ -22,7 +22,7 @@
 //!   snapshot ([`SlotSet::load`], an SRCU read side) and scans its few slots.
 //! * See `check.rs` for the whole-VM invariants, verified by [`Vm::check_invariants`].
 
-use crate::error::HptError;
+use crate::error::{HptError, PaprError};
 use crate::flavour::{Flavour, Target, WimgVerdict};
 use crate::hcall::*;
 use crate::hpte::{HpteR, HpteV};
@@ -32,7 +32,7 @@ use crate::tlb::{InvalidateSeq, TlbDomain};
 use revmap_host::slots::{SlotSet, SlotsRef};
 use revmap_host::{Memslot, MemslotFlags, Memslots};
 use revmap_rmap::sync::{Arc, AtomicU64, Ordering};
-use revmap_rmap::{Gfn, HpteLocks, Hva, Ptex, SlotId, PAGE_SHIFT};
+use revmap_rmap::{Gfn, HpteLocks, Hva, Ptex, SlotId, VcpuId, PAGE_SHIFT};
 
 /// Host virtual address where guest RAM is "mapped" in the model (also its host
 /// physical address; aligned to 16 GiB so every backing page size fits).
@@ -63,17 +63,7 @@ impl Default for VmConfig {
     }
 }
 
-/// Result of one hypercall: r3 and the output registers r4..r11.
-///
-/// Registers a call does not write keep their input values (as on real hardware), so a
-/// failed call returns its inputs in `out`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct HcallResult {
-    /// Return code (r3).
-    pub ret: i64,
-    /// r4..r11.
-    pub out: [u64; 8],
-}
+pub use revmap_host::port::HcallResult;
 
 /// Whether `opcode` is one of the resize hypercalls (run outside the vCPU gate).
 #[inline(always)]
@@ -235,8 +225,11 @@ impl Vm {
     /// One PAPR hypercall from vCPU `vcpu`. `args` = r4.. (missing args read as 0,
     /// extra ignored). Unknown opcodes and non-multiples of 4 return H_FUNCTION, as do
     /// H_CLEAR_REF/H_CLEAR_MOD in the QEMU flavour (and the resize calls without `std`).
+    /// A `vcpu` at or past [`MAX_VCPUS`](revmap_rmap::MAX_VCPUS) is answered
+    /// H_PARAMETER without touching the VM (ids never wrap onto another vCPU).
     ///
-    /// A convenience over [`hcall_regs`](Self::hcall_regs), which is the hot path.
+    /// A convenience over [`hcall_regs`](Self::hcall_regs), which is the hot path; the
+    /// typed hypercalls ([`h_enter`](Self::h_enter), ...) are the checked API.
     #[inline]
     pub fn hcall(&self, vcpu: usize, opcode: u64, args: &[u64]) -> HcallResult {
         let mut out = [0u64; 8];
@@ -252,9 +245,26 @@ impl Vm {
     ///
     /// This is the hot path of trace replay and of the simulator's vCPUs: no copy of
     /// the register block is made, each argument is read individually before any
-    /// output is written.
+    /// output is written. A `vcpu` at or past [`MAX_VCPUS`](revmap_rmap::MAX_VCPUS)
+    /// returns H_PARAMETER with `regs` untouched.
     #[inline]
     pub fn hcall_regs(&self, vcpu: usize, opcode: u64, regs: &mut [u64; 8]) -> i64 {
+        let r = match VcpuId::new(vcpu) {
+            Ok(v) => self.call(v, opcode, regs),
+            Err(_) => Err(PaprError::Parameter),
+        };
+        PaprError::code_of(r)
+    }
+
+    /// One hypercall of a checked vCPU, typed result: the one entry shared by the
+    /// register-level and the typed API.
+    #[inline(always)]
+    pub(crate) fn call(
+        &self,
+        vcpu: VcpuId,
+        opcode: u64,
+        regs: &mut [u64; 8],
+    ) -> Result<(), PaprError> {
         if is_resize_opcode(opcode) {
             // Like KVM's ioctls, resizing runs with this vCPU out of the guest.
             return self.resize_hcall(opcode, regs[0], regs[1]);
@@ -274,7 +284,7 @@ impl Vm {
         slots: &Memslots,
         opcode: u64,
         regs: &mut [u64; 8],
-    ) -> i64 {
+    ) -> Result<(), PaprError> {
         // A pre-copy resize commit is in progress (`resize::precopy`): mark the
         // entries this call may have changed, after it ran (the flag cannot change while
         // we are inside the gate).
@@ -282,7 +292,8 @@ impl Vm {
         if self.resize.tracking() {
             let args = *regs;
             let ret = self.dispatch_untracked(hpt, slots, opcode, regs);
-            self.resize.track_hcall(opcode, &args, regs, ret);
+            self.resize
+                .track_hcall(opcode, &args, regs, PaprError::code_of(ret));
             return ret;
         }
         self.dispatch_untracked(hpt, slots, opcode, regs)
@@ -295,46 +306,51 @@ impl Vm {
         slots: &Memslots,
         opcode: u64,
         regs: &mut [u64; 8],
-    ) -> i64 {
+    ) -> Result<(), PaprError> {
         match opcode {
-            H_ENTER => self.h_enter(hpt, slots, regs),
+            H_ENTER => self.do_h_enter(hpt, slots, regs),
             H_REMOVE => {
                 let (flags, ptex, avpn) = (regs[0], regs[1], regs[2]);
-                self.h_remove(hpt, slots, flags, ptex, avpn, regs)
+                self.do_h_remove(hpt, slots, flags, ptex, avpn, regs)
             }
             H_READ => {
                 let (flags, ptex) = (regs[0], regs[1]);
-                self.h_read(hpt, flags, ptex, regs)
+                self.do_h_read(hpt, flags, ptex, regs)
             }
-            H_PROTECT => self.h_protect(hpt, slots, regs[0], regs[1], regs[2]),
-            H_BULK_REMOVE => self.h_bulk_remove(hpt, slots, regs),
+            H_PROTECT => self.do_h_protect(hpt, slots, regs[0], regs[1], regs[2]),
+            H_BULK_REMOVE => self.do_h_bulk_remove(hpt, slots, regs),
             H_CLEAR_REF if self.flavour.has_clear_ref_mod() => {
                 let ptex = regs[1];
-                self.h_clear_ref(hpt, slots, ptex, regs)
+                self.do_h_clear_ref(hpt, slots, ptex, regs)
             }
             H_CLEAR_MOD if self.flavour.has_clear_ref_mod() => {
                 let ptex = regs[1];
-                self.h_clear_mod(hpt, slots, ptex, regs)
+                self.do_h_clear_mod(hpt, slots, ptex, regs)
             }
-            _ => H_FUNCTION,
+            _ => Err(PaprError::Function),
         }
     }
 
     #[cold]
     #[inline(never)]
-    pub(crate) fn resize_hcall(&self, opcode: u64, flags: u64, shift: u64) -> i64 {
+    pub(crate) fn resize_hcall(
+        &self,
+        opcode: u64,
+        flags: u64,
+        shift: u64,
+    ) -> Result<(), PaprError> {
         #[cfg(feature = "std")]
         {
-            if opcode == H_RESIZE_HPT_PREPARE {
-                self.h_resize_hpt_prepare(flags, shift)
+            PaprError::check(if opcode == H_RESIZE_HPT_PREPARE {
+                self.resize_prepare(flags, shift)
             } else {
-                self.h_resize_hpt_commit(flags, shift)
-            }
+                self.resize_commit(flags, shift)
+            })
         }
         #[cfg(not(feature = "std"))]
         {
             let _ = (opcode, flags, shift);
-            H_FUNCTION
+            Err(PaprError::Function)
         }
     }
 
@@ -350,15 +366,15 @@ impl Vm {
     }
 
     /// H_ENTER (spec 3.1, `kvmppc_do_h_enter`).
-    fn h_enter(&self, hpt: &Hpt, slots: &Memslots, out: &mut [u64; 8]) -> i64 {
+    fn do_h_enter(&self, hpt: &Hpt, slots: &Memslots, out: &mut [u64; 8]) -> Result<(), PaprError> {
         let (flags, ptex, pteh, ptel) = (out[0], out[1], out[2], out[3]);
         let f = self.flavour;
         let vin = HpteV(pteh);
         if f.rejects_reserved_segment_size() && vin.segment_size() >= 2 {
-            return H_PARAMETER;
+            return Err(PaprError::Parameter);
         }
         let Some(shifts) = f.page_shifts(vin, HpteR(ptel)) else {
-            return H_PARAMETER;
+            return Err(PaprError::Parameter);
         };
         let psize_mask = (1u64 << shifts.actual) - 1;
         let g_ptel = f.guest_rpte_of(ptel);
@@ -374,7 +390,7 @@ impl Vm {
         let (mut v, mut r, rmap) = match slot {
             None => {
                 if f.check_wimg(Target::Io, HpteR(ptel)) == WimgVerdict::Reject {
-                    return H_PARAMETER;
+                    return Err(PaprError::Parameter);
                 }
                 if guest_valid {
                     // Emulated MMIO: ABSENT with storage key 31, no rmap.
@@ -385,11 +401,11 @@ impl Vm {
             }
             Some(s) => {
                 if !s.is_aligned_for(shifts.actual) || shifts.actual > s.backing_page_shift() {
-                    return H_PARAMETER;
+                    return Err(PaprError::Parameter);
                 }
                 let wimg = f.check_wimg(Target::Ram, HpteR(ptel));
                 if wimg == WimgVerdict::Reject {
-                    return H_PARAMETER;
+                    return Err(PaprError::Parameter);
                 }
                 if !guest_valid {
                     (pteh, g_ptel, None)
@@ -418,7 +434,7 @@ impl Vm {
         };
 
         let Some(p) = hpt.geometry().ptex(ptex) else {
-            return H_PARAMETER;
+            return Err(PaprError::Parameter);
         };
         let guard = if flags & H_EXACT != 0 {
             self.lock_free_exact(hpt, p)
@@ -426,7 +442,7 @@ impl Vm {
             self.lock_free_in_group(hpt, p)
         };
         let Some(guard) = guard else {
-            return H_PTEG_FULL;
+            return Err(PaprError::PtegFull);
         };
         let q = guard.ptex();
         hpt.mark_written(q);
@@ -448,7 +464,7 @@ impl Vm {
         guard.set_r(r);
         guard.unlock_with(v);
         out[0] = u64::from(q.0);
-        H_SUCCESS
+        Ok(())
     }
 
     /// H_EXACT slot choice: lock `p` only if free, else H_PTEG_FULL (`None`).
@@ -592,7 +608,7 @@ impl Vm {
     /// instant). A match is locked with one `SeqCst` RMW that also clears VALID, so the
     /// lock, the match and the invalidation are one atomic step; the TLB shootdown then
     /// costs nothing when no vCPU MMU is attached (`tlbie_after_sc_rmw`).
-    fn h_remove(
+    fn do_h_remove(
         &self,
         hpt: &Hpt,
         slots: &Memslots,
@@ -600,12 +616,12 @@ impl Vm {
         ptex: u64,
         avpn: u64,
         out: &mut [u64; 8],
-    ) -> i64 {
+    ) -> Result<(), PaprError> {
         let Some(p) = hpt.geometry().ptex(ptex) else {
-            return H_PARAMETER;
+            return Err(PaprError::Parameter);
         };
         let Some(slot) = hpt.slot(p) else {
-            return H_PARAMETER;
+            return Err(PaprError::Parameter);
         };
         let (g, v) = loop {
             let v = slot.load_v();
@@ -614,7 +630,7 @@ impl Vm {
                 continue;
             }
             if !self.remove_matches(v, flags, avpn) {
-                return H_NOT_FOUND;
+                return Err(PaprError::NotFound);
             }
             if let Some(g) = hpt.try_lock_replace(p, v, v & !HpteV::VALID) {
                 break (g, v);
@@ -626,18 +642,23 @@ impl Vm {
         let (v, r) = self.remove_invalidated(hpt, slots, g, v);
         out[0] = v;
         out[1] = r;
-        H_SUCCESS
+        Ok(())
     }
 
     /// H_BULK_REMOVE (spec 3.3, `kvmppc_h_bulk_remove`): up to four requests; VALID
     /// matches are collected locked with VALID cleared, one tlbie completes the batch,
     /// then each is unchained with its final R/C. Only the first lock of a batch spins.
-    fn h_bulk_remove(&self, hpt: &Hpt, slots: &Memslots, out: &mut [u64; 8]) -> i64 {
+    fn do_h_bulk_remove(
+        &self,
+        hpt: &Hpt,
+        slots: &Memslots,
+        out: &mut [u64; 8],
+    ) -> Result<(), PaprError> {
         let f = self.flavour;
         let geo = hpt.geometry();
-        let mut ret = H_SUCCESS;
+        let mut ret = Ok(());
         let mut i = 0;
-        while i < H_BULK_REMOVE_MAX_BATCH && ret == H_SUCCESS {
+        while i < H_BULK_REMOVE_MAX_BATCH && ret.is_ok() {
             let mut batch: [Option<(usize, u64, u64, HpteGuard<'_>)>; H_BULK_REMOVE_MAX_BATCH] =
                 [const { None }; H_BULK_REMOVE_MAX_BATCH];
             let mut n = 0;
@@ -653,7 +674,7 @@ impl Vm {
                     BulkTsh::REQUEST => {}
                     _ => {
                         out[j] = f.bulk_bad_type_response(tsh.0);
-                        ret = H_PARAMETER;
+                        ret = Err(PaprError::Parameter);
                         break;
                     }
                 }
@@ -665,7 +686,7 @@ impl Vm {
                 };
                 let Some(p) = p else {
                     out[j] = resp | BulkTsh::CODE_PARM;
-                    ret = H_PARAMETER;
+                    ret = Err(PaprError::Parameter);
                     break;
                 };
                 let g = match hpt.try_lock(p, HpteV::HVLOCK) {
@@ -675,7 +696,7 @@ impl Vm {
                         Some(g) => g,
                         None => {
                             out[j] = resp | BulkTsh::CODE_PARM;
-                            ret = H_PARAMETER;
+                            ret = Err(PaprError::Parameter);
                             break;
                         }
                     },
@@ -718,16 +739,23 @@ impl Vm {
     }
 
     /// H_PROTECT (spec 3.4, `kvmppc_h_protect`).
-    fn h_protect(&self, hpt: &Hpt, slots: &Memslots, flags: u64, ptex: u64, avpn: u64) -> i64 {
+    fn do_h_protect(
+        &self,
+        hpt: &Hpt,
+        slots: &Memslots,
+        flags: u64,
+        ptex: u64,
+        avpn: u64,
+    ) -> Result<(), PaprError> {
         let Some(p) = hpt.geometry().ptex(ptex) else {
-            return H_PARAMETER;
+            return Err(PaprError::Parameter);
         };
         let Some(mut g) = hpt.lock(p) else {
-            return H_PARAMETER;
+            return Err(PaprError::Parameter);
         };
         let v = g.v();
         if !HpteV(v).is_used() || (flags & H_AVPN != 0 && v & !HpteV::LOW7 != avpn) {
-            return H_NOT_FOUND;
+            return Err(PaprError::NotFound);
         }
         let bits = ((flags << 55) & HpteR::PP0)
             | ((flags << 48) & HpteR::KEY_HI)
@@ -754,7 +782,7 @@ impl Vm {
             self.mmio_update.fetch_add(1, Ordering::Relaxed);
         }
         g.unlock_with(v);
-        H_SUCCESS
+        Ok(())
     }
 
     /// Whether H_PROTECT must keep a read-only real HPTE read-only: always in the KVM
@@ -770,10 +798,16 @@ impl Vm {
     }
 
     /// H_READ (spec 3.5): a lock-free read of one or (H_READ_4) four entries.
-    fn h_read(&self, hpt: &Hpt, flags: u64, ptex: u64, out: &mut [u64; 8]) -> i64 {
+    fn do_h_read(
+        &self,
+        hpt: &Hpt,
+        flags: u64,
+        ptex: u64,
+        out: &mut [u64; 8],
+    ) -> Result<(), PaprError> {
         let f = self.flavour;
         let Some(p) = hpt.geometry().ptex(ptex) else {
-            return H_PARAMETER;
+            return Err(PaprError::Parameter);
         };
         let (start, n) = if flags & H_READ_4 != 0 {
             (p.0 & !3, 4)
@@ -784,7 +818,7 @@ impl Vm {
         for (k, pair) in out.chunks_exact_mut(2).take(n).enumerate() {
             let q = Ptex(start + k as u32);
             let Some(slot) = hpt.slot(q) else {
-                return H_PARAMETER;
+                return Err(PaprError::Parameter);
             };
             let v = slot.load_v();
             let mut r = slot.load_r();
@@ -799,20 +833,26 @@ impl Vm {
             };
             pair[1] = r;
         }
-        H_SUCCESS
+        Ok(())
     }
 
     /// H_CLEAR_REF (spec 3.6, KVM flavour).
-    fn h_clear_ref(&self, hpt: &Hpt, slots: &Memslots, ptex: u64, out: &mut [u64; 8]) -> i64 {
+    fn do_h_clear_ref(
+        &self,
+        hpt: &Hpt,
+        slots: &Memslots,
+        ptex: u64,
+        out: &mut [u64; 8],
+    ) -> Result<(), PaprError> {
         let Some(p) = hpt.geometry().ptex(ptex) else {
-            return H_PARAMETER;
+            return Err(PaprError::Parameter);
         };
         let Some(g) = hpt.lock(p) else {
-            return H_PARAMETER;
+            return Err(PaprError::Parameter);
         };
         let v = g.v();
         if !HpteV(v).is_used() {
-            return H_NOT_FOUND;
+            return Err(PaprError::NotFound);
         }
         let rev = hpt.revmap();
         let mut gr = rev.guest_rpte(p.0);
@@ -834,20 +874,26 @@ impl Vm {
         }
         out[0] = self.flavour.present_r(gr);
         g.unlock_with(v);
-        H_SUCCESS
+        Ok(())
     }
 
     /// H_CLEAR_MOD (spec 3.6, KVM flavour).
-    fn h_clear_mod(&self, hpt: &Hpt, slots: &Memslots, ptex: u64, out: &mut [u64; 8]) -> i64 {
+    fn do_h_clear_mod(
+        &self,
+        hpt: &Hpt,
+        slots: &Memslots,
+        ptex: u64,
+        out: &mut [u64; 8],
+    ) -> Result<(), PaprError> {
         let Some(p) = hpt.geometry().ptex(ptex) else {
-            return H_PARAMETER;
+            return Err(PaprError::Parameter);
         };
         let Some(mut g) = hpt.lock(p) else {
-            return H_PARAMETER;
+            return Err(PaprError::Parameter);
         };
         let v = g.v();
         if !HpteV(v).is_used() {
-            return H_NOT_FOUND;
+            return Err(PaprError::NotFound);
         }
         let rev = hpt.revmap();
         let mut gr = rev.guest_rpte(p.0);
@@ -870,6 +916,6 @@ impl Vm {
         }
         out[0] = self.flavour.present_r(gr);
         g.unlock_with(v);
-        H_SUCCESS
+        Ok(())
     }
 }

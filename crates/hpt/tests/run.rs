@@ -5,8 +5,13 @@
 
 use revmap_hpt::hcall::*;
 use revmap_hpt::{Flavour, MemslotFlags, MemslotSpec, Vm, VmConfig};
-use revmap_rmap::{Gfn, Hva, SlotId};
+use revmap_rmap::{Gfn, Hva, SlotId, VcpuId};
 use std::sync::atomic::{AtomicBool, Ordering};
+
+/// A vCPU id known to be in range.
+fn id(n: usize) -> VcpuId {
+    VcpuId::new(n).unwrap()
+}
 
 fn vm() -> Vm {
     Vm::new(VmConfig {
@@ -51,7 +56,7 @@ fn slot1() -> MemslotSpec {
 fn run_handle_hypercalls_match_vm_hcall() {
     let a = vm();
     let b = vm();
-    let mut run = a.vcpu_run(0);
+    let mut run = a.vcpu_run(id(0));
     for page in 0..64 {
         let args = enter_args(&a, page, page);
         let x = run.hcall(H_ENTER, &args);
@@ -68,7 +73,7 @@ fn run_handle_hypercalls_match_vm_hcall() {
 #[test]
 fn commit_through_own_run_handle_does_not_wait_for_itself() {
     let vm = vm();
-    let mut run = vm.vcpu_run(3);
+    let mut run = vm.vcpu_run(id(3));
     let e = run.hcall(H_ENTER, &enter_args(&vm, 0x1801, 1));
     assert_eq!(e.ret, H_SUCCESS);
     assert!(matches!(
@@ -96,15 +101,18 @@ fn several_runs_on_one_thread_survive_a_commit_issued_by_one_of_them() {
     let vm = vm();
     let mut runs = vm.vcpu_runs();
     for cpu in 0..4 {
-        let r = runs.hcall(cpu, H_ENTER, &enter_args(&vm, 0x100 + cpu as u64, 3));
+        let r = runs.hcall(id(cpu), H_ENTER, &enter_args(&vm, 0x100 + cpu as u64, 3));
         assert_eq!(r.ret, H_SUCCESS);
-        assert!(runs.is_pinned(cpu));
+        assert!(runs.is_pinned(id(cpu)));
     }
-    runs.hcall(1, H_RESIZE_HPT_PREPARE, &[0, 19]);
+    runs.hcall(id(1), H_RESIZE_HPT_PREPARE, &[0, 19]);
     vm.resize_ctl().wait_prepared();
-    assert_eq!(runs.hcall(2, H_RESIZE_HPT_COMMIT, &[0, 19]).ret, H_SUCCESS);
-    assert!((0..4).all(|c| !runs.is_pinned(c)));
-    assert_eq!(runs.hcall(0, H_READ, &[0, 0]).ret, H_SUCCESS);
+    assert_eq!(
+        runs.hcall(id(2), H_RESIZE_HPT_COMMIT, &[0, 19]).ret,
+        H_SUCCESS
+    );
+    assert!((0..4).all(|c| !runs.is_pinned(id(c))));
+    assert_eq!(runs.hcall(id(0), H_READ, &[0, 0]).ret, H_SUCCESS);
     drop(runs);
     vm.check_invariants().unwrap();
 }
@@ -116,7 +124,7 @@ fn memslot_delete_and_commit_from_other_threads_kick_a_running_vcpu() {
     let stop = AtomicBool::new(false);
     std::thread::scope(|sc| {
         let vcpu = sc.spawn(|| {
-            let mut run = vm.vcpu_run(0);
+            let mut run = vm.vcpu_run(id(0));
             let mut calls = 0u64;
             while !stop.load(Ordering::SeqCst) {
                 let page = 0x200 + calls % 8;
@@ -147,7 +155,7 @@ fn memslot_delete_and_commit_from_other_threads_kick_a_running_vcpu() {
 fn after_delete_returns_a_running_vcpu_sees_the_slot_gone() {
     let vm = vm();
     vm.create_memslot(slot1()).unwrap();
-    let mut run = vm.vcpu_run(0);
+    let mut run = vm.vcpu_run(id(0));
     let e = run.hcall(H_ENTER, &enter_args(&vm, 0x300, SLOT1.base));
     assert_eq!(e.ret, H_SUCCESS);
     std::thread::scope(|sc| {

@@ -115,7 +115,7 @@ fn race(script: Script) {
     let hcall_vcpu = {
         let vm = vm.clone();
         thread::spawn(move || {
-            let mut run = vm.vcpu_run(1);
+            let mut run = vm.vcpu_run(revmap_rmap::VcpuId::new(1).unwrap());
             for k in 0..3 {
                 let e = run.hcall(H_ENTER, &enter_args(&vm, 0x10 + k, 8 + k, false));
                 assert_eq!(e.ret, H_SUCCESS);

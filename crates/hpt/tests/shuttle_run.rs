@@ -44,7 +44,7 @@ fn race() {
         .map(|c| {
             let vm = vm.clone();
             thread::spawn(move || {
-                let mut run = vm.vcpu_run(c as usize);
+                let mut run = vm.vcpu_run(revmap_rmap::VcpuId::new(c as usize).unwrap());
                 for k in 0..3 {
                     let gfn = if k % 2 == 0 { BASE + k + c } else { k + c };
                     let e = run.hcall(H_ENTER, &enter_args(&vm, 0x10 * c + k, gfn));

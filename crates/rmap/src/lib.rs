@@ -30,7 +30,9 @@ pub mod pte_list;
 pub mod ring;
 pub mod sync;
 
-pub use addr::{Gfn, Gpa, Hva, Lpid, Ptex, SlotId, PAGE_SHIFT, PAGE_SIZE};
+pub use addr::{
+    Gfn, Gpa, Hva, Lpid, Ptex, SlotId, VcpuId, VcpuIdError, MAX_VCPUS, PAGE_SHIFT, PAGE_SIZE,
+};
 pub use error::RmapError;
 pub use nested::{
     check_nested_rmap, check_nested_rmaps, DetachedNestedList, Inserted, NestedCache, NestedError,

@@ -27,6 +27,7 @@ use crate::workload::GuestCpu;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use revmap_hpt::mmu::VcpuMmu;
+use revmap_hpt::VcpuId;
 use std::time::Instant;
 
 /// Scheduler weight of one vCPU (host actors weigh 1 each).
@@ -51,7 +52,7 @@ pub fn run_deterministic(sc: &Scenario) -> Result<RunReport, RunError> {
     let mut cpus = Vec::with_capacity(nv);
     let mut mmus = Vec::with_capacity(nv);
     for v in 0..nv {
-        cpus.push(GuestCpu::new(v, sc.seed, ram, sc.workload)?);
+        cpus.push(GuestCpu::new(VcpuId::new(v)?, sc.seed, ram, sc.workload)?);
         mmus.push(VcpuMmu::new(&vm)?);
     }
     let slots = vm.memslot_views();

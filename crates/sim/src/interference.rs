@@ -17,11 +17,12 @@
 use crate::actors::{ActorConfig, ActorPanicked, HostActors, HostOps};
 use crate::host::HostMmu;
 use crate::replay::{
-    replay_preparsed, FileReport, HcallResult, Hypervisor, PreparsedTrace, ReplayError,
-    ReplayOptions, ResultMask, VmSpec,
+    replay_preparsed, FileReport, HypercallPort, PreparsedTrace, ReplayError, ReplayOptions,
+    ReplayTarget, ResultMask, VmSpec,
 };
 use core::cell::Cell;
 use core::fmt;
+use revmap_hpt::{Ptex, VcpuId};
 use revmap_rmap::sync::thread;
 use std::num::NonZeroU64;
 use std::path::Path;
@@ -90,8 +91,9 @@ pub enum InterferenceError {
     Actor(#[from] ActorPanicked),
 }
 
-/// The VM as the replay sees it: every call goes to the VM; phase ends wait for the
-/// actors; checks run with the actors paused.
+/// The VM as the replay sees it: every call goes to the VM on its own (in and out of
+/// the guest, so no host operation ever waits for the replay thread); phase ends wait
+/// for the actors; checks run with the actors paused.
 struct Interfered<'a, 's, H> {
     vm: &'a H,
     actors: &'a HostActors<'s>,
@@ -100,19 +102,64 @@ struct Interfered<'a, 's, H> {
     phases: Cell<u64>,
 }
 
-impl<H: Hypervisor> Hypervisor for Interfered<'_, '_, H> {
-    type Violation = H::Violation;
-
+impl<H> Interfered<'_, '_, H> {
+    /// Counts one call and ends the phase after every `phase_calls` calls.
     #[inline]
-    fn hcall(&self, vcpu: usize, opcode: u64, args: &[u64]) -> HcallResult {
-        let r = self.vm.hcall(vcpu, opcode, args);
+    fn count_call(&self) {
         let n = self.calls.get() + 1;
         self.calls.set(n);
         if n % self.phase_calls == 0 {
             self.phases.set(self.actors.end_phase());
         }
+    }
+}
+
+/// The replay's port on an [`Interfered`] VM: the VM's own runs, left after each call.
+struct InterferedRuns<'w, 'a, 's, H: HypercallPort + 'a> {
+    w: &'w Interfered<'a, 's, H>,
+    inner: H::Runs<'a>,
+}
+
+impl<'w, 'a, 's, H: HypercallPort + 'a> HypercallPort for InterferedRuns<'w, 'a, 's, H> {
+    type Runs<'b>
+        = InterferedRuns<'w, 'a, 's, H>
+    where
+        Self: 'b;
+
+    fn vcpu_runs(&self) -> Self::Runs<'_> {
+        self.w.vcpu_runs()
+    }
+
+    #[inline]
+    fn hcall_regs(&mut self, vcpu: VcpuId, opcode: u64, regs: &mut [u64; 8]) -> i64 {
+        let r = self.inner.hcall_regs(vcpu, opcode, regs);
+        // Out of the guest before the actors run their phase.
+        self.inner.pause();
+        self.w.count_call();
         r
     }
+}
+
+impl<'a, 's, H: HypercallPort + 'a> HypercallPort for Interfered<'a, 's, H> {
+    type Runs<'w>
+        = InterferedRuns<'w, 'a, 's, H>
+    where
+        Self: 'w;
+
+    fn vcpu_runs(&self) -> Self::Runs<'_> {
+        InterferedRuns {
+            w: self,
+            inner: self.vm.vcpu_runs(),
+        }
+    }
+
+    fn hcall_regs(&mut self, vcpu: VcpuId, opcode: u64, regs: &mut [u64; 8]) -> i64 {
+        self.vcpu_runs().hcall_regs(vcpu, opcode, regs)
+    }
+}
+
+impl<H: ReplayTarget> ReplayTarget for Interfered<'_, '_, H> {
+    type Violation = H::Violation;
 
     fn wait_resize_prepared(&self) {
         self.vm.wait_resize_prepared();
@@ -122,7 +169,7 @@ impl<H: Hypervisor> Hypervisor for Interfered<'_, '_, H> {
         self.vm.hpt_order()
     }
 
-    fn hw_set_rc(&self, ptex: u64, bits: u64) -> Option<u64> {
+    fn hw_set_rc(&self, ptex: Ptex, bits: u64) -> Option<u64> {
         self.vm.hw_set_rc(ptex, bits)
     }
 
@@ -146,7 +193,7 @@ pub fn replay_with_interference<H>(
     opts: &InterferenceOptions,
 ) -> Result<InterferenceReport, ActorPanicked>
 where
-    H: Hypervisor + HostMmu,
+    H: ReplayTarget + HostMmu,
 {
     thread::scope(|s| {
         let actors = HostActors::spawn(s, vm, &opts.actors);
@@ -180,7 +227,7 @@ pub fn replay_file_with_interference<H, E>(
     make_vm: impl FnOnce(VmSpec) -> Result<H, E>,
 ) -> Result<InterferenceReport, InterferenceError>
 where
-    H: Hypervisor + HostMmu,
+    H: ReplayTarget + HostMmu,
     E: fmt::Display,
 {
     let trace = PreparsedTrace::open(path)?;

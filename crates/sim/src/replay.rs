@@ -7,7 +7,7 @@
 //!
 //! Invariants:
 //! * The return code is always compared bit-exactly. An output register is compared
-//!   after ignoring exactly the bits of [`Hypervisor::result_masks`] for that opcode and
+//!   after ignoring exactly the bits of [`ReplayTarget::result_masks`] for that opcode and
 //!   register (empty for a bit-exact flavour); every mask that hid a difference is
 //!   counted by name.
 //! * A call is *matched* iff its return code and every recorded output agree;
@@ -15,11 +15,11 @@
 //! * Resize records are replayed: a PREPARE whose recorded result is a long-busy code
 //!   is matched by long-busy or H_SUCCESS (how many 9902s appear depends on timing);
 //!   before a PREPARE recorded as H_SUCCESS the replayer waits for the preparation to
-//!   finish ([`Hypervisor::wait_resize_prepared`]); `HPT_SHIFT` records are checked
+//!   finish ([`ReplayTarget::wait_resize_prepared`]); `HPT_SHIFT` records are checked
 //!   against the VM's order (streaming mode; a disagreement counts as a mismatched
 //!   COMMIT).
 //! * `HW_SET_R` / `HW_SET_C` records (the MMU set R or C) are replayed through
-//!   [`Hypervisor::hw_set_rc`] and judged like a call: the guest's view of dword 1
+//!   [`ReplayTarget::hw_set_rc`] and judged like a call: the guest's view of dword 1
 //!   afterwards must equal the recorded `pte1` with the bit set (`pte1` is the word the
 //!   MMU read or wrote; either way that is the result), under H_READ's dword-1 masks.
 //!   They count in `calls` (records replayed).
@@ -40,10 +40,10 @@ use std::time::Instant;
 use thiserror::Error;
 
 pub use self::vm::{
-    new_vm, HcallPort, HcallResult, Hypervisor, PerCall, ResultMask, RunBody, VmSpec,
-    REPLAY_BACKING_PAGE_SHIFT,
+    new_vm, HcallResult, HypercallPort, ReplayTarget, ResultMask, VmSpec, REPLAY_BACKING_PAGE_SHIFT,
 };
 pub use revmap_hpt::{Flavour, HptError, Vm};
+use revmap_hpt::{Ptex, VcpuId, VcpuIdError};
 
 mod vm;
 
@@ -95,6 +95,17 @@ pub enum ReplayError {
         order: u32,
         /// The VM's error.
         message: String,
+    },
+    /// A call from a vCPU number the VM does not support (at or past
+    /// [`revmap_hpt::MAX_VCPUS`]).
+    #[error("{file}:{line}: {error}")]
+    Vcpu {
+        /// File name.
+        file: String,
+        /// 1-based line number.
+        line: u64,
+        /// The rejected id.
+        error: VcpuIdError,
     },
     /// A record the pre-parsed form cannot hold (e.g. a vCPU number above 2^24).
     #[error("{file}:{line}: {what}")]
@@ -335,7 +346,7 @@ impl FileReport {
     /// Judges one call's result. `outs` yields the recorded outputs in register order
     /// for each bit set in `present`. Returns the first differing field, if any.
     #[inline(always)]
-    fn judge<H: Hypervisor>(
+    fn judge<H: ReplayTarget>(
         &mut self,
         vm: &H,
         opcode: u64,
@@ -372,7 +383,7 @@ impl FileReport {
     /// counts each mask that covers part of it. (Hot under KVM: QEMU's 0x40 bit differs
     /// on every H_REMOVE.)
     #[inline]
-    fn excused<H: Hypervisor>(&mut self, vm: &H, opcode: u64, i: usize, diff: u64) -> bool {
+    fn excused<H: ReplayTarget>(&mut self, vm: &H, opcode: u64, i: usize, diff: u64) -> bool {
         let masks = vm.result_masks(opcode, i);
         let allowed = masks.iter().fold(0, |a, m| a | m.mask);
         if diff & !allowed != 0 {
@@ -399,7 +410,7 @@ impl FileReport {
     }
 
     #[inline]
-    fn maybe_check<H: Hypervisor>(&mut self, vm: &H, opts: &ReplayOptions) {
+    fn maybe_check<H: ReplayTarget>(&mut self, vm: &H, opts: &ReplayOptions) {
         if let Some(n) = opts.check_every {
             if self.calls % n.get() == 0 {
                 self.check(vm);
@@ -408,7 +419,7 @@ impl FileReport {
     }
 
     #[cold]
-    fn check<H: Hypervisor>(&mut self, vm: &H) {
+    fn check<H: ReplayTarget>(&mut self, vm: &H) {
         self.checks += 1;
         if let Err(v) = vm.check_invariants() {
             self.invariant_violations += 1;
@@ -418,7 +429,7 @@ impl FileReport {
         }
     }
 
-    fn finish<H: Hypervisor>(&mut self, vm: &H, opts: &ReplayOptions, start: Instant) {
+    fn finish<H: ReplayTarget>(&mut self, vm: &H, opts: &ReplayOptions, start: Instant) {
         if opts.check_every.is_some() {
             self.check(vm);
         }
@@ -478,7 +489,7 @@ pub fn replay_file<H, E>(
     make_vm: impl FnOnce(VmSpec) -> Result<H, E>,
 ) -> Result<FileReport, ReplayError>
 where
-    H: Hypervisor,
+    H: ReplayTarget,
     E: fmt::Display,
 {
     let mut reader = TraceReader::open(path)?;
@@ -493,7 +504,7 @@ pub fn replay_reader<R, H, E>(
 ) -> Result<FileReport, ReplayError>
 where
     R: BufRead,
-    H: Hypervisor,
+    H: ReplayTarget,
     E: fmt::Display,
 {
     let start = Instant::now();
@@ -506,42 +517,39 @@ where
     };
     let vm = make(&file, line, shift, make_vm)?;
     let rep = FileReport::new(&file, shift);
-    // One run per cpu id for the whole file (KVM's vCPU runs, `Hypervisor::with_vcpu_runs`).
-    let mut rep = vm.with_vcpu_runs(StreamBody {
-        reader,
-        rep,
-        file,
-        opts,
-    })?;
+    // One run per cpu id for the whole file (KVM's vCPU runs,
+    // `HypercallPort::vcpu_runs`), left before the final check.
+    let mut runs = vm.vcpu_runs();
+    let r = stream_loop(reader, rep, file, opts, &vm, &mut runs);
+    drop(runs);
+    let mut rep = r?;
     rep.finish(&vm, opts, start);
     Ok(rep)
 }
 
-/// The streaming replay loop over the records after `HPT_ALLOC`.
-struct StreamBody<'r, R> {
-    reader: &'r mut TraceReader<R>,
-    rep: FileReport,
+/// The streaming replay loop over the records after `HPT_ALLOC`, issuing the calls
+/// through `port`.
+fn stream_loop<R: BufRead, H: ReplayTarget, P: HypercallPort>(
+    reader: &mut TraceReader<R>,
+    mut rep: FileReport,
     file: String,
-    opts: &'r ReplayOptions,
-}
-
-impl<R: BufRead, H: Hypervisor> RunBody<H> for StreamBody<'_, R> {
-    type Output = Result<FileReport, ReplayError>;
-
-    fn run<P: HcallPort>(self, vm: &H, port: &mut P) -> Self::Output {
-        let StreamBody {
-            reader,
-            mut rep,
-            file,
-            opts,
-        } = self;
+    opts: &ReplayOptions,
+    vm: &H,
+    port: &mut P,
+) -> Result<FileReport, ReplayError> {
+    {
         while let Some(rec) = reader.next_record()? {
             match rec {
                 Record::Hcall(h) => {
                     if resize_waits(h.opcode(), h.expected.ret) {
                         vm.wait_resize_prepared();
                     }
-                    let got = port_hcall(port, h.cpu as usize, h.opcode(), h.args());
+                    let vcpu = VcpuId::try_from(h.cpu).map_err(|error| ReplayError::Vcpu {
+                        file: file.clone(),
+                        line: h.line,
+                        error,
+                    })?;
+                    let got = port.hcall(vcpu, h.opcode(), h.args());
                     let outs = &h.expected.outs;
                     let f = rep.judge(
                         vm,
@@ -591,16 +599,6 @@ impl<R: BufRead, H: Hypervisor> RunBody<H> for StreamBody<'_, R> {
         }
         Ok(rep)
     }
-}
-
-/// [`Vm::hcall`]'s argument convention over a port.
-#[inline]
-fn port_hcall<P: HcallPort>(port: &mut P, vcpu: usize, opcode: u64, args: &[u64]) -> HcallResult {
-    let mut out = [0u64; 8];
-    let n = args.len().min(out.len());
-    out[..n].copy_from_slice(&args[..n]);
-    let ret = port.hcall_regs(vcpu, opcode, &mut out);
-    HcallResult { ret, out }
 }
 
 /// The header word of one call in a [`PreparsedTrace`].
@@ -704,6 +702,13 @@ impl PreparsedTrace {
             match rec {
                 Record::Hcall(h) => {
                     let e = &h.expected;
+                    if let Err(error) = VcpuId::try_from(h.cpu) {
+                        return Err(ReplayError::Vcpu {
+                            file,
+                            line: h.line,
+                            error,
+                        });
+                    }
                     let Some(head) = PackedCall::new(h.opcode(), h.cpu, h.nargs, e.present) else {
                         return Err(ReplayError::Unrepresentable {
                             file,
@@ -805,7 +810,7 @@ impl PreparsedTrace {
         make_vm: impl FnOnce(VmSpec) -> Result<H, E>,
     ) -> Result<FileReport, ReplayError>
     where
-        H: Hypervisor,
+        H: ReplayTarget,
         E: fmt::Display,
     {
         let vm = make(&self.file, self.alloc_line, self.hpt_order, make_vm)?;
@@ -815,32 +820,17 @@ impl PreparsedTrace {
 
 /// Replays a pre-parsed trace onto `vm`, which must be freshly created for
 /// [`PreparsedTrace::vm_spec`]. The hot loop: no parsing, allocation or formatting.
-pub fn replay_preparsed<H: Hypervisor>(
+pub fn replay_preparsed<H: ReplayTarget>(
     trace: &PreparsedTrace,
     vm: &H,
     opts: &ReplayOptions,
 ) -> FileReport {
-    // One run per cpu id for the whole trace (`Hypervisor::with_vcpu_runs`).
-    vm.with_vcpu_runs(PreparsedBody { trace, opts })
-}
-
-/// The pre-parsed replay loop.
-struct PreparsedBody<'a> {
-    trace: &'a PreparsedTrace,
-    opts: &'a ReplayOptions,
-}
-
-impl<H: Hypervisor> RunBody<H> for PreparsedBody<'_> {
-    type Output = FileReport;
-
-    #[inline]
-    fn run<P: HcallPort>(self, vm: &H, port: &mut P) -> FileReport {
-        preparsed_loop(self.trace, vm, port, self.opts)
-    }
+    // One run per cpu id for the whole trace (`HypercallPort::vcpu_runs`).
+    preparsed_loop(trace, vm, &mut vm.vcpu_runs(), opts)
 }
 
 #[inline(always)]
-fn preparsed_loop<H: Hypervisor, P: HcallPort>(
+fn preparsed_loop<H: ReplayTarget, P: HypercallPort>(
     trace: &PreparsedTrace,
     vm: &H,
     port: &mut P,
@@ -875,7 +865,11 @@ fn preparsed_loop<H: Hypervisor, P: HcallPort>(
         let got_ret = if is_hw {
             replay_hw_set(vm, head.opcode(), regs[0], &mut regs)
         } else {
-            port.hcall_regs(head.cpu(), head.opcode(), &mut regs)
+            match VcpuId::new(head.cpu()) {
+                Ok(vcpu) => port.hcall_regs(vcpu, head.opcode(), &mut regs),
+                // `from_reader` rejected such calls: unreachable.
+                Err(_) => revmap_hpt::hcall::H_PARAMETER,
+            }
         };
         let mut it = outs.iter();
         let f = rep.judge(
@@ -939,13 +933,16 @@ fn hw_op(bit: HwBit) -> (u64, u64) {
 /// (`pte1` is the word the MMU read or wrote: either way `pte1 | bit` is the result);
 /// it is judged with H_READ's dword-1 masks.
 #[cold]
-fn replay_hw_set<H: Hypervisor>(vm: &H, op: u64, ptex: u64, regs: &mut [u64; 8]) -> i64 {
+fn replay_hw_set<H: ReplayTarget>(vm: &H, op: u64, ptex: u64, regs: &mut [u64; 8]) -> i64 {
     let bit = if op == HW_SET_R_OP {
         HpteR::R
     } else {
         HpteR::C
     };
-    match vm.hw_set_rc(ptex, bit) {
+    let got = u32::try_from(ptex)
+        .ok()
+        .and_then(|p| vm.hw_set_rc(Ptex(p), bit));
+    match got {
         Some(r) => {
             regs[1] = r;
             H_SUCCESS

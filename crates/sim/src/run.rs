@@ -23,7 +23,7 @@ use crate::scenario::{HostActor, Scenario};
 use crate::workload::GuestCpu;
 use revmap_hpt::hcall::{is_long_busy, H_RESIZE_HPT_COMMIT, H_RESIZE_HPT_PREPARE, H_SUCCESS};
 use revmap_hpt::mmu::VcpuMmu;
-use revmap_hpt::{Flavour, HptError, Vm, VmConfig};
+use revmap_hpt::{Flavour, HptError, HypercallPort, VcpuId, VcpuIdError, Vm, VmConfig};
 use revmap_rmap::sync::{thread, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use revmap_trace::HcallKind;
 use serde::Serialize;
@@ -39,6 +39,9 @@ pub enum RunError {
     /// The VM or a vCPU MMU could not be created.
     #[error("cannot create the VM: {0}")]
     Vm(#[from] HptError),
+    /// A vCPU id past the supported count.
+    #[error(transparent)]
+    VcpuId(#[from] VcpuIdError),
     /// The histograms could not be created.
     #[error("cannot create the statistics: {0}")]
     Stats(#[from] hdrhistogram::CreationError),
@@ -326,7 +329,7 @@ pub fn run(sc: &Scenario, mut progress: impl FnMut(&Progress)) -> Result<RunRepo
     let ram = sc.ram_bytes();
     let mut cpus = Vec::with_capacity(nv);
     for v in 0..nv {
-        cpus.push(GuestCpu::new(v, sc.seed, ram, sc.workload)?);
+        cpus.push(GuestCpu::new(VcpuId::new(v)?, sc.seed, ram, sc.workload)?);
     }
     let start_order = vm.hpt_order();
     let quiesce = Quiesce::default();
@@ -370,7 +373,7 @@ pub fn run(sc: &Scenario, mut progress: impl FnMut(&Progress)) -> Result<RunRepo
                 handles.push(s.spawn(move || -> Result<GuestCpu, RunError> {
                     let _guard = ExitGuard(quiesce);
                     let mut mmu = VcpuMmu::new(vm)?;
-                    let mut run = vm.vcpu_run(v);
+                    let mut run = vm.vcpu_run(VcpuId::new(v)?);
                     if v == 0 {
                         cpu.boot(vm, &mut run);
                     }
@@ -397,7 +400,7 @@ pub fn run(sc: &Scenario, mut progress: impl FnMut(&Progress)) -> Result<RunRepo
             let actors = HostActors::spawn(s, vm, &actor_cfg);
             let mut migration = with_migration.then(|| Migration::new(sc.seed, vm.memslot_views()));
             let mut timeline = Vec::new();
-            let mut run_h = vm.vcpu_run(nv);
+            let mut run_h = vm.vcpu_run(VcpuId::new(nv)?);
             run_h.pause();
             let mut next_resize = 0usize;
             let mut last_check = Instant::now();
@@ -552,7 +555,7 @@ impl Controller<'_> {
     /// stopped (`stop` / `start`).
     pub(crate) fn resize(
         &mut self,
-        port: &mut dyn crate::workload::GuestPort,
+        port: &mut impl HypercallPort,
         delta: i32,
         at_s: f64,
         stop: impl FnOnce(),
@@ -564,7 +567,17 @@ impl Controller<'_> {
             .unwrap_or(from)
             .max(revmap_hpt::hash::MIN_HPT_ORDER);
         let shift = u64::from(target);
-        let vcpu = self.sc.guest.vcpus;
+        // The resize runs on the vCPU after the workload's (the scenario keeps it in range).
+        let vcpu = match VcpuId::new(self.sc.guest.vcpus) {
+            Ok(v) => v,
+            Err(e) => {
+                self.violations += 1;
+                if self.first_violation.is_none() {
+                    self.first_violation = Some(format!("resize: {e}"));
+                }
+                return;
+            }
+        };
         let t = Instant::now();
         let mut calls = 0u64;
         let mut ret;

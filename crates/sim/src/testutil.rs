@@ -7,7 +7,8 @@
 #![allow(clippy::unwrap_used)]
 
 use crate::host::{HostMmu, SlotView};
-use crate::replay::{HcallResult, Hypervisor, ResultMask};
+use crate::replay::{HypercallPort, ReplayTarget, ResultMask};
+use revmap_hpt::VcpuId;
 use revmap_rmap::sync::{spin_loop, thread, AtomicU64, AtomicUsize, Mutex, Ordering};
 use revmap_rmap::{Gfn, Hva, SlotId, PAGE_SHIFT};
 
@@ -315,17 +316,35 @@ impl HostMmu for FakeHost {
     }
 }
 
-/// As a replay target: every hypercall succeeds with zero outputs; the checker fails if
-/// a host operation is in progress (the quiescence property).
-impl Hypervisor for FakeHost {
-    type Violation = String;
-
-    fn hcall(&self, _vcpu: usize, _opcode: u64, _args: &[u64]) -> HcallResult {
-        HcallResult {
-            ret: 0,
-            out: [0; 8],
-        }
+/// As a replay target: every hypercall succeeds with zero outputs.
+impl HypercallPort for FakeHost {
+    type Runs<'a> = &'a FakeHost;
+    fn vcpu_runs(&self) -> &FakeHost {
+        self
     }
+    fn hcall_regs(&mut self, vcpu: VcpuId, opcode: u64, regs: &mut [u64; 8]) -> i64 {
+        (&*self).hcall_regs(vcpu, opcode, regs)
+    }
+}
+
+/// Every hypercall succeeds with zero outputs.
+impl HypercallPort for &FakeHost {
+    type Runs<'a>
+        = Self
+    where
+        Self: 'a;
+    fn vcpu_runs(&self) -> Self {
+        self
+    }
+    fn hcall_regs(&mut self, _vcpu: VcpuId, _opcode: u64, regs: &mut [u64; 8]) -> i64 {
+        *regs = [0; 8];
+        0
+    }
+}
+
+/// The checker fails if a host operation is in progress (the quiescence property).
+impl ReplayTarget for FakeHost {
+    type Violation = String;
 
     fn check_invariants(&self) -> Result<(), String> {
         // ORDERING: SeqCst: test statistics.

@@ -32,7 +32,7 @@ use revmap_hpt::hash::{hpt_hash, primary_pteg, secondary_pteg, HptGeometry, Segm
 use revmap_hpt::hcall::*;
 use revmap_hpt::hpte::{encode_avpn, HpteR, HpteV};
 use revmap_hpt::mmu::{Access, AccessOutcome, Fault, VcpuMmu};
-use revmap_hpt::{HcallResult, VcpuRun, VcpuRuns, Vm};
+use revmap_hpt::{HcallResult, HypercallPort, VcpuId, Vm};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -114,35 +114,6 @@ impl Default for WorkloadConfig {
     }
 }
 
-/// What a guest cpu uses to make hypercalls: a [`VcpuRun`] (one vCPU per thread) or
-/// [`VcpuRuns`] (several vCPUs interleaved on one thread).
-pub trait GuestPort {
-    /// One hypercall of `vcpu`.
-    fn hcall(&mut self, vcpu: usize, opcode: u64, args: &[u64]) -> HcallResult;
-    /// Leave the guest (before blocking).
-    fn pause(&mut self);
-}
-
-impl GuestPort for VcpuRun<'_> {
-    #[inline]
-    fn hcall(&mut self, _vcpu: usize, opcode: u64, args: &[u64]) -> HcallResult {
-        VcpuRun::hcall(self, opcode, args)
-    }
-    fn pause(&mut self) {
-        VcpuRun::pause(self);
-    }
-}
-
-impl GuestPort for VcpuRuns<'_> {
-    #[inline]
-    fn hcall(&mut self, vcpu: usize, opcode: u64, args: &[u64]) -> HcallResult {
-        VcpuRuns::hcall(self, vcpu, opcode, args)
-    }
-    fn pause(&mut self) {
-        VcpuRuns::pause(self);
-    }
-}
-
 /// One user page size of a process's segments.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum PageKind {
@@ -215,7 +186,7 @@ impl Process {
 /// One guest vCPU: its processes, Linux PTEs and statistics.
 #[derive(Debug)]
 pub struct GuestCpu {
-    vcpu: usize,
+    vcpu: VcpuId,
     cfg: WorkloadConfig,
     ram_bytes: u64,
     rng: ChaCha8Rng,
@@ -247,13 +218,13 @@ fn kernel_seg(shift: u32) -> Segment {
 impl GuestCpu {
     /// A guest cpu `vcpu` of a guest with `ram_bytes` of RAM.
     pub fn new(
-        vcpu: usize,
+        vcpu: VcpuId,
         seed: u64,
         ram_bytes: u64,
         cfg: WorkloadConfig,
     ) -> Result<Self, hdrhistogram::CreationError> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        rng.set_stream(0x100 + vcpu as u64);
+        rng.set_stream(0x100 + vcpu.index() as u64);
         let mut g = Self {
             vcpu,
             cfg,
@@ -273,7 +244,7 @@ impl GuestCpu {
     }
 
     /// The vCPU id.
-    pub fn vcpu(&self) -> usize {
+    pub fn vcpu(&self) -> VcpuId {
         self.vcpu
     }
 
@@ -288,17 +259,17 @@ impl GuestCpu {
         c
     }
 
-    fn hcall(&mut self, port: &mut dyn GuestPort, op: u64, args: &[u64]) -> HcallResult {
+    fn hcall(&mut self, port: &mut impl HypercallPort, op: u64, args: &[u64]) -> HcallResult {
         let t = Instant::now();
         let r = port.hcall(self.vcpu, op, args);
         let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.stats.record(self.vcpu, op, args, &r, ns);
+        self.stats.record(self.vcpu.index(), op, args, &r, ns);
         r
     }
 
     /// Boot: insert the bolted kernel linear map covering RAM (`htab_bolt_mapping`).
     /// Only the boot cpu does this.
-    pub fn boot(&mut self, vm: &Vm, port: &mut dyn GuestPort) {
+    pub fn boot(&mut self, vm: &Vm, port: &mut impl HypercallPort) {
         let shift = if self.cfg.linear_page_shift == 16 {
             16
         } else {
@@ -341,7 +312,7 @@ impl GuestCpu {
     }
 
     /// One guest operation, chosen by the mix.
-    pub fn step(&mut self, vm: &Vm, mmu: &mut VcpuMmu<'_>, port: &mut dyn GuestPort) {
+    pub fn step(&mut self, vm: &Vm, mmu: &mut VcpuMmu<'_>, port: &mut impl HypercallPort) {
         self.geo = Some(vm.hpt().geometry());
         let m = self.cfg.mix;
         let weights = [
@@ -408,7 +379,7 @@ impl GuestCpu {
 
     fn seg_of(&self, p: usize, kind: PageKind) -> Segment {
         let ctx = self.procs.get(p).map_or(0, |pr| pr.ctx);
-        user_seg(self.vcpu, ctx, kind)
+        user_seg(self.vcpu.index(), ctx, kind)
     }
 
     fn ea_of(kind: PageKind, pageno: u64) -> u64 {
@@ -431,7 +402,7 @@ impl GuestCpu {
         encode_avpn(seg.va(ea), kind.shift(), false)
     }
 
-    fn touch(&mut self, vm: &Vm, mmu: &mut VcpuMmu<'_>, port: &mut dyn GuestPort, p: usize) {
+    fn touch(&mut self, vm: &Vm, mmu: &mut VcpuMmu<'_>, port: &mut impl HypercallPort, p: usize) {
         let kind = self.pick_kind();
         let npages = match kind {
             PageKind::M16 => (self.cfg.pages_per_segment / 64).clamp(1, 16),
@@ -491,7 +462,7 @@ impl GuestCpu {
     fn hash_fault(
         &mut self,
         vm: &Vm,
-        port: &mut dyn GuestPort,
+        port: &mut impl HypercallPort,
         p: usize,
         i: usize,
         seg: &Segment,
@@ -521,7 +492,7 @@ impl GuestCpu {
     fn make_writable(
         &mut self,
         vm: &Vm,
-        port: &mut dyn GuestPort,
+        port: &mut impl HypercallPort,
         p: usize,
         i: usize,
         seg: &Segment,
@@ -552,7 +523,7 @@ impl GuestCpu {
     fn insert(
         &mut self,
         vm: &Vm,
-        port: &mut dyn GuestPort,
+        port: &mut impl HypercallPort,
         seg: &Segment,
         pte: Pte,
         ea: u64,
@@ -585,7 +556,7 @@ impl GuestCpu {
 
     /// `pSeries_lpar_hpte_remove`: H_REMOVE with H_ANDCOND avpn=BOLTED from a random
     /// slot of the group until one succeeds.
-    fn evict(&mut self, port: &mut dyn GuestPort, base: u64) -> bool {
+    fn evict(&mut self, port: &mut impl HypercallPort, base: u64) -> bool {
         let start = self.rng.gen_range(0..8u64);
         for k in 0..8 {
             let ptex = base + (start + k) % 8;
@@ -598,7 +569,7 @@ impl GuestCpu {
         false
     }
 
-    fn munmap_page(&mut self, port: &mut dyn GuestPort, p: usize) {
+    fn munmap_page(&mut self, port: &mut impl HypercallPort, p: usize) {
         let n = self.procs.get(p).map_or(0, |pr| pr.pages.len());
         if n == 0 {
             return;
@@ -616,7 +587,7 @@ impl GuestCpu {
         }
     }
 
-    fn munmap_range(&mut self, port: &mut dyn GuestPort, p: usize) {
+    fn munmap_range(&mut self, port: &mut impl HypercallPort, p: usize) {
         let n = self.procs.get(p).map_or(0, |pr| pr.pages.len());
         if n == 0 {
             return;
@@ -642,7 +613,7 @@ impl GuestCpu {
 
     /// `pSeries_lpar_flush_hash_range` with BULK_REMOVE: (REQUEST|AVPN|ptex, avpn)
     /// pairs, four per call, a partial last batch terminated by END.
-    fn flush_range(&mut self, port: &mut dyn GuestPort, p: usize, ptes: &[Pte]) {
+    fn flush_range(&mut self, port: &mut impl HypercallPort, p: usize, ptes: &[Pte]) {
         let mut batch: Vec<u64> = Vec::with_capacity(8);
         for pte in ptes {
             let Some(h) = pte.hidx else { continue };
@@ -662,7 +633,7 @@ impl GuestCpu {
         }
     }
 
-    fn mprotect(&mut self, port: &mut dyn GuestPort, p: usize) {
+    fn mprotect(&mut self, port: &mut impl HypercallPort, p: usize) {
         let n = self.procs.get(p).map_or(0, |pr| pr.pages.len());
         if n == 0 {
             return;
@@ -673,7 +644,7 @@ impl GuestCpu {
         }
     }
 
-    fn write_protect(&mut self, port: &mut dyn GuestPort, p: usize, i: usize) {
+    fn write_protect(&mut self, port: &mut impl HypercallPort, p: usize, i: usize) {
         let Some(pte) = self.procs.get_mut(p).and_then(|pr| pr.pages.get_mut(i)) else {
             return;
         };
@@ -692,7 +663,7 @@ impl GuestCpu {
         }
     }
 
-    fn fork(&mut self, port: &mut dyn GuestPort, p: usize) {
+    fn fork(&mut self, port: &mut impl HypercallPort, p: usize) {
         if self.procs.len() >= self.cfg.max_processes.max(1) {
             return self.exit(port, p);
         }
@@ -725,7 +696,7 @@ impl GuestCpu {
         self.stats.forks += 1;
     }
 
-    fn exec(&mut self, port: &mut dyn GuestPort, p: usize) {
+    fn exec(&mut self, port: &mut impl HypercallPort, p: usize) {
         let Some(pr) = self.procs.get_mut(p) else {
             return;
         };
@@ -739,7 +710,7 @@ impl GuestCpu {
         self.stats.execs += 1;
     }
 
-    fn exit(&mut self, port: &mut dyn GuestPort, p: usize) {
+    fn exit(&mut self, port: &mut impl HypercallPort, p: usize) {
         if self.procs.len() <= 1 {
             return self.exec(port, p);
         }

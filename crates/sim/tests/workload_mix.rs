@@ -4,7 +4,7 @@
 //! counted with the trace parser, and must be within [`TOLERANCE`] for every kind.
 
 use revmap_hpt::mmu::VcpuMmu;
-use revmap_hpt::{Flavour, Vm, VmConfig};
+use revmap_hpt::{Flavour, VcpuId, Vm, VmConfig};
 use revmap_sim::report::Mix;
 use revmap_sim::workload::{GuestCpu, WorkloadConfig};
 
@@ -23,9 +23,9 @@ fn run(steps: u64, seed: u64) -> (Mix, u64) {
         backing_page_shift: 24,
     })
     .unwrap();
-    let mut cpu = GuestCpu::new(0, seed, 1 << 30, WorkloadConfig::default()).unwrap();
+    let mut cpu = GuestCpu::new(VcpuId::ZERO, seed, 1 << 30, WorkloadConfig::default()).unwrap();
     let mut mmu = VcpuMmu::new(&vm).unwrap();
-    let mut run = vm.vcpu_run(0);
+    let mut run = vm.vcpu_run(VcpuId::ZERO);
     cpu.boot(&vm, &mut run);
     for _ in 0..steps {
         cpu.step(&vm, &mut mmu, &mut run);
@@ -83,9 +83,9 @@ fn bolted_linear_map_survives_the_workload_and_hidx_stays_usable() {
     cfg.mix.munmap_page = 5;
     cfg.mix.exec = 0;
     cfg.mix.exit = 0;
-    let mut cpu = GuestCpu::new(0, 3, 256 << 20, cfg).unwrap();
+    let mut cpu = GuestCpu::new(VcpuId::ZERO, 3, 256 << 20, cfg).unwrap();
     let mut mmu = VcpuMmu::new(&vm).unwrap();
-    let mut run = vm.vcpu_run(0);
+    let mut run = vm.vcpu_run(VcpuId::ZERO);
     cpu.boot(&vm, &mut run);
     // A small table (order 18, 16K slots) fills up: evictions must happen and must
     // never take a bolted entry.

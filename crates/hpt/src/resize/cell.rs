@@ -38,14 +38,16 @@
 //!   inside the gate, except the committer itself (which runs outside it).
 //! * The generation index only grows between reclaims; every generation `<= current`
 //!   is initialised.
-//! * vCPU ids are reduced modulo [`MAX_VCPUS`]; two threads must not issue hypercalls
-//!   with the same vCPU id (mod 64) at the same time, as for real vCPUs.
+//! * vCPU ids are checked [`VcpuId`]s (below [`MAX_VCPUS`]), one gate word each; two
+//!   threads must not issue hypercalls with the same vCPU id at the same time, as for
+//!   real vCPUs.
 
 use crate::table::Hpt;
 use crate::tlb::{TlbDomain, MAX_VCPUS};
 use alloc::boxed::Box;
 use revmap_rmap::error::try_boxed_slice;
 use revmap_rmap::sync::{fence, spin_loop, AtomicU64, Ordering};
+use revmap_rmap::VcpuId;
 
 #[cfg(feature = "std")]
 use revmap_rmap::sync::{yield_now, OnceLock};
@@ -206,10 +208,10 @@ impl TableCell {
         self.state.fetch_add(1 << KICK_SHIFT, Ordering::SeqCst);
     }
 
-    /// The gate word of vCPU `vcpu` (ids reduced modulo [`MAX_VCPUS`]).
+    /// The gate word of vCPU `vcpu`.
     #[inline(always)]
-    pub(crate) fn vcpu_gate(&self, vcpu: usize) -> &AtomicU64 {
-        match self.vcpus.get(vcpu % MAX_VCPUS) {
+    pub(crate) fn vcpu_gate(&self, vcpu: VcpuId) -> &AtomicU64 {
+        match self.vcpus.get(vcpu.index()) {
             Some(g) => &g.0,
             None => &self.host.0, // unreachable: MAX_VCPUS slots
         }
@@ -274,7 +276,7 @@ impl TableCell {
 
     /// Enter the gate as vCPU `vcpu` (waits while a commit has it closed).
     #[inline(always)]
-    pub fn enter_vcpu(&self, vcpu: usize) -> VcpuInGuest<'_> {
+    pub fn enter_vcpu(&self, vcpu: VcpuId) -> VcpuInGuest<'_> {
         self.enter_vcpu_with::<true>(vcpu)
     }
 
@@ -283,7 +285,7 @@ impl TableCell {
     /// is needed. Production code calls only `enter_vcpu`.
     #[doc(hidden)]
     #[inline(always)]
-    pub fn enter_vcpu_with<const FENCED: bool>(&self, vcpu: usize) -> VcpuInGuest<'_> {
+    pub fn enter_vcpu_with<const FENCED: bool>(&self, vcpu: VcpuId) -> VcpuInGuest<'_> {
         let gate = self.vcpu_gate(vcpu);
         let s = self.enter_gate_with::<FENCED>(gate);
         VcpuInGuest {

@@ -497,7 +497,7 @@ impl Vm {
     }
 
     /// H_RESIZE_HPT_PREPARE (spec 3.7.1-3.7.2). Runs outside the vCPU gate.
-    pub(crate) fn h_resize_hpt_prepare(&self, flags: u64, shift: u64) -> i64 {
+    pub(crate) fn resize_prepare(&self, flags: u64, shift: u64) -> i64 {
         let ctl = &self.resize;
         if flags != 0 {
             return ResizeError::Invalid.papr();
@@ -540,7 +540,7 @@ impl Vm {
 
     /// H_RESIZE_HPT_COMMIT (spec 3.7.3). Runs outside the vCPU gate; stops every vCPU
     /// for the rehash and pivot.
-    pub(crate) fn h_resize_hpt_commit(&self, flags: u64, shift: u64) -> i64 {
+    pub(crate) fn resize_commit(&self, flags: u64, shift: u64) -> i64 {
         let ctl = &self.resize;
         let f = self.flavour();
         if flags != 0 {

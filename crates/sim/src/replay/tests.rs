@@ -31,19 +31,43 @@ impl ScriptVm {
     }
 }
 
-impl Hypervisor for ScriptVm {
-    type Violation = String;
+impl HypercallPort for ScriptVm {
+    type Runs<'a> = &'a ScriptVm;
+    fn vcpu_runs(&self) -> &ScriptVm {
+        self
+    }
+    fn hcall_regs(&mut self, vcpu: VcpuId, opcode: u64, regs: &mut [u64; 8]) -> i64 {
+        (&*self).hcall_regs(vcpu, opcode, regs)
+    }
+}
 
-    fn hcall(&self, vcpu: usize, opcode: u64, args: &[u64]) -> HcallResult {
-        self.seen.borrow_mut().push((vcpu, opcode, args.to_vec()));
-        self.results
+impl HypercallPort for &ScriptVm {
+    type Runs<'a>
+        = Self
+    where
+        Self: 'a;
+    fn vcpu_runs(&self) -> Self {
+        self
+    }
+    fn hcall_regs(&mut self, vcpu: VcpuId, opcode: u64, regs: &mut [u64; 8]) -> i64 {
+        self.seen
+            .borrow_mut()
+            .push((vcpu.index(), opcode, regs.to_vec()));
+        let r = self
+            .results
             .borrow_mut()
             .pop_front()
             .unwrap_or(HcallResult {
                 ret: -2,
                 out: [0; 8],
-            })
+            });
+        *regs = r.out;
+        r.ret
     }
+}
+
+impl ReplayTarget for ScriptVm {
+    type Violation = String;
 
     fn check_invariants(&self) -> Result<(), String> {
         self.checks.set(self.checks.get() + 1);
@@ -222,19 +246,26 @@ fn prepare_long_busy_is_matched_by_success_only_for_prepare() {
 /// A fake VM for hardware records: entry 9 is guest-valid with dword 1 = 0x190.
 struct HwVm(ScriptVm);
 
-impl Hypervisor for HwVm {
-    type Violation = String;
-    fn hcall(&self, vcpu: usize, opcode: u64, args: &[u64]) -> HcallResult {
-        self.0.hcall(vcpu, opcode, args)
+impl HypercallPort for HwVm {
+    type Runs<'a> = &'a ScriptVm;
+    fn vcpu_runs(&self) -> &ScriptVm {
+        &self.0
     }
+    fn hcall_regs(&mut self, vcpu: VcpuId, opcode: u64, regs: &mut [u64; 8]) -> i64 {
+        (&self.0).hcall_regs(vcpu, opcode, regs)
+    }
+}
+
+impl ReplayTarget for HwVm {
+    type Violation = String;
     fn check_invariants(&self) -> Result<(), String> {
         Ok(())
     }
     fn result_masks(&self, opcode: u64, out_index: usize) -> &'static [ResultMask] {
         self.0.result_masks(opcode, out_index)
     }
-    fn hw_set_rc(&self, ptex: u64, bits: u64) -> Option<u64> {
-        (ptex == 9).then_some(0x190 | bits)
+    fn hw_set_rc(&self, ptex: Ptex, bits: u64) -> Option<u64> {
+        (ptex == Ptex(9)).then_some(0x190 | bits)
     }
 }
 

@@ -3,7 +3,8 @@
 //! parser's register mapping. No validation beyond what the traces exercise.
 #![allow(dead_code)]
 
-use revmap_sim::replay::{HcallResult, Hypervisor, ResultMask, VmSpec};
+use revmap_hpt::VcpuId;
+use revmap_sim::replay::{HcallResult, HypercallPort, ReplayTarget, ResultMask, VmSpec};
 use std::cell::RefCell;
 
 pub const H_AVPN: u64 = 0x8000_0000;
@@ -42,10 +43,36 @@ fn res(ret: i64, out: [u64; 8]) -> HcallResult {
     HcallResult { ret, out }
 }
 
-impl Hypervisor for QemuModel {
-    type Violation = String;
+impl HypercallPort for QemuModel {
+    type Runs<'a> = &'a QemuModel;
+    fn vcpu_runs(&self) -> &QemuModel {
+        self
+    }
+    fn hcall_regs(&mut self, _vcpu: VcpuId, opcode: u64, regs: &mut [u64; 8]) -> i64 {
+        let r = self.call(opcode, regs);
+        *regs = r.out;
+        r.ret
+    }
+}
 
-    fn hcall(&self, _vcpu: usize, opcode: u64, a: &[u64]) -> HcallResult {
+impl HypercallPort for &QemuModel {
+    type Runs<'a>
+        = Self
+    where
+        Self: 'a;
+    fn vcpu_runs(&self) -> Self {
+        self
+    }
+    fn hcall_regs(&mut self, _vcpu: VcpuId, opcode: u64, regs: &mut [u64; 8]) -> i64 {
+        let r = self.call(opcode, regs);
+        *regs = r.out;
+        r.ret
+    }
+}
+
+impl QemuModel {
+    /// One hypercall of the model.
+    fn call(&self, opcode: u64, a: &[u64]) -> HcallResult {
         let mut args = [0u64; 8];
         args[..a.len().min(8)].copy_from_slice(&a[..a.len().min(8)]);
         let [flags, ptex, x, y, ..] = args;
@@ -139,6 +166,10 @@ impl Hypervisor for QemuModel {
             _ => res(-2, [0; 8]),
         }
     }
+}
+
+impl ReplayTarget for QemuModel {
+    type Violation = String;
 
     fn check_invariants(&self) -> Result<(), String> {
         Ok(())
