@@ -182,14 +182,14 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (any::<bool>(), ptex.clone()).prop_map(|(four, p)| {
             Op::Read(if four { ReadFlags::READ_4 } else { ReadFlags::empty() }, p)
         }),
-        1 => ptex.clone().prop_map(Op::ClearRef),
-        1 => ptex.prop_map(Op::ClearMod),
+        2 => ptex.clone().prop_map(Op::ClearRef),
+        2 => ptex.prop_map(Op::ClearMod),
         2 => bulk.prop_map(Op::Bulk),
     ]
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(48))]
+    #![proptest_config(ProptestConfig::with_cases(64))]
 
     /// Random call sequences give the same results and the same table through both APIs.
     #[test]

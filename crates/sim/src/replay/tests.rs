@@ -386,3 +386,35 @@ fn packed_call_layout_is_pinned() {
     assert!(PackedCall::new(0x8, 1 << 24, 0, 0).is_none());
     assert!(PackedCall::new(0x8, 0, 9, 0).is_none());
 }
+
+#[test]
+fn a_vcpu_past_the_supported_count_is_an_error_not_an_alias() {
+    // cpu=64 used to run as vCPU 0 (ids were taken modulo 64).
+    let text = TRACE.replace("H_PROTECT cpu=0", "H_PROTECT cpu=64");
+    let err = stream(
+        &text,
+        ScriptVm::new(good_script()),
+        ReplayOptions::default(),
+    );
+    match err {
+        Err(ReplayError::Vcpu { line, error, .. }) => {
+            assert_eq!(line, 6);
+            assert_eq!((error.id, error.max), (64, revmap_hpt::MAX_VCPUS));
+        }
+        other => panic!("expected a vCPU error, got {other:?}"),
+    }
+    let mut r = TraceReader::new(Cursor::new(text), "t.txt");
+    assert!(matches!(
+        PreparsedTrace::from_reader(&mut r),
+        Err(ReplayError::Vcpu { line: 6, .. })
+    ));
+    // The last supported id replays.
+    let text = TRACE.replace("H_PROTECT cpu=0", "H_PROTECT cpu=63");
+    let rep = stream(
+        &text,
+        ScriptVm::new(good_script()),
+        ReplayOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(rep.mismatched, 0);
+}
