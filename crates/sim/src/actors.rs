@@ -600,6 +600,8 @@ struct Control {
     active: AtomicUsize,
     phase: AtomicU64,
     actors: Vec<ActorState>,
+    /// Times a parked actor re-checked the pause flag (a progress count for tests).
+    park_polls: AtomicU64,
 }
 
 fn backoff() {
@@ -626,6 +628,8 @@ impl Control {
         self.active.fetch_sub(1, Ordering::SeqCst);
         loop {
             while self.pausing() && !self.stopping() {
+                // ORDERING: Relaxed: a statistic (see `HostActors::park_polls`).
+                self.park_polls.fetch_add(1, Ordering::Relaxed);
                 backoff();
             }
             // ORDERING: SeqCst: announce before re-checking `pause` (Dekker pair).
@@ -732,6 +736,7 @@ impl<'scope> HostActors<'scope> {
             pause: AtomicBool::new(false),
             active: AtomicUsize::new(cfg.kinds.len()),
             phase: AtomicU64::new(0),
+            park_polls: AtomicU64::new(0),
             actors: cfg
                 .kinds
                 .iter()
@@ -769,6 +774,13 @@ impl<'scope> HostActors<'scope> {
     /// Whether no actor runs.
     pub fn is_empty(&self) -> bool {
         self.handles.is_empty()
+    }
+
+    /// Times parked actors re-checked the pause flag so far: lets a test bound a paused
+    /// window by the actors' own progress rather than by time or a count of yields.
+    pub fn park_polls(&self) -> u64 {
+        // ORDERING: Relaxed: a progress statistic.
+        self.control.park_polls.load(Ordering::Relaxed)
     }
 
     /// Operations performed so far by all actors.

@@ -197,7 +197,10 @@ fn threads_run_pause_and_stop() {
             actors.pause();
             assert!(!host.busy(), "no operation runs while paused");
             let before = host.seen().len();
-            for _ in 0..20 {
+            // A window bounded by the actors' own progress: every parked actor has
+            // re-checked the pause flag a few more times (not a count of yields).
+            let polls = actors.park_polls();
+            while actors.park_polls() < polls + 4 * actors.len() as u64 {
                 thread::yield_now();
             }
             assert!(!host.busy());
