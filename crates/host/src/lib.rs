@@ -78,12 +78,12 @@
 
 extern crate alloc;
 
-pub mod port;
 #[cfg(any(feature = "std", loom))]
 pub mod lifecycle;
 pub mod memory;
 pub mod mmu;
 pub mod notifier;
+pub mod port;
 #[cfg(any(feature = "std", loom))]
 pub mod slots;
 

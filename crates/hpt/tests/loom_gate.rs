@@ -26,7 +26,9 @@ fn gate_model<const FENCED: bool>() {
         let vcpu = {
             let (vm, inside) = (vm.clone(), inside.clone());
             thread::spawn(move || {
-                let g = vm.tables().enter_vcpu_with::<FENCED>(revmap_rmap::VcpuId::new(0).expect("vCPU 0"));
+                let g = vm
+                    .tables()
+                    .enter_vcpu_with::<FENCED>(revmap_rmap::VcpuId::new(0).expect("vCPU 0"));
                 // ORDERING: Relaxed: the model's observation only; the gate's own
                 // Release exit orders it before a drain that sees "out".
                 inside.store(true, Ordering::Relaxed);

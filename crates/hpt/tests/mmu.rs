@@ -173,11 +173,17 @@ fn no_c_bit_is_lost_under_concurrent_hypercalls() {
     // Per page: op numbers `a` after which a clean (non-overlapping) store happened.
     let windows: Mutex<Vec<Vec<bool>>> = Mutex::new(vec![Vec::new(); PAGES]);
     let counted = AtomicU64::new(0);
+    // Windows first seen by each store thread, summed live: the harvester keeps going
+    // until at least `MIN_WINDOWS` distinct windows were observed (each window counts at
+    // most once per thread, so the union holds at least half of the sum). Bounded by
+    // operation counts, not by how the scheduler happens to share the cores.
+    const MIN_WINDOWS: u64 = 150;
+    let fresh = AtomicU64::new(0);
 
     std::thread::scope(|s| {
         for t in 0..2u64 {
-            let (vm, started, ended, stop, windows, counted) =
-                (&vm, &started, &ended, &stop, &windows, &counted);
+            let (vm, started, ended, stop, windows, counted, fresh) =
+                (&vm, &started, &ended, &stop, &windows, &counted, &fresh);
             s.spawn(move || {
                 let mut mmu = VcpuMmu::new(vm).unwrap();
                 let mut mine = vec![Vec::new(); PAGES];
@@ -196,7 +202,10 @@ fn no_c_bit_is_lost_under_concurrent_hypercalls() {
                         if w.len() <= a as usize {
                             w.resize(a as usize + 1, false);
                         }
-                        w[a as usize] = true;
+                        if !w[a as usize] {
+                            w[a as usize] = true;
+                            fresh.fetch_add(1, Ordering::SeqCst);
+                        }
                         n += 1;
                     }
                 }
@@ -212,9 +221,14 @@ fn no_c_bit_is_lost_under_concurrent_hypercalls() {
                 counted.fetch_add(n, Ordering::SeqCst);
             });
         }
-        let (vm, started, ended, log, ptex, stop) = (&vm, &started, &ended, &log, &ptex, &stop);
+        let (vm, started, ended, log, ptex, stop, fresh) =
+            (&vm, &started, &ended, &log, &ptex, &stop, &fresh);
         s.spawn(move || {
-            for i in 0..OPS {
+            // At least OPS operations, then on until the store threads have seen enough
+            // windows (capped, so a store path that never succeeds fails the assertion
+            // below instead of hanging).
+            let mut i = 0u64;
+            while i < OPS || (fresh.load(Ordering::SeqCst) < 2 * MIN_WINDOWS && i < 1000 * OPS) {
                 let k = (i % PAGES as u64) as usize;
                 let p = ptex[k].load(Ordering::SeqCst);
                 started[k].fetch_add(1, Ordering::SeqCst);
@@ -242,6 +256,7 @@ fn no_c_bit_is_lost_under_concurrent_hypercalls() {
                 if i % 64 == 0 {
                     std::thread::yield_now();
                 }
+                i += 1;
             }
             stop.store(true, Ordering::SeqCst);
         });
@@ -278,7 +293,7 @@ fn no_c_bit_is_lost_under_concurrent_hypercalls() {
         counted.load(Ordering::SeqCst)
     );
     assert!(
-        checked > 100,
+        checked >= MIN_WINDOWS as usize,
         "the test exercised too few windows: {checked}"
     );
     assert!(
