@@ -62,13 +62,17 @@
 pub mod access;
 pub mod addr;
 pub mod fault;
+pub mod frames;
 pub mod guest;
 pub mod hcall;
 pub mod lpid;
 pub mod radix;
+pub mod replay;
 pub mod shadow;
+pub mod vm;
 
 pub use addr::{NGpa, ShadowLpid};
 pub use guest::{GuestError, GuestId, NestedGuest, NestedGuests, Released};
 pub use hcall::{HcallError, TlbInvalidate};
 pub use lpid::{LpidError, ShadowLpidAllocator};
+pub use vm::{L2Result, NestedCounters, NestedVm, NestedVmConfig, NestedVmError, Violation};
