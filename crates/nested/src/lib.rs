@@ -66,6 +66,7 @@ pub mod frames;
 pub mod guest;
 pub mod hcall;
 pub mod lpid;
+pub mod port;
 pub mod radix;
 pub mod replay;
 pub mod shadow;

@@ -297,3 +297,42 @@ fn hostile_l1_cannot_grow_the_nested_rmap_past_the_bound() {
     assert!(c.rmap_bytes_max <= 8 + 63 * 16, "{c:#?}");
     checked(&vm);
 }
+
+/// The register-level dispatch (the host layer's `HypercallPort`) gives the same
+/// answers as the typed API.
+#[test]
+fn hypercall_port_dispatches_the_nested_hypercalls() {
+    use revmap_host::port::HypercallPort;
+    use revmap_nested::hcall::{H_ENTER_NESTED, H_SET_PARTITION_TABLE, H_TLB_INVALIDATE};
+    use revmap_rmap::VcpuId;
+    let vm = setup(NestedVmConfig::new(1 << 30, 16), &[1]);
+    let mut port = (&vm).vcpu_runs();
+    let v = VcpuId::ZERO;
+    assert_eq!(
+        port.hcall(v, H_SET_PARTITION_TABLE, &[0x1_0000 | 5]).ret,
+        -4
+    );
+    assert_eq!(port.hcall(v, H_SET_PARTITION_TABLE, &[PTCR]).ret, 0);
+    map(&vm, 1, 0, DATA, FULL);
+    let r = port.hcall(v, H_ENTER_NESTED, &[1, 0x28, 1]);
+    assert_eq!((r.ret, r.out[0], r.out[2]), (0, DATA | 0x28, 0));
+    assert_eq!(vm.hpa_to_l1gpa(r.out[1]), Some(DATA | 0x28));
+    // L2 page 2 is not mapped: an HDSI with NOHPTE | ISSTORE, ASDR the page.
+    let r = port.hcall(v, H_ENTER_NESTED, &[1, 2 * K64 + 8, 1]);
+    assert_eq!((r.ret, r.out[0], r.out[1]), (0xE00, 0x4200_0000, 2 * K64));
+    let r = port.hcall(v, H_ENTER_NESTED, &[1, 2 * K64, 2]);
+    assert_eq!((r.ret, r.out[0]), (0xE20, 0x4000_0000));
+    assert_eq!(port.hcall(v, H_ENTER_NESTED, &[0, 0, 0]).ret, -4, "LPID 0");
+    assert_eq!(
+        port.hcall(v, H_ENTER_NESTED, &[1, 0, 7]).ret,
+        -4,
+        "bad access"
+    );
+    // An LPID flush through the port drops the shadow leaf.
+    let flush = TlbieInstr::encode(0, false, true).0;
+    assert_eq!(port.hcall(v, H_TLB_INVALIDATE, &[flush, 1, 2 << 10]).ret, 0);
+    assert_eq!(vm.shadow_leaves(1), 0);
+    assert_eq!(port.hcall(v, H_TLB_INVALIDATE, &[0, 1, 0]).ret, -4, "R = 0");
+    assert_eq!(port.hcall(v, 0x1234, &[]).ret, -2, "not a nested hcall");
+    checked(&vm);
+}
