@@ -57,7 +57,7 @@ use revmap_host::{
     HostMmu, InvalidateSeq, Memslot, MemslotError, MemslotFlags, Memslots, SlotView,
 };
 use revmap_rmap::nested::{check_nested_rmap, NestedError};
-use revmap_rmap::sync::{lock, read, write, Arc, AtomicU64, Mutex, Ordering, RwLock};
+use revmap_rmap::sync::{lock, read, write, yield_now, Arc, AtomicU64, Mutex, Ordering, RwLock};
 use revmap_rmap::{
     Gfn, Gpa, Hva, Lpid, NestedCache, NestedLimits, NestedPool, NestedRmap, NestedRmapEntry,
     SlotId, PAGE_SHIFT,
@@ -67,6 +67,10 @@ use std::collections::HashMap;
 /// Rounds of the H_ENTER_NESTED loop (shadow lookup, nested fault, resume) before an
 /// access is given up as a livelock ([`L2Result::Livelock`]).
 pub const MAX_ROUNDS: usize = 16;
+
+/// Fault rounds that backed off because of a host invalidation (the invalidation
+/// retry), after which an access is given up as a livelock.
+pub const MAX_RETRIES: u64 = 1 << 20;
 
 /// Host virtual address of the L1 RAM slot made by [`NestedVm::new`].
 pub const L1_RAM_HVA: u64 = 0x7000_0000_0000;
@@ -278,6 +282,8 @@ fn entry_live(
 enum Fault {
     /// Re-enter the L2 (retry through the shadow table).
     Resume,
+    /// Re-enter the L2 because a host invalidation raced the fault (nothing installed).
+    Retry,
     /// H_ENTER_NESTED ends, or the access was served, with this result.
     Done(L2Result),
 }
@@ -561,14 +567,28 @@ impl NestedVm {
     }
 
     fn run_l2(&self, id: GuestId, tlb: &Mutex<()>, n: NGpa, access: Access) -> L2Result {
-        for _ in 0..MAX_ROUNDS {
+        let (mut rounds, mut retries) = (0, 0u64);
+        while rounds < MAX_ROUNDS {
             if let Some(hpa) = self.shadow_translate(id, n, access) {
                 bump(&self.counters.shadow_hits);
                 return self.complete(hpa);
             }
-            let _t = lock(tlb);
-            match self.nested_fault(id, n, access) {
-                Fault::Resume => continue,
+            let f = {
+                let _t = lock(tlb);
+                self.nested_fault(id, n, access)
+            };
+            match f {
+                Fault::Resume => rounds += 1,
+                // A host invalidation ran or is running: KVM re-enters the guest and
+                // faults again for as long as it takes; these rounds do not count
+                // towards MAX_ROUNDS, only towards the much larger MAX_RETRIES.
+                Fault::Retry => {
+                    retries += 1;
+                    if retries > MAX_RETRIES {
+                        break;
+                    }
+                    yield_now();
+                }
                 Fault::Done(r) => return r,
             }
         }
@@ -667,7 +687,7 @@ impl NestedVm {
         let m = &mut *guard;
         if self.seq.retry(seq) {
             bump(&self.counters.fault_retries);
-            return Fault::Resume;
+            return Fault::Retry;
         }
         // L0's leaf for L1: instantiate, or set R (and W/C on a store) in it.
         let l0 = match NGpa::new(base_gpa).and_then(|a| m.l0.lookup(a)) {
