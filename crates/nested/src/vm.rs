@@ -302,9 +302,54 @@ pub struct NestedVm {
     pool: NestedPool,
     limits: NestedLimits,
     counters: Counters,
+    /// Fault injection for the loom models' should-fail variants.
+    #[cfg(loom)]
+    knobs: LoomKnobs,
+}
+
+/// Bugs a loom model may switch on to show that it catches them.
+#[cfg(loom)]
+#[derive(Debug, Default)]
+pub struct LoomKnobs {
+    /// The fault ignores the invalidation sequence (installs after a racing unmap).
+    pub skip_invalidate_retry: revmap_rmap::sync::AtomicBool,
+    /// Reclaim at the bound treats live entries as stale (evicts them).
+    pub reclaim_live_entries: revmap_rmap::sync::AtomicBool,
 }
 
 impl NestedVm {
+    /// The fault-injection switches of the loom models.
+    #[cfg(loom)]
+    pub fn loom_knobs(&self) -> &LoomKnobs {
+        &self.knobs
+    }
+
+    #[cfg(loom)]
+    fn knob(b: &revmap_rmap::sync::AtomicBool) -> bool {
+        // ORDERING: Relaxed: set before the model's threads start.
+        b.load(Ordering::Relaxed)
+    }
+
+    #[cfg(not(loom))]
+    fn skip_retry(&self) -> bool {
+        false
+    }
+
+    #[cfg(loom)]
+    fn skip_retry(&self) -> bool {
+        Self::knob(&self.knobs.skip_invalidate_retry)
+    }
+
+    #[cfg(not(loom))]
+    fn reclaim_live(&self) -> bool {
+        false
+    }
+
+    #[cfg(loom)]
+    fn reclaim_live(&self) -> bool {
+        Self::knob(&self.knobs.reclaim_live_entries)
+    }
+
     /// A VM whose L1 RAM is one memslot (id 0, gfn 0) over [`FreshFrames`] at
     /// [`L1_RAM_HVA`].
     pub fn new(cfg: NestedVmConfig) -> Result<Self, NestedVmError> {
@@ -350,6 +395,8 @@ impl NestedVm {
             pool: NestedPool::new(),
             limits,
             counters: Counters::default(),
+            #[cfg(loom)]
+            knobs: LoomKnobs::default(),
         };
         let npages = cfg.l1_memory_bytes >> PAGE_SHIFT;
         let mem = FreshFrames::new(Hva(L1_RAM_HVA), npages, cfg.backing_shift)?;
@@ -685,7 +732,7 @@ impl NestedVm {
 
         let mut guard = lock(&self.mmu);
         let m = &mut *guard;
-        if self.seq.retry(seq) {
+        if self.seq.retry(seq) && !self.skip_retry() {
             bump(&self.counters.fault_retries);
             return Fault::Retry;
         }
@@ -750,8 +797,9 @@ impl NestedVm {
         };
         let mut g = word.lock();
         let before = g.len(&self.pool);
+        let reclaim_live = self.reclaim_live();
         let res = g.insert(&mut cache, s.rmap_entry, &self.limits, |e| {
-            entry_live(guests, l2, e, l0_hpa, l0.size).is_some()
+            !reclaim_live && entry_live(guests, l2, e, l0_hpa, l0.size).is_some()
         });
         let after = g.len(&self.pool);
         drop(g);
