@@ -616,9 +616,9 @@ impl NestedVm {
     fn run_l2(&self, id: GuestId, tlb: &Mutex<()>, n: NGpa, access: Access) -> L2Result {
         let (mut rounds, mut retries) = (0, 0u64);
         while rounds < MAX_ROUNDS {
-            if let Some(hpa) = self.shadow_translate(id, n, access) {
+            if let Some(r) = self.shadow_access(id, n, access) {
                 bump(&self.counters.shadow_hits);
-                return self.complete(hpa);
+                return r;
             }
             let f = {
                 let _t = lock(tlb);
@@ -642,16 +642,19 @@ impl NestedVm {
         L2Result::Livelock
     }
 
-    /// The hardware's walk of the shadow table: the host address if a leaf permits
-    /// `access` with its R/C.
-    fn shadow_translate(&self, id: GuestId, n: NGpa, access: Access) -> Option<u64> {
+    /// The hardware's access through the shadow table, if a leaf permits `access` with
+    /// its R/C. It happens under `mmu_lock`, so a host unmap is entirely before or after
+    /// it: the frame it reaches is identified while it still backs the L1 page.
+    fn shadow_access(&self, id: GuestId, n: NGpa, access: Access) -> Option<L2Result> {
         let m = lock(&self.mmu);
         let leaf = m.l2.get(&id)?.shadow.lookup(n)?;
         if !(leaf.pte.permits(access) && leaf.pte.rc_permits(access)) {
             return None;
         }
         let mask = leaf.size.bytes() - 1;
-        Some((leaf.pte.rpn() & !mask) | (n.raw() & mask))
+        let r = self.complete((leaf.pte.rpn() & !mask) | (n.raw() & mask));
+        drop(m);
+        Some(r)
     }
 
     /// The L1 address currently backed by host address `hpa`, if any.
@@ -1408,12 +1411,13 @@ impl HostMmu for NestedVm {
             let Some((lo, hi)) = s.hva_range_to_gfns(a, b) else {
                 continue;
             };
+            // Translations go first, then the host frees the pages.
+            n += self.unmap_gfn_range(s.id(), lo, hi);
             let mut g = lo.0;
             while g < hi.0 {
                 s.set_host_present(Gfn(g), false);
                 g += 1 << (shift - PAGE_SHIFT);
             }
-            n += self.unmap_gfn_range(s.id(), lo, hi);
         }
         n
     }
