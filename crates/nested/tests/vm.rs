@@ -336,3 +336,36 @@ fn hypercall_port_dispatches_the_nested_hypercalls() {
     assert_eq!(port.hcall(v, 0x1234, &[]).ret, -2, "not a nested hcall");
     checked(&vm);
 }
+
+/// Turning dirty logging on flushes the slot (KVM's row 3): the 2 MiB L0 leaf goes
+/// with its shadow leaves, and the next fault maps a 64 KiB piece.
+#[test]
+fn dirty_logging_on_flushes_and_forces_page_size_leaves() {
+    use revmap_host::MemslotFlags;
+    let mut cfg = NestedVmConfig::new(1 << 30, 21);
+    cfg.dirty_logging = false;
+    let vm = setup(cfg, &[1]);
+    map(&vm, 1, 0, DATA, FULL);
+    ok(&vm, 1, 0, Access::Store);
+    assert_eq!(vm.l0_leaf(DATA).unwrap().size, PageSize::P2M);
+    vm.set_memslot_flags(SlotId(0), MemslotFlags::LOG_DIRTY_PAGES)
+        .unwrap();
+    assert!(vm.l0_leaf(DATA).is_none());
+    assert_eq!((vm.shadow_leaves(1), vm.rmap_totals()), (0, (0, 0)));
+    checked(&vm);
+    ok(&vm, 1, 0, Access::Store);
+    assert_eq!(vm.l0_leaf(DATA).unwrap().size, PageSize::P64K);
+    let bm = vm.get_dirty_log(SlotId(0)).unwrap();
+    let bit = (DATA >> 12) as usize;
+    assert_ne!(bm[bit / 64] & (1 << (bit % 64)), 0);
+    // The flush moved the 2 MiB leaf's C into the (new) bitmap, as KVM's unmap does.
+    assert_eq!(bm.iter().map(|w| w.count_ones()).sum::<u32>(), 512);
+    ok(&vm, 1, 8, Access::Store);
+    let bm = vm.get_dirty_log(SlotId(0)).unwrap();
+    assert_eq!(
+        bm.iter().map(|w| w.count_ones()).sum::<u32>(),
+        16,
+        "one 64 KiB page"
+    );
+    checked(&vm);
+}
