@@ -1,6 +1,6 @@
-//! The nested-guest MMU of a KVM-HV L0 (PowerPC Book3S, radix): the radix MMU model and
-//! the nested-guest bookkeeping that the shadow tables and the nested rmap
-//! (`revmap_rmap::nested`) stand on.
+//! The nested-guest MMU of a KVM-HV L0 (PowerPC Book3S, radix): the radix MMU model, the
+//! nested-guest bookkeeping, and the thread-safe nested MMU ([`NestedVm`]) with its shadow
+//! tables and the nested rmap (`revmap_rmap::nested`) on the shared host layer.
 //!
 //! * [`radix`]: PTCR and the partition table, PATE decoding, the 52-bit tree with 4K and
 //!   64K base geometries, PDE/PTE words, R/C semantics, the walk and its failure causes
@@ -15,13 +15,21 @@
 //! * [`shadow`]: L0's shadow partition-scoped table for one L2 (single-threaded model)
 //!   with `kvmppc_create_pte`'s insertion rules.
 //!
-//! What this crate does not have yet: the host side (L0's table for L1 over the shared
-//! memslots and host memory, MMU-notifier unmap, aging and dirty harvest through the
-//! nested rmap), the hypercall port, and concurrency (per-L2 `tlb_lock`, loom and shuttle
-//! models). `tests/replay_shadow.rs` plays that host side in a single thread and replays
-//! both vendored nested traces through [`shadow::ShadowTable`], [`fault`] and
-//! `revmap_rmap::NestedRmap` with every result matched; it is the reference for the
-//! threaded implementation on the host layer.
+//! * [`vm`]: [`NestedVm`], the thread-safe nested MMU on the shared host layer
+//!   (`revmap_host`): L0's partition-scoped table for L1 over memslots and host memory,
+//!   per-L2 state behind the per-L2 lock, `mmu_lock`, the nested fault with the
+//!   invalidation retry, the nested rmap with its bound, the host-side `HostMmu`
+//!   callbacks (unmap, aging, dirty log through the nested rmap), memslot delete/move,
+//!   L2 destroy, and the invariant checker ([`NestedVm::check`]).
+//! * [`port`]: the nested hypercalls through one typed API and the host layer's
+//!   register-level `HypercallPort`; [`frames`]: host memory that hands out a new frame
+//!   per page-in; [`replay`]: replay of nested traces through [`NestedVm`].
+//!
+//! `tests/replay_shadow.rs` is the single-threaded reference harness built from the
+//! pure pieces; `tests/replay_vm.rs` replays the same traces through [`NestedVm`].
+//! Concurrency is exercised by `tests/threads_vm.rs` (real threads),
+//! `tests/loom_nested.rs` (`--cfg loom`) and `tests/shuttle_nested.rs`
+//! (`--cfg shuttle`).
 //!
 //! Facts come from `nested-radix-mmu.md` (the reference digest of KVM's
 //! `book3s_hv_nested.c` / `book3s_64_mmu_radix.c` and the ISA); no KVM code is copied.
@@ -62,13 +70,18 @@
 pub mod access;
 pub mod addr;
 pub mod fault;
+pub mod frames;
 pub mod guest;
 pub mod hcall;
 pub mod lpid;
+pub mod port;
 pub mod radix;
+pub mod replay;
 pub mod shadow;
+pub mod vm;
 
 pub use addr::{NGpa, ShadowLpid};
 pub use guest::{GuestError, GuestId, NestedGuest, NestedGuests, Released};
 pub use hcall::{HcallError, TlbInvalidate};
 pub use lpid::{LpidError, ShadowLpidAllocator};
+pub use vm::{L2Result, NestedCounters, NestedVm, NestedVmConfig, NestedVmError, Violation};

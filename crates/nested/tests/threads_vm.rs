@@ -1,0 +1,158 @@
+//! Real threads on one [`NestedVm`]: four L2 vCPU threads (two L2s) load and store
+//! through their shadow tables while a host thread reclaims, ages and harvests the dirty
+//! log of L1 memory and an L1 vCPU thread invalidates (page and LPID flushes). L1's
+//! mappings do not change, so every access must complete at the L1 address L1's table
+//! gives; no stored page may be missing from the dirty logs (no lost C); the invariant
+//! checker passes at the end. Iteration counts are fixed (no wall-clock bound).
+#![cfg(not(any(loom, shuttle)))]
+
+use revmap_host::HostMmu;
+use revmap_nested::hcall::TlbieInstr;
+use revmap_nested::radix::{Access, PateDw0, RadixPde, RadixPte};
+use revmap_nested::vm::{L2Result, NestedVm, NestedVmConfig, L1_RAM_HVA};
+use revmap_rmap::{Hva, SlotId};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+const RAM: u64 = 1 << 30;
+const DATA: u64 = 0x1000_0000;
+const K64: u64 = 0x1_0000;
+const PAGES: u64 = 16;
+
+fn root(lpid: u64) -> u64 {
+    0x10_0000 * (lpid + 1)
+}
+
+/// L2 page k of both L2s maps L1 page k (all permissions, R and C set).
+fn setup(backing_shift: u32) -> NestedVm {
+    let mut cfg = NestedVmConfig::new(RAM, backing_shift);
+    cfg.dirty_logging = true;
+    let vm = NestedVm::new(cfg).unwrap();
+    assert_eq!(vm.h_set_partition_table(0x1_0000 | 4), 0);
+    let flags = RadixPte::R | RadixPte::C | RadixPte::EAA_READ | RadixPte::EAA_RW;
+    for l in 1..=2 {
+        let r = root(l);
+        let (pud, pmd, pte) = (r + 0x2_0000, r + 0x3_0000, r + 0x4_0000);
+        vm.l1_store(0x1_0000 + 16 * l, PateDw0::radix52(r, 13).bits())
+            .unwrap();
+        vm.l1_store(r, RadixPde::new(pud, 9).bits()).unwrap();
+        vm.l1_store(pud, RadixPde::new(pmd, 9).bits()).unwrap();
+        vm.l1_store(pmd, RadixPde::new(pte, 5).bits()).unwrap();
+        for k in 0..PAGES {
+            let v = RadixPte::new(DATA + k * K64, flags).bits();
+            vm.l1_store(pte + 8 * k, v).unwrap();
+        }
+    }
+    vm
+}
+
+fn dirty_pages(bitmap: &[u64]) -> u64 {
+    let mut pages = 0;
+    for k in 0..PAGES {
+        let f = ((DATA + k * K64) >> 12) as usize;
+        if (f..f + 16).any(|b| bitmap.get(b / 64).is_some_and(|w| w & (1 << (b % 64)) != 0)) {
+            pages |= 1 << k;
+        }
+    }
+    pages
+}
+
+fn storm(backing_shift: u32) {
+    let vm = setup(backing_shift);
+    let stored = AtomicU64::new(0);
+    let logged = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let (vm, stored) = (&vm, &stored);
+            s.spawn(move || {
+                let lpid = 1 + t % 2;
+                let mut x = t.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+                for _ in 0..3000 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let k = x % PAGES;
+                    let off = ((x >> 8) % K64) & !7;
+                    let acc = if x & 0x100_0000 != 0 {
+                        Access::Store
+                    } else {
+                        Access::Load
+                    };
+                    match vm.enter_nested(lpid, k * K64 + off, acc) {
+                        L2Result::Ok { l1gpa, .. } => {
+                            assert_eq!(l1gpa, DATA + k * K64 + off);
+                            if acc == Access::Store {
+                                stored.fetch_or(1 << k, Ordering::SeqCst);
+                            }
+                        }
+                        r => panic!("lpid {lpid} page {k}: {r:?} {:?}", vm.counters()),
+                    }
+                }
+            });
+        }
+        {
+            let (vm, logged) = (&vm, &logged);
+            s.spawn(move || {
+                for i in 0..400u64 {
+                    let k = (i * 7) % PAGES;
+                    let a = Hva(L1_RAM_HVA + DATA + k * K64);
+                    let b = Hva(a.0 + K64);
+                    match i % 4 {
+                        0 | 1 => {
+                            vm.invalidate_range_start(a, b);
+                            vm.unmap_hva_range(a, b);
+                            vm.invalidate_range_end(a, b);
+                            vm.host_page_in(a, b);
+                        }
+                        2 => {
+                            let g = (DATA + k * K64) >> 12;
+                            vm.age_gfn(SlotId(0), revmap_rmap::Gfn(g), revmap_rmap::Gfn(g + 16));
+                        }
+                        _ => {
+                            let bm = vm.get_dirty_log(SlotId(0)).unwrap();
+                            logged.fetch_or(dirty_pages(&bm), Ordering::SeqCst);
+                        }
+                    }
+                }
+            });
+        }
+        {
+            let vm = &vm;
+            s.spawn(move || {
+                let page = TlbieInstr::encode(0, false, true).0;
+                for i in 0..400u64 {
+                    let lpid = 1 + i % 2;
+                    if i % 5 == 0 {
+                        assert_eq!(vm.h_tlb_invalidate(page, lpid, 2 << 10), 0);
+                    } else {
+                        let k = i % PAGES;
+                        assert_eq!(vm.h_tlb_invalidate(page, lpid, (k * K64) | (5 << 5)), 0);
+                    }
+                }
+            });
+        }
+    });
+    let bm = vm.get_dirty_log(SlotId(0)).unwrap();
+    let logged = logged.load(Ordering::SeqCst) | dirty_pages(&bm);
+    let stored = stored.load(Ordering::SeqCst);
+    assert_eq!(
+        stored & !logged,
+        0,
+        "stored pages missing from every dirty log"
+    );
+    if let Err(v) = vm.check() {
+        panic!("{v:#?}");
+    }
+    let c = vm.counters();
+    assert!(c.nested_faults > 0 && c.rmap_invalidations > 0, "{c:#?}");
+    println!("{c:#?}");
+}
+
+#[test]
+fn l2_vcpus_host_and_l1_threads_64k_backing() {
+    storm(16);
+}
+
+#[test]
+fn l2_vcpus_host_and_l1_threads_2m_backing() {
+    storm(21);
+}
