@@ -26,6 +26,7 @@
 #![warn(missing_docs)]
 
 pub mod access_test;
+pub mod mmu;
 pub mod paging;
 pub mod role;
 pub mod walk_check;
