@@ -28,6 +28,7 @@
 pub mod access_test;
 pub mod mmu;
 pub mod paging;
+pub mod replay;
 pub mod role;
 pub mod walk_check;
 pub mod write_track;

@@ -1322,9 +1322,10 @@ impl ShadowMmu {
     fn load_root(&mut self, v: usize) -> Result<Option<SpId>, ShadowError> {
         let vc = self.vcpus.get(v).ok_or(ShadowError::NoVcpu(v))?;
         let mode = vc.mode;
-        match mode.paging() {
-            PagingMode::Long4 | PagingMode::Long5 => {}
-            p => return Err(ShadowError::Unsupported(p)),
+        if !matches!(mode.paging(), PagingMode::Long4 | PagingMode::Long5) {
+            // Paging off, 32-bit and PAE guests have no shadow root here (not shadowed
+            // yet): a walk in such a mode is `ShadowError::Unsupported`.
+            return Ok(None);
         }
         if let Some(r) = vc.root {
             if self.root_valid(r) {
