@@ -1229,7 +1229,7 @@ impl ShadowMmu {
         };
         self.vcpus
             .iter()
-            .find(|v| mask(SpRole::root(&v.mode.role(), 0)) == mask(sp.role))
+            .find(|v| mask(root_role(&v.mode)) == mask(sp.role))
             .map(|v| v.mode)
     }
 
@@ -1340,7 +1340,7 @@ impl ShadowMmu {
             return Ok(None); // the dummy root: every access faults in the walker
         }
         self.make_mmu_pages_available()?;
-        let role = SpRole::root(&mode.role(), 0);
+        let role = root_role(&mode);
         let r = self.get_shadow_page(gfn, role)?;
         self.sp_mut(r)?.root_count += 1;
         self.vcpus[v].root = Some(r);
@@ -1382,7 +1382,6 @@ impl ShadowMmu {
         let old = self.vcpus.get(v).ok_or(ShadowError::NoVcpu(v))?.mode;
         let (or, nr) = (old.role(), mode.role());
         if or.maxphyaddr != nr.maxphyaddr
-            || or.efer_nx != nr.efer_nx
             || or.cr4_pse != nr.cr4_pse
             || or.gbpages != nr.gbpages
             || old.a20 != mode.a20
@@ -1407,7 +1406,7 @@ impl ShadowMmu {
     fn new_pgd(&mut self, v: usize, old_pgd: u64) -> Result<(), ShadowError> {
         let mode = self.vcpus[v].mode;
         let pgd = mode.cr3 & PT64_ADDR_MASK;
-        let role = SpRole::root(&mode.role(), 0);
+        let role = root_role(&mode);
         let cur = self.vcpus[v].root.take();
         let mut prev = std::mem::take(&mut self.vcpus[v].prev_roots);
         if let Some(r) = cur {
@@ -2085,6 +2084,14 @@ impl ShadowMmu {
     }
 }
 
+/// The role of a shadow root for `mode`: KVM's shadow `root_role`, except that
+/// `efer_nx` is the guest's EFER.NXE instead of forced to 1. KVM forces it because the
+/// host runs with NX on; here it also keys the pages, so that two vCPUs that read gpte
+/// bit 63 differently (XD vs reserved) never share a shadow page.
+pub fn root_role(mode: &CpuMode) -> SpRole {
+    SpRole::root(&mode.role(), 0).with_efer_nx(u32::from(mode.nxe()))
+}
+
 /// The protection key stored in a leaf SPTE (bits 59..62, mirrored from the gpte).
 fn pkey_of(s: Spte) -> u8 {
     ((s.0 >> crate::paging::PT64_PKEY_SHIFT) & 15) as u8
@@ -2241,7 +2248,13 @@ impl ShadowMmu {
                     return Err(violation(15, format!("{id:?}[{i}] illegal {s:?}")));
                 }
                 let acc = Self::sp_get_access(sp, i);
-                if !acc.contains(s.acc()) || !sp.role.acc().contains(s.acc()) {
+                // CR0.WP=0: a supervisor write may install W (with U cleared).
+                let granted = if sp.role.cr0_wp() == 0 {
+                    s.acc() - Acc::WRITE
+                } else {
+                    s.acc()
+                };
+                if !acc.contains(s.acc()) || !sp.role.acc().contains(granted) {
                     return Err(violation(
                         13,
                         format!("{id:?}[{i}] grants {:?} > {acc:?}", s.acc()),
