@@ -30,5 +30,6 @@ pub mod mmu;
 pub mod paging;
 pub mod replay;
 pub mod role;
+pub mod vm;
 pub mod walk_check;
 pub mod write_track;
