@@ -2265,6 +2265,16 @@ impl ShadowMmu {
                 }
                 if s.is_writable() {
                     writable_gfns.insert(gfn);
+                    // Dirty logging: a writable SPTE exists only for a gfn marked dirty
+                    // since the last harvest (which write-protects what it reaps).
+                    if let Some(slot) = self.slot_of(gfn) {
+                        if slot.dirty_logging() && !slot.slot.is_dirty(Gfn(gfn)) {
+                            return Err(violation(
+                                15,
+                                format!("{id:?}[{i}] writable, gfn {gfn:#x} not dirty-logged"),
+                            ));
+                        }
+                    }
                 }
                 if let Some(slot) = self.slot_of(gfn) {
                     if slot.slot.host_pfn(Gfn(gfn)) != Some(s.pfn()) {
@@ -2618,6 +2628,36 @@ mod tests {
         }
         assert!(m.stats.evicted > 0, "{:?}", m.stats);
         assert!(m.used_mmu_pages() <= 6 + MIN_FREE_MMU_PAGES);
+    }
+
+    #[test]
+    fn rmap_recycled_over_the_threshold() {
+        let (mut m, v) = setup(12);
+        // Three page tables whose 512 entries all map gfn 0x100: 1536 SPTEs of one gfn.
+        for (k, pt) in [0x10u64, 0x11, 0x12].into_iter().enumerate() {
+            m.mem
+                .write_u64(Gpa(0x3000 + 8 * (8 + k as u64)), pt << 12 | P)
+                .unwrap();
+            for i in 0..512 {
+                m.mem
+                    .write_u64(Gpa((pt << 12) + 8 * i), 0x10_0000 | LEAF)
+                    .unwrap();
+            }
+        }
+        for k in 0..3u64 {
+            for i in 0..512u64 {
+                let gva = ((8 + k) << 21) | (i << 12);
+                assert_eq!(
+                    m.access(v, gva, Access::empty()).unwrap(),
+                    AccessOutcome::Fixed(Gpa(0x10_0000))
+                );
+            }
+        }
+        assert_eq!(m.stats.rmap_recycled, 1);
+        let n = m.rmap_entries(0x100, 1).unwrap().len();
+        // The 1001st add zaps all 1001 entries (the new one included).
+        assert_eq!(n, 1536 - 1001);
+        ok(&m);
     }
 
     #[test]
