@@ -1617,12 +1617,36 @@ impl ShadowMmu {
         gva: u64,
         access: Access,
     ) -> Result<AccessOutcome, ShadowError> {
+        let pool = self.pool.clone();
+        let mut cache = DescCache::new(&pool);
+        cache.reserve(FAULT_DESC_TOPUP)?;
+        self.access_with_cache(&mut cache, v, gva, access)
+    }
+
+    /// The descriptor pool, shared, for topping up a [`DescCache`] before `mmu_lock`.
+    pub fn pool_arc(&self) -> Arc<DescPool> {
+        self.pool.clone()
+    }
+
+    /// [`access`](Self::access) drawing rmap descriptors from `cache`, which the caller
+    /// topped up (with [`FAULT_DESC_TOPUP`] per fault) before taking `mmu_lock`
+    /// (`mmu_topup_memory_caches`); a fault never allocates descriptors otherwise.
+    pub fn access_with_cache(
+        &mut self,
+        cache: &mut DescCache<'_>,
+        v: usize,
+        gva: u64,
+        access: Access,
+    ) -> Result<AccessOutcome, ShadowError> {
         if let Some(gpa) = self.translate(v, gva, access)? {
             self.stats.hits += 1;
             return Ok(AccessOutcome::Hit(gpa));
         }
         for _ in 0..MAX_FAULT_RETRIES {
-            match self.page_fault(v, gva, access)? {
+            if cache.credits() < FAULT_DESC_TOPUP {
+                cache.reserve(FAULT_DESC_TOPUP)?;
+            }
+            match self.page_fault(cache, v, gva, access)? {
                 FaultResult::Done(AccessOutcome::Fixed(gpa)) => {
                     // The installed SPTE must now translate the access.
                     return Ok(match self.translate(v, gva, access)? {
@@ -1681,6 +1705,7 @@ impl ShadowMmu {
     /// `FNAME(page_fault)` + `FNAME(fetch)`.
     fn page_fault(
         &mut self,
+        cache: &mut DescCache<'_>,
         v: usize,
         gva: u64,
         access: Access,
@@ -1721,10 +1746,6 @@ impl ShadowMmu {
             self.stats.write_protected_faults += 1;
             return Ok(FaultResult::Done(AccessOutcome::WriteProtected(t.gpa)));
         }
-        // mmu_topup_memory_caches: before the lock; no allocation of descriptors later.
-        let pool = self.pool.clone();
-        let mut cache = DescCache::new(&pool);
-        cache.reserve(FAULT_DESC_TOPUP)?;
         // kvm_mmu_faultin_pfn.
         let seq = self.invalidate.sample();
         if slot.slot.is_invalid() || self.invalidate.in_progress() {
@@ -1766,7 +1787,7 @@ impl ShadowMmu {
                 return Ok(FaultResult::Retry);
             };
             let role = self.sp_ok(sp)?.role.child(i, false, e.pt_access);
-            let child = self.get_child(&mut cache, sp, i, e.table_gfn(), role)?;
+            let child = self.get_child(cache, sp, i, e.table_gfn(), role)?;
             if self.read_gpte(e.gpa.0) != cur || !self.root_valid(root) {
                 return Ok(FaultResult::Retry);
             }
@@ -1779,7 +1800,7 @@ impl ShadowMmu {
             // The direct child at level - 1 covers 512^(level - 1) frames.
             let cgfn = gfn & !((1u64 << level_shift(level)) - 1);
             let role = self.sp_ok(sp)?.role.child(i, true, acc);
-            sp = self.get_child(&mut cache, sp, i, cgfn, role)?;
+            sp = self.get_child(cache, sp, i, cgfn, role)?;
         }
         let i = sp_index(gva, goal);
         let leaf_gfn = gfn & !((1u64 << level_shift(goal)) - 1);
@@ -1789,7 +1810,7 @@ impl ShadowMmu {
         else {
             return Ok(FaultResult::Retry);
         };
-        let wrprot = self.set_spte(&mut cache, sp, i, leaf_gfn, pfn, acc, host_writable, t.pkey)?;
+        let wrprot = self.set_spte(cache, sp, i, leaf_gfn, pfn, acc, host_writable, t.pkey)?;
         if write && wrprot {
             self.stats.write_protected_faults += 1;
             return Ok(FaultResult::Done(AccessOutcome::WriteProtected(t.gpa)));
@@ -2628,6 +2649,32 @@ mod tests {
         }
         assert!(m.stats.evicted > 0, "{:?}", m.stats);
         assert!(m.used_mmu_pages() <= 6 + MIN_FREE_MMU_PAGES);
+    }
+
+    #[test]
+    fn zapped_root_stays_pinned_until_reload() {
+        let (mut m, v) = setup(12);
+        m.access(v, 0x40_0000, Access::empty()).unwrap();
+        let root = m.vcpus()[v].root.unwrap();
+        // Flooding the PML4 (the root's gfn) zaps the root in use: it stays pinned,
+        // invalid, empty, off the active list.
+        for k in 0..3 {
+            m.guest_store(0x1000 + 8 * (200 + k), 0).unwrap();
+        }
+        let sp = m.sp(root).unwrap();
+        assert!(sp.role.invalid() != 0 && sp.root_count == 1);
+        ok(&m);
+        // The next access reloads: the old root is freed, nothing is built under it.
+        assert_eq!(
+            m.access(v, 0x40_0000, Access::empty()).unwrap(),
+            AccessOutcome::Fixed(Gpa(0x10_0000))
+        );
+        // (The arena may hand the freed id out again: compare states, not ids.)
+        let now = m.vcpus()[v].root.unwrap();
+        let sp = m.sp(now).unwrap();
+        assert!(sp.role.invalid() == 0 && sp.root_count == 1 && sp.gfn == 1);
+        assert_eq!(m.live_ids().count() as u64, m.used_mmu_pages());
+        ok(&m);
     }
 
     #[test]

@@ -15,11 +15,12 @@
 //!   the in-progress count) before installing the SPTE, retrying on a change.
 //! * Order: the slot-set writer lock (lifecycle) -> `mmu_lock` -> rmap bit locks.
 
-use crate::mmu::{AccessOutcome, ShadowError, ShadowMmu};
+use crate::mmu::{AccessOutcome, ShadowError, ShadowMmu, FAULT_DESC_TOPUP};
 use crate::paging::{Access, CpuMode};
 use revmap_host::lifecycle::{self, MemslotArch, MemslotChange};
 use revmap_host::slots::SlotSet;
 use revmap_host::{HostMmu, Memslot, MemslotError, MemslotFlags, Memslots, SlotView};
+use revmap_rmap::pte_list::DescCache;
 use revmap_rmap::sync::{read, write, RwLock};
 use revmap_rmap::{Gfn, Hva, SlotId, PAGE_SHIFT};
 
@@ -61,8 +62,20 @@ impl ShadowVm {
     }
 
     /// A guest access by vCPU `v` (a shadow hit or a shadow page fault).
+    /// A shadow hit is served under the read lock (the hardware's walk of the shadow
+    /// table); a miss tops up the rmap descriptor cache *before* taking `mmu_lock` for
+    /// write (`mmu_topup_memory_caches`), then faults.
     pub fn access(&self, v: usize, gva: u64, access: Access) -> Result<AccessOutcome, ShadowError> {
-        self.with_mmu(|m| m.access(v, gva, access))
+        let pool = {
+            let m = read(&self.mmu_lock);
+            if let Some(gpa) = m.translate(v, gva, access)? {
+                return Ok(AccessOutcome::Hit(gpa));
+            }
+            m.pool_arc()
+        };
+        let mut cache = DescCache::new(&pool);
+        cache.reserve(FAULT_DESC_TOPUP)?;
+        self.with_mmu(|m| m.access_with_cache(&mut cache, v, gva, access))
     }
 
     /// A guest 8-byte store, routed by the SPTEs (see [`ShadowMmu::guest_store`]).
