@@ -359,4 +359,59 @@ mod tests {
         }
         vm.check().unwrap();
     }
+
+    #[test]
+    fn four_vcpus_with_guest_stores_against_host_unmap_age_and_dirty_log() {
+        let (vm, v0) = vm();
+        let vcpus: Vec<usize> = std::iter::once(v0)
+            .chain((0..3).map(|_| vm.add_vcpu(CpuMode::long4(0x1000))))
+            .collect();
+        let vm = Arc::new(vm);
+        let mut hs = Vec::new();
+        for (k, v) in vcpus.into_iter().enumerate() {
+            let vm = vm.clone();
+            hs.push(thread::spawn(move || {
+                for i in 0..300u64 {
+                    let idx = (i * 13 + 5 * k as u64) % 64;
+                    if k == 3 && i % 10 == 0 {
+                        // This vCPU's guest repoints a PTE (the PT is a level-1 table).
+                        let target = 0x100 + (idx + i) % 64;
+                        vm.guest_store(0x4000 + 8 * idx, target << 12 | E).unwrap();
+                        continue;
+                    }
+                    let acc = if i % 4 == 0 {
+                        Access::WRITE
+                    } else {
+                        Access::empty()
+                    };
+                    let o = vm.access(v, idx << 12, acc).unwrap();
+                    assert!(
+                        matches!(o, AccessOutcome::Hit(_) | AccessOutcome::Fixed(_)),
+                        "{o:?}"
+                    );
+                }
+            }));
+        }
+        let host = vm.clone();
+        hs.push(thread::spawn(move || {
+            for i in 0..150u64 {
+                let g = 0x100 + (i * 7) % 64;
+                host.age_gfn(SlotId(1), Gfn(g), Gfn(g + 8));
+                host.unmap_hva_range(Hva(HVA + (g << 12)), Hva(HVA + ((g + 2) << 12)));
+            }
+        }));
+        let host = vm.clone();
+        hs.push(thread::spawn(move || {
+            host.set_memslot_flags(SlotId(1), MemslotFlags::LOG_DIRTY_PAGES)
+                .unwrap();
+            for _ in 0..50 {
+                host.get_dirty_log(SlotId(1)).unwrap();
+                host.check().unwrap();
+            }
+        }));
+        for h in hs {
+            h.join().unwrap();
+        }
+        vm.check().unwrap();
+    }
 }
