@@ -1047,11 +1047,9 @@ impl ShadowMmu {
         for (p, i) in parents {
             self.sp_ok(p)?.set_spte(i, Spte::NONPRESENT);
         }
-        let sp = self.sp_ok(id)?;
-        if sp.role.has_gptes() && sp.mmu_valid_gen == self.mmu_valid_gen {
-            self.unaccount_shadowed(id)?;
-        } else if sp.role.has_gptes() {
-            // Obsolete pages were accounted in their generation too.
+        // Obsolete (old-generation) pages were accounted too: unaccount every page with
+        // gptes on its first zap.
+        if self.sp_ok(id)?.role.has_gptes() {
             self.unaccount_shadowed(id)?;
         }
         let sp = self.sp_mut(id)?;
@@ -1905,23 +1903,18 @@ impl ShadowMmu {
     /// store). Returns whether it was emulated.
     pub fn guest_store(&mut self, gpa: u64, val: u64) -> Result<bool, ShadowError> {
         let gfn = gpa >> 12;
-        let mut emulated = false;
         if !self.gfn_mapped_writable(gfn)? && self.is_shadowed(gfn) {
-            if self.is_write_tracked(gfn) {
+            // A write fault: emulate on a write-tracked gfn (or if unsync is refused),
+            // else unsync the level-1 pages and let the store through.
+            if self.is_write_tracked(gfn) || !self.try_to_unsync(gfn, true, false)? {
                 self.stats.write_protected_faults += 1;
                 self.mem.write_u64(Gpa(gpa), val)?;
                 self.track_write(gpa & !7, 8)?;
                 return Ok(true);
             }
-            if !self.try_to_unsync(gfn, true, false)? {
-                self.mem.write_u64(Gpa(gpa), val)?;
-                self.track_write(gpa & !7, 8)?;
-                return Ok(true);
-            }
-            emulated = false;
         }
         self.mem.write_u64(Gpa(gpa), val)?;
-        Ok(emulated)
+        Ok(false)
     }
 
     // ---------------------------------------------------------------- host side
