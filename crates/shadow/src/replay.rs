@@ -125,6 +125,11 @@ impl ShadowReplayer {
         })
     }
 
+    /// Sets the shadow-page limit (`KVM_SET_NR_MMU_PAGES`; `None`: memslot pages / 50).
+    pub fn set_max_mmu_pages(&mut self, n: Option<u64>) {
+        self.mmu.set_max_mmu_pages(n);
+    }
+
     /// The shadow MMU.
     pub fn mmu(&self) -> &ShadowMmu {
         &self.mmu
@@ -135,8 +140,18 @@ impl ShadowReplayer {
         path: impl AsRef<std::path::Path>,
         check_every: u64,
     ) -> Result<ReplayReport, ReplayError> {
+        Self::replay_file_with(path, check_every, None)
+    }
+
+    /// [`replay_file`](Self::replay_file) with a shadow-page limit.
+    pub fn replay_file_with(
+        path: impl AsRef<std::path::Path>,
+        check_every: u64,
+        max_mmu_pages: Option<u64>,
+    ) -> Result<ReplayReport, ReplayError> {
         let t0 = Instant::now();
         let mut r = Self::new(check_every)?;
+        r.set_max_mmu_pages(max_mmu_pages);
         for rec in X86Reader::open(path)? {
             r.record(&rec?);
         }
