@@ -58,7 +58,8 @@ pub const MIN_ALLOC_MMU_PAGES: u64 = 64;
 pub const FAULT_DESC_TOPUP: u64 = 14;
 /// Number of cached previous roots (`KVM_MMU_NUM_PREV_ROOTS`).
 pub const NUM_PREV_ROOTS: usize = 3;
-/// Faults retried before an access gives up (a livelock guard; never reached in tests).
+/// Fault attempts under one `mmu_lock` hold before [`AccessOutcome::Retry`] is returned
+/// (the caller drops the lock and the guest re-executes the access).
 pub const MAX_FAULT_RETRIES: u32 = 8;
 
 /// A shadow page's index in the arena.
@@ -110,9 +111,6 @@ pub enum ShadowError {
     /// A shadow page id named by an SPTE or list is not live.
     #[error("dangling shadow page {0:?}")]
     Dangling(SpId),
-    /// The fault kept retrying.
-    #[error("fault on {0:#x} retried {MAX_FAULT_RETRIES} times")]
-    Livelock(u64),
     /// No memslot holds this gfn (rmap or write-track bookkeeping).
     #[error("no memslot for gfn {0:#x}")]
     NoSlot(u64),
@@ -132,6 +130,9 @@ pub enum AccessOutcome {
     Mmio(Gpa),
     /// A #PF injected into the guest.
     Fault(PageFault),
+    /// `RET_PF_RETRY`: the fault kept backing off (an MMU-notifier invalidation in
+    /// progress, a changed gpte, an obsolete root); the guest re-executes the access.
+    Retry,
 }
 
 /// `struct kvm_mmu_page`.
@@ -1656,7 +1657,7 @@ impl ShadowMmu {
                 FaultResult::Retry => self.stats.retries += 1,
             }
         }
-        Err(ShadowError::Livelock(gva))
+        Ok(AccessOutcome::Retry)
     }
 
     /// The hardware's walk of the shadow table: `Some(gpa)` if the leaf allows the
@@ -2667,6 +2668,24 @@ mod tests {
         let sp = m.sp(now).unwrap();
         assert!(sp.role.invalid() == 0 && sp.root_count == 1 && sp.gfn == 1);
         assert_eq!(m.live_ids().count() as u64, m.used_mmu_pages());
+        ok(&m);
+    }
+
+    #[test]
+    fn faults_back_off_during_an_invalidation() {
+        let (mut m, v) = setup(12);
+        m.invalidate.begin();
+        assert_eq!(
+            m.access(v, 0x40_0000, Access::empty()).unwrap(),
+            AccessOutcome::Retry
+        );
+        assert_eq!(m.rmap_entries(0x100, 1).unwrap().len(), 0);
+        ok(&m);
+        m.invalidate.end();
+        assert_eq!(
+            m.access(v, 0x40_0000, Access::empty()).unwrap(),
+            AccessOutcome::Fixed(Gpa(0x10_0000))
+        );
         ok(&m);
     }
 

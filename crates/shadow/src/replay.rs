@@ -310,6 +310,9 @@ impl ShadowReplayer {
                 Ok(g.0)
             }
             AccessOutcome::Fault(pf) => Err(u64::from(pf.error_code.bits())),
+            AccessOutcome::Retry => {
+                return self.fail(w.line, "shadow access", "a result".into(), "retry".into())
+            }
         };
         // Rule 4: compare.
         let race = w.ad.iter().any(|a| a.new.is_none());

@@ -21,7 +21,7 @@ use revmap_host::lifecycle::{self, MemslotArch, MemslotChange};
 use revmap_host::slots::SlotSet;
 use revmap_host::{HostMmu, Memslot, MemslotError, MemslotFlags, Memslots, SlotView};
 use revmap_rmap::pte_list::DescCache;
-use revmap_rmap::sync::{read, write, RwLock};
+use revmap_rmap::sync::{read, write, yield_now, RwLock};
 use revmap_rmap::{Gfn, Hva, SlotId, PAGE_SHIFT};
 
 /// A VM on the shadow MMU.
@@ -65,17 +65,26 @@ impl ShadowVm {
     /// A shadow hit is served under the read lock (the hardware's walk of the shadow
     /// table); a miss tops up the rmap descriptor cache *before* taking `mmu_lock` for
     /// write (`mmu_topup_memory_caches`), then faults.
+    ///
+    /// A fault that must back off ([`AccessOutcome::Retry`], e.g. during an
+    /// MMU-notifier invalidation) drops the lock, yields and re-executes, as the guest
+    /// would.
     pub fn access(&self, v: usize, gva: u64, access: Access) -> Result<AccessOutcome, ShadowError> {
-        let pool = {
-            let m = read(&self.mmu_lock);
-            if let Some(gpa) = m.translate(v, gva, access)? {
-                return Ok(AccessOutcome::Hit(gpa));
+        loop {
+            let pool = {
+                let m = read(&self.mmu_lock);
+                if let Some(gpa) = m.translate(v, gva, access)? {
+                    return Ok(AccessOutcome::Hit(gpa));
+                }
+                m.pool_arc()
+            };
+            let mut cache = DescCache::new(&pool);
+            cache.reserve(FAULT_DESC_TOPUP)?;
+            match self.with_mmu(|m| m.access_with_cache(&mut cache, v, gva, access))? {
+                AccessOutcome::Retry => yield_now(),
+                o => return Ok(o),
             }
-            m.pool_arc()
-        };
-        let mut cache = DescCache::new(&pool);
-        cache.reserve(FAULT_DESC_TOPUP)?;
-        self.with_mmu(|m| m.access_with_cache(&mut cache, v, gva, access))
+        }
     }
 
     /// A guest 8-byte store, routed by the SPTEs (see [`ShadowMmu::guest_store`]).
@@ -357,6 +366,25 @@ mod tests {
         for h in hs {
             h.join().unwrap();
         }
+        vm.check().unwrap();
+    }
+
+    #[test]
+    fn fault_waits_out_an_open_invalidation() {
+        let (vm, v) = vm();
+        let vm = Arc::new(vm);
+        vm.invalidate_range_start(Hva(HVA + 0x105000), Hva(HVA + 0x106000));
+        let t = {
+            let vm = vm.clone();
+            thread::spawn(move || vm.access(v, 0x5000, Access::empty()).unwrap())
+        };
+        // While the invalidation is open nothing maps the page.
+        for _ in 0..100 {
+            assert!(vm.with_mmu_read(|m| m.rmap_entries(0x105, 1).unwrap().is_empty()));
+            yield_now();
+        }
+        vm.invalidate_range_end(Hva(HVA + 0x105000), Hva(HVA + 0x106000));
+        assert!(matches!(t.join().unwrap(), AccessOutcome::Fixed(g) if g.0 == 0x105000));
         vm.check().unwrap();
     }
 

@@ -163,6 +163,7 @@ fn run(ops: Vec<Op>, backing: u32, max_pages: Option<u64>) -> Result<(), TestCas
                             Ok(g)
                         }
                         AccessOutcome::Fault(pf) => Err(pf.error_code),
+                        AccessOutcome::Retry => return Err("retry without an invalidation".into()),
                     };
                     let want = want.outcome.map(|t| t.gpa).map_err(|pf| pf.error_code);
                     if got != want {
