@@ -1402,6 +1402,20 @@ impl ShadowMmu {
         Ok(())
     }
 
+    /// MOV CR3 without PCIDs (every load flushes): switch roots if the table changed
+    /// (`kvm_mmu_new_pgd`), then sync the current root (`kvm_invalidate_pcid` ->
+    /// KVM_REQ_MMU_SYNC), also when the value is unchanged.
+    pub fn load_cr3(&mut self, v: usize, cr3: u64) -> Result<(), ShadowError> {
+        let mut mode = self.vcpus.get(v).ok_or(ShadowError::NoVcpu(v))?.mode;
+        let same = mode.cr3 & PT64_ADDR_MASK == cr3 & PT64_ADDR_MASK;
+        mode.cr3 = cr3;
+        self.set_mode(v, mode)?;
+        if same {
+            self.sync_roots(v)?;
+        }
+        Ok(())
+    }
+
     fn new_pgd(&mut self, v: usize, old_pgd: u64) -> Result<(), ShadowError> {
         let mode = self.vcpus[v].mode;
         let pgd = mode.cr3 & PT64_ADDR_MASK;
@@ -1467,6 +1481,34 @@ impl ShadowMmu {
         }
         self.vcpus[v].prev_roots = keep;
         Ok(())
+    }
+
+    /// Invariant 20's measure: unsync pages reachable from vCPU `v`'s current root, and
+    /// cached previous roots with unsync descendants.
+    pub fn unsync_reachable(&self, v: usize) -> Result<(usize, usize), ShadowError> {
+        let vc = self.vcpus.get(v).ok_or(ShadowError::NoVcpu(v))?;
+        let mut n = 0;
+        let mut stack: Vec<SpId> = vc.root.into_iter().collect();
+        let mut seen = std::collections::HashSet::new();
+        while let Some(id) = stack.pop() {
+            if !seen.insert(id) {
+                continue;
+            }
+            let sp = self.sp_ok(id)?;
+            n += usize::from(sp.unsync);
+            for i in 0..SPTES_PER_PAGE {
+                let s = sp.spte(i);
+                if s.is_shadow_present() && !sp.is_level_leaf(i) {
+                    stack.push(SpId(s.pfn() as u32));
+                }
+            }
+        }
+        let prev = vc
+            .prev_roots
+            .iter()
+            .filter(|(_, r)| self.sp(*r).is_some_and(|s| s.unsync_children > 0))
+            .count();
+        Ok((n, prev))
     }
 
     /// `kvm_mmu_invlpg`: on the current and previous roots, resync the one leaf SPTE of

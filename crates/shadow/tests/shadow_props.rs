@@ -189,12 +189,22 @@ fn run(ops: Vec<Op>, backing: u32, max_pages: Option<u64>) -> Result<(), TestCas
                 }
                 Op::Cr3 { cpu, table } => {
                     let v = cpus[cpu];
-                    let mut mode = m.vcpus()[v].mode;
-                    mode.cr3 = table << 12;
-                    m.set_mode(v, mode).map_err(|e| e.to_string())?;
+                    m.load_cr3(v, table << 12).map_err(|e| e.to_string())?;
+                    // A CR3 load without PCID syncs the new root.
+                    let (u, _) = m.unsync_reachable(v).map_err(|e| e.to_string())?;
+                    if u != 0 {
+                        return Err(format!("after a CR3 load: {u} unsync reachable"));
+                    }
                 }
                 Op::Invlpg { cpu, va } => m.invlpg(cpus[cpu], va).map_err(|e| e.to_string())?,
-                Op::Flush { cpu } => m.flush_tlb_guest(cpus[cpu]).map_err(|e| e.to_string())?,
+                Op::Flush { cpu } => {
+                    m.flush_tlb_guest(cpus[cpu]).map_err(|e| e.to_string())?;
+                    // Invariant 20: nothing reachable is unsync, no unsync prev_root.
+                    let u = m.unsync_reachable(cpus[cpu]).map_err(|e| e.to_string())?;
+                    if u != (0, 0) {
+                        return Err(format!("after a guest TLB flush: {u:?} unsync"));
+                    }
+                }
                 Op::Mode { cpu, wp, nxe } => {
                     let v = cpus[cpu];
                     let mut mode = m.vcpus()[v].mode;
