@@ -1,6 +1,15 @@
 //! The x86 shadow MMU (KVM's `arch/x86/kvm/mmu` with `pte_list` reverse maps).
 //!
-//! This crate holds, so far, the parts the shadow MMU stands on:
+//! The shadow MMU itself:
+//! * [`mmu`]: shadow pages over `pte_list` rmaps (role + gfn hash, roots and
+//!   prev_roots, generations), the shadow page fault, write protection and write
+//!   tracking of guest page tables, unsync/resync, emulated writes, zapping and
+//!   eviction, the host-side walkers, and the section-8 invariant checker;
+//! * [`vm`]: [`vm::ShadowVm`], the shadow MMU on the shared host layer (published
+//!   memslots, lifecycle hooks, `mmu_lock`, the `HostMmu` trait);
+//! * [`replay`]: real x86 walk traces replayed through the shadow MMU.
+//!
+//! And the parts it stands on:
 //! * [`paging`]: the guest paging model, a pure reference walker over guest-physical
 //!   memory for every x86 paging mode, with every permission rule, reserved bits by
 //!   MAXPHYADDR, atomic A/D setting and the hardware #PF error code;
@@ -26,7 +35,10 @@
 #![warn(missing_docs)]
 
 pub mod access_test;
+pub mod mmu;
 pub mod paging;
+pub mod replay;
 pub mod role;
+pub mod vm;
 pub mod walk_check;
 pub mod write_track;

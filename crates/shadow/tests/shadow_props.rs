@@ -1,0 +1,288 @@
+//! A proptest state machine over the shadow MMU: random guest page-table stores,
+//! accesses, CR3 switches, INVLPG, guest TLB flushes, mode changes, and host unmap,
+//! aging and dirty logging. After every step the section-8 invariant checker must pass,
+//! and every access (re-validated as the replay rules do, by an INVLPG first) must give
+//! what the pure reference walker gives on the same guest memory: the same address or
+//! the same #PF error code, and the same A/D bits left in the guest tables.
+
+use proptest::prelude::*;
+use revmap_host::{Memslot, MemslotFlags};
+use revmap_rmap::{Gfn, Hva, SlotId};
+use revmap_shadow::mmu::{AccessOutcome, ShadowMmu};
+use revmap_shadow::paging::{
+    walk, Access, CpuMode, Gpa, GuestPhysMemory, Gva, MemoryError, SparseMemory, CR0_WP, EFER_NXE,
+    PT64_NX, PT_ACCESSED, PT_DIRTY, PT_PAGE_SIZE, PT_PRESENT, PT_USER, PT_WRITABLE,
+};
+
+const SLOT_PAGES: u64 = 4096;
+const TABLES: u64 = 12; // guest tables live in frames 1..=TABLES
+const IDX: u64 = 3; // entries 0..IDX of each table are used
+
+/// The reference walker's view: the slot's frames only.
+struct Limited<'a>(&'a mut SparseMemory);
+
+impl GuestPhysMemory for Limited<'_> {
+    fn read_u64(&self, gpa: Gpa) -> Result<u64, MemoryError> {
+        if gpa.gfn() >= SLOT_PAGES {
+            return Err(MemoryError::Unbacked(gpa.0));
+        }
+        self.0.read_u64(gpa)
+    }
+    fn read_u32(&self, gpa: Gpa) -> Result<u32, MemoryError> {
+        if gpa.gfn() >= SLOT_PAGES {
+            return Err(MemoryError::Unbacked(gpa.0));
+        }
+        self.0.read_u32(gpa)
+    }
+    fn cmpxchg_u64(&mut self, g: Gpa, o: u64, n: u64) -> Result<Result<(), u64>, MemoryError> {
+        self.0.cmpxchg_u64(g, o, n)
+    }
+    fn cmpxchg_u32(&mut self, g: Gpa, o: u32, n: u32) -> Result<Result<(), u32>, MemoryError> {
+        self.0.cmpxchg_u32(g, o, n)
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Store { table: u64, idx: u64, val: u64 },
+    Access { cpu: usize, va: u64, acc: u8 },
+    Cr3 { cpu: usize, table: u64 },
+    Invlpg { cpu: usize, va: u64 },
+    Flush { cpu: usize },
+    Mode { cpu: usize, wp: bool, nxe: bool },
+    Unmap { gfn: u64, n: u64 },
+    Age { gfn: u64, n: u64 },
+    DirtyLog { on: bool },
+    GetDirty,
+}
+
+fn entry() -> impl Strategy<Value = u64> {
+    let flags = prop_oneof![
+        3 => Just(PT_PRESENT | PT_WRITABLE | PT_USER | PT_ACCESSED | PT_DIRTY),
+        1 => (any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>())
+            .prop_map(|(w, u, a, d, nx, p)| {
+                let mut f = 0;
+                if p { f |= PT_PRESENT }
+                if w { f |= PT_WRITABLE }
+                if u { f |= PT_USER }
+                if a { f |= PT_ACCESSED }
+                if d { f |= PT_DIRTY }
+                if nx { f |= PT64_NX }
+                f
+            }),
+    ];
+    let target = prop_oneof![
+        4 => (1..=TABLES).prop_map(|f| f << 12),
+        2 => (0x100u64..0x110).prop_map(|f| f << 12),
+        1 => prop_oneof![Just(0x20_0000u64), Just(0x40_0000), Just(0x60_0000)]
+            .prop_map(|a| a | PT_PAGE_SIZE),
+        1 => Just(0u64),
+    ];
+    (flags, target).prop_map(|(f, t)| f | t)
+}
+
+fn va() -> impl Strategy<Value = u64> {
+    (0..IDX, 0..IDX, 0..IDX, 0..IDX, 0u64..4096)
+        .prop_map(|(a, b, c, d, o)| (a << 39) | (b << 30) | (c << 21) | (d << 12) | (o & !7))
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (1..=TABLES, 0..IDX, entry()).prop_map(|(table, idx, val)| Op::Store { table, idx, val }),
+        10 => (0..2usize, va(), 0u8..6).prop_map(|(cpu, va, acc)| Op::Access { cpu, va, acc }),
+        2 => (0..2usize, 1..=4u64).prop_map(|(cpu, table)| Op::Cr3 { cpu, table }),
+        2 => (0..2usize, va()).prop_map(|(cpu, va)| Op::Invlpg { cpu, va }),
+        1 => (0..2usize).prop_map(|cpu| Op::Flush { cpu }),
+        1 => (0..2usize, any::<bool>(), any::<bool>()).prop_map(|(cpu, wp, nxe)| Op::Mode { cpu, wp, nxe }),
+        1 => (0u64..SLOT_PAGES, 1u64..600).prop_map(|(gfn, n)| Op::Unmap { gfn, n }),
+        1 => (0u64..SLOT_PAGES, 1u64..600).prop_map(|(gfn, n)| Op::Age { gfn, n }),
+        1 => any::<bool>().prop_map(|on| Op::DirtyLog { on }),
+        1 => Just(Op::GetDirty),
+    ]
+}
+
+fn access_of(a: u8) -> Access {
+    let mut x = Access::empty();
+    match a % 3 {
+        1 => x |= Access::WRITE,
+        2 => x |= Access::FETCH,
+        _ => {}
+    }
+    if a >= 3 {
+        x |= Access::USER;
+    }
+    x
+}
+
+fn run(ops: Vec<Op>, backing: u32, max_pages: Option<u64>) -> Result<(), TestCaseError> {
+    let mut m = ShadowMmu::new();
+    let slot = Memslot::new(
+        SlotId(0),
+        Gfn(0),
+        SLOT_PAGES,
+        backing,
+        MemslotFlags::empty(),
+        Hva(0x7f00_0000_0000),
+    )
+    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    m.add_memslot(slot)
+        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    m.set_max_mmu_pages(max_pages);
+    // A minimal valid path for va 0: 1 -> 2 -> 3 -> 4 -> data.
+    let full = PT_PRESENT | PT_WRITABLE | PT_USER | PT_ACCESSED | PT_DIRTY;
+    for (t, v) in [(1u64, 0x2000u64), (2, 0x3000), (3, 0x4000), (4, 0x10_0000)] {
+        m.mem
+            .write_u64(Gpa(t << 12), v | full)
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    }
+    let c0 = m.add_vcpu(CpuMode::long4(0x1000));
+    let c1 = m.add_vcpu(CpuMode::long4(0x2000));
+    let cpus = [c0, c1];
+    for (step, op) in ops.into_iter().enumerate() {
+        let r: Result<(), String> = (|| {
+            match op.clone() {
+                Op::Store { table, idx, val } => {
+                    m.guest_store((table << 12) + idx * 8, val)
+                        .map_err(|e| e.to_string())?;
+                }
+                Op::Access { cpu, va, acc } => {
+                    let v = cpus[cpu];
+                    let access = access_of(acc);
+                    m.invlpg(v, va).map_err(|e| e.to_string())?;
+                    let mode = m.vcpus()[v].mode;
+                    let mut refmem = m.mem.clone();
+                    let want = walk(&mut Limited(&mut refmem), &mode, Gva(va), access)
+                        .map_err(|e| e.to_string())?;
+                    let got = m.access(v, va, access).map_err(|e| e.to_string())?;
+                    let got = match got {
+                        AccessOutcome::Hit(g)
+                        | AccessOutcome::Fixed(g)
+                        | AccessOutcome::Mmio(g) => Ok(g),
+                        AccessOutcome::WriteProtected(g) => {
+                            m.track_write(g.0 & !7, 8).map_err(|e| e.to_string())?;
+                            Ok(g)
+                        }
+                        AccessOutcome::Fault(pf) => Err(pf.error_code),
+                        AccessOutcome::Retry => return Err("retry without an invalidation".into()),
+                    };
+                    let want = want.outcome.map(|t| t.gpa).map_err(|pf| pf.error_code);
+                    if got != want {
+                        return Err(format!(
+                            "access {va:#x} {access:?}: shadow {got:x?}, walker {want:x?}"
+                        ));
+                    }
+                    for t in 1..=TABLES {
+                        for i in 0..IDX {
+                            let g = Gpa((t << 12) + i * 8);
+                            let (a, b) = (
+                                m.mem.read_u64(g).unwrap_or(0),
+                                refmem.read_u64(g).unwrap_or(0),
+                            );
+                            if a != b {
+                                return Err(format!(
+                                    "entry {:#x}: shadow {a:#x}, walker {b:#x}",
+                                    g.0
+                                ));
+                            }
+                        }
+                    }
+                }
+                Op::Cr3 { cpu, table } => {
+                    let v = cpus[cpu];
+                    m.load_cr3(v, table << 12).map_err(|e| e.to_string())?;
+                    // A CR3 load without PCID syncs the new root.
+                    let (u, _) = m.unsync_reachable(v).map_err(|e| e.to_string())?;
+                    if u != 0 {
+                        return Err(format!("after a CR3 load: {u} unsync reachable"));
+                    }
+                }
+                Op::Invlpg { cpu, va } => m.invlpg(cpus[cpu], va).map_err(|e| e.to_string())?,
+                Op::Flush { cpu } => {
+                    m.flush_tlb_guest(cpus[cpu]).map_err(|e| e.to_string())?;
+                    // Invariant 20: nothing reachable is unsync, no unsync prev_root.
+                    let u = m.unsync_reachable(cpus[cpu]).map_err(|e| e.to_string())?;
+                    if u != (0, 0) {
+                        return Err(format!("after a guest TLB flush: {u:?} unsync"));
+                    }
+                }
+                Op::Mode { cpu, wp, nxe } => {
+                    let v = cpus[cpu];
+                    let mut mode = m.vcpus()[v].mode;
+                    mode.cr0 = if wp {
+                        mode.cr0 | CR0_WP
+                    } else {
+                        mode.cr0 & !CR0_WP
+                    };
+                    mode.efer = if nxe {
+                        mode.efer | EFER_NXE
+                    } else {
+                        mode.efer & !EFER_NXE
+                    };
+                    m.set_mode(v, mode).map_err(|e| e.to_string())?;
+                }
+                Op::Unmap { gfn, n } => {
+                    // The host takes whole host pages away: round to the backing size.
+                    let frames = 1u64 << (backing - 12);
+                    let gfn = gfn & !(frames - 1);
+                    let end = (gfn + n).next_multiple_of(frames).min(SLOT_PAGES);
+                    m.invalidate.begin();
+                    m.unmap_gfn_range(SlotId(0), gfn, end)
+                        .map_err(|e| e.to_string())?;
+                    let slot = m.memslots().next().cloned().ok_or("no slot")?;
+                    for g in gfn..end {
+                        slot.set_host_present(Gfn(g), false);
+                    }
+                    m.invalidate.end();
+                }
+                Op::Age { gfn, n } => {
+                    let end = (gfn + n).min(SLOT_PAGES);
+                    let young = m.test_age_gfn(SlotId(0), gfn, end);
+                    if m.age_gfn(SlotId(0), gfn, end) != young {
+                        return Err("age_gfn disagrees with test_age_gfn".into());
+                    }
+                    if m.test_age_gfn(SlotId(0), gfn, end) {
+                        return Err("still young after aging".into());
+                    }
+                }
+                Op::DirtyLog { on } => {
+                    let slot = m.memslots().next().cloned().ok_or("no slot")?;
+                    let flags = if on {
+                        MemslotFlags::LOG_DIRTY_PAGES
+                    } else {
+                        MemslotFlags::empty()
+                    };
+                    m.update_memslot(slot.with_flags(flags));
+                    if on {
+                        m.slot_remove_write_access(SlotId(0))
+                            .map_err(|e| e.to_string())?;
+                    }
+                }
+                Op::GetDirty => {
+                    m.get_dirty_log(SlotId(0)).map_err(|e| e.to_string())?;
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = r {
+            return Err(TestCaseError::fail(format!("step {step} {op:?}: {e}")));
+        }
+        if let Err(v) = m.check() {
+            return Err(TestCaseError::fail(format!("step {step} {op:?}: {v}")));
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    #[test]
+    fn shadow_mmu_state_machine_4k_backing(ops in proptest::collection::vec(op(), 1..120)) {
+        run(ops, 12, None)?;
+    }
+
+    #[test]
+    fn shadow_mmu_state_machine_2m_backing_tight_limit(ops in proptest::collection::vec(op(), 1..120)) {
+        run(ops, 21, Some(8))?;
+    }
+}
