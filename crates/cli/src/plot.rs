@@ -23,6 +23,17 @@ const FONT_PATHS: &[&str] = &[
     "C:\\Windows\\Fonts\\arial.ttf",
 ];
 
+/// Curve colours, told apart on white (plotters' palette has a pale yellow).
+const COLOURS: [RGBColor; 7] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(148, 103, 189),
+    RGBColor(255, 127, 14),
+    RGBColor(23, 190, 207),
+    RGBColor(0, 0, 0),
+];
+
 const W: u32 = 900;
 const H: u32 = 540;
 
@@ -132,7 +143,7 @@ where
         .y_label_formatter(&|v| format!("{v:.0}"))
         .draw()?;
     for (i, (kind, pts)) in curves.iter().enumerate() {
-        let c = Palette99::pick(i).to_rgba();
+        let c = COLOURS.get(i % COLOURS.len()).copied().unwrap_or(BLACK);
         let p = r.latency_ns.get(kind).copied().unwrap_or_default();
         ch.draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2)))?
             .label(format!(
@@ -193,6 +204,13 @@ where
             .baseline(0.5)
             .data(h.iter().map(|(&len, &n)| (len, n as f64))),
     )?;
+    if h.is_empty() {
+        root.draw(&Text::new(
+            "no HPTE mapped guest memory at the end of the run",
+            (W as i32 / 3, H as i32 / 2),
+            ("sans-serif", 20).into_font(),
+        ))?;
+    }
     Ok(())
 }
 

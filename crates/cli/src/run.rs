@@ -392,8 +392,10 @@ mod tests {
 
     #[test]
     fn a_guest_too_big_for_the_host_is_refused_before_allocating() {
+        // QEMU's HPT order for 1 TiB (33: an 8 GiB HPT, as much again for the revmap).
         let mut sc = Scenario::default();
         sc.guest.ram_mib = 1 << 20;
+        sc.guest.hpt_order = 0;
         let avail = available_memory().expect("/proc/meminfo on Linux");
         assert!(sc.estimated_host_bytes() > avail, "a 1 TiB guest's tables");
         let e = check_memory(&sc).unwrap_err();

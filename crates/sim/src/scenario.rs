@@ -57,12 +57,15 @@ pub struct GuestSpec {
 }
 
 impl Default for GuestSpec {
+    /// A 4 GiB guest on 64 KiB host pages (a POWER host's base page) with a deliberately
+    /// small HPT (order 20, 1 MiB, where QEMU would give 4 GiB order 25) so that HPTE
+    /// groups fill and the guest evicts, as a guest under HPT pressure does.
     fn default() -> Self {
         Self {
             ram_mib: 4096,
             vcpus: 2,
-            hpt_order: 0,
-            backing_page_shift: 24,
+            hpt_order: 20,
+            backing_page_shift: 16,
         }
     }
 }
@@ -165,7 +168,12 @@ impl Default for Scenario {
             stop_after_hcalls: 0,
             check_interval_ms: 5000,
             guest: GuestSpec::default(),
-            workload: WorkloadConfig::default(),
+            // More processes than the calibration workload's 16 per vCPU, so that enough
+            // pages are mapped at once to fill the small default HPT.
+            workload: WorkloadConfig {
+                max_processes: 64,
+                ..WorkloadConfig::default()
+            },
             host: HostSpec::default(),
             resize: vec![
                 ResizeStep {
@@ -391,7 +399,15 @@ mod tests {
         s.validate().unwrap();
         let text = toml::to_string(&s).unwrap();
         assert_eq!(Scenario::from_toml(&text).unwrap(), s);
-        assert_eq!(s.hpt_order(), 25, "QEMU's default for 4 GiB");
+        assert_eq!(s.hpt_order(), 20, "the default's deliberately small HPT");
+        let qemu = Scenario {
+            guest: GuestSpec {
+                hpt_order: 0,
+                ..s.guest
+            },
+            ..s.clone()
+        };
+        assert_eq!(qemu.hpt_order(), 25, "QEMU's default for 4 GiB");
     }
 
     #[test]
