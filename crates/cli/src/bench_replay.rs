@@ -94,6 +94,9 @@ fn traces_dir() -> Result<PathBuf> {
         }
         bail!("REVMAP_TRACES={}: no *.gz trace there", d.display());
     }
+    if has_traces(Path::new("traces")) {
+        return Ok(PathBuf::from("traces"));
+    }
     let starts = [
         std::env::current_dir().ok(),
         std::env::current_exe()
