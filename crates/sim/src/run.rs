@@ -849,17 +849,22 @@ pub fn si_ns(ns: u64) -> String {
     }
 }
 
-/// A byte count in KiB/MiB/GiB with three significant digits.
+/// A byte count in KiB/MiB/GiB: exact when a whole number of the unit, else three
+/// significant digits.
 fn si_bytes(b: u64) -> String {
-    let v = b as f64;
-    if b < 1 << 10 {
-        format!("{b} B")
+    let (unit, name) = if b < 1 << 10 {
+        return format!("{b} B");
     } else if b < 1 << 20 {
-        format!("{} KiB", sig3(v / 1024.0))
+        (1u64 << 10, "KiB")
     } else if b < 1 << 30 {
-        format!("{} MiB", sig3(v / 1048576.0))
+        (1 << 20, "MiB")
     } else {
-        format!("{} GiB", sig3(v / 1073741824.0))
+        (1 << 30, "GiB")
+    };
+    if b % unit == 0 {
+        format!("{} {name}", b / unit)
+    } else {
+        format!("{} {name}", sig3(b as f64 / unit as f64))
     }
 }
 
@@ -1155,6 +1160,14 @@ mod tests {
         assert_eq!(si_ns(4_560_000), "4.56 ms");
         assert_eq!(si_ns(10_000_000), "10.0 ms");
         assert_eq!(si_ns(1_200_000_000), "1.20 s");
+    }
+
+    #[test]
+    fn si_bytes_is_exact_for_whole_units() {
+        assert_eq!(si_bytes(64 << 10), "64 KiB");
+        assert_eq!(si_bytes(16 << 20), "16 MiB");
+        assert_eq!(si_bytes(2_621_440 + 1), "2.50 MiB");
+        assert_eq!(si_bytes(512), "512 B");
     }
 
     #[test]
