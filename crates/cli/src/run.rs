@@ -116,7 +116,9 @@ fn load(args: &RunArgs) -> Result<Scenario, String> {
         None => Scenario::default(),
     };
     if let Some(d) = args.duration {
+        // A duration on the command line wins over a scenario's hypercall count.
         sc.duration_secs = d;
+        sc.stop_after_hcalls = 0;
     }
     if let Some(n) = args.hcalls {
         sc.stop_after_hcalls = n;
