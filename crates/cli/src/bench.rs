@@ -2,7 +2,8 @@
 //! `--json`, one JSON object per row on its own line.
 //!
 //! Subcommands: `rmap` ([`crate::bench_rmap`]), `replay` ([`crate::bench_replay`]),
-//! `host` ([`crate::bench_host`]), `resize` ([`crate::bench_resize`]).
+//! `host` ([`crate::bench_host`]), `resize` ([`crate::bench_resize`]). Each prints a
+//! title line and an aligned table ([`print_rows`]), or JSON lines.
 //!
 //! Invariants: every figure is the median over repeated timed batches
 //! (`std::time::Instant`, results through `black_box`); `--quick` only shrinks sizes and
@@ -43,17 +44,17 @@ enum BenchCommand {
     /// unmap_gfn_range and dirty-log harvest against a raw sequential scan.
     Host(crate::bench_host::HostArgs),
     /// The HPT resize commit pause (vCPUs stopped to running), stop-the-world vs pre-copy,
-    /// for HPT orders 20..=26.
+    /// for HPT orders 20..=26 (median of 3 commits per order and mode).
     Resize(crate::bench_resize::ResizeArgs),
 }
 
 /// Runs `revmap bench`.
 pub fn run(args: &BenchArgs) -> ExitCode {
-    let res = match &args.which {
-        BenchCommand::Rmap(a) => crate::bench_rmap::run(a),
-        BenchCommand::Replay(a) => crate::bench_replay::run(a),
-        BenchCommand::Host(a) => crate::bench_host::run(a),
-        BenchCommand::Resize(a) => return crate::bench_resize::resize(a),
+    let (name, res) = match &args.which {
+        BenchCommand::Rmap(a) => ("rmap", crate::bench_rmap::run(a)),
+        BenchCommand::Replay(a) => ("replay", crate::bench_replay::run(a)),
+        BenchCommand::Host(a) => ("host", crate::bench_host::run(a)),
+        BenchCommand::Resize(a) => ("resize", crate::bench_resize::run(a)),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -65,7 +66,7 @@ pub fn run(args: &BenchArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("revmap bench: {e:#}");
+            eprintln!("revmap bench {name}: error: {e:#}");
             ExitCode::from(2)
         }
     }

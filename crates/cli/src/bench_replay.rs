@@ -8,8 +8,10 @@
 //! `hcalls_per_s_median` is the median over the runs. A replay that mismatches or
 //! finds an invariant violation is an error, not a figure.
 //!
-//! With no FILE the vendored `traces/*.gz` are used, looked up in `./traces` and then
-//! at the repository root the binary was built from.
+//! With no FILE the vendored `traces/*.gz` are used: `$REVMAP_TRACES` if set, else the
+//! first `traces/` directory holding `*.gz` files found in the current directory or one
+//! of its parents, or beside the `revmap` binary or one of its parents (so a binary
+//! under `target/` finds the repository's; nothing is baked in at compile time).
 
 use crate::backend::{make_vm, FlavourArg};
 use crate::bench::{median, print_rows, Common, Row};
@@ -76,21 +78,42 @@ impl Row for ReplayRow {
     }
 }
 
-/// The vendored traces directory: `./traces`, else the repository's.
+/// Whether `dir` holds a `*.gz` file.
+fn has_traces(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|mut it| {
+        it.any(|e| e.is_ok_and(|e| e.path().extension().is_some_and(|x| x == "gz")))
+    })
+}
+
+/// The vendored traces directory (module docs).
 fn traces_dir() -> Result<PathBuf> {
-    let candidates = [
-        PathBuf::from("traces"),
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../traces"),
+    if let Some(d) = std::env::var_os("REVMAP_TRACES") {
+        let d = PathBuf::from(d);
+        if has_traces(&d) {
+            return Ok(d);
+        }
+        bail!("REVMAP_TRACES={}: no *.gz trace there", d.display());
+    }
+    if has_traces(Path::new("traces")) {
+        return Ok(PathBuf::from("traces"));
+    }
+    let starts = [
+        std::env::current_dir().ok(),
+        std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(Path::to_path_buf)),
     ];
-    for c in &candidates {
-        if c.is_dir() {
-            return Ok(c.clone());
+    for start in starts.iter().flatten() {
+        for dir in start.ancestors() {
+            let c = dir.join("traces");
+            if has_traces(&c) {
+                return Ok(c);
+            }
         }
     }
     bail!(
-        "no FILE given and no traces directory found (looked in ./traces and {}); \
-         run from the repository root or name trace files",
-        candidates[1].display()
+        "no FILE given and no traces/ directory with *.gz files in the current directory, \
+         beside the revmap binary or in their parents; name trace files or set REVMAP_TRACES"
     )
 }
 
@@ -122,9 +145,10 @@ fn read_text(path: &Path) -> Result<Vec<u8>> {
     }
 }
 
+/// Parses `text`; errors already name the file (and line).
 fn parse(text: &[u8], name: &str) -> Result<PreparsedTrace> {
     let mut reader = TraceReader::new(text, name);
-    PreparsedTrace::from_reader(&mut reader).with_context(|| format!("parsing {name}"))
+    Ok(PreparsedTrace::from_reader(&mut reader)?)
 }
 
 fn bench_file(
@@ -157,7 +181,9 @@ fn bench_file(
     for &flavour in flavours {
         let mut rates = Vec::new();
         for _ in 0..runs {
-            let vm = trace.make_vm(|spec| make_vm(flavour, spec))?;
+            let vm = trace
+                .make_vm(|spec| make_vm(flavour, spec))
+                .with_context(|| format!("{name}: cannot create the VM"))?;
             let rep = replay_preparsed(&trace, &vm, &ReplayOptions::default());
             if !rep.passed() {
                 bail!(

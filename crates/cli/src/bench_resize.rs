@@ -1,30 +1,35 @@
-//! `revmap bench resize [--json]`: the HPT resize commit pause, stop-the-world vs
-//! pre-copy, for HPT orders 20..=26 (see `revmap_testkit::resize`).
+//! `revmap bench resize [--json] [--quick]`: the HPT resize commit pause,
+//! stop-the-world vs pre-copy, for HPT orders 20..=26 (20..=22 with `--quick`), the
+//! median of 3 commits per order and mode (1 with `--quick`); see
+//! `revmap_testkit::resize`.
 //!
-//! Invariants: bad arguments are clap errors (exit 2); a failed measurement prints a
-//! message and exits 2; `--json` prints one JSON object per line with `order`,
+//! Invariants: bad arguments are clap errors (exit 2); a failed measurement is an error
+//! (exit 2); `--json` prints one JSON object per line with `order`,
 //! `stop_the_world_pause_us`, `precopy_pause_us` and `ratio` (plus context fields).
 
+use crate::bench::{print_rows, Common, Row};
+use anyhow::{bail, Result};
 use clap::Args;
 use revmap_hpt::Flavour;
 use revmap_testkit::resize::{run_resize_bench, ResizeBenchConfig, ResizeBenchRow};
-use std::process::ExitCode;
+use serde::Serialize;
 
 /// Options of `revmap bench resize`.
 #[derive(Debug, Args)]
 pub struct ResizeArgs {
-    /// One JSON object per order instead of a table.
-    #[arg(long)]
-    json: bool,
-    /// Smallest HPT order measured (grows to order + 1).
-    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(18..=35))]
-    min_order: u32,
-    /// Largest HPT order measured.
-    #[arg(long, default_value_t = 26, value_parser = clap::value_parser!(u32).range(18..=35))]
-    max_order: u32,
-    /// Commits per order and mode (median reported).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=100))]
-    repeats: u64,
+    #[command(flatten)]
+    common: Common,
+    /// Smallest HPT order measured (grows to order + 1) [default: 20; 20 with --quick].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(18..=35))]
+    min_order: Option<u32>,
+    /// Largest HPT order measured [default: 26; 22 with --quick].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(18..=35))]
+    max_order: Option<u32>,
+    /// Commits per order and mode; the median is reported (one commit is noisy: a
+    /// single slow commit can swing the ratio several-fold) [default: 3; 1 with
+    /// --quick].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=100))]
+    repeats: Option<u64>,
     /// Percent of HPTE slots filled before PREPARE.
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=100))]
     occupancy: u64,
@@ -39,30 +44,72 @@ pub struct ResizeArgs {
     flavour: String,
 }
 
-fn json_row(r: &ResizeBenchRow) -> serde_json::Value {
-    serde_json::json!({
-        "order": r.order,
-        "stop_the_world_pause_us": r.stop_the_world_pause_us,
-        "precopy_pause_us": r.precopy_pause_us,
-        "ratio": r.ratio,
-        "entries": r.entries,
-        "bolted": r.bolted,
-        "vcpu_hcalls_during_precopy": r.vcpu_hcalls_during_precopy,
-    })
+/// One result row (the JSON keys are the field names).
+#[derive(Debug, Serialize)]
+struct ResizeRow {
+    order: u32,
+    stop_the_world_pause_us: f64,
+    precopy_pause_us: f64,
+    ratio: f64,
+    entries: u64,
+    bolted: u64,
+    vcpu_hcalls_during_precopy: u64,
+    repeats: u64,
+}
+
+impl ResizeRow {
+    fn new(r: &ResizeBenchRow, repeats: u64) -> Self {
+        Self {
+            order: r.order,
+            stop_the_world_pause_us: r.stop_the_world_pause_us,
+            precopy_pause_us: r.precopy_pause_us,
+            ratio: r.ratio,
+            entries: r.entries,
+            bolted: r.bolted,
+            vcpu_hcalls_during_precopy: r.vcpu_hcalls_during_precopy,
+            repeats,
+        }
+    }
+}
+
+impl Row for ResizeRow {
+    const HEADERS: &'static [&'static str] = &[
+        "order",
+        "entries",
+        "bolted",
+        "stop-the-world pause (us)",
+        "pre-copy pause (us)",
+        "ratio",
+        "vCPU hcalls during pre-copy",
+    ];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.order.to_string(),
+            self.entries.to_string(),
+            self.bolted.to_string(),
+            format!("{:.1}", self.stop_the_world_pause_us),
+            format!("{:.1}", self.precopy_pause_us),
+            format!("{:.1}", self.ratio),
+            self.vcpu_hcalls_during_precopy.to_string(),
+        ]
+    }
 }
 
 /// Runs `revmap bench resize`.
-pub fn resize(a: &ResizeArgs) -> ExitCode {
-    if a.min_order > a.max_order {
-        eprintln!("revmap bench resize: --min-order is above --max-order");
-        return ExitCode::from(2);
+pub fn run(a: &ResizeArgs) -> Result<()> {
+    let quick = a.common.quick;
+    let min_order = a.min_order.unwrap_or(20);
+    let max_order = a.max_order.unwrap_or(if quick { 22 } else { 26 });
+    let repeats = a.repeats.unwrap_or(if quick { 1 } else { 3 });
+    if min_order > max_order {
+        bail!("--min-order {min_order} is above --max-order {max_order}");
     }
     let cfg = ResizeBenchConfig {
-        orders: a.min_order..=a.max_order,
+        orders: min_order..=max_order,
         occupancy_pct: a.occupancy,
         bolted_pct: a.bolted,
         vcpus: a.vcpus as usize,
-        repeats: a.repeats as usize,
+        repeats: repeats as usize,
         flavour: if a.flavour == "qemu" {
             Flavour::Qemu
         } else {
@@ -70,34 +117,20 @@ pub fn resize(a: &ResizeArgs) -> ExitCode {
         },
         ..ResizeBenchConfig::default()
     };
-    if !a.json {
-        println!(
-            "{:>5} {:>10} {:>8} {:>16} {:>12} {:>8}",
-            "order", "entries", "bolted", "stop-world (us)", "pre-copy (us)", "ratio"
-        );
-    }
-    let res = run_resize_bench(&cfg, |r| {
-        if a.json {
-            println!("{}", json_row(r));
-        } else {
-            println!(
-                "{:>5} {:>10} {:>8} {:>16.1} {:>12.1} {:>8.1}",
-                r.order,
-                r.entries,
-                r.bolted,
-                r.stop_the_world_pause_us,
-                r.precopy_pause_us,
-                r.ratio
-            );
-        }
-    });
-    match res {
-        Ok(_) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("revmap bench resize: {e}");
-            ExitCode::from(2)
-        }
-    }
+    let rows: Vec<ResizeRow> = run_resize_bench(&cfg, |_| {})?
+        .iter()
+        .map(|r| ResizeRow::new(r, repeats))
+        .collect();
+    print_rows(
+        &format!(
+            "HPT resize commit pause, vCPUs stopped to running: stop-the-world vs pre-copy \
+             (ratio = stop-the-world / pre-copy; median of {repeats} commit(s) per order and \
+             mode; {}% of the slots filled, {} vCPUs calling)",
+            a.occupancy, a.vcpus
+        ),
+        &rows,
+        a.common.json,
+    )
 }
 
 #[cfg(test)]
@@ -115,7 +148,7 @@ mod tests {
             ratio: 10.0,
             vcpu_hcalls_during_precopy: 5,
         };
-        let v = json_row(&r);
+        let v = serde_json::to_value(ResizeRow::new(&r, 3)).unwrap();
         for k in [
             "order",
             "stop_the_world_pause_us",
@@ -126,5 +159,10 @@ mod tests {
         }
         assert_eq!(v["order"], 24);
         assert_eq!(v["ratio"], 10.0);
+        assert_eq!(v["repeats"], 3);
+        assert_eq!(
+            ResizeRow::new(&r, 3).cells().len(),
+            ResizeRow::HEADERS.len()
+        );
     }
 }

@@ -1,8 +1,9 @@
 //! `revmap`: the command-line front end of the revmap workspace.
 //!
-//! Exit codes: 0 success; 1 a replay found mismatches, invariant violations or an
-//! unsupported record; 2 usage error, unreadable or malformed input, or a subcommand
-//! that is not implemented yet. No input makes it panic.
+//! Exit codes: 0 success; 1 a replay or run found mismatches, invariant violations or
+//! an unsupported record; 2 usage error, unreadable or malformed input, an unwritable
+//! output; 130 a run stopped by SIGINT (its partial report is still printed). No input
+//! makes it panic. Every error message starts `revmap SUBCOMMAND: error: `.
 #![forbid(unsafe_code)]
 
 mod backend;
@@ -33,7 +34,8 @@ enum Command {
     Run(run::RunArgs),
     /// Replay real guest hypercall traces and compare every result.
     Replay(replay::ReplayArgs),
-    /// Run the benchmarks: rmap, replay, host (tables, or JSON lines with --json).
+    /// Run the benchmarks: rmap, replay, host, resize (tables, or JSON lines with
+    /// --json; --quick for short runs).
     Bench(bench::BenchArgs),
 }
 

@@ -1,6 +1,6 @@
 //! `revmap run --plot DIR`: PNG and SVG plots of a run report (plotters): hypercall
-//! latency distribution, rmap ring lengths, dirty pages per migration round, and
-//! throughput over time with the resize points marked.
+//! latency distribution per hypercall type, rmap ring lengths, dirty pages per
+//! migration round, and throughput over time with the resize points marked.
 //!
 //! Invariants: every plot is written as `NAME.svg` (text as SVG text, no font needed)
 //! and `NAME.png` (text rendered with a system TrueType font found at run time; if no
@@ -9,7 +9,7 @@
 
 use plotters::coord::Shift;
 use plotters::prelude::*;
-use revmap_sim::run::RunReport;
+use revmap_sim::run::{si_ns, RunReport};
 use std::path::{Path, PathBuf};
 
 /// Fonts tried for the PNG text, in order.
@@ -21,6 +21,17 @@ const FONT_PATHS: &[&str] = &[
     "/usr/share/fonts/liberation/LiberationSans-Regular.ttf",
     "/System/Library/Fonts/Supplemental/Arial.ttf",
     "C:\\Windows\\Fonts\\arial.ttf",
+];
+
+/// Curve colours, told apart on white (plotters' palette has a pale yellow).
+const COLOURS: [RGBColor; 7] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(148, 103, 189),
+    RGBColor(255, 127, 14),
+    RGBColor(23, 190, 207),
+    RGBColor(0, 0, 0),
 ];
 
 const W: u32 = 900;
@@ -38,6 +49,15 @@ fn register_font() -> bool {
         }
     }
     false
+}
+
+/// Creates `dir` if needed and checks that a file can be written in it (before a run,
+/// so that a run's results are never lost to an unwritable directory).
+pub fn check_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let probe = dir.join(format!(".revmap-write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"")?;
+    std::fs::remove_file(&probe)
 }
 
 /// Writes every plot into `dir` (created if needed). Returns the files written and
@@ -91,44 +111,55 @@ where
     DB::ErrorType: 'static,
 {
     root.fill(&WHITE)?;
-    let pts: Vec<(f64, f64)> = r
-        .latency_buckets
+    let curves: Vec<(&str, Vec<(f64, f64)>)> = r
+        .latency_buckets_by_kind
         .iter()
-        .filter(|(_, c)| *c > 0)
-        .map(|&(v, c)| (v.max(1) as f64, c as f64))
+        .map(|(k, b)| {
+            let pts = b
+                .iter()
+                .filter(|(_, c)| *c > 0)
+                .map(|&(v, c)| (v.max(1) as f64, c as f64))
+                .collect();
+            (*k, pts)
+        })
         .collect();
-    let xmax = pts.iter().map(|p| p.0).fold(10.0, f64::max) * 1.5;
-    let ymax = pts.iter().map(|p| p.1).fold(10.0, f64::max) * 2.0;
+    let all = curves.iter().flat_map(|c| c.1.iter());
+    let xmin = all.clone().map(|p| p.0).fold(f64::MAX, f64::min).min(100.0) / 1.5;
+    let xmax = all.clone().map(|p| p.0).fold(1000.0, f64::max) * 1.5;
+    let ymax = all.map(|p| p.1).fold(10.0, f64::max) * 20.0;
     let mut ch = ChartBuilder::on(root)
-        .caption("Hypercall latency distribution", ("sans-serif", 26))
+        .caption(
+            "Hypercall latency distribution per type",
+            ("sans-serif", 26),
+        )
         .margin(12)
         .x_label_area_size(45)
         .y_label_area_size(70)
-        .build_cartesian_2d((1.0..xmax).log_scale(), (0.5..ymax).log_scale())?;
+        .build_cartesian_2d((xmin.max(1.0)..xmax).log_scale(), (0.5..ymax).log_scale())?;
     ch.configure_mesh()
-        .x_desc("latency (ns, log)")
-        .y_desc("calls per bucket (log)")
-        .x_label_formatter(&|v| format!("{v:.0}"))
+        .x_desc("latency per call (log scale)")
+        .y_desc("calls per bucket (log; buckets 1.25x wide)")
+        .x_label_formatter(&|v| si_ns(v.round() as u64))
         .y_label_formatter(&|v| format!("{v:.0}"))
         .draw()?;
-    ch.draw_series(LineSeries::new(pts.iter().copied(), &BLUE))?;
-    ch.draw_series(pts.iter().map(|&p| Circle::new(p, 2, BLUE.filled())))?;
-    if let Some(p) = r.latency_ns.get("all") {
-        for (q, v, c) in [
-            ("p50", p.p50, GREEN),
-            ("p99", p.p99, RED),
-            ("p99.9", p.p999, MAGENTA),
-        ] {
-            let x = v.max(1) as f64;
-            ch.draw_series(LineSeries::new([(x, 0.5), (x, ymax)], c.stroke_width(1)))?
-                .label(format!("{q} = {v} ns"))
-                .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], c));
-        }
-        ch.configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()?;
+    for (i, (kind, pts)) in curves.iter().enumerate() {
+        let c = COLOURS.get(i % COLOURS.len()).copied().unwrap_or(BLACK);
+        let p = r.latency_ns.get(kind).copied().unwrap_or_default();
+        ch.draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2)))?
+            .label(format!(
+                "{kind}: {} calls, p50 {}, p99 {}",
+                p.count,
+                si_ns(p.p50),
+                si_ns(p.p99)
+            ))
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], c.stroke_width(2)));
+        ch.draw_series(pts.iter().map(|&p| Circle::new(p, 2, c.filled())))?;
     }
+    ch.configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
     Ok(())
 }
 
@@ -138,12 +169,12 @@ where
 {
     root.fill(&WHITE)?;
     let h = &r.rings.histogram;
-    let xmax = h.keys().copied().max().unwrap_or(1) as f64 + 1.0;
+    let longest = h.keys().copied().max().unwrap_or(1).max(1);
     let ymax = h.values().copied().max().unwrap_or(1) as f64 * 2.0;
     let mut ch = ChartBuilder::on(root)
         .caption(
             format!(
-                "rmap ring lengths at the end ({} chains, {} mappings)",
+                "rmap ring lengths at the end ({} guest frames mapped, {} HPTEs)",
                 r.rings.chains, r.rings.members
             ),
             ("sans-serif", 24),
@@ -151,16 +182,35 @@ where
         .margin(12)
         .x_label_area_size(45)
         .y_label_area_size(70)
-        .build_cartesian_2d(0.5..xmax, (0.5..ymax.max(2.0)).log_scale())?;
+        .build_cartesian_2d(
+            (1u64..longest).into_segmented(),
+            (0.5..ymax.max(2.0)).log_scale(),
+        )?;
     ch.configure_mesh()
-        .x_desc("ring length (HPTEs per guest frame)")
-        .y_desc("rings (log)")
+        .disable_x_mesh()
+        .x_labels((longest as usize).min(20))
+        .x_desc("ring length (HPTEs mapping one guest frame)")
+        .y_desc("guest frames (log)")
+        .x_label_formatter(&|v| match v {
+            SegmentValue::CenterOf(n) => n.to_string(),
+            _ => String::new(),
+        })
         .y_label_formatter(&|v| format!("{v:.0}"))
         .draw()?;
-    ch.draw_series(h.iter().map(|(&len, &n)| {
-        let x = len as f64;
-        Rectangle::new([(x - 0.4, 0.5), (x + 0.4, n as f64)], BLUE.filled())
-    }))?;
+    ch.draw_series(
+        Histogram::vertical(&ch)
+            .style(BLUE.filled())
+            .margin(4)
+            .baseline(0.5)
+            .data(h.iter().map(|(&len, &n)| (len, n as f64))),
+    )?;
+    if h.is_empty() {
+        root.draw(&Text::new(
+            "no HPTE mapped guest memory at the end of the run",
+            (W as i32 / 3, H as i32 / 2),
+            ("sans-serif", 20).into_font(),
+        ))?;
+    }
     Ok(())
 }
 
@@ -170,24 +220,30 @@ where
 {
     root.fill(&WHITE)?;
     let d = &r.migration.dirty_pages_per_round;
-    let xmax = (d.len() as f64).max(2.0);
+    let rounds = (d.len() as u64).max(2);
     let ymax = d.iter().copied().max().unwrap_or(1) as f64 * 1.1 + 1.0;
+    let backing = r.migration.frames_per_backing_page.max(1) * 4;
     let mut ch = ChartBuilder::on(root)
-        .caption("Dirty pages per migration round", ("sans-serif", 26))
+        .caption(
+            format!(
+                "Dirty pages per migration round (a store dirties its {backing} KiB host page)"
+            ),
+            ("sans-serif", 24),
+        )
         .margin(12)
         .x_label_area_size(45)
         .y_label_area_size(80)
-        .build_cartesian_2d(0.0..xmax, 0.0..ymax)?;
+        .build_cartesian_2d(1u64..rounds, 0.0..ymax)?;
     ch.configure_mesh()
+        .x_labels((rounds as usize).min(12))
         .x_desc("dirty-log round")
-        .y_desc("4 KiB pages harvested")
+        .y_desc("dirty 4 KiB guest frames harvested")
+        .x_label_formatter(&|v| v.to_string())
         .y_label_formatter(&|v| format!("{v:.0}"))
         .draw()?;
     ch.draw_series(LineSeries::new(
-        d.iter()
-            .enumerate()
-            .map(|(i, &n)| (i as f64 + 1.0, n as f64)),
-        &RED,
+        d.iter().enumerate().map(|(i, &n)| (i as u64 + 1, n as f64)),
+        RED.stroke_width(2),
     ))?;
     Ok(())
 }
@@ -202,7 +258,9 @@ where
     root.fill(&WHITE)?;
     let t = &r.timeline;
     let xmax = t.iter().map(|s| s.t).fold(1.0, f64::max);
-    let ymax = t.iter().map(|s| s.hcalls_per_s).fold(1.0, f64::max) * 1.15;
+    let top = t.iter().map(|s| s.hcalls_per_s).fold(1.0, f64::max);
+    // Head room above the line for the resize labels and the legend.
+    let ymax = top * 1.35;
     let mut ch = ChartBuilder::on(root)
         .caption("Hypercall throughput (resizes marked)", ("sans-serif", 26))
         .margin(12)
@@ -216,24 +274,25 @@ where
         .draw()?;
     ch.draw_series(LineSeries::new(
         t.iter().map(|s| (s.t, s.hcalls_per_s)),
-        &BLUE,
+        BLUE.stroke_width(2),
     ))?
-    .label("hypercalls/s")
-    .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], BLUE));
+    .label("hypercalls/s (all vCPUs, per 100 ms tick)")
+    .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], BLUE.stroke_width(2)));
     for z in &r.resize {
         let label = format!("resize {} -> {}", z.from_order, z.order_after);
         ch.draw_series(LineSeries::new(
-            [(z.at_s, 0.0), (z.at_s, ymax)],
+            [(z.at_s, 0.0), (z.at_s, top * 1.12)],
             RED.stroke_width(2),
         ))?;
         ch.draw_series(std::iter::once(Text::new(
             label,
-            (z.at_s, ymax * 0.95),
+            (z.at_s, top * 1.2),
             ("sans-serif", 16).into_font().color(&RED),
         )))?;
     }
     ch.configure_series_labels()
-        .background_style(WHITE.mix(0.8))
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()?;
     Ok(())

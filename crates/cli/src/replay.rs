@@ -47,7 +47,12 @@ pub struct ReplayArgs {
     /// default.
     #[arg(long)]
     host_interference: bool,
-    /// Seed of the host actors.
+    /// Seed of the host actors. The seed fixes what each actor does (which ranges it
+    /// unmaps, ages and harvests, and how many operations per phase), not what it finds
+    /// there: the actors run concurrently with the replay, so `hptes_unmapped`, the
+    /// young counts and the dirty pages vary between runs of one seed. Aging finds
+    /// nothing young under replay: KVM's H_ENTER keeps R clear in the real HPTE, only an
+    /// MMU access sets it, and a replay makes no accesses (`revmap run` does).
     #[arg(
         long,
         value_name = "S",

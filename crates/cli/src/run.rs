@@ -1,34 +1,81 @@
 //! `revmap run`: the simulator (`revmap_sim::run`) with the embedded default scenario,
-//! a scenario file, or flags overriding it; a progress bar on a terminal; a human
-//! summary or one JSON object.
+//! a scenario file, or flags overriding it; a progress bar on a terminal (progress
+//! lines otherwise); a human summary or one JSON object.
 //!
 //! With `--deterministic`, a run that finds a violation is shrunk
 //! (`revmap_sim::det::minimise`) and the smallest failing scenario printed as TOML.
 //!
-//! Invariants: a bad scenario file or flag value prints one clear message and exits 2;
-//! a run that found invariant violations exits 1; otherwise 0. The progress bar is drawn
-//! on stderr only when stderr is a terminal (indicatif hides it otherwise), so stdout
-//! carries only the report.
+//! Invariants:
+//! * Everything that can make the run's results unusable is checked before the run
+//!   starts: the scenario and flags, the `--plot` directory (created and written to),
+//!   and the host memory the VM's tables need. Each failure is one message and exit 2.
+//! * SIGINT (Ctrl-C) stops the run early, not the process: the actors stop, the checker
+//!   runs, the partial report is printed (JSON `"interrupted": true`) and plots are
+//!   written; the exit code is then 130. A second SIGINT exits at once with 130.
+//! * A run that found invariant violations exits 1; otherwise 0. The report goes to
+//!   stdout, progress and messages to stderr.
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use revmap_rmap::sync::{thread, Arc, AtomicBool, Ordering};
 use revmap_sim::run::{run as run_scenario, Progress, RunReport};
 use revmap_sim::scenario::Scenario;
+use std::io::IsTerminal;
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// Exit code of a run stopped by SIGINT (128 + the signal number, as shells report it).
+pub const EXIT_INTERRUPTED: u8 = 130;
+
+const RUN_AFTER_HELP: &str = "\
+Defaults (the embedded scenario, scenarios/default.toml): 30 s, seed 1, a 4 GiB guest
+with 2 vCPUs, memory pressure, aging and migration on the host, an HPT resize that
+grows then shrinks the table. --deterministic: 4000 steps on a 64 MiB guest.
+
+Examples:
+  revmap run                                  the default scenario, human report
+  revmap run --duration 10 --json > r.json    10 s, the report as one JSON object
+  revmap run --hcalls 2000000 --seed 7        stop after 2 million hypercalls
+  revmap run --plot plots/                    also write PNG and SVG plots
+  revmap run --scenario my.toml               your scenario (copy scenarios/default.toml)
+  revmap run --deterministic --steps 20000 --seed 7
+                                              one thread, seeded, checker every step
+
+Ctrl-C stops the run early and still prints the report (JSON: \"interrupted\": true).
+
+Exit status: 0 no invariant violation; 1 invariant violations found; 2 bad flag,
+scenario or output directory, or not enough host memory; 130 interrupted (Ctrl-C).";
+
 /// Arguments of `revmap run`.
 #[derive(Debug, Args)]
+#[command(after_long_help = RUN_AFTER_HELP)]
 pub struct RunArgs {
     /// Scenario file (TOML); default: the embedded default scenario
     /// (scenarios/default.toml).
     #[arg(long, value_name = "FILE")]
     scenario: Option<PathBuf>,
-    /// Run length in seconds (overrides the scenario's).
-    #[arg(long, value_name = "SECONDS")]
+    /// Run length in seconds [default: the scenario's, 30]. Not with --deterministic
+    /// (use --steps) or --hcalls.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        allow_negative_numbers = true,
+        value_parser = positive_seconds,
+        conflicts_with_all = ["deterministic", "hcalls"]
+    )]
     duration: Option<f64>,
-    /// Seed of every random stream (overrides the scenario's).
-    #[arg(long, value_name = "S")]
+    /// Stop after this many hypercalls instead of after a duration; resizes happen at
+    /// their fraction of this count. Not with --deterministic.
+    #[arg(
+        long,
+        value_name = "N",
+        value_parser = clap::value_parser!(u64).range(1..),
+        conflicts_with = "deterministic"
+    )]
+    hcalls: Option<u64>,
+    /// Seed of every random stream [default: the scenario's, 1].
+    #[arg(long, value_name = "S", allow_negative_numbers = true)]
     seed: Option<u64>,
     /// Print the report as one JSON object instead of the human summary.
     #[arg(long)]
@@ -37,13 +84,30 @@ pub struct RunArgs {
     /// after every step; the same seed gives the same event digest.
     #[arg(long)]
     deterministic: bool,
-    /// Write PNG and SVG plots (latency, ring lengths, dirty pages per round,
-    /// throughput with resizes) into DIR.
+    /// Write PNG and SVG plots (latency per hypercall type, ring lengths, dirty pages
+    /// per round, throughput with resizes) into DIR (created; checked before the run).
     #[arg(long, value_name = "DIR")]
     plot: Option<PathBuf>,
-    /// Scheduler steps in deterministic mode (overrides the scenario's).
-    #[arg(long, value_name = "N", requires = "deterministic")]
+    /// Scheduler steps in deterministic mode [default: the scenario's, 4000].
+    #[arg(
+        long,
+        value_name = "N",
+        requires = "deterministic",
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
     steps: Option<u64>,
+}
+
+/// `--duration`: a positive, finite number of seconds.
+fn positive_seconds(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    if v.is_finite() && v > 0.0 {
+        Ok(v)
+    } else {
+        Err(format!("must be a positive number of seconds, got {s}"))
+    }
 }
 
 fn load(args: &RunArgs) -> Result<Scenario, String> {
@@ -52,7 +116,12 @@ fn load(args: &RunArgs) -> Result<Scenario, String> {
         None => Scenario::default(),
     };
     if let Some(d) = args.duration {
+        // A duration on the command line wins over a scenario's hypercall count.
         sc.duration_secs = d;
+        sc.stop_after_hcalls = 0;
+    }
+    if let Some(n) = args.hcalls {
+        sc.stop_after_hcalls = n;
     }
     if let Some(s) = args.seed {
         sc.seed = s;
@@ -64,7 +133,44 @@ fn load(args: &RunArgs) -> Result<Scenario, String> {
     Ok(sc)
 }
 
+/// Memory the host has available (`MemAvailable` of `/proc/meminfo`), if known.
+fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib.saturating_mul(1024))
+}
+
+/// Refuses a threaded run whose VM tables would not fit in the host's memory (before
+/// allocating them).
+fn check_memory(sc: &Scenario) -> Result<(), String> {
+    let need = sc.estimated_host_bytes();
+    match available_memory() {
+        Some(avail) if need > avail => Err(format!(
+            "guest.ram_mib = {}: the simulated VM's tables (HPT up to order {}, rmaps, \
+             bitmaps) need about {:.1} GiB of host memory, and {:.1} GiB is available; \
+             use a smaller guest",
+            sc.guest.ram_mib,
+            sc.max_hpt_order(),
+            need as f64 / (1u64 << 30) as f64,
+            avail as f64 / (1u64 << 30) as f64
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn print(report: &RunReport, json: bool, plot: Option<&PathBuf>) -> ExitCode {
+    if json {
+        match serde_json::to_string(report) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("revmap run: error: cannot serialise the report: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        print!("{}", report.human());
+    }
     if let Some(dir) = plot {
         match crate::plot::write_plots(report, dir) {
             Ok((files, no_font)) => {
@@ -78,23 +184,17 @@ fn print(report: &RunReport, json: bool, plot: Option<&PathBuf>) -> ExitCode {
                 );
             }
             Err(e) => {
-                eprintln!("revmap run: cannot write plots to {}: {e}", dir.display());
+                eprintln!(
+                    "revmap run: error: cannot write plots to {}: {e}",
+                    dir.display()
+                );
                 return ExitCode::from(2);
             }
         }
     }
-    if json {
-        match serde_json::to_string(report) {
-            Ok(s) => println!("{s}"),
-            Err(e) => {
-                eprintln!("revmap run: cannot serialise the report: {e}");
-                return ExitCode::from(2);
-            }
-        }
-    } else {
-        print!("{}", report.human());
-    }
-    if report.invariant_violations == 0 {
+    if report.interrupted {
+        ExitCode::from(EXIT_INTERRUPTED)
+    } else if report.invariant_violations == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
@@ -112,11 +212,93 @@ fn report_minimised(sc: &Scenario) {
             );
             match toml::to_string(&small) {
                 Ok(t) => eprintln!("{t}"),
-                Err(e) => eprintln!("revmap run: cannot print it: {e}"),
+                Err(e) => eprintln!("revmap run: error: cannot print it: {e}"),
             }
         }
         Ok(None) => eprintln!("revmap run: the failure did not reproduce when re-run"),
-        Err(e) => eprintln!("revmap run: cannot minimise: {e}"),
+        Err(e) => eprintln!("revmap run: error: cannot minimise: {e}"),
+    }
+}
+
+/// Installs the SIGINT handling of the module docs; returns the flag the first SIGINT
+/// sets (unset forever if the handler cannot be installed: Ctrl-C then kills).
+fn on_sigint() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    match signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT]) {
+        Ok(mut signals) => {
+            let f = Arc::clone(&flag);
+            thread::spawn(move || {
+                for _ in signals.forever() {
+                    // ORDERING: Relaxed: a lone flag; the run only needs to see it
+                    // eventually and publishes nothing through it.
+                    if f.swap(true, Ordering::Relaxed) {
+                        eprintln!("revmap run: interrupted twice, exiting at once");
+                        std::process::exit(i32::from(EXIT_INTERRUPTED));
+                    }
+                    eprintln!("revmap run: interrupted; stopping and checking (Ctrl-C again exits at once)");
+                }
+            });
+        }
+        Err(e) => eprintln!(
+            "revmap run: cannot handle Ctrl-C ({e}); it will end the run without a report"
+        ),
+    }
+    flag
+}
+
+/// The progress display: a bar on a terminal, else a line per 10% on stderr.
+struct Display {
+    bar: Option<ProgressBar>,
+    next_line: u32,
+}
+
+impl Display {
+    fn new(deterministic: bool, len: u64) -> Self {
+        if !std::io::stderr().is_terminal() {
+            return Self {
+                bar: None,
+                next_line: 1,
+            };
+        }
+        let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
+        let template = if deterministic {
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps  {msg}"
+        } else {
+            "{spinner} [{elapsed_precise}] {bar:30} {percent:>3}%  {msg}"
+        };
+        if let Ok(style) = ProgressStyle::with_template(template) {
+            bar.set_style(style);
+        }
+        Self {
+            bar: Some(bar),
+            next_line: 1,
+        }
+    }
+
+    fn update(&mut self, p: &Progress, len: u64) {
+        let msg = format!(
+            "{} hcalls, {} host ops, HPT order {}, violations {}",
+            p.hcalls, p.host_ops, p.hpt_order, p.violations
+        );
+        match &self.bar {
+            Some(bar) => {
+                bar.set_position(((p.fraction * len as f64) as u64).min(len));
+                bar.set_message(msg);
+            }
+            None => {
+                let pct = (p.fraction * 100.0) as u32;
+                if pct >= self.next_line * 10 {
+                    self.next_line = pct / 10 + 1;
+                    eprintln!("revmap run: {}% ({:.1} s): {msg}", pct.min(100), p.elapsed);
+                }
+            }
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
     }
 }
 
@@ -125,46 +307,102 @@ pub fn run(args: &RunArgs) -> ExitCode {
     let sc = match load(args) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("revmap run: {e}");
+            eprintln!("revmap run: error: {e}");
             return ExitCode::from(2);
         }
     };
-    if args.deterministic {
-        return match revmap_sim::det::run_deterministic(&sc) {
-            Ok(r) => {
-                if r.failing_step.is_some() {
-                    report_minimised(&sc);
-                }
-                print(&r, args.json, args.plot.as_ref())
-            }
-            Err(e) => {
-                eprintln!("revmap run: {e}");
-                ExitCode::from(2)
-            }
-        };
+    if !args.deterministic {
+        if let Err(e) = check_memory(&sc) {
+            eprintln!("revmap run: error: {e}");
+            return ExitCode::from(2);
+        }
     }
-    let bar = ProgressBar::with_draw_target(
-        Some((sc.duration_secs * 10.0).ceil() as u64),
-        ProgressDrawTarget::stderr(),
-    );
-    if let Ok(style) =
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {percent:>3}%  {msg}")
-    {
-        bar.set_style(style);
+    if let Some(dir) = &args.plot {
+        if let Err(e) = crate::plot::check_dir(dir) {
+            eprintln!(
+                "revmap run: error: cannot write plots to {}: {e}",
+                dir.display()
+            );
+            return ExitCode::from(2);
+        }
     }
-    let report = run_scenario(&sc, |p: &Progress| {
-        bar.set_position((p.elapsed * 10.0) as u64);
-        bar.set_message(format!(
-            "{} hcalls, {} host ops, HPT order {}, violations {}",
-            p.hcalls, p.host_ops, p.hpt_order, p.violations
-        ));
-    });
-    bar.finish_and_clear();
+    let stop = on_sigint();
+    // ORDERING: Relaxed: see `on_sigint`.
+    let flow = |_: &Progress| {
+        if stop.load(Ordering::Relaxed) {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    };
+    let len = if args.deterministic {
+        sc.deterministic.steps
+    } else {
+        1000
+    };
+    let mut display = Display::new(args.deterministic, len);
+    if display.bar.is_none() {
+        eprintln!(
+            "revmap run: running scenario {:?} ({}); Ctrl-C stops it and still reports",
+            sc.name,
+            if args.deterministic {
+                format!("deterministic, {} steps", sc.deterministic.steps)
+            } else if sc.stop_after_hcalls > 0 {
+                format!("until {} hypercalls", sc.stop_after_hcalls)
+            } else {
+                format!("{} s", sc.duration_secs)
+            }
+        );
+    }
+    let report = if args.deterministic {
+        revmap_sim::det::run_deterministic_with(&sc, |p| {
+            display.update(p, len);
+            flow(p)
+        })
+    } else {
+        run_scenario(&sc, |p| {
+            display.update(p, len);
+            flow(p)
+        })
+    };
+    display.finish();
     match report {
-        Ok(r) => print(&r, args.json, args.plot.as_ref()),
+        Ok(r) => {
+            if args.deterministic && r.failing_step.is_some() {
+                report_minimised(&sc);
+            }
+            print(&r, args.json, args.plot.as_ref())
+        }
         Err(e) => {
-            eprintln!("revmap run: {e}");
+            eprintln!("revmap run: error: {e}");
             ExitCode::from(2)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn duration_must_be_positive_and_finite() {
+        assert_eq!(positive_seconds("2.5"), Ok(2.5));
+        for bad in ["0", "-1", "inf", "NaN", "abc", ""] {
+            assert!(positive_seconds(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_guest_too_big_for_the_host_is_refused_before_allocating() {
+        // QEMU's HPT order for 1 TiB (33: an 8 GiB HPT, as much again for the revmap).
+        let mut sc = Scenario::default();
+        sc.guest.ram_mib = 1 << 20;
+        sc.guest.hpt_order = 0;
+        let avail = available_memory().expect("/proc/meminfo on Linux");
+        assert!(sc.estimated_host_bytes() > avail, "a 1 TiB guest's tables");
+        let e = check_memory(&sc).unwrap_err();
+        assert!(e.contains("guest.ram_mib"), "{e}");
+        sc.guest.ram_mib = 256;
+        check_memory(&sc).unwrap();
     }
 }

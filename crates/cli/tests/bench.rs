@@ -147,6 +147,40 @@ fn bench_host_quick_json() {
 }
 
 #[test]
+fn bench_resize_quick_json_and_table() {
+    let rows = rows(&["bench", "resize", "--quick", "--json"]);
+    assert_eq!(rows.len(), 3, "orders 20..=22 with --quick");
+    for (r, order) in rows.iter().zip(20..) {
+        has_keys(
+            r,
+            &[
+                "order",
+                "stop_the_world_pause_us",
+                "precopy_pause_us",
+                "ratio",
+            ],
+        );
+        assert_eq!(r["order"], order);
+        assert_eq!(r["repeats"], 1);
+        assert!(
+            r["stop_the_world_pause_us"].as_f64().unwrap() > 0.0,
+            "{r:?}"
+        );
+    }
+    let o = revmap(&["bench", "resize", "--quick", "--max-order", "20"]);
+    assert_eq!(o.status.code(), Some(0));
+    let out = String::from_utf8(o.stdout).unwrap();
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].starts_with("HPT resize commit pause"), "{out}");
+    assert_eq!(lines.len(), 3, "title, header, one row: {out}");
+    assert_eq!(
+        lines[1].chars().count(),
+        lines[2].chars().count(),
+        "aligned: {out}"
+    );
+}
+
+#[test]
 fn bench_tables_without_json() {
     let o = revmap(&["bench", "host", "--quick"]);
     assert_eq!(o.status.code(), Some(0));

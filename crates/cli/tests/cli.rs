@@ -54,8 +54,57 @@ fn bench_without_a_subcommand_lists_them() {
     assert_eq!(o.status.code(), Some(2));
     no_panic(&o);
     let e = stderr(&o);
-    for c in ["rmap", "replay", "host"] {
+    for c in ["rmap", "replay", "host", "resize"] {
         assert!(e.contains(c), "{e}");
+    }
+    let o = revmap(&["--help"]);
+    assert!(stdout(&o).contains("resize"), "{}", stdout(&o));
+}
+
+/// Issue 14 point 6: a binary file is quoted as a short, escaped excerpt.
+#[test]
+fn a_binary_file_is_quoted_short_and_escaped() {
+    let mut elf = b"\x7fELF\x02\x01\x01".to_vec();
+    elf.extend(std::iter::repeat_n(0u8, 600));
+    elf.extend(b"\x1b[31m\r\x07 more\n");
+    let dir = std::env::temp_dir().join(format!("revmap-cli-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("a.out");
+    std::fs::write(&p, &elf).unwrap();
+    let ps = p.display().to_string();
+    let o = revmap(&["replay", &ps]);
+    assert_eq!(o.status.code(), Some(2));
+    no_panic(&o);
+    let e = stderr(&o);
+    assert!(e.starts_with("revmap replay: error: "), "{e}");
+    assert!(e.contains(&format!("{ps}:1:")), "{e}");
+    assert!(e.contains("\\x7fELF"), "escaped: {e}");
+    assert_eq!(e.matches(&ps).count(), 1, "the path once: {e}");
+    assert!(
+        e.bytes().all(|b| b == b'\n' || (0x20..0x7f).contains(&b)),
+        "only printable ASCII: {e:?}"
+    );
+    // At most 40 bytes quoted, each escaped to at most 4 characters.
+    assert!(e.len() < 80 + ps.len() + 4 * 40 + 3, "short: {e}");
+}
+
+/// Issue 14 point 10: an empty trace is named once, the same way in every subcommand.
+#[test]
+fn an_empty_trace_is_named_once() {
+    let p = temp_file("empty.txt", "");
+    let ps = p.display().to_string();
+    for (args, prefix) in [
+        (vec!["replay", ps.as_str()], "revmap replay: error: "),
+        (
+            vec!["bench", "replay", ps.as_str()],
+            "revmap bench replay: error: ",
+        ),
+    ] {
+        let o = revmap(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        let e = stderr(&o);
+        assert!(e.starts_with(prefix), "{args:?}: {e}");
+        assert_eq!(e.matches(&ps).count(), 1, "{args:?}: {e}");
     }
 }
 

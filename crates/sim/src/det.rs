@@ -21,13 +21,14 @@
 use crate::actors::{Actor, ActorConfig, HostOp, HostOps, Migration, MigrationEvent};
 use crate::host::HostMmu;
 use crate::report::{digest_word, HcallStats};
-use crate::run::{build_report, make_vm, Controller, GuestCounters, RunError, RunReport};
+use crate::run::{build_report, make_vm, Controller, GuestCounters, Progress, RunError, RunReport};
 use crate::scenario::{HostActor, Scenario};
 use crate::workload::GuestCpu;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use revmap_hpt::mmu::VcpuMmu;
 use revmap_hpt::VcpuId;
+use std::ops::ControlFlow;
 use std::time::Instant;
 
 /// Scheduler weight of one vCPU (host actors weigh 1 each).
@@ -43,6 +44,17 @@ fn digest_str(mut d: u64, s: &str) -> u64 {
 /// Runs `sc` deterministically for `sc.deterministic.steps` steps on a guest of
 /// `sc.deterministic.ram_mib` MiB (module docs).
 pub fn run_deterministic(sc: &Scenario) -> Result<RunReport, RunError> {
+    run_deterministic_with(sc, |_| ControlFlow::Continue(()))
+}
+
+/// [`run_deterministic`], calling `progress` after every step; a
+/// [`ControlFlow::Break`] from it ends the run early (the report is marked
+/// `interrupted`; the checker has run after every step done). The callback sees
+/// only counts, so it cannot change the schedule or the digest.
+pub fn run_deterministic_with(
+    sc: &Scenario,
+    mut progress: impl FnMut(&Progress) -> ControlFlow<()>,
+) -> Result<RunReport, RunError> {
     let vm = make_vm(sc, Some(sc.deterministic.ram_mib))?;
     let ram = sc.deterministic.ram_mib << 20;
     let nv = sc.guest.vcpus;
@@ -99,6 +111,7 @@ pub fn run_deterministic(sc: &Scenario) -> Result<RunReport, RunError> {
     let mut next_resize = 0usize;
     let mut rounds: Vec<u64> = Vec::new();
     let mut failing_step = None;
+    let mut interrupted = false;
     for step in 0..steps {
         if let Some(r) = sc.resize.get(next_resize) {
             if step as f64 >= r.at * steps as f64 {
@@ -155,6 +168,20 @@ pub fn run_deterministic(sc: &Scenario) -> Result<RunReport, RunError> {
             failing_step = Some(step);
             break;
         }
+        let flow = progress(&Progress {
+            elapsed: t0.elapsed().as_secs_f64(),
+            duration: 0.0,
+            fraction: (step + 1) as f64 / steps.max(1) as f64,
+            steps: step + 1,
+            hcalls: cpus.iter().map(|c| c.stats.total()).sum(),
+            host_ops: host_ops.total(),
+            hpt_order: vm.hpt_order(),
+            violations: ctl.violations,
+        });
+        if flow.is_break() {
+            interrupted = true;
+            break;
+        }
     }
     drop(runs);
     let mut stats = HcallStats::new()?;
@@ -191,6 +218,7 @@ pub fn run_deterministic(sc: &Scenario) -> Result<RunReport, RunError> {
         Vec::new(),
     );
     report.failing_step = failing_step;
+    report.interrupted = interrupted;
     Ok(report)
 }
 

@@ -5,7 +5,9 @@
 //! [`TICK`], runs one live-migration dirty-log round per tick, performs the resize
 //! schedule (PREPARE polled while the vCPUs run, COMMIT through its own run handle with
 //! the vCPUs stopped, as Linux's `stop_machine`), and runs the invariant checker at
-//! quiescent points (vCPUs parked, actors paused) periodically and at the end.
+//! quiescent points (vCPUs parked, actors paused) periodically, after each resize and
+//! at the end. The run ends after `duration_secs`, or after `stop_after_hcalls`
+//! hypercalls if set, or when the progress callback says stop (SIGINT).
 //!
 //! # Invariants
 //!
@@ -28,6 +30,7 @@ use revmap_rmap::sync::{thread, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use revmap_trace::HcallKind;
 use serde::Serialize;
 use std::collections::BTreeMap;
+use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 /// Controller tick: progress, one migration round, resize and check scheduling.
@@ -53,13 +56,21 @@ pub enum RunError {
     Vcpu(usize),
 }
 
-/// Progress reported to the caller every tick.
+/// Progress reported to the caller every tick (deterministic mode: every step). The
+/// caller's callback returns [`ControlFlow::Break`] to stop the run early (e.g. on
+/// SIGINT): the actors are stopped, the checker runs and the report is marked
+/// `interrupted`.
 #[derive(Debug, Clone, Copy)]
 pub struct Progress {
     /// Seconds elapsed.
     pub elapsed: f64,
     /// Seconds planned.
     pub duration: f64,
+    /// Fraction of the run done (0..=1): by time, by hypercalls when the scenario
+    /// stops after a hypercall count, by steps in deterministic mode.
+    pub fraction: f64,
+    /// Deterministic mode: scheduler steps done (0 otherwise).
+    pub steps: u64,
     /// Hypercalls so far.
     pub hcalls: u64,
     /// Host operations so far (actors; migration rounds not included).
@@ -110,27 +121,43 @@ pub struct RingStats {
     pub walk_errors: u64,
 }
 
-/// Memory of the reverse-mapping structures per mapping.
+/// Memory of the reverse-mapping structures at the end of the run. Almost all of it
+/// is fixed-size tables: the HPT and its revmap are sized by the HPT order (one 16-byte
+/// entry each per HPTE slot, used or not) and the rmap array by guest RAM (one 8-byte
+/// word per 4 KiB frame). A mapping adds no memory of its own: its rmap ring links
+/// live in its revmap entry. `bytes_per_mapping` therefore falls as the table fills.
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
 pub struct MemoryStats {
-    /// HPT bytes (16 per HPTE).
+    /// HPT bytes (16 per HPTE slot).
     pub hpt_bytes: u64,
-    /// Revmap bytes (16 per HPTE).
+    /// Revmap bytes (16 per HPTE slot).
     pub revmap_bytes: u64,
-    /// Rmap words (8 per guest frame).
+    /// Rmap words (8 per 4 KiB guest frame).
     pub rmap_bytes: u64,
+    /// HPTE slots in the table (`hpt_bytes / 16`).
+    pub hpte_slots: u64,
     /// VALID memslot-backed mappings (rmap chain members).
     pub mappings: u64,
-    /// (hpt + revmap + rmaps) / mappings.
+    /// Fraction of the HPTE slots holding such a mapping.
+    pub hpt_occupancy: f64,
+    /// (hpt + revmap + rmaps) / mappings: the fixed tables shared out over the
+    /// mappings present at the end.
     pub bytes_per_mapping: f64,
 }
 
-/// Migration (dirty-log) figures.
+/// Migration (dirty-log) figures. Pages are 4 KiB guest frames (KVM's dirty bitmap has
+/// one bit per frame), but the host tracks dirtiness per backing page: one guest store
+/// dirties every 4 KiB frame of the host page it lands in
+/// (`frames_per_backing_page`).
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct MigrationStats {
     /// Rounds completed.
     pub rounds: u64,
-    /// Dirty pages harvested in each round.
+    /// 4 KiB guest frames per host backing page (1, 16 or 4096).
+    pub frames_per_backing_page: u64,
+    /// Guest RAM in 4 KiB frames (the most a round can harvest).
+    pub guest_frames: u64,
+    /// Dirty 4 KiB frames harvested in each round.
     pub dirty_pages_per_round: Vec<u64>,
     /// Mean dirty pages per round.
     pub mean_dirty_pages: f64,
@@ -152,6 +179,9 @@ pub struct Sample {
 pub struct RunReport {
     /// Scenario name.
     pub scenario: String,
+    /// The run was stopped early (SIGINT): every figure covers the part that ran; the
+    /// checker still ran at the end.
+    pub interrupted: bool,
     /// Seed.
     pub seed: u64,
     /// Deterministic mode.
@@ -205,6 +235,9 @@ pub struct RunReport {
     /// Latency distribution for plots: (upper bound ns, count) buckets.
     #[serde(skip)]
     pub latency_buckets: Vec<(u64, u64)>,
+    /// The same per hypercall type (types that were called).
+    #[serde(skip)]
+    pub latency_buckets_by_kind: BTreeMap<&'static str, Vec<(u64, u64)>>,
 }
 
 /// Guest-side counters.
@@ -322,8 +355,13 @@ pub fn make_vm(sc: &Scenario, ram_mib: Option<u64>) -> Result<Vm, HptError> {
     })
 }
 
-/// Runs `sc` for its duration (see module docs), calling `progress` every tick.
-pub fn run(sc: &Scenario, mut progress: impl FnMut(&Progress)) -> Result<RunReport, RunError> {
+/// Runs `sc` for its duration (or its hypercall count; see module docs), calling
+/// `progress` every tick; a [`ControlFlow::Break`] from it ends the run early, with a
+/// whole report marked `interrupted`.
+pub fn run(
+    sc: &Scenario,
+    mut progress: impl FnMut(&Progress) -> ControlFlow<()>,
+) -> Result<RunReport, RunError> {
     let vm = make_vm(sc, None)?;
     let nv = sc.guest.vcpus;
     let ram = sc.ram_bytes();
@@ -363,6 +401,8 @@ pub fn run(sc: &Scenario, mut progress: impl FnMut(&Progress)) -> Result<RunRepo
         deterministic: false,
     };
     let t0 = Instant::now();
+    let mut interrupted = false;
+    let by_calls = sc.stop_after_hcalls;
     let outcome = thread::scope(
         |s| -> Result<(Vec<GuestCpu>, HostOps, Vec<Sample>), RunError> {
             let vm = &vm;
@@ -430,17 +470,27 @@ pub fn run(sc: &Scenario, mut progress: impl FnMut(&Progress)) -> Result<RunRepo
                     ctl.migration_round(m);
                 }
                 actors.end_phase();
-                if let Some(step) = sc.resize.get(next_resize) {
-                    if t >= step.at * sc.duration_secs {
-                        next_resize += 1;
-                        ctl.resize(
-                            &mut run_h,
-                            step.order_delta,
-                            t,
-                            || quiesce.park_all(nv),
-                            || quiesce.resume(),
-                        );
-                    }
+                let fraction = if by_calls > 0 {
+                    calls as f64 / by_calls as f64
+                } else {
+                    t / sc.duration_secs
+                };
+                // Every resize now due (several at once if one tick covered them), each
+                // followed by a check at that quiescent point.
+                while let Some(step) = sc.resize.get(next_resize).filter(|s| fraction >= s.at) {
+                    next_resize += 1;
+                    ctl.resize(
+                        &mut run_h,
+                        step.order_delta,
+                        t,
+                        || quiesce.park_all(nv),
+                        || quiesce.resume(),
+                    );
+                    quiesce.park_all(nv);
+                    actors.pause();
+                    ctl.check();
+                    actors.resume();
+                    quiesce.resume();
                 }
                 if last_check.elapsed() >= Duration::from_millis(sc.check_interval_ms) {
                     quiesce.park_all(nv);
@@ -450,15 +500,21 @@ pub fn run(sc: &Scenario, mut progress: impl FnMut(&Progress)) -> Result<RunRepo
                     quiesce.resume();
                     last_check = Instant::now();
                 }
-                progress(&Progress {
+                let flow = progress(&Progress {
                     elapsed: t,
                     duration: sc.duration_secs,
+                    fraction: fraction.min(1.0),
+                    steps: 0,
                     hcalls: calls,
                     host_ops: actors.ops_so_far() + ctl.migration_ops.total(),
                     hpt_order: vm.hpt_order(),
                     violations: ctl.violations,
                 });
-                if el >= duration {
+                if flow.is_break() {
+                    interrupted = true;
+                    break;
+                }
+                if (by_calls > 0 && calls >= by_calls) || (by_calls == 0 && el >= duration) {
                     break;
                 }
             }
@@ -501,7 +557,7 @@ pub fn run(sc: &Scenario, mut progress: impl FnMut(&Progress)) -> Result<RunRepo
     guest.exits = stats.exits;
     let rounds = std::mem::take(&mut ctl.rounds);
     let resizes = std::mem::take(&mut ctl.resizes);
-    Ok(build_report(
+    let mut report = build_report(
         sc,
         &vm,
         false,
@@ -514,7 +570,9 @@ pub fn run(sc: &Scenario, mut progress: impl FnMut(&Progress)) -> Result<RunRepo
         resizes,
         (ctl.checks, ctl.violations, ctl.first_violation.take()),
         timeline,
-    ))
+    );
+    report.interrupted = interrupted;
+    Ok(report)
 }
 
 /// The controller's state: checks, resizes, migration rounds.
@@ -661,7 +719,13 @@ pub fn memory_stats(vm: &Vm, rings: &RingStats) -> MemoryStats {
         hpt_bytes: npte * 16,
         revmap_bytes: hpt.revmap().len() as u64 * 16,
         rmap_bytes,
+        hpte_slots: npte,
         mappings: rings.members,
+        hpt_occupancy: if npte == 0 {
+            0.0
+        } else {
+            rings.members as f64 / npte as f64
+        },
         bytes_per_mapping: 0.0,
     };
     MemoryStats {
@@ -714,19 +778,31 @@ pub(crate) fn build_report(
     let memory = memory_stats(vm, &rings);
     let n = rounds.len() as u64;
     let sum: u64 = rounds.iter().sum();
+    let frames_per_backing_page = 1u64 << sc.guest.backing_page_shift.saturating_sub(12);
+    let guest_frames: u64 = vm.memslots().iter().map(|s| s.npages()).sum();
     let migration = MigrationStats {
         rounds: n,
+        frames_per_backing_page,
+        guest_frames,
         mean_dirty_pages: if n == 0 { 0.0 } else { sum as f64 / n as f64 },
         max_dirty_pages: rounds.iter().copied().max().unwrap_or(0),
         dirty_pages_per_round: rounds,
     };
-    let latency_buckets = stats
-        .latency
-        .iter_log(100, 1.25)
-        .map(|v| (v.value_iterated_to(), v.count_since_last_iteration()))
-        .collect();
+    let buckets = |h: &hdrhistogram::Histogram<u64>| -> Vec<(u64, u64)> {
+        h.iter_log(10, 1.25)
+            .map(|v| (v.value_iterated_to(), v.count_since_last_iteration()))
+            .collect()
+    };
+    let latency_buckets = buckets(&stats.latency);
+    let mut latency_buckets_by_kind = BTreeMap::new();
+    for (i, k) in HcallKind::ALL.iter().enumerate() {
+        if let Some(h) = stats.latency_by_kind.get(i).filter(|h| !h.is_empty()) {
+            latency_buckets_by_kind.insert(k.name(), buckets(h));
+        }
+    }
     RunReport {
         scenario: sc.name.clone(),
+        interrupted: false,
         seed: sc.seed,
         deterministic,
         elapsed_s: elapsed,
@@ -757,21 +833,108 @@ pub(crate) fn build_report(
         digest: format!("{:016x}", stats.digest),
         timeline,
         latency_buckets,
+        latency_buckets_by_kind,
+    }
+}
+/// Three significant digits of `v` (which is at least 1).
+fn sig3(v: f64) -> String {
+    if v < 10.0 {
+        format!("{v:.2}")
+    } else if v < 100.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.0}")
+    }
+}
+
+/// A duration in ns with an SI unit, three significant digits: "850 ns", "12.3 µs",
+/// "4.56 ms", "1.20 s".
+pub fn si_ns(ns: u64) -> String {
+    let v = ns as f64;
+    if ns < 1_000 {
+        format!("{ns} ns")
+    } else if ns < 1_000_000 {
+        format!("{} µs", sig3(v / 1e3))
+    } else if ns < 1_000_000_000 {
+        format!("{} ms", sig3(v / 1e6))
+    } else {
+        format!("{} s", sig3(v / 1e9))
+    }
+}
+
+/// A byte count in KiB/MiB/GiB: exact when a whole number of the unit, else three
+/// significant digits.
+fn si_bytes(b: u64) -> String {
+    let (unit, name) = if b < 1 << 10 {
+        return format!("{b} B");
+    } else if b < 1 << 20 {
+        (1u64 << 10, "KiB")
+    } else if b < 1 << 30 {
+        (1 << 20, "MiB")
+    } else {
+        (1 << 30, "GiB")
+    };
+    if b % unit == 0 {
+        format!("{} {name}", b / unit)
+    } else {
+        format!("{} {name}", sig3(b as f64 / unit as f64))
+    }
+}
+
+/// Appends an aligned table: the first column left-aligned, the others right-aligned,
+/// every column as wide as its widest cell (header included), indented by two.
+pub fn write_table(o: &mut String, headers: &[&str], rows: &[Vec<String>]) {
+    use std::fmt::Write;
+    let mut width: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, c) in width.iter_mut().zip(row) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
+        let parts: Vec<String> = cells
+            .zip(&width)
+            .enumerate()
+            .map(|(i, (c, w))| {
+                if i == 0 {
+                    format!("{c:<w$}")
+                } else {
+                    format!("{c:>w$}")
+                }
+            })
+            .collect();
+        let _ = writeln!(o, "  {}", parts.join("  ").trim_end());
+    };
+    line(&mut headers.iter().copied());
+    for row in rows {
+        line(&mut row.iter().map(String::as_str));
+    }
+}
+
+fn pct(n: u64, of: u64) -> f64 {
+    if of == 0 {
+        0.0
+    } else {
+        100.0 * n as f64 / of as f64
     }
 }
 
 impl RunReport {
-    /// The human summary.
+    /// The human summary: every figure with its unit and what it counts.
     pub fn human(&self) -> String {
         use std::fmt::Write;
         let mut o = String::new();
+        let secs = self.elapsed_s.max(1e-9);
+        let backing = self.migration.frames_per_backing_page.max(1) * 4096;
         let _ = writeln!(
             o,
-            "revmap run: scenario {:?}, seed {}, {} vCPU(s), {} MiB guest, HPT order {} -> {}{}",
+            "revmap run: scenario {:?}, seed {}, {} vCPU(s), {} MiB guest on {} host pages, \
+             HPT order {} -> {}{}",
             self.scenario,
             self.seed,
             self.vcpus,
             self.ram_bytes >> 20,
+            si_bytes(backing),
             self.hpt_order[0],
             self.hpt_order[1],
             if self.deterministic {
@@ -785,55 +948,121 @@ impl RunReport {
             "ran {:.1} s: {} hypercalls ({:.0}/s), {} host operations ({:.0}/s)",
             self.elapsed_s,
             self.hcalls_total,
-            self.hcalls_total as f64 / self.elapsed_s.max(1e-9),
+            self.hcalls_total as f64 / secs,
             self.host_ops.total(),
             self.host_ops_per_s
         );
-        let _ = writeln!(
-            o,
-            "\nhypercalls          count        /s  not-found  other-ret"
-        );
-        for (k, n) in &self.hcalls {
+        if self.interrupted {
             let _ = writeln!(
                 o,
-                "  {k:<20} {n:>9} {:>9.0} {:>10} {:>10}",
-                self.hcalls_per_s.get(k).copied().unwrap_or(0.0),
-                self.hcalls_not_found.get(k).copied().unwrap_or(0),
-                self.hcalls_other_ret.get(k).copied().unwrap_or(0)
+                "INTERRUPTED: stopped early (SIGINT); the figures cover the part that ran, \
+                 and the invariant checker ran after everything stopped"
             );
         }
+        let _ = writeln!(
+            o,
+            "\nhypercalls (the guest's MMU calls into the hypervisor)"
+        );
+        let rows: Vec<Vec<String>> = self
+            .hcalls
+            .iter()
+            .map(|(k, n)| {
+                vec![
+                    (*k).to_owned(),
+                    n.to_string(),
+                    format!("{:.0}", self.hcalls_per_s.get(k).copied().unwrap_or(0.0)),
+                    self.hcalls_not_found
+                        .get(k)
+                        .copied()
+                        .unwrap_or(0)
+                        .to_string(),
+                    self.hcalls_other_ret
+                        .get(k)
+                        .copied()
+                        .unwrap_or(0)
+                        .to_string(),
+                ]
+            })
+            .collect();
+        write_table(
+            &mut o,
+            &[
+                "type",
+                "calls",
+                "calls/s",
+                "H_NOT_FOUND",
+                "other (H_PTEG_FULL...)",
+            ],
+            &rows,
+        );
         let h = &self.host_ops;
-        let _ = writeln!(o, "\nhost operations");
-        for (name, n) in [
-            ("unmap_hva_range", h.unmap_hva_range),
-            ("  (hptes unmapped)", h.hptes_unmapped),
-            ("host_page_in", h.host_page_in),
-            ("age_gfn", h.age_gfn),
-            ("test_age_gfn", h.test_age_gfn),
-            ("get_dirty_log", h.get_dirty_log),
-            ("clear_dirty_log", h.clear_dirty_log),
-        ] {
-            let _ = writeln!(
-                o,
-                "  {name:<20} {n:>9} {:>9.0}/s",
-                n as f64 / self.elapsed_s.max(1e-9)
-            );
-        }
         let _ = writeln!(
             o,
-            "\nlatency (ns)            count      p50      p90      p99    p99.9      max"
+            "\nhost operations (host threads: memory pressure, aging, migration)"
         );
-        for (k, p) in &self.latency_ns {
-            let _ = writeln!(
-                o,
-                "  {k:<20} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
-                p.count, p.p50, p.p90, p.p99, p.p999, p.max
-            );
-        }
+        let rate = |n: u64| format!("{:.0}", n as f64 / secs);
+        let rows = vec![
+            vec![
+                "unmap_hva_range".to_owned(),
+                h.unmap_hva_range.to_string(),
+                rate(h.unmap_hva_range),
+                format!("{} HPTEs unmapped", h.hptes_unmapped),
+            ],
+            vec![
+                "host_page_in".to_owned(),
+                h.host_page_in.to_string(),
+                rate(h.host_page_in),
+                String::new(),
+            ],
+            vec![
+                "age_gfn".to_owned(),
+                h.age_gfn.to_string(),
+                rate(h.age_gfn),
+                format!("{} young (referenced since last aged)", h.age_gfn_young),
+            ],
+            vec![
+                "test_age_gfn".to_owned(),
+                h.test_age_gfn.to_string(),
+                rate(h.test_age_gfn),
+                format!("{} young", h.test_age_gfn_young),
+            ],
+            vec![
+                "get_dirty_log".to_owned(),
+                h.get_dirty_log.to_string(),
+                rate(h.get_dirty_log),
+                format!("{} errors", h.errors),
+            ],
+            vec![
+                "clear_dirty_log".to_owned(),
+                h.clear_dirty_log.to_string(),
+                rate(h.clear_dirty_log),
+                String::new(),
+            ],
+        ];
+        write_table(&mut o, &["operation", "calls", "calls/s", "result"], &rows);
+        let _ = writeln!(
+            o,
+            "\nhypercall latency (wall time per call, including lock waits and preemption)"
+        );
+        let rows: Vec<Vec<String>> = self
+            .latency_ns
+            .iter()
+            .map(|(k, p)| {
+                let mut r = vec![(*k).to_owned(), p.count.to_string()];
+                r.extend([p.p50, p.p90, p.p99, p.p999, p.max].map(si_ns));
+                r
+            })
+            .collect();
+        write_table(
+            &mut o,
+            &["type", "calls", "p50", "p90", "p99", "p99.9", "max"],
+            &rows,
+        );
         let r = &self.rings;
         let _ = write!(
             o,
-            "\nrmap rings: {} chains, {} members, longest {}; length:count",
+            "\nrmap rings (HPTEs per guest frame, walked at the end): {} frames mapped, \
+             {} HPTEs, longest {}; length:frames",
             r.chains, r.members, r.longest
         );
         for (len, n) in r.histogram.iter().take(12) {
@@ -842,29 +1071,46 @@ impl RunReport {
         if r.histogram.len() > 12 {
             let _ = write!(o, " ...");
         }
+        if r.walk_errors > 0 {
+            let _ = write!(o, " ({} rings failed to walk)", r.walk_errors);
+        }
         let _ = writeln!(o);
         let m = &self.memory;
         let _ = writeln!(
             o,
-            "memory: HPT {} KiB + revmap {} KiB + rmaps {} KiB for {} mappings = {:.1} bytes/mapping",
-            m.hpt_bytes >> 10,
-            m.revmap_bytes >> 10,
-            m.rmap_bytes >> 10,
+            "memory: fixed tables {} = HPT {} + revmap {} (16 B per HPTE slot each, {} slots) \
+             + rmap array {} (8 B per 4 KiB guest frame)",
+            si_bytes(m.hpt_bytes + m.revmap_bytes + m.rmap_bytes),
+            si_bytes(m.hpt_bytes),
+            si_bytes(m.revmap_bytes),
+            m.hpte_slots,
+            si_bytes(m.rmap_bytes)
+        );
+        let _ = writeln!(
+            o,
+            "        {} mappings at the end fill {:.1}% of the slots; a mapping adds no memory \
+             (its ring links live in its revmap entry), so the tables come to {:.0} B per mapping",
             m.mappings,
+            m.hpt_occupancy * 100.0,
             m.bytes_per_mapping
         );
         for z in &self.resize {
             let _ = writeln!(
                 o,
-                "resize at {:.1} {}: order {} -> {}: PREPARE x{} ({:.1} ms, ret {}), COMMIT {}, quiesce {:.0} us, pause {:.0} us, now {}",
-                z.at_s,
-                if self.deterministic { "(step)" } else { "s" },
+                "resize at {}: order {} -> {}: PREPARE x{} ({:.1} ms, ret {}), COMMIT {}, \
+                 stopping the vCPUs {:.0} µs, guest-visible pause {:.0} µs, order now {}",
+                if self.deterministic {
+                    format!("step {:.0}", z.at_s)
+                } else {
+                    format!("{:.1} s", z.at_s)
+                },
                 z.from_order,
                 z.target_order,
                 z.prepare_calls,
                 z.prepare_ms,
                 z.prepare_ret,
-                z.commit_ret.map_or("not issued".to_string(), |r| format!("ret {r}")),
+                z.commit_ret
+                    .map_or("not issued".to_string(), |r| format!("ret {r}")),
                 z.quiesce_us,
                 z.pause_us,
                 z.order_after
@@ -873,14 +1119,30 @@ impl RunReport {
         let mg = &self.migration;
         let _ = writeln!(
             o,
-            "migration: {} dirty-log rounds, dirty pages per round mean {:.1}, max {}",
-            mg.rounds, mg.mean_dirty_pages, mg.max_dirty_pages
+            "migration: {} dirty-log rounds; dirty 4 KiB frames per round: mean {:.0}, max {} \
+             of {} (one guest store dirties its whole {} host page = {} frames)",
+            mg.rounds,
+            mg.mean_dirty_pages,
+            mg.max_dirty_pages,
+            mg.guest_frames,
+            si_bytes(backing),
+            mg.frames_per_backing_page
         );
         let g = &self.guest;
         let _ = writeln!(
             o,
-            "guest: {} accesses, {} hash faults, {} protection faults, {} evictions, {} forks, {} execs, {} exits",
-            g.touches, g.hash_faults, g.protection_faults, g.evictions, g.forks, g.execs, g.exits
+            "guest: {} accesses; {} hash faults ({:.0} per 100 accesses: the model touches \
+             pages at random over whole segments, so most touches are first touches; also \
+             after an eviction or a host unmap), {} protection faults (store to a clean \
+             page), {} evictions (both HPTE groups full), {} forks, {} execs, {} exits",
+            g.touches,
+            g.hash_faults,
+            pct(g.hash_faults, g.touches),
+            g.protection_faults,
+            g.evictions,
+            g.forks,
+            g.execs,
+            g.exits
         );
         let _ = writeln!(
             o,
@@ -891,7 +1153,55 @@ impl RunReport {
                 .as_ref()
                 .map_or(String::new(), |v| format!(" (first: {v})"))
         );
-        let _ = writeln!(o, "digest {}", self.digest);
+        let _ = writeln!(
+            o,
+            "digest {} (same seed, same digest in --deterministic mode)",
+            self.digest
+        );
         o
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn si_ns_picks_the_unit() {
+        assert_eq!(si_ns(850), "850 ns");
+        assert_eq!(si_ns(12_345), "12.3 µs");
+        assert_eq!(si_ns(4_560_000), "4.56 ms");
+        assert_eq!(si_ns(10_000_000), "10.0 ms");
+        assert_eq!(si_ns(1_200_000_000), "1.20 s");
+    }
+
+    #[test]
+    fn si_bytes_is_exact_for_whole_units() {
+        assert_eq!(si_bytes(64 << 10), "64 KiB");
+        assert_eq!(si_bytes(16 << 20), "16 MiB");
+        assert_eq!(si_bytes(2_621_440 + 1), "2.50 MiB");
+        assert_eq!(si_bytes(512), "512 B");
+    }
+
+    #[test]
+    fn tables_align_every_column() {
+        let mut o = String::new();
+        write_table(
+            &mut o,
+            &["type", "calls", "p50"],
+            &[
+                vec!["H_ENTER".into(), "12345".into(), "1.20 µs".into()],
+                vec!["all".into(), "7".into(), "850 ns".into()],
+            ],
+        );
+        let lines: Vec<&str> = o.lines().collect();
+        assert_eq!(lines.len(), 3);
+        let w: Vec<usize> = lines.iter().map(|l| l.chars().count()).collect();
+        assert!(w.iter().all(|&x| x == w[0]), "{o}");
+        // Right-aligned numeric columns end in the same place.
+        assert!(
+            lines[1].ends_with("1.20 µs") && lines[2].ends_with(" 850 ns"),
+            "{o}"
+        );
     }
 }

@@ -57,12 +57,15 @@ pub struct GuestSpec {
 }
 
 impl Default for GuestSpec {
+    /// A 4 GiB guest on 64 KiB host pages (a POWER host's base page) with a deliberately
+    /// small HPT (order 20, 1 MiB, where QEMU would give 4 GiB order 25) so that HPTE
+    /// groups fill and the guest evicts, as a guest under HPT pressure does.
     fn default() -> Self {
         Self {
             ram_mib: 4096,
             vcpus: 2,
-            hpt_order: 0,
-            backing_page_shift: 24,
+            hpt_order: 20,
+            backing_page_shift: 16,
         }
     }
 }
@@ -134,8 +137,14 @@ pub struct Scenario {
     pub name: String,
     /// Seed of every random stream.
     pub seed: u64,
-    /// Run length in seconds.
+    /// Run length in seconds (ignored in deterministic mode, which runs
+    /// `deterministic.steps` scheduler steps).
     pub duration_secs: f64,
+    /// If non-zero, the run ends after this many hypercalls (at least; counted at the
+    /// controller's 100 ms ticks) instead of after `duration_secs`, and the resize
+    /// schedule's `at` is a fraction of this count. Makes a run's size independent of
+    /// the machine's speed.
+    pub stop_after_hcalls: u64,
     /// Invariant check interval (vCPUs and actors paused), in ms.
     pub check_interval_ms: u64,
     /// The guest machine.
@@ -156,9 +165,15 @@ impl Default for Scenario {
             name: "default".into(),
             seed: 1,
             duration_secs: 30.0,
+            stop_after_hcalls: 0,
             check_interval_ms: 5000,
             guest: GuestSpec::default(),
-            workload: WorkloadConfig::default(),
+            // More processes than the calibration workload's 16 per vCPU, so that enough
+            // pages are mapped at once to fill the small default HPT.
+            workload: WorkloadConfig {
+                max_processes: 64,
+                ..WorkloadConfig::default()
+            },
             host: HostSpec::default(),
             resize: vec![
                 ResizeStep {
@@ -197,6 +212,14 @@ pub enum ScenarioError {
         /// The error.
         source: std::io::Error,
     },
+    /// A scenario file that cannot be used (parse or value error), with its path.
+    #[error("{path}: {source}")]
+    InFile {
+        /// The path.
+        path: String,
+        /// What is wrong with it.
+        source: Box<ScenarioError>,
+    },
 }
 
 fn invalid(field: &'static str, why: impl Into<String>) -> ScenarioError {
@@ -214,13 +237,52 @@ impl Scenario {
         Ok(s)
     }
 
-    /// Reads, parses and validates a scenario file.
+    /// Reads, parses and validates a scenario file. Errors name the file; a file
+    /// without `name` is named after the file (its stem).
     pub fn from_file(path: &std::path::Path) -> Result<Self, ScenarioError> {
         let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Io {
             path: path.display().to_string(),
             source,
         })?;
-        Self::from_toml(&text)
+        let in_file = |e: ScenarioError| ScenarioError::InFile {
+            path: path.display().to_string(),
+            source: Box::new(e),
+        };
+        let mut s = Self::from_toml(&text).map_err(in_file)?;
+        let named = toml::from_str::<toml::Table>(&text)
+            .map(|t| t.contains_key("name"))
+            .unwrap_or(true);
+        if !named {
+            if let Some(stem) = path.file_stem() {
+                s.name = stem.to_string_lossy().into_owned();
+            }
+        }
+        Ok(s)
+    }
+
+    /// The largest HPT order the resize schedule can reach (from [`Self::hpt_order`]).
+    pub fn max_hpt_order(&self) -> u32 {
+        let mut order = i64::from(self.hpt_order());
+        let mut max = order;
+        for r in &self.resize {
+            order = (order + i64::from(r.order_delta))
+                .clamp(i64::from(MIN_HPT_ORDER), i64::from(MAX_HPT_ORDER));
+            max = max.max(order);
+        }
+        u32::try_from(max).unwrap_or(MAX_HPT_ORDER)
+    }
+
+    /// An estimate of the host memory, in bytes, the simulated VM's tables need in the
+    /// threaded run: the HPT and its revmap (16 bytes per HPTE slot each, at the
+    /// largest order the resize schedule reaches, plus the new table while a resize is
+    /// prepared), and per 4 KiB guest frame an rmap word (8 bytes) and the host and
+    /// dirty-log bits. The CLI refuses a scenario whose estimate exceeds the memory the
+    /// host has available, before allocating anything.
+    pub fn estimated_host_bytes(&self) -> u64 {
+        let slots = 1u64 << self.max_hpt_order().saturating_sub(4);
+        let tables = slots.saturating_mul(32).saturating_mul(2);
+        let frames = self.ram_bytes() >> 12;
+        tables.saturating_add(frames.saturating_mul(9))
     }
 
     /// Guest RAM in bytes.
@@ -260,7 +322,10 @@ impl Scenario {
             return Err(invalid("guest.backing_page_shift", "must be 12, 16 or 24"));
         }
         if !(self.duration_secs.is_finite() && self.duration_secs > 0.0) {
-            return Err(invalid("duration_secs", "must be a positive number"));
+            return Err(invalid(
+                "duration_secs (--duration)",
+                "must be a positive number of seconds",
+            ));
         }
         if self.check_interval_ms == 0 {
             return Err(invalid("check_interval_ms", "must be positive"));
@@ -268,6 +333,18 @@ impl Scenario {
         let w = &self.workload;
         if ![16, 24].contains(&w.linear_page_shift) {
             return Err(invalid("workload.linear_page_shift", "must be 16 or 24"));
+        }
+        if w.mix.touch == 0 {
+            return Err(invalid(
+                "workload.mix.touch",
+                "must be positive: a guest that never touches memory makes no hypercalls",
+            ));
+        }
+        if w.page_size_weights.iter().all(|&x| x == 0) {
+            return Err(invalid(
+                "workload.page_size_weights",
+                "at least one weight must be positive",
+            ));
         }
         if w.max_processes == 0 {
             return Err(invalid("workload.max_processes", "must be positive"));
@@ -288,6 +365,9 @@ impl Scenario {
             if r.order_delta == 0 || r.order_delta.abs() > 8 {
                 return Err(invalid("resize.order_delta", "must be non-zero, |d| <= 8"));
             }
+        }
+        if self.deterministic.steps == 0 {
+            return Err(invalid("deterministic.steps (--steps)", "must be positive"));
         }
         if self.host.ops_per_tick == 0 {
             return Err(invalid("host.ops_per_tick", "must be positive"));
@@ -319,7 +399,15 @@ mod tests {
         s.validate().unwrap();
         let text = toml::to_string(&s).unwrap();
         assert_eq!(Scenario::from_toml(&text).unwrap(), s);
-        assert_eq!(s.hpt_order(), 25, "QEMU's default for 4 GiB");
+        assert_eq!(s.hpt_order(), 20, "the default's deliberately small HPT");
+        let qemu = Scenario {
+            guest: GuestSpec {
+                hpt_order: 0,
+                ..s.guest
+            },
+            ..s.clone()
+        };
+        assert_eq!(qemu.hpt_order(), 25, "QEMU's default for 4 GiB");
     }
 
     #[test]

@@ -251,8 +251,23 @@ fn parse_u32_dec(v: &[u8]) -> Option<u32> {
     u32::try_from(parse_udec(v)?).ok()
 }
 
+/// How much of a bad token an error quotes.
+const EXCERPT_BYTES: usize = 40;
+
+/// A bad token as quoted in an error: at most [`EXCERPT_BYTES`] bytes, escaped
+/// (control characters, NULs and non-ASCII as `\n`, `\x00`...), "..." if cut, so that
+/// a binary file's bytes never reach the terminal raw.
 fn lossy(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
+    let cut = b.len() > EXCERPT_BYTES;
+    let mut s = b
+        .get(..EXCERPT_BYTES)
+        .unwrap_or(b)
+        .escape_ascii()
+        .to_string();
+    if cut {
+        s.push_str("...");
+    }
+    s
 }
 
 /// Splits `line` into words separated by ASCII spaces/tabs.
@@ -747,6 +762,15 @@ mod tests {
     #[test]
     fn errors() {
         assert_eq!(err("H_FOO cpu=0"), LineError::UnknownRecord("H_FOO".into()));
+        let elf = "\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0\x03\0>\0\x01\0\0\0\x10j\0\0\0\0\0\0@\0\0\0\0\0\0\0\0\0\0\0\0\0\0";
+        let LineError::UnknownRecord(q) = err(elf) else {
+            panic!("not an unknown record");
+        };
+        assert!(q.starts_with("\\x7fELF\\x02") && q.ends_with("..."), "{q}");
+        assert!(
+            q.is_ascii() && !q.contains('\0') && q.len() < 4 * EXCERPT_BYTES + 4,
+            "{q}"
+        );
         assert!(matches!(
             err("H_ENTER flags=0x0 ptex=0x0 pteh=0x0 ptel=0x0 -> ret=0"),
             LineError::MissingKey { key: "cpu", .. }
