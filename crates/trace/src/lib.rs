@@ -20,6 +20,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod lex;
 pub mod line;
 pub mod nested;
 pub mod reader;

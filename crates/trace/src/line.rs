@@ -12,6 +12,7 @@
 //!   H_BULK_REMOVE's `rspN`, which the hypervisor writes over the request high word
 //!   `tshN`, i.e. register r(4 + 2N).
 
+use crate::lex::{self, lossy, parse_hex, parse_idec, parse_udec, split_kv, trim_end, Seen, Words};
 use crate::record::{Expected, Hcall, HcallKind, HwBit, Record};
 use thiserror::Error;
 
@@ -81,6 +82,8 @@ pub enum LineError {
     #[error("line longer than {0} bytes")]
     TooLong(usize),
 }
+
+lex::impl_field_error!(LineError, BadNumber);
 
 /// One parsed line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -173,130 +176,16 @@ fn kind_by_name(name: &[u8]) -> Option<HcallKind> {
         .find(|k| k.name().as_bytes() == name)
 }
 
-const BAD: u8 = 0xff;
-const HEX: [u8; 256] = {
-    let mut t = [BAD; 256];
-    let mut i = 0;
-    while i < 10 {
-        t[b'0' as usize + i] = i as u8;
-        i += 1;
-    }
-    let mut i = 0;
-    while i < 6 {
-        t[b'a' as usize + i] = 10 + i as u8;
-        t[b'A' as usize + i] = 10 + i as u8;
-        i += 1;
-    }
-    t
-};
-
-/// `0x`-prefixed hex, 1 to 16 significant digits (leading zeros allowed).
-#[inline]
-fn parse_hex(v: &[u8]) -> Option<u64> {
-    let d = v.strip_prefix(b"0x")?;
-    if d.is_empty() {
-        return None;
-    }
-    let first = d.iter().position(|&c| c != b'0').unwrap_or(d.len());
-    let d_sig = &d[first..];
-    if d_sig.len() > 16 {
-        return None;
-    }
-    let mut x = 0u64;
-    for &c in d_sig {
-        let n = HEX[usize::from(c)];
-        if n == BAD {
-            return None;
-        }
-        x = (x << 4) | u64::from(n);
-    }
-    // Leading zeros must be hex digits too (they are, by construction: b'0').
-    Some(x)
-}
-
-/// Unsigned decimal, no sign, fits in u64.
-#[inline]
-fn parse_udec(v: &[u8]) -> Option<u64> {
-    if v.is_empty() || v.len() > 20 {
-        return None;
-    }
-    let mut x = 0u64;
-    for &c in v {
-        let d = c.wrapping_sub(b'0');
-        if d > 9 {
-            return None;
-        }
-        x = x.checked_mul(10)?.checked_add(u64::from(d))?;
-    }
-    Some(x)
-}
-
-/// Signed decimal (optional leading `-`), fits in i64.
-#[inline]
-fn parse_idec(v: &[u8]) -> Option<i64> {
-    match v.strip_prefix(b"-") {
-        Some(m) => {
-            let u = parse_udec(m)?;
-            if u <= 1 << 63 {
-                Some(0i64.wrapping_sub_unsigned(u))
-            } else {
-                None
-            }
-        }
-        None => i64::try_from(parse_udec(v)?).ok(),
-    }
-}
-
 fn parse_u32_dec(v: &[u8]) -> Option<u32> {
     u32::try_from(parse_udec(v)?).ok()
 }
 
-fn lossy(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// Splits `line` into words separated by ASCII spaces/tabs.
-struct Words<'a> {
-    rest: &'a [u8],
-}
-
-impl<'a> Iterator for Words<'a> {
-    type Item = &'a [u8];
-
-    #[inline]
-    fn next(&mut self) -> Option<&'a [u8]> {
-        let start = self.rest.iter().position(|&c| c != b' ' && c != b'\t')?;
-        let r = &self.rest[start..];
-        let end = r
-            .iter()
-            .position(|&c| c == b' ' || c == b'\t')
-            .unwrap_or(r.len());
-        self.rest = &r[end..];
-        Some(&r[..end])
-    }
-}
-
-#[inline]
-fn split_kv<'a>(record: &'static str, tok: &'a [u8]) -> Result<(&'a [u8], &'a [u8]), LineError> {
-    match tok.iter().position(|&c| c == b'=') {
-        Some(i) if i > 0 => Ok((&tok[..i], &tok[i + 1..])),
-        _ => Err(LineError::BadField {
-            record,
-            token: lossy(tok),
-        }),
-    }
-}
-
 fn bad_number(record: &'static str, key: &'static str, v: &[u8], radix: Radix) -> LineError {
-    LineError::BadNumber {
-        record,
-        key,
-        value: lossy(v),
-        expected: match radix {
-            Radix::Hex => "0x-prefixed hex u64",
-            Radix::Dec => "unsigned decimal",
-        },
-    }
+    let expected = match radix {
+        Radix::Hex => "0x-prefixed hex u64",
+        Radix::Dec => "unsigned decimal",
+    };
+    <LineError as lex::FieldError>::bad_value(record, key, v, expected)
 }
 
 fn num(record: &'static str, key: &'static str, v: &[u8], radix: Radix) -> Result<u64, LineError> {
@@ -309,19 +198,6 @@ fn num(record: &'static str, key: &'static str, v: &[u8], radix: Radix) -> Resul
 
 fn small_dec(record: &'static str, key: &'static str, v: &[u8]) -> Result<u32, LineError> {
     parse_u32_dec(v).ok_or_else(|| bad_number(record, key, v, Radix::Dec))
-}
-
-/// Strips a trailing `\n`, `\r\n` and trailing blanks.
-#[inline]
-fn trim_end(mut line: &[u8]) -> &[u8] {
-    while let [rest @ .., last] = line {
-        if matches!(last, b'\n' | b'\r' | b' ' | b'\t') {
-            line = rest;
-        } else {
-            break;
-        }
-    }
-    line
 }
 
 /// Parses one line (with or without its trailing newline). `lineno` is stored in the record.
@@ -345,7 +221,7 @@ pub fn parse_line(line: &[u8], lineno: u64) -> Result<Line<'_>, LineError> {
             .unwrap_or(c.len());
         return Ok(Line::Comment(&c[s..]));
     }
-    let mut words = Words { rest: line };
+    let mut words = Words::new(line);
     let name = words.next().unwrap_or_default();
     if let Some(kind) = kind_by_name(name) {
         return parse_hcall(kind, words, lineno).map(|h| Line::Record(Record::Hcall(h)));
@@ -373,41 +249,34 @@ pub fn parse_line(line: &[u8], lineno: u64) -> Result<Line<'_>, LineError> {
     Ok(Line::Record(rec))
 }
 
+/// Records made only of required keys, each parsed by `value` (no result).
+fn keyed_fields<T: Copy + Default, const N: usize>(
+    record: &'static str,
+    words: Words<'_>,
+    names: [&'static str; N],
+    value: impl Fn(&'static str, &'static str, &[u8]) -> Result<T, LineError>,
+) -> Result<[T; N], LineError> {
+    let mut vals = [T::default(); N];
+    let mut seen = Seen::new(record, names);
+    for tok in words {
+        if tok == b"->" {
+            return Err(LineError::UnexpectedResult { record });
+        }
+        let (k, v) = split_kv(record, tok)?;
+        let i = seen.mark(k)?;
+        vals[i] = value(record, names[i], v)?;
+    }
+    seen.require(N)?;
+    Ok(vals)
+}
+
 /// Records made only of required small decimal keys.
 fn simple_fields<const N: usize>(
     record: &'static str,
     words: Words<'_>,
     names: [&'static str; N],
 ) -> Result<[u32; N], LineError> {
-    let mut vals = [0u32; N];
-    let mut seen = [false; N];
-    for tok in words {
-        if tok == b"->" {
-            return Err(LineError::UnexpectedResult { record });
-        }
-        let (k, v) = split_kv(record, tok)?;
-        let Some(i) = names.iter().position(|n| n.as_bytes() == k) else {
-            return Err(LineError::UnknownKey {
-                record,
-                key: lossy(k),
-            });
-        };
-        if seen[i] {
-            return Err(LineError::DuplicateKey {
-                record,
-                key: names[i],
-            });
-        }
-        seen[i] = true;
-        vals[i] = small_dec(record, names[i], v)?;
-    }
-    if let Some(i) = seen.iter().position(|s| !s) {
-        return Err(LineError::MissingKey {
-            record,
-            key: names[i],
-        });
-    }
-    Ok(vals)
+    keyed_fields(record, words, names, small_dec)
 }
 
 fn hw_set(
@@ -416,40 +285,14 @@ fn hw_set(
     words: Words<'_>,
     line: u64,
 ) -> Result<Record, LineError> {
-    let names = ["ptex", "pte1"];
-    let mut vals = [0u64; 2];
-    let mut seen = [false; 2];
-    for tok in words {
-        if tok == b"->" {
-            return Err(LineError::UnexpectedResult { record });
-        }
-        let (k, v) = split_kv(record, tok)?;
-        let Some(i) = names.iter().position(|n| n.as_bytes() == k) else {
-            return Err(LineError::UnknownKey {
-                record,
-                key: lossy(k),
-            });
-        };
-        if seen[i] {
-            return Err(LineError::DuplicateKey {
-                record,
-                key: names[i],
-            });
-        }
-        seen[i] = true;
-        vals[i] = num(record, names[i], v, Radix::Hex)?;
-    }
-    if let Some(i) = seen.iter().position(|s| !s) {
-        return Err(LineError::MissingKey {
-            record,
-            key: names[i],
-        });
-    }
+    let [ptex, pte1] = keyed_fields(record, words, ["ptex", "pte1"], |r, k, v| {
+        num(r, k, v, Radix::Hex)
+    })?;
     Ok(Record::HwSet {
         line,
         bit,
-        ptex: vals[0],
-        pte1: vals[1],
+        ptex,
+        pte1,
     })
 }
 

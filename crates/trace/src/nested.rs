@@ -22,10 +22,14 @@
 //! * Only `L1_STORE` is checked against the header (a store inside L1 RAM) and header
 //!   records must come first; everything else is left to the replayer.
 
-use crate::reader::MAX_LINE_BYTES;
-use flate2::bufread::MultiGzDecoder;
-use std::fs::File;
-use std::io::{self, BufRead, BufReader, Read};
+use crate::lex::{
+    self, lossy, parse_hex, parse_idec, parse_udec, split_kv, trim_end, trim_start, FieldError,
+    Seen, Words,
+};
+use crate::reader::{
+    numbered_lines, open_named, open_path, DynBufRead, FormatError, Lines, MAX_LINE_BYTES,
+};
+use std::io::{self, BufRead, Read};
 use std::path::Path;
 use thiserror::Error;
 
@@ -96,7 +100,7 @@ pub enum NestedLineError {
     UnknownOutcome(String),
     /// The header records are missing or out of place.
     #[error("{0}")]
-    Header(&'static str),
+    Header(HeaderError),
     /// An address or gfn range outside L1 RAM where the format requires RAM.
     #[error("{record}: {what} {value:#x} is outside L1 RAM ({ram:#x} bytes)")]
     OutsideRam {
@@ -112,6 +116,25 @@ pub enum NestedLineError {
     /// The line is longer than the reader accepts.
     #[error("line longer than {0} bytes")]
     TooLong(usize),
+}
+
+lex::impl_field_error!(NestedLineError, BadValue);
+
+/// What is wrong with the header of a nested trace (its first two records).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum HeaderError {
+    /// The first record is not `L1_MEMORY`.
+    #[error("the first record must be L1_MEMORY")]
+    NoL1Memory,
+    /// The second record is not `L1_BASE_PAGE`.
+    #[error("the second record must be L1_BASE_PAGE")]
+    NoL1BasePage,
+    /// The file ends before both header records.
+    #[error("the file ends before its header")]
+    Truncated,
+    /// A header record after the first two records.
+    #[error("header record after the first two records")]
+    Repeated,
 }
 
 /// An error reading a nested trace.
@@ -410,99 +433,6 @@ pub enum NestedLine<'a> {
     Record(NestedRecord),
 }
 
-// ---- numbers and words (the same rules as the HPT parser, kept local to this module) ----
-
-/// `0x`-prefixed hex, up to 16 significant digits.
-fn parse_hex(v: &[u8]) -> Option<u64> {
-    let d = v.strip_prefix(b"0x")?;
-    if d.is_empty() {
-        return None;
-    }
-    let first = d.iter().position(|&c| c != b'0').unwrap_or(d.len());
-    let sig = &d[first..];
-    if sig.len() > 16 {
-        return None;
-    }
-    let mut x = 0u64;
-    for &c in sig {
-        let n = match c {
-            b'0'..=b'9' => c - b'0',
-            b'a'..=b'f' => c - b'a' + 10,
-            b'A'..=b'F' => c - b'A' + 10,
-            _ => return None,
-        };
-        x = (x << 4) | u64::from(n);
-    }
-    Some(x)
-}
-
-/// Unsigned decimal that fits u64.
-fn parse_udec(v: &[u8]) -> Option<u64> {
-    if v.is_empty() || v.len() > 20 {
-        return None;
-    }
-    let mut x = 0u64;
-    for &c in v {
-        let d = c.wrapping_sub(b'0');
-        if d > 9 {
-            return None;
-        }
-        x = x.checked_mul(10)?.checked_add(u64::from(d))?;
-    }
-    Some(x)
-}
-
-/// Signed decimal that fits i64.
-fn parse_idec(v: &[u8]) -> Option<i64> {
-    match v.strip_prefix(b"-") {
-        Some(m) => {
-            let u = parse_udec(m)?;
-            if u <= 1 << 63 {
-                Some(0i64.wrapping_sub_unsigned(u))
-            } else {
-                None
-            }
-        }
-        None => i64::try_from(parse_udec(v)?).ok(),
-    }
-}
-
-fn lossy(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-struct Words<'a> {
-    rest: &'a [u8],
-}
-
-impl<'a> Iterator for Words<'a> {
-    type Item = &'a [u8];
-
-    fn next(&mut self) -> Option<&'a [u8]> {
-        let start = self.rest.iter().position(|&c| c != b' ' && c != b'\t')?;
-        let r = &self.rest[start..];
-        let end = r
-            .iter()
-            .position(|&c| c == b' ' || c == b'\t')
-            .unwrap_or(r.len());
-        self.rest = &r[end..];
-        Some(&r[..end])
-    }
-}
-
-fn split_kv<'a>(
-    record: &'static str,
-    tok: &'a [u8],
-) -> Result<(&'a [u8], &'a [u8]), NestedLineError> {
-    match tok.iter().position(|&c| c == b'=') {
-        Some(i) if i > 0 => Ok((&tok[..i], &tok[i + 1..])),
-        _ => Err(NestedLineError::BadField {
-            record,
-            token: lossy(tok),
-        }),
-    }
-}
-
 #[derive(Clone, Copy)]
 enum Kind {
     Hex,
@@ -546,12 +476,7 @@ fn value(record: &'static str, key: &Key, v: &[u8]) -> Result<u64, NestedLineErr
             "r, w or x",
         ),
     };
-    r.ok_or_else(|| NestedLineError::BadValue {
-        record,
-        key: key.name,
-        value: lossy(v),
-        expected,
-    })
+    r.ok_or_else(|| NestedLineError::bad_value(record, key.name, v, expected))
 }
 
 /// Parses `key=value` words until `->` or the end; every key exactly once.
@@ -562,7 +487,7 @@ fn fields<const N: usize>(
     keys: &[Key; N],
 ) -> Result<([u64; N], bool), NestedLineError> {
     let mut vals = [0u64; N];
-    let mut seen = [false; N];
+    let mut seen = Seen::new(record, keys.each_ref().map(|k| k.name));
     let mut arrow = false;
     for tok in words.by_ref() {
         if tok == b"->" {
@@ -570,27 +495,10 @@ fn fields<const N: usize>(
             break;
         }
         let (k, v) = split_kv(record, tok)?;
-        let Some(i) = keys.iter().position(|key| key.name.as_bytes() == k) else {
-            return Err(NestedLineError::UnknownKey {
-                record,
-                key: lossy(k),
-            });
-        };
-        if seen[i] {
-            return Err(NestedLineError::DuplicateKey {
-                record,
-                key: keys[i].name,
-            });
-        }
-        seen[i] = true;
+        let i = seen.mark(k)?;
         vals[i] = value(record, &keys[i], v)?;
     }
-    if let Some(i) = seen.iter().position(|s| !s) {
-        return Err(NestedLineError::MissingKey {
-            record,
-            key: keys[i].name,
-        });
-    }
+    seen.require(N)?;
     Ok((vals, arrow))
 }
 
@@ -645,12 +553,7 @@ fn parse_ranges(
     key: &'static str,
     v: &[u8],
 ) -> Result<GfnRanges, NestedLineError> {
-    let bad = |expected| NestedLineError::BadValue {
-        record,
-        key,
-        value: lossy(v),
-        expected,
-    };
+    let bad = |expected| NestedLineError::bad_value(record, key, v, expected);
     if v == b"-" {
         return Ok(GfnRanges::default());
     }
@@ -748,28 +651,14 @@ fn ranges_result(
         }
         let (k, v) = split_kv(record, tok)?;
         if k != key.as_bytes() {
-            return Err(NestedLineError::UnknownKey {
-                record,
-                key: lossy(k),
-            });
+            return Err(NestedLineError::unknown_key(record, k));
         }
         if ranges.is_some() {
-            return Err(NestedLineError::DuplicateKey { record, key });
+            return Err(NestedLineError::duplicate_key(record, key));
         }
         ranges = Some(parse_ranges(record, key, v)?);
     }
     ranges.ok_or(NestedLineError::MissingKey { record, key })
-}
-
-fn trim_end(mut line: &[u8]) -> &[u8] {
-    while let [rest @ .., last] = line {
-        if matches!(last, b'\n' | b'\r' | b' ' | b'\t') {
-            line = rest;
-        } else {
-            break;
-        }
-    }
-    line
 }
 
 /// Parses one line of a nested trace (with or without its newline); `lineno` is stored
@@ -791,7 +680,7 @@ pub fn parse_nested_line(line: &[u8], lineno: u64) -> Result<NestedLine<'_>, Nes
             .unwrap_or(c.len());
         return Ok(NestedLine::Comment(&c[s..]));
     }
-    let mut words = Words { rest: line };
+    let mut words = Words::new(line);
     let name = words.next().unwrap_or_default();
     let w = &mut words;
     let rec = match name {
@@ -926,9 +815,9 @@ pub fn looks_nested(text: &[u8]) -> bool {
 /// of place. (Host ranges are not checked: a notifier range may extend past the slot.)
 fn check_body(h: &NestedHeader, r: &NestedRecord) -> Result<(), NestedLineError> {
     match *r {
-        NestedRecord::L1Memory { .. } | NestedRecord::L1BasePage { .. } => Err(
-            NestedLineError::Header("header record after the first two records"),
-        ),
+        NestedRecord::L1Memory { .. } | NestedRecord::L1BasePage { .. } => {
+            Err(NestedLineError::Header(HeaderError::Repeated))
+        }
         NestedRecord::L1Store { gpa, .. }
             if gpa.checked_add(8).is_none_or(|e| e > h.l1_memory_bytes) =>
         {
@@ -945,23 +834,31 @@ fn check_body(h: &NestedHeader, r: &NestedRecord) -> Result<(), NestedLineError>
 
 /// Streams a nested trace: header first, then one record at a time.
 pub struct NestedReader<R> {
-    inner: R,
-    file: String,
-    buf: Vec<u8>,
-    line: u64,
+    lines: Lines<R>,
     header: NestedHeader,
 }
 
-impl NestedReader<Box<dyn BufRead + Send>> {
+impl FormatError for NestedTraceError {
+    type Line = NestedLineError;
+
+    fn io(file: String, source: io::Error) -> Self {
+        NestedTraceError::Io { file, source }
+    }
+
+    fn malformed(file: String, line: u64, kind: NestedLineError) -> Self {
+        NestedTraceError::Malformed { file, line, kind }
+    }
+
+    fn too_long() -> NestedLineError {
+        NestedLineError::TooLong(MAX_LINE_BYTES)
+    }
+}
+
+impl NestedReader<DynBufRead> {
     /// Opens `path`, decompressing if it starts with the gzip magic, and reads the header.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, NestedTraceError> {
-        let path = path.as_ref();
-        let name = path.display().to_string();
-        let f = File::open(path).map_err(|source| NestedTraceError::Io {
-            file: name.clone(),
-            source,
-        })?;
-        Self::from_reader(f, name)
+        let (inner, name) = open_path(path.as_ref())?;
+        NestedReader::new(inner, name)
     }
 
     /// Wraps any byte source (gzip detected by magic) and reads the header.
@@ -970,19 +867,12 @@ impl NestedReader<Box<dyn BufRead + Send>> {
         file: impl Into<String>,
     ) -> Result<Self, NestedTraceError> {
         let file = file.into();
-        let inner = open_text(r, &file)?;
-        NestedReader::new(inner, file)
+        NestedReader::new(open_named(r, &file)?, file)
     }
 
     /// Whether the file at `path` is a nested trace (by content, gzip or plain).
     pub fn detect(path: impl AsRef<Path>) -> Result<bool, NestedTraceError> {
-        let path = path.as_ref();
-        let name = path.display().to_string();
-        let f = File::open(path).map_err(|source| NestedTraceError::Io {
-            file: name.clone(),
-            source,
-        })?;
-        let mut inner = open_text(f, &name)?;
+        let (mut inner, name) = open_path::<NestedTraceError>(path.as_ref())?;
         let mut line = Vec::new();
         loop {
             line.clear();
@@ -996,51 +886,20 @@ impl NestedReader<Box<dyn BufRead + Send>> {
             if n == 0 {
                 return Ok(false);
             }
-            let t = trim_end(&line);
-            let s = t
-                .iter()
-                .position(|&c| c != b' ' && c != b'\t')
-                .unwrap_or(t.len());
-            if t[s..].is_empty() || t[s..].starts_with(b"#") {
+            let t = trim_start(trim_end(&line));
+            if t.is_empty() || t.starts_with(b"#") {
                 continue;
             }
-            return Ok(looks_nested(&t[s..]));
+            return Ok(looks_nested(t));
         }
     }
-}
-
-fn open_text<R: Read + Send + 'static>(
-    r: R,
-    file: &str,
-) -> Result<Box<dyn BufRead + Send>, NestedTraceError> {
-    let mut br = BufReader::with_capacity(1 << 16, r);
-    let gz = loop {
-        match br.fill_buf() {
-            Ok(b) => break b.starts_with(&[0x1f, 0x8b]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(source) => {
-                return Err(NestedTraceError::Io {
-                    file: file.to_owned(),
-                    source,
-                })
-            }
-        }
-    };
-    Ok(if gz {
-        Box::new(BufReader::with_capacity(1 << 16, MultiGzDecoder::new(br)))
-    } else {
-        Box::new(br)
-    })
 }
 
 impl<R: BufRead> NestedReader<R> {
     /// Reads plain text from `inner` (`file` names it in errors) and its header.
     pub fn new(inner: R, file: impl Into<String>) -> Result<Self, NestedTraceError> {
         let mut r = NestedReader {
-            inner,
-            file: file.into(),
-            buf: Vec::with_capacity(512),
-            line: 0,
+            lines: Lines::new(inner, file.into(), 512),
             header: NestedHeader {
                 l1_memory_bytes: 0,
                 l0_page_shift: 0,
@@ -1054,17 +913,17 @@ impl<R: BufRead> NestedReader<R> {
                 ..
             }) => (bytes, l0_page_shift),
             _ => {
-                return Err(r.malformed(NestedLineError::Header(
-                    "the first record must be L1_MEMORY",
-                )))
+                return Err(r
+                    .lines
+                    .malformed(NestedLineError::Header(HeaderError::NoL1Memory)))
             }
         };
         let l1_base_page_shift = match r.next_raw()? {
             Some(NestedRecord::L1BasePage { shift, .. }) => shift,
             _ => {
-                return Err(r.malformed(NestedLineError::Header(
-                    "the second record must be L1_BASE_PAGE",
-                )))
+                return Err(r
+                    .lines
+                    .malformed(NestedLineError::Header(HeaderError::NoL1BasePage)))
             }
         };
         r.header = NestedHeader {
@@ -1082,74 +941,21 @@ impl<R: BufRead> NestedReader<R> {
 
     /// The file name used in errors.
     pub fn file(&self) -> &str {
-        &self.file
+        self.lines.file()
     }
 
     /// The 1-based number of the line last read.
     pub fn line_number(&self) -> u64 {
-        self.line
-    }
-
-    fn malformed(&self, kind: NestedLineError) -> NestedTraceError {
-        NestedTraceError::Malformed {
-            file: self.file.clone(),
-            line: self.line,
-            kind,
-        }
-    }
-
-    fn io(&self, source: io::Error) -> NestedTraceError {
-        NestedTraceError::Io {
-            file: self.file.clone(),
-            source,
-        }
-    }
-
-    fn fill_line(&mut self) -> Result<bool, NestedTraceError> {
-        self.buf.clear();
-        loop {
-            let avail = match self.inner.fill_buf() {
-                Ok(b) => b,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(source) => return Err(self.io(source)),
-            };
-            if avail.is_empty() {
-                if self.buf.is_empty() {
-                    return Ok(false);
-                }
-                break;
-            }
-            let (take, done) = match memchr::memchr(b'\n', avail) {
-                Some(i) => (i + 1, true),
-                None => (avail.len(), false),
-            };
-            if self.buf.len() + take > MAX_LINE_BYTES {
-                self.line += 1;
-                return Err(self.malformed(NestedLineError::TooLong(MAX_LINE_BYTES)));
-            }
-            if self.buf.try_reserve(take).is_err() {
-                return Err(self.io(io::Error::from(io::ErrorKind::OutOfMemory)));
-            }
-            self.buf.extend_from_slice(&avail[..take]);
-            self.inner.consume(take);
-            if done {
-                break;
-            }
-        }
-        self.line += 1;
-        Ok(true)
+        self.lines.line_number()
     }
 
     /// The next record, header included, unchecked against the header.
     fn next_raw(&mut self) -> Result<Option<NestedRecord>, NestedTraceError> {
         loop {
-            if !self.fill_line()? {
-                return Ok(None);
-            }
-            match parse_nested_line(&self.buf, self.line) {
-                Ok(NestedLine::Record(r)) => return Ok(Some(r)),
-                Ok(_) => {}
-                Err(kind) => return Err(self.malformed(kind)),
+            match self.lines.next_parsed(parse_nested_line)? {
+                None => return Ok(None),
+                Some(NestedLine::Record(r)) => return Ok(Some(r)),
+                Some(_) => {}
             }
         }
     }
@@ -1159,7 +965,7 @@ impl<R: BufRead> NestedReader<R> {
         let Some(r) = self.next_raw()? else {
             return Ok(None);
         };
-        check_body(&self.header, &r).map_err(|k| self.malformed(k))?;
+        check_body(&self.header, &r).map_err(|k| self.lines.malformed(k))?;
         Ok(Some(r))
     }
 }
@@ -1180,21 +986,13 @@ pub fn for_each_nested_record(
     file: &str,
     mut f: impl FnMut(NestedRecord),
 ) -> Result<(NestedHeader, u64), NestedTraceError> {
-    let mut rest = text;
     let mut lineno = 0u64;
     let mut n = 0u64;
     let mut bytes = None;
     let mut header = None;
-    let err = |line, kind| NestedTraceError::Malformed {
-        file: file.to_owned(),
-        line,
-        kind,
-    };
-    while !rest.is_empty() {
-        lineno += 1;
-        let end = memchr::memchr(b'\n', rest).map_or(rest.len(), |i| i + 1);
-        let (line, tail) = rest.split_at(end);
-        rest = tail;
+    let err = |line, kind| NestedTraceError::malformed(file.to_owned(), line, kind);
+    for (no, line) in numbered_lines(text) {
+        lineno = no;
         let rec = match parse_nested_line(line, lineno) {
             Ok(NestedLine::Record(r)) => r,
             Ok(_) => continue,
@@ -1220,7 +1018,7 @@ pub fn for_each_nested_record(
             (None, None, _) => {
                 return Err(err(
                     lineno,
-                    NestedLineError::Header("the first record must be L1_MEMORY"),
+                    NestedLineError::Header(HeaderError::NoL1Memory),
                 ))
             }
             (None, Some((b, s)), NestedRecord::L1BasePage { shift, .. }) => {
@@ -1233,17 +1031,14 @@ pub fn for_each_nested_record(
             (None, Some(_), _) => {
                 return Err(err(
                     lineno,
-                    NestedLineError::Header("the second record must be L1_BASE_PAGE"),
+                    NestedLineError::Header(HeaderError::NoL1BasePage),
                 ))
             }
         }
     }
     match header {
         Some(h) => Ok((h, n)),
-        None => Err(err(
-            lineno,
-            NestedLineError::Header("the file ends before its header"),
-        )),
+        None => Err(err(lineno, NestedLineError::Header(HeaderError::Truncated))),
     }
 }
 

@@ -1,0 +1,284 @@
+//! The lexical rules every trace format shares: numbers, words, `key=value` fields and
+//! the field errors built from them.
+//!
+//! Invariants:
+//! * Nothing here panics or allocates on success; errors copy the offending bytes.
+//! * Hex numbers are `0x`-prefixed with 1 to 16 significant digits (leading zeros
+//!   allowed, either case); decimals are unsigned (or signed with a leading `-`) and must
+//!   fit their type.
+
+/// The marker in [`HEX`] for a byte that is not a hex digit.
+const BAD: u8 = 0xff;
+
+/// Hex digit value by byte ([`BAD`] for non-digits).
+const HEX: [u8; 256] = {
+    let mut t = [BAD; 256];
+    let mut i = 0;
+    while i < 10 {
+        t[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        t[b'a' as usize + i] = 10 + i as u8;
+        t[b'A' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    t
+};
+
+/// `0x`-prefixed hex, 1 to 16 significant digits (leading zeros allowed).
+#[inline]
+pub(crate) fn parse_hex(v: &[u8]) -> Option<u64> {
+    let d = v.strip_prefix(b"0x")?;
+    if d.is_empty() {
+        return None;
+    }
+    let first = d.iter().position(|&c| c != b'0').unwrap_or(d.len());
+    let sig = &d[first..];
+    if sig.len() > 16 {
+        return None;
+    }
+    let mut x = 0u64;
+    for &c in sig {
+        let n = HEX[usize::from(c)];
+        if n == BAD {
+            return None;
+        }
+        x = (x << 4) | u64::from(n);
+    }
+    Some(x)
+}
+
+/// Unsigned decimal, no sign, fits in u64.
+#[inline]
+pub(crate) fn parse_udec(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 20 {
+        return None;
+    }
+    let mut x = 0u64;
+    for &c in v {
+        let d = c.wrapping_sub(b'0');
+        if d > 9 {
+            return None;
+        }
+        x = x.checked_mul(10)?.checked_add(u64::from(d))?;
+    }
+    Some(x)
+}
+
+/// Signed decimal (optional leading `-`), fits in i64.
+#[inline]
+pub(crate) fn parse_idec(v: &[u8]) -> Option<i64> {
+    match v.strip_prefix(b"-") {
+        Some(m) => {
+            let u = parse_udec(m)?;
+            if u <= 1 << 63 {
+                Some(0i64.wrapping_sub_unsigned(u))
+            } else {
+                None
+            }
+        }
+        None => i64::try_from(parse_udec(v)?).ok(),
+    }
+}
+
+/// The bytes as a (lossily decoded) string, for an error message.
+pub(crate) fn lossy(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Splits a line into words separated by ASCII spaces/tabs.
+pub(crate) struct Words<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Words<'a> {
+    /// The words of `line`.
+    #[inline]
+    pub(crate) fn new(line: &'a [u8]) -> Self {
+        Words { rest: line }
+    }
+}
+
+impl<'a> Iterator for Words<'a> {
+    type Item = &'a [u8];
+
+    #[inline]
+    fn next(&mut self) -> Option<&'a [u8]> {
+        let start = self.rest.iter().position(|&c| c != b' ' && c != b'\t')?;
+        let r = &self.rest[start..];
+        let end = r
+            .iter()
+            .position(|&c| c == b' ' || c == b'\t')
+            .unwrap_or(r.len());
+        self.rest = &r[end..];
+        Some(&r[..end])
+    }
+}
+
+/// Strips a trailing `\n`, `\r\n` and trailing blanks.
+#[inline]
+pub(crate) fn trim_end(mut line: &[u8]) -> &[u8] {
+    while let [rest @ .., last] = line {
+        if matches!(last, b'\n' | b'\r' | b' ' | b'\t') {
+            line = rest;
+        } else {
+            break;
+        }
+    }
+    line
+}
+
+/// Strips leading blanks (spaces and tabs).
+#[inline]
+pub(crate) fn trim_start(line: &[u8]) -> &[u8] {
+    let s = line
+        .iter()
+        .position(|&c| c != b' ' && c != b'\t')
+        .unwrap_or(line.len());
+    &line[s..]
+}
+
+/// The field errors every line format has: one constructor per shared variant.
+pub(crate) trait FieldError: Sized {
+    /// A word that is not `key=value`.
+    fn bad_field(record: &'static str, token: &[u8]) -> Self;
+    /// A value that is not of the form `expected` describes.
+    fn bad_value(record: &'static str, key: &'static str, v: &[u8], expected: &'static str)
+        -> Self;
+    /// A key this record does not have.
+    fn unknown_key(record: &'static str, key: &[u8]) -> Self;
+    /// A key given twice.
+    fn duplicate_key(record: &'static str, key: &'static str) -> Self;
+    /// A required key that is missing.
+    fn missing_key(record: &'static str, key: &'static str) -> Self;
+}
+
+/// Implements [`FieldError`] for a line-error enum with the shared variant names
+/// (`BadField`, `UnknownKey`, `DuplicateKey`, `MissingKey` and the named bad-value one).
+macro_rules! impl_field_error {
+    ($ty:ty, $bad_value:ident) => {
+        impl $crate::lex::FieldError for $ty {
+            fn bad_field(record: &'static str, token: &[u8]) -> Self {
+                Self::BadField {
+                    record,
+                    token: $crate::lex::lossy(token),
+                }
+            }
+            fn bad_value(
+                record: &'static str,
+                key: &'static str,
+                v: &[u8],
+                expected: &'static str,
+            ) -> Self {
+                Self::$bad_value {
+                    record,
+                    key,
+                    value: $crate::lex::lossy(v),
+                    expected,
+                }
+            }
+            fn unknown_key(record: &'static str, key: &[u8]) -> Self {
+                Self::UnknownKey {
+                    record,
+                    key: $crate::lex::lossy(key),
+                }
+            }
+            fn duplicate_key(record: &'static str, key: &'static str) -> Self {
+                Self::DuplicateKey { record, key }
+            }
+            fn missing_key(record: &'static str, key: &'static str) -> Self {
+                Self::MissingKey { record, key }
+            }
+        }
+    };
+}
+pub(crate) use impl_field_error;
+
+/// Splits `key=value` (the key non-empty) at the first `=`.
+#[inline]
+pub(crate) fn split_kv<'a, E: FieldError>(
+    record: &'static str,
+    tok: &'a [u8],
+) -> Result<(&'a [u8], &'a [u8]), E> {
+    match tok.iter().position(|&c| c == b'=') {
+        Some(i) if i > 0 => Ok((&tok[..i], &tok[i + 1..])),
+        _ => Err(E::bad_field(record, tok)),
+    }
+}
+
+/// Tracks which keys of a record were seen.
+pub(crate) struct Seen<const N: usize> {
+    record: &'static str,
+    keys: [&'static str; N],
+    seen: [bool; N],
+}
+
+impl<const N: usize> Seen<N> {
+    /// No key of `keys` seen yet.
+    pub(crate) fn new(record: &'static str, keys: [&'static str; N]) -> Self {
+        Seen {
+            record,
+            keys,
+            seen: [false; N],
+        }
+    }
+
+    /// Marks `k` seen; its index, or an unknown/duplicate-key error.
+    pub(crate) fn mark<E: FieldError>(&mut self, k: &[u8]) -> Result<usize, E> {
+        let Some(i) = self.keys.iter().position(|n| n.as_bytes() == k) else {
+            return Err(E::unknown_key(self.record, k));
+        };
+        if self.seen[i] {
+            return Err(E::duplicate_key(self.record, self.keys[i]));
+        }
+        self.seen[i] = true;
+        Ok(i)
+    }
+
+    /// Errors if any of the first `required` keys is missing.
+    pub(crate) fn require<E: FieldError>(&self, required: usize) -> Result<(), E> {
+        match (0..required.min(N)).find(|&i| !self.seen[i]) {
+            Some(i) => Err(E::missing_key(self.record, self.keys[i])),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_follow_the_shared_rules() {
+        let hex: [(&[u8], Option<u64>); 8] = [
+            (b"0x0", Some(0)),
+            (b"0xAbC", Some(0xabc)),
+            (b"0x00000000000000000ffffffffffffffff", Some(u64::MAX)),
+            (b"0x1ffffffffffffffff", None),
+            (b"0x", None),
+            (b"12", None),
+            (b"0xg", None),
+            (b"0X1", None),
+        ];
+        for (v, want) in hex {
+            assert_eq!(parse_hex(v), want, "{}", lossy(v));
+        }
+        assert_eq!(parse_udec(b"18446744073709551615"), Some(u64::MAX));
+        assert_eq!(parse_udec(b"18446744073709551616"), None);
+        assert_eq!(parse_udec(b"-1"), None);
+        assert_eq!(parse_idec(b"-9223372036854775808"), Some(i64::MIN));
+        assert_eq!(parse_idec(b"-9223372036854775809"), None);
+        assert_eq!(parse_idec(b"9223372036854775808"), None);
+        assert_eq!(parse_idec(b"-0"), Some(0));
+    }
+
+    #[test]
+    fn words_and_trims() {
+        let w: Vec<_> = Words::new(b" \ta  b\tc ").collect();
+        assert_eq!(w, [&b"a"[..], b"b", b"c"]);
+        assert_eq!(trim_end(b"x y \t\r\n"), b"x y");
+        assert_eq!(trim_start(b" \t x "), b"x ");
+    }
+}
