@@ -29,6 +29,7 @@ pub mod pool;
 pub mod pte_list;
 pub mod ring;
 pub mod sync;
+mod word;
 
 pub use addr::{
     Gfn, Gpa, Hva, Lpid, Ptex, SlotId, VcpuId, VcpuIdError, MAX_VCPUS, PAGE_SHIFT, PAGE_SIZE,

@@ -251,9 +251,6 @@ pub enum NestedLink {
 pub struct NestedRmapVal(u64);
 
 impl NestedRmapVal {
-    /// The empty word.
-    pub const EMPTY: Self = Self(0);
-
     /// An inline (tagged) entry.
     #[inline(always)]
     pub const fn inline(e: NestedRmapEntry) -> Self {
@@ -264,24 +261,6 @@ impl NestedRmapVal {
     #[inline(always)]
     pub const fn node(idx: NodeIdx) -> Self {
         Self(((idx.raw() as u64) << NODE_REF_SHIFT) | NODE_REF_MARK)
-    }
-
-    /// Wrap a raw value (validated by [`Self::decode`]).
-    #[inline(always)]
-    pub const fn from_raw(raw: u64) -> Self {
-        Self(raw)
-    }
-
-    /// The raw value.
-    #[inline(always)]
-    pub const fn bits(self) -> u64 {
-        self.0
-    }
-
-    /// The lock bit.
-    #[inline(always)]
-    pub const fn is_locked(self) -> bool {
-        self.0 & NESTED_RMAP_LOCK != 0
     }
 
     /// Decode, rejecting malformed values (including a set lock bit).
@@ -306,11 +285,7 @@ impl NestedRmapVal {
     }
 }
 
-impl core::fmt::Debug for NestedRmapVal {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(f, "NestedRmapVal({:#x}: {:?})", self.0, self.decode())
-    }
-}
+crate::word::head_word_accessors!(NestedRmapVal, NESTED_RMAP_LOCK);
 
 /// A list node (`struct rmap_nested`): an untagged entry and the next link. 16 bytes.
 ///
@@ -324,16 +299,7 @@ pub struct NestedNode {
 }
 
 impl NestedNode {
-    #[inline(always)]
-    fn entry(&self) -> u64 {
-        // ORDERING: Relaxed under the word lock (module docs).
-        self.entry.load(Ordering::Relaxed)
-    }
-    #[inline(always)]
-    fn set_entry(&self, v: u64) {
-        // ORDERING: Relaxed under the word lock (module docs).
-        self.entry.store(v, Ordering::Relaxed)
-    }
+    crate::word::relaxed_fields!(entry / set_entry: entry -> u64);
     #[inline(always)]
     fn next(&self) -> NestedRmapVal {
         // ORDERING: Relaxed under the word lock (module docs).

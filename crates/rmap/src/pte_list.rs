@@ -176,9 +176,6 @@ pub enum HeadKind {
 pub struct RmapHeadVal(u64);
 
 impl RmapHeadVal {
-    /// The empty head.
-    pub const EMPTY: Self = Self(0);
-
     /// A head holding one entry.
     #[inline(always)]
     pub const fn single(spte: SpteHandle) -> Self {
@@ -189,24 +186,6 @@ impl RmapHeadVal {
     #[inline(always)]
     pub const fn many(idx: NodeIdx) -> Self {
         Self(((idx.raw() as u64) << RMAP_DESC_SHIFT) | KVM_RMAP_MANY)
-    }
-
-    /// Wrap a raw value (not validated; see [`Self::decode`]).
-    #[inline(always)]
-    pub const fn from_raw(raw: u64) -> Self {
-        Self(raw)
-    }
-
-    /// The raw 64-bit value.
-    #[inline(always)]
-    pub const fn bits(self) -> u64 {
-        self.0
-    }
-
-    /// The lock bit.
-    #[inline(always)]
-    pub const fn is_locked(self) -> bool {
-        self.0 & KVM_RMAP_LOCKED != 0
     }
 
     /// Decode, rejecting malformed values (lock bit set, bad handle, bad index).
@@ -232,11 +211,7 @@ impl RmapHeadVal {
     }
 }
 
-impl core::fmt::Debug for RmapHeadVal {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(f, "RmapHeadVal({:#x}: {:?})", self.0, self.decode())
-    }
-}
+crate::word::head_word_accessors!(RmapHeadVal, KVM_RMAP_LOCKED);
 
 /// One pte_list descriptor (`struct pte_list_desc`): 128 bytes, 14 entries.
 ///
@@ -258,36 +233,11 @@ pub struct PteListDesc {
 // Every access below is made under the owning head's lock (or, for a vacant
 // descriptor, by the pool): the lock's Acquire/Release orders them, so each is Relaxed.
 impl PteListDesc {
-    #[inline(always)]
-    fn more(&self) -> u32 {
-        // ORDERING: Relaxed under the head lock (module docs).
-        self.more.load(Ordering::Relaxed)
-    }
-    #[inline(always)]
-    fn set_more(&self, v: u32) {
-        // ORDERING: Relaxed under the head lock (module docs).
-        self.more.store(v, Ordering::Relaxed)
-    }
-    #[inline(always)]
-    fn count(&self) -> u32 {
-        // ORDERING: Relaxed under the head lock (module docs).
-        self.spte_count.load(Ordering::Relaxed)
-    }
-    #[inline(always)]
-    fn set_count(&self, v: u32) {
-        // ORDERING: Relaxed under the head lock (module docs).
-        self.spte_count.store(v, Ordering::Relaxed)
-    }
-    #[inline(always)]
-    fn tail(&self) -> u32 {
-        // ORDERING: Relaxed under the head lock (module docs).
-        self.tail_count.load(Ordering::Relaxed)
-    }
-    #[inline(always)]
-    fn set_tail(&self, v: u32) {
-        // ORDERING: Relaxed under the head lock (module docs).
-        self.tail_count.store(v, Ordering::Relaxed)
-    }
+    crate::word::relaxed_fields!(
+        more / set_more: more -> u32,
+        count / set_count: spte_count -> u32,
+        tail / set_tail: tail_count -> u32,
+    );
     #[inline(always)]
     fn spte(&self, i: usize) -> u64 {
         // ORDERING: Relaxed under the head lock (module docs).

@@ -9,10 +9,10 @@
 //! into another) and requires the checker to notice.
 #![cfg(not(loom))]
 
+mod common;
+
 use proptest::prelude::*;
 use proptest::strategy::Union;
-use proptest::test_runner::Config;
-use proptest::test_runner::FileFailurePersistence;
 use proptest_state_machine::{prop_state_machine, ReferenceStateMachine, StateMachineTest};
 use revmap_rmap::ring::{
     check_rmaps, HpteLockArray, HpteLocks, Revmap, RmapArray, RmapViolation, RmapWord, Visit,
@@ -359,11 +359,7 @@ fn ring_of(sut: &Sut, gfn: u64) -> Vec<u32> {
 }
 
 prop_state_machine! {
-    #![proptest_config(Config {
-        cases: 256,
-        failure_persistence: Some(Box::new(FileFailurePersistence::SourceParallel("proptest-regressions"))),
-        .. Config::default()
-    })]
+    #![proptest_config(common::config(256))]
 
     /// Random op sequences keep the rings equal to the model and the checker green.
     #[test]
@@ -371,7 +367,7 @@ prop_state_machine! {
 }
 
 proptest! {
-    #![proptest_config(Config { cases: 256, failure_persistence: Some(Box::new(FileFailurePersistence::SourceParallel("proptest-regressions"))), ..Config::default() })]
+    #![proptest_config(common::config(256))]
 
     /// Linking an HPTE that is still on gfn A's chain into gfn B's (what an HPT reset
     /// without an rmap reset does, reference D3) is caught by the checker.
