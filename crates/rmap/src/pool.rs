@@ -2,7 +2,8 @@
 //!
 //! KVM allocates rmap descriptors from per-vCPU memory caches topped up *before* the MMU
 //! lock is taken (`mmu_topup_memory_caches`), so that allocation under the lock never
-//! sleeps and never fails (reference C.1, D1, invariant 38). This module is that design:
+//! sleeps and never fails: the fault path never fails for want of memory once its cache is
+//! topped up. This module is that design:
 //!
 //! * A [`Pool`] owns the nodes. They live in up to [`NCHUNKS`] chunks of geometrically
 //!   growing size (chunk `k` holds `2^CHUNK_BASE_SHIFT << k` nodes), each published once

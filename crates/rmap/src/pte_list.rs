@@ -1,5 +1,6 @@
 //! The x86 shadow-MMU rmap (`pte_list`): a tagged head word per (slot, gfn, level)
-//! over 128-byte descriptors of 14 SPTE handles (modern KVM, reference C.3-C.5).
+//! over 128-byte descriptors of 14 SPTE handles (modern KVM's `pte_list_add`,
+//! `pte_list_remove` and `kvm_rmap_lock` in `arch/x86/kvm/mmu/mmu.c`).
 //!
 //! # Encoding of the head word ([`RmapHeadVal`], KVM's `kvm_rmap_head.val`)
 //!
@@ -25,25 +26,26 @@
 //! frees the head when it empties. Descriptors come from a [`Pool`]; allocation draws on
 //! a [`NodeCache`] topped up before the lock is taken.
 //!
-//! # Invariants (reference E.32-34 and 36, checked by [`check_pte_list`] /
+//! # Invariants (checked by [`check_pte_list`] /
 //! [`check_rmap_head`] / [`check_pte_lists`])
 //!
-//! 32. The head is 0, a valid single handle, or a descriptor index with bit 0 set;
-//!     `KVM_RMAP_LOCKED` is clear at rest.
-//! 33. Every tail descriptor has 14 entries; the head descriptor 1..=14; each
-//!     `tail_count` is 14 × the descriptors after it; no descriptor is empty.
-//! 34. `sptes[0..spte_count]` are valid handles, `sptes[spte_count..14]` are 0.
-//! 36. After [`PteListGuard::rmap_add`] returns, the count is at most
-//!     [`RMAP_RECYCLE_THRESHOLD`].
+//! 1. The head is 0, a valid single handle, or a descriptor index with bit 0 set;
+//!    `KVM_RMAP_LOCKED` is clear at rest.
+//! 2. Every tail descriptor has 14 entries; the head descriptor 1..=14; each
+//!    `tail_count` is 14 × the descriptors after it; no descriptor is empty.
+//! 3. `sptes[0..spte_count]` are valid handles, `sptes[spte_count..14]` are 0.
+//! 4. After [`PteListGuard::rmap_add`] returns, the count is at most
+//!    [`RMAP_RECYCLE_THRESHOLD`].
 //!
-//! # Locking (reference C.5)
+//! # Locking (KVM's `kvm_rmap_lock` / `kvm_rmap_lock_readonly`)
 //!
 //! Every change of a list happens under its head's bit lock ([`PteListHead::lock`]): an
 //! `Acquire` read-modify-write to lock and a `Release` store of the new head value to
 //! unlock, which publishes every descriptor write made under the lock. Walkers that do
 //! not modify (aging) use [`PteListHead::lock_readonly`], which elides the lock on an
 //! empty head (as KVM does) and otherwise unlocks with the same `Release` store of the
-//! unchanged value (D20: a relaxed read-only unlock would let the reads move past it).
+//! unchanged value (a relaxed read-only unlock would let the reads move past it, as
+//! KVM's review of `kvm_rmap_unlock_readonly` found).
 //! Unlike KVM, writers always take the lock, even on an empty head: KVM relies on
 //! `mmu_lock` held for write to exclude other writers, revmap does not assume one.
 //! Descriptor fields are atomics accessed `Relaxed` under the lock.
@@ -540,7 +542,7 @@ impl PteListGuard<'_> {
     /// that a remote TLB flush for the gfn is needed.
     ///
     /// KVM compares the count *before* the add (so 1001 entries may persist); revmap
-    /// compares the count after it, so invariant 36 holds literally: no count above the
+    /// compares the count after it, so invariant 4 holds literally: no count above the
     /// threshold survives a return.
     pub fn rmap_add<F: FnMut(SpteHandle)>(
         &mut self,
@@ -561,7 +563,7 @@ impl PteListGuard<'_> {
 }
 
 /// A read-only head lock (`kvm_rmap_lock_readonly`), or nothing for an empty head.
-/// Dropping it stores the unchanged value with `Release` (D20).
+/// Dropping it stores the unchanged value with `Release` (a relaxed one would let the reads move past it).
 #[must_use = "dropping the guard unlocks immediately"]
 #[derive(Debug)]
 pub struct PteListReadGuard<'a>(Option<BitLockGuard<'a>>);
@@ -701,16 +703,16 @@ impl Iterator for PteListIter<'_> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum PteListCheckError {
-    /// The lock bit is set at rest (invariant 32).
+    /// The lock bit is set at rest (invariant 1).
     #[error("head {0:#x} is locked at rest")]
     Locked(u64),
-    /// The head word is malformed (invariant 32).
+    /// The head word is malformed (invariant 1).
     #[error("malformed head word {0:#x}")]
     BadHead(u64),
     /// A descriptor index names no live descriptor.
     #[error("descriptor {0} is outside the pool or vacant")]
     BadDesc(u32),
-    /// The head descriptor has 0 or more than 14 entries (invariant 33).
+    /// The head descriptor has 0 or more than 14 entries (invariant 2).
     #[error("head descriptor {idx} has {count} entries")]
     HeadCount {
         /// Descriptor index.
@@ -718,7 +720,7 @@ pub enum PteListCheckError {
         /// Its spte_count.
         count: u32,
     },
-    /// A tail descriptor is not full (invariant 33).
+    /// A tail descriptor is not full (invariant 2).
     #[error("tail descriptor {idx} has {count} entries, not 14")]
     TailNotFull {
         /// Descriptor index.
@@ -726,7 +728,7 @@ pub enum PteListCheckError {
         /// Its spte_count.
         count: u32,
     },
-    /// A tail_count disagrees with the descriptors that follow (invariant 33).
+    /// A tail_count disagrees with the descriptors that follow (invariant 2).
     #[error("descriptor {idx}: tail_count {found}, expected {expected}")]
     TailCount {
         /// Descriptor index.
@@ -737,7 +739,7 @@ pub enum PteListCheckError {
         found: u32,
     },
     /// An entry below spte_count is not a valid handle, or one above it is not 0
-    /// (invariant 34).
+    /// (invariant 3).
     #[error("descriptor {idx} slot {slot} holds {raw:#x}")]
     BadSlot {
         /// Descriptor index.
@@ -750,7 +752,7 @@ pub enum PteListCheckError {
     /// A descriptor is reachable twice (a cycle, or shared by two heads).
     #[error("descriptor {0} reached twice")]
     SharedDesc(u32),
-    /// The count is above [`RMAP_RECYCLE_THRESHOLD`] (invariant 36).
+    /// The count is above [`RMAP_RECYCLE_THRESHOLD`] (invariant 4).
     #[error("rmap holds {0} entries, above the recycle threshold")]
     OverThreshold(usize),
     /// The checker could not allocate scratch memory.
@@ -790,7 +792,7 @@ impl PteListStats {
     }
 }
 
-/// Walk one head's chain checking invariants 32-34; calls `visit` on each descriptor
+/// Walk one head's chain checking invariants 1-3; calls `visit` on each descriptor
 /// index. Returns (entries, descriptors).
 fn check_one(
     head: &PteListHead,
@@ -861,12 +863,12 @@ fn check_one(
     Ok((entries, ndesc))
 }
 
-/// Check invariants 32-34 of one head at a quiescent point; returns its count.
+/// Check invariants 1-3 of one head at a quiescent point; returns its count.
 pub fn check_pte_list(head: &PteListHead, pool: &DescPool) -> Result<usize, PteListCheckError> {
     check_one(head, pool, |_| Ok(())).map(|(n, _)| n)
 }
 
-/// Check invariants 32-34 and 36 of a gfn's rmap head (one managed by
+/// Check invariants 1-4 of a gfn's rmap head (one managed by
 /// [`PteListGuard::rmap_add`]); returns its count.
 pub fn check_rmap_head(head: &PteListHead, pool: &DescPool) -> Result<usize, PteListCheckError> {
     let n = check_pte_list(head, pool)?;
@@ -876,7 +878,7 @@ pub fn check_rmap_head(head: &PteListHead, pool: &DescPool) -> Result<usize, Pte
     Ok(n)
 }
 
-/// Check invariants 32-34 of every head, and that no descriptor is reachable from two
+/// Check invariants 1-3 of every head, and that no descriptor is reachable from two
 /// heads (or twice from one). Quiescent points only.
 pub fn check_pte_lists(
     heads: &[PteListHead],

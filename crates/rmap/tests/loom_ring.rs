@@ -9,7 +9,7 @@
 //! `for_each_locked` as aging does) holds the rmap lock and may only *try* HPTE locks,
 //! following the restart rule. Bit 0 of each toy HPTE word plays VALID: an HPTE is on
 //! the ring if and only if VALID is set, and both change only under the HPTE lock and
-//! the rmap lock together (invariant 4). Each model checks:
+//! the rmap lock together (an HPTE is on a ring exactly when it is valid). Each model checks:
 //!
 //! * no deadlock (an ABBA cycle would spin forever, which loom reports as exceeding its
 //!   branch bound);

@@ -1,6 +1,6 @@
 //! State-machine property test of the nested rmap against a plain model (word -> set
 //! of (LPID, GPA) entries, plus the set of entries the "hardware" considers stale), with
-//! the invariant checker (E.25-27, the cap, pool accounting) after every operation.
+//! the invariant checker (word encoding, list shape, no duplicates, the cap, pool accounting) after every operation.
 #![cfg(not(loom))]
 
 mod common;

@@ -1,5 +1,5 @@
 //! State-machine property test of the x86 pte_list against a plain model (gfn ->
-//! multiset of SPTE handles), with the invariant checkers (E.32-34, 36 and the pool's
+//! multiset of SPTE handles), with the invariant checkers (head word, descriptor fill, entries, recycle cap and the pool's
 //! accounting) run after every operation.
 #![cfg(not(loom))]
 

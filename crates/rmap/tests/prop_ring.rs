@@ -5,7 +5,7 @@
 //! model is `HashMap<gfn, Vec<ptex>>` in ring order plus model R/C bits. After every
 //! transition the whole ring set is compared with the model (word bits, ring order, chain
 //! length) and `check_rmaps` must pass. A second property corrupts a ring the way a
-//! reset-without-rmap-reset bug does (reference D3: an HPTE still on one chain is linked
+//! reset-without-rmap-reset bug does (an HPTE still on one chain is linked
 //! into another) and requires the checker to notice.
 #![cfg(not(loom))]
 
@@ -370,7 +370,7 @@ proptest! {
     #![proptest_config(common::config(256))]
 
     /// Linking an HPTE that is still on gfn A's chain into gfn B's (what an HPT reset
-    /// without an rmap reset does, reference D3) is caught by the checker.
+    /// without an rmap reset does) is caught by the checker.
     #[test]
     fn checker_catches_relinking_a_member(
         assign in proptest::collection::vec((0..NFRAMES, any::<bool>()), NPTE as usize),
