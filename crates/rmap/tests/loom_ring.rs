@@ -124,6 +124,15 @@ impl World {
     }
 }
 
+/// Runs `owner` (the hypercall side) on another thread over world `w`.
+fn spawn_owner<T: Send + 'static>(
+    w: &Arc<World>,
+    owner: impl FnOnce(&World) -> T + Send + 'static,
+) -> thread::JoinHandle<T> {
+    let w = w.clone();
+    thread::spawn(move || owner(&w))
+}
+
 fn builder() -> Builder {
     let mut b = Builder::new();
     b.preemption_bound = Some(3);
@@ -136,10 +145,9 @@ fn drain_races_h_enter_and_h_remove() {
     static RESTARTS: Restarts = Restarts::new(0);
     builder().check(|| {
         let w = World::new(3, &[0, 1]);
-        let w2 = w.clone();
-        let owner = thread::spawn(move || {
-            w2.h_enter(2);
-            w2.h_remove(1)
+        let owner = spawn_owner(&w, |o| {
+            o.h_enter(2);
+            o.h_remove(1)
         });
         let mut drained = Vec::new();
         w.rmap.drain_locked(
@@ -177,10 +185,9 @@ fn for_each_races_h_enter_and_h_remove_of_head() {
     static RESTARTS: Restarts = Restarts::new(0);
     builder().check(|| {
         let w = World::new(3, &[0, 1]);
-        let w2 = w.clone();
-        let owner = thread::spawn(move || {
-            w2.h_enter(2);
-            assert!(w2.h_remove(0), "only the owner removes");
+        let owner = spawn_owner(&w, |o| {
+            o.h_enter(2);
+            assert!(o.h_remove(0), "only the owner removes");
         });
         let mut visited = Vec::new();
         w.rmap.for_each_locked(
@@ -218,8 +225,7 @@ fn for_each_races_h_enter_and_h_remove_of_head() {
 fn two_owners_link_and_unlink_concurrently() {
     builder().check(|| {
         let w = World::new(4, &[0, 1, 2]);
-        let w2 = w.clone();
-        let t = thread::spawn(move || w2.h_enter(3));
+        let t = spawn_owner(&w, |o| o.h_enter(3));
         assert!(w.h_remove(1));
         t.join().unwrap();
         let left = w.check(4);
@@ -236,9 +242,8 @@ fn walker_spinning_on_hpte_lock_deadlocks() {
     static RESTARTS: Restarts = Restarts::new(0);
     builder().check(|| {
         let w = World::new(2, &[0]);
-        let w2 = w.clone();
-        let owner = thread::spawn(move || {
-            w2.h_remove(0);
+        let owner = spawn_owner(&w, |o| {
+            o.h_remove(0);
         });
         w.rmap.drain_locked(
             &w.rev,

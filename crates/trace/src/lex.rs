@@ -282,3 +282,40 @@ mod tests {
         assert_eq!(trim_start(b" \t x "), b"x ");
     }
 }
+
+/// What the error-case tables of every format's unit tests share.
+#[cfg(test)]
+pub(crate) mod table {
+    use core::fmt::Debug;
+
+    /// One error case: the line, the error variant it must give, and the key that
+    /// variant must name (`None`: any or none).
+    pub(crate) type Case = (&'static str, &'static str, Option<&'static str>);
+
+    /// The variant name and the `key` field (if any) of an error, read from its `Debug`.
+    fn variant_and_key(e: &impl Debug) -> (String, Option<String>) {
+        let d = format!("{e:?}");
+        let variant = d
+            .split(|c: char| !c.is_ascii_alphanumeric())
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        let key = d
+            .split_once("key: \"")
+            .and_then(|(_, rest)| rest.split_once('"'))
+            .map(|(k, _)| k.to_owned());
+        (variant, key)
+    }
+
+    /// Checks every case of `table` against `err` (which must fail to parse the line).
+    pub(crate) fn check<E: Debug>(err: impl Fn(&str) -> E, table: &[Case]) {
+        for &(line, variant, key) in table {
+            let e = err(line);
+            let (got, got_key) = variant_and_key(&e);
+            assert_eq!(got, variant, "{line}: {e:?}");
+            if let Some(k) = key {
+                assert_eq!(got_key.as_deref(), Some(k), "{line}: {e:?}");
+            }
+        }
+    }
+}

@@ -590,89 +590,91 @@ mod tests {
     #[test]
     fn errors() {
         assert_eq!(err("H_FOO cpu=0"), LineError::UnknownRecord("H_FOO".into()));
-        assert!(matches!(
-            err("H_ENTER flags=0x0 ptex=0x0 pteh=0x0 ptel=0x0 -> ret=0"),
-            LineError::MissingKey { key: "cpu", .. }
-        ));
-        assert!(matches!(
-            err("H_ENTER cpu=0 flags=0x0 ptex=0x0 pteh=0x0 -> ret=0"),
-            LineError::MissingKey { key: "ptel", .. }
-        ));
-        assert!(matches!(
-            err("H_ENTER cpu=0 flags=0x0 ptex=0x0 pteh=0x0 ptel=0x0"),
-            LineError::MissingResult { .. }
-        ));
-        assert!(matches!(
-            err("H_ENTER cpu=0 flags=0x0 ptex=0x0 pteh=0x0 ptel=0x0 ->"),
-            LineError::MissingKey { key: "ret", .. }
-        ));
-        assert!(matches!(
-            err("H_ENTER cpu=0 flags=0x0 flags=0x0 ptex=0x0 pteh=0x0 ptel=0x0 -> ret=0"),
-            LineError::DuplicateKey { key: "flags", .. }
-        ));
-        assert!(matches!(
-            err("H_ENTER cpu=0 cpu=1 flags=0x0 ptex=0x0 pteh=0x0 ptel=0x0 -> ret=0"),
-            LineError::DuplicateKey { key: "cpu", .. }
-        ));
-        assert!(matches!(
-            err("H_ENTER cpu=0 flags=0x0 ptex=0x0 pteh=0x0 ptel=0x0 -> ret=0 idx=0x1 idx=0x1"),
-            LineError::DuplicateKey { key: "idx", .. }
-        ));
-        assert!(matches!(
-            err("H_ENTER cpu=0 flags=0x0 ptex=0x0 pteh=0x0 ptel=0x0 avpn=0x0 -> ret=0"),
-            LineError::UnknownKey { .. }
-        ));
-        assert!(matches!(
-            err("H_ENTER cpu=0 flags=0x0 ptex=0x0 pteh=0x0 ptel=0x0 -> ret=0 old_pteh=0x1"),
-            LineError::UnknownKey { .. }
-        ));
-        assert!(matches!(
-            err("H_ENTER cpu=0 flags=0 ptex=0x0 pteh=0x0 ptel=0x0 -> ret=0"),
-            LineError::BadNumber { key: "flags", .. }
-        ));
-        assert!(matches!(
-            err("H_ENTER cpu=0x0 flags=0x0 ptex=0x0 pteh=0x0 ptel=0x0 -> ret=0"),
-            LineError::BadNumber { key: "cpu", .. }
-        ));
-        assert!(matches!(
-            err("H_ENTER cpu=0 flags=0x0 ptex=0x0 pteh=0x0 ptel=0x0 -> ret=0x0"),
-            LineError::BadNumber { key: "ret", .. }
-        ));
-        assert!(matches!(
-            err("H_ENTER cpu=0 flags ptex=0x0 pteh=0x0 ptel=0x0 -> ret=0"),
-            LineError::BadField { .. }
-        ));
-        assert!(matches!(
-            err("H_ENTER cpu=0 =0x0 ptex=0x0 pteh=0x0 ptel=0x0 -> ret=0"),
-            LineError::BadField { .. }
-        ));
-        assert!(matches!(
-            err("H_PROTECT cpu=0 flags=0x0 ptex=0x0 avpn=0x0 -> ret=0 -> ret=0"),
-            LineError::UnexpectedResult { .. }
-        ));
-        assert!(matches!(
-            err("HPT_ALLOC shift=23 -> ret=0"),
-            LineError::UnexpectedResult { .. }
-        ));
-        assert!(matches!(
-            err("HPT_ALLOC"),
-            LineError::MissingKey { key: "shift", .. }
-        ));
-        assert!(matches!(
-            err("HPT_ALLOC shift=99999999999"),
-            LineError::BadNumber { .. }
-        ));
-        assert!(matches!(
-            err("HPT_SHIFT old=1 new=2 new=3"),
-            LineError::DuplicateKey { key: "new", .. }
-        ));
-        assert!(matches!(
-            err("HW_SET_R ptex=0x1"),
-            LineError::MissingKey { key: "pte1", .. }
-        ));
-        assert!(matches!(
-            err("HW_SET_C ptex=0x1 pte1=0x2 x=0x3"),
-            LineError::UnknownKey { .. }
-        ));
+        crate::lex::table::check(
+            err,
+            &[
+                (
+                    "H_ENTER flags=0x0 ptex=0x0 pteh=0x0 ptel=0x0 -> ret=0",
+                    "MissingKey",
+                    Some("cpu"),
+                ),
+                (
+                    "H_ENTER cpu=0 flags=0x0 ptex=0x0 pteh=0x0 -> ret=0",
+                    "MissingKey",
+                    Some("ptel"),
+                ),
+                (
+                    "H_ENTER cpu=0 flags=0x0 ptex=0x0 pteh=0x0 ptel=0x0",
+                    "MissingResult",
+                    None,
+                ),
+                (
+                    "H_ENTER cpu=0 flags=0x0 ptex=0x0 pteh=0x0 ptel=0x0 ->",
+                    "MissingKey",
+                    Some("ret"),
+                ),
+                (
+                    "H_ENTER cpu=0 flags=0x0 flags=0x0 ptex=0x0 pteh=0x0 ptel=0x0 -> ret=0",
+                    "DuplicateKey",
+                    Some("flags"),
+                ),
+                (
+                    "H_ENTER cpu=0 cpu=1 flags=0x0 ptex=0x0 pteh=0x0 ptel=0x0 -> ret=0",
+                    "DuplicateKey",
+                    Some("cpu"),
+                ),
+                (
+                    "H_ENTER cpu=0 flags=0x0 ptex=0x0 pteh=0x0 ptel=0x0 -> ret=0 idx=0x1 idx=0x1",
+                    "DuplicateKey",
+                    Some("idx"),
+                ),
+                (
+                    "H_ENTER cpu=0 flags=0x0 ptex=0x0 pteh=0x0 ptel=0x0 avpn=0x0 -> ret=0",
+                    "UnknownKey",
+                    None,
+                ),
+                (
+                    "H_ENTER cpu=0 flags=0x0 ptex=0x0 pteh=0x0 ptel=0x0 -> ret=0 old_pteh=0x1",
+                    "UnknownKey",
+                    None,
+                ),
+                (
+                    "H_ENTER cpu=0 flags=0 ptex=0x0 pteh=0x0 ptel=0x0 -> ret=0",
+                    "BadNumber",
+                    Some("flags"),
+                ),
+                (
+                    "H_ENTER cpu=0x0 flags=0x0 ptex=0x0 pteh=0x0 ptel=0x0 -> ret=0",
+                    "BadNumber",
+                    Some("cpu"),
+                ),
+                (
+                    "H_ENTER cpu=0 flags=0x0 ptex=0x0 pteh=0x0 ptel=0x0 -> ret=0x0",
+                    "BadNumber",
+                    Some("ret"),
+                ),
+                (
+                    "H_ENTER cpu=0 flags ptex=0x0 pteh=0x0 ptel=0x0 -> ret=0",
+                    "BadField",
+                    None,
+                ),
+                (
+                    "H_ENTER cpu=0 =0x0 ptex=0x0 pteh=0x0 ptel=0x0 -> ret=0",
+                    "BadField",
+                    None,
+                ),
+                (
+                    "H_PROTECT cpu=0 flags=0x0 ptex=0x0 avpn=0x0 -> ret=0 -> ret=0",
+                    "UnexpectedResult",
+                    None,
+                ),
+                ("HPT_ALLOC shift=23 -> ret=0", "UnexpectedResult", None),
+                ("HPT_ALLOC", "MissingKey", Some("shift")),
+                ("HPT_ALLOC shift=99999999999", "BadNumber", None),
+                ("HPT_SHIFT old=1 new=2 new=3", "DuplicateKey", Some("new")),
+                ("HW_SET_R ptex=0x1", "MissingKey", Some("pte1")),
+                ("HW_SET_C ptex=0x1 pte1=0x2 x=0x3", "UnknownKey", None),
+            ],
+        );
     }
 }

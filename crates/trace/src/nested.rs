@@ -27,7 +27,7 @@ use crate::lex::{
     Seen, Words,
 };
 use crate::reader::{
-    numbered_lines, open_named, open_path, DynBufRead, FormatError, Lines, MAX_LINE_BYTES,
+    numbered_lines, open_constructors, open_path, DynBufRead, FormatError, Lines, MAX_LINE_BYTES,
 };
 use std::io::{self, BufRead, Read};
 use std::path::Path;
@@ -854,22 +854,10 @@ impl FormatError for NestedTraceError {
     }
 }
 
+// `open` and `from_reader` also read (and check) the header.
+open_constructors!(NestedReader, NestedTraceError, NestedReader::new);
+
 impl NestedReader<DynBufRead> {
-    /// Opens `path`, decompressing if it starts with the gzip magic, and reads the header.
-    pub fn open(path: impl AsRef<Path>) -> Result<Self, NestedTraceError> {
-        let (inner, name) = open_path(path.as_ref())?;
-        NestedReader::new(inner, name)
-    }
-
-    /// Wraps any byte source (gzip detected by magic) and reads the header.
-    pub fn from_reader<R: Read + Send + 'static>(
-        r: R,
-        file: impl Into<String>,
-    ) -> Result<Self, NestedTraceError> {
-        let file = file.into();
-        NestedReader::new(open_named(r, &file)?, file)
-    }
-
     /// Whether the file at `path` is a nested trace (by content, gzip or plain).
     pub fn detect(path: impl AsRef<Path>) -> Result<bool, NestedTraceError> {
         let (mut inner, name) = open_path::<NestedTraceError>(path.as_ref())?;
@@ -1212,130 +1200,110 @@ mod tests {
             err("L2_ACCES lpid=1"),
             NestedLineError::UnknownRecord("L2_ACCES".into())
         );
-        assert!(matches!(
-            err("L2_ACCESS lpid=1 gpa=0x0 acc=q -> ret=0"),
-            NestedLineError::BadValue { key: "acc", .. }
-        ));
-        assert!(matches!(
-            err("L2_ACCESS lpid=0x1 gpa=0x0 acc=r -> ret=0"),
-            NestedLineError::BadValue { key: "lpid", .. }
-        ));
-        assert!(matches!(
-            err("L2_ACCESS lpid=1 gpa=0x0 acc=r"),
-            NestedLineError::MissingResult { .. }
-        ));
-        assert!(matches!(
-            err("L2_ACCESS lpid=1 gpa=0x0 acc=r ->"),
-            NestedLineError::MissingResult { .. }
-        ));
-        assert!(matches!(
-            err("L2_ACCESS lpid=1 gpa=0x0 acc=r -> fault"),
-            NestedLineError::UnknownOutcome(_)
-        ));
-        assert!(matches!(
-            err("L2_ACCESS lpid=1 gpa=0x0 acc=r -> ok"),
-            NestedLineError::MissingKey { key: "l1gpa", .. }
-        ));
-        assert!(matches!(
-            err("L2_ACCESS lpid=1 gpa=0x0 acc=r -> ok l1gpa=0x1 l1gpa=0x1"),
-            NestedLineError::DuplicateKey { key: "l1gpa", .. }
-        ));
-        assert!(matches!(
-            err("L2_ACCESS lpid=1 gpa=0x0 acc=r -> hdsi cause=0x1 asdr=0x0 x=0x1"),
-            NestedLineError::UnknownKey { .. }
-        ));
-        assert!(matches!(
-            err("L2_ACCESS lpid=1 gpa=0x0 acc=r -> ret=0 -> ret=0"),
-            NestedLineError::UnexpectedResult { .. }
-        ));
-        assert!(matches!(
-            err("L2_ACCESS lpid=1 lpid=1 gpa=0x0 acc=r -> ret=0"),
-            NestedLineError::DuplicateKey { key: "lpid", .. }
-        ));
-        assert!(matches!(
-            err("L1_STORE gpa=0x4 val=0x0"),
-            NestedLineError::BadValue { key: "gpa", .. }
-        ));
-        assert!(matches!(
-            err("L1_STORE gpa=0x8 val=0x0 -> ret=0"),
-            NestedLineError::UnexpectedResult { .. }
-        ));
-        assert!(matches!(
-            err("L1_STORE gpa=0x8"),
-            NestedLineError::MissingKey { key: "val", .. }
-        ));
-        assert!(matches!(
-            err("L1_STORE gpa=0x8 val"),
-            NestedLineError::BadField { .. }
-        ));
-        assert!(matches!(
-            err("H_SET_PARTITION_TABLE ptcr=0x1"),
-            NestedLineError::MissingResult { .. }
-        ));
-        assert!(matches!(
-            err("H_SET_PARTITION_TABLE ptcr=0x1 -> ret=0x0"),
-            NestedLineError::BadValue { key: "ret", .. }
-        ));
-        assert!(matches!(
-            err("H_TLB_INVALIDATE instr=0x1 rs=0x1 -> ret=0"),
-            NestedLineError::MissingKey { key: "rb", .. }
-        ));
-        assert!(matches!(
-            err("HOST_AGE gfn=0x1 npages=2"),
-            NestedLineError::MissingResult { .. }
-        ));
-        assert!(matches!(
-            err("HOST_AGE gfn=0x1 npages=2 -> dirty_must=-"),
-            NestedLineError::UnknownKey { .. }
-        ));
-        assert!(matches!(
-            err("HOST_AGE gfn=0x1 npages=2 -> young_must=0x3,0x2"),
-            NestedLineError::BadValue { .. }
-        ));
-        assert!(matches!(
-            err("HOST_AGE gfn=0x1 npages=2 -> young_must=0x3-0x4,0x4"),
-            NestedLineError::BadValue { .. }
-        ));
-        assert!(matches!(
-            err("HOST_AGE gfn=0x1 npages=2 -> young_must=0x5-0x4"),
-            NestedLineError::BadValue { .. }
-        ));
-        assert!(matches!(
-            err("HOST_AGE gfn=0x1 npages=2 -> young_must="),
-            NestedLineError::BadValue { .. }
-        ));
-        assert!(matches!(
-            err("HOST_AGE gfn=0x1 npages=2 -> young_must=0x1,"),
-            NestedLineError::BadValue { .. }
-        ));
-        assert!(matches!(
-            err("HOST_AGE gfn=0x1 npages=2 -> young_must=- young_must=-"),
-            NestedLineError::DuplicateKey { .. }
-        ));
-        assert!(matches!(
-            err("HOST_DIRTY_LOG"),
-            NestedLineError::MissingResult { .. }
-        ));
-        assert!(matches!(
-            err("HOST_DIRTY_LOG x=0x1 -> dirty_must=-"),
-            NestedLineError::UnknownKey { .. }
-        ));
-        assert!(matches!(
-            err("HOST_UNMAP gfn=0x1 npages=0x2"),
-            NestedLineError::BadValue { key: "npages", .. }
-        ));
-        assert!(matches!(
-            err("L1_MEMORY bytes=0x1000 l0_page_shift=12"),
-            NestedLineError::BadValue { .. }
-        ));
-        assert!(matches!(
-            err("L1_BASE_PAGE shift=21"),
-            NestedLineError::BadValue { .. }
-        ));
-        assert!(matches!(
-            err("L1_BASE_PAGE shift=99999999999999"),
-            NestedLineError::BadValue { .. }
-        ));
+        crate::lex::table::check(
+            err,
+            &[
+                (
+                    "L2_ACCESS lpid=1 gpa=0x0 acc=q -> ret=0",
+                    "BadValue",
+                    Some("acc"),
+                ),
+                (
+                    "L2_ACCESS lpid=0x1 gpa=0x0 acc=r -> ret=0",
+                    "BadValue",
+                    Some("lpid"),
+                ),
+                ("L2_ACCESS lpid=1 gpa=0x0 acc=r", "MissingResult", None),
+                ("L2_ACCESS lpid=1 gpa=0x0 acc=r ->", "MissingResult", None),
+                (
+                    "L2_ACCESS lpid=1 gpa=0x0 acc=r -> fault",
+                    "UnknownOutcome",
+                    None,
+                ),
+                (
+                    "L2_ACCESS lpid=1 gpa=0x0 acc=r -> ok",
+                    "MissingKey",
+                    Some("l1gpa"),
+                ),
+                (
+                    "L2_ACCESS lpid=1 gpa=0x0 acc=r -> ok l1gpa=0x1 l1gpa=0x1",
+                    "DuplicateKey",
+                    Some("l1gpa"),
+                ),
+                (
+                    "L2_ACCESS lpid=1 gpa=0x0 acc=r -> hdsi cause=0x1 asdr=0x0 x=0x1",
+                    "UnknownKey",
+                    None,
+                ),
+                (
+                    "L2_ACCESS lpid=1 gpa=0x0 acc=r -> ret=0 -> ret=0",
+                    "UnexpectedResult",
+                    None,
+                ),
+                (
+                    "L2_ACCESS lpid=1 lpid=1 gpa=0x0 acc=r -> ret=0",
+                    "DuplicateKey",
+                    Some("lpid"),
+                ),
+                ("L1_STORE gpa=0x4 val=0x0", "BadValue", Some("gpa")),
+                (
+                    "L1_STORE gpa=0x8 val=0x0 -> ret=0",
+                    "UnexpectedResult",
+                    None,
+                ),
+                ("L1_STORE gpa=0x8", "MissingKey", Some("val")),
+                ("L1_STORE gpa=0x8 val", "BadField", None),
+                ("H_SET_PARTITION_TABLE ptcr=0x1", "MissingResult", None),
+                (
+                    "H_SET_PARTITION_TABLE ptcr=0x1 -> ret=0x0",
+                    "BadValue",
+                    Some("ret"),
+                ),
+                (
+                    "H_TLB_INVALIDATE instr=0x1 rs=0x1 -> ret=0",
+                    "MissingKey",
+                    Some("rb"),
+                ),
+                ("HOST_AGE gfn=0x1 npages=2", "MissingResult", None),
+                (
+                    "HOST_AGE gfn=0x1 npages=2 -> dirty_must=-",
+                    "UnknownKey",
+                    None,
+                ),
+                (
+                    "HOST_AGE gfn=0x1 npages=2 -> young_must=0x3,0x2",
+                    "BadValue",
+                    None,
+                ),
+                (
+                    "HOST_AGE gfn=0x1 npages=2 -> young_must=0x3-0x4,0x4",
+                    "BadValue",
+                    None,
+                ),
+                (
+                    "HOST_AGE gfn=0x1 npages=2 -> young_must=0x5-0x4",
+                    "BadValue",
+                    None,
+                ),
+                ("HOST_AGE gfn=0x1 npages=2 -> young_must=", "BadValue", None),
+                (
+                    "HOST_AGE gfn=0x1 npages=2 -> young_must=0x1,",
+                    "BadValue",
+                    None,
+                ),
+                (
+                    "HOST_AGE gfn=0x1 npages=2 -> young_must=- young_must=-",
+                    "DuplicateKey",
+                    None,
+                ),
+                ("HOST_DIRTY_LOG", "MissingResult", None),
+                ("HOST_DIRTY_LOG x=0x1 -> dirty_must=-", "UnknownKey", None),
+                ("HOST_UNMAP gfn=0x1 npages=0x2", "BadValue", Some("npages")),
+                ("L1_MEMORY bytes=0x1000 l0_page_shift=12", "BadValue", None),
+                ("L1_BASE_PAGE shift=21", "BadValue", None),
+                ("L1_BASE_PAGE shift=99999999999999", "BadValue", None),
+            ],
+        );
         let e = err("H_SET_PARTITION_TABLE ptcr=0x1 -> ret=-99999999999999999999");
         assert!(
             matches!(e, NestedLineError::BadValue { key: "ret", .. }),

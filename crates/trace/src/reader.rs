@@ -216,27 +216,38 @@ pub(crate) fn numbered_lines(text: &[u8]) -> impl Iterator<Item = (u64, &[u8])> 
     })
 }
 
+/// Implements `open(path)` and `from_reader(r, file)` on `$reader<DynBufRead>` (gzip
+/// or plain, detected by the magic): `$make(source, file)` builds the reader.
+macro_rules! open_constructors {
+    ($reader:ident, $err:ty, $make:expr) => {
+        impl $reader<$crate::reader::DynBufRead> {
+            /// Opens `path`, decompressing if it starts with the gzip magic.
+            pub fn open(path: impl AsRef<std::path::Path>) -> Result<Self, $err> {
+                let (inner, name) = $crate::reader::open_path(path.as_ref())?;
+                $make(inner, name)
+            }
+
+            /// Wraps any byte source, decompressing if it starts with the gzip magic.
+            pub fn from_reader<R: std::io::Read + Send + 'static>(
+                r: R,
+                file: impl Into<String>,
+            ) -> Result<Self, $err> {
+                let file = file.into();
+                $make($crate::reader::open_named(r, &file)?, file)
+            }
+        }
+    };
+}
+pub(crate) use open_constructors;
+
 /// Reads a trace line by line and parses each line.
 pub struct TraceReader<R> {
     lines: Lines<R>,
 }
 
-impl TraceReader<DynBufRead> {
-    /// Opens `path`, decompressing if it starts with the gzip magic.
-    pub fn open(path: impl AsRef<Path>) -> Result<Self, TraceError> {
-        let (inner, name) = open_path(path.as_ref())?;
-        Ok(TraceReader::new(inner, name))
-    }
-
-    /// Wraps any byte source, decompressing if it starts with the gzip magic.
-    pub fn from_reader<R: Read + Send + 'static>(
-        r: R,
-        file: impl Into<String>,
-    ) -> Result<Self, TraceError> {
-        let file = file.into();
-        Ok(TraceReader::new(open_named(r, &file)?, file))
-    }
-}
+open_constructors!(TraceReader, TraceError, |src, file| Ok::<_, TraceError>(
+    TraceReader::new(src, file)
+));
 
 impl<R: BufRead> TraceReader<R> {
     /// Reads plain (already decompressed) text from `inner`; `file` names it in errors.

@@ -29,7 +29,7 @@
 
 use crate::lex::{lossy, parse_hex, parse_udec, split_kv, FieldError, Seen, Words};
 use crate::line::LineError;
-use crate::reader::{open_named, open_path, open_source, DynBufRead, Lines, TraceError};
+use crate::reader::{open_constructors, open_source, Lines, TraceError};
 use std::fs::File;
 use std::io::{BufRead, Read};
 use std::path::Path;
@@ -660,22 +660,9 @@ pub struct X86Reader<R> {
     lines: Lines<R>,
 }
 
-impl X86Reader<DynBufRead> {
-    /// Opens `path`, decompressing if it starts with the gzip magic.
-    pub fn open(path: impl AsRef<Path>) -> Result<Self, TraceError> {
-        let (inner, name) = open_path(path.as_ref())?;
-        Ok(X86Reader::new(inner, name))
-    }
-
-    /// Wraps any byte source, decompressing if it starts with the gzip magic.
-    pub fn from_reader<R: Read + Send + 'static>(
-        r: R,
-        file: impl Into<String>,
-    ) -> Result<Self, TraceError> {
-        let file = file.into();
-        Ok(X86Reader::new(open_named(r, &file)?, file))
-    }
-}
+open_constructors!(X86Reader, TraceError, |src, file| Ok::<_, TraceError>(
+    X86Reader::new(src, file)
+));
 
 impl<R: BufRead> X86Reader<R> {
     /// Reads plain text from `inner`; `file` names it in errors.

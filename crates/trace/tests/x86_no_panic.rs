@@ -71,12 +71,8 @@ const WORDS: &[&str] = &[
     "\r",
 ];
 
-fn tokens() -> Vec<&'static str> {
-    WORDS.to_vec()
-}
-
 fn word() -> BoxedStrategy<String> {
-    common::word(tokens(), 1)
+    common::word(WORDS.to_vec(), 1)
 }
 
 proptest! {
