@@ -60,49 +60,34 @@ impl Design for Nested {
     }
 }
 
-impl Design for HashMapVec {
-    fn insert(&self, gfn: usize, e: NestedRmapEntry) {
-        self.with(gfn, |l| {
-            if !l.contains(&e.raw()) {
-                l.push(e.raw());
+/// The baselines: insert with the same dedup scan, the rest through the shared helpers.
+macro_rules! baseline_design {
+    ($($t:ty),*) => {$(
+        impl Design for $t {
+            fn insert(&self, gfn: usize, e: NestedRmapEntry) {
+                self.with(gfn, |l| {
+                    if !l.contains(&e.raw()) {
+                        l.push(e.raw());
+                    }
+                })
             }
-        })
-    }
-    fn update_all(&self, gfn: usize) -> u64 {
-        self.sum(gfn)
-    }
-    fn detach_free(&self, gfn: usize) -> usize {
-        self.take(gfn)
-    }
-    fn count(&self, gfn: usize) -> usize {
-        HashMapVec::count(self, gfn)
-    }
-    fn bytes(&self, gfn: usize) -> usize {
-        HashMapVec::bytes(self, gfn)
-    }
+            fn update_all(&self, gfn: usize) -> u64 {
+                self.sum(gfn)
+            }
+            fn detach_free(&self, gfn: usize) -> usize {
+                self.take(gfn)
+            }
+            fn count(&self, gfn: usize) -> usize {
+                <$t>::count(self, gfn)
+            }
+            fn bytes(&self, gfn: usize) -> usize {
+                <$t>::bytes(self, gfn)
+            }
+        }
+    )*};
 }
 
-impl Design for SmallVecs {
-    fn insert(&self, gfn: usize, e: NestedRmapEntry) {
-        self.with(gfn, |l| {
-            if !l.contains(&e.raw()) {
-                l.push(e.raw());
-            }
-        })
-    }
-    fn update_all(&self, gfn: usize) -> u64 {
-        self.sum(gfn)
-    }
-    fn detach_free(&self, gfn: usize) -> usize {
-        self.take(gfn)
-    }
-    fn count(&self, gfn: usize) -> usize {
-        SmallVecs::count(self, gfn)
-    }
-    fn bytes(&self, gfn: usize) -> usize {
-        SmallVecs::bytes(self, gfn)
-    }
-}
+baseline_design!(HashMapVec, SmallVecs);
 
 fn designs() -> Vec<(&'static str, Box<dyn Design>)> {
     vec![

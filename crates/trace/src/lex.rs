@@ -7,6 +7,8 @@
 //!   allowed, either case); decimals are unsigned (or signed with a leading `-`) and must
 //!   fit their type.
 
+use thiserror::Error;
+
 /// The marker in [`HEX`] for a byte that is not a hex digit.
 const BAD: u8 = 0xff;
 
@@ -140,71 +142,122 @@ pub(crate) fn trim_start(line: &[u8]) -> &[u8] {
     &line[s..]
 }
 
-/// The field errors every line format has: one constructor per shared variant.
-pub(crate) trait FieldError: Sized {
-    /// A word that is not `key=value`.
-    fn bad_field(record: &'static str, token: &[u8]) -> Self;
-    /// A value that is not of the form `expected` describes.
-    fn bad_value(record: &'static str, key: &'static str, v: &[u8], expected: &'static str)
-        -> Self;
-    /// A key this record does not have.
-    fn unknown_key(record: &'static str, key: &[u8]) -> Self;
-    /// A key given twice.
-    fn duplicate_key(record: &'static str, key: &'static str) -> Self;
-    /// A required key that is missing.
-    fn missing_key(record: &'static str, key: &'static str) -> Self;
+/// A line with its blanks and newline trimmed, sorted by its first character.
+pub(crate) enum Trimmed<'a> {
+    /// Nothing but blanks.
+    Blank,
+    /// A `#` line: the text after `#` (not trimmed).
+    Comment(&'a [u8]),
+    /// Anything else: a record's words.
+    Body(&'a [u8]),
 }
 
-/// Implements [`FieldError`] for a line-error enum with the shared variant names
-/// (`BadField`, `UnknownKey`, `DuplicateKey`, `MissingKey` and the named bad-value one).
-macro_rules! impl_field_error {
-    ($ty:ty, $bad_value:ident) => {
-        impl $crate::lex::FieldError for $ty {
-            fn bad_field(record: &'static str, token: &[u8]) -> Self {
-                Self::BadField {
-                    record,
-                    token: $crate::lex::lossy(token),
-                }
-            }
-            fn bad_value(
-                record: &'static str,
-                key: &'static str,
-                v: &[u8],
-                expected: &'static str,
-            ) -> Self {
-                Self::$bad_value {
-                    record,
-                    key,
-                    value: $crate::lex::lossy(v),
-                    expected,
-                }
-            }
-            fn unknown_key(record: &'static str, key: &[u8]) -> Self {
-                Self::UnknownKey {
-                    record,
-                    key: $crate::lex::lossy(key),
-                }
-            }
-            fn duplicate_key(record: &'static str, key: &'static str) -> Self {
-                Self::DuplicateKey { record, key }
-            }
-            fn missing_key(record: &'static str, key: &'static str) -> Self {
-                Self::MissingKey { record, key }
-            }
-        }
-    };
+/// Trims `line` at both ends and tells blanks, comments and records apart.
+#[inline]
+pub(crate) fn trim_line(line: &[u8]) -> Trimmed<'_> {
+    let line = trim_start(trim_end(line));
+    if line.is_empty() {
+        Trimmed::Blank
+    } else if let Some(c) = line.strip_prefix(b"#") {
+        Trimmed::Comment(c)
+    } else {
+        Trimmed::Body(line)
+    }
 }
-pub(crate) use impl_field_error;
+
+/// What is wrong with the `key=value` fields of a record, in any trace format.
+/// Displayed after `file:line: `.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum FieldError {
+    /// A required key is missing.
+    #[error("{record}: missing key `{key}`")]
+    MissingKey {
+        /// Record name.
+        record: &'static str,
+        /// The missing key.
+        key: &'static str,
+    },
+    /// A key this record (or this result) does not have.
+    #[error("{record}: unexpected key `{key}`")]
+    UnknownKey {
+        /// Record name.
+        record: &'static str,
+        /// The key as written.
+        key: String,
+    },
+    /// A key given twice.
+    #[error("{record}: duplicate key `{key}`")]
+    DuplicateKey {
+        /// Record name.
+        record: &'static str,
+        /// The repeated key.
+        key: &'static str,
+    },
+    /// A value that is not of the required form.
+    #[error("{record}: bad value `{value}` for `{key}` (expected {expected})")]
+    BadValue {
+        /// Record name.
+        record: &'static str,
+        /// The key.
+        key: &'static str,
+        /// The value as written.
+        value: String,
+        /// What was expected ("0x-prefixed hex u64", ...).
+        expected: &'static str,
+    },
+    /// A word that is not `key=value` where one is required.
+    #[error("{record}: malformed field `{token}` (expected key=value)")]
+    BadField {
+        /// Record name.
+        record: &'static str,
+        /// The word as written.
+        token: String,
+    },
+    /// `->` on a record without a result, or given twice.
+    #[error("{record}: unexpected `->`")]
+    UnexpectedResult {
+        /// Record name.
+        record: &'static str,
+    },
+}
+
+impl FieldError {
+    /// A value `v` of `key` that is not of the form `expected` describes.
+    pub(crate) fn bad_value(
+        record: &'static str,
+        key: &'static str,
+        v: &[u8],
+        expected: &'static str,
+    ) -> Self {
+        FieldError::BadValue {
+            record,
+            key,
+            value: lossy(v),
+            expected,
+        }
+    }
+
+    /// A key `key` this record does not have.
+    pub(crate) fn unknown_key(record: &'static str, key: &[u8]) -> Self {
+        FieldError::UnknownKey {
+            record,
+            key: lossy(key),
+        }
+    }
+}
 
 /// Splits `key=value` (the key non-empty) at the first `=`.
 #[inline]
-pub(crate) fn split_kv<'a, E: FieldError>(
+pub(crate) fn split_kv<'a>(
     record: &'static str,
     tok: &'a [u8],
-) -> Result<(&'a [u8], &'a [u8]), E> {
+) -> Result<(&'a [u8], &'a [u8]), FieldError> {
     match tok.iter().position(|&c| c == b'=') {
         Some(i) if i > 0 => Ok((&tok[..i], &tok[i + 1..])),
-        _ => Err(E::bad_field(record, tok)),
+        _ => Err(FieldError::BadField {
+            record,
+            token: lossy(tok),
+        }),
     }
 }
 
@@ -226,21 +279,27 @@ impl<const N: usize> Seen<N> {
     }
 
     /// Marks `k` seen; its index, or an unknown/duplicate-key error.
-    pub(crate) fn mark<E: FieldError>(&mut self, k: &[u8]) -> Result<usize, E> {
+    pub(crate) fn mark(&mut self, k: &[u8]) -> Result<usize, FieldError> {
         let Some(i) = self.keys.iter().position(|n| n.as_bytes() == k) else {
-            return Err(E::unknown_key(self.record, k));
+            return Err(FieldError::unknown_key(self.record, k));
         };
         if self.seen[i] {
-            return Err(E::duplicate_key(self.record, self.keys[i]));
+            return Err(FieldError::DuplicateKey {
+                record: self.record,
+                key: self.keys[i],
+            });
         }
         self.seen[i] = true;
         Ok(i)
     }
 
     /// Errors if any of the first `required` keys is missing.
-    pub(crate) fn require<E: FieldError>(&self, required: usize) -> Result<(), E> {
+    pub(crate) fn require(&self, required: usize) -> Result<(), FieldError> {
         match (0..required.min(N)).find(|&i| !self.seen[i]) {
-            Some(i) => Err(E::missing_key(self.record, self.keys[i])),
+            Some(i) => Err(FieldError::MissingKey {
+                record: self.record,
+                key: self.keys[i],
+            }),
             None => Ok(()),
         }
     }
@@ -295,6 +354,8 @@ pub(crate) mod table {
     /// The variant name and the `key` field (if any) of an error, read from its `Debug`.
     fn variant_and_key(e: &impl Debug) -> (String, Option<String>) {
         let d = format!("{e:?}");
+        // The shared field errors are wrapped: `Field(MissingKey { .. })`.
+        let d = d.strip_prefix("Field(").unwrap_or(&d);
         let variant = d
             .split(|c: char| !c.is_ascii_alphanumeric())
             .next()

@@ -60,6 +60,6 @@ pub mod reader;
 pub mod record;
 pub mod x86;
 
-pub use line::{parse_line, Line, LineError};
+pub use line::{parse_line, FieldError, Line, LineError};
 pub use reader::{for_each_record, DynBufRead, TraceError, TraceReader, MAX_LINE_BYTES};
 pub use record::{Expected, Hcall, HcallKind, HwBit, Record};

@@ -12,7 +12,10 @@
 //!   H_BULK_REMOVE's `rspN`, which the hypervisor writes over the request high word
 //!   `tshN`, i.e. register r(4 + 2N).
 
-use crate::lex::{self, lossy, parse_hex, parse_idec, parse_udec, split_kv, trim_end, Seen, Words};
+pub use crate::lex::FieldError;
+use crate::lex::{
+    lossy, parse_hex, parse_idec, parse_udec, split_kv, trim_line, trim_start, Seen, Trimmed, Words,
+};
 use crate::record::{Expected, Hcall, HcallKind, HwBit, Record};
 use thiserror::Error;
 
@@ -22,68 +25,19 @@ pub enum LineError {
     /// The first word is not a record name this parser knows.
     #[error("unknown record `{0}`")]
     UnknownRecord(String),
-    /// A required key is missing.
-    #[error("{record}: missing key `{key}`")]
-    MissingKey {
-        /// Record name.
-        record: &'static str,
-        /// The missing key.
-        key: &'static str,
-    },
-    /// A key this record does not have (or in the wrong half of the line).
-    #[error("{record}: unexpected key `{key}`")]
-    UnknownKey {
-        /// Record name.
-        record: &'static str,
-        /// The key as written.
-        key: String,
-    },
-    /// A key given twice.
-    #[error("{record}: duplicate key `{key}`")]
-    DuplicateKey {
-        /// Record name.
-        record: &'static str,
-        /// The repeated key.
-        key: &'static str,
-    },
-    /// A value that is not a number of the required form.
-    #[error("{record}: bad value `{value}` for `{key}` (expected {expected})")]
-    BadNumber {
-        /// Record name.
-        record: &'static str,
-        /// The key.
-        key: &'static str,
-        /// The value as written.
-        value: String,
-        /// What was expected ("0x-prefixed hex u64", ...).
-        expected: &'static str,
-    },
-    /// A word that is not `key=value` (nor `->`).
-    #[error("{record}: malformed field `{token}` (expected key=value)")]
-    BadField {
-        /// Record name.
-        record: &'static str,
-        /// The word as written.
-        token: String,
-    },
     /// A hypercall without `-> ret=N`.
     #[error("{record}: missing result (`-> ret=N ...`)")]
     MissingResult {
         /// Record name.
         record: &'static str,
     },
-    /// `->` on a record that has no result, or given twice.
-    #[error("{record}: unexpected `->`")]
-    UnexpectedResult {
-        /// Record name.
-        record: &'static str,
-    },
+    /// A `key=value` field is wrong.
+    #[error(transparent)]
+    Field(#[from] FieldError),
     /// The line is longer than the reader accepts.
     #[error("line longer than {0} bytes")]
     TooLong(usize),
 }
-
-lex::impl_field_error!(LineError, BadNumber);
 
 /// One parsed line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -185,7 +139,7 @@ fn bad_number(record: &'static str, key: &'static str, v: &[u8], radix: Radix) -
         Radix::Hex => "0x-prefixed hex u64",
         Radix::Dec => "unsigned decimal",
     };
-    <LineError as lex::FieldError>::bad_value(record, key, v, expected)
+    FieldError::bad_value(record, key, v, expected).into()
 }
 
 fn num(record: &'static str, key: &'static str, v: &[u8], radix: Radix) -> Result<u64, LineError> {
@@ -202,25 +156,16 @@ fn small_dec(record: &'static str, key: &'static str, v: &[u8]) -> Result<u32, L
 
 /// Parses one line (with or without its trailing newline). `lineno` is stored in the record.
 pub fn parse_line(line: &[u8], lineno: u64) -> Result<Line<'_>, LineError> {
-    let line = trim_end(line);
-    let start = line
-        .iter()
-        .position(|&c| c != b' ' && c != b'\t')
-        .unwrap_or(line.len());
-    let line = &line[start..];
-    if line.is_empty() {
-        return Ok(Line::Blank);
-    }
-    if let Some(c) = line.strip_prefix(b"#") {
-        if let Some(text) = c.strip_prefix(b" console:") {
-            return Ok(Line::Console(text.strip_prefix(b" ").unwrap_or(text)));
+    let line = match trim_line(line) {
+        Trimmed::Blank => return Ok(Line::Blank),
+        Trimmed::Comment(c) => {
+            return Ok(match c.strip_prefix(b" console:") {
+                Some(text) => Line::Console(text.strip_prefix(b" ").unwrap_or(text)),
+                None => Line::Comment(trim_start(c)),
+            })
         }
-        let s = c
-            .iter()
-            .position(|&b| b != b' ' && b != b'\t')
-            .unwrap_or(c.len());
-        return Ok(Line::Comment(&c[s..]));
-    }
+        Trimmed::Body(line) => line,
+    };
     let mut words = Words::new(line);
     let name = words.next().unwrap_or_default();
     if let Some(kind) = kind_by_name(name) {
@@ -260,7 +205,7 @@ fn keyed_fields<T: Copy + Default, const N: usize>(
     let mut seen = Seen::new(record, names);
     for tok in words {
         if tok == b"->" {
-            return Err(LineError::UnexpectedResult { record });
+            return Err(LineError::Field(FieldError::UnexpectedResult { record }));
         }
         let (k, v) = split_kv(record, tok)?;
         let i = seen.mark(k)?;
@@ -312,35 +257,41 @@ fn parse_hcall(kind: HcallKind, mut words: Words<'_>, line: u64) -> Result<Hcall
         let (k, v) = split_kv(record, tok)?;
         if k == b"cpu" {
             if cpu.is_some() {
-                return Err(LineError::DuplicateKey { record, key: "cpu" });
+                return Err(LineError::Field(FieldError::DuplicateKey {
+                    record,
+                    key: "cpu",
+                }));
             }
             cpu = Some(small_dec(record, "cpu", v)?);
             continue;
         }
         let Some(i) = ins.iter().position(|key| key.name.as_bytes() == k) else {
-            return Err(LineError::UnknownKey {
+            return Err(LineError::Field(FieldError::UnknownKey {
                 record,
                 key: lossy(k),
-            });
+            }));
         };
         let key = &ins[i];
         if seen_in & (1 << i) != 0 {
-            return Err(LineError::DuplicateKey {
+            return Err(LineError::Field(FieldError::DuplicateKey {
                 record,
                 key: key.name,
-            });
+            }));
         }
         seen_in |= 1 << i;
         args[usize::from(key.reg)] = num(record, key.name, v, key.radix)?;
     }
     let Some(cpu) = cpu else {
-        return Err(LineError::MissingKey { record, key: "cpu" });
+        return Err(LineError::Field(FieldError::MissingKey {
+            record,
+            key: "cpu",
+        }));
     };
     if let Some(i) = (0..ins.len()).find(|&i| seen_in & (1 << i) == 0) {
-        return Err(LineError::MissingKey {
+        return Err(LineError::Field(FieldError::MissingKey {
             record,
             key: ins[i].name,
-        });
+        }));
     }
     if !has_result {
         return Err(LineError::MissingResult { record });
@@ -349,40 +300,48 @@ fn parse_hcall(kind: HcallKind, mut words: Words<'_>, line: u64) -> Result<Hcall
     let mut seen_ret = false;
     for tok in words {
         if tok == b"->" {
-            return Err(LineError::UnexpectedResult { record });
+            return Err(LineError::Field(FieldError::UnexpectedResult { record }));
         }
         let (k, v) = split_kv(record, tok)?;
         if k == b"ret" {
             if seen_ret {
-                return Err(LineError::DuplicateKey { record, key: "ret" });
+                return Err(LineError::Field(FieldError::DuplicateKey {
+                    record,
+                    key: "ret",
+                }));
             }
             seen_ret = true;
-            expected.ret = parse_idec(v).ok_or_else(|| LineError::BadNumber {
-                record,
-                key: "ret",
-                value: lossy(v),
-                expected: "signed decimal",
+            expected.ret = parse_idec(v).ok_or_else(|| {
+                LineError::Field(FieldError::BadValue {
+                    record,
+                    key: "ret",
+                    value: lossy(v),
+                    expected: "signed decimal",
+                })
             })?;
             continue;
         }
         let Some(key) = outs.iter().find(|key| key.name.as_bytes() == k) else {
-            return Err(LineError::UnknownKey {
+            return Err(LineError::Field(FieldError::UnknownKey {
                 record,
                 key: lossy(k),
-            });
+            }));
         };
         let bit = 1u8 << key.reg;
         if expected.present & bit != 0 {
-            return Err(LineError::DuplicateKey {
+            return Err(LineError::Field(FieldError::DuplicateKey {
                 record,
                 key: key.name,
-            });
+            }));
         }
         expected.present |= bit;
         expected.outs[usize::from(key.reg)] = num(record, key.name, v, key.radix)?;
     }
     if !seen_ret {
-        return Err(LineError::MissingKey { record, key: "ret" });
+        return Err(LineError::Field(FieldError::MissingKey {
+            record,
+            key: "ret",
+        }));
     }
     Ok(Hcall {
         line,
@@ -526,7 +485,7 @@ mod tests {
         assert_eq!(h.expected.ret, -6);
         assert!(matches!(
             err("H_RESIZE_HPT_COMMIT cpu=1 flags=0x0 shift=0x16 -> ret=0"),
-            LineError::BadNumber { key: "shift", .. }
+            LineError::Field(FieldError::BadValue { key: "shift", .. })
         ));
     }
 
@@ -544,24 +503,31 @@ mod tests {
                 new: 24
             }))
         );
-        assert_eq!(
-            parse_line(b"HW_SET_R ptex=0x10 pte1=0x180", 4),
-            Ok(Line::Record(Record::HwSet {
-                line: 4,
-                bit: HwBit::Reference,
-                ptex: 0x10,
-                pte1: 0x180
-            }))
-        );
-        assert_eq!(
-            parse_line(b"HW_SET_C pte1=0x80 ptex=0x11\r\n", 5),
-            Ok(Line::Record(Record::HwSet {
-                line: 5,
-                bit: HwBit::Change,
-                ptex: 0x11,
-                pte1: 0x80
-            }))
-        );
+        let hw: [(&[u8], u64, HwBit, u64, u64); 2] = [
+            (
+                b"HW_SET_R ptex=0x10 pte1=0x180",
+                4,
+                HwBit::Reference,
+                0x10,
+                0x180,
+            ),
+            (
+                b"HW_SET_C pte1=0x80 ptex=0x11\r\n",
+                5,
+                HwBit::Change,
+                0x11,
+                0x80,
+            ),
+        ];
+        for (text, line, bit, ptex, pte1) in hw {
+            let want = Record::HwSet {
+                line,
+                bit,
+                ptex,
+                pte1,
+            };
+            assert_eq!(parse_line(text, line), Ok(Line::Record(want)));
+        }
     }
 
     #[test]
@@ -640,17 +606,17 @@ mod tests {
                 ),
                 (
                     "H_ENTER cpu=0 flags=0 ptex=0x0 pteh=0x0 ptel=0x0 -> ret=0",
-                    "BadNumber",
+                    "BadValue",
                     Some("flags"),
                 ),
                 (
                     "H_ENTER cpu=0x0 flags=0x0 ptex=0x0 pteh=0x0 ptel=0x0 -> ret=0",
-                    "BadNumber",
+                    "BadValue",
                     Some("cpu"),
                 ),
                 (
                     "H_ENTER cpu=0 flags=0x0 ptex=0x0 pteh=0x0 ptel=0x0 -> ret=0x0",
-                    "BadNumber",
+                    "BadValue",
                     Some("ret"),
                 ),
                 (
@@ -670,7 +636,7 @@ mod tests {
                 ),
                 ("HPT_ALLOC shift=23 -> ret=0", "UnexpectedResult", None),
                 ("HPT_ALLOC", "MissingKey", Some("shift")),
-                ("HPT_ALLOC shift=99999999999", "BadNumber", None),
+                ("HPT_ALLOC shift=99999999999", "BadValue", None),
                 ("HPT_SHIFT old=1 new=2 new=3", "DuplicateKey", Some("new")),
                 ("HW_SET_R ptex=0x1", "MissingKey", Some("pte1")),
                 ("HW_SET_C ptex=0x1 pte1=0x2 x=0x3", "UnknownKey", None),

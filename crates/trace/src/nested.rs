@@ -23,11 +23,12 @@
 //!   records must come first; everything else is left to the replayer.
 
 use crate::lex::{
-    self, lossy, parse_hex, parse_idec, parse_udec, split_kv, trim_end, trim_start, FieldError,
-    Seen, Words,
+    lossy, parse_hex, parse_idec, parse_udec, split_kv, trim_line, trim_start, FieldError, Seen,
+    Trimmed, Words,
 };
 use crate::reader::{
-    numbered_lines, open_constructors, open_path, DynBufRead, FormatError, Lines, MAX_LINE_BYTES,
+    format_error, numbered_lines, open_constructors, open_path, record_iterator, DynBufRead,
+    FormatError, Lines, MAX_LINE_BYTES,
 };
 use std::io::{self, BufRead, Read};
 use std::path::Path;
@@ -39,59 +40,9 @@ pub enum NestedLineError {
     /// The first word is not a record name of this format.
     #[error("unknown record `{0}`")]
     UnknownRecord(String),
-    /// A required key is missing.
-    #[error("{record}: missing key `{key}`")]
-    MissingKey {
-        /// Record name.
-        record: &'static str,
-        /// The missing key.
-        key: &'static str,
-    },
-    /// A key this record (or this result) does not have.
-    #[error("{record}: unexpected key `{key}`")]
-    UnknownKey {
-        /// Record name.
-        record: &'static str,
-        /// The key as written.
-        key: String,
-    },
-    /// A key given twice.
-    #[error("{record}: duplicate key `{key}`")]
-    DuplicateKey {
-        /// Record name.
-        record: &'static str,
-        /// The repeated key.
-        key: &'static str,
-    },
-    /// A value that is not of the required form.
-    #[error("{record}: bad value `{value}` for `{key}` (expected {expected})")]
-    BadValue {
-        /// Record name.
-        record: &'static str,
-        /// The key.
-        key: &'static str,
-        /// The value as written.
-        value: String,
-        /// What was expected.
-        expected: &'static str,
-    },
-    /// A word that is not `key=value` where one is required.
-    #[error("{record}: malformed field `{token}` (expected key=value)")]
-    BadField {
-        /// Record name.
-        record: &'static str,
-        /// The word as written.
-        token: String,
-    },
     /// A record that needs a result has none.
     #[error("{record}: missing result (`-> ...`)")]
     MissingResult {
-        /// Record name.
-        record: &'static str,
-    },
-    /// `->` on a record without a result, or given twice.
-    #[error("{record}: unexpected `->`")]
-    UnexpectedResult {
         /// Record name.
         record: &'static str,
     },
@@ -113,12 +64,13 @@ pub enum NestedLineError {
         /// L1 RAM size.
         ram: u64,
     },
+    /// A `key=value` field is wrong.
+    #[error(transparent)]
+    Field(#[from] FieldError),
     /// The line is longer than the reader accepts.
     #[error("line longer than {0} bytes")]
     TooLong(usize),
 }
-
-lex::impl_field_error!(NestedLineError, BadValue);
 
 /// What is wrong with the header of a nested trace (its first two records).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
@@ -476,7 +428,7 @@ fn value(record: &'static str, key: &Key, v: &[u8]) -> Result<u64, NestedLineErr
             "r, w or x",
         ),
     };
-    r.ok_or_else(|| NestedLineError::bad_value(record, key.name, v, expected))
+    r.ok_or_else(|| FieldError::bad_value(record, key.name, v, expected).into())
 }
 
 /// Parses `key=value` words until `->` or the end; every key exactly once.
@@ -504,7 +456,9 @@ fn fields<const N: usize>(
 
 fn no_result(record: &'static str, arrow: bool) -> Result<(), NestedLineError> {
     if arrow {
-        Err(NestedLineError::UnexpectedResult { record })
+        Err(NestedLineError::Field(FieldError::UnexpectedResult {
+            record,
+        }))
     } else {
         Ok(())
     }
@@ -538,12 +492,12 @@ fn small(
 ) -> Result<u32, NestedLineError> {
     match u32::try_from(v) {
         Ok(s) if ok.contains(&s) => Ok(s),
-        _ => Err(NestedLineError::BadValue {
+        _ => Err(NestedLineError::Field(FieldError::BadValue {
             record,
             key,
             value: v.to_string(),
             expected,
-        }),
+        })),
     }
 }
 
@@ -553,7 +507,7 @@ fn parse_ranges(
     key: &'static str,
     v: &[u8],
 ) -> Result<GfnRanges, NestedLineError> {
-    let bad = |expected| NestedLineError::bad_value(record, key, v, expected);
+    let bad = |expected| NestedLineError::from(FieldError::bad_value(record, key, v, expected));
     if v == b"-" {
         return Ok(GfnRanges::default());
     }
@@ -647,39 +601,33 @@ fn ranges_result(
     let mut ranges = None;
     for tok in words.by_ref() {
         if tok == b"->" {
-            return Err(NestedLineError::UnexpectedResult { record });
+            return Err(NestedLineError::Field(FieldError::UnexpectedResult {
+                record,
+            }));
         }
         let (k, v) = split_kv(record, tok)?;
         if k != key.as_bytes() {
-            return Err(NestedLineError::unknown_key(record, k));
+            return Err(FieldError::unknown_key(record, k).into());
         }
         if ranges.is_some() {
-            return Err(NestedLineError::duplicate_key(record, key));
+            return Err(FieldError::DuplicateKey { record, key }.into());
         }
         ranges = Some(parse_ranges(record, key, v)?);
     }
-    ranges.ok_or(NestedLineError::MissingKey { record, key })
+    ranges.ok_or(NestedLineError::Field(FieldError::MissingKey {
+        record,
+        key,
+    }))
 }
 
 /// Parses one line of a nested trace (with or without its newline); `lineno` is stored
 /// in the record.
 pub fn parse_nested_line(line: &[u8], lineno: u64) -> Result<NestedLine<'_>, NestedLineError> {
-    let line = trim_end(line);
-    let start = line
-        .iter()
-        .position(|&c| c != b' ' && c != b'\t')
-        .unwrap_or(line.len());
-    let line = &line[start..];
-    if line.is_empty() {
-        return Ok(NestedLine::Blank);
-    }
-    if let Some(c) = line.strip_prefix(b"#") {
-        let s = c
-            .iter()
-            .position(|&b| b != b' ' && b != b'\t')
-            .unwrap_or(c.len());
-        return Ok(NestedLine::Comment(&c[s..]));
-    }
+    let line = match trim_line(line) {
+        Trimmed::Blank => return Ok(NestedLine::Blank),
+        Trimmed::Comment(c) => return Ok(NestedLine::Comment(trim_start(c))),
+        Trimmed::Body(line) => line,
+    };
     let mut words = Words::new(line);
     let name = words.next().unwrap_or_default();
     let w = &mut words;
@@ -689,12 +637,12 @@ pub fn parse_nested_line(line: &[u8], lineno: u64) -> Result<NestedLine<'_>, Nes
             let ([gpa, val], arrow) = fields(R, w, &[hx("gpa"), hx("val")])?;
             no_result(R, arrow)?;
             if gpa & 7 != 0 {
-                return Err(NestedLineError::BadValue {
+                return Err(NestedLineError::Field(FieldError::BadValue {
                     record: R,
                     key: "gpa",
                     value: format!("{gpa:#x}"),
                     expected: "an 8-byte aligned address",
-                });
+                }));
             }
             NestedRecord::L1Store {
                 line: lineno,
@@ -799,15 +747,10 @@ pub fn parse_nested_line(line: &[u8], lineno: u64) -> Result<NestedLine<'_>, Nes
 /// line that is not blank or a comment starts with `L1_MEMORY`.
 pub fn looks_nested(text: &[u8]) -> bool {
     text.split(|&c| c == b'\n')
-        .map(|l| {
-            let l = trim_end(l);
-            let s = l
-                .iter()
-                .position(|&c| c != b' ' && c != b'\t')
-                .unwrap_or(l.len());
-            &l[s..]
+        .find_map(|l| match trim_line(l) {
+            Trimmed::Body(b) => Some(b),
+            _ => None,
         })
-        .find(|l| !l.is_empty() && !l.starts_with(b"#"))
         .is_some_and(|l| l.starts_with(b"L1_MEMORY ") || l == b"L1_MEMORY")
 }
 
@@ -838,21 +781,7 @@ pub struct NestedReader<R> {
     header: NestedHeader,
 }
 
-impl FormatError for NestedTraceError {
-    type Line = NestedLineError;
-
-    fn io(file: String, source: io::Error) -> Self {
-        NestedTraceError::Io { file, source }
-    }
-
-    fn malformed(file: String, line: u64, kind: NestedLineError) -> Self {
-        NestedTraceError::Malformed { file, line, kind }
-    }
-
-    fn too_long() -> NestedLineError {
-        NestedLineError::TooLong(MAX_LINE_BYTES)
-    }
-}
+format_error!(NestedTraceError, NestedLineError);
 
 // `open` and `from_reader` also read (and check) the header.
 open_constructors!(NestedReader, NestedTraceError, NestedReader::new);
@@ -874,11 +803,9 @@ impl NestedReader<DynBufRead> {
             if n == 0 {
                 return Ok(false);
             }
-            let t = trim_start(trim_end(&line));
-            if t.is_empty() || t.starts_with(b"#") {
-                continue;
+            if let Trimmed::Body(t) = trim_line(&line) {
+                return Ok(looks_nested(t));
             }
-            return Ok(looks_nested(t));
         }
     }
 }
@@ -958,13 +885,7 @@ impl<R: BufRead> NestedReader<R> {
     }
 }
 
-impl<R: BufRead> Iterator for NestedReader<R> {
-    type Item = Result<NestedRecord, NestedTraceError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        self.next_record().transpose()
-    }
-}
+record_iterator!(NestedReader, NestedRecord, NestedTraceError);
 
 /// Parses a whole in-memory text (already decompressed): checks the header, then calls
 /// `f` on every record after it. Returns the header and the number of records (header
@@ -1306,7 +1227,10 @@ mod tests {
         );
         let e = err("H_SET_PARTITION_TABLE ptcr=0x1 -> ret=-99999999999999999999");
         assert!(
-            matches!(e, NestedLineError::BadValue { key: "ret", .. }),
+            matches!(
+                e,
+                NestedLineError::Field(FieldError::BadValue { key: "ret", .. })
+            ),
             "{e}"
         );
     }

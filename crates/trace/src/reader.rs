@@ -57,21 +57,30 @@ pub(crate) trait FormatError: Sized {
     fn too_long() -> Self::Line;
 }
 
-impl FormatError for TraceError {
-    type Line = LineError;
+/// Implements [`FormatError`] for a format's error enum with `Io { file, source }` and
+/// `Malformed { file, line, kind }` variants and a line error with `TooLong(usize)`.
+macro_rules! format_error {
+    ($err:ident, $line:ident) => {
+        impl $crate::reader::FormatError for $err {
+            type Line = $line;
 
-    fn io(file: String, source: io::Error) -> Self {
-        TraceError::Io { file, source }
-    }
+            fn io(file: String, source: std::io::Error) -> Self {
+                $err::Io { file, source }
+            }
 
-    fn malformed(file: String, line: u64, kind: LineError) -> Self {
-        TraceError::Malformed { file, line, kind }
-    }
+            fn malformed(file: String, line: u64, kind: $line) -> Self {
+                $err::Malformed { file, line, kind }
+            }
 
-    fn too_long() -> LineError {
-        LineError::TooLong(MAX_LINE_BYTES)
-    }
+            fn too_long() -> $line {
+                $line::TooLong($crate::reader::MAX_LINE_BYTES)
+            }
+        }
+    };
 }
+pub(crate) use format_error;
+
+format_error!(TraceError, LineError);
 
 /// Wraps `r` in a gzip decoder if it starts with the gzip magic.
 pub(crate) fn open_source<R: Read + Send + 'static>(r: R) -> io::Result<DynBufRead> {
@@ -240,6 +249,20 @@ macro_rules! open_constructors {
 }
 pub(crate) use open_constructors;
 
+/// Makes `$reader<R>` an iterator over `next_record()`'s records.
+macro_rules! record_iterator {
+    ($reader:ident, $record:ty, $err:ty) => {
+        impl<R: std::io::BufRead> Iterator for $reader<R> {
+            type Item = Result<$record, $err>;
+
+            fn next(&mut self) -> Option<Self::Item> {
+                self.next_record().transpose()
+            }
+        }
+    };
+}
+pub(crate) use record_iterator;
+
 /// Reads a trace line by line and parses each line.
 pub struct TraceReader<R> {
     lines: Lines<R>,
@@ -284,13 +307,7 @@ impl<R: BufRead> TraceReader<R> {
     }
 }
 
-impl<R: BufRead> Iterator for TraceReader<R> {
-    type Item = Result<Record, TraceError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        self.next_record().transpose()
-    }
-}
+record_iterator!(TraceReader, Record, TraceError);
 
 /// Parses a whole in-memory text (already decompressed), calling `f` on every record.
 /// Splits lines with `memchr` and copies nothing; the fastest way to parse a buffer.

@@ -29,7 +29,7 @@
 
 use crate::lex::{lossy, parse_hex, parse_udec, split_kv, FieldError, Seen, Words};
 use crate::line::LineError;
-use crate::reader::{open_constructors, open_source, Lines, TraceError};
+use crate::reader::{open_constructors, open_source, record_iterator, Lines, TraceError};
 use std::fs::File;
 use std::io::{BufRead, Read};
 use std::path::Path;
@@ -348,7 +348,7 @@ pub fn marker(console: &[u8]) -> Option<RtMarker<'_>> {
 }
 
 fn bad(record: &'static str, key: &'static str, v: &[u8], expected: &'static str) -> LineError {
-    <LineError as FieldError>::bad_value(record, key, v, expected)
+    FieldError::bad_value(record, key, v, expected).into()
 }
 
 fn hex(record: &'static str, key: &'static str, v: &[u8]) -> Result<u64, LineError> {
@@ -393,7 +393,7 @@ pub fn parse_x86_line(line: &[u8], lineno: u64) -> Result<X86Line<'_>, LineError
             let (mut cpu, mut va) = (0, 0);
             for tok in w {
                 if tok == b"->" {
-                    return Err(LineError::UnexpectedResult { record: r });
+                    return Err(LineError::Field(FieldError::UnexpectedResult { record: r }));
                 }
                 let (k, v) = split_kv(r, tok)?;
                 match seen.mark(k)? {
@@ -415,7 +415,7 @@ pub fn parse_x86_line(line: &[u8], lineno: u64) -> Result<X86Line<'_>, LineError
             let mut reason = None;
             for tok in w {
                 if tok == b"->" {
-                    return Err(LineError::UnexpectedResult { record: r });
+                    return Err(LineError::Field(FieldError::UnexpectedResult { record: r }));
                 }
                 if !tok.contains(&b'=') {
                     let found = FlushReason::ALL
@@ -424,10 +424,10 @@ pub fn parse_x86_line(line: &[u8], lineno: u64) -> Result<X86Line<'_>, LineError
                     match (found, reason) {
                         (Some(f), None) => reason = Some(f),
                         _ => {
-                            return Err(LineError::BadField {
+                            return Err(LineError::Field(FieldError::BadField {
                                 record: r,
                                 token: lossy(tok),
-                            })
+                            }))
                         }
                     }
                     continue;
@@ -437,10 +437,10 @@ pub fn parse_x86_line(line: &[u8], lineno: u64) -> Result<X86Line<'_>, LineError
                 cpu = dec(r, "cpu", v)?;
             }
             seen.require(1)?;
-            let reason = reason.ok_or(LineError::MissingKey {
+            let reason = reason.ok_or(LineError::Field(FieldError::MissingKey {
                 record: r,
                 key: "REASON",
-            })?;
+            }))?;
             X86Record::Flush {
                 line: lineno,
                 cpu,
@@ -474,7 +474,7 @@ fn parse_cpu<'a>(w: impl Iterator<Item = &'a [u8]>, line: u64) -> Result<CpuReco
     };
     for tok in w {
         if tok == b"->" {
-            return Err(LineError::UnexpectedResult { record: r });
+            return Err(LineError::Field(FieldError::UnexpectedResult { record: r }));
         }
         let (k, v) = split_kv(r, tok)?;
         match seen.mark(k)? {
@@ -699,13 +699,7 @@ impl<R: BufRead> X86Reader<R> {
     }
 }
 
-impl<R: BufRead> Iterator for X86Reader<R> {
-    type Item = Result<X86Record, TraceError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        self.next_record().transpose()
-    }
-}
+record_iterator!(X86Reader, X86Record, TraceError);
 
 #[cfg(test)]
 mod tests {
