@@ -358,6 +358,23 @@ fn count_of(val: RmapHeadVal, pool: &DescPool) -> Result<usize, PteListError> {
     })
 }
 
+/// The read accessors both guards share, over the head value `self.val()`.
+macro_rules! guard_reads {
+    () => {
+        /// Number of entries (`pte_list_count`), O(1).
+        #[inline]
+        pub fn count(&self, pool: &DescPool) -> Result<usize, PteListError> {
+            count_of(self.val(), pool)
+        }
+
+        /// Iterate over the entries: head descriptor first, then the tails.
+        #[inline]
+        pub fn iter<'p>(&self, pool: &'p DescPool) -> PteListIter<'p> {
+            PteListIter::new(self.val(), pool)
+        }
+    };
+}
+
 /// A held (modifying) head lock. Edits update a cached head value published by the
 /// `Release` store that unlocks on drop.
 #[must_use = "dropping the guard unlocks immediately"]
@@ -388,17 +405,7 @@ impl PteListGuard<'_> {
         self.0.set(v.0);
     }
 
-    /// Number of entries (`pte_list_count`), O(1).
-    #[inline]
-    pub fn count(&self, pool: &DescPool) -> Result<usize, PteListError> {
-        count_of(self.val(), pool)
-    }
-
-    /// Iterate over the entries: head descriptor first, then the tails.
-    #[inline]
-    pub fn iter<'p>(&self, pool: &'p DescPool) -> PteListIter<'p> {
-        PteListIter::new(self.val(), pool)
-    }
+    guard_reads!();
 
     /// Add `spte` (`pte_list_add`); returns the count before the add. O(1).
     ///
@@ -581,17 +588,7 @@ impl PteListReadGuard<'_> {
         self.0.is_none()
     }
 
-    /// Number of entries, O(1).
-    #[inline]
-    pub fn count(&self, pool: &DescPool) -> Result<usize, PteListError> {
-        count_of(self.val(), pool)
-    }
-
-    /// Iterate over the entries.
-    #[inline]
-    pub fn iter<'p>(&self, pool: &'p DescPool) -> PteListIter<'p> {
-        PteListIter::new(self.val(), pool)
-    }
+    guard_reads!();
 }
 
 /// Iterator over a pte_list (`rmap_get_first`/`rmap_get_next`). Must be used while the
