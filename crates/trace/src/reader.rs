@@ -152,7 +152,6 @@ impl<R: BufRead> Lines<R> {
     }
 
     /// Reads the next raw line into the buffer; `false` at end of file.
-    #[inline]
     fn fill<E: FormatError>(&mut self) -> Result<bool, E> {
         self.buf.clear();
         loop {
