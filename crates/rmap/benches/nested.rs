@@ -6,18 +6,14 @@
 //!
 //! Run: `cargo bench -p revmap-rmap --bench nested -- --warm-up-time 1 --measurement-time 3`.
 
+mod common;
+
+use common::{bench_read, print_memory, HashMapVec, SmallVecs, GFN, LENS, NGFN};
 use criterion::{black_box, BenchmarkId, Criterion, Throughput};
 use revmap_rmap::nested::{check_nested_rmaps, NestedLimits};
 use revmap_rmap::{Gpa, Lpid, NestedCache, NestedPool, NestedRmap, NestedRmapEntry};
-use smallvec::SmallVec;
 use std::cell::RefCell;
-use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
-
-const LENS: [usize; 5] = [1, 2, 14, 100, 1000];
-const GFN: usize = 3;
-const NGFN: usize = 8;
 
 trait Design {
     fn insert(&self, gfn: usize, e: NestedRmapEntry);
@@ -64,66 +60,34 @@ impl Design for Nested {
     }
 }
 
-struct HashMapVec(Mutex<HashMap<u64, Vec<u64>>>);
-
-impl Design for HashMapVec {
-    fn insert(&self, gfn: usize, e: NestedRmapEntry) {
-        let mut m = self.0.lock().unwrap();
-        let l = m.entry(gfn as u64).or_default();
-        if !l.contains(&e.raw()) {
-            l.push(e.raw());
+/// The baselines: insert with the same dedup scan, the rest through the shared helpers.
+macro_rules! baseline_design {
+    ($($t:ty),*) => {$(
+        impl Design for $t {
+            fn insert(&self, gfn: usize, e: NestedRmapEntry) {
+                self.with(gfn, |l| {
+                    if !l.contains(&e.raw()) {
+                        l.push(e.raw());
+                    }
+                })
+            }
+            fn update_all(&self, gfn: usize) -> u64 {
+                self.sum(gfn)
+            }
+            fn detach_free(&self, gfn: usize) -> usize {
+                self.take(gfn)
+            }
+            fn count(&self, gfn: usize) -> usize {
+                <$t>::count(self, gfn)
+            }
+            fn bytes(&self, gfn: usize) -> usize {
+                <$t>::bytes(self, gfn)
+            }
         }
-    }
-    fn update_all(&self, gfn: usize) -> u64 {
-        self.0
-            .lock()
-            .unwrap()
-            .get(&(gfn as u64))
-            .map_or(0, |l| l.iter().sum())
-    }
-    fn detach_free(&self, gfn: usize) -> usize {
-        let l = self.0.lock().unwrap().remove(&(gfn as u64));
-        l.map_or(0, |l| l.len())
-    }
-    fn count(&self, gfn: usize) -> usize {
-        self.0
-            .lock()
-            .unwrap()
-            .get(&(gfn as u64))
-            .map_or(0, Vec::len)
-    }
-    fn bytes(&self, gfn: usize) -> usize {
-        let m = self.0.lock().unwrap();
-        let cap = m.get(&(gfn as u64)).map_or(0, Vec::capacity);
-        std::mem::size_of::<(u64, Vec<u64>)>() + 1 + cap * 8
-    }
+    )*};
 }
 
-struct SmallVecs(Box<[Mutex<SmallVec<[u64; 2]>>]>);
-
-impl Design for SmallVecs {
-    fn insert(&self, gfn: usize, e: NestedRmapEntry) {
-        let mut l = self.0[gfn].lock().unwrap();
-        if !l.contains(&e.raw()) {
-            l.push(e.raw());
-        }
-    }
-    fn update_all(&self, gfn: usize) -> u64 {
-        self.0[gfn].lock().unwrap().iter().sum()
-    }
-    fn detach_free(&self, gfn: usize) -> usize {
-        let l = std::mem::take(&mut *self.0[gfn].lock().unwrap());
-        l.len()
-    }
-    fn count(&self, gfn: usize) -> usize {
-        self.0[gfn].lock().unwrap().len()
-    }
-    fn bytes(&self, gfn: usize) -> usize {
-        let l = self.0[gfn].lock().unwrap();
-        let heap = if l.spilled() { l.capacity() * 8 } else { 0 };
-        std::mem::size_of::<Mutex<SmallVec<[u64; 2]>>>() + heap
-    }
-}
+baseline_design!(HashMapVec, SmallVecs);
 
 fn designs() -> Vec<(&'static str, Box<dyn Design>)> {
     vec![
@@ -139,16 +103,8 @@ fn designs() -> Vec<(&'static str, Box<dyn Design>)> {
                 }
             }),
         ),
-        (
-            "mutex_hashmap_vec",
-            Box::new(HashMapVec(Mutex::new(HashMap::new()))),
-        ),
-        (
-            "smallvec_per_gfn",
-            Box::new(SmallVecs(
-                (0..NGFN).map(|_| Mutex::new(SmallVec::new())).collect(),
-            )),
-        ),
+        ("mutex_hashmap_vec", Box::new(HashMapVec::new())),
+        ("smallvec_per_gfn", Box::new(SmallVecs::new())),
     ]
 }
 
@@ -159,26 +115,13 @@ fn entries(n: usize) -> Vec<NestedRmapEntry> {
         .collect()
 }
 
-fn print_memory() {
-    println!("bytes per entry (one gfn):");
-    println!(
-        "{:>6} {:>12} {:>18} {:>17}",
-        "len", "nested", "mutex_hashmap_vec", "smallvec_per_gfn"
-    );
-    for n in LENS {
-        let mut row = format!("{n:>6}");
-        for (_, d) in designs() {
-            for e in entries(n) {
-                d.insert(GFN, e);
-            }
-            row += &format!(" {:>12.2}", d.bytes(GFN) as f64 / n as f64);
-        }
-        println!("{row}");
-    }
-}
-
 fn bench(c: &mut Criterion) {
-    print_memory();
+    print_memory(
+        LENS,
+        designs,
+        |d: &(dyn Design + 'static), n| entries(n).into_iter().for_each(|e| d.insert(GFN, e)),
+        |d| d.bytes(GFN),
+    );
     for op in ["insert", "update_all", "detach_free", "count"] {
         let mut g = c.benchmark_group(format!("nested_{op}"));
         for n in LENS {
@@ -189,6 +132,10 @@ fn bench(c: &mut Criterion) {
             }));
             for (name, d) in designs() {
                 let es = entries(n);
+                let fill = || es.iter().for_each(|&e| d.insert(GFN, e));
+                let clear = || {
+                    d.detach_free(GFN);
+                };
                 let timed = |d: &dyn Design, iters: u64, timed_insert: bool| {
                     let mut t = Duration::ZERO;
                     for _ in 0..iters {
@@ -218,24 +165,8 @@ fn bench(c: &mut Criterion) {
                             b.iter_custom(|iters| timed(&*d, iters, false))
                         });
                     }
-                    "update_all" => {
-                        for &e in &es {
-                            d.insert(GFN, e);
-                        }
-                        g.bench_with_input(BenchmarkId::new(name, n), &n, |b, _| {
-                            b.iter(|| black_box(d.update_all(black_box(GFN))))
-                        });
-                        d.detach_free(GFN);
-                    }
-                    _ => {
-                        for &e in &es {
-                            d.insert(GFN, e);
-                        }
-                        g.bench_with_input(BenchmarkId::new(name, n), &n, |b, _| {
-                            b.iter(|| black_box(d.count(black_box(GFN))))
-                        });
-                        d.detach_free(GFN);
-                    }
+                    "update_all" => bench_read(&mut g, name, n, fill, |x| d.update_all(x), clear),
+                    _ => bench_read(&mut g, name, n, fill, |x| d.count(x), clear),
                 }
             }
         }
@@ -244,9 +175,5 @@ fn bench(c: &mut Criterion) {
 }
 
 fn main() {
-    // What `criterion_group!`/`criterion_main!` expand to, without their undocumented
-    // `pub fn` (the workspace warns on missing docs).
-    let mut c = Criterion::default().configure_from_args();
-    bench(&mut c);
-    c.final_summary();
+    common::run(&[bench]);
 }

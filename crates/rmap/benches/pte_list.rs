@@ -6,20 +6,16 @@
 //!
 //! Run: `cargo bench -p revmap-rmap --bench pte_list -- --warm-up-time 1 --measurement-time 3`.
 
+mod common;
+
+use common::{bench_read, print_memory, HashMapVec, SmallVecs, GFN, LENS, NGFN};
 use criterion::{black_box, BenchmarkId, Criterion, Throughput};
 use revmap_rmap::pool::{PoolCursor, PoolNode};
 use revmap_rmap::pte_list::{
     check_pte_lists, DescCache, DescPool, PteListDesc, PteListHead, SpteHandle,
 };
-use smallvec::SmallVec;
 use std::cell::RefCell;
-use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
-
-const LENS: [usize; 5] = [1, 2, 14, 100, 1000];
-const GFN: usize = 3;
-const NGFN: usize = 8;
 
 /// The operations every design implements (one gfn's rmap).
 trait Design {
@@ -83,16 +79,9 @@ impl Design for PteList {
     }
 }
 
-struct HashMapVec(Mutex<HashMap<u64, Vec<u64>>>);
-
 impl Design for HashMapVec {
     fn add(&self, gfn: usize, v: u64) {
-        self.0
-            .lock()
-            .unwrap()
-            .entry(gfn as u64)
-            .or_default()
-            .push(v);
+        self.with(gfn, |l| l.push(v));
     }
     fn remove(&self, gfn: usize, v: u64) {
         let mut m = self.0.lock().unwrap();
@@ -104,70 +93,48 @@ impl Design for HashMapVec {
         }
     }
     fn count(&self, gfn: usize) -> usize {
-        self.0
-            .lock()
-            .unwrap()
-            .get(&(gfn as u64))
-            .map_or(0, Vec::len)
+        HashMapVec::count(self, gfn)
     }
     fn sum(&self, gfn: usize) -> u64 {
-        self.0
-            .lock()
-            .unwrap()
-            .get(&(gfn as u64))
-            .map_or(0, |l| l.iter().sum())
+        HashMapVec::sum(self, gfn)
     }
     fn clear(&self, gfn: usize) {
-        self.0.lock().unwrap().remove(&(gfn as u64));
+        self.take(gfn);
     }
     fn bytes(&self, gfn: usize) -> usize {
-        // One bucket (key + Vec header) and its control byte, plus the Vec's heap.
-        let m = self.0.lock().unwrap();
-        let cap = m.get(&(gfn as u64)).map_or(0, Vec::capacity);
-        std::mem::size_of::<(u64, Vec<u64>)>() + 1 + cap * 8
+        HashMapVec::bytes(self, gfn)
     }
 }
 
-struct SmallVecs(Box<[Mutex<SmallVec<[u64; 2]>>]>);
-
 impl Design for SmallVecs {
     fn add(&self, gfn: usize, v: u64) {
-        self.0[gfn].lock().unwrap().push(v);
+        self.with(gfn, |l| l.push(v));
     }
     fn remove(&self, gfn: usize, v: u64) {
-        let mut l = self.0[gfn].lock().unwrap();
-        let i = l.iter().position(|&x| x == v).unwrap();
-        l.swap_remove(i);
+        self.with(gfn, |l| {
+            let i = l.iter().position(|&x| x == v).unwrap();
+            l.swap_remove(i);
+        });
     }
     fn count(&self, gfn: usize) -> usize {
-        self.0[gfn].lock().unwrap().len()
+        SmallVecs::count(self, gfn)
     }
     fn sum(&self, gfn: usize) -> u64 {
-        self.0[gfn].lock().unwrap().iter().sum()
+        SmallVecs::sum(self, gfn)
     }
     fn clear(&self, gfn: usize) {
-        *self.0[gfn].lock().unwrap() = SmallVec::new();
+        self.take(gfn);
     }
     fn bytes(&self, gfn: usize) -> usize {
-        let l = self.0[gfn].lock().unwrap();
-        let heap = if l.spilled() { l.capacity() * 8 } else { 0 };
-        std::mem::size_of::<Mutex<SmallVec<[u64; 2]>>>() + heap
+        SmallVecs::bytes(self, gfn)
     }
 }
 
 fn designs() -> Vec<(&'static str, Box<dyn Design>)> {
     vec![
         ("pte_list", Box::new(PteList::new())),
-        (
-            "mutex_hashmap_vec",
-            Box::new(HashMapVec(Mutex::new(HashMap::new()))),
-        ),
-        (
-            "smallvec_per_gfn",
-            Box::new(SmallVecs(
-                (0..NGFN).map(|_| Mutex::new(SmallVec::new())).collect(),
-            )),
-        ),
+        ("mutex_hashmap_vec", Box::new(HashMapVec::new())),
+        ("smallvec_per_gfn", Box::new(SmallVecs::new())),
     ]
 }
 
@@ -187,26 +154,13 @@ fn shuffled(mut v: Vec<u64>) -> Vec<u64> {
     v
 }
 
-fn print_memory() {
-    println!("bytes per entry (one gfn):");
-    println!(
-        "{:>6} {:>12} {:>18} {:>17}",
-        "len", "pte_list", "mutex_hashmap_vec", "smallvec_per_gfn"
-    );
-    for n in LENS.iter().copied().chain([14 * 100]) {
-        let mut row = format!("{n:>6}");
-        for (_, d) in designs() {
-            for v in values(n) {
-                d.add(GFN, v);
-            }
-            row += &format!(" {:>12.2}", d.bytes(GFN) as f64 / n as f64);
-        }
-        println!("{row}");
-    }
-}
-
 fn bench(c: &mut Criterion) {
-    print_memory();
+    print_memory(
+        LENS.iter().copied().chain([14 * 100]),
+        designs,
+        |d: &(dyn Design + 'static), n| values(n).into_iter().for_each(|v| d.add(GFN, v)),
+        |d| d.bytes(GFN),
+    );
     for op in ["add", "remove", "iterate", "count"] {
         let mut g = c.benchmark_group(op);
         for n in LENS {
@@ -218,6 +172,8 @@ fn bench(c: &mut Criterion) {
             for (name, d) in designs() {
                 let vals = values(n);
                 let order = shuffled(vals.clone());
+                let fill = || vals.iter().for_each(|&v| d.add(GFN, v));
+                let clear = || d.clear(GFN);
                 match op {
                     "add" => {
                         let _ = g.bench_with_input(BenchmarkId::new(name, n), &n, |b, _| {
@@ -253,24 +209,8 @@ fn bench(c: &mut Criterion) {
                             })
                         });
                     }
-                    "iterate" => {
-                        for &v in &vals {
-                            d.add(GFN, v);
-                        }
-                        g.bench_with_input(BenchmarkId::new(name, n), &n, |b, _| {
-                            b.iter(|| black_box(d.sum(black_box(GFN))))
-                        });
-                        d.clear(GFN);
-                    }
-                    _ => {
-                        for &v in &vals {
-                            d.add(GFN, v);
-                        }
-                        g.bench_with_input(BenchmarkId::new(name, n), &n, |b, _| {
-                            b.iter(|| black_box(d.count(black_box(GFN))))
-                        });
-                        d.clear(GFN);
-                    }
+                    "iterate" => bench_read(&mut g, name, n, fill, |x| d.sum(x), clear),
+                    _ => bench_read(&mut g, name, n, fill, |x| d.count(x), clear),
                 };
             }
         }
@@ -314,10 +254,5 @@ fn node_lookup(c: &mut Criterion) {
 }
 
 fn main() {
-    // What `criterion_group!`/`criterion_main!` expand to, without their undocumented
-    // `pub fn` (the workspace warns on missing docs).
-    let mut c = Criterion::default().configure_from_args();
-    bench(&mut c);
-    node_lookup(&mut c);
-    c.final_summary();
+    common::run(&[bench, node_lookup]);
 }

@@ -82,32 +82,18 @@ impl BaselineRmap for MutexHashMap {
         let mut m = lock(&self.0);
         m.try_reserve(1)
             .map_err(|_| RmapError::Alloc { bytes: 64 })?;
-        let v = m.entry(gfn).or_default();
-        v.try_reserve(1)
-            .map_err(|_| RmapError::Alloc { bytes: 4 })?;
-        v.push(ptex);
-        Ok(())
+        push_ptex(m.entry(gfn).or_default(), ptex)
     }
     fn unlink(&self, gfn: u64, ptex: u32) -> Result<bool, RmapError> {
         let mut m = lock(&self.0);
-        let Some(v) = m.get_mut(&gfn) else {
-            return Ok(false);
-        };
-        Ok(match v.iter().position(|&p| p == ptex) {
-            Some(i) => {
-                v.remove(i);
-                true
-            }
-            None => false,
-        })
+        Ok(m.get_mut(&gfn).is_some_and(|v| remove_ptex(v, ptex)))
     }
     fn count(&self, gfn: u64) -> Result<usize, RmapError> {
         Ok(lock(&self.0).get(&gfn).map_or(0, Vec::len))
     }
     fn sum(&self, gfn: u64) -> Result<u64, RmapError> {
         let m = lock(&self.0);
-        Ok(m.get(&gfn)
-            .map_or(0, |v| v.iter().map(|&p| u64::from(p)).sum()))
+        Ok(m.get(&gfn).map_or(0, |v| ptex_sum(v)))
     }
     fn bytes(&self) -> usize {
         let m = lock(&self.0);
@@ -242,6 +228,58 @@ impl BaselineRmap for SlabList {
     }
 }
 
+/// A growable list of HPTE indices (`Vec` or `SmallVec`), as two baselines keep per frame.
+trait PtexVec: core::ops::Deref<Target = [u32]> {
+    /// Makes room for one more index.
+    fn reserve_one(&mut self) -> Result<(), RmapError>;
+    /// Appends an index (room reserved).
+    fn push_one(&mut self, ptex: u32);
+    /// Removes the index at `i`, keeping the order.
+    fn remove_at(&mut self, i: usize);
+}
+
+/// Implements [`PtexVec`] by the inherent methods both list types share.
+macro_rules! impl_ptex_vec {
+    ($($t:ty),*) => {$(
+        impl PtexVec for $t {
+            fn reserve_one(&mut self) -> Result<(), RmapError> {
+                self.try_reserve(1).map_err(|_| RmapError::Alloc { bytes: 4 })
+            }
+            fn push_one(&mut self, ptex: u32) {
+                self.push(ptex);
+            }
+            fn remove_at(&mut self, i: usize) {
+                self.remove(i);
+            }
+        }
+    )*};
+}
+
+impl_ptex_vec!(Vec<u32>, SmallVec<[u32; 4]>);
+
+/// Appends `ptex` to `v`, failing cleanly when memory runs out.
+fn push_ptex(v: &mut impl PtexVec, ptex: u32) -> Result<(), RmapError> {
+    v.reserve_one()?;
+    v.push_one(ptex);
+    Ok(())
+}
+
+/// Removes the first `ptex` from `v`; whether it was there.
+fn remove_ptex(v: &mut impl PtexVec, ptex: u32) -> bool {
+    match v.iter().position(|&p| p == ptex) {
+        Some(i) => {
+            v.remove_at(i);
+            true
+        }
+        None => false,
+    }
+}
+
+/// The sum of the indices (the benchmarks' checksum).
+fn ptex_sum(v: &[u32]) -> u64 {
+    v.iter().map(|&p| u64::from(p)).sum()
+}
+
 /// A `Mutex<SmallVec<[u32; 4]>>` per frame.
 #[derive(Debug)]
 pub struct SmallVecFrames(Vec<Mutex<SmallVec<[u32; 4]>>>);
@@ -263,27 +301,16 @@ impl BaselineRmap for SmallVecFrames {
         Ok(Self(v))
     }
     fn link(&self, gfn: u64, ptex: u32) -> Result<(), RmapError> {
-        let mut v = self.frame(gfn)?;
-        v.try_reserve(1)
-            .map_err(|_| RmapError::Alloc { bytes: 4 })?;
-        v.push(ptex);
-        Ok(())
+        push_ptex(&mut *self.frame(gfn)?, ptex)
     }
     fn unlink(&self, gfn: u64, ptex: u32) -> Result<bool, RmapError> {
-        let mut v = self.frame(gfn)?;
-        Ok(match v.iter().position(|&p| p == ptex) {
-            Some(i) => {
-                v.remove(i);
-                true
-            }
-            None => false,
-        })
+        Ok(remove_ptex(&mut *self.frame(gfn)?, ptex))
     }
     fn count(&self, gfn: u64) -> Result<usize, RmapError> {
         Ok(self.frame(gfn)?.len())
     }
     fn sum(&self, gfn: u64) -> Result<u64, RmapError> {
-        Ok(self.frame(gfn)?.iter().map(|&p| u64::from(p)).sum())
+        Ok(ptex_sum(&self.frame(gfn)?))
     }
     fn bytes(&self) -> usize {
         self.0.capacity() * core::mem::size_of::<Mutex<SmallVec<[u32; 4]>>>()

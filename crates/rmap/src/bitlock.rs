@@ -10,7 +10,7 @@
 //!   the lock is held, and the unlock store writes their final value together with the
 //!   cleared lock bit (as KVM's `unlock_hpte` writes the new dword 0).
 //! * A **read-only** holder (a walker that changed nothing) unlocks with the same
-//!   `Release` store. KVM's 2025 lockless-aging review (reference D20) found that a
+//!   `Release` store. KVM's 2025 review of lockless aging (`kvm_rmap_unlock_readonly`) found that a
 //!   relaxed read-only unlock lets the next holder's writes be reordered before our
 //!   reads; loom checks this (`tests/loom_bitlock.rs`).
 //!
@@ -66,7 +66,7 @@ pub fn lock_bits(word: &AtomicU64, lock: u64) -> u64 {
 
 /// Busy-wait, read-only, until `lock` is clear in `word`.
 ///
-/// This is step 2 of the restart rule (reference A.5): a walker that failed a try-lock
+/// This is step 2 of KVM's restart rule (as in `kvm_unmap_rmapp` / `kvm_age_rmapp`): a walker that failed a try-lock
 /// drops its own lock and waits here without writing the contended cache line.
 #[inline]
 pub fn wait_unlocked(word: &AtomicU64, lock: u64) {
@@ -84,7 +84,7 @@ pub fn wait_unlocked(word: &AtomicU64, lock: u64) {
 pub fn unlock_store(word: &AtomicU64, lock: u64, value: u64) {
     // ORDERING: Release publishes every write made under the lock (including writes to
     // other words that the lock protects) to the next Acquire locker. Used for
-    // read-only unlocks too (reference D20).
+    // read-only unlocks too (see the module docs).
     word.store(value & !lock, Ordering::Release);
 }
 

@@ -1,4 +1,5 @@
-//! The PowerPC nested-guest rmap (reference section B): for a radix L1 guest, each
+//! The PowerPC nested-guest rmap (KVM's `kvmhv_insert_nest_rmap` and friends in
+//! `arch/powerpc/kvm/book3s_hv_nested.c`): for a radix L1 guest, each
 //! memslot rmap word heads the list of (LPID, L2 address) pairs whose shadow PTEs were
 //! derived from that L1 page, so that unmapping or aging the page can reach them.
 //!
@@ -25,16 +26,16 @@
 //! gfns are updated in parallel and detach-all may race with insert. Bit 1 is free
 //! because it is zero in every entry and every node reference.
 //!
-//! # Invariants (reference E.25-27, checked by [`check_nested_rmap`] and
+//! # Invariants (checked by [`check_nested_rmap`] and
 //! [`check_nested_rmaps`])
 //!
-//! 25. The word is 0, a tagged entry (bits 1-11 zero, LPID non-zero) or a reference to a
-//!     live node; the lock bit is clear at rest.
-//! 26. A non-empty list ends in a tagged inline value, never a null link; a list of n
-//!     entries has exactly n-1 nodes, and no node is reachable twice.
-//! 27. No two entries of one word are equal on (LPID, GPA).
+//! 1. The word is 0, a tagged entry (bits 1-11 zero, LPID non-zero) or a reference to a
+//!    live node; the lock bit is clear at rest.
+//! 2. A non-empty list ends in a tagged inline value, never a null link; a list of n
+//!    entries has exactly n-1 nodes, and no node is reachable twice.
+//! 3. No two entries of one word are equal on (LPID, GPA).
 //!
-//! # Bounded memory (B.5, D25)
+//! # Bounded memory
 //!
 //! L1 invalidations do not remove entries, so stale (LPID, GPA) pairs accumulate until
 //! the L1 page itself is unmapped; a busy L1 could make the host allocate without limit.
@@ -251,9 +252,6 @@ pub enum NestedLink {
 pub struct NestedRmapVal(u64);
 
 impl NestedRmapVal {
-    /// The empty word.
-    pub const EMPTY: Self = Self(0);
-
     /// An inline (tagged) entry.
     #[inline(always)]
     pub const fn inline(e: NestedRmapEntry) -> Self {
@@ -264,24 +262,6 @@ impl NestedRmapVal {
     #[inline(always)]
     pub const fn node(idx: NodeIdx) -> Self {
         Self(((idx.raw() as u64) << NODE_REF_SHIFT) | NODE_REF_MARK)
-    }
-
-    /// Wrap a raw value (validated by [`Self::decode`]).
-    #[inline(always)]
-    pub const fn from_raw(raw: u64) -> Self {
-        Self(raw)
-    }
-
-    /// The raw value.
-    #[inline(always)]
-    pub const fn bits(self) -> u64 {
-        self.0
-    }
-
-    /// The lock bit.
-    #[inline(always)]
-    pub const fn is_locked(self) -> bool {
-        self.0 & NESTED_RMAP_LOCK != 0
     }
 
     /// Decode, rejecting malformed values (including a set lock bit).
@@ -306,11 +286,7 @@ impl NestedRmapVal {
     }
 }
 
-impl core::fmt::Debug for NestedRmapVal {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(f, "NestedRmapVal({:#x}: {:?})", self.0, self.decode())
-    }
-}
+crate::word::head_word_accessors!(NestedRmapVal, NESTED_RMAP_LOCK);
 
 /// A list node (`struct rmap_nested`): an untagged entry and the next link. 16 bytes.
 ///
@@ -324,16 +300,7 @@ pub struct NestedNode {
 }
 
 impl NestedNode {
-    #[inline(always)]
-    fn entry(&self) -> u64 {
-        // ORDERING: Relaxed under the word lock (module docs).
-        self.entry.load(Ordering::Relaxed)
-    }
-    #[inline(always)]
-    fn set_entry(&self, v: u64) {
-        // ORDERING: Relaxed under the word lock (module docs).
-        self.entry.store(v, Ordering::Relaxed)
-    }
+    crate::word::relaxed_fields!(entry / set_entry: entry -> u64);
     #[inline(always)]
     fn next(&self) -> NestedRmapVal {
         // ORDERING: Relaxed under the word lock (module docs).
@@ -781,7 +748,7 @@ pub enum NestedCheckError {
     /// The lock bit is set at rest.
     #[error("word {0:#x} locked at rest")]
     Locked(u64),
-    /// A link is malformed, or a node's `next` is 0 (invariants 25-26).
+    /// A link is malformed, or a node's `next` is 0 (invariants 1-2).
     #[error("malformed link {0:#x}")]
     BadLink(u64),
     /// A node reference names no live node.
@@ -795,10 +762,10 @@ pub enum NestedCheckError {
         /// Its entry field.
         raw: u64,
     },
-    /// A node is reachable twice (a cycle, or shared by two words) (invariant 26).
+    /// A node is reachable twice (a cycle, or shared by two words) (invariant 2).
     #[error("node {0} reached twice")]
     SharedNode(u32),
-    /// Two entries are equal on (LPID, GPA) (invariant 27).
+    /// Two entries are equal on (LPID, GPA) (invariant 3).
     #[error("duplicate entry {0:#x}")]
     Duplicate(u64),
     /// The list holds more entries than the cap.
@@ -821,7 +788,7 @@ pub struct NestedStats {
     pub words: u64,
     /// Entries over all words.
     pub entries: u64,
-    /// Nodes over all words (entries − non-empty words, by invariant 26).
+    /// Nodes over all words (entries − non-empty words, by invariant 2).
     pub nodes: u64,
 }
 
@@ -895,12 +862,12 @@ fn check_one(
     Ok((entries.len(), nodes))
 }
 
-/// Check invariants 25-27 of one word at a quiescent point; returns its entry count.
+/// Check invariants 1-3 of one word at a quiescent point; returns its entry count.
 pub fn check_nested_rmap(word: &NestedRmap, pool: &NestedPool) -> Result<usize, NestedCheckError> {
     check_one(word, pool, |_| Ok(())).map(|(n, _)| n)
 }
 
-/// Check invariants 25-27 of every word, that no node is reachable twice across them,
+/// Check invariants 1-3 of every word, that no node is reachable twice across them,
 /// and that no word holds more than `limits.cap()` entries. Quiescent points only.
 pub fn check_nested_rmaps(
     words: &[NestedRmap],

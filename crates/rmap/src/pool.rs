@@ -2,7 +2,8 @@
 //!
 //! KVM allocates rmap descriptors from per-vCPU memory caches topped up *before* the MMU
 //! lock is taken (`mmu_topup_memory_caches`), so that allocation under the lock never
-//! sleeps and never fails (reference C.1, D1, invariant 38). This module is that design:
+//! sleeps and never fails: the fault path never fails for want of memory once its cache is
+//! topped up. This module is that design:
 //!
 //! * A [`Pool`] owns the nodes. They live in up to [`NCHUNKS`] chunks of geometrically
 //!   growing size (chunk `k` holds `2^CHUNK_BASE_SHIFT << k` nodes), each published once
@@ -641,45 +642,51 @@ impl<T: PoolNode> Drop for NodeCache<'_, T> {
     }
 }
 
+/// A minimal pool node for this crate's unit tests and its loom pool model: a payload
+/// and a vacant-marker/free-link word. Not part of the API.
+#[cfg(any(test, loom))]
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct TestNode {
+    /// What the test stores in the node.
+    pub payload: AtomicU64,
+    state: AtomicU64,
+}
+
+#[cfg(any(test, loom))]
+const TEST_VACANT: u64 = 1 << 40;
+
+// ORDERING: Relaxed throughout the test node, as in the real node types: the
+// marker RMWs decide ownership alone and the pool's free-list CAS orders contents.
+#[cfg(any(test, loom))]
+impl PoolNode for TestNode {
+    fn vacant() -> Self {
+        Self {
+            payload: AtomicU64::new(0),
+            state: AtomicU64::new(TEST_VACANT | NIL as u64),
+        }
+    }
+    fn claim(&self) -> bool {
+        self.state.swap(0, Ordering::Relaxed) & TEST_VACANT != 0
+    }
+    fn release(&self) -> bool {
+        self.state.fetch_or(TEST_VACANT, Ordering::Relaxed) & TEST_VACANT == 0
+    }
+    fn is_vacant(&self) -> bool {
+        self.state.load(Ordering::Relaxed) & TEST_VACANT != 0
+    }
+    fn free_link(&self) -> u32 {
+        self.state.load(Ordering::Relaxed) as u32
+    }
+    fn set_free_link(&self, next: u32) {
+        self.state
+            .store(TEST_VACANT | next as u64, Ordering::Relaxed);
+    }
+}
+
 #[cfg(all(test, not(loom)))]
 pub(crate) mod tests {
     use super::*;
-    use crate::sync::AtomicU64;
-
-    /// A minimal pool node for tests: a payload and a marker/link word.
-    #[derive(Debug)]
-    pub(crate) struct TestNode {
-        pub(crate) payload: AtomicU64,
-        state: AtomicU64,
-    }
-
-    const VACANT: u64 = 1 << 40;
-
-    // ORDERING: Relaxed throughout the test node, as in the real node types: the
-    // marker RMWs decide ownership alone and the pool's free-list CAS orders contents.
-    impl PoolNode for TestNode {
-        fn vacant() -> Self {
-            Self {
-                payload: AtomicU64::new(0),
-                state: AtomicU64::new(VACANT | NIL as u64),
-            }
-        }
-        fn claim(&self) -> bool {
-            self.state.swap(0, Ordering::Relaxed) & VACANT != 0
-        }
-        fn release(&self) -> bool {
-            self.state.fetch_or(VACANT, Ordering::Relaxed) & VACANT == 0
-        }
-        fn is_vacant(&self) -> bool {
-            self.state.load(Ordering::Relaxed) & VACANT != 0
-        }
-        fn free_link(&self) -> u32 {
-            self.state.load(Ordering::Relaxed) as u32
-        }
-        fn set_free_link(&self, next: u32) {
-            self.state.store(VACANT | next as u64, Ordering::Relaxed);
-        }
-    }
 
     #[test]
     fn locate_matches_chunk_geometry() {

@@ -1,5 +1,6 @@
 //! The x86 shadow-MMU rmap (`pte_list`): a tagged head word per (slot, gfn, level)
-//! over 128-byte descriptors of 14 SPTE handles (modern KVM, reference C.3-C.5).
+//! over 128-byte descriptors of 14 SPTE handles (modern KVM's `pte_list_add`,
+//! `pte_list_remove` and `kvm_rmap_lock` in `arch/x86/kvm/mmu/mmu.c`).
 //!
 //! # Encoding of the head word ([`RmapHeadVal`], KVM's `kvm_rmap_head.val`)
 //!
@@ -25,25 +26,26 @@
 //! frees the head when it empties. Descriptors come from a [`Pool`]; allocation draws on
 //! a [`NodeCache`] topped up before the lock is taken.
 //!
-//! # Invariants (reference E.32-34 and 36, checked by [`check_pte_list`] /
+//! # Invariants (checked by [`check_pte_list`] /
 //! [`check_rmap_head`] / [`check_pte_lists`])
 //!
-//! 32. The head is 0, a valid single handle, or a descriptor index with bit 0 set;
-//!     `KVM_RMAP_LOCKED` is clear at rest.
-//! 33. Every tail descriptor has 14 entries; the head descriptor 1..=14; each
-//!     `tail_count` is 14 × the descriptors after it; no descriptor is empty.
-//! 34. `sptes[0..spte_count]` are valid handles, `sptes[spte_count..14]` are 0.
-//! 36. After [`PteListGuard::rmap_add`] returns, the count is at most
-//!     [`RMAP_RECYCLE_THRESHOLD`].
+//! 1. The head is 0, a valid single handle, or a descriptor index with bit 0 set;
+//!    `KVM_RMAP_LOCKED` is clear at rest.
+//! 2. Every tail descriptor has 14 entries; the head descriptor 1..=14; each
+//!    `tail_count` is 14 × the descriptors after it; no descriptor is empty.
+//! 3. `sptes[0..spte_count]` are valid handles, `sptes[spte_count..14]` are 0.
+//! 4. After [`PteListGuard::rmap_add`] returns, the count is at most
+//!    [`RMAP_RECYCLE_THRESHOLD`].
 //!
-//! # Locking (reference C.5)
+//! # Locking (KVM's `kvm_rmap_lock` / `kvm_rmap_lock_readonly`)
 //!
 //! Every change of a list happens under its head's bit lock ([`PteListHead::lock`]): an
 //! `Acquire` read-modify-write to lock and a `Release` store of the new head value to
 //! unlock, which publishes every descriptor write made under the lock. Walkers that do
 //! not modify (aging) use [`PteListHead::lock_readonly`], which elides the lock on an
 //! empty head (as KVM does) and otherwise unlocks with the same `Release` store of the
-//! unchanged value (D20: a relaxed read-only unlock would let the reads move past it).
+//! unchanged value (a relaxed read-only unlock would let the reads move past it, as
+//! KVM's review of `kvm_rmap_unlock_readonly` found).
 //! Unlike KVM, writers always take the lock, even on an empty head: KVM relies on
 //! `mmu_lock` held for write to exclude other writers, revmap does not assume one.
 //! Descriptor fields are atomics accessed `Relaxed` under the lock.
@@ -176,9 +178,6 @@ pub enum HeadKind {
 pub struct RmapHeadVal(u64);
 
 impl RmapHeadVal {
-    /// The empty head.
-    pub const EMPTY: Self = Self(0);
-
     /// A head holding one entry.
     #[inline(always)]
     pub const fn single(spte: SpteHandle) -> Self {
@@ -189,24 +188,6 @@ impl RmapHeadVal {
     #[inline(always)]
     pub const fn many(idx: NodeIdx) -> Self {
         Self(((idx.raw() as u64) << RMAP_DESC_SHIFT) | KVM_RMAP_MANY)
-    }
-
-    /// Wrap a raw value (not validated; see [`Self::decode`]).
-    #[inline(always)]
-    pub const fn from_raw(raw: u64) -> Self {
-        Self(raw)
-    }
-
-    /// The raw 64-bit value.
-    #[inline(always)]
-    pub const fn bits(self) -> u64 {
-        self.0
-    }
-
-    /// The lock bit.
-    #[inline(always)]
-    pub const fn is_locked(self) -> bool {
-        self.0 & KVM_RMAP_LOCKED != 0
     }
 
     /// Decode, rejecting malformed values (lock bit set, bad handle, bad index).
@@ -232,11 +213,7 @@ impl RmapHeadVal {
     }
 }
 
-impl core::fmt::Debug for RmapHeadVal {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(f, "RmapHeadVal({:#x}: {:?})", self.0, self.decode())
-    }
-}
+crate::word::head_word_accessors!(RmapHeadVal, KVM_RMAP_LOCKED);
 
 /// One pte_list descriptor (`struct pte_list_desc`): 128 bytes, 14 entries.
 ///
@@ -258,36 +235,11 @@ pub struct PteListDesc {
 // Every access below is made under the owning head's lock (or, for a vacant
 // descriptor, by the pool): the lock's Acquire/Release orders them, so each is Relaxed.
 impl PteListDesc {
-    #[inline(always)]
-    fn more(&self) -> u32 {
-        // ORDERING: Relaxed under the head lock (module docs).
-        self.more.load(Ordering::Relaxed)
-    }
-    #[inline(always)]
-    fn set_more(&self, v: u32) {
-        // ORDERING: Relaxed under the head lock (module docs).
-        self.more.store(v, Ordering::Relaxed)
-    }
-    #[inline(always)]
-    fn count(&self) -> u32 {
-        // ORDERING: Relaxed under the head lock (module docs).
-        self.spte_count.load(Ordering::Relaxed)
-    }
-    #[inline(always)]
-    fn set_count(&self, v: u32) {
-        // ORDERING: Relaxed under the head lock (module docs).
-        self.spte_count.store(v, Ordering::Relaxed)
-    }
-    #[inline(always)]
-    fn tail(&self) -> u32 {
-        // ORDERING: Relaxed under the head lock (module docs).
-        self.tail_count.load(Ordering::Relaxed)
-    }
-    #[inline(always)]
-    fn set_tail(&self, v: u32) {
-        // ORDERING: Relaxed under the head lock (module docs).
-        self.tail_count.store(v, Ordering::Relaxed)
-    }
+    crate::word::relaxed_fields!(
+        more / set_more: more -> u32,
+        count / set_count: spte_count -> u32,
+        tail / set_tail: tail_count -> u32,
+    );
     #[inline(always)]
     fn spte(&self, i: usize) -> u64 {
         // ORDERING: Relaxed under the head lock (module docs).
@@ -406,6 +358,23 @@ fn count_of(val: RmapHeadVal, pool: &DescPool) -> Result<usize, PteListError> {
     })
 }
 
+/// The read accessors both guards share, over the head value `self.val()`.
+macro_rules! guard_reads {
+    () => {
+        /// Number of entries (`pte_list_count`), O(1).
+        #[inline]
+        pub fn count(&self, pool: &DescPool) -> Result<usize, PteListError> {
+            count_of(self.val(), pool)
+        }
+
+        /// Iterate over the entries: head descriptor first, then the tails.
+        #[inline]
+        pub fn iter<'p>(&self, pool: &'p DescPool) -> PteListIter<'p> {
+            PteListIter::new(self.val(), pool)
+        }
+    };
+}
+
 /// A held (modifying) head lock. Edits update a cached head value published by the
 /// `Release` store that unlocks on drop.
 #[must_use = "dropping the guard unlocks immediately"]
@@ -436,17 +405,7 @@ impl PteListGuard<'_> {
         self.0.set(v.0);
     }
 
-    /// Number of entries (`pte_list_count`), O(1).
-    #[inline]
-    pub fn count(&self, pool: &DescPool) -> Result<usize, PteListError> {
-        count_of(self.val(), pool)
-    }
-
-    /// Iterate over the entries: head descriptor first, then the tails.
-    #[inline]
-    pub fn iter<'p>(&self, pool: &'p DescPool) -> PteListIter<'p> {
-        PteListIter::new(self.val(), pool)
-    }
+    guard_reads!();
 
     /// Add `spte` (`pte_list_add`); returns the count before the add. O(1).
     ///
@@ -590,7 +549,7 @@ impl PteListGuard<'_> {
     /// that a remote TLB flush for the gfn is needed.
     ///
     /// KVM compares the count *before* the add (so 1001 entries may persist); revmap
-    /// compares the count after it, so invariant 36 holds literally: no count above the
+    /// compares the count after it, so invariant 4 holds literally: no count above the
     /// threshold survives a return.
     pub fn rmap_add<F: FnMut(SpteHandle)>(
         &mut self,
@@ -611,7 +570,7 @@ impl PteListGuard<'_> {
 }
 
 /// A read-only head lock (`kvm_rmap_lock_readonly`), or nothing for an empty head.
-/// Dropping it stores the unchanged value with `Release` (D20).
+/// Dropping it stores the unchanged value with `Release` (a relaxed one would let the reads move past it).
 #[must_use = "dropping the guard unlocks immediately"]
 #[derive(Debug)]
 pub struct PteListReadGuard<'a>(Option<BitLockGuard<'a>>);
@@ -629,17 +588,7 @@ impl PteListReadGuard<'_> {
         self.0.is_none()
     }
 
-    /// Number of entries, O(1).
-    #[inline]
-    pub fn count(&self, pool: &DescPool) -> Result<usize, PteListError> {
-        count_of(self.val(), pool)
-    }
-
-    /// Iterate over the entries.
-    #[inline]
-    pub fn iter<'p>(&self, pool: &'p DescPool) -> PteListIter<'p> {
-        PteListIter::new(self.val(), pool)
-    }
+    guard_reads!();
 }
 
 /// Iterator over a pte_list (`rmap_get_first`/`rmap_get_next`). Must be used while the
@@ -751,16 +700,16 @@ impl Iterator for PteListIter<'_> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum PteListCheckError {
-    /// The lock bit is set at rest (invariant 32).
+    /// The lock bit is set at rest (invariant 1).
     #[error("head {0:#x} is locked at rest")]
     Locked(u64),
-    /// The head word is malformed (invariant 32).
+    /// The head word is malformed (invariant 1).
     #[error("malformed head word {0:#x}")]
     BadHead(u64),
     /// A descriptor index names no live descriptor.
     #[error("descriptor {0} is outside the pool or vacant")]
     BadDesc(u32),
-    /// The head descriptor has 0 or more than 14 entries (invariant 33).
+    /// The head descriptor has 0 or more than 14 entries (invariant 2).
     #[error("head descriptor {idx} has {count} entries")]
     HeadCount {
         /// Descriptor index.
@@ -768,7 +717,7 @@ pub enum PteListCheckError {
         /// Its spte_count.
         count: u32,
     },
-    /// A tail descriptor is not full (invariant 33).
+    /// A tail descriptor is not full (invariant 2).
     #[error("tail descriptor {idx} has {count} entries, not 14")]
     TailNotFull {
         /// Descriptor index.
@@ -776,7 +725,7 @@ pub enum PteListCheckError {
         /// Its spte_count.
         count: u32,
     },
-    /// A tail_count disagrees with the descriptors that follow (invariant 33).
+    /// A tail_count disagrees with the descriptors that follow (invariant 2).
     #[error("descriptor {idx}: tail_count {found}, expected {expected}")]
     TailCount {
         /// Descriptor index.
@@ -787,7 +736,7 @@ pub enum PteListCheckError {
         found: u32,
     },
     /// An entry below spte_count is not a valid handle, or one above it is not 0
-    /// (invariant 34).
+    /// (invariant 3).
     #[error("descriptor {idx} slot {slot} holds {raw:#x}")]
     BadSlot {
         /// Descriptor index.
@@ -800,7 +749,7 @@ pub enum PteListCheckError {
     /// A descriptor is reachable twice (a cycle, or shared by two heads).
     #[error("descriptor {0} reached twice")]
     SharedDesc(u32),
-    /// The count is above [`RMAP_RECYCLE_THRESHOLD`] (invariant 36).
+    /// The count is above [`RMAP_RECYCLE_THRESHOLD`] (invariant 4).
     #[error("rmap holds {0} entries, above the recycle threshold")]
     OverThreshold(usize),
     /// The checker could not allocate scratch memory.
@@ -840,7 +789,7 @@ impl PteListStats {
     }
 }
 
-/// Walk one head's chain checking invariants 32-34; calls `visit` on each descriptor
+/// Walk one head's chain checking invariants 1-3; calls `visit` on each descriptor
 /// index. Returns (entries, descriptors).
 fn check_one(
     head: &PteListHead,
@@ -911,12 +860,12 @@ fn check_one(
     Ok((entries, ndesc))
 }
 
-/// Check invariants 32-34 of one head at a quiescent point; returns its count.
+/// Check invariants 1-3 of one head at a quiescent point; returns its count.
 pub fn check_pte_list(head: &PteListHead, pool: &DescPool) -> Result<usize, PteListCheckError> {
     check_one(head, pool, |_| Ok(())).map(|(n, _)| n)
 }
 
-/// Check invariants 32-34 and 36 of a gfn's rmap head (one managed by
+/// Check invariants 1-4 of a gfn's rmap head (one managed by
 /// [`PteListGuard::rmap_add`]); returns its count.
 pub fn check_rmap_head(head: &PteListHead, pool: &DescPool) -> Result<usize, PteListCheckError> {
     let n = check_pte_list(head, pool)?;
@@ -926,7 +875,7 @@ pub fn check_rmap_head(head: &PteListHead, pool: &DescPool) -> Result<usize, Pte
     Ok(n)
 }
 
-/// Check invariants 32-34 of every head, and that no descriptor is reachable from two
+/// Check invariants 1-3 of every head, and that no descriptor is reachable from two
 /// heads (or twice from one). Quiescent points only.
 pub fn check_pte_lists(
     heads: &[PteListHead],

@@ -29,11 +29,11 @@
 //! * Lock order: HPTE lock, then rmap lock. Code that starts from an rmap (unmap, aging,
 //!   dirty scan) must therefore never spin on an HPTE lock while holding the rmap lock. It
 //!   try-locks the HPTE and, on failure, drops the rmap lock, waits read-only for the HPTE
-//!   lock to clear and restarts from the head (KVM's restart rule, reference A.5). The
+//!   lock to clear and restarts from the head (KVM's restart rule in `kvm_unmap_rmapp` / `kvm_age_rmapp`). The
 //!   walkers [`Rmap::drain_locked`] and [`Rmap::for_each_locked`] implement this rule
 //!   over any [`HpteLocks`] implementation; nothing else in revmap walks from an rmap.
 //!
-//! # Invariants (reference section E, checked by [`check_rmaps`])
+//! # Invariants (checked by [`check_rmaps`])
 //!
 //! 1. Only layout bits are used; the lock bit is clear at rest; the type byte is 0 or
 //!    `KVMPPC_RMAP_HPT`, and `KVMPPC_RMAP_HPT` whenever PRESENT is set.
@@ -728,8 +728,8 @@ impl Revmap {
 
     /// Reset every entry's links to itself (`guest_rpte` is kept), as after an HPT reset
     /// or reallocation at the same order, when every rmap word of every memslot is zeroed
-    /// too (reference D3, D16, invariant 18: a ring whose words were reset but whose
-    /// links were not is harmless, the reverse is not; resetting both leaves no trace).
+    /// too (KVM's `kvmppc_rmap_reset` on HPT reset: a ring whose words were reset but
+    /// whose links were not is harmless, the reverse is not; resetting both leaves no trace).
     ///
     /// Call only at a quiescent point: no ring operation may run concurrently (KVM holds
     /// `mmu_setup_lock` with `mmu_ready == 0`); that exclusion also orders these stores.
@@ -924,7 +924,8 @@ pub struct RingStats {
 ///
 /// Invariant 1 here also requires a PRESENT word to carry the type `KVMPPC_RMAP_HPT`
 /// (only [`Revmap::link`] sets PRESENT, and it always sets the type). Every chain walk is
-/// bounded by npte steps, so a corrupted ring cannot hang the checker (reference D3).
+/// bounded by npte steps, so a corrupted ring cannot hang the checker (e.g. an HPTE relinked into a second
+/// chain after an HPT reset without an rmap reset).
 /// The only allocation is a bitmap of npte bits, made fallibly.
 pub fn check_rmaps<'a>(
     rmaps: impl IntoIterator<Item = &'a Rmap>,

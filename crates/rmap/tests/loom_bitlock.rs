@@ -6,7 +6,7 @@
 //! * (a) `lock`/`try_lock` + unlock give mutual exclusion, and data written `Relaxed`
 //!   under the lock (a loom `AtomicU64`) is visible to the next holder; a counter kept in
 //!   the lock word's own bits through the guard is exact.
-//! * (b) the read-only unlock must be `Release` (reference D20): a read-only holder's read
+//! * (b) the read-only unlock must be `Release` (KVM's `kvm_rmap_unlock_readonly` fix): a read-only holder's read
 //!   of the protected data must happen before the next holder's write. loom does not model
 //!   load buffering (a Relaxed load reading a store that is later in happens-before
 //!   order), so a model whose data is an atomic cannot show the bug; the protected data is
@@ -168,7 +168,7 @@ fn read_only_unlock_orders_reads_before_next_writer() {
 #[should_panic(expected = "Causality violation")]
 fn weak_read_only_unlock_is_caught() {
     fn weak_read_only_unlock(word: &AtomicU64, value: u64) {
-        // ORDERING: deliberately too weak (Relaxed); this is the bug D20 describes.
+        // ORDERING: deliberately too weak (Relaxed); the bug KVM's read-only unlock once had.
         word.store(value & !LOCK, Ordering::Relaxed);
     }
     builder(3).check(|| {

@@ -6,7 +6,7 @@
 #![cfg(loom)]
 
 use revmap_rmap::nested::{check_nested_rmap, NestedLimits};
-use revmap_rmap::pool::{NodeCache, Pool, PoolNode, NIL};
+use revmap_rmap::pool::{NodeCache, Pool, TestNode};
 use revmap_rmap::sync::{thread, Arc, AtomicU64, Ordering};
 use revmap_rmap::{Gpa, Lpid, NestedCache, NestedPool, NestedRmap, NestedRmapEntry};
 use std::collections::BTreeSet;
@@ -63,40 +63,6 @@ fn insert_races_detach_all() {
     });
 }
 
-/// A pool node for the pool model: a payload and a vacant/link word.
-struct Node {
-    payload: AtomicU64,
-    state: AtomicU64,
-}
-
-const VACANT: u64 = 1 << 40;
-
-// ORDERING: Relaxed throughout, as in the library's node types: the marker RMWs decide
-// ownership alone and the pool's free-list CAS orders the contents.
-impl PoolNode for Node {
-    fn vacant() -> Self {
-        Self {
-            payload: AtomicU64::new(0),
-            state: AtomicU64::new(VACANT | NIL as u64),
-        }
-    }
-    fn claim(&self) -> bool {
-        self.state.swap(0, Ordering::Relaxed) & VACANT != 0
-    }
-    fn release(&self) -> bool {
-        self.state.fetch_or(VACANT, Ordering::Relaxed) & VACANT == 0
-    }
-    fn is_vacant(&self) -> bool {
-        self.state.load(Ordering::Relaxed) & VACANT != 0
-    }
-    fn free_link(&self) -> u32 {
-        self.state.load(Ordering::Relaxed) as u32
-    }
-    fn set_free_link(&self, next: u32) {
-        self.state.store(VACANT | next as u64, Ordering::Relaxed);
-    }
-}
-
 /// One thread reserves past the first chunk (growing the pool), allocates a node,
 /// writes it and publishes its index with Release; another frees a node it owns and
 /// reserves/allocates concurrently, then reads the published node. Accounting holds and
@@ -104,7 +70,7 @@ impl PoolNode for Node {
 #[test]
 fn pool_alloc_grow_free_with_reader() {
     model(|| {
-        let pool: Arc<Pool<Node>> = Arc::new(Pool::new());
+        let pool: Arc<Pool<TestNode>> = Arc::new(Pool::new());
         let first = {
             let mut c = NodeCache::new(&pool);
             c.reserve(1).unwrap();

@@ -1,5 +1,5 @@
 //! loom models of the x86 pte_list: modifications under the head lock racing a
-//! read-only walker (lock, iterate, `Release` read-only unlock: reference D20), with
+//! read-only walker (lock, iterate, `Release` read-only unlock, as KVM's `kvm_rmap_unlock_readonly`), with
 //! descriptor allocation from the pool (which may grow) inside the race.
 //!
 //! Run: `RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test -p revmap-rmap

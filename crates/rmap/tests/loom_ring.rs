@@ -9,7 +9,7 @@
 //! `for_each_locked` as aging does) holds the rmap lock and may only *try* HPTE locks,
 //! following the restart rule. Bit 0 of each toy HPTE word plays VALID: an HPTE is on
 //! the ring if and only if VALID is set, and both change only under the HPTE lock and
-//! the rmap lock together (invariant 4). Each model checks:
+//! the rmap lock together (an HPTE is on a ring exactly when it is valid). Each model checks:
 //!
 //! * no deadlock (an ABBA cycle would spin forever, which loom reports as exceeding its
 //!   branch bound);
@@ -37,16 +37,21 @@ const AGED: u64 = 0x100;
 /// synchronisation between the modelled threads.
 type Restarts = std::sync::atomic::AtomicUsize;
 
-/// `HpteLocks` over the toy table that records walker restarts.
-struct Counting<'a>(&'a HpteLockArray, &'static Restarts);
+/// `HpteLocks` over the toy table that records walker restarts. With `SPIN` it
+/// violates the restart rule: "try" is a spin.
+struct Counting<'a, const SPIN: bool>(&'a HpteLockArray, &'static Restarts);
 
-impl HpteLocks for Counting<'_> {
+impl<const SPIN: bool> HpteLocks for Counting<'_, SPIN> {
     type Guard<'a>
         = BitLockGuard<'a>
     where
         Self: 'a;
     fn try_lock_hpte(&self, ptex: u32) -> Option<Self::Guard<'_>> {
-        self.0.try_lock_hpte(ptex)
+        if SPIN {
+            self.0.lock_hpte(ptex)
+        } else {
+            self.0.try_lock_hpte(ptex)
+        }
     }
     fn wait_hpte_unlocked(&self, ptex: u32) {
         // ORDERING: Relaxed; a statistic outside the model (see `RESTARTS`).
@@ -119,6 +124,15 @@ impl World {
     }
 }
 
+/// Runs `owner` (the hypercall side) on another thread over world `w`.
+fn spawn_owner<T: Send + 'static>(
+    w: &Arc<World>,
+    owner: impl FnOnce(&World) -> T + Send + 'static,
+) -> thread::JoinHandle<T> {
+    let w = w.clone();
+    thread::spawn(move || owner(&w))
+}
+
 fn builder() -> Builder {
     let mut b = Builder::new();
     b.preemption_bound = Some(3);
@@ -131,19 +145,21 @@ fn drain_races_h_enter_and_h_remove() {
     static RESTARTS: Restarts = Restarts::new(0);
     builder().check(|| {
         let w = World::new(3, &[0, 1]);
-        let w2 = w.clone();
-        let owner = thread::spawn(move || {
-            w2.h_enter(2);
-            w2.h_remove(1)
+        let owner = spawn_owner(&w, |o| {
+            o.h_enter(2);
+            o.h_remove(1)
         });
         let mut drained = Vec::new();
-        w.rmap
-            .drain_locked(&w.rev, &Counting(&w.locks, &RESTARTS), |g, p, mut h| {
+        w.rmap.drain_locked(
+            &w.rev,
+            &Counting::<false>(&w.locks, &RESTARTS),
+            |g, p, mut h| {
                 assert_ne!(h.value() & VALID, 0, "a ring member is VALID");
                 assert!(g.word().head() != Some(p));
                 h.set(h.value() & !VALID);
                 drained.push(p);
-            });
+            },
+        );
         let owner_removed_1 = owner.join().unwrap();
         let left = w.check(3);
         // Every HPTE was removed exactly once, or is still on the ring.
@@ -169,20 +185,22 @@ fn for_each_races_h_enter_and_h_remove_of_head() {
     static RESTARTS: Restarts = Restarts::new(0);
     builder().check(|| {
         let w = World::new(3, &[0, 1]);
-        let w2 = w.clone();
-        let owner = thread::spawn(move || {
-            w2.h_enter(2);
-            assert!(w2.h_remove(0), "only the owner removes");
+        let owner = spawn_owner(&w, |o| {
+            o.h_enter(2);
+            assert!(o.h_remove(0), "only the owner removes");
         });
         let mut visited = Vec::new();
-        w.rmap
-            .for_each_locked(&w.rev, &Counting(&w.locks, &RESTARTS), |g, p, h| {
+        w.rmap.for_each_locked(
+            &w.rev,
+            &Counting::<false>(&w.locks, &RESTARTS),
+            |g, p, h| {
                 assert_ne!(h.value() & VALID, 0, "a ring member is VALID");
                 h.set(h.value() | AGED);
                 g.add_rc(HPTE_R_R);
                 visited.push(p);
                 Visit::Continue
-            });
+            },
+        );
         owner.join().unwrap();
         let left = w.check(3);
         let mut left_sorted = left.clone();
@@ -207,8 +225,7 @@ fn for_each_races_h_enter_and_h_remove_of_head() {
 fn two_owners_link_and_unlink_concurrently() {
     builder().check(|| {
         let w = World::new(4, &[0, 1, 2]);
-        let w2 = w.clone();
-        let t = thread::spawn(move || w2.h_enter(3));
+        let t = spawn_owner(&w, |o| o.h_enter(3));
         assert!(w.h_remove(1));
         t.join().unwrap();
         let left = w.check(4);
@@ -222,30 +239,19 @@ fn two_owners_link_and_unlink_concurrently() {
 #[test]
 #[should_panic(expected = "maximum number of branches")]
 fn walker_spinning_on_hpte_lock_deadlocks() {
-    /// Violates the restart rule: "try" is a spin.
-    struct Spinning<'a>(&'a HpteLockArray);
-    impl HpteLocks for Spinning<'_> {
-        type Guard<'a>
-            = BitLockGuard<'a>
-        where
-            Self: 'a;
-        fn try_lock_hpte(&self, ptex: u32) -> Option<Self::Guard<'_>> {
-            self.0.lock_hpte(ptex)
-        }
-        fn wait_hpte_unlocked(&self, ptex: u32) {
-            self.0.wait_hpte_unlocked(ptex);
-        }
-    }
+    static RESTARTS: Restarts = Restarts::new(0);
     builder().check(|| {
         let w = World::new(2, &[0]);
-        let w2 = w.clone();
-        let owner = thread::spawn(move || {
-            w2.h_remove(0);
+        let owner = spawn_owner(&w, |o| {
+            o.h_remove(0);
         });
-        w.rmap
-            .drain_locked(&w.rev, &Spinning(&w.locks), |_, _, mut h| {
+        w.rmap.drain_locked(
+            &w.rev,
+            &Counting::<true>(&w.locks, &RESTARTS),
+            |_, _, mut h| {
                 h.set(h.value() & !VALID);
-            });
+            },
+        );
         owner.join().unwrap();
     });
 }

@@ -1,10 +1,11 @@
 //! State-machine property test of the nested rmap against a plain model (word -> set
 //! of (LPID, GPA) entries, plus the set of entries the "hardware" considers stale), with
-//! the invariant checker (E.25-27, the cap, pool accounting) after every operation.
+//! the invariant checker (word encoding, list shape, no duplicates, the cap, pool accounting) after every operation.
 #![cfg(not(loom))]
 
+mod common;
+
 use proptest::prelude::*;
-use proptest::test_runner::FileFailurePersistence;
 use revmap_rmap::nested::{check_nested_rmaps, Inserted, NestedLimits};
 use revmap_rmap::{
     Gpa, Lpid, NestedCache, NestedError, NestedPool, NestedRmap, NestedRmapEntry, RmapError,
@@ -51,7 +52,7 @@ fn ent(lpid: u16, frame: u64) -> NestedRmapEntry {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, failure_persistence: Some(Box::new(FileFailurePersistence::SourceParallel("proptest-regressions"))), ..ProptestConfig::default() })]
+    #![proptest_config(common::config(256))]
 
     #[test]
     fn nested_matches_model(ops in prop::collection::vec(op(), 1..150)) {

@@ -1,10 +1,11 @@
 //! State-machine property test of the x86 pte_list against a plain model (gfn ->
-//! multiset of SPTE handles), with the invariant checkers (E.32-34, 36 and the pool's
+//! multiset of SPTE handles), with the invariant checkers (head word, descriptor fill, entries, recycle cap and the pool's
 //! accounting) run after every operation.
 #![cfg(not(loom))]
 
+mod common;
+
 use proptest::prelude::*;
-use proptest::test_runner::FileFailurePersistence;
 use revmap_rmap::pte_list::{check_pte_lists, check_rmap_head, PTE_LIST_EXT};
 use revmap_rmap::{
     DescCache, DescPool, PteListError, PteListHead, RmapError, SpteHandle, RMAP_RECYCLE_THRESHOLD,
@@ -65,7 +66,7 @@ fn h(v: u64) -> SpteHandle {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 128, failure_persistence: Some(Box::new(FileFailurePersistence::SourceParallel("proptest-regressions"))), ..ProptestConfig::default() })]
+    #![proptest_config(common::config(128))]
 
     #[test]
     fn pte_list_matches_model(ops in prop::collection::vec(op(), 1..120)) {

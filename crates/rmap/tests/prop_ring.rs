@@ -5,14 +5,14 @@
 //! model is `HashMap<gfn, Vec<ptex>>` in ring order plus model R/C bits. After every
 //! transition the whole ring set is compared with the model (word bits, ring order, chain
 //! length) and `check_rmaps` must pass. A second property corrupts a ring the way a
-//! reset-without-rmap-reset bug does (reference D3: an HPTE still on one chain is linked
+//! reset-without-rmap-reset bug does (an HPTE still on one chain is linked
 //! into another) and requires the checker to notice.
 #![cfg(not(loom))]
 
+mod common;
+
 use proptest::prelude::*;
 use proptest::strategy::Union;
-use proptest::test_runner::Config;
-use proptest::test_runner::FileFailurePersistence;
 use proptest_state_machine::{prop_state_machine, ReferenceStateMachine, StateMachineTest};
 use revmap_rmap::ring::{
     check_rmaps, HpteLockArray, HpteLocks, Revmap, RmapArray, RmapViolation, RmapWord, Visit,
@@ -359,11 +359,7 @@ fn ring_of(sut: &Sut, gfn: u64) -> Vec<u32> {
 }
 
 prop_state_machine! {
-    #![proptest_config(Config {
-        cases: 256,
-        failure_persistence: Some(Box::new(FileFailurePersistence::SourceParallel("proptest-regressions"))),
-        .. Config::default()
-    })]
+    #![proptest_config(common::config(256))]
 
     /// Random op sequences keep the rings equal to the model and the checker green.
     #[test]
@@ -371,10 +367,10 @@ prop_state_machine! {
 }
 
 proptest! {
-    #![proptest_config(Config { cases: 256, failure_persistence: Some(Box::new(FileFailurePersistence::SourceParallel("proptest-regressions"))), ..Config::default() })]
+    #![proptest_config(common::config(256))]
 
     /// Linking an HPTE that is still on gfn A's chain into gfn B's (what an HPT reset
-    /// without an rmap reset does, reference D3) is caught by the checker.
+    /// without an rmap reset does) is caught by the checker.
     #[test]
     fn checker_catches_relinking_a_member(
         assign in proptest::collection::vec((0..NFRAMES, any::<bool>()), NPTE as usize),

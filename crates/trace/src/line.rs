@@ -12,6 +12,10 @@
 //!   H_BULK_REMOVE's `rspN`, which the hypervisor writes over the request high word
 //!   `tshN`, i.e. register r(4 + 2N).
 
+pub use crate::lex::FieldError;
+use crate::lex::{
+    lossy, parse_hex, parse_idec, parse_udec, split_kv, trim_line, trim_start, Seen, Trimmed, Words,
+};
 use crate::record::{Expected, Hcall, HcallKind, HwBit, Record};
 use thiserror::Error;
 
@@ -21,62 +25,15 @@ pub enum LineError {
     /// The first word is not a record name this parser knows.
     #[error("unknown record `{0}`")]
     UnknownRecord(String),
-    /// A required key is missing.
-    #[error("{record}: missing key `{key}`")]
-    MissingKey {
-        /// Record name.
-        record: &'static str,
-        /// The missing key.
-        key: &'static str,
-    },
-    /// A key this record does not have (or in the wrong half of the line).
-    #[error("{record}: unexpected key `{key}`")]
-    UnknownKey {
-        /// Record name.
-        record: &'static str,
-        /// The key as written.
-        key: String,
-    },
-    /// A key given twice.
-    #[error("{record}: duplicate key `{key}`")]
-    DuplicateKey {
-        /// Record name.
-        record: &'static str,
-        /// The repeated key.
-        key: &'static str,
-    },
-    /// A value that is not a number of the required form.
-    #[error("{record}: bad value `{value}` for `{key}` (expected {expected})")]
-    BadNumber {
-        /// Record name.
-        record: &'static str,
-        /// The key.
-        key: &'static str,
-        /// The value as written.
-        value: String,
-        /// What was expected ("0x-prefixed hex u64", ...).
-        expected: &'static str,
-    },
-    /// A word that is not `key=value` (nor `->`).
-    #[error("{record}: malformed field `{token}` (expected key=value)")]
-    BadField {
-        /// Record name.
-        record: &'static str,
-        /// The word as written.
-        token: String,
-    },
     /// A hypercall without `-> ret=N`.
     #[error("{record}: missing result (`-> ret=N ...`)")]
     MissingResult {
         /// Record name.
         record: &'static str,
     },
-    /// `->` on a record that has no result, or given twice.
-    #[error("{record}: unexpected `->`")]
-    UnexpectedResult {
-        /// Record name.
-        record: &'static str,
-    },
+    /// A `key=value` field is wrong.
+    #[error(transparent)]
+    Field(#[from] FieldError),
     /// The line is longer than the reader accepts.
     #[error("line longer than {0} bytes")]
     TooLong(usize),
@@ -173,145 +130,16 @@ fn kind_by_name(name: &[u8]) -> Option<HcallKind> {
         .find(|k| k.name().as_bytes() == name)
 }
 
-const BAD: u8 = 0xff;
-const HEX: [u8; 256] = {
-    let mut t = [BAD; 256];
-    let mut i = 0;
-    while i < 10 {
-        t[b'0' as usize + i] = i as u8;
-        i += 1;
-    }
-    let mut i = 0;
-    while i < 6 {
-        t[b'a' as usize + i] = 10 + i as u8;
-        t[b'A' as usize + i] = 10 + i as u8;
-        i += 1;
-    }
-    t
-};
-
-/// `0x`-prefixed hex, 1 to 16 significant digits (leading zeros allowed).
-#[inline]
-fn parse_hex(v: &[u8]) -> Option<u64> {
-    let d = v.strip_prefix(b"0x")?;
-    if d.is_empty() {
-        return None;
-    }
-    let first = d.iter().position(|&c| c != b'0').unwrap_or(d.len());
-    let d_sig = &d[first..];
-    if d_sig.len() > 16 {
-        return None;
-    }
-    let mut x = 0u64;
-    for &c in d_sig {
-        let n = HEX[usize::from(c)];
-        if n == BAD {
-            return None;
-        }
-        x = (x << 4) | u64::from(n);
-    }
-    // Leading zeros must be hex digits too (they are, by construction: b'0').
-    Some(x)
-}
-
-/// Unsigned decimal, no sign, fits in u64.
-#[inline]
-fn parse_udec(v: &[u8]) -> Option<u64> {
-    if v.is_empty() || v.len() > 20 {
-        return None;
-    }
-    let mut x = 0u64;
-    for &c in v {
-        let d = c.wrapping_sub(b'0');
-        if d > 9 {
-            return None;
-        }
-        x = x.checked_mul(10)?.checked_add(u64::from(d))?;
-    }
-    Some(x)
-}
-
-/// Signed decimal (optional leading `-`), fits in i64.
-#[inline]
-fn parse_idec(v: &[u8]) -> Option<i64> {
-    match v.strip_prefix(b"-") {
-        Some(m) => {
-            let u = parse_udec(m)?;
-            if u <= 1 << 63 {
-                Some(0i64.wrapping_sub_unsigned(u))
-            } else {
-                None
-            }
-        }
-        None => i64::try_from(parse_udec(v)?).ok(),
-    }
-}
-
 fn parse_u32_dec(v: &[u8]) -> Option<u32> {
     u32::try_from(parse_udec(v)?).ok()
 }
 
-/// How much of a bad token an error quotes.
-const EXCERPT_BYTES: usize = 40;
-
-/// A bad token as quoted in an error: at most [`EXCERPT_BYTES`] bytes, escaped
-/// (control characters, NULs and non-ASCII as `\n`, `\x00`...), "..." if cut, so that
-/// a binary file's bytes never reach the terminal raw.
-fn lossy(b: &[u8]) -> String {
-    let cut = b.len() > EXCERPT_BYTES;
-    let mut s = b
-        .get(..EXCERPT_BYTES)
-        .unwrap_or(b)
-        .escape_ascii()
-        .to_string();
-    if cut {
-        s.push_str("...");
-    }
-    s
-}
-
-/// Splits `line` into words separated by ASCII spaces/tabs.
-struct Words<'a> {
-    rest: &'a [u8],
-}
-
-impl<'a> Iterator for Words<'a> {
-    type Item = &'a [u8];
-
-    #[inline]
-    fn next(&mut self) -> Option<&'a [u8]> {
-        let start = self.rest.iter().position(|&c| c != b' ' && c != b'\t')?;
-        let r = &self.rest[start..];
-        let end = r
-            .iter()
-            .position(|&c| c == b' ' || c == b'\t')
-            .unwrap_or(r.len());
-        self.rest = &r[end..];
-        Some(&r[..end])
-    }
-}
-
-#[inline]
-fn split_kv<'a>(record: &'static str, tok: &'a [u8]) -> Result<(&'a [u8], &'a [u8]), LineError> {
-    match tok.iter().position(|&c| c == b'=') {
-        Some(i) if i > 0 => Ok((&tok[..i], &tok[i + 1..])),
-        _ => Err(LineError::BadField {
-            record,
-            token: lossy(tok),
-        }),
-    }
-}
-
 fn bad_number(record: &'static str, key: &'static str, v: &[u8], radix: Radix) -> LineError {
-    LineError::BadNumber {
-        record,
-        key,
-        value: lossy(v),
-        expected: match radix {
-            Radix::Hex => "0x-prefixed hex u64",
-            Radix::Dec => "unsigned decimal",
-        },
-    }
+    let expected = match radix {
+        Radix::Hex => "0x-prefixed hex u64",
+        Radix::Dec => "unsigned decimal",
+    };
+    FieldError::bad_value(record, key, v, expected).into()
 }
 
 fn num(record: &'static str, key: &'static str, v: &[u8], radix: Radix) -> Result<u64, LineError> {
@@ -326,41 +154,19 @@ fn small_dec(record: &'static str, key: &'static str, v: &[u8]) -> Result<u32, L
     parse_u32_dec(v).ok_or_else(|| bad_number(record, key, v, Radix::Dec))
 }
 
-/// Strips a trailing `\n`, `\r\n` and trailing blanks.
-#[inline]
-fn trim_end(mut line: &[u8]) -> &[u8] {
-    while let [rest @ .., last] = line {
-        if matches!(last, b'\n' | b'\r' | b' ' | b'\t') {
-            line = rest;
-        } else {
-            break;
-        }
-    }
-    line
-}
-
 /// Parses one line (with or without its trailing newline). `lineno` is stored in the record.
 pub fn parse_line(line: &[u8], lineno: u64) -> Result<Line<'_>, LineError> {
-    let line = trim_end(line);
-    let start = line
-        .iter()
-        .position(|&c| c != b' ' && c != b'\t')
-        .unwrap_or(line.len());
-    let line = &line[start..];
-    if line.is_empty() {
-        return Ok(Line::Blank);
-    }
-    if let Some(c) = line.strip_prefix(b"#") {
-        if let Some(text) = c.strip_prefix(b" console:") {
-            return Ok(Line::Console(text.strip_prefix(b" ").unwrap_or(text)));
+    let line = match trim_line(line) {
+        Trimmed::Blank => return Ok(Line::Blank),
+        Trimmed::Comment(c) => {
+            return Ok(match c.strip_prefix(b" console:") {
+                Some(text) => Line::Console(text.strip_prefix(b" ").unwrap_or(text)),
+                None => Line::Comment(trim_start(c)),
+            })
         }
-        let s = c
-            .iter()
-            .position(|&b| b != b' ' && b != b'\t')
-            .unwrap_or(c.len());
-        return Ok(Line::Comment(&c[s..]));
-    }
-    let mut words = Words { rest: line };
+        Trimmed::Body(line) => line,
+    };
+    let mut words = Words::new(line);
     let name = words.next().unwrap_or_default();
     if let Some(kind) = kind_by_name(name) {
         return parse_hcall(kind, words, lineno).map(|h| Line::Record(Record::Hcall(h)));
@@ -388,41 +194,34 @@ pub fn parse_line(line: &[u8], lineno: u64) -> Result<Line<'_>, LineError> {
     Ok(Line::Record(rec))
 }
 
+/// Records made only of required keys, each parsed by `value` (no result).
+fn keyed_fields<T: Copy + Default, const N: usize>(
+    record: &'static str,
+    words: Words<'_>,
+    names: [&'static str; N],
+    value: impl Fn(&'static str, &'static str, &[u8]) -> Result<T, LineError>,
+) -> Result<[T; N], LineError> {
+    let mut vals = [T::default(); N];
+    let mut seen = Seen::new(record, names);
+    for tok in words {
+        if tok == b"->" {
+            return Err(LineError::Field(FieldError::UnexpectedResult { record }));
+        }
+        let (k, v) = split_kv(record, tok)?;
+        let i = seen.mark(k)?;
+        vals[i] = value(record, names[i], v)?;
+    }
+    seen.require(N)?;
+    Ok(vals)
+}
+
 /// Records made only of required small decimal keys.
 fn simple_fields<const N: usize>(
     record: &'static str,
     words: Words<'_>,
     names: [&'static str; N],
 ) -> Result<[u32; N], LineError> {
-    let mut vals = [0u32; N];
-    let mut seen = [false; N];
-    for tok in words {
-        if tok == b"->" {
-            return Err(LineError::UnexpectedResult { record });
-        }
-        let (k, v) = split_kv(record, tok)?;
-        let Some(i) = names.iter().position(|n| n.as_bytes() == k) else {
-            return Err(LineError::UnknownKey {
-                record,
-                key: lossy(k),
-            });
-        };
-        if seen[i] {
-            return Err(LineError::DuplicateKey {
-                record,
-                key: names[i],
-            });
-        }
-        seen[i] = true;
-        vals[i] = small_dec(record, names[i], v)?;
-    }
-    if let Some(i) = seen.iter().position(|s| !s) {
-        return Err(LineError::MissingKey {
-            record,
-            key: names[i],
-        });
-    }
-    Ok(vals)
+    keyed_fields(record, words, names, small_dec)
 }
 
 fn hw_set(
@@ -431,40 +230,14 @@ fn hw_set(
     words: Words<'_>,
     line: u64,
 ) -> Result<Record, LineError> {
-    let names = ["ptex", "pte1"];
-    let mut vals = [0u64; 2];
-    let mut seen = [false; 2];
-    for tok in words {
-        if tok == b"->" {
-            return Err(LineError::UnexpectedResult { record });
-        }
-        let (k, v) = split_kv(record, tok)?;
-        let Some(i) = names.iter().position(|n| n.as_bytes() == k) else {
-            return Err(LineError::UnknownKey {
-                record,
-                key: lossy(k),
-            });
-        };
-        if seen[i] {
-            return Err(LineError::DuplicateKey {
-                record,
-                key: names[i],
-            });
-        }
-        seen[i] = true;
-        vals[i] = num(record, names[i], v, Radix::Hex)?;
-    }
-    if let Some(i) = seen.iter().position(|s| !s) {
-        return Err(LineError::MissingKey {
-            record,
-            key: names[i],
-        });
-    }
+    let [ptex, pte1] = keyed_fields(record, words, ["ptex", "pte1"], |r, k, v| {
+        num(r, k, v, Radix::Hex)
+    })?;
     Ok(Record::HwSet {
         line,
         bit,
-        ptex: vals[0],
-        pte1: vals[1],
+        ptex,
+        pte1,
     })
 }
 
@@ -484,35 +257,41 @@ fn parse_hcall(kind: HcallKind, mut words: Words<'_>, line: u64) -> Result<Hcall
         let (k, v) = split_kv(record, tok)?;
         if k == b"cpu" {
             if cpu.is_some() {
-                return Err(LineError::DuplicateKey { record, key: "cpu" });
+                return Err(LineError::Field(FieldError::DuplicateKey {
+                    record,
+                    key: "cpu",
+                }));
             }
             cpu = Some(small_dec(record, "cpu", v)?);
             continue;
         }
         let Some(i) = ins.iter().position(|key| key.name.as_bytes() == k) else {
-            return Err(LineError::UnknownKey {
+            return Err(LineError::Field(FieldError::UnknownKey {
                 record,
                 key: lossy(k),
-            });
+            }));
         };
         let key = &ins[i];
         if seen_in & (1 << i) != 0 {
-            return Err(LineError::DuplicateKey {
+            return Err(LineError::Field(FieldError::DuplicateKey {
                 record,
                 key: key.name,
-            });
+            }));
         }
         seen_in |= 1 << i;
         args[usize::from(key.reg)] = num(record, key.name, v, key.radix)?;
     }
     let Some(cpu) = cpu else {
-        return Err(LineError::MissingKey { record, key: "cpu" });
+        return Err(LineError::Field(FieldError::MissingKey {
+            record,
+            key: "cpu",
+        }));
     };
     if let Some(i) = (0..ins.len()).find(|&i| seen_in & (1 << i) == 0) {
-        return Err(LineError::MissingKey {
+        return Err(LineError::Field(FieldError::MissingKey {
             record,
             key: ins[i].name,
-        });
+        }));
     }
     if !has_result {
         return Err(LineError::MissingResult { record });
@@ -521,40 +300,48 @@ fn parse_hcall(kind: HcallKind, mut words: Words<'_>, line: u64) -> Result<Hcall
     let mut seen_ret = false;
     for tok in words {
         if tok == b"->" {
-            return Err(LineError::UnexpectedResult { record });
+            return Err(LineError::Field(FieldError::UnexpectedResult { record }));
         }
         let (k, v) = split_kv(record, tok)?;
         if k == b"ret" {
             if seen_ret {
-                return Err(LineError::DuplicateKey { record, key: "ret" });
+                return Err(LineError::Field(FieldError::DuplicateKey {
+                    record,
+                    key: "ret",
+                }));
             }
             seen_ret = true;
-            expected.ret = parse_idec(v).ok_or_else(|| LineError::BadNumber {
-                record,
-                key: "ret",
-                value: lossy(v),
-                expected: "signed decimal",
+            expected.ret = parse_idec(v).ok_or_else(|| {
+                LineError::Field(FieldError::BadValue {
+                    record,
+                    key: "ret",
+                    value: lossy(v),
+                    expected: "signed decimal",
+                })
             })?;
             continue;
         }
         let Some(key) = outs.iter().find(|key| key.name.as_bytes() == k) else {
-            return Err(LineError::UnknownKey {
+            return Err(LineError::Field(FieldError::UnknownKey {
                 record,
                 key: lossy(k),
-            });
+            }));
         };
         let bit = 1u8 << key.reg;
         if expected.present & bit != 0 {
-            return Err(LineError::DuplicateKey {
+            return Err(LineError::Field(FieldError::DuplicateKey {
                 record,
                 key: key.name,
-            });
+            }));
         }
         expected.present |= bit;
         expected.outs[usize::from(key.reg)] = num(record, key.name, v, key.radix)?;
     }
     if !seen_ret {
-        return Err(LineError::MissingKey { record, key: "ret" });
+        return Err(LineError::Field(FieldError::MissingKey {
+            record,
+            key: "ret",
+        }));
     }
     Ok(Hcall {
         line,
@@ -698,7 +485,7 @@ mod tests {
         assert_eq!(h.expected.ret, -6);
         assert!(matches!(
             err("H_RESIZE_HPT_COMMIT cpu=1 flags=0x0 shift=0x16 -> ret=0"),
-            LineError::BadNumber { key: "shift", .. }
+            LineError::Field(FieldError::BadValue { key: "shift", .. })
         ));
     }
 
@@ -716,24 +503,31 @@ mod tests {
                 new: 24
             }))
         );
-        assert_eq!(
-            parse_line(b"HW_SET_R ptex=0x10 pte1=0x180", 4),
-            Ok(Line::Record(Record::HwSet {
-                line: 4,
-                bit: HwBit::Reference,
-                ptex: 0x10,
-                pte1: 0x180
-            }))
-        );
-        assert_eq!(
-            parse_line(b"HW_SET_C pte1=0x80 ptex=0x11\r\n", 5),
-            Ok(Line::Record(Record::HwSet {
-                line: 5,
-                bit: HwBit::Change,
-                ptex: 0x11,
-                pte1: 0x80
-            }))
-        );
+        let hw: [(&[u8], u64, HwBit, u64, u64); 2] = [
+            (
+                b"HW_SET_R ptex=0x10 pte1=0x180",
+                4,
+                HwBit::Reference,
+                0x10,
+                0x180,
+            ),
+            (
+                b"HW_SET_C pte1=0x80 ptex=0x11\r\n",
+                5,
+                HwBit::Change,
+                0x11,
+                0x80,
+            ),
+        ];
+        for (text, line, bit, ptex, pte1) in hw {
+            let want = Record::HwSet {
+                line,
+                bit,
+                ptex,
+                pte1,
+            };
+            assert_eq!(parse_line(text, line), Ok(Line::Record(want)));
+        }
     }
 
     #[test]
@@ -768,92 +562,94 @@ mod tests {
         };
         assert!(q.starts_with("\\x7fELF\\x02") && q.ends_with("..."), "{q}");
         assert!(
-            q.is_ascii() && !q.contains('\0') && q.len() < 4 * EXCERPT_BYTES + 4,
+            q.is_ascii() && !q.contains('\0') && q.len() < 4 * crate::lex::EXCERPT_BYTES + 4,
             "{q}"
         );
-        assert!(matches!(
-            err("H_ENTER flags=0x0 ptex=0x0 pteh=0x0 ptel=0x0 -> ret=0"),
-            LineError::MissingKey { key: "cpu", .. }
-        ));
-        assert!(matches!(
-            err("H_ENTER cpu=0 flags=0x0 ptex=0x0 pteh=0x0 -> ret=0"),
-            LineError::MissingKey { key: "ptel", .. }
-        ));
-        assert!(matches!(
-            err("H_ENTER cpu=0 flags=0x0 ptex=0x0 pteh=0x0 ptel=0x0"),
-            LineError::MissingResult { .. }
-        ));
-        assert!(matches!(
-            err("H_ENTER cpu=0 flags=0x0 ptex=0x0 pteh=0x0 ptel=0x0 ->"),
-            LineError::MissingKey { key: "ret", .. }
-        ));
-        assert!(matches!(
-            err("H_ENTER cpu=0 flags=0x0 flags=0x0 ptex=0x0 pteh=0x0 ptel=0x0 -> ret=0"),
-            LineError::DuplicateKey { key: "flags", .. }
-        ));
-        assert!(matches!(
-            err("H_ENTER cpu=0 cpu=1 flags=0x0 ptex=0x0 pteh=0x0 ptel=0x0 -> ret=0"),
-            LineError::DuplicateKey { key: "cpu", .. }
-        ));
-        assert!(matches!(
-            err("H_ENTER cpu=0 flags=0x0 ptex=0x0 pteh=0x0 ptel=0x0 -> ret=0 idx=0x1 idx=0x1"),
-            LineError::DuplicateKey { key: "idx", .. }
-        ));
-        assert!(matches!(
-            err("H_ENTER cpu=0 flags=0x0 ptex=0x0 pteh=0x0 ptel=0x0 avpn=0x0 -> ret=0"),
-            LineError::UnknownKey { .. }
-        ));
-        assert!(matches!(
-            err("H_ENTER cpu=0 flags=0x0 ptex=0x0 pteh=0x0 ptel=0x0 -> ret=0 old_pteh=0x1"),
-            LineError::UnknownKey { .. }
-        ));
-        assert!(matches!(
-            err("H_ENTER cpu=0 flags=0 ptex=0x0 pteh=0x0 ptel=0x0 -> ret=0"),
-            LineError::BadNumber { key: "flags", .. }
-        ));
-        assert!(matches!(
-            err("H_ENTER cpu=0x0 flags=0x0 ptex=0x0 pteh=0x0 ptel=0x0 -> ret=0"),
-            LineError::BadNumber { key: "cpu", .. }
-        ));
-        assert!(matches!(
-            err("H_ENTER cpu=0 flags=0x0 ptex=0x0 pteh=0x0 ptel=0x0 -> ret=0x0"),
-            LineError::BadNumber { key: "ret", .. }
-        ));
-        assert!(matches!(
-            err("H_ENTER cpu=0 flags ptex=0x0 pteh=0x0 ptel=0x0 -> ret=0"),
-            LineError::BadField { .. }
-        ));
-        assert!(matches!(
-            err("H_ENTER cpu=0 =0x0 ptex=0x0 pteh=0x0 ptel=0x0 -> ret=0"),
-            LineError::BadField { .. }
-        ));
-        assert!(matches!(
-            err("H_PROTECT cpu=0 flags=0x0 ptex=0x0 avpn=0x0 -> ret=0 -> ret=0"),
-            LineError::UnexpectedResult { .. }
-        ));
-        assert!(matches!(
-            err("HPT_ALLOC shift=23 -> ret=0"),
-            LineError::UnexpectedResult { .. }
-        ));
-        assert!(matches!(
-            err("HPT_ALLOC"),
-            LineError::MissingKey { key: "shift", .. }
-        ));
-        assert!(matches!(
-            err("HPT_ALLOC shift=99999999999"),
-            LineError::BadNumber { .. }
-        ));
-        assert!(matches!(
-            err("HPT_SHIFT old=1 new=2 new=3"),
-            LineError::DuplicateKey { key: "new", .. }
-        ));
-        assert!(matches!(
-            err("HW_SET_R ptex=0x1"),
-            LineError::MissingKey { key: "pte1", .. }
-        ));
-        assert!(matches!(
-            err("HW_SET_C ptex=0x1 pte1=0x2 x=0x3"),
-            LineError::UnknownKey { .. }
-        ));
+        crate::lex::table::check(
+            err,
+            &[
+                (
+                    "H_ENTER flags=0x0 ptex=0x0 pteh=0x0 ptel=0x0 -> ret=0",
+                    "MissingKey",
+                    Some("cpu"),
+                ),
+                (
+                    "H_ENTER cpu=0 flags=0x0 ptex=0x0 pteh=0x0 -> ret=0",
+                    "MissingKey",
+                    Some("ptel"),
+                ),
+                (
+                    "H_ENTER cpu=0 flags=0x0 ptex=0x0 pteh=0x0 ptel=0x0",
+                    "MissingResult",
+                    None,
+                ),
+                (
+                    "H_ENTER cpu=0 flags=0x0 ptex=0x0 pteh=0x0 ptel=0x0 ->",
+                    "MissingKey",
+                    Some("ret"),
+                ),
+                (
+                    "H_ENTER cpu=0 flags=0x0 flags=0x0 ptex=0x0 pteh=0x0 ptel=0x0 -> ret=0",
+                    "DuplicateKey",
+                    Some("flags"),
+                ),
+                (
+                    "H_ENTER cpu=0 cpu=1 flags=0x0 ptex=0x0 pteh=0x0 ptel=0x0 -> ret=0",
+                    "DuplicateKey",
+                    Some("cpu"),
+                ),
+                (
+                    "H_ENTER cpu=0 flags=0x0 ptex=0x0 pteh=0x0 ptel=0x0 -> ret=0 idx=0x1 idx=0x1",
+                    "DuplicateKey",
+                    Some("idx"),
+                ),
+                (
+                    "H_ENTER cpu=0 flags=0x0 ptex=0x0 pteh=0x0 ptel=0x0 avpn=0x0 -> ret=0",
+                    "UnknownKey",
+                    None,
+                ),
+                (
+                    "H_ENTER cpu=0 flags=0x0 ptex=0x0 pteh=0x0 ptel=0x0 -> ret=0 old_pteh=0x1",
+                    "UnknownKey",
+                    None,
+                ),
+                (
+                    "H_ENTER cpu=0 flags=0 ptex=0x0 pteh=0x0 ptel=0x0 -> ret=0",
+                    "BadValue",
+                    Some("flags"),
+                ),
+                (
+                    "H_ENTER cpu=0x0 flags=0x0 ptex=0x0 pteh=0x0 ptel=0x0 -> ret=0",
+                    "BadValue",
+                    Some("cpu"),
+                ),
+                (
+                    "H_ENTER cpu=0 flags=0x0 ptex=0x0 pteh=0x0 ptel=0x0 -> ret=0x0",
+                    "BadValue",
+                    Some("ret"),
+                ),
+                (
+                    "H_ENTER cpu=0 flags ptex=0x0 pteh=0x0 ptel=0x0 -> ret=0",
+                    "BadField",
+                    None,
+                ),
+                (
+                    "H_ENTER cpu=0 =0x0 ptex=0x0 pteh=0x0 ptel=0x0 -> ret=0",
+                    "BadField",
+                    None,
+                ),
+                (
+                    "H_PROTECT cpu=0 flags=0x0 ptex=0x0 avpn=0x0 -> ret=0 -> ret=0",
+                    "UnexpectedResult",
+                    None,
+                ),
+                ("HPT_ALLOC shift=23 -> ret=0", "UnexpectedResult", None),
+                ("HPT_ALLOC", "MissingKey", Some("shift")),
+                ("HPT_ALLOC shift=99999999999", "BadValue", None),
+                ("HPT_SHIFT old=1 new=2 new=3", "DuplicateKey", Some("new")),
+                ("HW_SET_R ptex=0x1", "MissingKey", Some("pte1")),
+                ("HW_SET_C ptex=0x1 pte1=0x2 x=0x3", "UnknownKey", None),
+            ],
+        );
     }
 }

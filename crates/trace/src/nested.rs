@@ -22,10 +22,15 @@
 //! * Only `L1_STORE` is checked against the header (a store inside L1 RAM) and header
 //!   records must come first; everything else is left to the replayer.
 
-use crate::reader::MAX_LINE_BYTES;
-use flate2::bufread::MultiGzDecoder;
-use std::fs::File;
-use std::io::{self, BufRead, BufReader, Read};
+use crate::lex::{
+    lossy, parse_hex, parse_idec, parse_udec, split_kv, trim_line, trim_start, FieldError, Seen,
+    Trimmed, Words,
+};
+use crate::reader::{
+    format_error, numbered_lines, open_constructors, open_path, record_iterator, DynBufRead,
+    FormatError, Lines, MAX_LINE_BYTES,
+};
+use std::io::{self, BufRead, Read};
 use std::path::Path;
 use thiserror::Error;
 
@@ -35,59 +40,9 @@ pub enum NestedLineError {
     /// The first word is not a record name of this format.
     #[error("unknown record `{0}`")]
     UnknownRecord(String),
-    /// A required key is missing.
-    #[error("{record}: missing key `{key}`")]
-    MissingKey {
-        /// Record name.
-        record: &'static str,
-        /// The missing key.
-        key: &'static str,
-    },
-    /// A key this record (or this result) does not have.
-    #[error("{record}: unexpected key `{key}`")]
-    UnknownKey {
-        /// Record name.
-        record: &'static str,
-        /// The key as written.
-        key: String,
-    },
-    /// A key given twice.
-    #[error("{record}: duplicate key `{key}`")]
-    DuplicateKey {
-        /// Record name.
-        record: &'static str,
-        /// The repeated key.
-        key: &'static str,
-    },
-    /// A value that is not of the required form.
-    #[error("{record}: bad value `{value}` for `{key}` (expected {expected})")]
-    BadValue {
-        /// Record name.
-        record: &'static str,
-        /// The key.
-        key: &'static str,
-        /// The value as written.
-        value: String,
-        /// What was expected.
-        expected: &'static str,
-    },
-    /// A word that is not `key=value` where one is required.
-    #[error("{record}: malformed field `{token}` (expected key=value)")]
-    BadField {
-        /// Record name.
-        record: &'static str,
-        /// The word as written.
-        token: String,
-    },
     /// A record that needs a result has none.
     #[error("{record}: missing result (`-> ...`)")]
     MissingResult {
-        /// Record name.
-        record: &'static str,
-    },
-    /// `->` on a record without a result, or given twice.
-    #[error("{record}: unexpected `->`")]
-    UnexpectedResult {
         /// Record name.
         record: &'static str,
     },
@@ -96,7 +51,7 @@ pub enum NestedLineError {
     UnknownOutcome(String),
     /// The header records are missing or out of place.
     #[error("{0}")]
-    Header(&'static str),
+    Header(HeaderError),
     /// An address or gfn range outside L1 RAM where the format requires RAM.
     #[error("{record}: {what} {value:#x} is outside L1 RAM ({ram:#x} bytes)")]
     OutsideRam {
@@ -109,9 +64,29 @@ pub enum NestedLineError {
         /// L1 RAM size.
         ram: u64,
     },
+    /// A `key=value` field is wrong.
+    #[error(transparent)]
+    Field(#[from] FieldError),
     /// The line is longer than the reader accepts.
     #[error("line longer than {0} bytes")]
     TooLong(usize),
+}
+
+/// What is wrong with the header of a nested trace (its first two records).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum HeaderError {
+    /// The first record is not `L1_MEMORY`.
+    #[error("the first record must be L1_MEMORY")]
+    NoL1Memory,
+    /// The second record is not `L1_BASE_PAGE`.
+    #[error("the second record must be L1_BASE_PAGE")]
+    NoL1BasePage,
+    /// The file ends before both header records.
+    #[error("the file ends before its header")]
+    Truncated,
+    /// A header record after the first two records.
+    #[error("header record after the first two records")]
+    Repeated,
 }
 
 /// An error reading a nested trace.
@@ -410,99 +385,6 @@ pub enum NestedLine<'a> {
     Record(NestedRecord),
 }
 
-// ---- numbers and words (the same rules as the HPT parser, kept local to this module) ----
-
-/// `0x`-prefixed hex, up to 16 significant digits.
-fn parse_hex(v: &[u8]) -> Option<u64> {
-    let d = v.strip_prefix(b"0x")?;
-    if d.is_empty() {
-        return None;
-    }
-    let first = d.iter().position(|&c| c != b'0').unwrap_or(d.len());
-    let sig = &d[first..];
-    if sig.len() > 16 {
-        return None;
-    }
-    let mut x = 0u64;
-    for &c in sig {
-        let n = match c {
-            b'0'..=b'9' => c - b'0',
-            b'a'..=b'f' => c - b'a' + 10,
-            b'A'..=b'F' => c - b'A' + 10,
-            _ => return None,
-        };
-        x = (x << 4) | u64::from(n);
-    }
-    Some(x)
-}
-
-/// Unsigned decimal that fits u64.
-fn parse_udec(v: &[u8]) -> Option<u64> {
-    if v.is_empty() || v.len() > 20 {
-        return None;
-    }
-    let mut x = 0u64;
-    for &c in v {
-        let d = c.wrapping_sub(b'0');
-        if d > 9 {
-            return None;
-        }
-        x = x.checked_mul(10)?.checked_add(u64::from(d))?;
-    }
-    Some(x)
-}
-
-/// Signed decimal that fits i64.
-fn parse_idec(v: &[u8]) -> Option<i64> {
-    match v.strip_prefix(b"-") {
-        Some(m) => {
-            let u = parse_udec(m)?;
-            if u <= 1 << 63 {
-                Some(0i64.wrapping_sub_unsigned(u))
-            } else {
-                None
-            }
-        }
-        None => i64::try_from(parse_udec(v)?).ok(),
-    }
-}
-
-fn lossy(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-struct Words<'a> {
-    rest: &'a [u8],
-}
-
-impl<'a> Iterator for Words<'a> {
-    type Item = &'a [u8];
-
-    fn next(&mut self) -> Option<&'a [u8]> {
-        let start = self.rest.iter().position(|&c| c != b' ' && c != b'\t')?;
-        let r = &self.rest[start..];
-        let end = r
-            .iter()
-            .position(|&c| c == b' ' || c == b'\t')
-            .unwrap_or(r.len());
-        self.rest = &r[end..];
-        Some(&r[..end])
-    }
-}
-
-fn split_kv<'a>(
-    record: &'static str,
-    tok: &'a [u8],
-) -> Result<(&'a [u8], &'a [u8]), NestedLineError> {
-    match tok.iter().position(|&c| c == b'=') {
-        Some(i) if i > 0 => Ok((&tok[..i], &tok[i + 1..])),
-        _ => Err(NestedLineError::BadField {
-            record,
-            token: lossy(tok),
-        }),
-    }
-}
-
 #[derive(Clone, Copy)]
 enum Kind {
     Hex,
@@ -546,12 +428,7 @@ fn value(record: &'static str, key: &Key, v: &[u8]) -> Result<u64, NestedLineErr
             "r, w or x",
         ),
     };
-    r.ok_or_else(|| NestedLineError::BadValue {
-        record,
-        key: key.name,
-        value: lossy(v),
-        expected,
-    })
+    r.ok_or_else(|| FieldError::bad_value(record, key.name, v, expected).into())
 }
 
 /// Parses `key=value` words until `->` or the end; every key exactly once.
@@ -562,7 +439,7 @@ fn fields<const N: usize>(
     keys: &[Key; N],
 ) -> Result<([u64; N], bool), NestedLineError> {
     let mut vals = [0u64; N];
-    let mut seen = [false; N];
+    let mut seen = Seen::new(record, keys.each_ref().map(|k| k.name));
     let mut arrow = false;
     for tok in words.by_ref() {
         if tok == b"->" {
@@ -570,33 +447,18 @@ fn fields<const N: usize>(
             break;
         }
         let (k, v) = split_kv(record, tok)?;
-        let Some(i) = keys.iter().position(|key| key.name.as_bytes() == k) else {
-            return Err(NestedLineError::UnknownKey {
-                record,
-                key: lossy(k),
-            });
-        };
-        if seen[i] {
-            return Err(NestedLineError::DuplicateKey {
-                record,
-                key: keys[i].name,
-            });
-        }
-        seen[i] = true;
+        let i = seen.mark(k)?;
         vals[i] = value(record, &keys[i], v)?;
     }
-    if let Some(i) = seen.iter().position(|s| !s) {
-        return Err(NestedLineError::MissingKey {
-            record,
-            key: keys[i].name,
-        });
-    }
+    seen.require(N)?;
     Ok((vals, arrow))
 }
 
 fn no_result(record: &'static str, arrow: bool) -> Result<(), NestedLineError> {
     if arrow {
-        Err(NestedLineError::UnexpectedResult { record })
+        Err(NestedLineError::Field(FieldError::UnexpectedResult {
+            record,
+        }))
     } else {
         Ok(())
     }
@@ -630,12 +492,12 @@ fn small(
 ) -> Result<u32, NestedLineError> {
     match u32::try_from(v) {
         Ok(s) if ok.contains(&s) => Ok(s),
-        _ => Err(NestedLineError::BadValue {
+        _ => Err(NestedLineError::Field(FieldError::BadValue {
             record,
             key,
             value: v.to_string(),
             expected,
-        }),
+        })),
     }
 }
 
@@ -645,12 +507,7 @@ fn parse_ranges(
     key: &'static str,
     v: &[u8],
 ) -> Result<GfnRanges, NestedLineError> {
-    let bad = |expected| NestedLineError::BadValue {
-        record,
-        key,
-        value: lossy(v),
-        expected,
-    };
+    let bad = |expected| NestedLineError::from(FieldError::bad_value(record, key, v, expected));
     if v == b"-" {
         return Ok(GfnRanges::default());
     }
@@ -744,54 +601,34 @@ fn ranges_result(
     let mut ranges = None;
     for tok in words.by_ref() {
         if tok == b"->" {
-            return Err(NestedLineError::UnexpectedResult { record });
+            return Err(NestedLineError::Field(FieldError::UnexpectedResult {
+                record,
+            }));
         }
         let (k, v) = split_kv(record, tok)?;
         if k != key.as_bytes() {
-            return Err(NestedLineError::UnknownKey {
-                record,
-                key: lossy(k),
-            });
+            return Err(FieldError::unknown_key(record, k).into());
         }
         if ranges.is_some() {
-            return Err(NestedLineError::DuplicateKey { record, key });
+            return Err(FieldError::DuplicateKey { record, key }.into());
         }
         ranges = Some(parse_ranges(record, key, v)?);
     }
-    ranges.ok_or(NestedLineError::MissingKey { record, key })
-}
-
-fn trim_end(mut line: &[u8]) -> &[u8] {
-    while let [rest @ .., last] = line {
-        if matches!(last, b'\n' | b'\r' | b' ' | b'\t') {
-            line = rest;
-        } else {
-            break;
-        }
-    }
-    line
+    ranges.ok_or(NestedLineError::Field(FieldError::MissingKey {
+        record,
+        key,
+    }))
 }
 
 /// Parses one line of a nested trace (with or without its newline); `lineno` is stored
 /// in the record.
 pub fn parse_nested_line(line: &[u8], lineno: u64) -> Result<NestedLine<'_>, NestedLineError> {
-    let line = trim_end(line);
-    let start = line
-        .iter()
-        .position(|&c| c != b' ' && c != b'\t')
-        .unwrap_or(line.len());
-    let line = &line[start..];
-    if line.is_empty() {
-        return Ok(NestedLine::Blank);
-    }
-    if let Some(c) = line.strip_prefix(b"#") {
-        let s = c
-            .iter()
-            .position(|&b| b != b' ' && b != b'\t')
-            .unwrap_or(c.len());
-        return Ok(NestedLine::Comment(&c[s..]));
-    }
-    let mut words = Words { rest: line };
+    let line = match trim_line(line) {
+        Trimmed::Blank => return Ok(NestedLine::Blank),
+        Trimmed::Comment(c) => return Ok(NestedLine::Comment(trim_start(c))),
+        Trimmed::Body(line) => line,
+    };
+    let mut words = Words::new(line);
     let name = words.next().unwrap_or_default();
     let w = &mut words;
     let rec = match name {
@@ -800,12 +637,12 @@ pub fn parse_nested_line(line: &[u8], lineno: u64) -> Result<NestedLine<'_>, Nes
             let ([gpa, val], arrow) = fields(R, w, &[hx("gpa"), hx("val")])?;
             no_result(R, arrow)?;
             if gpa & 7 != 0 {
-                return Err(NestedLineError::BadValue {
+                return Err(NestedLineError::Field(FieldError::BadValue {
                     record: R,
                     key: "gpa",
                     value: format!("{gpa:#x}"),
                     expected: "an 8-byte aligned address",
-                });
+                }));
             }
             NestedRecord::L1Store {
                 line: lineno,
@@ -910,15 +747,10 @@ pub fn parse_nested_line(line: &[u8], lineno: u64) -> Result<NestedLine<'_>, Nes
 /// line that is not blank or a comment starts with `L1_MEMORY`.
 pub fn looks_nested(text: &[u8]) -> bool {
     text.split(|&c| c == b'\n')
-        .map(|l| {
-            let l = trim_end(l);
-            let s = l
-                .iter()
-                .position(|&c| c != b' ' && c != b'\t')
-                .unwrap_or(l.len());
-            &l[s..]
+        .find_map(|l| match trim_line(l) {
+            Trimmed::Body(b) => Some(b),
+            _ => None,
         })
-        .find(|l| !l.is_empty() && !l.starts_with(b"#"))
         .is_some_and(|l| l.starts_with(b"L1_MEMORY ") || l == b"L1_MEMORY")
 }
 
@@ -926,9 +758,9 @@ pub fn looks_nested(text: &[u8]) -> bool {
 /// of place. (Host ranges are not checked: a notifier range may extend past the slot.)
 fn check_body(h: &NestedHeader, r: &NestedRecord) -> Result<(), NestedLineError> {
     match *r {
-        NestedRecord::L1Memory { .. } | NestedRecord::L1BasePage { .. } => Err(
-            NestedLineError::Header("header record after the first two records"),
-        ),
+        NestedRecord::L1Memory { .. } | NestedRecord::L1BasePage { .. } => {
+            Err(NestedLineError::Header(HeaderError::Repeated))
+        }
         NestedRecord::L1Store { gpa, .. }
             if gpa.checked_add(8).is_none_or(|e| e > h.l1_memory_bytes) =>
         {
@@ -945,44 +777,19 @@ fn check_body(h: &NestedHeader, r: &NestedRecord) -> Result<(), NestedLineError>
 
 /// Streams a nested trace: header first, then one record at a time.
 pub struct NestedReader<R> {
-    inner: R,
-    file: String,
-    buf: Vec<u8>,
-    line: u64,
+    lines: Lines<R>,
     header: NestedHeader,
 }
 
-impl NestedReader<Box<dyn BufRead + Send>> {
-    /// Opens `path`, decompressing if it starts with the gzip magic, and reads the header.
-    pub fn open(path: impl AsRef<Path>) -> Result<Self, NestedTraceError> {
-        let path = path.as_ref();
-        let name = path.display().to_string();
-        let f = File::open(path).map_err(|source| NestedTraceError::Io {
-            file: name.clone(),
-            source,
-        })?;
-        Self::from_reader(f, name)
-    }
+format_error!(NestedTraceError, NestedLineError);
 
-    /// Wraps any byte source (gzip detected by magic) and reads the header.
-    pub fn from_reader<R: Read + Send + 'static>(
-        r: R,
-        file: impl Into<String>,
-    ) -> Result<Self, NestedTraceError> {
-        let file = file.into();
-        let inner = open_text(r, &file)?;
-        NestedReader::new(inner, file)
-    }
+// `open` and `from_reader` also read (and check) the header.
+open_constructors!(NestedReader, NestedTraceError, NestedReader::new);
 
+impl NestedReader<DynBufRead> {
     /// Whether the file at `path` is a nested trace (by content, gzip or plain).
     pub fn detect(path: impl AsRef<Path>) -> Result<bool, NestedTraceError> {
-        let path = path.as_ref();
-        let name = path.display().to_string();
-        let f = File::open(path).map_err(|source| NestedTraceError::Io {
-            file: name.clone(),
-            source,
-        })?;
-        let mut inner = open_text(f, &name)?;
+        let (mut inner, name) = open_path::<NestedTraceError>(path.as_ref())?;
         let mut line = Vec::new();
         loop {
             line.clear();
@@ -996,51 +803,18 @@ impl NestedReader<Box<dyn BufRead + Send>> {
             if n == 0 {
                 return Ok(false);
             }
-            let t = trim_end(&line);
-            let s = t
-                .iter()
-                .position(|&c| c != b' ' && c != b'\t')
-                .unwrap_or(t.len());
-            if t[s..].is_empty() || t[s..].starts_with(b"#") {
-                continue;
+            if let Trimmed::Body(t) = trim_line(&line) {
+                return Ok(looks_nested(t));
             }
-            return Ok(looks_nested(&t[s..]));
         }
     }
-}
-
-fn open_text<R: Read + Send + 'static>(
-    r: R,
-    file: &str,
-) -> Result<Box<dyn BufRead + Send>, NestedTraceError> {
-    let mut br = BufReader::with_capacity(1 << 16, r);
-    let gz = loop {
-        match br.fill_buf() {
-            Ok(b) => break b.starts_with(&[0x1f, 0x8b]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(source) => {
-                return Err(NestedTraceError::Io {
-                    file: file.to_owned(),
-                    source,
-                })
-            }
-        }
-    };
-    Ok(if gz {
-        Box::new(BufReader::with_capacity(1 << 16, MultiGzDecoder::new(br)))
-    } else {
-        Box::new(br)
-    })
 }
 
 impl<R: BufRead> NestedReader<R> {
     /// Reads plain text from `inner` (`file` names it in errors) and its header.
     pub fn new(inner: R, file: impl Into<String>) -> Result<Self, NestedTraceError> {
         let mut r = NestedReader {
-            inner,
-            file: file.into(),
-            buf: Vec::with_capacity(512),
-            line: 0,
+            lines: Lines::new(inner, file.into(), 512),
             header: NestedHeader {
                 l1_memory_bytes: 0,
                 l0_page_shift: 0,
@@ -1054,17 +828,17 @@ impl<R: BufRead> NestedReader<R> {
                 ..
             }) => (bytes, l0_page_shift),
             _ => {
-                return Err(r.malformed(NestedLineError::Header(
-                    "the first record must be L1_MEMORY",
-                )))
+                return Err(r
+                    .lines
+                    .malformed(NestedLineError::Header(HeaderError::NoL1Memory)))
             }
         };
         let l1_base_page_shift = match r.next_raw()? {
             Some(NestedRecord::L1BasePage { shift, .. }) => shift,
             _ => {
-                return Err(r.malformed(NestedLineError::Header(
-                    "the second record must be L1_BASE_PAGE",
-                )))
+                return Err(r
+                    .lines
+                    .malformed(NestedLineError::Header(HeaderError::NoL1BasePage)))
             }
         };
         r.header = NestedHeader {
@@ -1082,74 +856,21 @@ impl<R: BufRead> NestedReader<R> {
 
     /// The file name used in errors.
     pub fn file(&self) -> &str {
-        &self.file
+        self.lines.file()
     }
 
     /// The 1-based number of the line last read.
     pub fn line_number(&self) -> u64 {
-        self.line
-    }
-
-    fn malformed(&self, kind: NestedLineError) -> NestedTraceError {
-        NestedTraceError::Malformed {
-            file: self.file.clone(),
-            line: self.line,
-            kind,
-        }
-    }
-
-    fn io(&self, source: io::Error) -> NestedTraceError {
-        NestedTraceError::Io {
-            file: self.file.clone(),
-            source,
-        }
-    }
-
-    fn fill_line(&mut self) -> Result<bool, NestedTraceError> {
-        self.buf.clear();
-        loop {
-            let avail = match self.inner.fill_buf() {
-                Ok(b) => b,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(source) => return Err(self.io(source)),
-            };
-            if avail.is_empty() {
-                if self.buf.is_empty() {
-                    return Ok(false);
-                }
-                break;
-            }
-            let (take, done) = match memchr::memchr(b'\n', avail) {
-                Some(i) => (i + 1, true),
-                None => (avail.len(), false),
-            };
-            if self.buf.len() + take > MAX_LINE_BYTES {
-                self.line += 1;
-                return Err(self.malformed(NestedLineError::TooLong(MAX_LINE_BYTES)));
-            }
-            if self.buf.try_reserve(take).is_err() {
-                return Err(self.io(io::Error::from(io::ErrorKind::OutOfMemory)));
-            }
-            self.buf.extend_from_slice(&avail[..take]);
-            self.inner.consume(take);
-            if done {
-                break;
-            }
-        }
-        self.line += 1;
-        Ok(true)
+        self.lines.line_number()
     }
 
     /// The next record, header included, unchecked against the header.
     fn next_raw(&mut self) -> Result<Option<NestedRecord>, NestedTraceError> {
         loop {
-            if !self.fill_line()? {
-                return Ok(None);
-            }
-            match parse_nested_line(&self.buf, self.line) {
-                Ok(NestedLine::Record(r)) => return Ok(Some(r)),
-                Ok(_) => {}
-                Err(kind) => return Err(self.malformed(kind)),
+            match self.lines.next_parsed(parse_nested_line)? {
+                None => return Ok(None),
+                Some(NestedLine::Record(r)) => return Ok(Some(r)),
+                Some(_) => {}
             }
         }
     }
@@ -1159,18 +880,12 @@ impl<R: BufRead> NestedReader<R> {
         let Some(r) = self.next_raw()? else {
             return Ok(None);
         };
-        check_body(&self.header, &r).map_err(|k| self.malformed(k))?;
+        check_body(&self.header, &r).map_err(|k| self.lines.malformed(k))?;
         Ok(Some(r))
     }
 }
 
-impl<R: BufRead> Iterator for NestedReader<R> {
-    type Item = Result<NestedRecord, NestedTraceError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        self.next_record().transpose()
-    }
-}
+record_iterator!(NestedReader, NestedRecord, NestedTraceError);
 
 /// Parses a whole in-memory text (already decompressed): checks the header, then calls
 /// `f` on every record after it. Returns the header and the number of records (header
@@ -1180,21 +895,13 @@ pub fn for_each_nested_record(
     file: &str,
     mut f: impl FnMut(NestedRecord),
 ) -> Result<(NestedHeader, u64), NestedTraceError> {
-    let mut rest = text;
     let mut lineno = 0u64;
     let mut n = 0u64;
     let mut bytes = None;
     let mut header = None;
-    let err = |line, kind| NestedTraceError::Malformed {
-        file: file.to_owned(),
-        line,
-        kind,
-    };
-    while !rest.is_empty() {
-        lineno += 1;
-        let end = memchr::memchr(b'\n', rest).map_or(rest.len(), |i| i + 1);
-        let (line, tail) = rest.split_at(end);
-        rest = tail;
+    let err = |line, kind| NestedTraceError::malformed(file.to_owned(), line, kind);
+    for (no, line) in numbered_lines(text) {
+        lineno = no;
         let rec = match parse_nested_line(line, lineno) {
             Ok(NestedLine::Record(r)) => r,
             Ok(_) => continue,
@@ -1220,7 +927,7 @@ pub fn for_each_nested_record(
             (None, None, _) => {
                 return Err(err(
                     lineno,
-                    NestedLineError::Header("the first record must be L1_MEMORY"),
+                    NestedLineError::Header(HeaderError::NoL1Memory),
                 ))
             }
             (None, Some((b, s)), NestedRecord::L1BasePage { shift, .. }) => {
@@ -1233,17 +940,14 @@ pub fn for_each_nested_record(
             (None, Some(_), _) => {
                 return Err(err(
                     lineno,
-                    NestedLineError::Header("the second record must be L1_BASE_PAGE"),
+                    NestedLineError::Header(HeaderError::NoL1BasePage),
                 ))
             }
         }
     }
     match header {
         Some(h) => Ok((h, n)),
-        None => Err(err(
-            lineno,
-            NestedLineError::Header("the file ends before its header"),
-        )),
+        None => Err(err(lineno, NestedLineError::Header(HeaderError::Truncated))),
     }
 }
 
@@ -1417,133 +1121,116 @@ mod tests {
             err("L2_ACCES lpid=1"),
             NestedLineError::UnknownRecord("L2_ACCES".into())
         );
-        assert!(matches!(
-            err("L2_ACCESS lpid=1 gpa=0x0 acc=q -> ret=0"),
-            NestedLineError::BadValue { key: "acc", .. }
-        ));
-        assert!(matches!(
-            err("L2_ACCESS lpid=0x1 gpa=0x0 acc=r -> ret=0"),
-            NestedLineError::BadValue { key: "lpid", .. }
-        ));
-        assert!(matches!(
-            err("L2_ACCESS lpid=1 gpa=0x0 acc=r"),
-            NestedLineError::MissingResult { .. }
-        ));
-        assert!(matches!(
-            err("L2_ACCESS lpid=1 gpa=0x0 acc=r ->"),
-            NestedLineError::MissingResult { .. }
-        ));
-        assert!(matches!(
-            err("L2_ACCESS lpid=1 gpa=0x0 acc=r -> fault"),
-            NestedLineError::UnknownOutcome(_)
-        ));
-        assert!(matches!(
-            err("L2_ACCESS lpid=1 gpa=0x0 acc=r -> ok"),
-            NestedLineError::MissingKey { key: "l1gpa", .. }
-        ));
-        assert!(matches!(
-            err("L2_ACCESS lpid=1 gpa=0x0 acc=r -> ok l1gpa=0x1 l1gpa=0x1"),
-            NestedLineError::DuplicateKey { key: "l1gpa", .. }
-        ));
-        assert!(matches!(
-            err("L2_ACCESS lpid=1 gpa=0x0 acc=r -> hdsi cause=0x1 asdr=0x0 x=0x1"),
-            NestedLineError::UnknownKey { .. }
-        ));
-        assert!(matches!(
-            err("L2_ACCESS lpid=1 gpa=0x0 acc=r -> ret=0 -> ret=0"),
-            NestedLineError::UnexpectedResult { .. }
-        ));
-        assert!(matches!(
-            err("L2_ACCESS lpid=1 lpid=1 gpa=0x0 acc=r -> ret=0"),
-            NestedLineError::DuplicateKey { key: "lpid", .. }
-        ));
-        assert!(matches!(
-            err("L1_STORE gpa=0x4 val=0x0"),
-            NestedLineError::BadValue { key: "gpa", .. }
-        ));
-        assert!(matches!(
-            err("L1_STORE gpa=0x8 val=0x0 -> ret=0"),
-            NestedLineError::UnexpectedResult { .. }
-        ));
-        assert!(matches!(
-            err("L1_STORE gpa=0x8"),
-            NestedLineError::MissingKey { key: "val", .. }
-        ));
-        assert!(matches!(
-            err("L1_STORE gpa=0x8 val"),
-            NestedLineError::BadField { .. }
-        ));
-        assert!(matches!(
-            err("H_SET_PARTITION_TABLE ptcr=0x1"),
-            NestedLineError::MissingResult { .. }
-        ));
-        assert!(matches!(
-            err("H_SET_PARTITION_TABLE ptcr=0x1 -> ret=0x0"),
-            NestedLineError::BadValue { key: "ret", .. }
-        ));
-        assert!(matches!(
-            err("H_TLB_INVALIDATE instr=0x1 rs=0x1 -> ret=0"),
-            NestedLineError::MissingKey { key: "rb", .. }
-        ));
-        assert!(matches!(
-            err("HOST_AGE gfn=0x1 npages=2"),
-            NestedLineError::MissingResult { .. }
-        ));
-        assert!(matches!(
-            err("HOST_AGE gfn=0x1 npages=2 -> dirty_must=-"),
-            NestedLineError::UnknownKey { .. }
-        ));
-        assert!(matches!(
-            err("HOST_AGE gfn=0x1 npages=2 -> young_must=0x3,0x2"),
-            NestedLineError::BadValue { .. }
-        ));
-        assert!(matches!(
-            err("HOST_AGE gfn=0x1 npages=2 -> young_must=0x3-0x4,0x4"),
-            NestedLineError::BadValue { .. }
-        ));
-        assert!(matches!(
-            err("HOST_AGE gfn=0x1 npages=2 -> young_must=0x5-0x4"),
-            NestedLineError::BadValue { .. }
-        ));
-        assert!(matches!(
-            err("HOST_AGE gfn=0x1 npages=2 -> young_must="),
-            NestedLineError::BadValue { .. }
-        ));
-        assert!(matches!(
-            err("HOST_AGE gfn=0x1 npages=2 -> young_must=0x1,"),
-            NestedLineError::BadValue { .. }
-        ));
-        assert!(matches!(
-            err("HOST_AGE gfn=0x1 npages=2 -> young_must=- young_must=-"),
-            NestedLineError::DuplicateKey { .. }
-        ));
-        assert!(matches!(
-            err("HOST_DIRTY_LOG"),
-            NestedLineError::MissingResult { .. }
-        ));
-        assert!(matches!(
-            err("HOST_DIRTY_LOG x=0x1 -> dirty_must=-"),
-            NestedLineError::UnknownKey { .. }
-        ));
-        assert!(matches!(
-            err("HOST_UNMAP gfn=0x1 npages=0x2"),
-            NestedLineError::BadValue { key: "npages", .. }
-        ));
-        assert!(matches!(
-            err("L1_MEMORY bytes=0x1000 l0_page_shift=12"),
-            NestedLineError::BadValue { .. }
-        ));
-        assert!(matches!(
-            err("L1_BASE_PAGE shift=21"),
-            NestedLineError::BadValue { .. }
-        ));
-        assert!(matches!(
-            err("L1_BASE_PAGE shift=99999999999999"),
-            NestedLineError::BadValue { .. }
-        ));
+        crate::lex::table::check(
+            err,
+            &[
+                (
+                    "L2_ACCESS lpid=1 gpa=0x0 acc=q -> ret=0",
+                    "BadValue",
+                    Some("acc"),
+                ),
+                (
+                    "L2_ACCESS lpid=0x1 gpa=0x0 acc=r -> ret=0",
+                    "BadValue",
+                    Some("lpid"),
+                ),
+                ("L2_ACCESS lpid=1 gpa=0x0 acc=r", "MissingResult", None),
+                ("L2_ACCESS lpid=1 gpa=0x0 acc=r ->", "MissingResult", None),
+                (
+                    "L2_ACCESS lpid=1 gpa=0x0 acc=r -> fault",
+                    "UnknownOutcome",
+                    None,
+                ),
+                (
+                    "L2_ACCESS lpid=1 gpa=0x0 acc=r -> ok",
+                    "MissingKey",
+                    Some("l1gpa"),
+                ),
+                (
+                    "L2_ACCESS lpid=1 gpa=0x0 acc=r -> ok l1gpa=0x1 l1gpa=0x1",
+                    "DuplicateKey",
+                    Some("l1gpa"),
+                ),
+                (
+                    "L2_ACCESS lpid=1 gpa=0x0 acc=r -> hdsi cause=0x1 asdr=0x0 x=0x1",
+                    "UnknownKey",
+                    None,
+                ),
+                (
+                    "L2_ACCESS lpid=1 gpa=0x0 acc=r -> ret=0 -> ret=0",
+                    "UnexpectedResult",
+                    None,
+                ),
+                (
+                    "L2_ACCESS lpid=1 lpid=1 gpa=0x0 acc=r -> ret=0",
+                    "DuplicateKey",
+                    Some("lpid"),
+                ),
+                ("L1_STORE gpa=0x4 val=0x0", "BadValue", Some("gpa")),
+                (
+                    "L1_STORE gpa=0x8 val=0x0 -> ret=0",
+                    "UnexpectedResult",
+                    None,
+                ),
+                ("L1_STORE gpa=0x8", "MissingKey", Some("val")),
+                ("L1_STORE gpa=0x8 val", "BadField", None),
+                ("H_SET_PARTITION_TABLE ptcr=0x1", "MissingResult", None),
+                (
+                    "H_SET_PARTITION_TABLE ptcr=0x1 -> ret=0x0",
+                    "BadValue",
+                    Some("ret"),
+                ),
+                (
+                    "H_TLB_INVALIDATE instr=0x1 rs=0x1 -> ret=0",
+                    "MissingKey",
+                    Some("rb"),
+                ),
+                ("HOST_AGE gfn=0x1 npages=2", "MissingResult", None),
+                (
+                    "HOST_AGE gfn=0x1 npages=2 -> dirty_must=-",
+                    "UnknownKey",
+                    None,
+                ),
+                (
+                    "HOST_AGE gfn=0x1 npages=2 -> young_must=0x3,0x2",
+                    "BadValue",
+                    None,
+                ),
+                (
+                    "HOST_AGE gfn=0x1 npages=2 -> young_must=0x3-0x4,0x4",
+                    "BadValue",
+                    None,
+                ),
+                (
+                    "HOST_AGE gfn=0x1 npages=2 -> young_must=0x5-0x4",
+                    "BadValue",
+                    None,
+                ),
+                ("HOST_AGE gfn=0x1 npages=2 -> young_must=", "BadValue", None),
+                (
+                    "HOST_AGE gfn=0x1 npages=2 -> young_must=0x1,",
+                    "BadValue",
+                    None,
+                ),
+                (
+                    "HOST_AGE gfn=0x1 npages=2 -> young_must=- young_must=-",
+                    "DuplicateKey",
+                    None,
+                ),
+                ("HOST_DIRTY_LOG", "MissingResult", None),
+                ("HOST_DIRTY_LOG x=0x1 -> dirty_must=-", "UnknownKey", None),
+                ("HOST_UNMAP gfn=0x1 npages=0x2", "BadValue", Some("npages")),
+                ("L1_MEMORY bytes=0x1000 l0_page_shift=12", "BadValue", None),
+                ("L1_BASE_PAGE shift=21", "BadValue", None),
+                ("L1_BASE_PAGE shift=99999999999999", "BadValue", None),
+            ],
+        );
         let e = err("H_SET_PARTITION_TABLE ptcr=0x1 -> ret=-99999999999999999999");
         assert!(
-            matches!(e, NestedLineError::BadValue { key: "ret", .. }),
+            matches!(
+                e,
+                NestedLineError::Field(FieldError::BadValue { key: "ret", .. })
+            ),
             "{e}"
         );
     }

@@ -45,91 +45,120 @@ pub enum TraceError {
 /// A boxed line source (plain or gzip-decoding).
 pub type DynBufRead = Box<dyn BufRead + Send>;
 
-/// Reads a trace line by line and parses each line.
-pub struct TraceReader<R> {
+/// The error type of one trace format, as the shared reader core builds it.
+pub(crate) trait FormatError: Sized {
+    /// What is wrong with one line.
+    type Line;
+    /// The file could not be opened, read or decompressed.
+    fn io(file: String, source: io::Error) -> Self;
+    /// Line `line` of `file` does not follow the format.
+    fn malformed(file: String, line: u64, kind: Self::Line) -> Self;
+    /// The line-error kind for a line over [`MAX_LINE_BYTES`].
+    fn too_long() -> Self::Line;
+}
+
+/// Implements [`FormatError`] for a format's error enum with `Io { file, source }` and
+/// `Malformed { file, line, kind }` variants and a line error with `TooLong(usize)`.
+macro_rules! format_error {
+    ($err:ident, $line:ident) => {
+        impl $crate::reader::FormatError for $err {
+            type Line = $line;
+
+            fn io(file: String, source: std::io::Error) -> Self {
+                $err::Io { file, source }
+            }
+
+            fn malformed(file: String, line: u64, kind: $line) -> Self {
+                $err::Malformed { file, line, kind }
+            }
+
+            fn too_long() -> $line {
+                $line::TooLong($crate::reader::MAX_LINE_BYTES)
+            }
+        }
+    };
+}
+pub(crate) use format_error;
+
+format_error!(TraceError, LineError);
+
+/// Wraps `r` in a gzip decoder if it starts with the gzip magic.
+pub(crate) fn open_source<R: Read + Send + 'static>(r: R) -> io::Result<DynBufRead> {
+    let mut br = BufReader::with_capacity(1 << 16, r);
+    let gz = loop {
+        match br.fill_buf() {
+            Ok(b) => break b.starts_with(&[0x1f, 0x8b]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    };
+    Ok(if gz {
+        Box::new(BufReader::with_capacity(1 << 16, MultiGzDecoder::new(br)))
+    } else {
+        Box::new(br)
+    })
+}
+
+/// [`open_source`] on `r`, naming `file` in the error.
+pub(crate) fn open_named<E: FormatError, R: Read + Send + 'static>(
+    r: R,
+    file: &str,
+) -> Result<DynBufRead, E> {
+    open_source(r).map_err(|source| E::io(file.to_owned(), source))
+}
+
+/// Opens the file at `path` (gzip or plain); the source and the name errors use.
+pub(crate) fn open_path<E: FormatError>(path: &Path) -> Result<(DynBufRead, String), E> {
+    let name = path.display().to_string();
+    match File::open(path) {
+        Ok(f) => Ok((open_named(f, &name)?, name)),
+        Err(source) => Err(E::io(name, source)),
+    }
+}
+
+/// The reader core every format shares: one reused line buffer, the 1-based line
+/// number and the `file:line` wrapping of errors.
+pub(crate) struct Lines<R> {
     inner: R,
     file: String,
     buf: Vec<u8>,
     line: u64,
 }
 
-impl TraceReader<DynBufRead> {
-    /// Opens `path`, decompressing if it starts with the gzip magic.
-    pub fn open(path: impl AsRef<Path>) -> Result<Self, TraceError> {
-        let path = path.as_ref();
-        let name = path.display().to_string();
-        let f = File::open(path).map_err(|source| TraceError::Io {
-            file: name.clone(),
-            source,
-        })?;
-        Self::from_reader(f, name)
-    }
-
-    /// Wraps any byte source, decompressing if it starts with the gzip magic.
-    pub fn from_reader<R: Read + Send + 'static>(
-        r: R,
-        file: impl Into<String>,
-    ) -> Result<Self, TraceError> {
-        let file = file.into();
-        let mut br = BufReader::with_capacity(1 << 16, r);
-        let gz = loop {
-            match br.fill_buf() {
-                Ok(b) => break b.starts_with(&[0x1f, 0x8b]),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(source) => return Err(TraceError::Io { file, source }),
-            }
-        };
-        let inner: DynBufRead = if gz {
-            Box::new(BufReader::with_capacity(1 << 16, MultiGzDecoder::new(br)))
-        } else {
-            Box::new(br)
-        };
-        Ok(TraceReader::new(inner, file))
-    }
-}
-
-impl<R: BufRead> TraceReader<R> {
-    /// Reads plain (already decompressed) text from `inner`; `file` names it in errors.
-    pub fn new(inner: R, file: impl Into<String>) -> Self {
-        TraceReader {
+impl<R: BufRead> Lines<R> {
+    /// Lines of `inner`, named `file` in errors; `cap` is the line buffer's first size.
+    pub(crate) fn new(inner: R, file: String, cap: usize) -> Self {
+        Lines {
             inner,
-            file: file.into(),
-            buf: Vec::with_capacity(512),
+            file,
+            buf: Vec::with_capacity(cap),
             line: 0,
         }
     }
 
     /// The file name used in errors.
-    pub fn file(&self) -> &str {
+    pub(crate) fn file(&self) -> &str {
         &self.file
     }
 
-    /// The 1-based number of the line last returned (0 before the first).
-    pub fn line_number(&self) -> u64 {
+    /// The 1-based number of the line last read (0 before the first).
+    pub(crate) fn line_number(&self) -> u64 {
         self.line
     }
 
-    fn malformed(&self, kind: LineError) -> TraceError {
-        TraceError::Malformed {
-            file: self.file.clone(),
-            line: self.line,
-            kind,
-        }
+    /// `kind` at the line last read.
+    pub(crate) fn malformed<E: FormatError>(&self, kind: E::Line) -> E {
+        E::malformed(self.file.clone(), self.line, kind)
     }
 
     /// Reads the next raw line into the buffer; `false` at end of file.
-    fn fill_line(&mut self) -> Result<bool, TraceError> {
+    fn fill<E: FormatError>(&mut self) -> Result<bool, E> {
         self.buf.clear();
         loop {
             let avail = match self.inner.fill_buf() {
                 Ok(b) => b,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(source) => {
-                    return Err(TraceError::Io {
-                        file: self.file.clone(),
-                        source,
-                    })
-                }
+                Err(source) => return Err(E::io(self.file.clone(), source)),
             };
             if avail.is_empty() {
                 if self.buf.is_empty() {
@@ -143,13 +172,11 @@ impl<R: BufRead> TraceReader<R> {
             };
             if self.buf.len() + take > MAX_LINE_BYTES {
                 self.line += 1;
-                return Err(self.malformed(LineError::TooLong(MAX_LINE_BYTES)));
+                return Err(self.malformed(E::too_long()));
             }
             if self.buf.try_reserve(take).is_err() {
-                return Err(TraceError::Io {
-                    file: self.file.clone(),
-                    source: io::Error::from(io::ErrorKind::OutOfMemory),
-                });
+                let source = io::Error::from(io::ErrorKind::OutOfMemory);
+                return Err(E::io(self.file.clone(), source));
             }
             self.buf.extend_from_slice(&avail[..take]);
             self.inner.consume(take);
@@ -161,19 +188,110 @@ impl<R: BufRead> TraceReader<R> {
         Ok(true)
     }
 
-    /// The next line, parsed (records, comments, console lines, blanks); `None` at end.
-    pub fn next_line(&mut self) -> Result<Option<Line<'_>>, TraceError> {
-        if !self.fill_line()? {
+    /// The next line, parsed by `parse` (given the line and its number); `None` at end.
+    #[inline]
+    pub(crate) fn next_parsed<'s, E: FormatError, T>(
+        &'s mut self,
+        parse: impl FnOnce(&'s [u8], u64) -> Result<T, E::Line>,
+    ) -> Result<Option<T>, E> {
+        if !self.fill()? {
             return Ok(None);
         }
-        match parse_line(&self.buf, self.line) {
-            Ok(l) => Ok(Some(l)),
-            Err(kind) => Err(TraceError::Malformed {
-                file: self.file.clone(),
-                line: self.line,
-                kind,
-            }),
+        let Lines {
+            buf, file, line, ..
+        } = self;
+        parse(buf, *line)
+            .map(Some)
+            .map_err(|kind| E::malformed(file.clone(), *line, kind))
+    }
+}
+
+/// The lines of an in-memory text with their 1-based numbers (each line keeps its
+/// newline); splits with `memchr` and copies nothing.
+#[inline]
+pub(crate) fn numbered_lines(text: &[u8]) -> impl Iterator<Item = (u64, &[u8])> {
+    let mut rest = text;
+    let mut lineno = 0u64;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
         }
+        lineno += 1;
+        let end = memchr::memchr(b'\n', rest).map_or(rest.len(), |i| i + 1);
+        let (line, tail) = rest.split_at(end);
+        rest = tail;
+        Some((lineno, line))
+    })
+}
+
+/// Implements `open(path)` and `from_reader(r, file)` on `$reader<DynBufRead>` (gzip
+/// or plain, detected by the magic): `$make(source, file)` builds the reader.
+macro_rules! open_constructors {
+    ($reader:ident, $err:ty, $make:expr) => {
+        impl $reader<$crate::reader::DynBufRead> {
+            /// Opens `path`, decompressing if it starts with the gzip magic.
+            pub fn open(path: impl AsRef<std::path::Path>) -> Result<Self, $err> {
+                let (inner, name) = $crate::reader::open_path(path.as_ref())?;
+                $make(inner, name)
+            }
+
+            /// Wraps any byte source, decompressing if it starts with the gzip magic.
+            pub fn from_reader<R: std::io::Read + Send + 'static>(
+                r: R,
+                file: impl Into<String>,
+            ) -> Result<Self, $err> {
+                let file = file.into();
+                $make($crate::reader::open_named(r, &file)?, file)
+            }
+        }
+    };
+}
+pub(crate) use open_constructors;
+
+/// Makes `$reader<R>` an iterator over `next_record()`'s records.
+macro_rules! record_iterator {
+    ($reader:ident, $record:ty, $err:ty) => {
+        impl<R: std::io::BufRead> Iterator for $reader<R> {
+            type Item = Result<$record, $err>;
+
+            fn next(&mut self) -> Option<Self::Item> {
+                self.next_record().transpose()
+            }
+        }
+    };
+}
+pub(crate) use record_iterator;
+
+/// Reads a trace line by line and parses each line.
+pub struct TraceReader<R> {
+    lines: Lines<R>,
+}
+
+open_constructors!(TraceReader, TraceError, |src, file| Ok::<_, TraceError>(
+    TraceReader::new(src, file)
+));
+
+impl<R: BufRead> TraceReader<R> {
+    /// Reads plain (already decompressed) text from `inner`; `file` names it in errors.
+    pub fn new(inner: R, file: impl Into<String>) -> Self {
+        TraceReader {
+            lines: Lines::new(inner, file.into(), 512),
+        }
+    }
+
+    /// The file name used in errors.
+    pub fn file(&self) -> &str {
+        self.lines.file()
+    }
+
+    /// The 1-based number of the line last returned (0 before the first).
+    pub fn line_number(&self) -> u64 {
+        self.lines.line_number()
+    }
+
+    /// The next line, parsed (records, comments, console lines, blanks); `None` at end.
+    pub fn next_line(&mut self) -> Result<Option<Line<'_>>, TraceError> {
+        self.lines.next_parsed(parse_line)
     }
 
     /// The next record, skipping comments, console lines and blanks; `None` at end.
@@ -188,13 +306,7 @@ impl<R: BufRead> TraceReader<R> {
     }
 }
 
-impl<R: BufRead> Iterator for TraceReader<R> {
-    type Item = Result<Record, TraceError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        self.next_record().transpose()
-    }
-}
+record_iterator!(TraceReader, Record, TraceError);
 
 /// Parses a whole in-memory text (already decompressed), calling `f` on every record.
 /// Splits lines with `memchr` and copies nothing; the fastest way to parse a buffer.
@@ -203,27 +315,15 @@ pub fn for_each_record(
     file: &str,
     mut f: impl FnMut(Record),
 ) -> Result<u64, TraceError> {
-    let mut rest = text;
-    let mut lineno = 0u64;
     let mut n = 0u64;
-    while !rest.is_empty() {
-        lineno += 1;
-        let end = memchr::memchr(b'\n', rest).map_or(rest.len(), |i| i + 1);
-        let (line, tail) = rest.split_at(end);
-        rest = tail;
+    for (lineno, line) in numbered_lines(text) {
         match parse_line(line, lineno) {
             Ok(Line::Record(r)) => {
                 n += 1;
                 f(r);
             }
             Ok(_) => {}
-            Err(kind) => {
-                return Err(TraceError::Malformed {
-                    file: file.to_owned(),
-                    line: lineno,
-                    kind,
-                })
-            }
+            Err(kind) => return Err(TraceError::malformed(file.to_owned(), lineno, kind)),
         }
     }
     Ok(n)

@@ -27,11 +27,11 @@
 //! assert!(matches!(w.outcome, WalkOutcome::Translated { pa: 0x5000, psz: 12, .. }));
 //! ```
 
+use crate::lex::{lossy, parse_hex, parse_udec, split_kv, FieldError, Seen, Words};
 use crate::line::LineError;
-use crate::reader::{DynBufRead, TraceError, MAX_LINE_BYTES};
-use flate2::bufread::MultiGzDecoder;
+use crate::reader::{open_constructors, open_source, record_iterator, Lines, TraceError};
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, Read};
+use std::io::{BufRead, Read};
 use std::path::Path;
 
 /// Which trace format a file holds.
@@ -87,23 +87,6 @@ pub fn detect_file(path: impl AsRef<Path>) -> Result<Kind, TraceError> {
     // A truncated or corrupt stream still lets the bytes read so far decide.
     let _ = src.by_ref().take(1 << 16).read_to_end(&mut head);
     Ok(detect(&head))
-}
-
-/// Wraps `r` in a gzip decoder if it starts with the gzip magic.
-fn open_source<R: Read + Send + 'static>(r: R) -> io::Result<DynBufRead> {
-    let mut br = BufReader::with_capacity(1 << 16, r);
-    let gz = loop {
-        match br.fill_buf() {
-            Ok(b) => break b.starts_with(&[0x1f, 0x8b]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-    };
-    Ok(if gz {
-        Box::new(BufReader::with_capacity(1 << 16, MultiGzDecoder::new(br)))
-    } else {
-        Box::new(br)
-    })
 }
 
 /// A `CPU` record: the vCPU's control state for its following records.
@@ -364,44 +347,8 @@ pub fn marker(console: &[u8]) -> Option<RtMarker<'_>> {
     })
 }
 
-fn lossy(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn parse_hex(v: &[u8]) -> Option<u64> {
-    let d = v.strip_prefix(b"0x")?;
-    let d = &d[d.iter().position(|&c| c != b'0').unwrap_or(d.len())..];
-    if v.len() == 2 || d.len() > 16 {
-        return None;
-    }
-    let mut x = 0u64;
-    for &c in d {
-        let n = (c as char).to_digit(16)?;
-        x = (x << 4) | u64::from(n);
-    }
-    Some(x)
-}
-
-fn parse_dec(v: &[u8]) -> Option<u64> {
-    if v.is_empty() || v.len() > 20 {
-        return None;
-    }
-    v.iter().try_fold(0u64, |x, &c| {
-        let d = c.wrapping_sub(b'0');
-        if d > 9 {
-            return None;
-        }
-        x.checked_mul(10)?.checked_add(u64::from(d))
-    })
-}
-
 fn bad(record: &'static str, key: &'static str, v: &[u8], expected: &'static str) -> LineError {
-    LineError::BadNumber {
-        record,
-        key,
-        value: lossy(v),
-        expected,
-    }
+    FieldError::bad_value(record, key, v, expected).into()
 }
 
 fn hex(record: &'static str, key: &'static str, v: &[u8]) -> Result<u64, LineError> {
@@ -409,7 +356,7 @@ fn hex(record: &'static str, key: &'static str, v: &[u8]) -> Result<u64, LineErr
 }
 
 fn dec<T: TryFrom<u64>>(record: &'static str, key: &'static str, v: &[u8]) -> Result<T, LineError> {
-    parse_dec(v)
+    parse_udec(v)
         .and_then(|x| T::try_from(x).ok())
         .ok_or_else(|| bad(record, key, v, "unsigned decimal"))
 }
@@ -420,67 +367,6 @@ fn flag(record: &'static str, key: &'static str, v: &[u8]) -> Result<bool, LineE
         b"1" => Ok(true),
         _ => Err(bad(record, key, v, "0 or 1")),
     }
-}
-
-fn split_kv<'a>(record: &'static str, tok: &'a [u8]) -> Result<(&'a [u8], &'a [u8]), LineError> {
-    match tok.iter().position(|&c| c == b'=') {
-        Some(i) if i > 0 => Ok((&tok[..i], &tok[i + 1..])),
-        _ => Err(LineError::BadField {
-            record,
-            token: lossy(tok),
-        }),
-    }
-}
-
-/// Tracks which keys of a record were seen.
-struct Seen<const N: usize> {
-    record: &'static str,
-    keys: [&'static str; N],
-    seen: [bool; N],
-}
-
-impl<const N: usize> Seen<N> {
-    fn new(record: &'static str, keys: [&'static str; N]) -> Self {
-        Seen {
-            record,
-            keys,
-            seen: [false; N],
-        }
-    }
-
-    /// Marks `k` seen; its index, or an unknown/duplicate-key error.
-    fn mark(&mut self, k: &[u8]) -> Result<usize, LineError> {
-        let Some(i) = self.keys.iter().position(|n| n.as_bytes() == k) else {
-            return Err(LineError::UnknownKey {
-                record: self.record,
-                key: lossy(k),
-            });
-        };
-        if self.seen[i] {
-            return Err(LineError::DuplicateKey {
-                record: self.record,
-                key: self.keys[i],
-            });
-        }
-        self.seen[i] = true;
-        Ok(i)
-    }
-
-    /// Errors if any of the first `required` keys is missing.
-    fn require(&self, required: usize) -> Result<(), LineError> {
-        match (0..required.min(N)).find(|&i| !self.seen[i]) {
-            Some(i) => Err(LineError::MissingKey {
-                record: self.record,
-                key: self.keys[i],
-            }),
-            None => Ok(()),
-        }
-    }
-}
-
-fn words(line: &[u8]) -> impl Iterator<Item = &[u8]> {
-    line.split(|&c| c == b' ' || c == b'\t')
-        .filter(|w| !w.is_empty())
 }
 
 /// Parses one line of an x86 trace (with or without its newline); `lineno` is stored in
@@ -496,7 +382,7 @@ pub fn parse_x86_line(line: &[u8], lineno: u64) -> Result<X86Line<'_>, LineError
         }
         return Ok(X86Line::Comment(c.trim_ascii_start()));
     }
-    let mut w = words(line);
+    let mut w = Words::new(line);
     let name = w.next().unwrap_or_default();
     let rec = match name {
         b"CPU" => X86Record::Cpu(parse_cpu(w, lineno)?),
@@ -507,7 +393,7 @@ pub fn parse_x86_line(line: &[u8], lineno: u64) -> Result<X86Line<'_>, LineError
             let (mut cpu, mut va) = (0, 0);
             for tok in w {
                 if tok == b"->" {
-                    return Err(LineError::UnexpectedResult { record: r });
+                    return Err(LineError::Field(FieldError::UnexpectedResult { record: r }));
                 }
                 let (k, v) = split_kv(r, tok)?;
                 match seen.mark(k)? {
@@ -529,7 +415,7 @@ pub fn parse_x86_line(line: &[u8], lineno: u64) -> Result<X86Line<'_>, LineError
             let mut reason = None;
             for tok in w {
                 if tok == b"->" {
-                    return Err(LineError::UnexpectedResult { record: r });
+                    return Err(LineError::Field(FieldError::UnexpectedResult { record: r }));
                 }
                 if !tok.contains(&b'=') {
                     let found = FlushReason::ALL
@@ -538,10 +424,10 @@ pub fn parse_x86_line(line: &[u8], lineno: u64) -> Result<X86Line<'_>, LineError
                     match (found, reason) {
                         (Some(f), None) => reason = Some(f),
                         _ => {
-                            return Err(LineError::BadField {
+                            return Err(LineError::Field(FieldError::BadField {
                                 record: r,
                                 token: lossy(tok),
-                            })
+                            }))
                         }
                     }
                     continue;
@@ -551,10 +437,10 @@ pub fn parse_x86_line(line: &[u8], lineno: u64) -> Result<X86Line<'_>, LineError
                 cpu = dec(r, "cpu", v)?;
             }
             seen.require(1)?;
-            let reason = reason.ok_or(LineError::MissingKey {
+            let reason = reason.ok_or(LineError::Field(FieldError::MissingKey {
                 record: r,
                 key: "REASON",
-            })?;
+            }))?;
             X86Record::Flush {
                 line: lineno,
                 cpu,
@@ -588,7 +474,7 @@ fn parse_cpu<'a>(w: impl Iterator<Item = &'a [u8]>, line: u64) -> Result<CpuReco
     };
     for tok in w {
         if tok == b"->" {
-            return Err(LineError::UnexpectedResult { record: r });
+            return Err(LineError::Field(FieldError::UnexpectedResult { record: r }));
         }
         let (k, v) = split_kv(r, tok)?;
         match seen.mark(k)? {
@@ -731,7 +617,7 @@ fn parse_outcome<'a>(mut w: impl Iterator<Item = &'a [u8]>) -> Result<WalkOutcom
             match seen.mark(k)? {
                 0 => {
                     vector = parse_hex(v)
-                        .or_else(|| parse_dec(v))
+                        .or_else(|| parse_udec(v))
                         .ok_or_else(|| bad(r, "exc", v, "vector"))?
                 }
                 _ => ec = hex(r, "ec", v)?,
@@ -771,111 +657,34 @@ fn parse_outcome<'a>(mut w: impl Iterator<Item = &'a [u8]>) -> Result<WalkOutcom
 
 /// Reads an x86 trace line by line, gzip or plain (detected by magic).
 pub struct X86Reader<R> {
-    inner: R,
-    file: String,
-    buf: Vec<u8>,
-    line: u64,
+    lines: Lines<R>,
 }
 
-impl X86Reader<DynBufRead> {
-    /// Opens `path`, decompressing if it starts with the gzip magic.
-    pub fn open(path: impl AsRef<Path>) -> Result<Self, TraceError> {
-        let path = path.as_ref();
-        let name = path.display().to_string();
-        let f = File::open(path).map_err(|source| TraceError::Io {
-            file: name.clone(),
-            source,
-        })?;
-        Self::from_reader(f, name)
-    }
-
-    /// Wraps any byte source, decompressing if it starts with the gzip magic.
-    pub fn from_reader<R: Read + Send + 'static>(
-        r: R,
-        file: impl Into<String>,
-    ) -> Result<Self, TraceError> {
-        let file = file.into();
-        match open_source(r) {
-            Ok(inner) => Ok(X86Reader::new(inner, file)),
-            Err(source) => Err(TraceError::Io { file, source }),
-        }
-    }
-}
+open_constructors!(X86Reader, TraceError, |src, file| Ok::<_, TraceError>(
+    X86Reader::new(src, file)
+));
 
 impl<R: BufRead> X86Reader<R> {
     /// Reads plain text from `inner`; `file` names it in errors.
     pub fn new(inner: R, file: impl Into<String>) -> Self {
         X86Reader {
-            inner,
-            file: file.into(),
-            buf: Vec::with_capacity(1024),
-            line: 0,
+            lines: Lines::new(inner, file.into(), 1024),
         }
     }
 
     /// The file name used in errors.
     pub fn file(&self) -> &str {
-        &self.file
+        self.lines.file()
     }
 
     /// The 1-based number of the line last returned (0 before the first).
     pub fn line_number(&self) -> u64 {
-        self.line
-    }
-
-    fn fill_line(&mut self) -> Result<bool, TraceError> {
-        self.buf.clear();
-        loop {
-            let avail = match self.inner.fill_buf() {
-                Ok(b) => b,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(source) => {
-                    return Err(TraceError::Io {
-                        file: self.file.clone(),
-                        source,
-                    })
-                }
-            };
-            if avail.is_empty() {
-                if self.buf.is_empty() {
-                    return Ok(false);
-                }
-                break;
-            }
-            let (take, done) = match memchr::memchr(b'\n', avail) {
-                Some(i) => (i + 1, true),
-                None => (avail.len(), false),
-            };
-            if self.buf.len() + take > MAX_LINE_BYTES {
-                self.line += 1;
-                return Err(TraceError::Malformed {
-                    file: self.file.clone(),
-                    line: self.line,
-                    kind: LineError::TooLong(MAX_LINE_BYTES),
-                });
-            }
-            self.buf.extend_from_slice(&avail[..take]);
-            self.inner.consume(take);
-            if done {
-                break;
-            }
-        }
-        self.line += 1;
-        Ok(true)
+        self.lines.line_number()
     }
 
     /// The next line, parsed (records, comments, console lines, blanks); `None` at end.
     pub fn next_line(&mut self) -> Result<Option<X86Line<'_>>, TraceError> {
-        if !self.fill_line()? {
-            return Ok(None);
-        }
-        parse_x86_line(&self.buf, self.line)
-            .map(Some)
-            .map_err(|kind| TraceError::Malformed {
-                file: self.file.clone(),
-                line: self.line,
-                kind,
-            })
+        self.lines.next_parsed(parse_x86_line)
     }
 
     /// The next record, skipping comments, console lines and blanks; `None` at end.
@@ -890,20 +699,14 @@ impl<R: BufRead> X86Reader<R> {
     }
 }
 
-impl<R: BufRead> Iterator for X86Reader<R> {
-    type Item = Result<X86Record, TraceError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        self.next_record().transpose()
-    }
-}
+record_iterator!(X86Reader, X86Record, TraceError);
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use flate2::write::GzEncoder;
     use flate2::Compression;
-    use std::io::Write;
+    use std::io::{self, Write};
 
     const TEXT: &str = "# x86 walk log v1\n\
 CPU cpu=0 cr0=0x80050033 cr3=0x100070000 cr4=0x751ef0 efer=0xd01 pkru=0x55555554 pkrs=0x0 a20=1 maxphy=40\n\

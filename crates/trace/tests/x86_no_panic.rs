@@ -1,5 +1,7 @@
 //! Arbitrary input never makes the x86 walk-trace parser panic: it yields a line or an error.
 
+mod common;
+
 use proptest::prelude::*;
 use revmap_trace::x86::{detect, marker, parse_x86_line, X86Reader};
 
@@ -69,12 +71,8 @@ const WORDS: &[&str] = &[
     "\r",
 ];
 
-fn word() -> impl Strategy<Value = String> {
-    prop_oneof![
-        proptest::sample::select(WORDS).prop_map(str::to_owned),
-        "[ -~]{0,12}",
-        any::<Vec<u8>>().prop_map(|b| String::from_utf8_lossy(&b).into_owned()),
-    ]
+fn word() -> BoxedStrategy<String> {
+    common::word(WORDS.to_vec(), 1)
 }
 
 proptest! {
@@ -88,16 +86,14 @@ proptest! {
     }
 
     #[test]
-    fn near_miss_lines_never_panic(words in proptest::collection::vec(word(), 0..14)) {
-        let line = words.join(" ");
+    fn near_miss_lines_never_panic(line in common::line(word(), 14)) {
         let _ = parse_x86_line(line.as_bytes(), 1);
         let _ = marker(line.as_bytes());
     }
 
     #[test]
-    fn arbitrary_files_never_panic(lines in proptest::collection::vec(
-        proptest::collection::vec(word(), 0..10), 0..8), gz_magic in any::<bool>()) {
-        let mut text: Vec<u8> = lines.iter().flat_map(|l| (l.join(" ") + "\n").into_bytes()).collect();
+    fn arbitrary_files_never_panic(text in common::text(word(), 10, 8), gz_magic in any::<bool>()) {
+        let mut text = text.into_bytes();
         if gz_magic {
             text.splice(0..0, [0x1f, 0x8b]);
         }
