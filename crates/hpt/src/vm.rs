@@ -309,9 +309,9 @@ impl Vm {
         opcode: u64,
         regs: &mut [u64; 8],
     ) -> Result<(), PaprError> {
-        // A pre-copy resize commit is in progress (`resize::precopy`): mark the
-        // entries this call may have changed, after it ran (the flag cannot change while
-        // we are inside the gate).
+        // A pre-copy resize commit is tracking changes (`resize::track`): mark the
+        // entries this call may have changed, after it ran (the flag cannot change
+        // while we are inside the gate).
         #[cfg(feature = "std")]
         if self.track.tracking() {
             let args = *regs;

@@ -14,7 +14,7 @@
 //! freed + installed, nothing live), the table has the expected order, every bolted
 //! page still translates (no bolted entry lost) and the whole-VM checker passes.
 //!
-//! Run: `RUSTFLAGS="--cfg shuttle" CARGO_TARGET_DIR=target/shuttle cargo test -p revmap-hpt --release --test shuttle_resize`.
+//! Run: `RUSTFLAGS="--cfg shuttle" CARGO_TARGET_DIR=target/shuttle cargo test -p revmap-resize --release --test shuttle_resize`.
 #![cfg(shuttle)]
 
 #[path = "../../hpt/tests/common/mod.rs"]

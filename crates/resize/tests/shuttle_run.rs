@@ -3,7 +3,7 @@
 //! Every operation completes (no deadlock: the handles re-pin at their next hypercall),
 //! the commit pivots, the deleted slot is flushed, and the whole-VM checker passes.
 //!
-//! Run: `RUSTFLAGS="--cfg shuttle" CARGO_TARGET_DIR=target/shuttle cargo test -p revmap-hpt --release --test shuttle_run`.
+//! Run: `RUSTFLAGS="--cfg shuttle" CARGO_TARGET_DIR=target/shuttle cargo test -p revmap-resize --release --test shuttle_run`.
 #![cfg(shuttle)]
 
 #[path = "../../hpt/tests/common/mod.rs"]
