@@ -1,6 +1,6 @@
 //! Live resizing of a PAPR hashed page table: H_RESIZE_HPT_PREPARE /
-//! H_RESIZE_HPT_COMMIT (PAPR 14.5.4.13, KVM's `kvm_vm_ioctl_resize_hpt_prepare` and
-//! `kvm_vm_ioctl_resize_hpt_commit`), the rehash, the stop-the-world and the pre-copy
+//! H_RESIZE_HPT_COMMIT (KVM's `kvm_vm_ioctl_resize_hpt_prepare` and
+//! `kvm_vm_ioctl_resize_hpt_commit`, QEMU's `h_resize_hpt_prepare/commit`), the rehash, the stop-the-world and the pre-copy
 //! commits, in the KVM and QEMU flavours.
 //!
 //! A [`Vm`] of `revmap-hpt` answers the two hypercalls with H_FUNCTION unless a
@@ -68,7 +68,7 @@
 //! # Return codes
 //!
 //! [`ResizeError`] is the kernel-side result and [`ResizeError::papr`] the one
-//! error-to-PAPR table (PAPR 14.5.4.13.1, `resize_hpt_convert_rc`).
+//! error-to-PAPR table (QEMU's `resize_hpt_convert_rc`).
 //!
 //! Policies (documented choices): orders 37..=46 are legal in PAPR but cannot be
 //! indexed by 32-bit revmap links: PREPARE answers H_RESOURCE. The QEMU front-end rule

@@ -1,5 +1,5 @@
 //! What the HPT crate provides for live resizing, which itself lives in the
-//! `revmap-resize` crate (H_RESIZE_HPT_PREPARE / H_RESIZE_HPT_COMMIT, PAPR 14.5.4.13):
+//! `revmap-resize` crate (H_RESIZE_HPT_PREPARE / H_RESIZE_HPT_COMMIT):
 //!
 //! * [`cell`]: how a [`Vm`] holds a swappable table, with the vCPU gate a commit
 //!   closes to pivot (read on every hypercall, so it stays here);
@@ -7,8 +7,10 @@
 //!   switches it on; the hypercall and fault paths mark what they change);
 //! * [`HptResizer`]: the extension point a [`Vm`] calls for the two resize
 //!   hypercalls. A VM created by [`Vm::new`] has none and answers both calls with
-//!   H_FUNCTION, as a hypervisor without the resize feature does (PAPR's
-//!   `hcall-hpt-resize` function set is optional); [`Vm::with_resizer`] installs one.
+//!   H_FUNCTION, as a hypervisor without the feature does (QEMU registers the pair,
+//!   advertised to the guest as "hcall-hpt-resize", only when resizing is enabled, and
+//!   answers H_FUNCTION for an unregistered hypercall); [`Vm::with_resizer`] installs
+//!   one.
 //!
 //! The resizer is called only on the two resize opcodes (cold): the hypercall hot path
 //! pays one relaxed load of the tracking flag and nothing else.
