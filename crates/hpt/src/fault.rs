@@ -73,7 +73,7 @@ impl Vm {
         // Inside the gate for the whole fault: it runs on one table (D7).
         let acc = self.host_access();
         #[cfg(feature = "std")]
-        let _track = self.resize.track_on_exit(p);
+        let _track = self.track.track_on_exit(p);
         let hpt = acc.hpt();
         let slots = self.memslots();
         let rev = hpt.revmap();
@@ -151,7 +151,7 @@ impl Vm {
         };
         let acc = self.host_access();
         #[cfg(feature = "std")]
-        let _track = self.resize.track_on_exit(p);
+        let _track = self.track.track_on_exit(p);
         let hpt = acc.hpt();
         let slots = self.memslots();
         let rev = hpt.revmap();

@@ -320,7 +320,7 @@ impl Vm {
 
 impl Vm {
     /// Invalidate per-vCPU MMIO translation caches (`mmio_update`).
-    pub(crate) fn bump_mmio_update(&self) {
+    pub fn bump_mmio_update(&self) {
         // ORDERING: Relaxed: a generation counter for MMIO caches.
         self.mmio_update.fetch_add(1, Ordering::Relaxed);
     }

@@ -6,8 +6,10 @@
 //! * [`vm`]: a [`Vm`] with memslots, rmap chains and the hypercalls ([`Vm::hcall`]).
 //! * [`flavour`]: every guest-visible difference between KVM and QEMU, and
 //!   [`result_masks`] for comparing KVM-flavour results with QEMU traces.
-//! * [`resize`]: live HPT resizing (PREPARE/COMMIT, rehash, pivot) and the swappable
-//!   table with its vCPU gate.
+//! * [`resize`]: what live resizing needs from the table: the swappable table with its
+//!   vCPU gate, per-HPTE change tracking, and the [`HptResizer`] extension point for
+//!   the two resize hypercalls (implemented by the `revmap-resize` crate; a VM without
+//!   one answers them with H_FUNCTION).
 //! * [`check`]: the whole-VM invariant checker ([`Vm::check_invariants`]).
 //! * [`mmu`]: the "hardware": translation through the HPT with per-vCPU TLBs, setting
 //!   R/C; [`tlb`]: the tlbie handshake and the MMU-notifier sequence.
@@ -24,8 +26,7 @@
 //! Lock order: HPTE lock (HVLOCK) -> rmap lock (bit 43). No hypercall allocates or takes
 //! a global lock.
 //!
-//! The crate needs `std` (the published memslot set and the resize protocol block on
-//! locks); only `revmap-rmap` and `revmap-host` build without it.
+//! The crate needs `std` (the published memslot set and the table generations); only `revmap-rmap` and `revmap-host` build without it.
 //!
 //! # Example
 //!
@@ -111,6 +112,7 @@ pub use fault::FaultOutcome;
 pub use flavour::{result_masks, Flavour, ResultMask};
 pub use host::MemslotSpec;
 pub use hpte::{HpteR, HpteV};
+pub use resize::HptResizer;
 pub use revmap_host::port::HypercallPort;
 pub use revmap_host::{HostMemory, HostMmu, MemslotFlags, SimHostMemory, SlotView};
 pub use revmap_rmap::{Ptex, VcpuId, VcpuIdError, MAX_VCPUS};

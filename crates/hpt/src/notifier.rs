@@ -191,7 +191,7 @@ impl Vm {
     }
 
     /// Unmap every HPTE covering a frame of `[start, end)` of `s`. Returns the count.
-    pub(crate) fn unmap_slot_range(&self, hpt: &Hpt, s: &Memslot, start: Gfn, end: Gfn) -> u64 {
+    pub fn unmap_slot_range(&self, hpt: &Hpt, s: &Memslot, start: Gfn, end: Gfn) -> u64 {
         let mut n = 0;
         self.for_range(s, start, end, |gfn, rm, from| {
             n += if gfn >= from {

@@ -84,9 +84,11 @@ pub struct Vm {
     pub(crate) host: crate::host::HostState,
     tlb: TlbDomain,
     pub(crate) mmio_update: AtomicU64,
-    /// Resize state: pending request, `mmu_setup_lock` (`resize`).
+    /// Per-HPTE change tracking of the current table (`resize::track`).
     #[cfg(feature = "std")]
-    pub(crate) resize: crate::resize::ResizeCtl,
+    pub(crate) track: crate::resize::track::ChangeTracker,
+    /// The resize hypercalls (`None`: H_FUNCTION, see [`Vm::with_resizer`]).
+    resizer: Option<alloc::boxed::Box<dyn crate::resize::HptResizer>>,
 }
 
 const _: () = {
@@ -130,9 +132,8 @@ impl Vm {
             flavour: cfg.flavour,
             tables: TableCell::new(hpt)?,
             #[cfg(feature = "std")]
-            resize: crate::resize::ResizeCtl::new(crate::resize::hpt_shift_for_ramsize(
-                cfg.ram_bytes,
-            )),
+            track: crate::resize::track::ChangeTracker::new(),
+            resizer: None,
             memslots: SlotSet::new(memslots),
             empty_slots: Arc::new(Memslots::new()),
             notifier: InvalidateSeq::default(),
@@ -140,6 +141,29 @@ impl Vm {
             tlb: TlbDomain::new()?,
             mmio_update: AtomicU64::new(0),
         })
+    }
+
+    /// This VM with `resizer` answering H_RESIZE_HPT_PREPARE and H_RESIZE_HPT_COMMIT
+    /// (replacing any resizer installed before). Without one, both calls answer
+    /// H_FUNCTION (the optional PAPR function set is absent).
+    #[must_use]
+    pub fn with_resizer(mut self, resizer: alloc::boxed::Box<dyn crate::resize::HptResizer>) -> Vm {
+        self.resizer = Some(resizer);
+        self
+    }
+
+    /// The installed resizer, if any ([`with_resizer`](Self::with_resizer)).
+    #[inline]
+    pub fn resizer(&self) -> Option<&dyn crate::resize::HptResizer> {
+        self.resizer.as_deref()
+    }
+
+    /// The per-HPTE change tracking of the current table (used by a pre-copy resize
+    /// commit; see [`ChangeTracker`](crate::resize::track::ChangeTracker)).
+    #[cfg(feature = "std")]
+    #[inline]
+    pub fn change_tracker(&self) -> &crate::resize::track::ChangeTracker {
+        &self.track
     }
 
     /// The HPT order.
@@ -199,7 +223,7 @@ impl Vm {
 
     /// The published memslot set (lifecycle code).
     #[inline]
-    pub(crate) fn slot_set(&self) -> &SlotSet {
+    pub fn slot_set(&self) -> &SlotSet {
         &self.memslots
     }
 
@@ -285,15 +309,15 @@ impl Vm {
         opcode: u64,
         regs: &mut [u64; 8],
     ) -> Result<(), PaprError> {
-        // A pre-copy resize commit is in progress (`resize::precopy`): mark the
-        // entries this call may have changed, after it ran (the flag cannot change while
-        // we are inside the gate).
+        // A pre-copy resize commit is tracking changes (`resize::track`): mark the
+        // entries this call may have changed, after it ran (the flag cannot change
+        // while we are inside the gate).
         #[cfg(feature = "std")]
-        if self.resize.tracking() {
+        if self.track.tracking() {
             let args = *regs;
             let ret = self.dispatch_untracked(hpt, slots, opcode, regs);
-            self.resize
-                .track_hcall(opcode, &args, regs, PaprError::code_of(ret));
+            self.track
+                .mark_hcall(opcode, &args, regs, PaprError::code_of(ret));
             return ret;
         }
         self.dispatch_untracked(hpt, slots, opcode, regs)
@@ -339,25 +363,18 @@ impl Vm {
         flags: u64,
         shift: u64,
     ) -> Result<(), PaprError> {
-        #[cfg(feature = "std")]
-        {
-            PaprError::check(if opcode == H_RESIZE_HPT_PREPARE {
-                self.resize_prepare(flags, shift)
-            } else {
-                self.resize_commit(flags, shift)
-            })
-        }
-        #[cfg(not(feature = "std"))]
-        {
-            let _ = (opcode, flags, shift);
-            Err(PaprError::Function)
+        match &self.resizer {
+            // The optional function set is absent: as an unknown hypercall.
+            None => Err(PaprError::Function),
+            Some(r) if opcode == H_RESIZE_HPT_PREPARE => r.prepare(self, flags, shift),
+            Some(r) => r.commit(self, flags, shift),
         }
     }
 
     /// The memslot and 4K-frame count of the guest page an entry maps, decoded from
     /// dword 0 and the guest view of dword 1 (`revmap_for_hpte`).
     #[inline]
-    pub(crate) fn entry_page(&self, v: u64, guest_r: u64) -> Option<(Gfn, u32)> {
+    pub fn entry_page(&self, v: u64, guest_r: u64) -> Option<(Gfn, u32)> {
         let s = self.flavour.page_shifts(HpteV(v), HpteR(guest_r))?;
         Some((
             Gfn(HpteR(guest_r).page_addr(s.actual) >> PAGE_SHIFT),
@@ -532,7 +549,7 @@ impl Vm {
     /// the entry from its chain, harvest R/C into the rmap word and C into the dirty
     /// bitmap. Caller holds the HPTE lock and has invalidated it. Returns the new guest
     /// view.
-    pub(crate) fn remove_revmap_chain(
+    pub fn remove_revmap_chain(
         &self,
         hpt: &Hpt,
         slots: &Memslots,

@@ -290,37 +290,18 @@ fn bulk_remove_responses_decode() {
 }
 
 #[test]
-fn resize_through_both_apis() {
-    let (a, b) = (vm(Flavour::Kvm), vm(Flavour::Kvm));
-    let first = a.h_resize_hpt_prepare(19);
-    let raw_first = b.hcall(0, H_RESIZE_HPT_PREPARE, &[0, 19]).ret;
-    assert!(
-        first.is_ok() || first.is_err_and(PaprError::is_long_busy),
-        "{first:?}"
-    );
-    assert!(raw_first == H_SUCCESS || is_long_busy(raw_first));
-    a.resize_ctl().wait_prepared();
-    b.resize_ctl().wait_prepared();
-    assert_eq!(a.h_resize_hpt_prepare(19), Ok(()));
-    assert_eq!(b.hcall(0, H_RESIZE_HPT_PREPARE, &[0, 19]).ret, H_SUCCESS);
-    // A commit for another size than the prepared one.
-    let bad = a.h_resize_hpt_commit(20).map_err(PaprError::code);
-    assert_eq!(bad, Err(b.hcall(0, H_RESIZE_HPT_COMMIT, &[0, 20]).ret));
-    assert!(bad.is_err());
-    a.resize_ctl().wait_prepared();
-    b.resize_ctl().wait_prepared();
-    let _ = a.h_resize_hpt_prepare(19);
-    let _ = b.hcall(0, H_RESIZE_HPT_PREPARE, &[0, 19]);
-    a.resize_ctl().wait_prepared();
-    b.resize_ctl().wait_prepared();
-    assert_eq!(a.h_resize_hpt_prepare(19), Ok(()));
-    assert_eq!(b.hcall(0, H_RESIZE_HPT_PREPARE, &[0, 19]).ret, H_SUCCESS);
-    assert_eq!(a.h_resize_hpt_commit(19), Ok(()));
-    assert_eq!(b.hcall(0, H_RESIZE_HPT_COMMIT, &[0, 19]).ret, H_SUCCESS);
-    assert_eq!((a.hpt_order(), b.hpt_order()), (19, 19));
-    // Nothing pending any more.
-    assert_eq!(a.h_resize_hpt_commit(19), Err(PaprError::Closed));
-    assert_eq!(b.hcall(0, H_RESIZE_HPT_COMMIT, &[0, 19]).ret, H_CLOSED);
+fn resize_calls_without_a_resizer_are_unsupported_functions() {
+    // A VM of this crate alone has no resizer (`revmap-resize` installs one): both
+    // calls answer H_FUNCTION through both APIs, and the table stays as it was.
+    for f in BOTH {
+        let vm = vm(f);
+        assert!(vm.resizer().is_none());
+        assert_eq!(vm.h_resize_hpt_prepare(19), Err(PaprError::Function));
+        assert_eq!(vm.h_resize_hpt_commit(19), Err(PaprError::Function));
+        assert_eq!(vm.hcall(0, H_RESIZE_HPT_PREPARE, &[0, 19]).ret, H_FUNCTION);
+        assert_eq!(vm.hcall(0, H_RESIZE_HPT_COMMIT, &[0, 19]).ret, H_FUNCTION);
+        assert_eq!(vm.hpt_order(), 18);
+    }
 }
 
 #[test]

@@ -339,15 +339,16 @@ impl Drop for ExitGuard<'_> {
     }
 }
 
-/// Creates the VM of a scenario (with `ram_mib` overriding the guest's RAM if given).
+/// Creates the VM of a scenario, with resizing (with `ram_mib` overriding the guest's
+/// RAM if given).
 pub fn make_vm(sc: &Scenario, ram_mib: Option<u64>) -> Result<Vm, HptError> {
     let ram_bytes = ram_mib.map_or(sc.ram_bytes(), |m| m << 20);
     let hpt_order = if ram_mib.is_some() {
-        revmap_hpt::resize::hpt_shift_for_ramsize(ram_bytes).clamp(18, 36)
+        revmap_resize::hpt_shift_for_ramsize(ram_bytes).clamp(18, 36)
     } else {
         sc.hpt_order()
     };
-    Vm::new(VmConfig {
+    revmap_resize::new_vm(VmConfig {
         ram_bytes,
         hpt_order,
         flavour: Flavour::Kvm,
@@ -646,7 +647,9 @@ impl Controller<'_> {
                 break;
             }
             if self.deterministic {
-                self.vm.resize_ctl().wait_prepared();
+                if let Some(r) = self.vm.resizer() {
+                    r.wait_prepared();
+                }
             } else {
                 thread::sleep(Duration::from_millis(1));
             }

@@ -13,7 +13,7 @@
 use crate::actors::ActorKind;
 use crate::workload::WorkloadConfig;
 use revmap_hpt::hash::{MAX_HPT_ORDER, MIN_HPT_ORDER};
-use revmap_hpt::resize::hpt_shift_for_ramsize;
+use revmap_resize::hpt_shift_for_ramsize;
 use serde::{Deserialize, Serialize};
 
 /// The default scenario as TOML (the same as [`Scenario::default`]).

@@ -6,7 +6,7 @@
 //!   `revmap-hpt`, `revmap bench host`).
 //! * [`resize`]: the commit-pause benchmark of live HPT resizing (`revmap bench resize`).
 //!
-//! Test hooks of the resize protocol are a cargo feature of `revmap-hpt`
+//! Test hooks of the resize protocol are a cargo feature of `revmap-resize`
 //! (`test-hooks`), enabled only by dev-dependencies.
 //!
 //! ```

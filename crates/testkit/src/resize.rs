@@ -3,7 +3,7 @@
 //! VSIDs and pages, 4K and 64K, primary and secondary groups, as a booted guest's
 //! table looks) grows by one order while vCPU threads keep making hypercalls (H_ENTER,
 //! H_READ, H_PROTECT, H_REMOVE of their own entries) through PREPARE and COMMIT. The
-//! figure is [`ResizeCtl::last_pause_ns`](revmap_hpt::resize::ResizeCtl::last_pause_ns): gate
+//! figure is [`ResizeCtl::last_pause_ns`](revmap_resize::ResizeCtl::last_pause_ns): gate
 //! closed (vCPUs stopped) to gate reopened, measured inside the commit, for
 //! stop-the-world and pre-copy on identically populated VMs in the same run.
 //!
@@ -12,10 +12,10 @@
 //! stopped and joined before a VM is dropped.
 
 use revmap_hpt::hcall::*;
-use revmap_hpt::resize::ResizeMode;
 use revmap_hpt::vm::{Vm, VmConfig};
 use revmap_hpt::Flavour;
 use revmap_hpt::HptError;
+use revmap_resize::{ResizeMode, ResizeVmExt};
 use revmap_rmap::sync::{thread, Arc, AtomicBool, AtomicU64, Ordering};
 
 /// The two resize hypercalls.
@@ -107,6 +107,9 @@ pub enum ResizeBenchError {
         /// Its return code.
         ret: i64,
     },
+    /// The VM has no resize controller installed.
+    #[error("the VM has no resize controller")]
+    NoResizer,
     /// Out of memory for the result rows.
     #[error("out of memory")]
     Alloc,
@@ -158,7 +161,7 @@ fn random_entry(rng: &mut Rng, mask: u64, frames: u64, bolted: bool) -> [u64; 4]
 
 /// A VM of `order` (RAM sized so that order + 1 is allowed), filled as configured.
 fn populated(cfg: &ResizeBenchConfig, order: u32) -> Result<(Vm, u64, u64), ResizeBenchError> {
-    let vm = Vm::new(VmConfig {
+    let vm = revmap_resize::new_vm(VmConfig {
         ram_bytes: 1u64 << (order + 7),
         hpt_order: order,
         flavour: cfg.flavour,
@@ -221,7 +224,8 @@ fn measure(
     mode: ResizeMode,
 ) -> Result<(u64, u64), ResizeBenchError> {
     let vm = Arc::new(vm);
-    vm.resize_ctl().set_mode(mode);
+    let ctl = vm.resize_ctl().ok_or(ResizeBenchError::NoResizer)?;
+    ctl.set_mode(mode);
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let frames = 1u64 << (order + 7 - 12);
@@ -242,7 +246,7 @@ fn measure(
         if r != H_SUCCESS && !is_long_busy(r) {
             return Err((ResizeCall::Prepare, r));
         }
-        vm.resize_ctl().wait_prepared();
+        ctl.wait_prepared();
         let r = vm.hcall(0, H_RESIZE_HPT_PREPARE, &[0, new]).ret;
         if r != H_SUCCESS {
             return Err((ResizeCall::Prepare, r));
@@ -251,7 +255,7 @@ fn measure(
         if r != H_SUCCESS {
             return Err((ResizeCall::Commit, r));
         }
-        Ok(vm.resize_ctl().last_pause_ns())
+        Ok(ctl.last_pause_ns())
     })();
     // ORDERING: Relaxed: see `vcpu_loop`.
     stop.store(true, Ordering::Relaxed);

@@ -1,4 +1,5 @@
-//! Helpers shared by the HPT crate's trace tests: the vendored real traces and a
+//! Helpers shared by the HPT crate's tests and those of `revmap-resize` (which include
+//! this file by path): the vendored real traces and a
 //! minimal reader of their lines, independent of `revmap-trace` so that the HPT crate
 //! checks itself end to end. Each test binary uses a subset of them.
 #![allow(dead_code)]
@@ -65,17 +66,22 @@ pub const SEG: revmap_hpt::hash::Segment = revmap_hpt::hash::Segment {
     base_shift: 12,
 };
 
-/// A tiny KVM-flavour VM for model checking: 32 frames of RAM backed by 4K pages and an
-/// order-11 HPT, so the instrumented atomics stay few.
+/// The configuration of [`small_vm`]: a KVM-flavour VM with 32 frames of RAM backed by
+/// 4K pages and an order-11 HPT, so the instrumented atomics stay few.
 #[cfg(any(loom, shuttle))]
-pub fn small_vm() -> revmap_hpt::Vm {
-    revmap_hpt::Vm::new_small(revmap_hpt::VmConfig {
+pub fn small_config() -> revmap_hpt::VmConfig {
+    revmap_hpt::VmConfig {
         ram_bytes: 32 << 12,
         hpt_order: 11,
         flavour: revmap_hpt::Flavour::Kvm,
         backing_page_shift: 12,
-    })
-    .expect("tiny VM")
+    }
+}
+
+/// A tiny VM for model checking ([`small_config`]).
+#[cfg(any(loom, shuttle))]
+pub fn small_vm() -> revmap_hpt::Vm {
+    revmap_hpt::Vm::new_small(small_config()).expect("tiny VM")
 }
 
 /// Run `f` under loom (preemption bound 3); returns the number of executions explored,

@@ -70,9 +70,10 @@ impl VmSpec {
     }
 }
 
-/// Creates the [`Vm`] for `spec` (the factory the replay functions take).
+/// Creates the [`Vm`] for `spec`, with resizing (the factory the replay functions
+/// take).
 pub fn new_vm(flavour: Flavour, spec: VmSpec) -> Result<Vm, HptError> {
-    Vm::new(spec.vm_config(flavour))
+    revmap_resize::new_vm(spec.vm_config(flavour))
 }
 
 impl ReplayTarget for Vm {
@@ -83,7 +84,9 @@ impl ReplayTarget for Vm {
     }
 
     fn wait_resize_prepared(&self) {
-        self.resize_ctl().wait_prepared();
+        if let Some(r) = self.resizer() {
+            r.wait_prepared();
+        }
     }
 
     fn hw_set_rc(&self, ptex: Ptex, bits: u64) -> Option<u64> {

@@ -1,29 +1,51 @@
-//! The guest-visible KVM/QEMU differences of HPT resizing (spec 3.7 and 6), one method
-//! each, in the style of `crate::flavour` (which holds every non-resize difference).
+//! The guest-visible KVM/QEMU differences of HPT resizing, one method each of
+//! [`ResizeFlavour`], in the style of `revmap_hpt::flavour` (which holds every
+//! non-resize difference).
 //!
 //! Invariant: resize code never branches on `Flavour` directly; it calls these.
 
-use crate::flavour::Flavour;
+use revmap_hpt::Flavour;
 
-impl Flavour {
+/// The resize differences of a [`Flavour`].
+pub trait ResizeFlavour {
+    /// COMMIT answering H_BUSY or H_CLOSED: QEMU leaves the pending prepare in place,
+    /// KVM releases (cancels) it (`kvm_vm_ioctl_resize_hpt_commit` always releases).
+    fn resize_commit_keeps_pending_on_refusal(self) -> bool;
+    /// PREPARE with the same shift after the allocation failed: QEMU keeps the failed
+    /// request and keeps answering H_NO_MEM; KVM answers once and forgets it.
+    fn resize_prepare_keeps_failed(self) -> bool;
+    /// The table a PREPARE allocates: QEMU's is all-zero (never-written slots read back
+    /// as 0, not 0x40, until written); KVM hides the 0x40 bit anyway.
+    fn resize_table_reads_zero_until_written(self) -> bool;
+    /// Bolted entries after a successful commit: KVM copies them ABSENT (off every
+    /// chain; the fault path revalidates them on first access); QEMU copies them
+    /// verbatim, so they stay VALID (and are re-chained in the new table).
+    fn resize_bolted_arrive_absent(self) -> bool;
+    /// COMMIT's argument check: KVM's ioctl rejects a nonzero shift outside 18..=46
+    /// with H_PARAMETER; QEMU's TCG commit only compares it with the pending one
+    /// (H_CLOSED).
+    fn resize_commit_checks_shift(self) -> bool;
+}
+
+impl ResizeFlavour for Flavour {
     /// COMMIT answering H_BUSY or H_CLOSED: QEMU leaves the pending prepare in place,
     /// KVM releases (cancels) it (`kvm_vm_ioctl_resize_hpt_commit` always releases).
     #[inline]
-    pub const fn resize_commit_keeps_pending_on_refusal(self) -> bool {
+    fn resize_commit_keeps_pending_on_refusal(self) -> bool {
         matches!(self, Self::Qemu)
     }
 
     /// PREPARE with the same shift after the allocation failed: QEMU keeps the failed
     /// request and keeps answering H_NO_MEM; KVM answers once and forgets it.
     #[inline]
-    pub const fn resize_prepare_keeps_failed(self) -> bool {
+    fn resize_prepare_keeps_failed(self) -> bool {
         matches!(self, Self::Qemu)
     }
 
     /// The table a PREPARE allocates: QEMU's is all-zero (never-written slots read back
     /// as 0, not 0x40, until written); KVM hides the 0x40 bit anyway.
     #[inline]
-    pub const fn resize_table_reads_zero_until_written(self) -> bool {
+    fn resize_table_reads_zero_until_written(self) -> bool {
         matches!(self, Self::Qemu)
     }
 
@@ -31,7 +53,7 @@ impl Flavour {
     /// chain; the fault path revalidates them on first access, invariant 21); QEMU
     /// copies them verbatim, so they stay VALID (and are re-chained in the new table).
     #[inline]
-    pub const fn resize_bolted_arrive_absent(self) -> bool {
+    fn resize_bolted_arrive_absent(self) -> bool {
         matches!(self, Self::Kvm)
     }
 
@@ -39,7 +61,7 @@ impl Flavour {
     /// with H_PARAMETER; QEMU's TCG commit only compares it with the pending one
     /// (H_CLOSED).
     #[inline]
-    pub const fn resize_commit_checks_shift(self) -> bool {
+    fn resize_commit_checks_shift(self) -> bool {
         matches!(self, Self::Kvm)
     }
 }

@@ -4,18 +4,15 @@
 
 use super::rehash::rehash_index;
 use super::{long_busy_for_ms, ResizeError, ResizeMode, PREPARE_ESTIMATE_MS};
-use crate::flavour::Flavour;
-use crate::hash::{HptGeometry, MAX_HPT_ORDER, MAX_PAPR_HPT_ORDER, MIN_HPT_ORDER};
-use crate::hcall::*;
-use crate::hpte::{HpteR, HpteV};
-use crate::table::Hpt;
-use crate::vm::Vm;
-use alloc::boxed::Box;
+use crate::flavour::ResizeFlavour;
 use alloc::vec::Vec;
 use revmap_host::Memslots;
-use revmap_rmap::sync::{
-    lock, thread, wait, Arc, ArcCell, AtomicBool, AtomicU64, Condvar, Mutex, Ordering,
-};
+use revmap_hpt::hash::{HptGeometry, MAX_HPT_ORDER, MAX_PAPR_HPT_ORDER, MIN_HPT_ORDER};
+use revmap_hpt::hcall::*;
+use revmap_hpt::hpte::{HpteR, HpteV};
+use revmap_hpt::table::Hpt;
+use revmap_hpt::{Flavour, HptResizer, PaprError, Vm, VmConfig};
+use revmap_rmap::sync::{lock, thread, wait, Arc, AtomicU64, Condvar, Mutex, Ordering};
 use revmap_rmap::{Ptex, PAGE_SHIFT};
 
 /// Counters proving the ownership rules (no leak, no double free): every table a
@@ -53,21 +50,6 @@ impl ResizeStats {
 
 pub use super::hooks::PrecopyHold;
 use super::hooks::TestHooks;
-
-/// Marks an HPTE as changed when dropped ([`ResizeCtl::track_on_exit`]).
-#[derive(Debug)]
-pub(crate) struct TrackOnExit<'a> {
-    ctl: Option<&'a ResizeCtl>,
-    ptex: Ptex,
-}
-
-impl Drop for TrackOnExit<'_> {
-    fn drop(&mut self) {
-        if let Some(c) = self.ctl {
-            c.track_ptex(u64::from(self.ptex.0));
-        }
-    }
-}
 
 /// A prepared table with its accounting: dropping it counts a free.
 #[derive(Debug)]
@@ -149,19 +131,17 @@ struct Shared {
 #[derive(Debug)]
 pub struct ResizeCtl {
     shared: Arc<Shared>,
-    /// A pre-copy commit is tracking changed PTEGs (read by every hypercall: inline,
-    /// not behind the `Arc`).
-    track_on: AtomicBool,
-    /// The HPTEs of the current table changed since the copier last drained them (bit
-    /// `ptex % 64` of word `ptex / 64`): vCPUs set bits with `fetch_or`, the copier
-    /// swaps whole words out ([`track_drain`](Self::track_drain)). Empty when no
-    /// pre-copy commit runs; replaced only by the committer.
-    track: ArcCell<Box<[AtomicU64]>>,
     /// QEMU's `spapr_hpt_shift_for_ramsize` of the VM's RAM.
     ram_order: u32,
 }
 
 impl ResizeCtl {
+    /// The resize controller of a VM of `cfg` (its RAM-derived order is QEMU's
+    /// [`hpt_shift_for_ramsize`](crate::hpt_shift_for_ramsize)).
+    pub fn for_config(cfg: &VmConfig) -> Self {
+        Self::new(crate::hpt_shift_for_ramsize(cfg.ram_bytes))
+    }
+
     /// Resize state for a VM whose RAM-derived order is `ram_order`.
     pub fn new(ram_order: u32) -> Self {
         Self {
@@ -174,99 +154,8 @@ impl ResizeCtl {
                 mode: AtomicU64::new(ResizeMode::DEFAULT as u64),
                 last_pause_ns: AtomicU64::new(0),
             }),
-            track_on: AtomicBool::new(false),
-            track: ArcCell::new(Box::default()),
             ram_order,
         }
-    }
-
-    /// Whether a pre-copy commit is tracking changes (the hypercall hot path's check).
-    #[inline(always)]
-    pub(crate) fn tracking(&self) -> bool {
-        // ORDERING: Relaxed: switched on only while the gate is closed; every vCPU,
-        // fault and walker re-enters the gate with a SeqCst load of the state word that
-        // reads the reopening RMW, which orders the switch before this load.
-        self.track_on.load(Ordering::Relaxed)
-    }
-
-    /// Record that HPTE `ptex` of the current table changed (called inside the gate,
-    /// after the change, only while [`tracking`](Self::tracking)): one `fetch_or` on
-    /// the word of `ptex`, no lock.
-    #[cold]
-    #[inline(never)]
-    pub(crate) fn track_ptex(&self, ptex: u64) {
-        let map = self.track.load();
-        if let Some(w) = usize::try_from(ptex / 64).ok().and_then(|i| map.get(i)) {
-            // ORDERING: Release: the change (made under the HPTE lock, released
-            // before this mark) happens-before the copier's AcqRel swap that takes
-            // the bit, so the copier's later look at the entry sees it.
-            w.fetch_or(1 << (ptex % 64), Ordering::Release);
-        }
-    }
-
-    /// The fault-path hook: a guard that marks `ptex`'s group when dropped (after the
-    /// fault changed the entry, still inside the gate), if tracking.
-    #[inline(always)]
-    pub(crate) fn track_on_exit(&self, ptex: Ptex) -> TrackOnExit<'_> {
-        TrackOnExit {
-            ctl: self.tracking().then_some(self),
-            ptex,
-        }
-    }
-
-    /// The hypercall hook, after the call: mark the entries it may have changed
-    /// (`args` are the inputs, `out` the outputs, `ret` the return code).
-    #[cold]
-    #[inline(never)]
-    pub(crate) fn track_hcall(&self, opcode: u64, args: &[u64; 8], out: &[u64; 8], ret: i64) {
-        match opcode {
-            // H_ENTER changes nothing unless it succeeds, then only the slot it returns.
-            H_ENTER if ret == H_SUCCESS => self.track_ptex(out[0]),
-            H_REMOVE | H_PROTECT | H_CLEAR_REF | H_CLEAR_MOD => {
-                self.track_ptex(args[1]);
-            }
-            H_BULK_REMOVE => {
-                for tsh in [args[0], args[2], args[4], args[6]] {
-                    self.track_ptex(tsh & BulkTsh::PTEX);
-                }
-            }
-            _ => {}
-        }
-    }
-
-    /// Start tracking a table of `npte` entries: allocate the bitmap (tracking itself
-    /// is switched on with the gate closed, [`set_tracking`](Self::set_tracking)).
-    pub(super) fn track_alloc(&self, npte: u64) -> Result<(), ResizeError> {
-        let words = usize::try_from(npte.div_ceil(64)).map_err(|_| ResizeError::NoMem)?;
-        let map = revmap_rmap::error::try_boxed_slice(words, |_| AtomicU64::new(0))
-            .map_err(|_| ResizeError::NoMem)?;
-        drop(self.track.swap(Arc::new(map)));
-        Ok(())
-    }
-
-    /// Switch tracking on or off (the gate must be closed and drained).
-    pub(super) fn set_tracking(&self, on: bool) {
-        // ORDERING: Relaxed: see `tracking`.
-        self.track_on.store(on, Ordering::Relaxed);
-    }
-
-    /// Take the marks set since the last drain, word by word (`swap(0)`), into a plain
-    /// bitmap. Marks made meanwhile stay for the next drain: a vCPU that changes an
-    /// entry after the copier looked at it marks it after the swap of its word.
-    pub(super) fn track_drain(&self) -> Result<Vec<u64>, ResizeError> {
-        let map = self.track.load();
-        let mut out = Vec::new();
-        out.try_reserve_exact(map.len())
-            .map_err(|_| ResizeError::NoMem)?;
-        // ORDERING: AcqRel: acquires the vCPUs' marks (see `track_ptex`); the swap
-        // leaves the word at 0 for the marks that follow.
-        out.extend(map.iter().map(|w| w.swap(0, Ordering::AcqRel)));
-        Ok(out)
-    }
-
-    /// Free the bitmap (tracking must be off and the gate closed, or the commit over).
-    pub(super) fn track_free(&self) {
-        drop(self.track.swap(Arc::new(Box::default())));
     }
 
     /// Allocation and ownership counters.
@@ -432,7 +321,39 @@ pub(super) fn elapsed_ns(t0: std::time::Instant) -> u64 {
     u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
-impl Vm {
+/// One resize operation on a VM: the VM (its methods through `Deref`) and its
+/// controller.
+pub(crate) struct Op<'a> {
+    pub(crate) vm: &'a Vm,
+    pub(crate) ctl: &'a ResizeCtl,
+}
+
+impl core::ops::Deref for Op<'_> {
+    type Target = Vm;
+    fn deref(&self) -> &Vm {
+        self.vm
+    }
+}
+
+impl HptResizer for ResizeCtl {
+    fn prepare(&self, vm: &Vm, flags: u64, shift: u64) -> Result<(), PaprError> {
+        PaprError::check(Op { vm, ctl: self }.resize_prepare(flags, shift))
+    }
+
+    fn commit(&self, vm: &Vm, flags: u64, shift: u64) -> Result<(), PaprError> {
+        PaprError::check(Op { vm, ctl: self }.resize_commit(flags, shift))
+    }
+
+    fn wait_prepared(&self) {
+        ResizeCtl::wait_prepared(self);
+    }
+
+    fn as_any(&self) -> &dyn core::any::Any {
+        self
+    }
+}
+
+impl Op<'_> {
     /// Both commit paths, QEMU flavour: link a formerly VALID bolted entry, locked at
     /// `g` in the new table, into its frame's ring and leave it VALID with dword 0 `v`,
     /// or ABSENT if it cannot be chained. This is H_ENTER's protocol
@@ -445,7 +366,7 @@ impl Vm {
         &self,
         new: &Hpt,
         slots: &Memslots,
-        mut g: crate::table::HpteGuard<'_>,
+        mut g: revmap_hpt::table::HpteGuard<'_>,
         v: u64,
     ) {
         let new_rev = new.revmap();
@@ -490,15 +411,10 @@ struct Move {
     valid: bool,
 }
 
-impl Vm {
-    /// The resize state (statistics, test hooks, waiting for a preparation).
-    pub fn resize_ctl(&self) -> &ResizeCtl {
-        &self.resize
-    }
-
+impl Op<'_> {
     /// H_RESIZE_HPT_PREPARE (spec 3.7.1-3.7.2). Runs outside the vCPU gate.
     pub(crate) fn resize_prepare(&self, flags: u64, shift: u64) -> i64 {
-        let ctl = &self.resize;
+        let ctl = self.ctl;
         if flags != 0 {
             return ResizeError::Invalid.papr();
         }
@@ -541,7 +457,7 @@ impl Vm {
     /// H_RESIZE_HPT_COMMIT (spec 3.7.3). Runs outside the vCPU gate; stops every vCPU
     /// for the rehash and pivot.
     pub(crate) fn resize_commit(&self, flags: u64, shift: u64) -> i64 {
-        let ctl = &self.resize;
+        let ctl = self.ctl;
         let f = self.flavour();
         if flags != 0 {
             return ResizeError::Invalid.papr();
@@ -594,7 +510,7 @@ impl Vm {
         let ret = match self.rehash_into(table) {
             Ok(new) => match tables.pivot(new) {
                 Ok(()) => {
-                    self.resize.record_pause(elapsed_ns(t0));
+                    self.ctl.record_pause(elapsed_ns(t0));
                     // Every TLB entry names an old-table index: flush them all.
                     self.tlb().tlbie();
                     self.bump_mmio_update();
@@ -602,13 +518,13 @@ impl Vm {
                 }
                 Err(_unused) => {
                     tables.reopen();
-                    self.resize.record_pause(elapsed_ns(t0));
+                    self.ctl.record_pause(elapsed_ns(t0));
                     ResizeError::NoMem.papr()
                 }
             },
             Err(e) => {
                 tables.reopen();
-                self.resize.record_pause(elapsed_ns(t0));
+                self.ctl.record_pause(elapsed_ns(t0));
                 e.papr()
             }
         };

@@ -57,14 +57,14 @@
 //!   stop-the-world would have written (`tests/resize_modes.rs`).
 
 use super::rehash::rehash_index;
-use super::state::{elapsed_ns, PrecopyHold, Prepared};
+use super::state::{elapsed_ns, Op, PrecopyHold, Prepared};
 use super::ResizeError;
-use crate::hcall::H_SUCCESS;
-use crate::hpte::{HpteR, HpteV};
-use crate::table::Hpt;
-use crate::vm::Vm;
+use crate::flavour::ResizeFlavour;
 use alloc::vec::Vec;
 use revmap_host::Memslots;
+use revmap_hpt::hcall::H_SUCCESS;
+use revmap_hpt::hpte::{HpteR, HpteV};
+use revmap_hpt::table::Hpt;
 use revmap_rmap::{Gfn, Ptex, PAGE_SHIFT};
 
 /// A bolted entry copied in step 2.
@@ -95,7 +95,7 @@ struct ToPlace {
     was_valid: bool,
 }
 
-impl Vm {
+impl Op<'_> {
     /// The pre-copy commit of `table` (module docs). Returns the PAPR code.
     pub(super) fn commit_precopy(&self, table: Prepared) -> i64 {
         let Some(new) = table.hpt.as_ref() else {
@@ -105,13 +105,14 @@ impl Vm {
         // No memslot change (and so no MMIO reclassification of paged-out entries)
         // until the commit is over: slots_lock is below mmu_setup_lock.
         let writer = self.slot_set().writer();
-        if let Err(e) = self.resize.track_alloc(self.hpt().geometry().npte()) {
-            return e.papr();
+        let track = self.change_tracker();
+        if track.alloc(self.hpt().geometry().npte()).is_err() {
+            return ResizeError::NoMem.papr();
         }
         // Step 0: switch change tracking on with every vCPU out of the gate.
         let t1 = std::time::Instant::now();
         tables.close_and_drain(self.tlb());
-        self.resize.set_tracking(true);
+        track.set_tracking(true);
         tables.reopen();
         let pause1 = elapsed_ns(t1);
         // Step 1: drain every ring of the old table while vCPUs run.
@@ -127,9 +128,9 @@ impl Vm {
         let prepared = self
             .precopy_bolted(new)
             .and_then(|(mut copied, mut carry)| {
-                self.resize.precopy_hold_point(PrecopyHold::BeforeRounds);
+                self.ctl.precopy_hold_point(PrecopyHold::BeforeRounds);
                 for _ in 0..MAX_ROUNDS {
-                    let groups = self.resize.track_drain()?;
+                    let groups = track.drain().map_err(|_| ResizeError::NoMem)?;
                     let n = self.precopy_round(new, &mut copied, &groups, &mut carry)?;
                     if n <= FINAL_ROUND_SLOTS {
                         break;
@@ -137,23 +138,23 @@ impl Vm {
                 }
                 Ok((copied, carry))
             });
-        self.resize.precopy_hold_point(PrecopyHold::BeforeStop);
+        self.ctl.precopy_hold_point(PrecopyHold::BeforeStop);
         // Step 3: stop, re-apply what changed, pivot.
         let t0 = std::time::Instant::now();
         tables.close_and_drain(self.tlb());
-        self.resize.set_tracking(false);
-        let copied = self
-            .resize
-            .track_drain()
+        track.set_tracking(false);
+        let copied = track
+            .drain()
+            .map_err(|_| ResizeError::NoMem)
             .and_then(|g| prepared.map(|(c, v)| (c, v, g)));
-        self.resize.track_free();
+        track.free();
         let ret = match copied
             .and_then(|(c, valid, groups)| self.precopy_finish(new, &c, &valid, &groups))
         {
             Ok(()) => match table.install() {
                 Some(hpt) => match tables.pivot(hpt) {
                     Ok(()) => {
-                        self.resize.record_pause(pause1 + elapsed_ns(t0));
+                        self.ctl.record_pause(pause1 + elapsed_ns(t0));
                         drop(writer);
                         self.tlb().tlbie();
                         self.bump_mmio_update();
@@ -166,7 +167,7 @@ impl Vm {
             Err(e) => e.papr(),
         };
         tables.reopen();
-        self.resize.record_pause(pause1 + elapsed_ns(t0));
+        self.ctl.record_pause(pause1 + elapsed_ns(t0));
         drop(writer);
         ret
     }

@@ -15,8 +15,8 @@
 //! * The hash uses the *base* page shift (the segment's), as KVM does for mixed-size
 //!   entries (QEMU's actual-shift form is a documented bug, spec 6).
 
-use crate::hash::HptGeometry;
-use crate::hpte::HpteV;
+use revmap_hpt::hash::HptGeometry;
+use revmap_hpt::hpte::HpteV;
 use revmap_rmap::Ptex;
 
 /// The index in a table of geometry `new` of the bolted entry with dword 0 `v` and
@@ -68,9 +68,9 @@ pub fn rehash_index(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hash::{hpt_hash, primary_pteg, secondary_pteg, Segment, SegmentSize};
-    use crate::hpte::encode_avpn;
     use proptest::prelude::*;
+    use revmap_hpt::hash::{hpt_hash, primary_pteg, secondary_pteg, Segment, SegmentSize};
+    use revmap_hpt::hpte::encode_avpn;
 
     /// (base, actual) page shifts the guest can use, per segment size.
     const SIZES: [(u32, u32); 6] = [(12, 12), (12, 16), (16, 16), (16, 24), (24, 24), (34, 34)];

@@ -7,9 +7,11 @@
 //!   H_REMOVE, MMU stores) resized up and down in both modes gives identical H_READ
 //!   dumps of the whole table after every commit, and the checker passes.
 use revmap_hpt::hcall::*;
-use revmap_hpt::resize::{PrecopyHold, ResizeMode};
 use revmap_hpt::{result_masks, Flavour, Vm, VmConfig};
+use revmap_resize::ResizeVmExt;
+use revmap_resize::{PrecopyHold, ResizeMode};
 
+#[path = "../../hpt/tests/common/mod.rs"]
 mod common;
 use common::{field, opcode, trace_lines, RESIZE};
 const MODES: [ResizeMode; 2] = [ResizeMode::StopTheWorld, ResizeMode::PreCopy];
@@ -18,15 +20,15 @@ const MODES: [ResizeMode; 2] = [ResizeMode::StopTheWorld, ResizeMode::PreCopy];
 /// the trace is absent).
 fn replay(path: &str, flavour: Flavour, mode: ResizeMode) -> Vec<u64> {
     let mut seen = Vec::new();
-    let vm = Vm::new(VmConfig {
+    let vm = revmap_resize::new_vm(VmConfig {
         ram_bytes: 1 << 30,
         hpt_order: 23,
         flavour,
         backing_page_shift: 24,
     })
     .unwrap();
-    vm.resize_ctl().set_mode(mode);
-    assert_eq!(vm.resize_ctl().mode(), mode);
+    vm.resize_ctl().expect("resizer installed").set_mode(mode);
+    assert_eq!(vm.resize_ctl().expect("resizer installed").mode(), mode);
     let mut commits = 0;
     for (lineno, line) in trace_lines(path).enumerate() {
         if line.starts_with('#') || line.is_empty() {
@@ -52,7 +54,7 @@ fn replay(path: &str, flavour: Flavour, mode: ResizeMode) -> Vec<u64> {
             let args = [field(&kin, "flags").unwrap(), field(&kin, "shift").unwrap()];
             let want = field(&kout, "ret").unwrap() as i64;
             if op == H_RESIZE_HPT_PREPARE && want == H_SUCCESS {
-                vm.resize_ctl().wait_prepared();
+                vm.resize_ctl().expect("resizer installed").wait_prepared();
             }
             let got = vm.hcall(0, op, &args).ret;
             let ok = got == want
@@ -220,7 +222,7 @@ fn step(vm: &Vm, rng: &mut Rng, live: &mut Vec<u64>) -> (i64, [u64; 2]) {
 fn commit_to(vm: &Vm, order: u64) -> i64 {
     let r = vm.hcall(0, H_RESIZE_HPT_PREPARE, &[0, order]).ret;
     assert!(r == H_SUCCESS || r == H_LONG_BUSY_ORDER_100_MSEC, "{r}");
-    vm.resize_ctl().wait_prepared();
+    vm.resize_ctl().expect("resizer installed").wait_prepared();
     vm.hcall(0, H_RESIZE_HPT_COMMIT, &[0, order]).ret
 }
 
@@ -229,14 +231,14 @@ fn random_guest_same_tables_in_both_modes() {
     for flavour in [Flavour::Kvm, Flavour::Qemu] {
         for seed in 1..=6u64 {
             let vms = MODES.map(|m| {
-                let vm = Vm::new(VmConfig {
+                let vm = revmap_resize::new_vm(VmConfig {
                     ram_bytes: 64 << 20,
                     hpt_order: 18,
                     flavour,
                     backing_page_shift: 24,
                 })
                 .unwrap();
-                vm.resize_ctl().set_mode(m);
+                vm.resize_ctl().expect("resizer installed").set_mode(m);
                 vm
             });
             let mut rngs = [Rng(seed * 0x9E37_79B9), Rng(seed * 0x9E37_79B9)];
@@ -295,7 +297,7 @@ fn commit_with_changes(
 ) -> [i64; 2] {
     changes(&vms[0]);
     let a = commit_to(&vms[0], order);
-    let ctl = vms[1].resize_ctl();
+    let ctl = vms[1].resize_ctl().expect("resizer installed");
     ctl.hold_precopy_commit(at);
     let b = std::thread::scope(|s| {
         let h = s.spawn(|| commit_to(&vms[1], order));
@@ -315,14 +317,14 @@ fn commit_with_changes(
 
 fn two_vms(flavour: Flavour, order: u32) -> [Vm; 2] {
     MODES.map(|m| {
-        let vm = Vm::new(VmConfig {
+        let vm = revmap_resize::new_vm(VmConfig {
             ram_bytes: 64 << 20,
             hpt_order: order,
             flavour,
             backing_page_shift: 24,
         })
         .unwrap();
-        vm.resize_ctl().set_mode(m);
+        vm.resize_ctl().expect("resizer installed").set_mode(m);
         vm
     })
 }
@@ -426,8 +428,11 @@ fn changes_between_copy_and_stop_are_reapplied() {
         for vm in &vms {
             vm.check_invariants().unwrap();
             assert_eq!(vm.hpt_order(), 19);
-            vm.resize_ctl().wait_workers();
-            assert_eq!(vm.resize_ctl().stats().live(), 0);
+            vm.resize_ctl().expect("resizer installed").wait_workers();
+            assert_eq!(
+                vm.resize_ctl().expect("resizer installed").stats().live(),
+                0
+            );
         }
         assert!(
             dump(&vms[0]) == dump(&vms[1]),

@@ -8,13 +8,14 @@
 use revmap_hpt::hash::{hpt_hash, primary_pteg, secondary_pteg, HptGeometry, Segment, SegmentSize};
 use revmap_hpt::hcall::*;
 use revmap_hpt::hpte::{encode_avpn, HpteV};
-use revmap_hpt::resize::rehash::rehash_index;
 use revmap_hpt::{Flavour, Vm, VmConfig};
+use revmap_resize::rehash::rehash_index;
+use revmap_resize::ResizeVmExt;
 use revmap_rmap::Ptex;
 
 /// 64 MiB of RAM: RAM-derived order 19, so PREPARE accepts up to 20.
 fn vm(f: Flavour, order: u32) -> Vm {
-    Vm::new(VmConfig {
+    revmap_resize::new_vm(VmConfig {
         ram_bytes: 64 << 20,
         hpt_order: order,
         flavour: f,
@@ -26,7 +27,7 @@ fn vm(f: Flavour, order: u32) -> Vm {
 fn resize(vm: &Vm, shift: u64) -> i64 {
     let r = vm.hcall(0, H_RESIZE_HPT_PREPARE, &[0, shift]).ret;
     assert!(r == H_LONG_BUSY_ORDER_100_MSEC || r == H_SUCCESS, "{r}");
-    vm.resize_ctl().wait_prepared();
+    vm.resize_ctl().expect("resizer installed").wait_prepared();
     assert_eq!(
         vm.hcall(0, H_RESIZE_HPT_PREPARE, &[0, shift]).ret,
         H_SUCCESS
@@ -219,8 +220,11 @@ fn item34_every_kind_survives_grow_and_shrink() {
         assert_eq!(resize(&vm, 19), H_SUCCESS, "{f}: grow back");
         vm.check_invariants().unwrap();
         assert_at_predicted(&vm, &es, &idx, "after regrow");
-        vm.resize_ctl().wait_workers();
-        assert_eq!(vm.resize_ctl().stats().live(), 0);
+        vm.resize_ctl().expect("resizer installed").wait_workers();
+        assert_eq!(
+            vm.resize_ctl().expect("resizer installed").stats().live(),
+            0
+        );
     }
 }
 

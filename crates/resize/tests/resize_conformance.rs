@@ -2,12 +2,13 @@
 //! both flavours where they differ, with the checker after every step.
 use revmap_hpt::hcall::*;
 use revmap_hpt::{Flavour, Vm, VmConfig};
+use revmap_resize::ResizeVmExt;
 
 const BOTH: [Flavour; 2] = [Flavour::Kvm, Flavour::Qemu];
 
 fn vm(f: Flavour) -> Vm {
     // 32 MiB of RAM: RAM-derived order 18, so PREPARE accepts at most 19.
-    Vm::new(VmConfig {
+    revmap_resize::new_vm(VmConfig {
         ram_bytes: 32 << 20,
         hpt_order: 18,
         flavour: f,
@@ -23,7 +24,7 @@ fn commit(vm: &Vm, shift: u64) -> i64 {
     vm.hcall(0, H_RESIZE_HPT_COMMIT, &[0, shift]).ret
 }
 fn prepared(vm: &Vm, shift: u64) {
-    vm.resize_ctl().wait_prepared();
+    vm.resize_ctl().expect("resizer installed").wait_prepared();
     assert_eq!(prep(vm, shift), H_SUCCESS);
 }
 
@@ -90,8 +91,12 @@ fn item28_29_cancel_and_commit_refusals() {
             Flavour::Qemu => assert_eq!(again, H_SUCCESS),
             Flavour::Kvm => assert_eq!(again, H_CLOSED),
         }
-        vm.resize_ctl().wait_workers();
-        assert_eq!(vm.resize_ctl().stats().live(), 0, "{f}: no leak");
+        vm.resize_ctl().expect("resizer installed").wait_workers();
+        assert_eq!(
+            vm.resize_ctl().expect("resizer installed").stats().live(),
+            0,
+            "{f}: no leak"
+        );
         vm.check_invariants().unwrap();
     }
 }
@@ -105,13 +110,17 @@ fn prepared_after_start(vm: &Vm, shift: u64) {
 fn item29_commit_while_allocating_is_busy() {
     for f in BOTH {
         let vm = vm(f);
-        vm.resize_ctl().hold_preparation(true);
+        vm.resize_ctl()
+            .expect("resizer installed")
+            .hold_preparation(true);
         assert_eq!(prep(&vm, 19), H_LONG_BUSY_ORDER_100_MSEC);
         assert_eq!(commit(&vm, 19), H_BUSY);
-        vm.resize_ctl().hold_preparation(false);
-        vm.resize_ctl().wait_workers();
+        vm.resize_ctl()
+            .expect("resizer installed")
+            .hold_preparation(false);
+        vm.resize_ctl().expect("resizer installed").wait_workers();
         assert_eq!(
-            vm.resize_ctl().stats().live(),
+            vm.resize_ctl().expect("resizer installed").stats().live(),
             u64::from(f == Flavour::Qemu)
         );
     }
@@ -134,7 +143,7 @@ fn item30_argument_checks() {
 fn item31_prepare_a_then_b_before_a_finishes_then_commit_b() {
     for f in BOTH {
         let vm = vm(f);
-        let ctl = vm.resize_ctl();
+        let ctl = vm.resize_ctl().expect("resizer installed");
         ctl.hold_preparation(true);
         assert_eq!(prep(&vm, 19), H_LONG_BUSY_ORDER_100_MSEC);
         assert_eq!(
@@ -159,7 +168,7 @@ fn item31_prepare_a_then_b_before_a_finishes_then_commit_b() {
 #[test]
 fn item32_shrink_collision_fails_and_keeps_old_table() {
     for f in BOTH {
-        let vm = Vm::new(VmConfig {
+        let vm = revmap_resize::new_vm(VmConfig {
             ram_bytes: 64 << 20,
             hpt_order: 19,
             flavour: f,
@@ -189,9 +198,11 @@ fn item35_same_order_keeps_positions_item36_alloc_failure() {
         prepared_after_start(&vm, 18);
         assert_eq!(commit(&vm, 18), H_SUCCESS);
         assert_eq!(vm.hcall(0, H_READ, &[0, b]).out[0] & 0x11, 0x11);
-        vm.resize_ctl().inject_alloc_failure();
+        vm.resize_ctl()
+            .expect("resizer installed")
+            .inject_alloc_failure();
         assert_eq!(prep(&vm, 19), H_LONG_BUSY_ORDER_100_MSEC);
-        vm.resize_ctl().wait_prepared();
+        vm.resize_ctl().expect("resizer installed").wait_prepared();
         assert_eq!(prep(&vm, 19), H_NO_MEM);
         match f {
             // QEMU keeps the failed request; commit answers H_NO_MEM (our policy).

@@ -5,6 +5,7 @@
 
 use revmap_hpt::hcall::*;
 use revmap_hpt::{Flavour, MemslotFlags, MemslotSpec, Vm, VmConfig};
+use revmap_resize::ResizeVmExt;
 use revmap_rmap::{Gfn, Hva, SlotId, VcpuId};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -14,7 +15,7 @@ fn id(n: usize) -> VcpuId {
 }
 
 fn vm() -> Vm {
-    Vm::new(VmConfig {
+    revmap_resize::new_vm(VmConfig {
         ram_bytes: 32 << 20,
         hpt_order: 18,
         flavour: Flavour::Kvm,
@@ -80,7 +81,7 @@ fn commit_through_own_run_handle_does_not_wait_for_itself() {
         run.hcall(H_RESIZE_HPT_PREPARE, &[0, 19]).ret,
         H_SUCCESS | H_LONG_BUSY_ORDER_100_MSEC
     ));
-    vm.resize_ctl().wait_prepared();
+    vm.resize_ctl().expect("resizer installed").wait_prepared();
     assert_eq!(run.hcall(H_RESIZE_HPT_PREPARE, &[0, 19]).ret, H_SUCCESS);
     assert_eq!(run.hcall(H_RESIZE_HPT_COMMIT, &[0, 19]).ret, H_SUCCESS);
     assert!(!run.is_pinned(), "paused by the resize call");
@@ -106,7 +107,7 @@ fn several_runs_on_one_thread_survive_a_commit_issued_by_one_of_them() {
         assert!(runs.is_pinned(id(cpu)));
     }
     runs.hcall(id(1), H_RESIZE_HPT_PREPARE, &[0, 19]);
-    vm.resize_ctl().wait_prepared();
+    vm.resize_ctl().expect("resizer installed").wait_prepared();
     assert_eq!(
         runs.hcall(id(2), H_RESIZE_HPT_COMMIT, &[0, 19]).ret,
         H_SUCCESS
@@ -141,7 +142,7 @@ fn memslot_delete_and_commit_from_other_threads_kick_a_running_vcpu() {
         // the run handle re-pins at its next hypercall.
         vm.delete_memslot(SlotId(1)).unwrap();
         vm.hcall(5, H_RESIZE_HPT_PREPARE, &[0, 19]);
-        vm.resize_ctl().wait_prepared();
+        vm.resize_ctl().expect("resizer installed").wait_prepared();
         assert_eq!(vm.hcall(5, H_RESIZE_HPT_COMMIT, &[0, 19]).ret, H_SUCCESS);
         vm.create_memslot(slot1()).unwrap();
         stop.store(true, Ordering::SeqCst);

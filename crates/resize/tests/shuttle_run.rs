@@ -3,13 +3,15 @@
 //! Every operation completes (no deadlock: the handles re-pin at their next hypercall),
 //! the commit pivots, the deleted slot is flushed, and the whole-VM checker passes.
 //!
-//! Run: `RUSTFLAGS="--cfg shuttle" CARGO_TARGET_DIR=target/shuttle cargo test -p revmap-hpt --release --test shuttle_run`.
+//! Run: `RUSTFLAGS="--cfg shuttle" CARGO_TARGET_DIR=target/shuttle cargo test -p revmap-resize --release --test shuttle_run`.
 #![cfg(shuttle)]
 
+#[path = "../../hpt/tests/common/mod.rs"]
 mod common;
 
 use revmap_hpt::hcall::*;
 use revmap_hpt::{MemslotFlags, MemslotSpec, Vm};
+use revmap_resize::ResizeVmExt;
 use revmap_rmap::sync::{thread, Arc};
 use revmap_rmap::{Gfn, Hva, SlotId};
 
@@ -17,7 +19,9 @@ const BASE: u64 = 0x100;
 const NPAGES: u64 = 8;
 
 fn small_vm() -> Vm {
-    let vm = common::small_vm();
+    let vm = common::small_vm().with_resizer(Box::new(revmap_resize::ResizeCtl::for_config(
+        &common::small_config(),
+    )));
     vm.create_memslot(MemslotSpec {
         id: SlotId(1),
         base_gfn: Gfn(BASE),
@@ -72,7 +76,7 @@ fn race() {
         thread::spawn(move || {
             let r = vm.hcall(7, H_RESIZE_HPT_PREPARE, &[0, 18]).ret;
             assert!(r == H_SUCCESS || r == H_LONG_BUSY_ORDER_100_MSEC, "{r}");
-            vm.resize_ctl().wait_prepared();
+            vm.resize_ctl().expect("resizer installed").wait_prepared();
             assert_eq!(vm.hcall(7, H_RESIZE_HPT_COMMIT, &[0, 18]).ret, H_SUCCESS);
         })
     };

@@ -5,13 +5,15 @@
 //! invariant checker every 5000 records. (The real replay engine lives in the CLI; this
 //! is the HPT crate's own end-to-end check.)
 use revmap_hpt::hcall::*;
-use revmap_hpt::{result_masks, Flavour, Vm, VmConfig};
+use revmap_hpt::{result_masks, Flavour, VmConfig};
+use revmap_resize::ResizeVmExt;
 
+#[path = "../../hpt/tests/common/mod.rs"]
 mod common;
 use common::{field, opcode, trace_lines, BOOT, RESIZE};
 
 fn replay(path: &str, flavour: Flavour) -> usize {
-    let vm = Vm::new(VmConfig {
+    let vm = revmap_resize::new_vm(VmConfig {
         ram_bytes: 1 << 30,
         hpt_order: 23,
         flavour,
@@ -48,7 +50,7 @@ fn replay(path: &str, flavour: Flavour) -> usize {
             let args = [field(&kin, "flags").unwrap(), field(&kin, "shift").unwrap()];
             let want = field(&kout, "ret").unwrap() as i64;
             if op == H_RESIZE_HPT_PREPARE && want == H_SUCCESS {
-                vm.resize_ctl().wait_prepared();
+                vm.resize_ctl().expect("resizer installed").wait_prepared();
             }
             let got = vm.hcall(0, op, &args).ret;
             let ok = got == want

@@ -14,11 +14,19 @@
 //! freed + installed, nothing live), the table has the expected order, every bolted
 //! page still translates (no bolted entry lost) and the whole-VM checker passes.
 //!
-//! Run: `RUSTFLAGS="--cfg shuttle" CARGO_TARGET_DIR=target/shuttle cargo test -p revmap-hpt --release --test shuttle_resize`.
+//! Run: `RUSTFLAGS="--cfg shuttle" CARGO_TARGET_DIR=target/shuttle cargo test -p revmap-resize --release --test shuttle_resize`.
 #![cfg(shuttle)]
 
+#[path = "../../hpt/tests/common/mod.rs"]
 mod common;
-use common::{check, small_vm, SEG};
+use common::{check, SEG};
+
+/// The tiny model-checking VM with resizing.
+fn small_vm() -> Vm {
+    common::small_vm().with_resizer(Box::new(revmap_resize::ResizeCtl::for_config(
+        &common::small_config(),
+    )))
+}
 
 use revmap_hpt::hash::{hpt_hash, primary_pteg};
 use revmap_hpt::hcall::*;
@@ -26,6 +34,7 @@ use revmap_hpt::hpte::{encode_avpn, HpteR, HpteV};
 use revmap_hpt::mmu::{Access, AccessOutcome, VcpuMmu};
 use revmap_hpt::vm::RAM_HVA_BASE;
 use revmap_hpt::Vm;
+use revmap_resize::ResizeVmExt;
 use revmap_rmap::sync::{thread, Arc, Ordering};
 use revmap_rmap::{Gfn, Hva, SlotId};
 
@@ -63,7 +72,7 @@ fn resizer(vm: &Vm, script: Script) -> u32 {
         Script::PrepareTwiceThenCommit => {
             assert!(busy_or_ok(prep(19)));
             assert!(busy_or_ok(prep(18)), "A detached, B started");
-            vm.resize_ctl().wait_prepared();
+            vm.resize_ctl().expect("resizer installed").wait_prepared();
             assert_eq!(prep(18), H_SUCCESS);
             assert_eq!(commit(18), H_SUCCESS);
             18
@@ -80,7 +89,7 @@ fn resizer(vm: &Vm, script: Script) -> u32 {
         }
         Script::CommitOtherOrder => {
             assert!(busy_or_ok(prep(19)));
-            vm.resize_ctl().wait_prepared();
+            vm.resize_ctl().expect("resizer installed").wait_prepared();
             assert_eq!(commit(18), H_CLOSED);
             // KVM released the request.
             assert_eq!(commit(19), H_CLOSED);
@@ -144,7 +153,7 @@ fn race(script: Script) {
     host.join().unwrap();
     let want = want.join().unwrap();
     assert_eq!(vm.hpt_order(), want, "{script:?}: the right table");
-    let ctl = vm.resize_ctl();
+    let ctl = vm.resize_ctl().expect("resizer installed");
     ctl.wait_workers();
     let s = ctl.stats();
     // ORDERING: Relaxed: statistics read after every worker finished.
