@@ -12,6 +12,7 @@ mod bench_host;
 mod bench_replay;
 mod bench_resize;
 mod bench_rmap;
+mod bench_x86;
 mod plot;
 mod replay;
 mod replay_mmu;
@@ -37,7 +38,7 @@ enum Command {
     /// MMU), x86 walk traces (shadow MMU) and nested-radix traces (nested MMU),
     /// recognised by content.
     Replay(replay::ReplayArgs),
-    /// Run the benchmarks: rmap, replay, host, resize (tables, or JSON lines with
+    /// Run the benchmarks: rmap, replay, host, resize, x86 (tables, or JSON lines with
     /// --json; --quick for short runs).
     Bench(bench::BenchArgs),
 }
