@@ -9,6 +9,7 @@
 mod backend;
 mod bench;
 mod bench_host;
+mod bench_nested;
 mod bench_replay;
 mod bench_resize;
 mod bench_rmap;
@@ -38,7 +39,7 @@ enum Command {
     /// MMU), x86 walk traces (shadow MMU) and nested-radix traces (nested MMU),
     /// recognised by content.
     Replay(replay::ReplayArgs),
-    /// Run the benchmarks: rmap, replay, host, resize, x86 (tables, or JSON lines with
+    /// Run the benchmarks: rmap, replay, host, resize, x86, nested (tables, or JSON lines with
     /// --json; --quick for short runs).
     Bench(bench::BenchArgs),
 }
