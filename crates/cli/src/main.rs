@@ -9,11 +9,14 @@
 mod backend;
 mod bench;
 mod bench_host;
+mod bench_nested;
 mod bench_replay;
 mod bench_resize;
 mod bench_rmap;
+mod bench_x86;
 mod plot;
 mod replay;
+mod replay_mmu;
 mod run;
 
 use clap::{Parser, Subcommand};
@@ -32,9 +35,11 @@ enum Command {
     /// Run the simulator: vCPU threads with a Linux-like guest workload, host actors
     /// (memory pressure, aging, live migration) and HPT resizes; then a report.
     Run(run::RunArgs),
-    /// Replay real guest hypercall traces and compare every result.
+    /// Replay real guest traces and compare every result: PPC hypercall traces (HPT
+    /// MMU), x86 walk traces (shadow MMU) and nested-radix traces (nested MMU),
+    /// recognised by content.
     Replay(replay::ReplayArgs),
-    /// Run the benchmarks: rmap, replay, host, resize (tables, or JSON lines with
+    /// Run the benchmarks: rmap, replay, host, resize, x86, nested (tables, or JSON lines with
     /// --json; --quick for short runs).
     Bench(bench::BenchArgs),
 }

@@ -13,6 +13,7 @@
 //! operation counts.
 
 use crate::backend::{make_vm, FlavourArg};
+use crate::replay_mmu::{detect, replay_nested_file, replay_x86, MmuOutcome, TraceKind};
 use clap::Args;
 use revmap_sim::actors::HostOps;
 use revmap_sim::interference::{
@@ -29,13 +30,17 @@ use std::process::ExitCode;
 /// Arguments of `revmap replay`.
 #[derive(Debug, Args)]
 pub struct ReplayArgs {
-    /// Hypervisor flavour to replay on.
-    #[arg(long, value_enum, default_value_t = FlavourArg::Kvm)]
-    flavour: FlavourArg,
+    /// Hypervisor flavour to replay PPC hypercall traces on (default kvm). An error on
+    /// an x86 or nested trace, as are --preparse and --host-interference: those formats
+    /// have one MMU each.
+    #[arg(long, value_enum)]
+    flavour: Option<FlavourArg>,
     /// Print one JSON object per file (one per line) instead of the human summary.
     #[arg(long)]
     json: bool,
-    /// Run the VM's invariant checker after every N calls and at the end.
+    /// Run the VM's invariant checker after every N calls (PPC), WALK records (x86) or
+    /// records (nested) and at the end (defaults: PPC only at the end, x86 100000,
+    /// nested 5000).
     #[arg(long, value_name = "N")]
     check_every: Option<NonZeroU64>,
     /// Parse each whole file first, then time only the replay loop.
@@ -66,9 +71,31 @@ pub struct ReplayArgs {
     /// Host operations each actor performs per phase (default 4).
     #[arg(long, value_name = "K", requires = "host_interference")]
     host_ops: Option<NonZeroU64>,
-    /// Trace files (gzip or plain text).
+    /// Trace files (gzip or plain text): PPC hypercall traces, x86 walk traces and
+    /// nested-radix traces, recognised by content, mixed in any order.
     #[arg(required = true, value_name = "FILE")]
     files: Vec<PathBuf>,
+}
+
+impl ReplayArgs {
+    fn flavour(&self) -> FlavourArg {
+        self.flavour.unwrap_or(FlavourArg::Kvm)
+    }
+
+    /// The PPC-only flags given, by name.
+    fn ppc_only_flags(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        if self.flavour.is_some() {
+            v.push("--flavour");
+        }
+        if self.preparse {
+            v.push("--preparse");
+        }
+        if self.host_interference {
+            v.push("--host-interference");
+        }
+        v
+    }
 }
 
 #[derive(Serialize)]
@@ -91,6 +118,7 @@ struct StopJson {
 #[derive(Serialize)]
 struct ReportJson<'a> {
     file: &'a str,
+    kind: &'static str,
     flavour: String,
     hpt_order: u32,
     calls: u64,
@@ -127,7 +155,9 @@ struct Outcome {
 #[derive(Serialize)]
 struct ErrorJson<'a> {
     file: &'a str,
-    flavour: String,
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    flavour: Option<String>,
     error: String,
 }
 
@@ -135,6 +165,7 @@ fn to_json(o: &Outcome, flavour: FlavourArg) -> ReportJson<'_> {
     let r = &o.report;
     ReportJson {
         file: &r.file,
+        kind: "ppc",
         flavour: flavour.to_string(),
         hpt_order: r.hpt_order,
         calls: r.calls,
@@ -255,7 +286,7 @@ fn replay_one(args: &ReplayArgs, path: &PathBuf) -> Result<Outcome, Interference
     let opts = ReplayOptions {
         check_every: args.check_every,
     };
-    let flavour = args.flavour;
+    let flavour = args.flavour();
     if args.host_interference {
         let mut io = InterferenceOptions::new(args.seed);
         if let Some(n) = args.check_every {
@@ -286,25 +317,76 @@ fn replay_one(args: &ReplayArgs, path: &PathBuf) -> Result<Outcome, Interference
     Ok(Outcome { report, host: None })
 }
 
+/// A file's replay: a PPC report, an x86/nested report, or why there is none.
+enum FileOutcome {
+    Ppc(Result<Outcome, InterferenceError>),
+    Mmu(Result<MmuOutcome, String>),
+}
+
+fn replay_any(args: &ReplayArgs, path: &PathBuf, kind: TraceKind) -> FileOutcome {
+    let check_every = args.check_every.map(NonZeroU64::get);
+    if kind != TraceKind::Ppc {
+        let flags = args.ppc_only_flags();
+        if !flags.is_empty() {
+            return FileOutcome::Mmu(Err(format!(
+                "{}: {} applies only to PPC hypercall traces; this is {}",
+                path.display(),
+                flags.join(", "),
+                kind.describe()
+            )));
+        }
+    }
+    match kind {
+        TraceKind::Ppc => FileOutcome::Ppc(replay_one(args, path)),
+        TraceKind::X86 => FileOutcome::Mmu(replay_x86(path, check_every)),
+        TraceKind::Nested => FileOutcome::Mmu(replay_nested_file(path, check_every)),
+    }
+}
+
 /// Runs `revmap replay`; returns the process exit code.
 pub fn run(args: &ReplayArgs) -> ExitCode {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut worst = 0u8;
+    let flavour = args.flavour();
     for path in &args.files {
         let name = path.display().to_string();
-        let written = match replay_one(args, path) {
-            Ok(rep) => {
-                if !rep.report.passed() {
+        let kind = detect(path);
+        let result = match replay_any(args, path, kind) {
+            FileOutcome::Ppc(Ok(rep)) => Ok((
+                rep.report.passed(),
+                if args.json {
+                    serde_json::to_string(&to_json(&rep, flavour)).map_err(std::io::Error::other)
+                } else {
+                    let mut v = Vec::new();
+                    human(&mut v, &rep, flavour).map(|()| String::from_utf8_lossy(&v).into_owned())
+                },
+            )),
+            FileOutcome::Mmu(Ok(rep)) => Ok((
+                rep.passed(),
+                if args.json {
+                    rep.to_json().map_err(std::io::Error::other)
+                } else {
+                    let mut v = Vec::new();
+                    rep.human(&mut v)
+                        .map(|()| String::from_utf8_lossy(&v).into_owned())
+                },
+            )),
+            FileOutcome::Ppc(Err(e)) => Err(e.to_string()),
+            FileOutcome::Mmu(Err(e)) => Err(e),
+        };
+        let written = match result {
+            Ok((passed, text)) => {
+                if !passed {
                     worst = worst.max(1);
                 }
-                if args.json {
-                    serde_json::to_string(&to_json(&rep, args.flavour))
-                        .map_err(std::io::Error::other)
-                        .and_then(|s| writeln!(out, "{s}"))
-                } else {
-                    human(&mut out, &rep, args.flavour)
-                }
+                text.and_then(|s| {
+                    if args.json {
+                        writeln!(out, "{s}")
+                    } else {
+                        write!(out, "{s}")
+                    }
+                })
             }
             Err(e) => {
                 worst = 2;
@@ -312,8 +394,9 @@ pub fn run(args: &ReplayArgs) -> ExitCode {
                 if args.json {
                     let j = ErrorJson {
                         file: &name,
-                        flavour: args.flavour.to_string(),
-                        error: e.to_string(),
+                        kind: kind.name(),
+                        flavour: (kind == TraceKind::Ppc).then(|| flavour.to_string()),
+                        error: e,
                     };
                     serde_json::to_string(&j)
                         .map_err(std::io::Error::other)

@@ -209,3 +209,48 @@ fn bad_flags_and_inputs_exit_2() {
         assert!(!err.is_empty(), "{args:?}: no message");
     }
 }
+
+/// `revmap bench x86` / `nested`: every documented row, a `bench` key on each, the
+/// translate row's two figures from the same run, the memory rows against KVM's.
+#[test]
+fn bench_x86_and_nested_quick_json() {
+    for (which, benches) in [
+        (
+            "x86",
+            &[
+                "fault",
+                "translate",
+                "write_protect",
+                "unmap",
+                "age",
+                "memory",
+            ][..],
+        ),
+        ("nested", &["fault", "translate", "unmap", "memory"]),
+    ] {
+        let rows = rows(&["bench", which, "--quick", "--json"]);
+        for b in benches {
+            assert!(rows.iter().any(|r| r["bench"] == *b), "{which}: {b}");
+        }
+        for r in &rows {
+            has_keys(r, &["bench", "case", "units", "unit", "value", "ratio"]);
+            assert!(r["value"].as_f64().unwrap() > 0.0, "{r:?}");
+            assert!(r["units"].as_u64().unwrap() > 0, "{r:?}");
+        }
+        let t = rows.iter().find(|r| r["bench"] == "translate").unwrap();
+        let s = t["shadow_ns"].as_f64().unwrap();
+        let w = t["walk_2d_ns"].as_f64().unwrap();
+        assert!(s > 0.0 && w > 0.0, "{t:?}");
+        assert_eq!(t["ratio"].as_f64().unwrap(), s / w);
+        for m in rows.iter().filter(|r| r["bench"] == "memory") {
+            assert!(m["baseline"].as_f64().unwrap() > 0.0, "{m:?}");
+        }
+    }
+    let o = revmap(&["bench", "x86", "--quick"]);
+    assert_eq!(o.status.code(), Some(0));
+    let s = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        s.starts_with("x86 shadow MMU\n") && s.contains("walk_2d"),
+        "{s}"
+    );
+}

@@ -70,6 +70,7 @@
 pub mod access;
 pub mod addr;
 pub mod fault;
+pub mod fixture;
 pub mod frames;
 pub mod guest;
 pub mod hcall;

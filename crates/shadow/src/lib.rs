@@ -35,6 +35,7 @@
 #![warn(missing_docs)]
 
 pub mod access_test;
+pub mod fixture;
 pub mod mmu;
 pub mod paging;
 pub mod replay;
