@@ -132,7 +132,7 @@ pub enum WimgVerdict {
 
 impl Flavour {
     /// H_ENTER B = 2/3 (reserved segment size): KVM rejects with H_PARAMETER ("H_ENTER
-    /// filter out reserved HPTE[B] value"); QEMU accepts and stores it.
+    /// filter out reserved HPTE\[B\] value"); QEMU accepts and stores it.
     #[inline(always)]
     pub const fn rejects_reserved_segment_size(self) -> bool {
         matches!(self, Self::Kvm)
