@@ -1,31 +1,33 @@
 //! The whole-VM invariant checker: HPT + revmap + rmap words + dirty bitmap.
 //!
 //! Run at a quiescent point (no hypercall or vCPU access in flight). Checks the
-//! invariants of kvm-rmap-anatomy.md section E that are decidable from a snapshot:
+//! invariants of KVM's hash-MMU rmap that are decidable from a snapshot:
 //!
-//! * 1, 2, 3 (bound), 5, 6: rmap words and rings (`revmap_rmap::ring::check_rmaps`);
-//! * 3, 4: every chain member is VALID and maps the chain's frame; every VALID
-//!   memslot-backed HPTE is on exactly one chain (counts must match);
-//! * 7: HVLOCK clear at rest, never VALID and ABSENT together;
-//! * 8: ABSENT + key 31 (MMIO) never inside a memslot (a slot created over MMIO entries
+//! * rmap words and rings (`revmap_rmap::ring::check_rmaps`);
+//! * chain membership iff VALID: every chain member is VALID and maps the chain's frame;
+//!   every VALID memslot-backed HPTE is on exactly one chain (counts must match);
+//! * HVLOCK clear at rest, never VALID and ABSENT together;
+//! * ABSENT + key 31 (MMIO) never inside a memslot (a slot created over MMIO entries
 //!   turns them into paged-out entries); VALID never outside memslots. A non-key-31
 //!   ABSENT entry outside every slot is legal: its slot was deleted or moved away, and a
 //!   fault on it is MMIO, as in KVM;
-//! * 9: guest_rpte has no `HPTE_GR_RESERVED` bit (KVM flavour);
-//! * 13: a VALID page is no larger than its backing page, its slot is aligned for it,
+//! * guest_rpte has no `HPTE_GR_RESERVED` bit (KVM flavour);
+//! * a VALID page is no larger than its backing page, its slot is aligned for it,
 //!   and its real RPN is the host page of its guest frame;
 //! * free slots are all-zero in the KVM flavour; memslot dirty-bitmap shape, and no
 //!   dirty bit recorded in a slot whose dirty logging is off;
-//! * 14: at rest no HPTE lock (HVLOCK) and no rmap lock (bit 43) is held;
-//! * 16: no vCPU fault is in flight at a quiescent point (so with `mmu_ready` clear no
+//! * at rest no HPTE lock (HVLOCK) and no rmap lock (bit 43) is held;
+//! * no vCPU fault is in flight at a quiescent point (so with `mmu_ready` clear no
 //!   fault can be about to turn an entry VALID);
-//! * 17: no VALID HPTE maps a frame of an INVALID slot and no rmap word of an INVALID
-//!   slot has PRESENT (a flushed slot; [`Vm::check_slot_flushed`] checks a range);
-//! * 18: after an HPT reset every rmap word is 0 — this model has no HPT reset yet
+//! * slot flush: no VALID HPTE maps a frame of an INVALID slot and no rmap word of an
+//!   INVALID slot has PRESENT (a flushed slot; [`Vm::check_slot_flushed`] checks a
+//!   range);
+//! * after an HPT reset every rmap word is 0 — this model has no HPT reset yet
 //!   (the resize issue), so there is nothing to check.
 //!
-//! Invariants 10-12 and 15 are about histories, checked by the tests that drive
-//! hardware R/C and invalidations. Cost: O(npte + guest frames).
+//! No lost R/C bit, R/C read only after the tlbie, R/C pre-set only from the rmap, and
+//! no VALID entry after a raced invalidation are properties of histories, checked by
+//! the tests that drive hardware R/C and invalidations. Cost: O(npte + guest frames).
 
 use crate::error::Violation;
 use crate::flavour::Flavour;
@@ -59,7 +61,7 @@ impl Vm {
     /// first violation.
     pub fn check_invariants(&self) -> Result<CheckReport, Violation> {
         let f = self.flavour();
-        // Inside the gate: a resize commit cannot pivot under the checker (D7).
+        // Inside the gate: a resize commit cannot pivot under the checker.
         let acc = self.host_access();
         let hpt = acc.hpt();
         let rev = hpt.revmap();
@@ -213,8 +215,9 @@ impl Vm {
 }
 
 impl Vm {
-    /// Invariant 17 for a range that no longer belongs to a slot (after a delete or a
-    /// move away): no VALID HPTE maps a frame of `[lo, hi)`. O(npte).
+    /// The slot-flush invariant (no VALID HPTE maps a flushed frame) for a range that no
+    /// longer belongs to a slot (after a delete or a move away): no VALID HPTE maps a
+    /// frame of `[lo, hi)`. O(npte).
     pub fn check_slot_flushed(&self, lo: Gfn, hi: Gfn) -> Result<(), Violation> {
         let rev = self.hpt().revmap();
         for (i, s) in self.hpt().slots().iter().enumerate() {

@@ -1,17 +1,18 @@
 //! The host side, part 3: dirty logging (KVM_GET_DIRTY_LOG / KVM_CLEAR_DIRTY_LOG) over a
-//! memslot's rmap chains (kvm-rmap-anatomy A.8 `kvm_test_clear_dirty_npages`,
-//! `kvmppc_hv_get_dirty_log_hpt`; D15, D23; invariants 10, 11, 13).
+//! memslot's rmap chains (KVM's `kvm_test_clear_dirty_npages`,
+//! `kvmppc_hv_get_dirty_log_hpt`).
 //!
 //! # Algorithm
 //!
 //! For every frame whose rmap word has PRESENT or CHANGED: consume CHANGED (C harvested
-//! earlier by H_REMOVE or an unmap), and for every VALID chain member whose dword 1 has
-//! C (peeked under the rmap lock; members with C clear are not locked): try-lock it
-//! (restart rule), set ABSENT, tlbie (so the final C is stable, invariant 11, and no vCPU TLB still
+//! earlier by H_REMOVE or an unmap), and for every VALID chain member whose dword 1 has C
+//! (peeked under the rmap lock; members with C clear are not locked): try-lock it
+//! (restart rule), set ABSENT, tlbie (so the final C is stable and no vCPU TLB still
 //! believes C is set), clear C in the HPTE, record C in `guest_rpte`, and mark every
-//! 4 KiB frame of the page (the chain is that of the page's base frame, D15); restore
-//! VALID. Then OR in the slot's bitmap, which accumulates C bits recorded at unmap,
-//! H_CLEAR_MOD and H_REMOVE, clearing it word by word with an atomic swap.
+//! 4 KiB frame of the page (the chain is that of the page's base frame: a huge page dirties
+//! all its base pages); restore VALID. Then OR in the slot's bitmap, which accumulates C
+//! bits recorded at unmap, H_CLEAR_MOD and H_REMOVE, clearing it word by word with an
+//! atomic swap.
 //!
 //! # No lost C bit
 //!
@@ -21,7 +22,7 @@
 //! in this model hardware sets C with an atomic OR at the store itself, so a store racing
 //! the scan is found by the next round.
 //!
-//! # Cost (D23)
+//! # Cost (KVM's scan runs over a whole slot without a break; this one does not)
 //!
 //! No lock is held across frames (each frame's rmap is locked only if its word shows
 //! PRESENT or CHANGED), so a scan never blocks vCPUs for the whole slot. The empty case

@@ -42,15 +42,15 @@ pub enum HptError {
     },
 }
 
-/// A broken invariant found by `Vm::check_invariants` (numbers refer to
-/// kvm-rmap-anatomy.md section E).
+/// A broken invariant found by `Vm::check_invariants`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum Violation {
-    /// Invariants 1, 2, 3 (bound), 5, 6 on the rmap words and rings.
+    /// rmap words and rings: layout bits only, PRESENT iff the chain is non-empty, the
+    /// head index in range, ring links consistent, no index twice.
     #[error("rmap: {0}")]
     Rmap(#[from] RmapViolation),
-    /// Invariant 7: HVLOCK held at rest, or VALID and ABSENT both set.
+    /// HVLOCK held at rest, or VALID and ABSENT both set.
     #[error("HPTE {ptex}: dword0 {v:#x} locked at rest or VALID|ABSENT")]
     BadSoftwareBits {
         /// HPTE index.
@@ -58,7 +58,7 @@ pub enum Violation {
         /// dword 0.
         v: u64,
     },
-    /// Invariant 3/4: a chain member is not VALID.
+    /// A chain member is not VALID.
     #[error("HPTE {ptex} is on a chain but not VALID (dword0 {v:#x})")]
     ChainedNotValid {
         /// HPTE index.
@@ -66,7 +66,7 @@ pub enum Violation {
         /// dword 0.
         v: u64,
     },
-    /// Invariant 3/4/13: a chain member's guest gfn is not the frame of the chain.
+    /// A chain member's guest gfn is not the frame of the chain.
     #[error("HPTE {ptex} maps gfn {gfn:#x} but is chained on frame {frame:#x}")]
     WrongChain {
         /// HPTE index.
@@ -76,7 +76,7 @@ pub enum Violation {
         /// gfn of the chain.
         frame: u64,
     },
-    /// Invariant 4/6: a VALID memslot-backed HPTE on no chain, or chain totals differ.
+    /// A VALID memslot-backed HPTE on no chain, or chain totals differ.
     #[error("{valid} VALID memslot-backed HPTEs but {chained} chain members (first unchained: {first:?})")]
     ChainCount {
         /// VALID, memslot-backed HPTEs.
@@ -86,7 +86,7 @@ pub enum Violation {
         /// First VALID HPTE not on a chain.
         first: Option<Ptex>,
     },
-    /// Invariant 8: an MMIO (ABSENT, key 31) HPTE inside a memslot, or a paged-out one
+    /// An MMIO (ABSENT, key 31) HPTE inside a memslot, or a paged-out one
     /// with key 31.
     #[error("HPTE {ptex}: ABSENT entry with key 31 maps RAM gfn {gfn:#x}")]
     Key31InRam {
@@ -95,7 +95,7 @@ pub enum Violation {
         /// Guest frame.
         gfn: u64,
     },
-    /// Invariant 9: guest_rpte holds HPTE_GR_RESERVED (KVM flavour).
+    /// guest_rpte holds HPTE_GR_RESERVED (KVM flavour).
     #[error("HPTE {ptex}: guest_rpte {rpte:#x} has the reserved bit 62")]
     GuestReserved {
         /// HPTE index.
@@ -103,7 +103,7 @@ pub enum Violation {
         /// guest_rpte.
         rpte: u64,
     },
-    /// Invariant 13: VALID entry larger than the backing page or in a misaligned slot,
+    /// VALID entry larger than the backing page or in a misaligned slot,
     /// or a real RPN that is not the host page of the guest gfn.
     #[error("HPTE {ptex}: VALID mapping inconsistent with its memslot: {why}")]
     BadMapping {
@@ -131,14 +131,15 @@ pub enum Violation {
     /// Memslot-level invariant (dirty bitmap shape, no dirty bits with logging off).
     #[error(transparent)]
     Memslot(#[from] SlotCheckError),
-    /// Invariant 17: a VALID HPTE or a PRESENT rmap word for a frame of a flushed
+    /// A VALID HPTE or a PRESENT rmap word for a frame of a flushed
     /// (INVALID, deleted or moved-away) memslot range.
     #[error("frame {gfn:#x} of a flushed memslot is still mapped")]
     NotFlushed {
         /// Guest frame.
         gfn: u64,
     },
-    /// Invariant 16 (quiescence): a vCPU fault is still in flight.
+    /// Quiescence (with `mmu_ready` clear no fault may turn an entry VALID): a vCPU fault
+    /// is still in flight.
     #[error("a vCPU fault is in flight at a quiescent point")]
     FaultInFlight,
 }

@@ -1,7 +1,8 @@
 //! The host side, part 4: the hypervisor fault path for vCPU translations that hit an
 //! ABSENT entry (page-in) or a store to a read-only real mapping the guest may write
-//! (write upgrade): kvm-rmap-anatomy A.9 `kvmppc_book3s_hv_page_fault`; D4, D7;
-//! invariants 12, 15, 16.
+//! (write upgrade): KVM's `kvmppc_book3s_hv_page_fault`, with the fixes "Clear the key
+//! field of HPTE when the page is paged out" and "Fix exclusion between HPT resizing and
+//! other HPT updates".
 //!
 //! # Page-in of an ABSENT entry
 //!
@@ -9,17 +10,17 @@
 //!    whole fault (SRCU read side).
 //! 2. Lock the HPTE, snapshot (dword 0, dword 1, `guest_rpte`), unlock. Not ABSENT any
 //!    more: raced, retry the access.
-//! 3. The guest frame has no memslot, or an INVALID one: emulated MMIO (never paged in,
-//!    D4). A paged-out entry of guest key 31 is RAM: the decision is the memslot's, and
-//!    the key of paged-out entries is cleared anyway.
+//! 3. The guest frame has no memslot, or an INVALID one: emulated MMIO (never paged in; a
+//!    paged-out entry's key was cleared). A paged-out entry of guest key 31 is RAM: the
+//!    decision is the memslot's, and the key of paged-out entries is cleared anyway.
 //! 4. Sample the invalidation sequence, make the host page present (`host_page_in`),
 //!    translate gfn -> host page (none while an invalidation runs: retry).
 //! 5. Build the real dword 1 exactly as H_ENTER does (guest bits below the page size,
 //!    key, PP0, host address; WIMG and read-only host rules).
 //! 6. Lock the HPTE: `mmu_ready` cleared -> not ready; entry changed -> retry. Lock the
 //!    rmap of the page's base frame: invalidation raced -> retry. Pre-set R/C only where
-//!    the rmap word has them (invariant 12), link (unlocks the rmap), write dword 1,
-//!    unlock the HPTE writing VALID.
+//!    the rmap word has them (else hardware sets them), link (unlocks the rmap), write
+//!    dword 1, unlock the HPTE writing VALID.
 //!
 //! # Write upgrade
 //!
@@ -70,7 +71,7 @@ impl Vm {
         let Some(_ticket) = self.enter_fault() else {
             return FaultOutcome::NotReady;
         };
-        // Inside the gate for the whole fault: it runs on one table (D7).
+        // Inside the gate for the whole fault: it runs on one table.
         let acc = self.host_access();
         #[cfg(feature = "std")]
         let _track = self.track.track_on_exit(p);

@@ -4,11 +4,11 @@
 //! * [`Flavour::Qemu`]: QEMU's sPAPR machine under TCG (`spapr_vhyp_mmu.c`), which
 //!   recorded the traces vendored in `traces/`; replaying those must be bit-exact.
 //!
-//! Both flavours share one implementation: a real HPT in KVM's representation
-//! (HVLOCK lock bit, ABSENT entries for MMIO and paged-out pages, host RPNs in dword 1),
-//! the revmap with the guest view of dword 1 and the rmap chains. The flavour only
-//! decides validation rules and how entries are *presented* to the guest. Each method
-//! below is one documented difference (spec section 6) and has a unit test.
+//! Both flavours share one implementation: a real HPT in KVM's representation (HVLOCK
+//! lock bit, ABSENT entries for MMIO and paged-out pages, host RPNs in dword 1), the
+//! revmap with the guest view of dword 1 and the rmap chains. The flavour only decides
+//! validation rules and how entries are *presented* to the guest. Each method below is
+//! one documented difference (QEMU's TCG hypercalls against KVM HV) and has a unit test.
 //!
 //! Policies shared by both flavours (not differences, listed for completeness):
 //! * An entry that is removed gets dword 1 zeroed (QEMU stores R = 0; KVM leaves the
@@ -131,15 +131,15 @@ pub enum WimgVerdict {
 }
 
 impl Flavour {
-    /// H_ENTER B = 2/3 (reserved segment size): KVM rejects with H_PARAMETER (D13);
-    /// QEMU accepts and stores it.
+    /// H_ENTER B = 2/3 (reserved segment size): KVM rejects with H_PARAMETER ("H_ENTER
+    /// filter out reserved HPTE\[B\] value"); QEMU accepts and stores it.
     #[inline(always)]
     pub const fn rejects_reserved_segment_size(self) -> bool {
         matches!(self, Self::Kvm)
     }
 
-    /// Page-size decoder used by H_ENTER (spec 2.6): KVM looks at R\[19:12\] only;
-    /// QEMU scans the POWER8 table and requires exact RPN-low bits.
+    /// Page-size decoder used by H_ENTER (L bit + LP field): KVM looks at R\[19:12\]
+    /// only; QEMU scans the POWER8 table and requires exact RPN-low bits.
     #[inline(always)]
     pub fn page_shifts(self, v: HpteV, r: HpteR) -> Option<PageShifts> {
         match self {
@@ -148,10 +148,10 @@ impl Flavour {
         }
     }
 
-    /// H_ENTER WIMG rule (spec 3.1): QEMU requires exactly M on RAM and I or I|M (G
-    /// free) on I/O; KVM does not check I/O (MMIO) entries and, its host RAM being
-    /// cacheable, accepts anything on RAM but forces the real HPTE cacheable unless the
-    /// guest asked for M (W|I|M counts as M on ISA 2.06+, G ignored:
+    /// H_ENTER WIMG rule (QEMU's `h_enter`, `kvmppc_do_h_enter`): QEMU requires exactly M
+    /// on RAM and I or I|M (G free) on I/O; KVM does not check I/O (MMIO) entries and,
+    /// its host RAM being cacheable, accepts anything on RAM but forces the real HPTE
+    /// cacheable unless the guest asked for M (W|I|M counts as M on ISA 2.06+, G ignored:
     /// `hpte_cache_flags_ok`).
     #[inline(always)]
     pub fn check_wimg(self, target: Target, r: HpteR) -> WimgVerdict {

@@ -1,11 +1,12 @@
 //! HPT geometry (order, number of HPTEs and PTEGs, hash mask) and the hash functions
-//! for 256M and 1T segments (spec 2.1, 2.5).
+//! for 256M and 1T segments (Linux's `hpt_hash`, QEMU's `ppc_hash64_htab_lookup`).
 //!
 //! # Invariants
 //!
 //! * An [`HptGeometry`] always has an order in `18..=36`: 18 is PAPR's minimum, 36 the
-//!   largest table 32-bit revmap links can index (reference D24). Orders 37..=46 are
-//!   legal in PAPR but rejected with [`HptError::OrderTooLargeForLinks`].
+//!   largest table 32-bit revmap links can index (KVM's revmap `forw`/`back` are u32).
+//!   Orders 37..=46 are legal in PAPR but rejected with
+//!   [`HptError::OrderTooLargeForLinks`].
 //! * `npte = 2^(order-4)`, `npteg = 2^(order-7)`, `mask = npteg - 1`; a PTEG index is
 //!   always `<= mask`, so `pteg * 8 + slot < npte`.
 
@@ -145,7 +146,7 @@ impl Segment {
     }
 }
 
-/// The hash of `ea` in `seg` (spec 2.5): 256M `vsid ^ (off >> p)`, 1T
+/// The hash of `ea` in `seg` (Linux's `hpt_hash`): 256M `vsid ^ (off >> p)`, 1T
 /// `vsid ^ (vsid << 25) ^ (off >> p)`, with p the segment's base page shift.
 /// Masked to 39 bits as Linux's `hpt_hash`.
 #[inline]

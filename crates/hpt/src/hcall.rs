@@ -1,5 +1,6 @@
-//! PAPR hypercall opcodes, return codes and flag bits (spec 1.1-1.3, 3.3), with their
-//! PAPR/Linux names. Values are identical in QEMU's `spapr.h` and Linux's `hvcall.h`.
+//! PAPR hypercall opcodes, return codes and flag bits (H_BULK_REMOVE's included), with
+//! their PAPR/Linux names. Values are identical in QEMU's `spapr.h` and Linux's
+//! `hvcall.h`.
 //!
 //! Invariant: these are plain constants; return codes are `i64` (sign-extended in r3).
 

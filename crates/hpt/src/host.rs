@@ -13,7 +13,7 @@
 //!   unmapped, ABSENT and off-chain, R/C harvested;
 //! * after a create or move, every emulated-MMIO HPTE (ABSENT, key 31) whose frame the
 //!   slot now backs becomes a paged-out entry (key cleared) and `mmio_update` is bumped
-//!   (KVM invalidates MMIO caches), so that key 31 never marks RAM (invariant 8); after a
+//!   (KVM invalidates MMIO caches), so that key 31 never marks RAM; after a
 //!   delete `mmio_update` is bumped.
 //!
 //! # Invariants
@@ -133,7 +133,7 @@ impl Drop for FaultTicket<'_> {
 impl Vm {
     /// Set `mmu_ready` (KVM's `kvm->arch.mmu_ready`). Clearing it waits until no fault
     /// that could have seen it set is still running, so afterwards no fault turns an
-    /// HPTE VALID (invariant 16) until it is set again.
+    /// HPTE VALID until it is set again.
     pub fn set_mmu_ready(&self, ready: bool) {
         // ORDERING: SeqCst store, then (when clearing) SeqCst loads of the in-flight
         // count: a store-buffer handshake with `enter_fault` (increment, then load the
@@ -226,7 +226,8 @@ impl Vm {
         Ok(())
     }
 
-    /// Delete a memslot (KVM_MR_DELETE): INVALID step, flush, removal (invariant 17).
+    /// Delete a memslot (KVM_MR_DELETE): INVALID step, flush, removal (afterwards no rmap
+    /// word of the slot is PRESENT and no VALID HPTE maps its frames).
     pub fn delete_memslot(&self, id: SlotId) -> Result<(), HostError> {
         lifecycle::delete_memslot(self.slot_set(), &HptArch(self), id).map_err(host_error)
     }

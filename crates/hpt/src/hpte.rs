@@ -9,7 +9,8 @@
 //!
 //! * The two software bits KVM owns in dword 0 ([`HpteV::HVLOCK`], [`HpteV::ABSENT`])
 //!   are never set in a value handed to or from the guest (presentation strips them).
-//! * Only this layout is stored; the ISA 3.0 format is never produced (reference D10).
+//! * Only this layout is stored; the ISA 3.0 format is never produced (KVM converts it
+//!   only at the boundary since "Make HPT resizing work on POWER9").
 //! * Page sizes are decoded only through [`kvm_page_shifts`] and
 //!   [`qemu_page_shift_noslb`]; which one applies is a flavour decision (`flavour.rs`).
 
@@ -279,7 +280,7 @@ pub struct SegmentPageSizes {
     pub enc: &'static [(u32, u64)],
 }
 
-/// The POWER8 page-size set, in QEMU's scan order (spec 2.6).
+/// The POWER8 page-size set, in QEMU's scan order (`ppc_hash64_opts_POWER7`).
 pub const POWER8_PAGE_SIZES: [SegmentPageSizes; 4] = [
     SegmentPageSizes {
         base: 12,
@@ -318,7 +319,7 @@ pub fn qemu_hpte_page_shift(sps: &SegmentPageSizes, v: HpteV, r: HpteR) -> Optio
 /// QEMU's `ppc_hash64_hpte_page_shift_noslb`: L = 0 gives 4K; otherwise the first row
 /// of [`POWER8_PAGE_SIZES`] with a matching encoding gives (base, actual). No match is
 /// `None` (H_PARAMETER). Requires R bits above the LP nibble up to the actual size to
-/// match exactly (so a 16M page with R\[23:20\] ≠ 0 is rejected, spec 5).
+/// match exactly (so a 16M page with R\[23:20\] ≠ 0 is rejected; KVM masks them).
 #[inline]
 pub fn qemu_page_shift_noslb(v: HpteV, r: HpteR) -> Option<PageShifts> {
     if !v.is_large() {

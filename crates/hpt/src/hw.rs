@@ -4,7 +4,7 @@
 //! A real MMU sets R in an HPTE on every translation through it and C on every store;
 //! a trace records each such update. [`Vm::hw_set_rc`] re-applies one the way the MMU
 //! model ([`crate::mmu`]) does: R/C are ORed into the real dword 1 of a VALID entry (where
-//! the hypercalls harvest them after their invalidation, invariants 10-11), or into the
+//! the hypercalls harvest them after their invalidation), or into the
 //! guest view of an ABSENT one (a paged-out or emulated-MMIO entry: the real access would
 //! fault and the bit would land in the revalidated entry; the guest sees the same).
 //!

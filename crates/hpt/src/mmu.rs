@@ -10,7 +10,8 @@
 //! H_PROTECT, H_CLEAR_REF, H_CLEAR_MOD) publishes the change and then calls `tlbie`,
 //! which bumps the generation and waits for accesses of older generations to finish.
 //! Hence hardware R/C updates through a stale translation always complete before the
-//! hypervisor reads dword 1 (reference D5/D6), and no access uses a translation from
+//! hypervisor reads dword 1 (KVM's "Don't lose hardware R/C bit updates in
+//! H_PROTECT"), and no access uses a translation from
 //! before an invalidation once the invalidation has returned.
 //!
 //! # Invariants

@@ -1,5 +1,6 @@
 //! The host side, part 2: MMU-notifier callbacks on host virtual address ranges and
-//! their per-memslot gfn walkers (kvm-rmap-anatomy A.5, A.8; invariants 10, 13, 15).
+//! their per-memslot gfn walkers (KVM's `kvm_unmap_gfn_range_hv`, `kvm_unmap_rmapp`,
+//! `kvmppc_unmap_hpte`, `kvm_age_rmapp`, under its HPTE-then-rmap lock order).
 //!
 //! # Protocol
 //!
@@ -8,14 +9,16 @@
 //!   bump); start also unmaps the range, as KVM's notifier does. H_ENTER and the fault
 //!   path sample the sequence before translating gfn -> host page and re-check it under
 //!   the rmap lock, so an inserter racing an invalidation either is seen on the chain by
-//!   the walker or backs off (invariant 15). For that the walker **locks every rmap of
-//!   the range** (no lock-free PRESENT peek: the peek and the inserter's check would be
-//!   a store-buffer race).
+//!   the walker or backs off (no HPTE turns VALID after an invalidation it raced). For
+//!   that the walker **locks every rmap of the range** (no lock-free PRESENT peek: the
+//!   peek and the inserter's check would be a store-buffer race).
 //! * Unmapping one HPTE (`kvmppc_unmap_hpte`): with the HPTE and rmap locks held and the
-//!   entry unlinked, set ABSENT (VALID cleared), tlbie, then read dword 1 (final R/C,
-//!   invariant 11), clear the storage key (a paged-out entry never looks like MMIO key
-//!   31, reference D4), harvest R/C into the rmap word, C into the dirty bitmap over
-//!   every 4 KiB frame of the page (D15) and new R/C into `guest_rpte` (invariant 10).
+//!   entry unlinked, set ABSENT (VALID cleared), tlbie, then read dword 1 (R/C are final
+//!   only after the tlbie), clear the storage key (a paged-out entry never looks like
+//!   MMIO key 31: KVM's "Clear the key field of HPTE when the page is paged out"),
+//!   harvest R/C into the rmap word, C into the dirty bitmap over every 4 KiB frame of
+//!   the page (a huge page dirties all its base pages) and new R/C into `guest_rpte`
+//!   (no R/C bit is lost).
 //! * Large pages are chained at their base frame: a range is widened down to the slot's
 //!   largest mappable page so that every HPTE covering a frame of the range is found;
 //!   HPTEs based below the range are unmapped only if they cover part of it.
@@ -265,7 +268,7 @@ impl Vm {
         h.set_v(absent);
         h.publish_v();
         self.tlb().tlbie();
-        // Final R/C: read after the tlbie (invariant 11).
+        // Final R/C: read after the tlbie that stabilises them.
         let r = h.r();
         h.set_r(r & !HpteR::KEY);
         let rc = r & HpteR::RC;

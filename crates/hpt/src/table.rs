@@ -14,7 +14,7 @@
 //! * The one writer of dword 1 that does not hold the lock is "hardware" (the MMU
 //!   model), which sets R/C with an atomic `fetch_or` and only on VALID entries; the
 //!   hypervisor therefore reads dword 1 for R/C only after the invalidation that
-//!   stabilises it (reference D5/D6, invariant 11).
+//!   stabilises it (KVM's "Don't lose hardware R/C bit updates in H_PROTECT").
 //!
 //! # Invariants
 //!

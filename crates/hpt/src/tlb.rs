@@ -14,7 +14,8 @@
 //! When it returns:
 //! * no vCPU uses a TLB entry from before the change (their generation is stale), and
 //! * every hardware R/C update made through the old translation has completed, so the
-//!   caller may read dword 1 and harvest final R/C (reference D5/D6, invariant 11).
+//!   caller may read dword 1 and harvest final R/C (KVM's "Don't lose hardware R/C bit
+//!   updates in H_PROTECT"; R/C are used only once the invalidation completed).
 //!
 //! The announce/re-read on the vCPU side and the increment/scan on the hypervisor side
 //! form a store-buffer (Dekker) pattern; each side puts a `SeqCst` fence between its
@@ -31,7 +32,7 @@
 //! brackets its work with `begin`/`end`; H_ENTER
 //! samples the sequence before translating gfn -> host pfn and checks
 //! [`InvalidateSeq::retry`] under the rmap lock, demoting the new HPTE to ABSENT on a
-//! race (invariant 15).
+//! race (no HPTE turns VALID after an invalidation it raced).
 
 use crate::error::HptError;
 use alloc::boxed::Box;

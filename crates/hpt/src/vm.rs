@@ -1,6 +1,7 @@
-//! The VM: one HPT with its revmap, the memslots with their rmap words, the TLB
-//! domain, the invalidation sequence, and the PAPR hypercalls with KVM-HV semantics
-//! (kvm-rmap-anatomy A.7) and QEMU's guest-visible behaviour where the flavour says so.
+//! The VM: one HPT with its revmap, the memslots with their rmap words, the TLB domain,
+//! the invalidation sequence, and the PAPR hypercalls with KVM-HV semantics (KVM's
+//! `book3s_hv_rm_mmu.c`: `kvmppc_do_h_enter`, `kvmppc_do_h_remove`, ...) and QEMU's
+//! guest-visible behaviour where the flavour says so.
 //!
 //! # Representation
 //!
@@ -15,7 +16,8 @@
 //!
 //! * Lock order HPTE lock -> rmap lock (never the reverse with spinning); H_BULK_REMOVE
 //!   spins only for the first HPTE of a batch and try-locks the others.
-//! * R/C are read from dword 1 only after the tlbie that stabilises them (D5/D6).
+//! * R/C are read from dword 1 only after the tlbie that stabilises them, so none
+//!   set by hardware is lost (KVM's "Don't lose hardware R/C bit updates in H_PROTECT").
 //! * Every hypercall validates each guest value with checked arithmetic before use; no
 //!   input panics, allocates, or touches memory outside this VM. The hot path takes no
 //!   global lock (only HPTE and rmap bit locks); the memslot lookup loads the published
@@ -193,7 +195,8 @@ impl Vm {
     }
 
     /// Enter the gate as a host-side walker: the returned table stays current until
-    /// the guard drops (a resize commit waits for it; reference D7).
+    /// the guard drops (a resize commit waits for it, as in KVM's "Fix exclusion
+    /// between HPT resizing and other HPT updates").
     pub fn host_access(&self) -> HostAccess<'_> {
         self.tables.host_enter()
     }
@@ -382,7 +385,7 @@ impl Vm {
         ))
     }
 
-    /// H_ENTER (spec 3.1, `kvmppc_do_h_enter`).
+    /// H_ENTER (`kvmppc_do_h_enter`).
     fn do_h_enter(&self, hpt: &Hpt, slots: &Memslots, out: &mut [u64; 8]) -> Result<(), PaprError> {
         let (flags, ptex, pteh, ptel) = (out[0], out[1], out[2], out[3]);
         let f = self.flavour;
@@ -472,7 +475,7 @@ impl Vm {
                 r &= !HpteR::KEY;
                 drop(rg);
             } else {
-                // Pre-set real R/C only where the rmap already records them (inv. 12).
+                // Pre-set real R/C only where the rmap already records them (else hardware).
                 let rc = rg.word().rc();
                 rev.link(rg, q.0);
                 r &= rc | !HpteR::RC;
@@ -528,7 +531,8 @@ impl Vm {
         None
     }
 
-    /// The H_REMOVE match test on a locked dword 0 (spec 3.2).
+    /// The H_REMOVE match test on a locked dword 0 (H_AVPN, H_ANDCOND;
+    /// `kvmppc_do_h_remove`).
     #[inline(always)]
     fn remove_matches(&self, v: u64, flags: u64, avpn: u64) -> bool {
         HpteV(v).is_used()
@@ -592,8 +596,8 @@ impl Vm {
 
     /// The rest of a removal once the HPTE is locked and, if it was VALID (`v`, the old
     /// dword 0), its VALID bit is cleared and the invalidation completed: R/C are read
-    /// from dword 1 now (after the tlbie, D5/D6), the entry leaves its chain, both
-    /// dwords are zeroed and the lock is released.
+    /// from dword 1 now (after the tlbie, so R/C are final), the entry leaves its chain,
+    /// both dwords are zeroed and the lock is released.
     fn remove_invalidated(
         &self,
         hpt: &Hpt,
@@ -618,7 +622,7 @@ impl Vm {
         (self.flavour.present_v(v), self.flavour.present_r(gr))
     }
 
-    /// H_REMOVE (spec 3.2).
+    /// H_REMOVE (`kvmppc_do_h_remove`).
     ///
     /// The match test runs on an unlocked snapshot of dword 0: a mismatch is answered
     /// H_NOT_FOUND without taking the lock (the snapshot was the entry's value at that
@@ -662,7 +666,7 @@ impl Vm {
         Ok(())
     }
 
-    /// H_BULK_REMOVE (spec 3.3, `kvmppc_h_bulk_remove`): up to four requests; VALID
+    /// H_BULK_REMOVE (`kvmppc_h_bulk_remove`): up to four requests; VALID
     /// matches are collected locked with VALID cleared, one tlbie completes the batch,
     /// then each is unchained with its final R/C. Only the first lock of a batch spins.
     fn do_h_bulk_remove(
@@ -755,7 +759,7 @@ impl Vm {
         ret
     }
 
-    /// H_PROTECT (spec 3.4, `kvmppc_h_protect`).
+    /// H_PROTECT (`kvmppc_h_protect`).
     fn do_h_protect(
         &self,
         hpt: &Hpt,
@@ -790,7 +794,7 @@ impl Vm {
             }
             if r.0 != pte_r {
                 self.invalidate(&mut g, v, HpteV::ABSENT);
-                // Don't lose R/C set by hardware before the tlbie completed (D5).
+                // Don't lose R/C set by hardware before the tlbie completed (KVM's H_PROTECT fix).
                 let r = r.0 | (g.r() & HpteR::RC);
                 g.set_r(r);
             }
@@ -814,7 +818,7 @@ impl Vm {
             .is_some_and(|s| s.flags().contains(MemslotFlags::READONLY))
     }
 
-    /// H_READ (spec 3.5): a lock-free read of one or (H_READ_4) four entries.
+    /// H_READ (`kvmppc_h_read`): a lock-free read of one or (H_READ_4) four entries.
     fn do_h_read(
         &self,
         hpt: &Hpt,
@@ -853,7 +857,7 @@ impl Vm {
         Ok(())
     }
 
-    /// H_CLEAR_REF (spec 3.6, KVM flavour).
+    /// H_CLEAR_REF (`kvmppc_h_clear_ref`, KVM flavour).
     fn do_h_clear_ref(
         &self,
         hpt: &Hpt,
@@ -894,7 +898,7 @@ impl Vm {
         Ok(())
     }
 
-    /// H_CLEAR_MOD (spec 3.6, KVM flavour).
+    /// H_CLEAR_MOD (`kvmppc_h_clear_mod`, KVM flavour).
     fn do_h_clear_mod(
         &self,
         hpt: &Hpt,

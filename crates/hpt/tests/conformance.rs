@@ -1,6 +1,6 @@
-//! Conformance checklist of papr-hpt-spec.md section 7, items 1-26 and 38 (27-37 are
-//! resize: later issue), in both flavours where they differ. The invariant checker
-//! runs at the end of every test.
+//! Conformance tests of the PAPR HPT hypercalls (H_ENTER, H_REMOVE, H_BULK_REMOVE,
+//! H_PROTECT, H_READ, H_CLEAR_REF/MOD) and the rmap (resize: `revmap-resize`), in both
+//! flavours where they differ. The invariant checker runs at the end of every test.
 #![allow(clippy::needless_range_loop)]
 use revmap_hpt::hash::{hpt_hash, primary_pteg, secondary_pteg, Segment, SegmentSize};
 use revmap_hpt::hcall::*;

@@ -1,6 +1,7 @@
 //! The host side: memslot lifecycle, MMU notifiers, aging, dirty logging and the fault
 //! path, each checked against the whole-VM invariant checker, with named regression
-//! tests for the reference's bugs (D2, D4, D14, D15, D22) and invariants 10, 15-17.
+//! tests for past KVM bugs (each test's doc names it), for R/C conservation, the
+//! invalidation race, `mmu_ready` and the memslot flush.
 mod common;
 use common::read;
 use revmap_hpt::hash::{hpt_hash, primary_pteg, Segment, SegmentSize};
@@ -130,6 +131,7 @@ fn create_lookup_info_and_errors() {
     check(&vm);
 }
 
+/// KVM's rmap array size check (a syzkaller report): a huge memslot is a clean error.
 #[test]
 fn d14_huge_slot_is_a_clean_error_and_changes_nothing() {
     let vm = vm();
@@ -150,6 +152,8 @@ fn map_and_dirty(vm: &Vm, mmu: &mut VcpuMmu<'_>, gfns: impl Iterator<Item = u64>
     .collect()
 }
 
+/// After a memslot delete, no rmap word of the slot is PRESENT and no VALID HPTE maps
+/// its frames; R/C are harvested.
 #[test]
 fn delete_flushes_chains_and_harvests_rc_inv17() {
     let vm = vm();
@@ -164,7 +168,7 @@ fn delete_flushes_chains_and_harvests_rc_inv17() {
     for &p in &ps {
         let v = v_of(&vm, p);
         assert_eq!(v & (HpteV::VALID | HpteV::ABSENT), HpteV::ABSENT);
-        // The guest's view is unchanged, and kept the harvested R/C (invariant 10).
+        // The guest's view is unchanged, and kept the harvested R/C (no R/C bit is lost).
         let (gv, gr) = read(&vm, p);
         assert_eq!(gv & HpteV::VALID, HpteV::VALID);
         assert_eq!(gr & HpteR::RC, HpteR::RC);
@@ -184,6 +188,8 @@ fn delete_flushes_chains_and_harvests_rc_inv17() {
     );
 }
 
+/// KVM's "perform an invalid memslot step for gpa base change": a moved slot leaves
+/// nothing keyed by its old gfns.
 #[test]
 fn d22_move_leaves_nothing_keyed_by_old_gfns() {
     let vm = vm();
@@ -249,6 +255,8 @@ fn flags_toggle_dirty_logging_and_refuse_readonly_changes() {
     check(&vm);
 }
 
+/// An ABSENT entry with key 31 is MMIO and never maps RAM: a slot created over such
+/// entries turns them into paged-out RAM entries.
 #[test]
 fn creating_a_slot_over_mmio_entries_turns_them_into_ram_inv8() {
     let vm = vm();
@@ -306,6 +314,7 @@ fn unmap_hva_range_pages_out_harvests_and_faults_back() {
     assert_eq!(rep.chain_members, 3);
 }
 
+/// Dirty logging of a huge-page HPTE marks every base page it covers.
 #[test]
 fn d15_large_page_unmap_covers_every_frame_and_dirties_4096() {
     let vm = vm();
@@ -338,6 +347,8 @@ fn d15_large_page_unmap_covers_every_frame_and_dirties_4096() {
     check(&vm);
 }
 
+/// KVM's "Clear the key field of HPTE when the page is paged out": a paged-out RAM
+/// page the guest keyed 31 faults in as RAM, not as MMIO.
 #[test]
 fn d4_paged_out_key31_ram_page_is_paged_in_not_mmio() {
     let vm = vm();
@@ -416,6 +427,8 @@ fn age_and_test_age() {
     check(&vm);
 }
 
+/// No HPTE turns VALID if an invalidation of its page began after the inserter sampled
+/// the invalidation sequence.
 #[test]
 fn inv15_h_enter_during_an_invalidation_is_absent_then_faults_in() {
     let vm = vm_with(12, Flavour::Kvm);
@@ -479,6 +492,7 @@ fn change_pte_unmaps_and_records_presence() {
     check(&vm);
 }
 
+/// rmaps are keyed by (slot, gfn), not by host page (KVM's move to per-memslot rmaps).
 #[test]
 fn d2_one_host_page_two_gfns_two_independent_rmaps() {
     let vm = vm_with(12, Flavour::Kvm);
@@ -572,6 +586,7 @@ fn manual_protect_get_keeps_and_clear_clears() {
 
 // ---------------------------------------------------------------- fault path
 
+/// While `mmu_ready` is clear, no fault turns an HPTE VALID.
 #[test]
 fn inv16_mmu_not_ready_blocks_faults() {
     let vm = vm_with(12, Flavour::Kvm);

@@ -1,7 +1,7 @@
 //! Loom models of the host side racing the guest, on a tiny VM (an order-8 HPT of 16
 //! HPTEs, 16 frames of RAM on 4 KiB host pages):
 //!
-//! * H_ENTER racing `unmap_hva_range` (the invalidation retry, invariant 15): after
+//! * H_ENTER racing `unmap_hva_range` (the invalidation retry): after
 //!   both, no VALID HPTE maps a host page that is not present;
 //! * H_REMOVE racing aging: the R and C bits hardware set are reported (H_REMOVE's
 //!   answer, the dirty bitmap) and the chain is empty;
@@ -155,7 +155,7 @@ fn dirty_scan_racing_h_protect_loses_no_c() {
             let vm = vm.clone();
             thread::spawn(move || vm.get_dirty_log(SlotId(0)).unwrap()[0])
         };
-        // Read-only and back is a real dword-1 change: invalidate + merge R/C (D5).
+        // Read-only and back is a real dword-1 change: invalidate + merge R/C (H_PROTECT fix).
         let pr = vm.hcall(0, H_PROTECT, &[3, p, 0]);
         assert_eq!(pr.ret, H_SUCCESS);
         let first = t.join().unwrap();

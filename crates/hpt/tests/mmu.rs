@@ -1,6 +1,6 @@
 //! The MMU ("hardware") model: translation, R/C updates, TLB flushes, faults, and the
-//! concurrency property that hypercalls never lose a C bit set by hardware (D5/D6,
-//! invariant 10).
+//! concurrency property that hypercalls never lose a C bit set by hardware (KVM's
+//! "Don't lose hardware R/C bit updates in H_PROTECT").
 mod common;
 use common::read;
 use revmap_hpt::hash::{hpt_hash, primary_pteg, Segment, SegmentSize};
@@ -156,7 +156,7 @@ fn kvm_protect_keeps_real_readonly_until_fault_qemu_applies() {
 /// operation `a` on its page and the start of operation `a + 1` must be reported by the
 /// first *harvesting* operation after `a` (H_CLEAR_MOD's or H_REMOVE's returned R word),
 /// or be visible at the end if there is none: intervening H_PROTECTs rewrite dword 1
-/// and must merge the hardware C (D5).
+/// and must merge the hardware C (KVM's H_PROTECT R/C fix).
 #[test]
 fn no_c_bit_is_lost_under_concurrent_hypercalls() {
     const PAGES: usize = 8;
@@ -302,10 +302,10 @@ fn no_c_bit_is_lost_under_concurrent_hypercalls() {
     );
 }
 
-/// D5/D6 made deterministic: a vCPU is inside an access (holding a translation from
-/// before the hypercall) when the hypercall invalidates the entry; the hypercall's
-/// tlbie must wait for it, and the C bit that "hardware" sets in that window must end up
-/// in the hypercall's answer or in the entry.
+/// R/C read only after the tlbie, made deterministic: a vCPU is inside an access (holding
+/// a translation from before the hypercall) when the hypercall invalidates the entry; the
+/// hypercall's tlbie must wait for it, and the C bit that "hardware" sets in that window
+/// must end up in the hypercall's answer or in the entry.
 fn c_set_during_invalidation_survives(op: u64) {
     let vm = vm(Flavour::Kvm);
     let p = enter(&vm, 12, 0x60, 2);
@@ -348,21 +348,25 @@ fn c_set_during_invalidation_survives(op: u64) {
 const BULK_REQUEST: u64 = 0x4000_0000_0000_0000;
 const BULK_END: u64 = 0xC000_0000_0000_0000;
 
+/// KVM's "Don't lose hardware R/C bit updates in H_PROTECT".
 #[test]
 fn d5_h_protect_merges_hardware_c_set_before_tlbie() {
     c_set_during_invalidation_survives(H_PROTECT);
 }
 
+/// R/C are final only after the tlbie (the rule of KVM's `kvmppc_do_h_remove`).
 #[test]
 fn d6_h_remove_reads_rc_after_tlbie() {
     c_set_during_invalidation_survives(H_REMOVE);
 }
 
+/// R/C are final only after the tlbie (the rule of KVM's `kvmppc_do_h_remove`).
 #[test]
 fn d6_h_bulk_remove_reads_rc_after_tlbie() {
     c_set_during_invalidation_survives(H_BULK_REMOVE);
 }
 
+/// R/C are final only after the tlbie (the rule of KVM's `kvmppc_do_h_remove`).
 #[test]
 fn d6_h_clear_mod_reads_c_after_tlbie() {
     c_set_during_invalidation_survives(H_CLEAR_MOD);

@@ -50,7 +50,7 @@ impl ResizeFlavour for Flavour {
     }
 
     /// Bolted entries after a successful commit: KVM copies them ABSENT (off every
-    /// chain; the fault path revalidates them on first access, invariant 21); QEMU
+    /// chain; the fault path revalidates them on first access); QEMU
     /// copies them verbatim, so they stay VALID (and are re-chained in the new table).
     #[inline]
     fn resize_bolted_arrive_absent(self) -> bool {

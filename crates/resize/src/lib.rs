@@ -46,16 +46,16 @@
 //! Rust ownership makes a double free impossible; [`ResizeStats`] counts allocations
 //! and frees so tests can prove there is no leak.
 //!
-//! # Commit (invariants 20-23)
+//! # Commit
 //!
 //! Under `mmu_setup_lock`: close the gate and drain (mmu_ready = 0), rehash into the
 //! prepared table, pivot or fail, reopen the gate (mmu_ready = 1) whatever the result.
 //! The rehash has two phases: *placement* computes every bolted entry's new index and
 //! detects bolted/bolted collisions without touching the old table, so a failed commit
-//! (H_PTEG_FULL) leaves the old table exactly as it was (invariant 23, the stricter
-//! form the spec suggests); *transfer* then unmaps every VALID old entry (unlink from
-//! its ring, harvest R/C into guest_rpte, the rmap word and the dirty bitmap: nothing
-//! is lost, invariant 10) and writes the bolted ones into the new table.
+//! (H_PTEG_FULL) leaves the old table exactly as it was (stricter than KVM, whose failed
+//! rehash leaves the entries it already processed ABSENT); *transfer* then unmaps every
+//! VALID old entry (unlink from its ring, harvest R/C into guest_rpte, the rmap word and
+//! the dirty bitmap: nothing is lost) and writes the bolted ones into the new table.
 //!
 //! # Pre-copy commit (beyond KVM)
 //!
@@ -74,7 +74,7 @@
 //! indexed by 32-bit revmap links: PREPARE answers H_RESOURCE. The QEMU front-end rule
 //! "shift > RAM-derived order + 1 -> H_RESOURCE" applies in both flavours (QEMU applies
 //! it in front of KVM too). A COMMIT after a failed allocation answers H_NO_MEM in both
-//! flavours (spec 6).
+//! flavours (QEMU does not check it and would rehash into a missing table).
 
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
@@ -181,7 +181,7 @@ pub enum ResizeError {
 }
 
 impl ResizeError {
-    /// The PAPR return code (spec 3.7.1 `resize_hpt_convert_rc`).
+    /// The PAPR return code (QEMU's `resize_hpt_convert_rc`).
     pub const fn papr(self) -> i64 {
         match self {
             Self::NotPermitted => H_AUTHORITY,

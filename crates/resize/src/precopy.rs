@@ -17,7 +17,7 @@
 //!    (a `SeqCst` load of the state word) sees it set.
 //! 1. **Drain (gate open).** Every VALID entry leaves its rmap ring through the host's
 //!    own `kvm_unmap_gfn_range` walker over every memslot (ABSENT, tlbie, R/C harvested
-//!    into guest_rpte, the rmap word and the dirty bitmap: invariant 10). A host
+//!    into guest_rpte, the rmap word and the dirty bitmap: no R/C bit is lost). A host
 //!    page-out may do this at any time, so the guest cannot see it.
 //! 2. **Copy (gate open).** Every bolted, non-VALID entry is snapshotted under its HPTE
 //!    lock (dword 0, dword 1, guest_rpte) and written to its rehashed index in the new,
@@ -29,14 +29,14 @@
 //!    its ring as in step 1 (listed for step 4 if it has none), a changed bolted copy
 //!    is withdrawn and placed again. Rounds repeat until one finds at most
 //!    `FINAL_ROUND_SLOTS` changes (or `MAX_ROUNDS`), like a live migration's pre-copy.
-//! 4. **Commit (gate closed and drained).** Tracking off; the candidates are the
-//!    marked HPTEs of the last window, the listed VALID ones and the copies that could
-//!    not be placed. Each is compared with its copy: VALID -> unmapped as in the
-//!    stop-the-world transfer; changed -> copy withdrawn, placed again if bolted; a
-//!    collision that remains fails the commit with H_PTEG_FULL (the new table is
-//!    freed, the old one stays active with the guest-visible contents it had: only
-//!    ABSENT transitions, as a host page-out, happened to it; invariant 23 in its
-//!    guest-visible form). Then pivot (reopens the gate) and a full tlbie.
+//! 4. **Commit (gate closed and drained).** Tracking off; the candidates are the marked
+//!    HPTEs of the last window, the listed VALID ones and the copies that could not be
+//!    placed. Each is compared with its copy: VALID -> unmapped as in the stop-the-world
+//!    transfer; changed -> copy withdrawn, placed again if bolted; a collision that
+//!    remains fails the commit with H_PTEG_FULL (the new table is freed, the old one
+//!    stays active with the guest-visible contents it had: only ABSENT transitions, as a
+//!    host page-out, happened to it: a failed rehash leaves the old table consistent, as
+//!    the guest sees it). Then pivot (reopens the gate) and a full tlbie.
 //!
 //! The pause ([`ResizeCtl::last_pause_ns`](super::ResizeCtl::last_pause_ns)) is the
 //! sum of the two gate-closed intervals, steps 0 and 4.

@@ -1,19 +1,20 @@
-//! The resize rehash of one bolted HPTE (spec 3.7.5, KVM's `resize_hpt_rehash_hpte`
-//! after the secondary-PTEG fix, reference D9): the hash the guest used is
-//! reconstructed from the entry's AVPN and its old PTEG index, and the entry moves to
-//! the same slot of its new PTEG.
+//! The resize rehash of one bolted HPTE (H_RESIZE_HPT_COMMIT; KVM's
+//! `resize_hpt_rehash_hpte` after "Fix handling of secondary HPTEG in HPT resizing
+//! code"): the hash the guest used is reconstructed from the entry's AVPN and its old
+//! PTEG index, and the entry moves to the same slot of its new PTEG.
 //!
 //! # Invariants
 //!
 //! * For an entry placed where its hash puts it (primary or secondary group), the
 //!   reconstructed hash agrees with the forward hash (`hash::hpt_hash`) on the bits of
 //!   the larger mask: the new index equals the index the guest would compute for the
-//!   new order (invariant 24; property-tested below for growing and shrinking).
+//!   new order (the hash reconstructed from an entry, the old order and its index is
+//!   the hash the guest used; property-tested below for growing and shrinking).
 //! * The slot within the PTEG is kept; the result is always `< new.npte()`, whatever
 //!   the entry holds (an entry bolted into an inconsistent group moves to the group its
-//!   reconstructed hash names: spec 7 item 37, KVM's behaviour).
+//!   reconstructed hash names, as KVM does; QEMU aborts on it).
 //! * The hash uses the *base* page shift (the segment's), as KVM does for mixed-size
-//!   entries (QEMU's actual-shift form is a documented bug, spec 6).
+//!   entries (QEMU's `rehash_hpte` hashes with the actual shift and misplaces them).
 
 use revmap_hpt::hash::HptGeometry;
 use revmap_hpt::hpte::HpteV;
@@ -98,10 +99,10 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2000))]
-        /// Invariant 24 / D9: for random bolted entries (256M and 1T, every page size,
-        /// primary and secondary) placed where the guest's hash puts them, the rehash
-        /// lands where the forward hash for the new order puts them, same slot, for
-        /// growing, shrinking and same-order resizes.
+        /// The guest's hash is recovered (KVM's secondary-HPTEG fix): for random bolted
+        /// entries (256M and 1T, every page size, primary and secondary) placed where the
+        /// guest's hash puts them, the rehash lands where the forward hash for the new
+        /// order puts them, same slot, for growing, shrinking and same-order resizes.
         #[test]
         fn rehash_agrees_with_forward_hash(
             vsid in any::<u64>(),
@@ -145,8 +146,8 @@ mod tests {
         }
     }
 
-    /// Invariant 22: growing by one order is injective on (PTEG, slot) and sends
-    /// group g to g or g + 2^(old order - 7).
+    /// Growing never collides: growing by one order is injective on (PTEG, slot) and
+    /// sends group g to g or g + 2^(old order - 7).
     #[test]
     fn growing_is_injective() {
         let old = HptGeometry::new(18).unwrap();

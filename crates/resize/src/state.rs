@@ -1,6 +1,6 @@
 //! The PREPARE/COMMIT state machine, the background preparation worker, and the
 //! stop-the-world commit (rehash + pivot) of a [`Vm`]. See the parent module for the
-//! ownership rules (invariant 19) and the commit invariants (20-23).
+//! ownership rules (at most one pending request; who frees it) and the commit invariants.
 
 use super::rehash::rehash_index;
 use super::{long_busy_for_ms, ResizeError, ResizeMode, PREPARE_ESTIMATE_MS};
@@ -307,7 +307,7 @@ fn prepare_worker(shared: Arc<Shared>, order: u32, id: u64, flavour: Flavour) {
             Err(err) => Pending::Failed { order, err },
         };
     } else if let Ok(t) = res {
-        // Detached while we allocated: the worker frees (invariant 19).
+        // Detached while we allocated: only the worker may free it (KVM's resize UAF fix).
         ResizeStats::bump(&shared.stats.freed_by_worker);
         drop(t);
     }
@@ -390,7 +390,7 @@ impl Op<'_> {
                     drop(rg);
                     g.set_v(demoted);
                 } else {
-                    // Pre-set real R/C only where the rmap records them (invariant 12).
+                    // Pre-set real R/C only where the rmap records them (else hardware).
                     let rc = rg.word().rc();
                     new_rev.link(rg, p.0);
                     g.set_r(g.r() | (rc & HpteR::RC));
@@ -412,7 +412,8 @@ struct Move {
 }
 
 impl Op<'_> {
-    /// H_RESIZE_HPT_PREPARE (spec 3.7.1-3.7.2). Runs outside the vCPU gate.
+    /// H_RESIZE_HPT_PREPARE (QEMU's checks, then `kvm_vm_ioctl_resize_hpt_prepare`). Runs
+    /// outside the vCPU gate.
     pub(crate) fn resize_prepare(&self, flags: u64, shift: u64) -> i64 {
         let ctl = self.ctl;
         if flags != 0 {
@@ -454,8 +455,8 @@ impl Op<'_> {
         r
     }
 
-    /// H_RESIZE_HPT_COMMIT (spec 3.7.3). Runs outside the vCPU gate; stops every vCPU
-    /// for the rehash and pivot.
+    /// H_RESIZE_HPT_COMMIT (`kvm_vm_ioctl_resize_hpt_commit`). Runs outside the vCPU
+    /// gate; stops every vCPU for the rehash and pivot.
     pub(crate) fn resize_commit(&self, flags: u64, shift: u64) -> i64 {
         let ctl = self.ctl;
         let f = self.flavour();
@@ -489,7 +490,7 @@ impl Op<'_> {
             ctl.shared.changed.notify_all();
             return e.papr();
         }
-        // The request is always consumed from here on (invariant 20).
+        // The request is always consumed from here on (COMMIT always releases it).
         let Pending::Ready { table, .. } = core::mem::take(&mut *p) else {
             return ResizeError::Io.papr();
         };
@@ -502,7 +503,7 @@ impl Op<'_> {
         ret
     }
 
-    /// Close the gate, rehash, pivot or fail, reopen (invariants 20-23).
+    /// Close the gate, rehash, pivot or fail, reopen (module docs: # Commit).
     fn commit_stop_the_world(&self, table: Prepared) -> i64 {
         let tables = self.tables();
         let t0 = std::time::Instant::now();
@@ -531,8 +532,8 @@ impl Op<'_> {
         ret
     }
 
-    /// The rehash (spec 3.7.5) from the current table into `table`. On `Err` the old
-    /// table is untouched.
+    /// The rehash (KVM's `resize_hpt_rehash`) from the current table into `table`. On
+    /// `Err` the old table is untouched.
     fn rehash_into(&self, table: Prepared) -> Result<Hpt, ResizeError> {
         let f = self.flavour();
         let old = self.hpt();
@@ -598,7 +599,7 @@ impl Op<'_> {
             // A formerly VALID entry is ABSENT in the old table now (phase 2).
             let (nv, nr) = match (m.valid, absent) {
                 (false, _) => (v, r),
-                // KVM: ABSENT, key cleared (a paged-out entry never has key 31, D4).
+                // KVM: ABSENT, key cleared (a paged-out entry must never look like MMIO).
                 (true, true) => (v, r & !HpteR::KEY),
                 (true, false) => ((v & !HpteV::ABSENT) | HpteV::VALID, r),
             };

@@ -1,5 +1,6 @@
-//! Conformance tests for the resize items of papr-hpt-spec section 7 (27-32, 35, 36),
-//! both flavours where they differ, with the checker after every step.
+//! Conformance tests for H_RESIZE_HPT_PREPARE/COMMIT (polling, cancel, H_CLOSED/H_BUSY,
+//! bad arguments, shrink collisions, same order, allocation failure), both flavours where
+//! they differ, with the checker after every step.
 use revmap_hpt::hcall::*;
 use revmap_hpt::{Flavour, Vm, VmConfig};
 use revmap_resize::ResizeVmExt;

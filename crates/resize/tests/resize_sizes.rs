@@ -1,4 +1,4 @@
-//! Conformance tests for the resize items 33, 34 and 37 of papr-hpt-spec section 7:
+//! Conformance tests for HPT resizing:
 //! bolted entries of every kind (secondary groups, 1T segments, 16M pages whose AVPN
 //! low bit is cleared, 64K and mixed-size pages) survive a grow and a shrink at the
 //! positions the guest's own hash predicts; a shrink folding two bolted entries into
@@ -90,8 +90,8 @@ fn seg(vsid: u64, one_t: bool, base: u32) -> Segment {
     }
 }
 
-/// Every kind item 34 names. Mixed-size (base 4K, actual 64K: LP 7) is KVM's encoding
-/// only; `mixed` selects whether to include it.
+/// Every kind of bolted entry listed above. Mixed-size (base 4K, actual 64K: LP 7) is
+/// KVM's encoding only; `mixed` selects whether to include it.
 fn kinds(mixed: bool) -> Vec<Bolted> {
     let mut out = vec![
         // 4K, primary and secondary, 256M.

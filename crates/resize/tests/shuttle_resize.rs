@@ -130,7 +130,7 @@ fn race(script: Script) {
                 assert_eq!(e.ret, H_SUCCESS);
                 if k == 1 {
                     let r = run.hcall(H_REMOVE, &[0, e.out[0], 0]);
-                    // A commit in between drops non-bolted entries (spec 3.7.5).
+                    // A commit in between drops non-bolted entries (as KVM's rehash does).
                     assert!(r.ret == H_SUCCESS || r.ret == H_NOT_FOUND, "{}", r.ret);
                 }
             }

@@ -55,7 +55,7 @@ fn race() {
                     assert_eq!(e.ret, H_SUCCESS);
                     if k == 1 {
                         let r = run.hcall(H_REMOVE, &[0, e.out[0], 0]);
-                        // A commit in between drops non-bolted entries (spec 3.7.5).
+                        // A commit in between drops non-bolted entries (as KVM's rehash does).
                         let resized = vm.hpt_order() == 18;
                         assert!(r.ret == H_SUCCESS || (resized && r.ret == H_NOT_FOUND));
                     }

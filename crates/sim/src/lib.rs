@@ -5,6 +5,30 @@
 //! [`workload`] model, [`scenario`]s, the [`run`] simulator with its [`report`], and
 //! the single-threaded deterministic mode [`det`].
 //!
+//! # Example
+//!
+//! Run the default scenario in deterministic mode for a few hundred steps on a small
+//! guest; the checker runs after every step, and the same seed always gives the same
+//! event digest.
+//!
+//! ```
+//! use revmap_sim::det::run_deterministic;
+//! use revmap_sim::scenario::Scenario;
+//!
+//! let mut sc = Scenario {
+//!     seed: 7,
+//!     ..Scenario::default()
+//! };
+//! sc.deterministic.steps = 200;
+//! sc.deterministic.ram_mib = 64;
+//! let report = run_deterministic(&sc)?;
+//! assert_eq!(report.invariant_checks, 200);
+//! assert_eq!(report.invariant_violations, 0);
+//! assert_eq!(run_deterministic(&sc)?.digest, report.digest);
+//! println!("{} hypercalls, digest {}", report.hcalls_total, report.digest);
+//! # Ok::<(), revmap_sim::run::RunError>(())
+//! ```
+//!
 //! Invariants: this crate contains no unsafe code; its atomics and threads come only
 //! from `revmap_rmap::sync`.
 #![forbid(unsafe_code)]

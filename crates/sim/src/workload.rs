@@ -1,5 +1,5 @@
-//! A seeded model of a Linux pseries guest driving the HPT hypercalls (papr-hpt-spec.md
-//! section 5): one [`GuestCpu`] per vCPU.
+//! A seeded model of a Linux pseries guest driving the HPT hypercalls (as Linux's
+//! pseries `lpar.c` does): one [`GuestCpu`] per vCPU.
 //!
 //! * Boot ([`GuestCpu::boot`]): the bolted kernel linear map, one HPTE per 16M (or 64K)
 //!   page of RAM in a 1T kernel segment, inserted into the primary group (evicting a

@@ -30,7 +30,7 @@
 //! * **Host walkers** (MMU notifiers, dirty scans, the checker) enter through
 //!   [`TableCell::host_enter`], a shared counter with the same handshake; a commit
 //!   drains them too, so a walker runs entirely on the old table or entirely on the new
-//!   one (reference D7).
+//!   one (KVM's "Fix exclusion between HPT resizing and other HPT updates").
 //!
 //! # Invariants
 //!
