@@ -133,7 +133,7 @@ fn create_lookup_info_and_errors() {
 
 /// KVM's rmap array size check (a syzkaller report): a huge memslot is a clean error.
 #[test]
-fn d14_huge_slot_is_a_clean_error_and_changes_nothing() {
+fn huge_slot_is_a_clean_error_and_changes_nothing() {
     let vm = vm();
     let before = vm.memslot_ids();
     let r = vm.create_memslot(spec(1, 1 << 40, 1 << 40, 0, 12));
@@ -191,7 +191,7 @@ fn delete_flushes_chains_and_harvests_rc_inv17() {
 /// KVM's "perform an invalid memslot step for gpa base change": a moved slot leaves
 /// nothing keyed by its old gfns.
 #[test]
-fn d22_move_leaves_nothing_keyed_by_old_gfns() {
+fn move_leaves_nothing_keyed_by_old_gfns() {
     let vm = vm();
     vm.create_memslot(spec(1, 0x10_0000, 64, 0x7f00_0000_0000, 12))
         .unwrap();
@@ -316,7 +316,7 @@ fn unmap_hva_range_pages_out_harvests_and_faults_back() {
 
 /// Dirty logging of a huge-page HPTE marks every base page it covers.
 #[test]
-fn d15_large_page_unmap_covers_every_frame_and_dirties_4096() {
+fn large_page_unmap_covers_every_frame_and_dirties_4096() {
     let vm = vm();
     let mut mmu = VcpuMmu::new(&vm).unwrap();
     // A 16M page at gpa 16M (frames 0x1000..0x2000).
@@ -350,7 +350,7 @@ fn d15_large_page_unmap_covers_every_frame_and_dirties_4096() {
 /// KVM's "Clear the key field of HPTE when the page is paged out": a paged-out RAM
 /// page the guest keyed 31 faults in as RAM, not as MMIO.
 #[test]
-fn d4_paged_out_key31_ram_page_is_paged_in_not_mmio() {
+fn paged_out_key31_ram_page_is_paged_in_not_mmio() {
     let vm = vm();
     let mut mmu = VcpuMmu::new(&vm).unwrap();
     // Guest maps RAM with storage key 31.
@@ -364,7 +364,7 @@ fn d4_paged_out_key31_ram_page_is_paged_in_not_mmio() {
     assert_eq!(v_of(&vm, p) & HpteV::ABSENT, HpteV::ABSENT);
     assert!(
         !HpteR(r_of(&vm, p)).is_key31(),
-        "key cleared on unmap (D4 fix)"
+        "key cleared on unmap (the key must be cleared when a page is paged out)"
     );
     check(&vm);
     assert_eq!(
@@ -430,7 +430,7 @@ fn age_and_test_age() {
 /// No HPTE turns VALID if an invalidation of its page began after the inserter sampled
 /// the invalidation sequence.
 #[test]
-fn inv15_h_enter_during_an_invalidation_is_absent_then_faults_in() {
+fn h_enter_during_an_invalidation_is_absent_then_faults_in() {
     let vm = vm_with(12, Flavour::Kvm);
     let (a, b) = (
         Hva(RAM_HVA_BASE + (0x50 << 12)),
@@ -494,7 +494,7 @@ fn change_pte_unmaps_and_records_presence() {
 
 /// rmaps are keyed by (slot, gfn), not by host page (KVM's move to per-memslot rmaps).
 #[test]
-fn d2_one_host_page_two_gfns_two_independent_rmaps() {
+fn one_host_page_two_gfns_two_independent_rmaps() {
     let vm = vm_with(12, Flavour::Kvm);
     // Slot 1 aliases the host pages of RAM frames 0x100.. at gfn 0x10_0000.
     let mut sp = spec(1, 0x10_0000, 16, RAM_HVA_BASE + (0x100 << 12), 12);
@@ -588,7 +588,7 @@ fn manual_protect_get_keeps_and_clear_clears() {
 
 /// While `mmu_ready` is clear, no fault turns an HPTE VALID.
 #[test]
-fn inv16_mmu_not_ready_blocks_faults() {
+fn mmu_not_ready_blocks_faults() {
     let vm = vm_with(12, Flavour::Kvm);
     let mut mmu = VcpuMmu::new(&vm).unwrap();
     let p = enter(&vm, 12, 0x70 << 12, 0x70 << 12, 2);

@@ -350,24 +350,24 @@ const BULK_END: u64 = 0xC000_0000_0000_0000;
 
 /// KVM's "Don't lose hardware R/C bit updates in H_PROTECT".
 #[test]
-fn d5_h_protect_merges_hardware_c_set_before_tlbie() {
+fn h_protect_merges_hardware_c_set_before_tlbie() {
     c_set_during_invalidation_survives(H_PROTECT);
 }
 
 /// R/C are final only after the tlbie (the rule of KVM's `kvmppc_do_h_remove`).
 #[test]
-fn d6_h_remove_reads_rc_after_tlbie() {
+fn h_remove_reads_rc_after_tlbie() {
     c_set_during_invalidation_survives(H_REMOVE);
 }
 
 /// R/C are final only after the tlbie (the rule of KVM's `kvmppc_do_h_remove`).
 #[test]
-fn d6_h_bulk_remove_reads_rc_after_tlbie() {
+fn h_bulk_remove_reads_rc_after_tlbie() {
     c_set_during_invalidation_survives(H_BULK_REMOVE);
 }
 
 /// R/C are final only after the tlbie (the rule of KVM's `kvmppc_do_h_remove`).
 #[test]
-fn d6_h_clear_mod_reads_c_after_tlbie() {
+fn h_clear_mod_reads_c_after_tlbie() {
     c_set_during_invalidation_survives(H_CLEAR_MOD);
 }

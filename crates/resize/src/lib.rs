@@ -234,7 +234,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn error_table_matches_spec_3_7_1() {
+    fn error_table_matches_the_papr_resize_return_codes() {
         assert_eq!(ResizeError::NotPermitted.papr(), -10);
         assert_eq!(ResizeError::Invalid.papr(), -4);
         assert_eq!(ResizeError::NoPending.papr(), 2);
@@ -261,7 +261,7 @@ mod tests {
     }
 
     #[test]
-    fn ram_order_examples_from_spec_5_1() {
+    fn ram_order_examples_from_qemus_default_hpt_size() {
         let g = 1u64 << 30;
         assert_eq!(hpt_shift_for_ramsize(32 << 20), 18);
         assert_eq!(hpt_shift_for_ramsize(256 << 20), 21);

@@ -1,4 +1,4 @@
-//! Guest-view invariance on the vendored real traces (issue 4, item 6): each trace is
+//! Guest-view invariance on the vendored real traces : each trace is
 //! replayed in its recorded order while the host actors run against the same VM; every
 //! result must match exactly as in a plain replay, the checker must find nothing at
 //! the quiescent points, and thousands of host operations must have interleaved.

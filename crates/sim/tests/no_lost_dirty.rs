@@ -1,4 +1,4 @@
-//! No lost dirty page (issue 4, item 7).
+//! No lost dirty page: every guest store is harvested by some dirty-log round.
 //!
 //! vCPU threads store to guest pages through the MMU model (`VcpuMmu`), the guest having
 //! H_ENTERed a writable HPTE for each page; a translation that hits an ABSENT entry
