@@ -17,11 +17,9 @@
 mod common;
 
 use common::{host_unmap, l1_tree, Tree, PTCR};
-use revmap_host::HostMmu;
-use revmap_nested::radix::{Access, PateDw0, RadixPde, RadixPte};
-use revmap_nested::vm::{L2Result, NestedVm, NestedVmConfig, L1_RAM_HVA};
+use revmap_nested::radix::{Access, RadixPte};
+use revmap_nested::vm::{L2Result, NestedVm, NestedVmConfig};
 use revmap_rmap::sync::{thread, Arc, Ordering};
-use revmap_rmap::Hva;
 
 /// 1 MiB of L1 RAM: partition table at 64 KiB, roots from 128 KiB, directories from
 /// 320 KiB, data pages from 512 KiB.

@@ -13,10 +13,10 @@ mod common;
 use common::{host_unmap, l1_tree, Tree, PTCR};
 use revmap_host::HostMmu;
 use revmap_nested::hcall::TlbieInstr;
-use revmap_nested::radix::{Access, PateDw0, RadixPde, RadixPte};
-use revmap_nested::vm::{L2Result, NestedVm, NestedVmConfig, L1_RAM_HVA};
+use revmap_nested::radix::{Access, RadixPte};
+use revmap_nested::vm::{L2Result, NestedVm, NestedVmConfig};
 use revmap_rmap::sync::{thread, Arc, AtomicU64, Ordering};
-use revmap_rmap::{Gfn, Hva, SlotId};
+use revmap_rmap::{Gfn, SlotId};
 use shuttle::rand::{thread_rng, RngCore};
 
 const RAM: u64 = 1 << 20;
@@ -96,7 +96,7 @@ fn storm() {
                 let k = rng.next_u64() % PAGES;
                 match rng.next_u64() % 3 {
                     0 => {
-                        host_unmap(vm, DATA + k * K64, K64);
+                        host_unmap(&vm, DATA + k * K64, K64);
                     }
                     1 => {
                         let g = (DATA + k * K64) >> 12;

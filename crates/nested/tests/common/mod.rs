@@ -6,6 +6,37 @@ use revmap_host::HostMmu;
 use revmap_nested::radix::{PateDw0, RadixPde};
 use revmap_nested::vm::{NestedVm, L1_RAM_HVA};
 use revmap_rmap::Hva;
+use std::path::PathBuf;
+
+/// The vendored nested trace `name` (under `traces/nested`).
+pub fn trace(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../traces/nested")
+        .join(name)
+}
+
+/// Results compared against a trace: how many, how many agreed, the first that did not.
+#[derive(Default, Debug)]
+pub struct Tally {
+    /// Results compared.
+    pub checked: u64,
+    /// Results that agreed with the trace.
+    pub matched: u64,
+    /// `trace:line: what: detail` of the first disagreement.
+    pub first_mismatch: Option<String>,
+}
+
+impl Tally {
+    /// Counts one comparison of trace `name` at `line`; keeps the first failure.
+    pub fn check(&mut self, name: &str, line: u64, what: &str, ok: bool, detail: String) {
+        self.checked += 1;
+        if ok {
+            self.matched += 1;
+        } else if self.first_mismatch.is_none() {
+            self.first_mismatch = Some(format!("{name}:{line}: {what}: {detail}"));
+        }
+    }
+}
 
 /// L1's partition-table register: table at 0x1_0000, size field 4.
 pub const PTCR: u64 = 0x1_0000 | 4;
