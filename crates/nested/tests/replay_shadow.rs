@@ -31,13 +31,6 @@ const PAGE: PageSize = PageSize::P64K;
 const SHIFT: u32 = 16;
 const ROUNDS: usize = 16;
 
-/// L0's leaf for one L1 gfn (64 KiB).
-#[derive(Clone, Copy, Debug)]
-struct L0Pte {
-    frame: u64,
-    pte: RadixPte,
-}
-
 #[derive(Default, Debug)]
 struct Stats {
     tally: Tally,
@@ -49,6 +42,13 @@ struct Stats {
     rmap_nodes_max: u64,
     invariant_violations: u64,
     first_violation: Option<String>,
+}
+
+/// L0's leaf for one L1 gfn (64 KiB).
+#[derive(Clone, Copy, Debug)]
+struct L0Pte {
+    frame: u64,
+    pte: RadixPte,
 }
 
 struct Mmu {
