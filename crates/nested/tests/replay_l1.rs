@@ -236,25 +236,13 @@ fn replay(name: &str) -> Report {
                     }
                     Err(e) => e.papr(),
                 };
-                check(
-                    &mut rep,
-                    line,
-                    "H_SET_PARTITION_TABLE",
-                    got == ret,
-                    format!("ret {got}, want {ret}"),
-                );
+                rep.tally.ret(name, line, "H_SET_PARTITION_TABLE", got, ret);
             }
             NestedRecord::TlbInvalidate {
                 instr, rs, rb, ret, ..
             } => {
                 let got = l1.tlb_invalidate(instr, rs, rb);
-                check(
-                    &mut rep,
-                    line,
-                    "H_TLB_INVALIDATE",
-                    got == ret,
-                    format!("ret {got}, want {ret}"),
-                );
+                rep.tally.ret(name, line, "H_TLB_INVALIDATE", got, ret);
             }
             NestedRecord::L2Access {
                 lpid,

@@ -530,25 +530,15 @@ fn run(name: &str, header: NestedHeader, records: impl Iterator<Item = NestedRec
                     }
                     Err(e) => e.papr(),
                 };
-                check(
-                    &mut m.stats,
-                    line,
-                    "H_SET_PARTITION_TABLE",
-                    got == ret,
-                    format!("{got} vs {ret}"),
-                );
+                m.stats
+                    .tally
+                    .ret(name, line, "H_SET_PARTITION_TABLE", got, ret);
             }
             NestedRecord::TlbInvalidate {
                 instr, rs, rb, ret, ..
             } => {
                 let got = m.tlb_invalidate(instr, rs, rb);
-                check(
-                    &mut m.stats,
-                    line,
-                    "H_TLB_INVALIDATE",
-                    got == ret,
-                    format!("{got} vs {ret}"),
-                );
+                m.stats.tally.ret(name, line, "H_TLB_INVALIDATE", got, ret);
             }
             NestedRecord::L2Access {
                 lpid,

@@ -36,6 +36,17 @@ impl Tally {
             self.first_mismatch = Some(format!("{name}:{line}: {what}: {detail}"));
         }
     }
+
+    /// [`Tally::check`] of a hypercall's return code `got` against the trace's `want`.
+    pub fn ret(&mut self, name: &str, line: u64, what: &str, got: i64, want: i64) {
+        self.check(
+            name,
+            line,
+            what,
+            got == want,
+            format!("ret {got}, want {want}"),
+        );
+    }
 }
 
 /// L1's partition-table register: table at 0x1_0000, size field 4.
