@@ -14,11 +14,12 @@
 //! cargo test -p revmap-nested --release --test loom_nested`.
 #![cfg(loom)]
 
-use revmap_host::HostMmu;
-use revmap_nested::radix::{Access, PateDw0, RadixPde, RadixPte};
-use revmap_nested::vm::{L2Result, NestedVm, NestedVmConfig, L1_RAM_HVA};
+mod common;
+
+use common::{host_unmap, l1_tree, Tree, PTCR};
+use revmap_nested::radix::{Access, RadixPte};
+use revmap_nested::vm::{L2Result, NestedVm, NestedVmConfig};
 use revmap_rmap::sync::{thread, Arc, Ordering};
-use revmap_rmap::Hva;
 
 /// 1 MiB of L1 RAM: partition table at 64 KiB, roots from 128 KiB, directories from
 /// 320 KiB, data pages from 512 KiB.
@@ -27,39 +28,22 @@ const DATA: u64 = 0x8_0000;
 const K64: u64 = 0x1_0000;
 const FULL: u64 = RadixPte::R | RadixPte::C | RadixPte::EAA_READ | RadixPte::EAA_RW;
 
-fn tables(lpid: u64) -> (u64, u64, u64, u64) {
-    let root = 0x2_0000 + 0x1_0000 * (lpid - 1);
-    let dirs = 0x5_0000 + 0x3000 * (lpid - 1);
-    (root, dirs, dirs + 0x1000, dirs + 0x2000)
-}
-
 /// Every lpid of `lpids` maps its L2 pages 0 and 1 to the first data page.
 fn setup(cap: usize, lpids: &[u64]) -> NestedVm {
     let mut cfg = NestedVmConfig::new(RAM, 16);
     cfg.rmap_cap = cap;
     let vm = NestedVm::new(cfg).unwrap();
-    assert_eq!(vm.h_set_partition_table(0x1_0000 | 4), 0);
+    assert_eq!(vm.h_set_partition_table(PTCR), 0);
     for &l in lpids {
-        let (root, pud, pmd, pte) = tables(l);
-        vm.l1_store(0x1_0000 + 16 * l, PateDw0::radix52(root, 13).bits())
-            .unwrap();
-        vm.l1_store(root, RadixPde::new(pud, 9).bits()).unwrap();
-        vm.l1_store(pud, RadixPde::new(pmd, 9).bits()).unwrap();
-        vm.l1_store(pmd, RadixPde::new(pte, 5).bits()).unwrap();
+        let t = Tree::compact(l);
+        l1_tree(&vm, l, t);
+        let pte = t.pte;
         for k in 0..2 {
             vm.l1_store(pte + 8 * k, RadixPte::new(DATA, FULL).bits())
                 .unwrap();
         }
     }
     vm
-}
-
-fn host_unmap(vm: &NestedVm) {
-    let (a, b) = (Hva(L1_RAM_HVA + DATA), Hva(L1_RAM_HVA + DATA + K64));
-    vm.invalidate_range_start(a, b);
-    vm.unmap_hva_range(a, b);
-    vm.invalidate_range_end(a, b);
-    vm.host_page_in(a, b);
 }
 
 fn fault_vs_unmap(skip_retry: bool) {
@@ -72,7 +56,7 @@ fn fault_vs_unmap(skip_retry: bool) {
             let vm = vm.clone();
             thread::spawn(move || vm.enter_nested(1, 0x10, Access::Load))
         };
-        host_unmap(&vm);
+        host_unmap(&vm, DATA, K64);
         let r = l2.join().unwrap();
         if let Err(v) = vm.check() {
             panic!("shadow leaf left after the unmap: {v:?}");

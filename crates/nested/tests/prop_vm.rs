@@ -6,25 +6,23 @@
 //! (`access::l1_translate`, which keeps no shadow state), landing on the host frame that
 //! backs the L1 page now.
 
+mod common;
+
+use common::{host_reclaim, l1_tree, root, Tree, PTCR};
 use proptest::prelude::*;
 use revmap_host::HostMmu;
 use revmap_nested::access::{l1_translate, L1Layout, L2Outcome};
 use revmap_nested::hcall::TlbieInstr;
-use revmap_nested::radix::{Access, Exit, PateDw0, RadixPde, RadixPte};
+use revmap_nested::radix::{Access, Exit, PateDw0, RadixPte};
 use revmap_nested::vm::{L2Result, NestedVm, NestedVmConfig, L1_RAM_HVA};
 use revmap_nested::NGpa;
 use revmap_rmap::{Gfn, Hva, SlotId};
 
 const RAM: u64 = 1 << 30;
-const PTCR: u64 = 0x1_0000 | 4;
 const DATA: u64 = 0x1000_0000;
 const K64: u64 = 0x1_0000;
 const PAGES: u64 = 40;
 const SLOTS: u64 = 8;
-
-fn root(lpid: u64) -> u64 {
-    0x10_0000 * (lpid + 1)
-}
 
 fn target(page: u64) -> u64 {
     if page == PAGES {
@@ -98,13 +96,7 @@ fn setup(backing_shift: u32) -> NestedVm {
     let vm = NestedVm::new(cfg).unwrap();
     assert_eq!(vm.h_set_partition_table(PTCR), 0);
     for l in 1..=3 {
-        let r = root(l);
-        let (pud, pmd, pte) = (r + 0x2_0000, r + 0x3_0000, r + 0x4_0000);
-        vm.l1_store(0x1_0000 + 16 * l, PateDw0::radix52(r, 13).bits())
-            .unwrap();
-        vm.l1_store(r, RadixPde::new(pud, 9).bits()).unwrap();
-        vm.l1_store(pud, RadixPde::new(pmd, 9).bits()).unwrap();
-        vm.l1_store(pmd, RadixPde::new(pte, 5).bits()).unwrap();
+        l1_tree(&vm, l, Tree::spaced(l));
     }
     vm
 }
@@ -188,10 +180,7 @@ fn run(backing_shift: u32, ops: &[Op]) -> Result<(), TestCaseError> {
             }
             Op::HostUnmap { page } => {
                 let (a, b) = host(page);
-                vm.invalidate_range_start(a, b);
-                vm.unmap_hva_range(a, b);
-                vm.invalidate_range_end(a, b);
-                vm.host_page_in(a, b);
+                host_reclaim(&vm, a, b);
             }
             Op::HostAge { page } => {
                 let g = (DATA + page * K64) >> 12;

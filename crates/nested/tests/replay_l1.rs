@@ -11,6 +11,9 @@
 //! must-sets are the truth, and this harness is the ground truth for the shadow MMU's
 //! replay). The registry's invariants are checked after every record.
 
+mod common;
+
+use common::{trace, Tally};
 use revmap_nested::access::{l1_translate, L1Layout, L2Outcome};
 use revmap_nested::fault::{l0_leaf_for_l1, shadow_leaf, L0Leaf};
 use revmap_nested::hcall::{check_enter_nested, check_set_partition_table, Ric, TlbInvalidate};
@@ -22,13 +25,6 @@ use revmap_rmap::Lpid;
 use revmap_trace::nested::{AccessKind, AccessOutcome, NestedHeader, NestedReader, NestedRecord};
 use std::collections::BTreeSet;
 use std::collections::HashMap;
-use std::path::PathBuf;
-
-fn trace(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../traces/nested")
-        .join(name)
-}
 
 struct L1Side {
     header: NestedHeader,
@@ -45,9 +41,7 @@ struct L1Side {
 
 #[derive(Default, Debug)]
 struct Report {
-    checked: u64,
-    matched: u64,
-    first_mismatch: Option<String>,
+    tally: Tally,
     completed: u64,
     shadow_checked: u64,
     exits: u64,
@@ -225,12 +219,7 @@ fn replay(name: &str) -> Report {
     let mut l1 = L1Side::new(r.header());
     let mut rep = Report::default();
     let check = |rep: &mut Report, line: u64, what: &str, ok: bool, detail: String| {
-        rep.checked += 1;
-        if ok {
-            rep.matched += 1;
-        } else if rep.first_mismatch.is_none() {
-            rep.first_mismatch = Some(format!("{name}:{line}: {what}: {detail}"));
-        }
+        rep.tally.check(name, line, what, ok, detail)
     };
     for rec in r {
         let rec = rec.unwrap();
@@ -247,25 +236,13 @@ fn replay(name: &str) -> Report {
                     }
                     Err(e) => e.papr(),
                 };
-                check(
-                    &mut rep,
-                    line,
-                    "H_SET_PARTITION_TABLE",
-                    got == ret,
-                    format!("ret {got}, want {ret}"),
-                );
+                rep.tally.ret(name, line, "H_SET_PARTITION_TABLE", got, ret);
             }
             NestedRecord::TlbInvalidate {
                 instr, rs, rb, ret, ..
             } => {
                 let got = l1.tlb_invalidate(instr, rs, rb);
-                check(
-                    &mut rep,
-                    line,
-                    "H_TLB_INVALIDATE",
-                    got == ret,
-                    format!("ret {got}, want {ret}"),
-                );
+                rep.tally.ret(name, line, "H_TLB_INVALIDATE", got, ret);
             }
             NestedRecord::L2Access {
                 lpid,
@@ -344,10 +321,10 @@ fn replay(name: &str) -> Report {
 #[test]
 fn small_trace_l1_side_results_reproduced() {
     let rep = replay("nested-small.txt.gz");
-    assert_eq!(rep.first_mismatch, None, "{rep:?}");
+    assert_eq!(rep.tally.first_mismatch, None, "{rep:?}");
     // Every record with a result: 26 + 261 + 2997 + 131 + 39.
-    assert_eq!(rep.checked, 3454);
-    assert_eq!(rep.matched, rep.checked);
+    assert_eq!(rep.tally.checked, 3454);
+    assert_eq!(rep.tally.matched, rep.tally.checked);
     assert_eq!(rep.completed, 509 + 1432 + 148);
     assert_eq!(rep.shadow_checked, rep.completed);
     assert!(rep.guests_created >= 16, "{rep:?}");
@@ -356,9 +333,9 @@ fn small_trace_l1_side_results_reproduced() {
 #[test]
 fn basic_trace_l1_side_results_reproduced() {
     let rep = replay("nested-basic.txt.gz");
-    assert_eq!(rep.first_mismatch, None, "{rep:?}");
-    assert_eq!(rep.checked, 1 + 5521 + 94_462 + 2570 + 961);
-    assert_eq!(rep.matched, rep.checked);
+    assert_eq!(rep.tally.first_mismatch, None, "{rep:?}");
+    assert_eq!(rep.tally.checked, 1 + 5521 + 94_462 + 2570 + 961);
+    assert_eq!(rep.tally.matched, rep.tally.checked);
     assert_eq!(rep.completed, 16_763 + 45_586 + 4387);
     assert_eq!(rep.shadow_checked, rep.completed);
 }

@@ -14,6 +14,9 @@
 //! nested MMU (coverage, no amplification, unmap completeness, the bound) are checked
 //! at the end and after every host unmap.
 
+mod common;
+
+use common::{trace, Tally};
 use revmap_nested::access::{l1_translate, L1Layout, L2Outcome};
 use revmap_nested::fault::{shadow_leaf, L0Leaf};
 use revmap_nested::hcall::{check_enter_nested, check_set_partition_table, Ric, TlbInvalidate};
@@ -23,30 +26,14 @@ use revmap_nested::{GuestId, NGpa, NestedGuests, Released, ShadowLpidAllocator};
 use revmap_rmap::{Gpa, NestedCache, NestedLimits, NestedPool, NestedRmap, NestedRmapEntry};
 use revmap_trace::nested::{AccessKind, AccessOutcome, NestedHeader, NestedReader, NestedRecord};
 use std::collections::{BTreeSet, HashMap};
-use std::path::PathBuf;
 
 const PAGE: PageSize = PageSize::P64K;
 const SHIFT: u32 = 16;
 const ROUNDS: usize = 16;
 
-fn trace(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../traces/nested")
-        .join(name)
-}
-
-/// L0's leaf for one L1 gfn (64 KiB).
-#[derive(Clone, Copy, Debug)]
-struct L0Pte {
-    frame: u64,
-    pte: RadixPte,
-}
-
 #[derive(Default, Debug)]
 struct Stats {
-    checked: u64,
-    matched: u64,
-    first_mismatch: Option<String>,
+    tally: Tally,
     nested_faults: u64,
     shadow_hits: u64,
     rmap_invalidations: u64,
@@ -55,6 +42,13 @@ struct Stats {
     rmap_nodes_max: u64,
     invariant_violations: u64,
     first_violation: Option<String>,
+}
+
+/// L0's leaf for one L1 gfn (64 KiB).
+#[derive(Clone, Copy, Debug)]
+struct L0Pte {
+    frame: u64,
+    pte: RadixPte,
 }
 
 struct Mmu {
@@ -520,12 +514,7 @@ fn run(name: &str, header: NestedHeader, records: impl Iterator<Item = NestedRec
     );
     let mut m = Mmu::new(header);
     let check = |s: &mut Stats, line: u64, what: &str, ok: bool, detail: String| {
-        s.checked += 1;
-        if ok {
-            s.matched += 1;
-        } else if s.first_mismatch.is_none() {
-            s.first_mismatch = Some(format!("{name}:{line}: {what}: {detail}"));
-        }
+        s.tally.check(name, line, what, ok, detail)
     };
     for rec in records {
         let line = rec.line();
@@ -541,25 +530,15 @@ fn run(name: &str, header: NestedHeader, records: impl Iterator<Item = NestedRec
                     }
                     Err(e) => e.papr(),
                 };
-                check(
-                    &mut m.stats,
-                    line,
-                    "H_SET_PARTITION_TABLE",
-                    got == ret,
-                    format!("{got} vs {ret}"),
-                );
+                m.stats
+                    .tally
+                    .ret(name, line, "H_SET_PARTITION_TABLE", got, ret);
             }
             NestedRecord::TlbInvalidate {
                 instr, rs, rb, ret, ..
             } => {
                 let got = m.tlb_invalidate(instr, rs, rb);
-                check(
-                    &mut m.stats,
-                    line,
-                    "H_TLB_INVALIDATE",
-                    got == ret,
-                    format!("{got} vs {ret}"),
-                );
+                m.stats.tally.ret(name, line, "H_TLB_INVALIDATE", got, ret);
             }
             NestedRecord::L2Access {
                 lpid,
@@ -630,10 +609,10 @@ fn run(name: &str, header: NestedHeader, records: impl Iterator<Item = NestedRec
 }
 
 fn assert_clean(s: &Stats, checked: u64) {
-    assert_eq!(s.first_mismatch, None, "{s:#?}");
+    assert_eq!(s.tally.first_mismatch, None, "{s:#?}");
     assert_eq!(s.first_violation, None, "{s:#?}");
     assert_eq!(
-        (s.checked, s.matched, s.invariant_violations),
+        (s.tally.checked, s.tally.matched, s.invariant_violations),
         (checked, checked, 0)
     );
     assert!(s.rmap_entries_max_per_gfn <= 64);

@@ -8,12 +8,15 @@
 //! -p revmap-nested --release --test shuttle_nested`.
 #![cfg(shuttle)]
 
+mod common;
+
+use common::{host_unmap, l1_tree, Tree, PTCR};
 use revmap_host::HostMmu;
 use revmap_nested::hcall::TlbieInstr;
-use revmap_nested::radix::{Access, PateDw0, RadixPde, RadixPte};
-use revmap_nested::vm::{L2Result, NestedVm, NestedVmConfig, L1_RAM_HVA};
+use revmap_nested::radix::{Access, RadixPte};
+use revmap_nested::vm::{L2Result, NestedVm, NestedVmConfig};
 use revmap_rmap::sync::{thread, Arc, AtomicU64, Ordering};
-use revmap_rmap::{Gfn, Hva, SlotId};
+use revmap_rmap::{Gfn, SlotId};
 use shuttle::rand::{thread_rng, RngCore};
 
 const RAM: u64 = 1 << 20;
@@ -23,17 +26,12 @@ const PAGES: u64 = 4;
 
 fn setup() -> NestedVm {
     let vm = NestedVm::new(NestedVmConfig::new(RAM, 16)).unwrap();
-    assert_eq!(vm.h_set_partition_table(0x1_0000 | 4), 0);
+    assert_eq!(vm.h_set_partition_table(PTCR), 0);
     let flags = RadixPte::R | RadixPte::C | RadixPte::EAA_READ | RadixPte::EAA_RW;
     for l in 1..=2u64 {
-        let root = 0x2_0000 + 0x1_0000 * (l - 1);
-        let dirs = 0x5_0000 + 0x3000 * (l - 1);
-        let (pud, pmd, pte) = (dirs, dirs + 0x1000, dirs + 0x2000);
-        vm.l1_store(0x1_0000 + 16 * l, PateDw0::radix52(root, 13).bits())
-            .unwrap();
-        vm.l1_store(root, RadixPde::new(pud, 9).bits()).unwrap();
-        vm.l1_store(pud, RadixPde::new(pmd, 9).bits()).unwrap();
-        vm.l1_store(pmd, RadixPde::new(pte, 5).bits()).unwrap();
+        let t = Tree::compact(l);
+        l1_tree(&vm, l, t);
+        let pte = t.pte;
         for k in 0..PAGES {
             vm.l1_store(pte + 8 * k, RadixPte::new(DATA + k * K64, flags).bits())
                 .unwrap();
@@ -96,14 +94,9 @@ fn storm() {
             for i in 0..4 {
                 wait_for(&done, 2 * i + 1);
                 let k = rng.next_u64() % PAGES;
-                let a = Hva(L1_RAM_HVA + DATA + k * K64);
-                let b = Hva(a.0 + K64);
                 match rng.next_u64() % 3 {
                     0 => {
-                        vm.invalidate_range_start(a, b);
-                        vm.unmap_hva_range(a, b);
-                        vm.invalidate_range_end(a, b);
-                        vm.host_page_in(a, b);
+                        host_unmap(&vm, DATA + k * K64, K64);
                     }
                     1 => {
                         let g = (DATA + k * K64) >> 12;

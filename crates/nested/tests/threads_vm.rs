@@ -6,11 +6,14 @@
 //! checker passes at the end. Iteration counts are fixed (no wall-clock bound).
 #![cfg(not(any(loom, shuttle)))]
 
+mod common;
+
+use common::{host_unmap, l1_tree, Tree, PTCR};
 use revmap_host::HostMmu;
 use revmap_nested::hcall::TlbieInstr;
-use revmap_nested::radix::{Access, PateDw0, RadixPde, RadixPte};
-use revmap_nested::vm::{L2Result, NestedVm, NestedVmConfig, L1_RAM_HVA};
-use revmap_rmap::{Hva, SlotId};
+use revmap_nested::radix::{Access, RadixPte};
+use revmap_nested::vm::{L2Result, NestedVm, NestedVmConfig};
+use revmap_rmap::SlotId;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 const RAM: u64 = 1 << 30;
@@ -18,25 +21,16 @@ const DATA: u64 = 0x1000_0000;
 const K64: u64 = 0x1_0000;
 const PAGES: u64 = 16;
 
-fn root(lpid: u64) -> u64 {
-    0x10_0000 * (lpid + 1)
-}
-
 /// L2 page k of both L2s maps L1 page k (all permissions, R and C set).
 fn setup(backing_shift: u32) -> NestedVm {
     let mut cfg = NestedVmConfig::new(RAM, backing_shift);
     cfg.dirty_logging = true;
     let vm = NestedVm::new(cfg).unwrap();
-    assert_eq!(vm.h_set_partition_table(0x1_0000 | 4), 0);
+    assert_eq!(vm.h_set_partition_table(PTCR), 0);
     let flags = RadixPte::R | RadixPte::C | RadixPte::EAA_READ | RadixPte::EAA_RW;
     for l in 1..=2 {
-        let r = root(l);
-        let (pud, pmd, pte) = (r + 0x2_0000, r + 0x3_0000, r + 0x4_0000);
-        vm.l1_store(0x1_0000 + 16 * l, PateDw0::radix52(r, 13).bits())
-            .unwrap();
-        vm.l1_store(r, RadixPde::new(pud, 9).bits()).unwrap();
-        vm.l1_store(pud, RadixPde::new(pmd, 9).bits()).unwrap();
-        vm.l1_store(pmd, RadixPde::new(pte, 5).bits()).unwrap();
+        let Tree { pte, .. } = Tree::spaced(l);
+        l1_tree(&vm, l, Tree::spaced(l));
         for k in 0..PAGES {
             let v = RadixPte::new(DATA + k * K64, flags).bits();
             vm.l1_store(pte + 8 * k, v).unwrap();
@@ -94,14 +88,9 @@ fn storm(backing_shift: u32) {
             s.spawn(move || {
                 for i in 0..400u64 {
                     let k = (i * 7) % PAGES;
-                    let a = Hva(L1_RAM_HVA + DATA + k * K64);
-                    let b = Hva(a.0 + K64);
                     match i % 4 {
                         0 | 1 => {
-                            vm.invalidate_range_start(a, b);
-                            vm.unmap_hva_range(a, b);
-                            vm.invalidate_range_end(a, b);
-                            vm.host_page_in(a, b);
+                            host_unmap(vm, DATA + k * K64, K64);
                         }
                         2 => {
                             let g = (DATA + k * K64) >> 12;

@@ -3,22 +3,20 @@
 //! rmap at work (host unmap, aging, dirty log), memslot delete and move, L2 destroy, and
 //! the bound against a hostile L1. The invariant checker runs after every step.
 
+mod common;
+
+use common::{host_unmap, l1_tree, root, Tree, PTCR};
 use revmap_host::HostMmu;
 use revmap_nested::hcall::TlbieInstr;
-use revmap_nested::radix::{Access, PageSize, PateDw0, RadixPde, RadixPte};
-use revmap_nested::vm::{L2Result, NestedVm, NestedVmConfig, L1_RAM_HVA};
-use revmap_rmap::{Gfn, Hva, SlotId};
+use revmap_nested::radix::{Access, PageSize, RadixPde, RadixPte};
+use revmap_nested::vm::{L2Result, NestedVm, NestedVmConfig};
+use revmap_rmap::{Gfn, SlotId};
 
-const PTCR: u64 = 0x1_0000 | 4;
 /// L1 data pages start here (2 MiB aligned).
 const DATA: u64 = 0x1000_0000;
 const K64: u64 = 0x1_0000;
 const FULL: u64 =
     RadixPte::R | RadixPte::C | RadixPte::EAA_READ | RadixPte::EAA_RW | RadixPte::EAA_X;
-
-fn root(lpid: u64) -> u64 {
-    0x10_0000 * (lpid + 1)
-}
 
 /// L1 registers its partition table and, for each lpid, a 64K-geometry table whose
 /// PMD entry 0 points to a PTE table (n_gpa [0, 2 MiB) in 64 KiB pages) and whose PMD
@@ -27,13 +25,7 @@ fn setup(cfg: NestedVmConfig, lpids: &[u64]) -> NestedVm {
     let vm = NestedVm::new(cfg).unwrap();
     assert_eq!(vm.h_set_partition_table(PTCR), 0);
     for &l in lpids {
-        let r = root(l);
-        let (pud, pmd, pte) = (r + 0x2_0000, r + 0x3_0000, r + 0x4_0000);
-        vm.l1_store(0x1_0000 + 16 * l, PateDw0::radix52(r, 13).bits())
-            .unwrap();
-        vm.l1_store(r, RadixPde::new(pud, 9).bits()).unwrap();
-        vm.l1_store(pud, RadixPde::new(pmd, 9).bits()).unwrap();
-        vm.l1_store(pmd, RadixPde::new(pte, 5).bits()).unwrap();
+        l1_tree(&vm, l, Tree::spaced(l));
     }
     vm
 }
@@ -62,14 +54,6 @@ fn checked(vm: &NestedVm) {
     if let Err(v) = vm.check() {
         panic!("{v:#?}");
     }
-}
-
-fn host_unmap(vm: &NestedVm, gpa: u64, len: u64) {
-    let (a, b) = (Hva(L1_RAM_HVA + gpa), Hva(L1_RAM_HVA + gpa + len));
-    vm.invalidate_range_start(a, b);
-    vm.unmap_hva_range(a, b);
-    vm.invalidate_range_end(a, b);
-    vm.host_page_in(a, b);
 }
 
 fn frames(gpa: u64, len: u64) -> (Gfn, Gfn) {

@@ -736,48 +736,52 @@ impl ShadowMmu {
     // ---------------------------------------------------------------- shadow pages
 
     fn account_shadowed(&mut self, id: SpId) -> Result<(), ShadowError> {
-        let sp = self.sp_ok(id)?;
-        let (gfn, level) = (sp.gfn, sp.role.level());
-        self.indirect_shadow_pages += 1;
-        let Some(slot) = self.slots.iter_mut().find(|s| s.contains(gfn)) else {
-            return Err(ShadowError::NoSlot(gfn));
-        };
-        if level > 1 {
-            let i = slot.idx(gfn, 1);
-            if let Some(c) = slot.write_track.get_mut(i) {
-                *c = c.saturating_add(1);
-            }
-        }
-        for (k, l) in [2u32, 3].into_iter().enumerate() {
-            let i = slot.idx(gfn, l);
-            if let Some(c) = slot.disallow_lpage[k].get_mut(i) {
-                *c += 1;
-            }
-        }
+        let gfn = self.count_shadowed(id, true)?;
         self.write_protect_gfn(gfn, true)?;
         Ok(())
     }
 
     fn unaccount_shadowed(&mut self, id: SpId) -> Result<(), ShadowError> {
+        self.count_shadowed(id, false)?;
+        Ok(())
+    }
+
+    /// The counting shared by `account_shadowed` and `unaccount_shadowed`: moves the
+    /// indirect-page count, the write-track count of `id`'s gfn (for a table above
+    /// level 1) and its `disallow_lpage` counts at levels 2 and 3 by one, up when `up`.
+    /// Returns the gfn.
+    fn count_shadowed(&mut self, id: SpId, up: bool) -> Result<u64, ShadowError> {
         let sp = self.sp_ok(id)?;
         let (gfn, level) = (sp.gfn, sp.role.level());
-        self.indirect_shadow_pages = self.indirect_shadow_pages.saturating_sub(1);
+        self.indirect_shadow_pages = if up {
+            self.indirect_shadow_pages.saturating_add(1)
+        } else {
+            self.indirect_shadow_pages.saturating_sub(1)
+        };
         let Some(slot) = self.slots.iter_mut().find(|s| s.contains(gfn)) else {
             return Err(ShadowError::NoSlot(gfn));
         };
         if level > 1 {
             let i = slot.idx(gfn, 1);
             if let Some(c) = slot.write_track.get_mut(i) {
-                *c = c.saturating_sub(1);
+                *c = if up {
+                    c.saturating_add(1)
+                } else {
+                    c.saturating_sub(1)
+                };
             }
         }
         for (k, l) in [2u32, 3].into_iter().enumerate() {
             let i = slot.idx(gfn, l);
             if let Some(c) = slot.disallow_lpage[k].get_mut(i) {
-                *c = c.saturating_sub(1);
+                *c = if up {
+                    c.saturating_add(1)
+                } else {
+                    c.saturating_sub(1)
+                };
             }
         }
-        Ok(())
+        Ok(gfn)
     }
 
     fn alloc_sp(&mut self, gfn: u64, role: SpRole) -> Result<SpId, ShadowError> {

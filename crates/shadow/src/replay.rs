@@ -19,11 +19,11 @@
 //! that cannot be read is an error, never a panic.
 
 use crate::mmu::{AccessOutcome, ShadowMmu, ShadowStats};
-use crate::paging::{Access, CpuMode, Gpa, GuestPhysMemory};
-use crate::walk_check::WalkMismatch;
+use crate::paging::{CpuMode, Gpa, GuestPhysMemory};
+use crate::walk_check::{access_of, WalkMismatch};
 use revmap_host::{Memslot, MemslotFlags};
 use revmap_rmap::{Gfn, Hva, SlotId};
-use revmap_trace::x86::{AccessType, WalkOutcome, WalkRecord, X86Reader, X86Record};
+use revmap_trace::x86::{WalkOutcome, WalkRecord, X86Reader, X86Record};
 use revmap_trace::TraceError;
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
@@ -273,21 +273,7 @@ impl ShadowReplayer {
             return self.fail(w.line, "re-validation", "ok".into(), e.to_string());
         }
         // Rule 3: the access.
-        let mut access = Access::empty();
-        match w.acc {
-            AccessType::Read => {}
-            AccessType::Write => access |= Access::WRITE,
-            AccessType::Fetch => access |= Access::FETCH,
-        }
-        if w.cpl == 3 {
-            access |= Access::USER;
-        }
-        if w.implicit_supervisor() {
-            access |= Access::IMPLICIT;
-        }
-        if w.ac {
-            access |= Access::EFLAGS_AC;
-        }
+        let access = access_of(w);
         let got = match self.mmu.access(v, w.va, access) {
             Ok(o) => o,
             Err(e) => return self.fail(w.line, "shadow access", "ok".into(), e.to_string()),

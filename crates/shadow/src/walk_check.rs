@@ -178,21 +178,7 @@ impl WalkChecker {
                 self.store(&mode, p.gpa, p.val);
             }
         }
-        let mut access = Access::empty();
-        match w.acc {
-            AccessType::Read => {}
-            AccessType::Write => access |= Access::WRITE,
-            AccessType::Fetch => access |= Access::FETCH,
-        }
-        if w.cpl == 3 {
-            access |= Access::USER;
-        }
-        if w.implicit_supervisor() {
-            access |= Access::IMPLICIT;
-        }
-        if w.ac {
-            access |= Access::EFLAGS_AC;
-        }
+        let access = access_of(w);
         let expect_smap = mode.smap() && w.cpl == 0 && (!w.ac || w.implicit_supervisor());
         if expect_smap != w.smap && w.acc != AccessType::Fetch {
             self.report.smap_flag_disagreements += 1;
@@ -308,6 +294,27 @@ impl WalkChecker {
         }
         self.report.matched += 1;
     }
+}
+
+/// The access a recorded walk made: its type, CPL 3 as a user access, an implicit
+/// supervisor access (descriptor-table reads), and EFLAGS.AC.
+pub(crate) fn access_of(w: &WalkRecord) -> Access {
+    let mut access = Access::empty();
+    match w.acc {
+        AccessType::Read => {}
+        AccessType::Write => access |= Access::WRITE,
+        AccessType::Fetch => access |= Access::FETCH,
+    }
+    if w.cpl == 3 {
+        access |= Access::USER;
+    }
+    if w.implicit_supervisor() {
+        access |= Access::IMPLICIT;
+    }
+    if w.ac {
+        access |= Access::EFLAGS_AC;
+    }
+    access
 }
 
 fn hexes(v: &[u64]) -> String {
