@@ -87,17 +87,7 @@ pub fn run_deterministic_with(
         .actors
         .contains(&HostActor::Migration)
         .then(|| Migration::new(sc.seed, slots.clone()));
-    let mut ctl = Controller {
-        vm: &vm,
-        sc,
-        checks: 0,
-        violations: 0,
-        first_violation: None,
-        resizes: Vec::new(),
-        migration_ops: HostOps::default(),
-        rounds: Vec::new(),
-        deterministic: true,
-    };
+    let mut ctl = Controller::new(&vm, sc, true);
     let mut host_ops = HostOps::default();
     let mut host_digest = 0u64;
     let mut sched = ChaCha8Rng::seed_from_u64(sc.seed);

@@ -390,17 +390,7 @@ pub fn run(
         ops_per_phase: std::num::NonZeroU64::new(sc.host.ops_per_tick),
     };
 
-    let mut ctl = Controller {
-        vm: &vm,
-        sc,
-        checks: 0,
-        violations: 0,
-        first_violation: None,
-        resizes: Vec::new(),
-        migration_ops: HostOps::default(),
-        rounds: Vec::new(),
-        deterministic: false,
-    };
+    let mut ctl = Controller::new(&vm, sc, false);
     let t0 = Instant::now();
     let mut interrupted = false;
     let by_calls = sc.stop_after_hcalls;
@@ -590,7 +580,21 @@ pub(crate) struct Controller<'a> {
     pub(crate) deterministic: bool,
 }
 
-impl Controller<'_> {
+impl<'a> Controller<'a> {
+    /// A controller with no checks, resizes or rounds yet.
+    pub(crate) fn new(vm: &'a Vm, sc: &'a Scenario, deterministic: bool) -> Self {
+        Self {
+            vm,
+            sc,
+            checks: 0,
+            violations: 0,
+            first_violation: None,
+            resizes: Vec::new(),
+            migration_ops: HostOps::default(),
+            rounds: Vec::new(),
+            deterministic,
+        }
+    }
     /// Runs the checker (callers quiesce first).
     pub(crate) fn check(&mut self) {
         self.checks += 1;
