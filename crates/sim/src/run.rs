@@ -263,6 +263,21 @@ pub struct GuestCounters {
     pub exits: u64,
 }
 
+impl GuestCounters {
+    /// Adds `o`'s counters to these.
+    pub fn merge(&mut self, o: &Self) {
+        self.touches += o.touches;
+        self.hash_faults += o.hash_faults;
+        self.protection_faults += o.protection_faults;
+        self.other_faults += o.other_faults;
+        self.evictions += o.evictions;
+        self.enter_errors += o.enter_errors;
+        self.forks += o.forks;
+        self.execs += o.execs;
+        self.exits += o.exits;
+    }
+}
+
 /// Parks vCPU threads between operations (see module invariants).
 #[derive(Debug, Default)]
 pub struct Quiesce {
@@ -533,19 +548,10 @@ pub fn run(
     ctl.check();
     host_ops.merge(&ctl.migration_ops);
     let mut stats = HcallStats::new()?;
-    let mut guest = GuestCounters::default();
     for c in &cpus {
         stats.merge(&c.stats);
     }
-    guest.touches = stats.touches;
-    guest.hash_faults = stats.hash_faults;
-    guest.protection_faults = stats.protection_faults;
-    guest.other_faults = stats.other_faults;
-    guest.evictions = stats.evictions;
-    guest.enter_errors = stats.enter_errors;
-    guest.forks = stats.forks;
-    guest.execs = stats.execs;
-    guest.exits = stats.exits;
+    let guest = stats.guest;
     let rounds = std::mem::take(&mut ctl.rounds);
     let resizes = std::mem::take(&mut ctl.resizes);
     let mut report = build_report(
