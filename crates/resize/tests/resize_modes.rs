@@ -13,51 +13,23 @@ use revmap_resize::{PrecopyHold, ResizeMode};
 
 #[path = "../../hpt/tests/common/mod.rs"]
 mod common;
-use common::{field, opcode, trace_lines, RESIZE};
+use common::RESIZE;
 mod support;
-use support::{check_outs, parse, resize_record, ResizeStep};
+use support::{replay_trace, trace_vm, ResizeStep};
 const MODES: [ResizeMode; 2] = [ResizeMode::StopTheWorld, ResizeMode::PreCopy];
 
 /// Replay the resize trace; returns every guest-visible result word in order (empty if
 /// the trace is absent).
 fn replay(path: &str, flavour: Flavour, mode: ResizeMode) -> Vec<u64> {
-    let mut seen = Vec::new();
-    let vm = revmap_resize::new_vm(VmConfig {
-        ram_bytes: 1 << 30,
-        hpt_order: 23,
-        flavour,
-        backing_page_shift: 24,
-    })
-    .unwrap();
+    let vm = trace_vm(flavour);
     vm.resize_ctl().expect("resizer installed").set_mode(mode);
     assert_eq!(vm.resize_ctl().expect("resizer installed").mode(), mode);
     let mut commits = 0;
-    for (lineno, line) in trace_lines(path).enumerate() {
-        let Some((name, kin, kout)) = parse(&line) else {
-            continue;
-        };
-        let ctx = format_args!("{mode:?} line {lineno}: {line}");
-        match resize_record(&vm, name, &kin, &kout, &ctx) {
-            ResizeStep::Shift => continue,
-            ResizeStep::Hcall { op, ret } => {
-                if op == H_RESIZE_HPT_COMMIT {
-                    seen.push(ret as u64);
-                    commits += 1;
-                }
-                continue;
-            }
-            ResizeStep::NotResize => {}
+    let seen = replay_trace(&vm, path, flavour, &format!("{mode:?}"), |_, step| {
+        if matches!(step, ResizeStep::Hcall { op, .. } if op == H_RESIZE_HPT_COMMIT) {
+            commits += 1;
         }
-        let Some((op, ins, outs)) = opcode(name) else {
-            continue;
-        };
-        let args: Vec<u64> = ins.iter().map(|k| field(&kin, k).unwrap()).collect();
-        let want_ret = field(&kout, "ret").unwrap() as i64;
-        let got = vm.hcall(0, op, &args);
-        assert_eq!(got.ret, want_ret, "{ctx}");
-        seen.push(got.ret as u64);
-        check_outs(flavour, op, outs, &kout, &got, &ctx, &mut seen);
-    }
+    });
     vm.check_invariants().unwrap();
     assert!(commits >= 4, "the trace commits");
     seen

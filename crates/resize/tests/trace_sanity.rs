@@ -4,53 +4,31 @@
 //! in the QEMU flavour, equal under `result_masks` in the KVM flavour, with the
 //! invariant checker every 5000 records. (The real replay engine lives in the CLI; this
 //! is the HPT crate's own end-to-end check.)
-use revmap_hpt::{Flavour, VmConfig};
+use revmap_hpt::Flavour;
 
 #[path = "../../hpt/tests/common/mod.rs"]
 mod common;
-use common::{field, opcode, trace_lines, BOOT, RESIZE};
+use common::{BOOT, RESIZE};
 mod support;
-use support::{check_outs, parse, resize_record, ResizeStep};
+use support::{replay_trace, trace_vm, ResizeStep};
 
 fn replay(path: &str, flavour: Flavour) -> usize {
-    let vm = revmap_resize::new_vm(VmConfig {
-        ram_bytes: 1 << 30,
-        hpt_order: 23,
-        flavour,
-        backing_page_shift: 24,
-    })
-    .unwrap();
+    let vm = trace_vm(flavour);
     let mut n = 0;
     let mut resizes = 0;
-    let mut seen = Vec::new();
-    for (lineno, line) in trace_lines(path).enumerate() {
-        let Some((name, kin, kout)) = parse(&line) else {
-            continue;
-        };
-        let ctx = format_args!("line {lineno}: {line}");
-        match resize_record(&vm, name, &kin, &kout, &ctx) {
-            ResizeStep::Shift => continue,
-            ResizeStep::Hcall { .. } => {
-                resizes += 1;
-                vm.check_invariants().unwrap();
-                continue;
-            }
-            ResizeStep::NotResize => {}
-        }
-        let Some((op, ins, outs)) = opcode(name) else {
-            continue;
-        };
-        let args: Vec<u64> = ins.iter().map(|k| field(&kin, k).unwrap()).collect();
-        let want_ret = field(&kout, "ret").unwrap() as i64;
-        let got = vm.hcall(0, op, &args);
-        assert_eq!(got.ret, want_ret, "{ctx}\n got {got:x?}");
-        check_outs(flavour, op, outs, &kout, &got, &ctx, &mut seen);
-        seen.clear();
-        n += 1;
-        if n % 5000 == 0 {
+    replay_trace(&vm, path, flavour, "", |vm, step| match step {
+        ResizeStep::Hcall { .. } => {
+            resizes += 1;
             vm.check_invariants().unwrap();
         }
-    }
+        ResizeStep::Other => {
+            n += 1;
+            if n % 5000 == 0 {
+                vm.check_invariants().unwrap();
+            }
+        }
+        ResizeStep::Shift | ResizeStep::NotResize => {}
+    });
     let rep = vm.check_invariants().unwrap();
     eprintln!("{flavour}: {n} records, {resizes} resize calls, {rep:?}");
     n + resizes

@@ -1,8 +1,8 @@
 //! Trace-replay steps shared by the resize crate's trace tests.
 #![allow(dead_code)] // each test binary uses its own part
-use super::common::field;
+use super::common::{field, opcode, trace_lines};
 use revmap_hpt::hcall::*;
-use revmap_hpt::{result_masks, Flavour, HcallResult, Vm};
+use revmap_hpt::{result_masks, Flavour, HcallResult, Vm, VmConfig};
 use revmap_resize::ResizeVmExt;
 
 /// The `key=value` fields of a record's inputs and outputs.
@@ -29,6 +29,8 @@ pub fn parse(line: &str) -> Option<(&str, Fields<'_>, Fields<'_>)> {
 pub enum ResizeStep {
     /// Not a resize record: replay it as an ordinary hypercall.
     NotResize,
+    /// An ordinary hypercall, replayed and checked ([`replay_trace`]).
+    Other,
     /// An `HPT_SHIFT` record, checked against the table's order.
     Shift,
     /// A resize hypercall `op` that returned `ret` (checked against the trace: PREPARE
@@ -106,4 +108,57 @@ pub fn check_outs(
             got.out[i]
         );
     }
+}
+
+/// A 1 GiB VM with a 2^23-byte table, 16 MiB backing pages and a resizer: the machine
+/// the traces were recorded on.
+pub fn trace_vm(flavour: Flavour) -> Vm {
+    revmap_resize::new_vm(VmConfig {
+        ram_bytes: 1 << 30,
+        hpt_order: 23,
+        flavour,
+        backing_page_shift: 24,
+    })
+    .unwrap()
+}
+
+/// Replay the trace at `path` on `vm`, checking every record's results (bit-exact in
+/// the QEMU flavour, under `result_masks` in the KVM flavour; `label` prefixes
+/// assertion messages); `after(vm, step)` runs after each record replayed. Returns
+/// every guest-visible result word in order: each ordinary call's return code and
+/// outputs, and each COMMIT's return code.
+pub fn replay_trace(
+    vm: &Vm,
+    path: &str,
+    flavour: Flavour,
+    label: &str,
+    mut after: impl FnMut(&Vm, ResizeStep),
+) -> Vec<u64> {
+    let mut seen = Vec::new();
+    for (lineno, line) in trace_lines(path).enumerate() {
+        let Some((name, kin, kout)) = parse(&line) else {
+            continue;
+        };
+        let ctx = format_args!("{label} line {lineno}: {line}");
+        let step = resize_record(vm, name, &kin, &kout, &ctx);
+        match step {
+            ResizeStep::Hcall { op, ret } if op == H_RESIZE_HPT_COMMIT => seen.push(ret as u64),
+            ResizeStep::NotResize => {
+                let Some((op, ins, outs)) = opcode(name) else {
+                    continue;
+                };
+                let args: Vec<u64> = ins.iter().map(|k| field(&kin, k).unwrap()).collect();
+                let want_ret = field(&kout, "ret").unwrap() as i64;
+                let got = vm.hcall(0, op, &args);
+                assert_eq!(got.ret, want_ret, "{ctx}\n got {got:x?}");
+                seen.push(got.ret as u64);
+                check_outs(flavour, op, outs, &kout, &got, &ctx, &mut seen);
+                after(vm, ResizeStep::Other);
+                continue;
+            }
+            _ => {}
+        }
+        after(vm, step);
+    }
+    seen
 }
