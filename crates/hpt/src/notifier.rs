@@ -42,6 +42,17 @@ fn widen_to_backing(slot: &Memslot, lo: Gfn, hi: Gfn) -> (Gfn, Gfn) {
     (lo, hi)
 }
 
+/// Widen `[lo, hi)` to whole backing pages ([`widen_to_backing`]) and set the host-present
+/// bit of each backing page to `present`; returns the widened range.
+fn set_backing_present(slot: &Memslot, lo: Gfn, hi: Gfn, present: bool) -> (Gfn, Gfn) {
+    let (lo, hi) = widen_to_backing(slot, lo, hi);
+    let step = 1usize << (slot.backing_page_shift() - PAGE_SHIFT);
+    for g in (lo.0..hi.0).step_by(step) {
+        slot.set_host_present(Gfn(g), present);
+    }
+    (lo, hi)
+}
+
 impl Vm {
     /// MMU-notifier `invalidate_range_start` on host range `[start, end)`: count an
     /// invalidation in progress (inserters back off until the matching end), then unmap
@@ -77,11 +88,7 @@ impl Vm {
                 let Some((lo, hi)) = s.hva_range_to_gfns(start, end) else {
                     continue;
                 };
-                let (lo, hi) = widen_to_backing(s, lo, hi);
-                let step = 1usize << (s.backing_page_shift() - PAGE_SHIFT);
-                for g in (lo.0..hi.0).step_by(step) {
-                    s.set_host_present(Gfn(g), false);
-                }
+                let (lo, hi) = set_backing_present(s, lo, hi, false);
                 n += self.unmap_slot_range(acc.hpt(), s, lo, hi);
             }
         }
@@ -121,11 +128,7 @@ impl Vm {
             let Some((lo, hi)) = s.hva_range_to_gfns(start, end) else {
                 continue;
             };
-            let (lo, hi) = widen_to_backing(s, lo, hi);
-            let step = 1usize << (s.backing_page_shift() - PAGE_SHIFT);
-            for g in (lo.0..hi.0).step_by(step) {
-                s.set_host_present(Gfn(g), true);
-            }
+            set_backing_present(s, lo, hi, true);
         }
     }
 

@@ -99,6 +99,11 @@ impl Hpt {
         let geo = HptGeometry::new(order)?;
         let n =
             usize::try_from(geo.npte()).map_err(|_| HptError::OrderTooLargeForLinks { order })?;
+        Self::with_geometry(geo, n)
+    }
+
+    /// A table of `n` empty slots over `geo`, with its revmap (shared by the constructors).
+    fn with_geometry(geo: HptGeometry, n: usize) -> Result<Self, HptError> {
         let slots = try_boxed_slice(n, |_| HpteSlot::default())?;
         let revmap = Revmap::new(geo.npte())?;
         Ok(Self {
@@ -153,15 +158,7 @@ impl Hpt {
     #[cfg(any(loom, shuttle))]
     pub(crate) fn new_small(order: u32) -> Result<Self, HptError> {
         let geo = HptGeometry::new_small(order)?;
-        let n = 1usize << (order - 4);
-        let slots = try_boxed_slice(n, |_| HpteSlot::default())?;
-        let revmap = Revmap::new(geo.npte())?;
-        Ok(Self {
-            geo,
-            slots,
-            revmap,
-            pristine: None,
-        })
+        Self::with_geometry(geo, 1usize << (order - 4))
     }
 
     /// Geometry.

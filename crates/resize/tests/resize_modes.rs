@@ -7,123 +7,54 @@
 //!   H_REMOVE, MMU stores) resized up and down in both modes gives identical H_READ
 //!   dumps of the whole table after every commit, and the checker passes.
 use revmap_hpt::hcall::*;
-use revmap_hpt::{result_masks, Flavour, Vm, VmConfig};
+use revmap_hpt::{Flavour, Vm, VmConfig};
 use revmap_resize::ResizeVmExt;
 use revmap_resize::{PrecopyHold, ResizeMode};
 
 #[path = "../../hpt/tests/common/mod.rs"]
 mod common;
-use common::{field, opcode, trace_lines, RESIZE};
+use common::RESIZE;
+mod support;
+use support::{replay_trace, trace_vm, ResizeStep};
 const MODES: [ResizeMode; 2] = [ResizeMode::StopTheWorld, ResizeMode::PreCopy];
 
 /// Replay the resize trace; returns every guest-visible result word in order (empty if
 /// the trace is absent).
 fn replay(path: &str, flavour: Flavour, mode: ResizeMode) -> Vec<u64> {
-    let mut seen = Vec::new();
-    let vm = revmap_resize::new_vm(VmConfig {
-        ram_bytes: 1 << 30,
-        hpt_order: 23,
-        flavour,
-        backing_page_shift: 24,
-    })
-    .unwrap();
+    let vm = trace_vm(flavour);
     vm.resize_ctl().expect("resizer installed").set_mode(mode);
     assert_eq!(vm.resize_ctl().expect("resizer installed").mode(), mode);
     let mut commits = 0;
-    for (lineno, line) in trace_lines(path).enumerate() {
-        if line.starts_with('#') || line.is_empty() {
-            continue;
+    let seen = replay_trace(&vm, path, flavour, &format!("{mode:?}"), |_, step| {
+        if matches!(step, ResizeStep::Hcall { op, .. } if op == H_RESIZE_HPT_COMMIT) {
+            commits += 1;
         }
-        let (lhs, rhs) = line.split_once(" -> ").unwrap_or((&line, ""));
-        let mut it = lhs.split_whitespace();
-        let name = it.next().unwrap();
-        let kin: Vec<_> = it.filter_map(|t| t.split_once('=')).collect();
-        let kout: Vec<_> = rhs
-            .split_whitespace()
-            .filter_map(|t| t.split_once('='))
-            .collect();
-        if name == "HPT_SHIFT" {
-            assert_eq!(u64::from(vm.hpt_order()), field(&kin, "new").unwrap());
-            continue;
-        }
-        if let Some(op) = match name {
-            "H_RESIZE_HPT_PREPARE" => Some(H_RESIZE_HPT_PREPARE),
-            "H_RESIZE_HPT_COMMIT" => Some(H_RESIZE_HPT_COMMIT),
-            _ => None,
-        } {
-            let args = [field(&kin, "flags").unwrap(), field(&kin, "shift").unwrap()];
-            let want = field(&kout, "ret").unwrap() as i64;
-            if op == H_RESIZE_HPT_PREPARE && want == H_SUCCESS {
-                vm.resize_ctl().expect("resizer installed").wait_prepared();
-            }
-            let got = vm.hcall(0, op, &args).ret;
-            let ok = got == want
-                || (op == H_RESIZE_HPT_PREPARE && is_long_busy(want) && got == H_SUCCESS);
-            assert!(ok, "{mode:?} line {lineno}: {line}: got {got}");
-            if op == H_RESIZE_HPT_COMMIT {
-                seen.push(got as u64);
-                commits += 1;
-                vm.check_invariants().unwrap();
-            }
-            continue;
-        }
-        let Some((op, ins, outs)) = opcode(name) else {
-            continue;
-        };
-        let args: Vec<u64> = ins.iter().map(|k| field(&kin, k).unwrap()).collect();
-        let want_ret = field(&kout, "ret").unwrap() as i64;
-        let got = vm.hcall(0, op, &args);
-        assert_eq!(got.ret, want_ret, "{mode:?} line {lineno}: {line}");
-        seen.push(got.ret as u64);
-        if got.ret == H_SUCCESS || op == H_BULK_REMOVE {
-            for (i, k) in outs.iter().enumerate() {
-                if k.is_empty() {
-                    continue;
-                }
-                seen.push(got.out[i]);
-                let Some(want) = field(&kout, k) else {
-                    continue;
-                };
-                let ignore: u64 = result_masks(flavour, op, i)
-                    .iter()
-                    .map(|m| m.mask)
-                    .fold(0, |a, b| a | b);
-                assert_eq!(
-                    got.out[i] & !ignore,
-                    want & !ignore,
-                    "{mode:?} line {lineno} out[{i}] ({k}): got {:#x} want {want:#x}",
-                    got.out[i]
-                );
-            }
-        }
-    }
+    });
     vm.check_invariants().unwrap();
     assert!(commits >= 4, "the trace commits");
     seen
 }
 
-#[test]
-fn resize_trace_same_guest_results_in_both_modes_qemu() {
-    let [a, b] = MODES.map(|m| replay(RESIZE, Flavour::Qemu, m));
+/// The resize trace in `flavour` gives the same guest-visible results in both modes.
+fn same_results_in_both_modes(flavour: Flavour) {
+    let [a, b] = MODES.map(|m| replay(RESIZE, flavour, m));
     assert!(
         a.len() > 373_000,
         "every record's results collected: {}",
         a.len()
     );
     assert_eq!(a.len(), b.len());
-    assert!(a == b, "QEMU flavour: the modes differ");
+    assert!(a == b, "{flavour:?} flavour: the modes differ");
+}
+
+#[test]
+fn resize_trace_same_guest_results_in_both_modes_qemu() {
+    same_results_in_both_modes(Flavour::Qemu);
 }
 
 #[test]
 fn resize_trace_same_guest_results_in_both_modes_kvm() {
-    let [a, b] = MODES.map(|m| replay(RESIZE, Flavour::Kvm, m));
-    assert!(
-        a.len() > 373_000,
-        "every record's results collected: {}",
-        a.len()
-    );
-    assert_eq!(a.len(), b.len());
-    assert!(a == b, "KVM flavour: the modes differ");
+    same_results_in_both_modes(Flavour::Kvm);
 }
 
 /// xorshift64*: a deterministic stream for the random guest.

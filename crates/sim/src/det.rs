@@ -21,7 +21,7 @@
 use crate::actors::{Actor, ActorConfig, HostOp, HostOps, Migration, MigrationEvent};
 use crate::host::HostMmu;
 use crate::report::{digest_word, HcallStats};
-use crate::run::{build_report, make_vm, Controller, GuestCounters, Progress, RunError, RunReport};
+use crate::run::{build_report, make_vm, Controller, Progress, RunError, RunReport};
 use crate::scenario::{HostActor, Scenario};
 use crate::workload::GuestCpu;
 use rand::{Rng, SeedableRng};
@@ -87,17 +87,7 @@ pub fn run_deterministic_with(
         .actors
         .contains(&HostActor::Migration)
         .then(|| Migration::new(sc.seed, slots.clone()));
-    let mut ctl = Controller {
-        vm: &vm,
-        sc,
-        checks: 0,
-        violations: 0,
-        first_violation: None,
-        resizes: Vec::new(),
-        migration_ops: HostOps::default(),
-        rounds: Vec::new(),
-        deterministic: true,
-    };
+    let mut ctl = Controller::new(&vm, sc, true);
     let mut host_ops = HostOps::default();
     let mut host_digest = 0u64;
     let mut sched = ChaCha8Rng::seed_from_u64(sc.seed);
@@ -189,17 +179,7 @@ pub fn run_deterministic_with(
         stats.merge(&c.stats);
     }
     stats.digest = digest_word(stats.digest, host_digest);
-    let guest = GuestCounters {
-        touches: stats.touches,
-        hash_faults: stats.hash_faults,
-        protection_faults: stats.protection_faults,
-        other_faults: stats.other_faults,
-        evictions: stats.evictions,
-        enter_errors: stats.enter_errors,
-        forks: stats.forks,
-        execs: stats.execs,
-        exits: stats.exits,
-    };
+    let guest = stats.guest;
     drop(mmus);
     let checks = (ctl.checks, ctl.violations, ctl.first_violation.take());
     let resizes = std::mem::take(&mut ctl.resizes);

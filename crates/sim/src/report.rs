@@ -12,6 +12,7 @@
 //! * `merge` is associative and commutative for counts and histograms (the digest of a
 //!   merged set is a combination, meaningful only for one-thread runs).
 
+use crate::run::GuestCounters;
 use hdrhistogram::{CreationError, Histogram};
 use revmap_hpt::hcall::{H_NOT_FOUND, H_SUCCESS};
 use revmap_hpt::HcallResult;
@@ -50,24 +51,8 @@ pub struct HcallStats {
     pub latency_by_kind: Vec<Histogram<u64>>,
     /// Event digest (module docs).
     pub digest: u64,
-    /// Guest accesses that completed.
-    pub touches: u64,
-    /// Hash faults (no HPTE) taken by the guest.
-    pub hash_faults: u64,
-    /// Protection faults (store to a clean page) taken by the guest.
-    pub protection_faults: u64,
-    /// MMIO, not-ready or given-up accesses.
-    pub other_faults: u64,
-    /// Successful evictions (H_REMOVE with H_ANDCOND).
-    pub evictions: u64,
-    /// H_ENTER failures other than H_PTEG_FULL.
-    pub enter_errors: u64,
-    /// Forks.
-    pub forks: u64,
-    /// Execs.
-    pub execs: u64,
-    /// Exits.
-    pub exits: u64,
+    /// Guest-side counters (accesses, faults, evictions, process events).
+    pub guest: GuestCounters,
 }
 
 impl HcallStats {
@@ -82,15 +67,7 @@ impl HcallStats {
             latency_by_kind: (0..NKINDS).map(|_| Histogram::new_from(&latency)).collect(),
             latency,
             digest: FNV_OFFSET,
-            touches: 0,
-            hash_faults: 0,
-            protection_faults: 0,
-            other_faults: 0,
-            evictions: 0,
-            enter_errors: 0,
-            forks: 0,
-            execs: 0,
-            exits: 0,
+            guest: GuestCounters::default(),
         })
     }
 }
@@ -178,15 +155,7 @@ impl HcallStats {
             let _ = a.add(b);
         }
         self.digest = digest_word(self.digest, o.digest);
-        self.touches += o.touches;
-        self.hash_faults += o.hash_faults;
-        self.protection_faults += o.protection_faults;
-        self.other_faults += o.other_faults;
-        self.evictions += o.evictions;
-        self.enter_errors += o.enter_errors;
-        self.forks += o.forks;
-        self.execs += o.execs;
-        self.exits += o.exits;
+        self.guest.merge(&o.guest);
     }
 }
 

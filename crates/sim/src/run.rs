@@ -263,6 +263,21 @@ pub struct GuestCounters {
     pub exits: u64,
 }
 
+impl GuestCounters {
+    /// Adds `o`'s counters to these.
+    pub fn merge(&mut self, o: &Self) {
+        self.touches += o.touches;
+        self.hash_faults += o.hash_faults;
+        self.protection_faults += o.protection_faults;
+        self.other_faults += o.other_faults;
+        self.evictions += o.evictions;
+        self.enter_errors += o.enter_errors;
+        self.forks += o.forks;
+        self.execs += o.execs;
+        self.exits += o.exits;
+    }
+}
+
 /// Parks vCPU threads between operations (see module invariants).
 #[derive(Debug, Default)]
 pub struct Quiesce {
@@ -390,17 +405,7 @@ pub fn run(
         ops_per_phase: std::num::NonZeroU64::new(sc.host.ops_per_tick),
     };
 
-    let mut ctl = Controller {
-        vm: &vm,
-        sc,
-        checks: 0,
-        violations: 0,
-        first_violation: None,
-        resizes: Vec::new(),
-        migration_ops: HostOps::default(),
-        rounds: Vec::new(),
-        deterministic: false,
-    };
+    let mut ctl = Controller::new(&vm, sc, false);
     let t0 = Instant::now();
     let mut interrupted = false;
     let by_calls = sc.stop_after_hcalls;
@@ -543,19 +548,10 @@ pub fn run(
     ctl.check();
     host_ops.merge(&ctl.migration_ops);
     let mut stats = HcallStats::new()?;
-    let mut guest = GuestCounters::default();
     for c in &cpus {
         stats.merge(&c.stats);
     }
-    guest.touches = stats.touches;
-    guest.hash_faults = stats.hash_faults;
-    guest.protection_faults = stats.protection_faults;
-    guest.other_faults = stats.other_faults;
-    guest.evictions = stats.evictions;
-    guest.enter_errors = stats.enter_errors;
-    guest.forks = stats.forks;
-    guest.execs = stats.execs;
-    guest.exits = stats.exits;
+    let guest = stats.guest;
     let rounds = std::mem::take(&mut ctl.rounds);
     let resizes = std::mem::take(&mut ctl.resizes);
     let mut report = build_report(
@@ -590,7 +586,21 @@ pub(crate) struct Controller<'a> {
     pub(crate) deterministic: bool,
 }
 
-impl Controller<'_> {
+impl<'a> Controller<'a> {
+    /// A controller with no checks, resizes or rounds yet.
+    pub(crate) fn new(vm: &'a Vm, sc: &'a Scenario, deterministic: bool) -> Self {
+        Self {
+            vm,
+            sc,
+            checks: 0,
+            violations: 0,
+            first_violation: None,
+            resizes: Vec::new(),
+            migration_ops: HostOps::default(),
+            rounds: Vec::new(),
+            deterministic,
+        }
+    }
     /// Runs the checker (callers quiesce first).
     pub(crate) fn check(&mut self) {
         self.checks += 1;

@@ -33,6 +33,21 @@ struct Frames {
     dirty: Vec<bool>,
 }
 
+impl Frames {
+    /// Unmap frames `[lo, hi)`; returns how many were present.
+    fn unmap(&mut self, lo: usize, hi: usize) -> u64 {
+        let mut unmapped = 0;
+        for i in lo..hi {
+            if self.present[i] {
+                unmapped += 1;
+                self.present[i] = false;
+                self.referenced[i] = false;
+            }
+        }
+        unmapped
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
     seen: Vec<Seen>,
@@ -173,16 +188,7 @@ impl HostMmu for FakeHost {
                     "unmap range {lo}..{hi} not an aligned power of two"
                 ));
             }
-            let f = &mut st.frames[k];
-            let mut unmapped = 0;
-            for i in lo..hi {
-                if f.present[i] {
-                    unmapped += 1;
-                    f.present[i] = false;
-                    f.referenced[i] = false;
-                }
-            }
-            unmapped
+            st.frames[k].unmap(lo, hi)
         })
     }
 
@@ -214,16 +220,7 @@ impl HostMmu for FakeHost {
                     .push(format!("unmap_gfn_range outside slot {start}..{end}"));
                 return 0;
             };
-            let f = &mut st.frames[k];
-            let mut unmapped = 0;
-            for i in lo..hi {
-                if f.present[i] {
-                    unmapped += 1;
-                    f.present[i] = false;
-                    f.referenced[i] = false;
-                }
-            }
-            unmapped
+            st.frames[k].unmap(lo, hi)
         })
     }
 

@@ -438,19 +438,19 @@ impl GuestCpu {
         for _ in 0..4 {
             match mmu.access(&seg, ea, acc) {
                 AccessOutcome::Done(_) => {
-                    self.stats.touches += 1;
+                    self.stats.guest.touches += 1;
                     return;
                 }
                 AccessOutcome::GuestFault(Fault::NoHpte) => {
-                    self.stats.hash_faults += 1;
+                    self.stats.guest.hash_faults += 1;
                     self.hash_fault(vm, port, p, i, &seg, ea, store);
                 }
                 AccessOutcome::GuestFault(Fault::Protection { .. }) => {
-                    self.stats.protection_faults += 1;
+                    self.stats.guest.protection_faults += 1;
                     self.make_writable(vm, port, p, i, &seg, ea);
                 }
                 _ => {
-                    self.stats.other_faults += 1;
+                    self.stats.guest.other_faults += 1;
                     return;
                 }
             }
@@ -544,7 +544,7 @@ impl GuestCpu {
                     return Some((r.out[0] & 7) | sec);
                 }
                 if r.ret != H_PTEG_FULL {
-                    self.stats.enter_errors += 1;
+                    self.stats.guest.enter_errors += 1;
                     return None;
                 }
             }
@@ -562,7 +562,7 @@ impl GuestCpu {
             let ptex = base + (start + k) % 8;
             let r = self.hcall(port, H_REMOVE, &[H_ANDCOND, ptex, HpteV::BOLTED]);
             if r.ret == H_SUCCESS {
-                self.stats.evictions += 1;
+                self.stats.guest.evictions += 1;
                 return true;
             }
         }
@@ -693,7 +693,7 @@ impl GuestCpu {
             }
         }
         self.procs.push(child);
-        self.stats.forks += 1;
+        self.stats.guest.forks += 1;
     }
 
     fn exec(&mut self, port: &mut impl HypercallPort, p: usize) {
@@ -707,7 +707,7 @@ impl GuestCpu {
         if let Some(pr) = self.procs.get_mut(p) {
             pr.ctx = ctx;
         }
-        self.stats.execs += 1;
+        self.stats.guest.execs += 1;
     }
 
     fn exit(&mut self, port: &mut impl HypercallPort, p: usize) {
@@ -722,6 +722,6 @@ impl GuestCpu {
         if p < self.procs.len() {
             self.procs.swap_remove(p);
         }
-        self.stats.exits += 1;
+        self.stats.guest.exits += 1;
     }
 }

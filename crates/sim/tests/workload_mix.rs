@@ -32,7 +32,7 @@ fn run(steps: u64, seed: u64) -> (Mix, u64) {
     }
     drop(run);
     vm.check_invariants().unwrap();
-    (cpu.stats.mix(), cpu.stats.enter_errors)
+    (cpu.stats.mix(), cpu.stats.guest.enter_errors)
 }
 
 #[test]
@@ -103,9 +103,9 @@ fn bolted_linear_map_survives_the_workload_and_hidx_stays_usable() {
         })
         .count();
     assert_eq!(bolted, 16, "256 MiB / 16M linear-map pages");
-    assert!(cpu.stats.evictions > 0, "the small table must fill");
-    assert_eq!(cpu.stats.enter_errors, 0);
-    assert!(cpu.stats.touches > 10_000);
+    assert!(cpu.stats.guest.evictions > 0, "the small table must fill");
+    assert_eq!(cpu.stats.guest.enter_errors, 0);
+    assert!(cpu.stats.guest.touches > 10_000);
     // Every hypercall was well-formed: only H_SUCCESS, H_NOT_FOUND or H_PTEG_FULL.
     let odd: u64 = cpu.stats.other_ret.iter().sum();
     assert!(odd <= cpu.stats.count(revmap_trace::HcallKind::Enter) / 2);
