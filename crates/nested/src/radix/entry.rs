@@ -25,6 +25,23 @@ pub struct RadixPde(pub u64);
 #[derive(Clone, Copy, PartialEq, Eq, Default, Hash)]
 pub struct RadixPte(pub u64);
 
+/// The accessors every radix word type shares: `bits` (the raw word) and
+/// `is_valid` (its V bit). Expanded inside each type's `impl` block.
+macro_rules! word_accessors {
+    () => {
+        /// The raw word.
+        #[inline(always)]
+        pub const fn bits(self) -> u64 {
+            self.0
+        }
+        /// V bit.
+        #[inline(always)]
+        pub const fn is_valid(self) -> bool {
+            self.0 & Self::V != 0
+        }
+    };
+}
+
 impl RadixPde {
     /// V, valid (bit 63, IBM 0; `_PAGE_PRESENT`, `R_PTE_VALID`).
     pub const V: u64 = 1 << 63;
@@ -47,16 +64,7 @@ impl RadixPde {
     pub const fn new(base: u64, nls: u32) -> Self {
         RadixPde(Self::V | (base & Self::NLB) | (nls as u64 & Self::NLS))
     }
-    /// The raw word.
-    #[inline(always)]
-    pub const fn bits(self) -> u64 {
-        self.0
-    }
-    /// V bit.
-    #[inline(always)]
-    pub const fn is_valid(self) -> bool {
-        self.0 & Self::V != 0
-    }
+    word_accessors!();
     /// Next-level table base (byte address).
     #[inline(always)]
     pub const fn nlb(self) -> u64 {
@@ -112,16 +120,7 @@ impl RadixPte {
     pub const fn new(rpn: u64, flags: u64) -> Self {
         RadixPte(Self::V | Self::L | (rpn & Self::RPN) | (flags & !(Self::RPN | Self::V | Self::L)))
     }
-    /// The raw word.
-    #[inline(always)]
-    pub const fn bits(self) -> u64 {
-        self.0
-    }
-    /// V bit.
-    #[inline(always)]
-    pub const fn is_valid(self) -> bool {
-        self.0 & Self::V != 0
-    }
+    word_accessors!();
     /// L bit.
     #[inline(always)]
     pub const fn is_leaf(self) -> bool {
