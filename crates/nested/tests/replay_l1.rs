@@ -16,7 +16,7 @@ mod common;
 use common::{trace, Tally};
 use revmap_nested::access::{l1_translate, L1Layout, L2Outcome};
 use revmap_nested::fault::{l0_leaf_for_l1, shadow_leaf, L0Leaf};
-use revmap_nested::hcall::{check_enter_nested, check_set_partition_table, Ric, TlbInvalidate};
+use revmap_nested::hcall::{check_set_partition_table, Ric, TlbInvalidate};
 use revmap_nested::radix::{Access, Exit, Ptcr, SparseMemory};
 use revmap_nested::radix::{PageSize, RadixPte};
 use revmap_nested::{GuestId, NGpa, NestedGuests, ShadowLpidAllocator};
@@ -82,13 +82,9 @@ impl L1Side {
     }
 
     fn l2_access(&mut self, lpid: u64, gpa: u64, acc: AccessKind) -> AccessOutcome {
-        let id = match check_enter_nested(self.ptcr, lpid)
-            .map_err(Into::into)
-            .and_then(|_| self.guests.get(lpid, self.ptcr, true))
-        {
-            Ok(Some(id)) => id,
-            Ok(None) => unreachable!("create = true"),
-            Err(e) => return AccessOutcome::Ret(e.papr()),
+        let id = match common::enter_l2(&mut self.guests, self.ptcr, lpid) {
+            Ok(id) => id,
+            Err(out) => return out,
         };
         let mut root = self.guests.guest(id).unwrap().l1_gr_to_hr();
         if root.bits() == 0 {

@@ -19,7 +19,7 @@ mod common;
 use common::{trace, Tally};
 use revmap_nested::access::{l1_translate, L1Layout, L2Outcome};
 use revmap_nested::fault::{shadow_leaf, L0Leaf};
-use revmap_nested::hcall::{check_enter_nested, check_set_partition_table, Ric, TlbInvalidate};
+use revmap_nested::hcall::{check_set_partition_table, Ric, TlbInvalidate};
 use revmap_nested::radix::{Access, Exit, Geometry, PageSize, Ptcr, RadixPte, SparseMemory};
 use revmap_nested::shadow::{Inserted, ShadowPte, ShadowTable};
 use revmap_nested::{GuestId, NGpa, NestedGuests, Released, ShadowLpidAllocator};
@@ -126,13 +126,9 @@ impl Mmu {
     }
 
     fn l2_access(&mut self, lpid: u64, gpa: u64, acc: AccessKind) -> AccessOutcome {
-        let id = match check_enter_nested(self.ptcr, lpid)
-            .map_err(Into::into)
-            .and_then(|_| self.guests.get(lpid, self.ptcr, true))
-        {
-            Ok(Some(id)) => id,
-            Ok(None) => unreachable!("create = true"),
-            Err(e) => return AccessOutcome::Ret(e.papr()),
+        let id = match common::enter_l2(&mut self.guests, self.ptcr, lpid) {
+            Ok(id) => id,
+            Err(out) => return out,
         };
         self.shadows
             .entry(id)

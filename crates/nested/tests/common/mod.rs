@@ -3,9 +3,12 @@
 #![allow(dead_code)]
 
 use revmap_host::HostMmu;
-use revmap_nested::radix::{PateDw0, RadixPde};
+use revmap_nested::hcall::check_enter_nested;
+use revmap_nested::radix::{PateDw0, Ptcr, RadixPde};
 use revmap_nested::vm::{NestedVm, L1_RAM_HVA};
+use revmap_nested::{GuestId, NestedGuests};
 use revmap_rmap::Hva;
+use revmap_trace::nested::AccessOutcome;
 use std::path::PathBuf;
 
 /// The vendored nested trace `name` (under `traces/nested`).
@@ -120,4 +123,21 @@ pub fn host_reclaim(vm: &NestedVm, a: Hva, b: Hva) {
     vm.unmap_hva_range(a, b);
     vm.invalidate_range_end(a, b);
     vm.host_page_in(a, b);
+}
+
+/// H_ENTER_NESTED's checks, then the L2 guest's lookup (created if new): its id, or
+/// the hypercall return that rejects the access.
+pub fn enter_l2(
+    guests: &mut NestedGuests,
+    ptcr: Ptcr,
+    lpid: u64,
+) -> Result<GuestId, AccessOutcome> {
+    match check_enter_nested(ptcr, lpid)
+        .map_err(Into::into)
+        .and_then(|_| guests.get(lpid, ptcr, true))
+    {
+        Ok(Some(id)) => Ok(id),
+        Ok(None) => unreachable!("create = true"),
+        Err(e) => Err(AccessOutcome::Ret(e.papr())),
+    }
 }
