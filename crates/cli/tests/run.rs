@@ -35,19 +35,24 @@ const SMALL: &str = "name = \"small\"\ncheck_interval_ms = 300\n[guest]\nram_mib
                      vcpus = 2\nhpt_order = 0\nbacking_page_shift = 16\n[[resize]]\nat = 0.3\norder_delta = 1\n[[resize]]\nat = 0.6\n\
                      order_delta = -2\n";
 
-#[test]
-fn json_report_has_the_promised_fields_and_no_violation() {
-    let f = temp_file("small.toml", SMALL);
-    let o = revmap(&[
+/// Runs `revmap run` on the `SMALL` scenario (written to `file`) for 300000 hypercalls,
+/// with `extra` arguments after.
+fn run_small(file: &str, extra: &[&str]) -> Output {
+    let f = temp_file(file, SMALL);
+    let mut args = vec![
         "run",
         "--scenario",
         f.to_str().unwrap(),
         "--hcalls",
         "300000",
-        "--seed",
-        "5",
-        "--json",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    revmap(&args)
+}
+
+#[test]
+fn json_report_has_the_promised_fields_and_no_violation() {
+    let o = run_small("small.toml", &["--seed", "5", "--json"]);
     let err = stderr(&o);
     assert!(o.status.success(), "{err}");
     assert!(!err.contains("panicked"), "{err}");
@@ -260,17 +265,8 @@ fn check_png(path: &std::path::Path) {
 
 #[test]
 fn plot_writes_svg_and_png_files_that_decode() {
-    let f = temp_file("plot.toml", SMALL);
     let dir = temp_path("plots");
-    let o = revmap(&[
-        "run",
-        "--scenario",
-        f.to_str().unwrap(),
-        "--hcalls",
-        "300000",
-        "--plot",
-        dir.to_str().unwrap(),
-    ]);
+    let o = run_small("plot.toml", &["--plot", dir.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     let fonts = !stderr(&o).contains("no TrueType font");
     for name in ["latency", "rings", "dirty_pages", "throughput"] {
