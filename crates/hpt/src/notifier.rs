@@ -149,20 +149,18 @@ impl Vm {
     /// `kvm_age_gfn`: test and clear "referenced" for frames `[start, end)` of `slot`.
     /// True if any frame's rmap word had REFERENCED or any covering VALID HPTE had R.
     pub fn age_gfn(&self, slot: SlotId, start: Gfn, end: Gfn) -> bool {
-        let slots = self.memslots();
-        let Some(s) = slots.get(slot) else {
-            return false;
-        };
-        let acc = self.host_access();
-        let mut young = false;
-        self.for_range(s, start, end, |gfn, rm, from| {
-            young |= self.age_rmap(acc.hpt(), gfn, rm, from);
-        });
-        young
+        self.age_range(slot, start, end, false)
     }
 
     /// `kvm_test_age_gfn`: like [`age_gfn`](Self::age_gfn) but changes nothing.
     pub fn test_age_gfn(&self, slot: SlotId, start: Gfn, end: Gfn) -> bool {
+        self.age_range(slot, start, end, true)
+    }
+
+    /// Shared body of [`age_gfn`](Self::age_gfn) (clears R; every frame visited) and
+    /// [`test_age_gfn`](Self::test_age_gfn) (`test_only`: changes nothing and stops testing
+    /// once one frame is young).
+    fn age_range(&self, slot: SlotId, start: Gfn, end: Gfn, test_only: bool) -> bool {
         let slots = self.memslots();
         let Some(s) = slots.get(slot) else {
             return false;
@@ -170,7 +168,11 @@ impl Vm {
         let acc = self.host_access();
         let mut young = false;
         self.for_range(s, start, end, |gfn, rm, from| {
-            young = young || self.test_age_rmap(acc.hpt(), gfn, rm, from);
+            if test_only {
+                young = young || self.test_age_rmap(acc.hpt(), gfn, rm, from);
+            } else {
+                young |= self.age_rmap(acc.hpt(), gfn, rm, from);
+            }
         });
         young
     }

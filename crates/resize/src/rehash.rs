@@ -153,14 +153,14 @@ mod tests {
         let old = HptGeometry::new(18).unwrap();
         let new = HptGeometry::new(19).unwrap();
         let mut seen = std::collections::HashSet::new();
-        for (vsid, one_t) in [(0x1234u64, false), (0x3_0000_0042u64, true)] {
+        for (vsid, ssize) in [
+            (0x1234u64, SegmentSize::S256M),
+            (0x3_0000_0042u64, SegmentSize::S1T),
+        ] {
+            let one_t = matches!(ssize, SegmentSize::S1T);
             let seg = Segment {
                 vsid,
-                ssize: if one_t {
-                    SegmentSize::S1T
-                } else {
-                    SegmentSize::S256M
-                },
+                ssize,
                 base_shift: 16,
             };
             for g in 0..old.npteg() {
