@@ -176,14 +176,21 @@ pub trait FaultRun {
 /// What [`sweep`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SweepReport {
-    /// Allocations of one clean run (set-up and every step): the k swept.
+    /// Allocations of one clean run (set-up and every step): the k swept are
+    /// `first..allocations`.
     pub allocations: u64,
+    /// The first k swept: 0, or where [`run_in_child`] restarted the sweep after an
+    /// abort ([`FROM_ENV`]).
+    pub first: u64,
     /// Injected failures that the allocating call returned as an error.
     pub surfaced: u64,
     /// Injected failures that the call absorbed (it succeeded anyway).
     pub absorbed: u64,
     /// Of `surfaced`, those in the set-up (no VM to check; the set-up is repeated).
     pub in_setup: u64,
+    /// k for which the run made fewer than k+1 allocations, so nothing failed (a
+    /// background thread's allocations make the count vary by a few).
+    pub not_reached: u64,
     /// Failures per step name: (step, surfaced, absorbed).
     pub per_step: Vec<(&'static str, u64, u64)>,
 }
@@ -205,6 +212,12 @@ impl std::fmt::Write for StackLine {
     }
 }
 
+/// Outcome markers written after the progress prefix, read back by [`run_in_child`].
+const OUTCOME_SURFACED: &str = "=> surfaced";
+const OUTCOME_ABSORBED: &str = "=> absorbed";
+const OUTCOME_NOT_REACHED: &str = "=> not reached";
+const OUTCOME_COUNT: &str = "=> allocations of a clean run";
+
 fn progress(k: u64, what: &str) {
     // Raw stderr (not captured by the test harness): the last line before an abort
     // names the allocation and the step that could not fail cleanly.
@@ -216,38 +229,53 @@ fn progress(k: u64, what: &str) {
     let _ = std::io::stderr().write_all(line.buf.get(..line.len).unwrap_or_default());
 }
 
-fn clean_run<R: FaultRun>(run: &R) -> Result<R::State, String> {
-    let mut st = run.setup().map_err(|e| format!("clean set-up failed: {e}"))?;
+/// Set-up and every step with nothing failing; returns the state and the number of
+/// allocations they made (the checker's own allocations are not counted).
+fn clean_run<R: FaultRun>(run: &R) -> Result<(R::State, u64), String> {
+    count();
+    let st = run.setup();
+    let st = st.map_err(|e| format!("clean set-up failed: {e}"));
+    let mut st = match st {
+        Ok(st) => st,
+        Err(e) => {
+            disarm();
+            return Err(e);
+        }
+    };
     for (i, name) in run.steps().iter().enumerate() {
-        run.step(&mut st, i)
-            .map_err(|e| format!("clean step {i} ({name}) failed: {e}"))?;
+        if let Err(e) = run.step(&mut st, i) {
+            disarm();
+            return Err(format!("clean step {i} ({name}) failed: {e}"));
+        }
     }
+    let n = disarm();
     run.check(&st)
         .map_err(|e| format!("checker after a clean run: {e}"))?;
-    Ok(st)
+    Ok((st, n))
 }
 
 /// Run `run` once for every k below its allocation count with the k-th allocation
 /// failing (module docs); `Err` describes the first k that broke the contract.
 pub fn sweep<R: FaultRun>(run: &R) -> Result<SweepReport, String> {
-    TRACE.store(
-        std::env::var_os(TRACE_ENV).is_some(),
-        Ordering::SeqCst,
-    );
-    count();
-    let st = clean_run(run);
-    let allocations = disarm();
-    drop(st?);
+    TRACE.store(std::env::var_os(TRACE_ENV).is_some(), Ordering::SeqCst);
+    // A first clean run initialises what the standard library and our dependencies
+    // allocate lazily once per thread (arc-swap's debt lists, thread-local caches), so
+    // that the counted run allocates what every later run does.
+    drop(clean_run(run)?);
+    let (st, allocations) = clean_run(run)?;
+    drop(st);
+    progress(allocations, OUTCOME_COUNT);
     let names = run.steps();
-    let mut rep = SweepReport {
-        allocations,
-        per_step: names.iter().map(|n| (*n, 0, 0)).collect(),
-        ..SweepReport::default()
-    };
     let from = std::env::var(FROM_ENV)
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(0);
+    let mut rep = SweepReport {
+        allocations,
+        first: from,
+        per_step: names.iter().map(|n| (*n, 0, 0)).collect(),
+        ..SweepReport::default()
+    };
     for k in from..allocations {
         progress(k, "setup");
         arm(k);
@@ -259,6 +287,7 @@ pub fn sweep<R: FaultRun>(run: &R) -> Result<SweepReport, String> {
             }
             rep.surfaced += 1;
             rep.in_setup += 1;
+            progress(k, OUTCOME_SURFACED);
             drop(clean_run(run).map_err(|e| format!("k={k}: after a set-up failure: {e}"))?);
             continue;
         }
@@ -274,9 +303,11 @@ pub fn sweep<R: FaultRun>(run: &R) -> Result<SweepReport, String> {
                 if surfaced {
                     rep.surfaced += 1;
                     row.1 += 1;
+                    progress(k, OUTCOME_SURFACED);
                 } else {
                     rep.absorbed += 1;
                     row.2 += 1;
+                    progress(k, OUTCOME_ABSORBED);
                 }
                 run.check(&st).map_err(|e| {
                     format!("k={k}: checker after a failed allocation in step {i} ({name}): {e}")
@@ -292,6 +323,10 @@ pub fn sweep<R: FaultRun>(run: &R) -> Result<SweepReport, String> {
             r.map_err(|e| format!("k={k}: step {i} ({name}) failed without injection: {e}"))?;
         }
         disarm();
+        if failed_at.is_none() {
+            rep.not_reached += 1;
+            progress(k, OUTCOME_NOT_REACHED);
+        }
         if let Some(i) = failed_at {
             for (j, name) in names.iter().enumerate().skip(i + 1) {
                 run.step(&mut st, j)
@@ -319,13 +354,16 @@ pub const CHILD_ENV: &str = "REVMAP_FAILALLOC_CHILD";
 /// in a child process with [`CHILD_ENV`] set. An abort (a failed allocation that could
 /// not fail cleanly) is recorded with its k, step and allocation site, and the sweep is
 /// restarted in a new child from the next k, so one run lists every such allocation.
-/// Returns the last child's stdout, or `Err` listing every abort, or the failure of a
-/// child that ended otherwise (a panic, a broken contract). The test calls this when
+/// Aborts inside `Arc::new` or a thread's start-up are listed apart: stable Rust has no
+/// fallible form of them (see [`language_infallible`]); every other abort fails.
+/// Returns the outcome of every k, or `Err` listing every other abort, or the failure
+/// of a child that ended otherwise (a panic, a broken contract). The test calls this when
 /// [`CHILD_ENV`] is not set, and runs the sweep itself when it is.
-pub fn run_in_child(test: &str) -> Result<String, String> {
+pub fn run_in_child(test: &str) -> Result<ChildSweep, String> {
     let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
     let mut from = 0u64;
     let mut aborts = Vec::new();
+    let mut sum = ChildSweep::default();
     loop {
         let out = std::process::Command::new(&exe)
             .args([test, "--exact", "--nocapture", "--test-threads=1"])
@@ -337,9 +375,24 @@ pub fn run_in_child(test: &str) -> Result<String, String> {
             .map_err(|e| format!("spawning the child test: {e}"))?;
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         let stderr = String::from_utf8_lossy(&out.stderr);
+        for line in stderr.lines() {
+            let Some((k, what)) = line
+                .strip_prefix("failalloc: k=")
+                .and_then(|l| l.split_once(' '))
+            else {
+                continue;
+            };
+            match what {
+                OUTCOME_SURFACED => sum.surfaced += 1,
+                OUTCOME_ABSORBED => sum.absorbed += 1,
+                OUTCOME_NOT_REACHED => sum.not_reached += 1,
+                OUTCOME_COUNT => sum.allocations = k.parse().unwrap_or(0),
+                _ => {}
+            }
+        }
         if out.status.success() && stdout.contains("1 passed") {
             if aborts.is_empty() {
-                return Ok(stdout);
+                return Ok(sum);
             }
             return Err(format!(
                 "{} allocation(s) could not fail cleanly (the process aborted):\n{}",
@@ -356,7 +409,13 @@ pub fn run_in_child(test: &str) -> Result<String, String> {
         let aborted = stderr.contains("memory allocation of");
         match last_k {
             Some((k, step)) if aborted && k >= from => {
-                aborts.push(format!("  k={k} in {step}: {}", site(&stderr)));
+                let (site, language) = site(&stderr);
+                let line = format!("k={k} in {step}: {site}");
+                if language {
+                    sum.infallible.push(line);
+                } else {
+                    aborts.push(line);
+                }
                 from = k + 1;
             }
             _ => {
@@ -374,16 +433,67 @@ pub fn run_in_child(test: &str) -> Result<String, String> {
     }
 }
 
-/// The innermost revmap frames of the last injected-failure backtrace in `stderr`.
-fn site(stderr: &str) -> String {
+/// What [`run_in_child`] saw over every child it ran: the outcome of each k.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChildSweep {
+    /// Allocations of one clean run: the k swept are `0..allocations`.
+    pub allocations: u64,
+    /// Failures returned as an error by the call that allocated.
+    pub surfaced: u64,
+    /// Failures the call absorbed (it succeeded anyway).
+    pub absorbed: u64,
+    /// k the run did not reach (it allocated less that time).
+    pub not_reached: u64,
+    /// Aborts in `Arc::new` or a thread's start-up (no fallible form in stable Rust):
+    /// `k=.. in STEP: SITE`.
+    pub infallible: Vec<String>,
+}
+
+impl ChildSweep {
+    /// Every k accounted for once.
+    pub fn accounted(&self) -> u64 {
+        self.surfaced + self.absorbed + self.not_reached + self.infallible.len() as u64
+    }
+}
+
+/// Whether a frame of the standard library allocates where stable Rust offers no
+/// fallible form: `Arc::new` (there is no stable `Arc::try_new`) and spawning a thread
+/// (its handle, name and start-up state).
+fn language_infallible(frame: &str) -> bool {
+    (frame.contains("alloc::sync::Arc") && frame.contains("::new"))
+        || frame.starts_with("std::thread")
+        || frame.starts_with("<std::thread")
+        || frame.starts_with("std::sys::")
+        || frame.starts_with("<std::sys::")
+}
+
+/// The allocation site of the last injected failure in `stderr`: its innermost revmap
+/// frames, and whether the allocating standard-library call has no fallible form
+/// ([`language_infallible`]).
+fn site(stderr: &str) -> (String, bool) {
     let Some(at) = stderr.rfind("failalloc: injected here:") else {
-        return "(no backtrace)".into();
+        return ("(no backtrace)".into(), false);
     };
     let frames: Vec<&str> = stderr[at..]
         .lines()
+        .skip(1)
         .filter_map(|l| l.trim().split_once(": ").map(|(_, f)| f))
-        .filter(|f| f.starts_with("revmap_") && !f.starts_with("revmap_testkit::failalloc"))
-        .take(3)
+        .filter(|f| !f.contains("failalloc::FailingAlloc"))
         .collect();
-    frames.join(" <- ")
+    let first_revmap = frames
+        .iter()
+        .position(|f| f.starts_with("revmap_") || f.starts_with("<revmap_"));
+    let inner = &frames[..first_revmap.unwrap_or(frames.len())];
+    let language = inner.iter().any(|f| language_infallible(f));
+    let Some(i) = first_revmap else {
+        return ("a new thread's start-up (no revmap frame)".into(), language);
+    };
+    let named: Vec<&str> = frames[i..].iter().take(3).copied().collect();
+    let via = inner
+        .iter()
+        .rev()
+        .find(|f| !f.starts_with("<alloc::alloc") && !f.starts_with("alloc::alloc"))
+        .copied()
+        .unwrap_or("");
+    (format!("{} (via {via})", named.join(" <- ")), language)
 }
