@@ -18,6 +18,7 @@ mod plot;
 mod replay;
 mod replay_mmu;
 mod run;
+mod run_nested;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
