@@ -226,8 +226,9 @@ pub enum NestedRunError {
 }
 
 impl NestedScenario {
-    /// The hostile-L1 scenario (`scenarios/nested-hostile.toml`): one L1 vCPU thread
-    /// per... see the file; aging and migration only (L0 never unmaps the target page).
+    /// The hostile-L1 scenario (`scenarios/nested-hostile.toml`): every L1 vCPU maps
+    /// one L1 page into 16384 L2 addresses of each of its four L2s and invalidates
+    /// each pair after one access; aging and migration only (L0 never unmaps the page).
     pub fn hostile() -> Self {
         Self {
             name: "nested-hostile".into(),
