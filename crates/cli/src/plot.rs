@@ -344,6 +344,9 @@ pub fn write_nested_plots(
     write_all(dir, &["nested_rmap", "nested_throughput"], report)
 }
 
+/// A labelled curve: legend, colour, points.
+type Curve = (String, RGBColor, Vec<(f64, f64)>);
+
 impl Draw for NestedRunReport {
     fn draw<DB: DrawingBackend>(
         &self,
@@ -366,7 +369,7 @@ impl Draw for NestedRunReport {
         } else {
             "per second"
         };
-        let series: Vec<(String, RGBColor, Vec<(f64, f64)>)> = if i == 0 {
+        let series: Vec<Curve> = if i == 0 {
             let bound = self.nested.rmap_bound as f64;
             vec![
                 (
