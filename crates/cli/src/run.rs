@@ -22,7 +22,7 @@ use revmap_sim::run::{run as run_scenario, Progress, RunReport};
 use revmap_sim::scenario::Scenario;
 use std::io::IsTerminal;
 use std::ops::ControlFlow;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 /// Exit code of a run stopped by SIGINT (128 + the signal number, as shells report it).
@@ -81,7 +81,7 @@ pub struct RunArgs {
         value_parser = positive_seconds,
         conflicts_with_all = ["deterministic", "hcalls"]
     )]
-    pub(crate) duration: Option<f64>,
+    duration: Option<f64>,
     /// Stop after this many hypercalls instead of after a duration; resizes happen at
     /// their fraction of this count. Not with --deterministic.
     #[arg(
@@ -90,10 +90,10 @@ pub struct RunArgs {
         value_parser = clap::value_parser!(u64).range(1..),
         conflicts_with = "deterministic"
     )]
-    pub(crate) hcalls: Option<u64>,
+    hcalls: Option<u64>,
     /// Seed of every random stream [default: the scenario's, 1].
     #[arg(long, value_name = "S", allow_negative_numbers = true)]
-    pub(crate) seed: Option<u64>,
+    seed: Option<u64>,
     /// Print the report as one JSON object instead of the human summary.
     #[arg(long)]
     pub(crate) json: bool,
@@ -112,7 +112,7 @@ pub struct RunArgs {
         requires = "deterministic",
         value_parser = clap::value_parser!(u64).range(1..)
     )]
-    pub(crate) steps: Option<u64>,
+    steps: Option<u64>,
 }
 
 /// `--duration`: a positive, finite number of seconds.
@@ -132,22 +132,41 @@ fn load(args: &RunArgs) -> Result<Scenario, String> {
         Some(p) => Scenario::from_file(p).map_err(|e| e.to_string())?,
         None => Scenario::default(),
     };
-    if let Some(d) = args.duration {
-        // A duration on the command line wins over a scenario's hypercall count.
-        sc.duration_secs = d;
-        sc.stop_after_hcalls = 0;
-    }
-    if let Some(n) = args.hcalls {
-        sc.stop_after_hcalls = n;
-    }
-    if let Some(s) = args.seed {
-        sc.seed = s;
-    }
-    if let Some(n) = args.steps {
-        sc.deterministic.steps = n;
-    }
+    args.override_scenario(
+        &mut sc.duration_secs,
+        &mut sc.stop_after_hcalls,
+        &mut sc.seed,
+        &mut sc.deterministic.steps,
+    );
     sc.validate().map_err(|e| e.to_string())?;
     Ok(sc)
+}
+
+impl RunArgs {
+    /// Applies `--duration`, `--hcalls` (the scenario's stop count: hypercalls, or L2
+    /// accesses for the nested MMU), `--seed` and `--steps` to a scenario's fields.
+    pub(crate) fn override_scenario(
+        &self,
+        duration_secs: &mut f64,
+        stop_after: &mut u64,
+        seed: &mut u64,
+        steps: &mut u64,
+    ) {
+        if let Some(d) = self.duration {
+            // A duration on the command line wins over a scenario's stop count.
+            *duration_secs = d;
+            *stop_after = 0;
+        }
+        if let Some(n) = self.hcalls {
+            *stop_after = n;
+        }
+        if let Some(s) = self.seed {
+            *seed = s;
+        }
+        if let Some(n) = self.steps {
+            *steps = n;
+        }
+    }
 }
 
 /// Memory the host has available (`MemAvailable` of `/proc/meminfo`), if known.
@@ -176,7 +195,34 @@ fn check_memory(sc: &Scenario) -> Result<(), String> {
     }
 }
 
-fn print(report: &RunReport, json: bool, plot: Option<&PathBuf>) -> ExitCode {
+/// What `revmap run` prints and plots, whatever the MMU simulated.
+pub(crate) trait Report: serde::Serialize {
+    /// The human summary.
+    fn human(&self) -> String;
+    /// Stopped early by SIGINT.
+    fn interrupted(&self) -> bool;
+    /// Invariant violations found.
+    fn violations(&self) -> u64;
+    /// Writes the plots into `dir`: the files, and whether PNGs were skipped (no font).
+    fn write_plots(&self, dir: &Path) -> Result<(Vec<PathBuf>, bool), Box<dyn std::error::Error>>;
+}
+
+impl Report for RunReport {
+    fn human(&self) -> String {
+        RunReport::human(self)
+    }
+    fn interrupted(&self) -> bool {
+        self.interrupted
+    }
+    fn violations(&self) -> u64 {
+        self.invariant_violations
+    }
+    fn write_plots(&self, dir: &Path) -> Result<(Vec<PathBuf>, bool), Box<dyn std::error::Error>> {
+        crate::plot::write_plots(self, dir)
+    }
+}
+
+fn print(report: &impl Report, json: bool, plot: Option<&PathBuf>) -> ExitCode {
     if json {
         match serde_json::to_string(report) {
             Ok(s) => println!("{s}"),
@@ -189,7 +235,7 @@ fn print(report: &RunReport, json: bool, plot: Option<&PathBuf>) -> ExitCode {
         print!("{}", report.human());
     }
     if let Some(dir) = plot {
-        match crate::plot::write_plots(report, dir) {
+        match report.write_plots(dir) {
             Ok((files, no_font)) => {
                 if no_font {
                     eprintln!("revmap run: no TrueType font found; wrote SVG plots only");
@@ -209,23 +255,26 @@ fn print(report: &RunReport, json: bool, plot: Option<&PathBuf>) -> ExitCode {
             }
         }
     }
-    if report.interrupted {
+    if report.interrupted() {
         ExitCode::from(EXIT_INTERRUPTED)
-    } else if report.invariant_violations == 0 {
+    } else if report.violations() == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
     }
 }
 
-/// A deterministic run failed: shrink it and print the smallest failing scenario (as
-/// TOML, to stderr) so it can be re-run with `--deterministic --scenario`.
-fn report_minimised(sc: &Scenario) {
-    match revmap_sim::det::minimise(sc) {
-        Ok(Some((small, rep))) => {
+/// A deterministic run failed and was shrunk: print the smallest failing scenario
+/// (TOML, to stderr, with its first violation) so it can be re-run with
+/// `--deterministic --scenario`.
+pub(crate) fn report_minimised<S: serde::Serialize, E: std::fmt::Display>(
+    shrunk: Result<Option<(S, Option<String>)>, E>,
+) {
+    match shrunk {
+        Ok(Some((small, first))) => {
             eprintln!(
                 "revmap run: smallest failing scenario found ({}):",
-                rep.first_violation.as_deref().unwrap_or("violation")
+                first.as_deref().unwrap_or("violation")
             );
             match toml::to_string(&small) {
                 Ok(t) => eprintln!("{t}"),
@@ -239,7 +288,7 @@ fn report_minimised(sc: &Scenario) {
 
 /// Installs the SIGINT handling of the module docs; returns the flag the first SIGINT
 /// sets (unset forever if the handler cannot be installed: Ctrl-C then kills).
-pub(crate) fn on_sigint() -> Arc<AtomicBool> {
+fn on_sigint() -> Arc<AtomicBool> {
     let flag = Arc::new(AtomicBool::new(false));
     match signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT]) {
         Ok(mut signals) => {
@@ -264,13 +313,13 @@ pub(crate) fn on_sigint() -> Arc<AtomicBool> {
 }
 
 /// The progress display: a bar on a terminal, else a line per 10% on stderr.
-pub(crate) struct Display {
-    pub(crate) bar: Option<ProgressBar>,
+struct Display {
+    bar: Option<ProgressBar>,
     next_line: u32,
 }
 
 impl Display {
-    pub(crate) fn new(deterministic: bool, len: u64) -> Self {
+    fn new(deterministic: bool, len: u64) -> Self {
         if !std::io::stderr().is_terminal() {
             return Self {
                 bar: None,
@@ -293,7 +342,7 @@ impl Display {
     }
 
     /// Shows `p`; a run without an HPT (order 0) counts L2 accesses, not hypercalls.
-    pub(crate) fn update(&mut self, p: &Progress, len: u64) {
+    fn update(&mut self, p: &Progress, len: u64) {
         let msg = if p.hpt_order == 0 {
             format!(
                 "{} L2 accesses, {} host ops, violations {}",
@@ -320,7 +369,7 @@ impl Display {
         }
     }
 
-    pub(crate) fn finish(&self) {
+    fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }
@@ -329,15 +378,12 @@ impl Display {
 
 /// Runs `revmap run`.
 pub fn run(args: &RunArgs) -> ExitCode {
-    match args.mmu {
-        Mmu::Hpt => {}
-        Mmu::X86 => {
-            eprintln!("revmap run: error: --mmu x86 is not built in this branch");
-            return ExitCode::from(2);
-        }
+    let sc = match args.mmu {
+        Mmu::Hpt => load(args),
+        Mmu::X86 => Err("--mmu x86 is not built in this branch".to_owned()),
         Mmu::Nested => return crate::run_nested::run(args),
-    }
-    let sc = match load(args) {
+    };
+    let sc = match sc {
         Ok(s) => s,
         Err(e) => {
             eprintln!("revmap run: error: {e}");
@@ -350,6 +396,47 @@ pub fn run(args: &RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     }
+    let what = if args.deterministic {
+        format!("deterministic, {} steps", sc.deterministic.steps)
+    } else if sc.stop_after_hcalls > 0 {
+        format!("until {} hypercalls", sc.stop_after_hcalls)
+    } else {
+        format!("{} s", sc.duration_secs)
+    };
+    execute(
+        args,
+        sc.deterministic.steps,
+        format!("scenario {:?} ({what})", sc.name),
+        |progress| {
+            if args.deterministic {
+                revmap_sim::det::run_deterministic_with(&sc, progress)
+            } else {
+                run_scenario(&sc, progress)
+            }
+        },
+        |r: &RunReport| {
+            if r.failing_step.is_some() {
+                report_minimised(
+                    revmap_sim::det::minimise(&sc)
+                        .map(|m| m.map(|(small, rep)| (small, rep.first_violation))),
+                );
+            }
+        },
+    )
+}
+
+/// The run of any MMU, once its scenario is loaded: checks the `--plot` directory,
+/// installs the SIGINT handling, shows progress (`steps` long in deterministic mode)
+/// after announcing `what` runs, calls `simulate` with the progress callback, and
+/// prints the report; `shrink` sees a deterministic run's report first (to minimise a
+/// failure).
+pub(crate) fn execute<R: Report, E: std::fmt::Display>(
+    args: &RunArgs,
+    steps: u64,
+    what: String,
+    simulate: impl FnOnce(&mut dyn FnMut(&Progress) -> ControlFlow<()>) -> Result<R, E>,
+    shrink: impl FnOnce(&R),
+) -> ExitCode {
     if let Some(dir) = &args.plot {
         if let Err(e) = crate::plot::check_dir(dir) {
             eprintln!(
@@ -360,49 +447,25 @@ pub fn run(args: &RunArgs) -> ExitCode {
         }
     }
     let stop = on_sigint();
-    // ORDERING: Relaxed: see `on_sigint`.
-    let flow = |_: &Progress| {
+    let len = if args.deterministic { steps } else { 1000 };
+    let mut display = Display::new(args.deterministic, len);
+    if display.bar.is_none() {
+        eprintln!("revmap run: running {what}; Ctrl-C stops it and still reports");
+    }
+    let report = simulate(&mut |p: &Progress| {
+        display.update(p, len);
+        // ORDERING: Relaxed: see `on_sigint`.
         if stop.load(Ordering::Relaxed) {
             ControlFlow::Break(())
         } else {
             ControlFlow::Continue(())
         }
-    };
-    let len = if args.deterministic {
-        sc.deterministic.steps
-    } else {
-        1000
-    };
-    let mut display = Display::new(args.deterministic, len);
-    if display.bar.is_none() {
-        eprintln!(
-            "revmap run: running scenario {:?} ({}); Ctrl-C stops it and still reports",
-            sc.name,
-            if args.deterministic {
-                format!("deterministic, {} steps", sc.deterministic.steps)
-            } else if sc.stop_after_hcalls > 0 {
-                format!("until {} hypercalls", sc.stop_after_hcalls)
-            } else {
-                format!("{} s", sc.duration_secs)
-            }
-        );
-    }
-    let report = if args.deterministic {
-        revmap_sim::det::run_deterministic_with(&sc, |p| {
-            display.update(p, len);
-            flow(p)
-        })
-    } else {
-        run_scenario(&sc, |p| {
-            display.update(p, len);
-            flow(p)
-        })
-    };
+    });
     display.finish();
     match report {
         Ok(r) => {
-            if args.deterministic && r.failing_step.is_some() {
-                report_minimised(&sc);
+            if args.deterministic {
+                shrink(&r);
             }
             print(&r, args.json, args.plot.as_ref())
         }

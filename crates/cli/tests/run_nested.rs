@@ -7,10 +7,20 @@
 
 mod common;
 
-use common::{check_png, no_panic, revmap, stderr};
+use common::{check_plots, no_panic, revmap, stderr};
 
+/// `revmap run --mmu nested ARGS`.
+fn nested(args: &[&str]) -> std::process::Output {
+    let mut all = vec!["run", "--mmu", "nested"];
+    all.extend_from_slice(args);
+    revmap(&all)
+}
+
+/// The JSON report of `revmap run --mmu nested ARGS --json`, which must succeed.
 fn json(args: &[&str]) -> serde_json::Value {
-    let o = revmap(args);
+    let mut all = args.to_vec();
+    all.push("--json");
+    let o = nested(&all);
     no_panic(&o);
     assert!(o.status.success(), "{}", stderr(&o));
     serde_json::from_slice(&o.stdout).unwrap()
@@ -27,9 +37,7 @@ fn u(v: &serde_json::Value, path: &[&str]) -> u64 {
 
 #[test]
 fn threaded_json_report_has_the_nested_keys_and_no_violation() {
-    let v = json(&[
-        "run", "--mmu", "nested", "--hcalls", "4000", "--seed", "3", "--json",
-    ]);
+    let v = json(&["--hcalls", "4000", "--seed", "3"]);
     assert_eq!(v["mmu"], "nested");
     assert_eq!(
         u(&v, &["invariant_violations"]),
@@ -60,19 +68,8 @@ fn threaded_json_report_has_the_nested_keys_and_no_violation() {
 
 #[test]
 fn deterministic_mode_reproduces_a_seed_with_the_checker_every_step() {
-    let args = [
-        "run",
-        "--mmu",
-        "nested",
-        "--deterministic",
-        "--steps",
-        "300",
-        "--seed",
-        "4",
-        "--json",
-    ];
-    let a = json(&args);
-    let b = json(&args);
+    let run = |seed| json(&["--deterministic", "--steps", "300", "--seed", seed]);
+    let (a, b, c) = (run("4"), run("4"), run("5"));
     assert_eq!(u(&a, &["invariant_checks"]), 300);
     assert_eq!(
         u(&a, &["invariant_violations"]),
@@ -82,33 +79,13 @@ fn deterministic_mode_reproduces_a_seed_with_the_checker_every_step() {
     );
     assert_eq!(a["digest"], b["digest"]);
     assert_eq!(a["l1"], b["l1"]);
-    let c = json(&[
-        "run",
-        "--mmu",
-        "nested",
-        "--deterministic",
-        "--steps",
-        "300",
-        "--seed",
-        "5",
-        "--json",
-    ]);
     assert_ne!(a["digest"], c["digest"], "another seed, another schedule");
 }
 
 #[test]
 fn hostile_scenario_shows_the_bound_holding() {
-    let v = json(&[
-        "run",
-        "--mmu",
-        "nested",
-        "--scenario",
-        "hostile",
-        "--deterministic",
-        "--steps",
-        "1500",
-        "--json",
-    ]);
+    let hostile = ["--scenario", "hostile", "--deterministic", "--steps"];
+    let v = json(&[&hostile[..], &["1500"]].concat());
     assert_eq!(v["hostile"], true);
     assert_eq!(
         u(&v, &["invariant_violations"]),
@@ -121,16 +98,7 @@ fn hostile_scenario_shows_the_bound_holding() {
     assert!(pairs > 10 * bound, "{pairs} pairs");
     assert_eq!(u(&v, &["nested", "rmap_entries_max_per_gfn"]), bound);
     assert!(u(&v, &["nested", "rmap_bytes_max"]) <= 8 + (bound - 1) * 16);
-    let o = revmap(&[
-        "run",
-        "--mmu",
-        "nested",
-        "--scenario",
-        "hostile",
-        "--deterministic",
-        "--steps",
-        "200",
-    ]);
+    let o = nested(&[&hostile[..], &["200"]].concat());
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(
         out.contains("hostile L1:") && out.contains("invariant_violations 0"),
@@ -141,26 +109,15 @@ fn hostile_scenario_shows_the_bound_holding() {
 #[test]
 fn plot_writes_the_nested_plots() {
     let dir = std::env::temp_dir().join(format!("revmap-run-nested-{}", std::process::id()));
-    let d = dir.to_str().unwrap();
-    let o = revmap(&[
-        "run",
-        "--mmu",
-        "nested",
+    let o = nested(&[
         "--deterministic",
         "--steps",
         "300",
         "--plot",
-        d,
+        dir.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let fonts = !stderr(&o).contains("no TrueType font");
-    for name in ["nested_rmap", "nested_throughput"] {
-        let svg = std::fs::read_to_string(dir.join(format!("{name}.svg"))).unwrap();
-        assert!(svg.starts_with("<svg") && svg.len() > 1000, "{name}");
-        if fonts {
-            check_png(&dir.join(format!("{name}.png")));
-        }
-    }
+    check_plots(&o, &dir, &["nested_rmap", "nested_throughput"]);
     let svg = std::fs::read_to_string(dir.join("nested_rmap.svg")).unwrap();
     assert!(
         svg.contains("bound (64 entries per L1 gfn)"),
@@ -170,12 +127,12 @@ fn plot_writes_the_nested_plots() {
 
 #[test]
 fn bad_nested_scenarios_exit_2_with_a_message() {
-    let o = revmap(&["run", "--mmu", "nested", "--scenario", "no-such-scenario"]);
+    let o = nested(&["--scenario", "no-such-scenario"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("no-such-scenario"), "{}", stderr(&o));
     let f = std::env::temp_dir().join(format!("revmap-nested-bad-{}.toml", std::process::id()));
     std::fs::write(&f, "[l1]\nvcpus = 0\n").unwrap();
-    let o = revmap(&["run", "--mmu", "nested", "--scenario", f.to_str().unwrap()]);
+    let o = nested(&["--scenario", f.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("l1.vcpus"), "{}", stderr(&o));
     no_panic(&o);

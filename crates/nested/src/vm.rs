@@ -181,8 +181,9 @@ impl From<Exit> for L2Result {
     }
 }
 
-/// Counters of the nested MMU (monotonic, or high-water marks).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Counters of the nested MMU (monotonic, or high-water marks); serialised by field
+/// name (the `nested` object of the reports).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct NestedCounters {
     /// Nested page faults handled.
     pub nested_faults: u64,

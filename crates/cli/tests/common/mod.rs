@@ -56,3 +56,16 @@ pub fn check_png(path: &std::path::Path) {
         .count();
     assert!(colored > 100, "{}: no data drawn in colour", path.display());
 }
+
+/// Checks the plots `names` written into `dir` by a run whose output is `o`: each SVG,
+/// and each PNG unless the run said it found no font.
+pub fn check_plots(o: &Output, dir: &std::path::Path, names: &[&str]) {
+    let fonts = !stderr(o).contains("no TrueType font");
+    for name in names {
+        let svg = std::fs::read_to_string(dir.join(format!("{name}.svg"))).unwrap();
+        assert!(svg.starts_with("<svg") && svg.len() > 1000, "{name}");
+        if fonts {
+            check_png(&dir.join(format!("{name}.png")));
+        }
+    }
+}

@@ -17,7 +17,7 @@ use super::l1::L1Cpu;
 use super::run::{actor_kinds, boot, build_report, Outcome};
 use super::{Checks, NestedRunError, NestedRunReport, NestedSample, NestedScenario};
 use crate::actors::{Actor, ActorConfig, HostOps, Migration};
-use crate::det::VCPU_WEIGHT;
+use crate::det::{shrink, VCPU_WEIGHT};
 use crate::host::HostMmu;
 use crate::report::digest_word;
 use crate::run::Progress;
@@ -164,55 +164,35 @@ pub fn run_nested_deterministic_with(
     Ok(report)
 }
 
-/// Shrinks a failing deterministic nested scenario: cuts it just after the failing
-/// step, then keeps dropping a host actor, an L1 vCPU or an L2 per vCPU while the run
-/// still fails. Returns `None` if `sc` does not fail.
+/// Shrinks a failing deterministic nested scenario ([`crate::det::shrink`]): cuts it
+/// just after the failing step, then keeps dropping a host actor, an L1 vCPU or an L2
+/// per vCPU while the run still fails. Returns `None` if `sc` does not fail.
 pub fn minimise_nested(
     sc: &NestedScenario,
 ) -> Result<Option<(NestedScenario, NestedRunReport)>, NestedRunError> {
-    let r = run_nested_deterministic(sc)?;
-    let Some(step) = r.failing_step else {
-        return Ok(None);
-    };
-    let mut best = sc.clone();
-    best.deterministic.steps = step + 1;
-    let mut best_report = run_nested_deterministic(&best)?;
-    if best_report.failing_step.is_none() {
-        return Ok(Some((sc.clone(), r)));
-    }
-    loop {
-        let mut candidates = Vec::new();
-        for i in 0..best.host.actors.len() {
-            let mut c = best.clone();
-            c.host.actors.remove(i);
-            candidates.push(c);
-        }
-        if best.l1.vcpus > 1 {
-            let mut c = best.clone();
-            c.l1.vcpus -= 1;
-            candidates.push(c);
-        }
-        if best.l1.l2s_per_vcpu > 1 {
-            let mut c = best.clone();
-            c.l1.l2s_per_vcpu -= 1;
-            candidates.push(c);
-        }
-        let mut improved = false;
-        for mut c in candidates {
-            if c.validate().is_err() {
-                continue;
+    shrink(
+        sc,
+        |s| run_nested_deterministic(s).map(|r| (r.failing_step, r)),
+        |s, steps| s.deterministic.steps = steps,
+        |best| {
+            let mut candidates = Vec::new();
+            for i in 0..best.host.actors.len() {
+                let mut c = best.clone();
+                c.host.actors.remove(i);
+                candidates.push(c);
             }
-            let rep = run_nested_deterministic(&c)?;
-            if let Some(s) = rep.failing_step {
-                c.deterministic.steps = s + 1;
-                best = c;
-                best_report = rep;
-                improved = true;
-                break;
+            if best.l1.vcpus > 1 {
+                let mut c = best.clone();
+                c.l1.vcpus -= 1;
+                candidates.push(c);
             }
-        }
-        if !improved {
-            return Ok(Some((best, best_report)));
-        }
-    }
+            if best.l1.l2s_per_vcpu > 1 {
+                let mut c = best.clone();
+                c.l1.l2s_per_vcpu -= 1;
+                candidates.push(c);
+            }
+            candidates.retain(|c| c.validate().is_ok());
+            candidates
+        },
+    )
 }

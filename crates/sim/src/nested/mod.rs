@@ -34,7 +34,7 @@ pub mod run;
 
 use crate::actors::HostOps;
 use crate::run::{si_ns, write_table};
-use crate::scenario::{DeterministicSpec, HostActor, HostSpec};
+use crate::scenario::{DeterministicSpec, HostActor, HostSpec, ScenarioError};
 use revmap_nested::{NestedCounters, NestedVm, NestedVmConfig, NestedVmError};
 use serde::{Deserialize, Serialize};
 
@@ -174,32 +174,8 @@ impl Default for NestedScenario {
     }
 }
 
-/// A nested scenario that cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum NestedScenarioError {
-    /// Not valid TOML for a nested scenario.
-    #[error("bad nested scenario: {0}")]
-    Parse(#[from] toml::de::Error),
-    /// A value out of range.
-    #[error("bad nested scenario: {field}: {why}")]
-    Invalid {
-        /// The field.
-        field: &'static str,
-        /// What is wrong.
-        why: String,
-    },
-    /// The file could not be read.
-    #[error("cannot read scenario {path}: {source}")]
-    Io {
-        /// The path.
-        path: String,
-        /// The error.
-        source: std::io::Error,
-    },
-}
-
-fn invalid(field: &'static str, why: impl Into<String>) -> NestedScenarioError {
-    NestedScenarioError::Invalid {
+fn invalid(field: &'static str, why: impl Into<String>) -> ScenarioError {
+    ScenarioError::Invalid {
         field,
         why: why.into(),
     }
@@ -210,7 +186,7 @@ fn invalid(field: &'static str, why: impl Into<String>) -> NestedScenarioError {
 pub enum NestedRunError {
     /// The scenario does not fit the L1 memory layout.
     #[error(transparent)]
-    Scenario(#[from] NestedScenarioError),
+    Scenario(#[from] ScenarioError),
     /// The nested VM could not be created.
     #[error("cannot create the nested VM: {0}")]
     Vm(#[from] NestedVmError),
@@ -256,19 +232,23 @@ impl NestedScenario {
     }
 
     /// Parses and validates a TOML scenario.
-    pub fn from_toml(text: &str) -> Result<Self, NestedScenarioError> {
+    pub fn from_toml(text: &str) -> Result<Self, ScenarioError> {
         let s: Self = toml::from_str(text)?;
         s.validate()?;
         Ok(s)
     }
 
     /// Reads, parses and validates a scenario file (errors name the file).
-    pub fn from_file(path: &std::path::Path) -> Result<Self, NestedScenarioError> {
-        let text = std::fs::read_to_string(path).map_err(|source| NestedScenarioError::Io {
-            path: path.display().to_string(),
+    pub fn from_file(path: &std::path::Path) -> Result<Self, ScenarioError> {
+        let path_str = || path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Io {
+            path: path_str(),
             source,
         })?;
-        Self::from_toml(&text).map_err(|e| invalid("file", format!("{}: {e}", path.display())))
+        Self::from_toml(&text).map_err(|e| ScenarioError::InFile {
+            path: path_str(),
+            source: Box::new(e),
+        })
     }
 
     /// L2 guests in all (lpids 1..=this).
@@ -285,7 +265,7 @@ impl NestedScenario {
     }
 
     /// Checks every value, and that the L1 memory layout fits both RAM sizes.
-    pub fn validate(&self) -> Result<(), NestedScenarioError> {
+    pub fn validate(&self) -> Result<(), ScenarioError> {
         let l = &self.l1;
         for (field, mib) in [
             ("l1.ram_mib", l.ram_mib),
@@ -354,62 +334,30 @@ impl NestedScenario {
     }
 }
 
-/// The nested MMU's counters in the report (`nested` object).
+/// The nested MMU's counters in the report (`nested` object): the VM's counters and
+/// the bound and rmap size at the end.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct NestedStats {
-    /// Nested page faults handled by L0.
-    pub nested_faults: u64,
-    /// L2 accesses completed through a shadow leaf.
-    pub shadow_hits: u64,
-    /// Nested faults that backed off because a host invalidation ran.
-    pub fault_retries: u64,
-    /// Shadow PTEs removed through the nested rmap (host unmap, memslot flush).
-    pub rmap_invalidations: u64,
-    /// Rmap entries found stale when walked.
-    pub rmap_stale_skipped: u64,
-    /// Stale entries reclaimed at the bound.
-    pub rmap_reclaimed: u64,
-    /// Inserts refused at the bound (access served without a shadow leaf).
-    pub rmap_refused: u64,
-    /// Longest nested rmap list seen at one L1 gfn.
-    pub rmap_entries_max_per_gfn: u64,
-    /// High-water mark of nested rmap memory in bytes.
-    pub rmap_bytes_max: u64,
+    /// [`NestedVm::counters`] (flattened into the object).
+    #[serde(flatten)]
+    pub counters: NestedCounters,
     /// The bound (entries per L1 gfn).
     pub rmap_bound: u64,
     /// Nested rmap entries at the end.
     pub rmap_entries_end: u64,
     /// Non-empty nested rmap words at the end.
     pub rmap_words_end: u64,
-    /// Shadow TLB flushes (each with a shadow LPID).
-    pub shadow_flushes: u64,
-    /// L2 guest objects created by L0 (first entry).
-    pub l2_created: u64,
-    /// L2 guest objects released by L0.
-    pub l2_released: u64,
 }
 
 impl NestedStats {
     /// The VM's counters now.
     pub fn of(vm: &NestedVm) -> Self {
-        let c: NestedCounters = vm.counters();
         let (entries, words) = vm.rmap_totals();
         Self {
-            nested_faults: c.nested_faults,
-            shadow_hits: c.shadow_hits,
-            fault_retries: c.fault_retries,
-            rmap_invalidations: c.rmap_invalidations,
-            rmap_stale_skipped: c.rmap_stale_skipped,
-            rmap_reclaimed: c.rmap_reclaimed,
-            rmap_refused: c.rmap_refused,
-            rmap_entries_max_per_gfn: c.rmap_entries_max_per_gfn,
-            rmap_bytes_max: c.rmap_bytes_max,
+            counters: vm.counters(),
             rmap_bound: vm.config().rmap_cap as u64,
             rmap_entries_end: entries,
             rmap_words_end: words,
-            shadow_flushes: c.shadow_flushes,
-            l2_created: c.l2_created,
-            l2_released: c.l2_released,
         }
     }
 }
@@ -583,7 +531,12 @@ impl NestedRunReport {
             h.dirty_log_rounds,
             h.clear_dirty_log
         );
-        let n = &self.nested;
+        let n = &self.nested.counters;
+        let (bound, entries_end, words_end) = (
+            self.nested.rmap_bound,
+            self.nested.rmap_entries_end,
+            self.nested.rmap_words_end,
+        );
         let _ = writeln!(
             o,
             "nested MMU: {} nested faults ({} per access), {} shadow hits, {} fault retries \
@@ -611,10 +564,10 @@ impl NestedRunReport {
             n.rmap_reclaimed,
             n.rmap_refused,
             n.rmap_entries_max_per_gfn,
-            n.rmap_bound,
+            bound,
             n.rmap_bytes_max,
-            n.rmap_entries_end,
-            n.rmap_words_end
+            entries_end,
+            words_end
         );
         if self.hostile {
             let half = self

@@ -61,8 +61,8 @@ fn deterministic_runs_find_no_violation_and_reproduce() {
         assert!(r.l1.ok > 1000 && r.l1.maps > 100, "seed {seed}: {:?}", r.l1);
         assert!(r.l1.exit_nohpte > 0 && r.l1.exit_set_rc > 0, "{:?}", r.l1);
         assert!(r.l1.remaps + r.l1.protects + r.l1.ages + r.l1.unmaps > 0);
-        assert!(r.nested.nested_faults > 0 && r.nested.shadow_hits > 0);
-        assert!(r.nested.rmap_invalidations > 0, "{:?}", r.nested);
+        assert!(r.nested.counters.nested_faults > 0 && r.nested.counters.shadow_hits > 0);
+        assert!(r.nested.counters.rmap_invalidations > 0, "{:?}", r.nested);
         assert!(r.host_ops.unmap_hva_range > 0 && r.host_ops.get_dirty_log > 0);
         assert_eq!(run_nested_deterministic(&sc).unwrap().digest, r.digest);
     }
@@ -73,21 +73,21 @@ fn hostile_l1_stays_within_the_bound_and_its_rmap_stops_growing() {
     let sc = small(NestedScenario::hostile(), 1, 4000);
     let r = run_nested_deterministic(&sc).unwrap();
     assert_eq!(r.invariant_violations, 0, "{:?}", r.first_violation);
-    let n = r.nested;
+    let (n, bound) = (r.nested.counters, r.nested.rmap_bound);
     // Far more (lpid, L2 address) pairs reached the page than the bound admits ...
-    assert!(r.l1.hostile_pairs > 20 * n.rmap_bound, "{:?}", r.l1);
-    assert_eq!(n.rmap_entries_max_per_gfn, n.rmap_bound);
+    assert!(r.l1.hostile_pairs > 20 * bound, "{:?}", r.l1);
+    assert_eq!(n.rmap_entries_max_per_gfn, bound);
     assert!(n.rmap_reclaimed > r.l1.hostile_pairs / 2, "{n:?}");
     // ... and the rmap memory reached its plateau early: one word of the target
     // page, 8 B plus 16 B per extra entry.
-    let cap_bytes = 8 + (n.rmap_bound - 1) * 16;
+    let cap_bytes = 8 + (bound - 1) * 16;
     assert!(n.rmap_bytes_max <= cap_bytes, "{n:?}");
     let half = r.timeline[r.timeline.len() / 2];
     assert_eq!(
         half.rmap_bytes_max, n.rmap_bytes_max,
         "still growing after half the run"
     );
-    assert!(r.timeline.iter().all(|s| s.rmap_entries <= n.rmap_bound));
+    assert!(r.timeline.iter().all(|s| s.rmap_entries <= bound));
 }
 
 #[test]
