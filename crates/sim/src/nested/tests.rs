@@ -102,3 +102,34 @@ fn a_threaded_run_checks_at_quiescent_points() {
     assert!(r.accesses >= 20_000 && r.l1.ok > 0);
     assert!(!r.timeline.is_empty());
 }
+
+#[test]
+fn shrink_keeps_the_smallest_scenario_that_still_fails() {
+    // A toy scenario: (steps, actors); it fails at step 5 while actor 3 is present.
+    let run = |s: &(u64, Vec<u8>)| -> Result<(Option<u64>, u64), ()> {
+        let fails = s.1.contains(&3) && s.0 > 5;
+        Ok((fails.then_some(5), s.0))
+    };
+    let cut = |s: &mut (u64, Vec<u8>), steps| s.0 = steps;
+    let smaller = |s: &(u64, Vec<u8>)| {
+        (0..s.1.len())
+            .map(|i| {
+                let mut c = s.clone();
+                c.1.remove(i);
+                c
+            })
+            .collect()
+    };
+    let sc = (100, vec![1, 2, 3, 4]);
+    let (small, report) = crate::det::shrink(&sc, run, cut, smaller).unwrap().unwrap();
+    assert_eq!(
+        small,
+        (6, vec![3]),
+        "cut after the failing step, every other actor gone"
+    );
+    assert_eq!(report, 6);
+    assert_eq!(
+        crate::det::shrink(&(100, vec![1]), run, cut, smaller),
+        Ok(None)
+    );
+}
