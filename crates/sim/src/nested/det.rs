@@ -164,9 +164,9 @@ pub fn run_nested_deterministic_with(
     Ok(report)
 }
 
-/// Shrinks a failing deterministic nested scenario ([`crate::det::shrink`]): cuts it
-/// just after the failing step, then keeps dropping a host actor, an L1 vCPU or an L2
-/// per vCPU while the run still fails. Returns `None` if `sc` does not fail.
+/// Shrinks a failing deterministic nested scenario (with the shrink loop of
+/// [`crate::det::minimise`]): cuts it just after the failing step, then keeps dropping a
+/// host actor, an L1 vCPU or an L2 per vCPU while the run still fails. Returns `None` if `sc` does not fail.
 pub fn minimise_nested(
     sc: &NestedScenario,
 ) -> Result<Option<(NestedScenario, NestedRunReport)>, NestedRunError> {
