@@ -18,6 +18,7 @@ mod plot;
 mod replay;
 mod replay_mmu;
 mod run;
+mod run_nested;
 mod soak;
 
 use clap::{Parser, Subcommand};

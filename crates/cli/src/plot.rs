@@ -9,6 +9,7 @@
 
 use plotters::coord::Shift;
 use plotters::prelude::*;
+use revmap_sim::nested::NestedRunReport;
 use revmap_sim::run::{si_ns, RunReport};
 use std::path::{Path, PathBuf};
 
@@ -63,17 +64,51 @@ pub fn check_dir(dir: &Path) -> std::io::Result<()> {
 /// Writes every plot into `dir` (created if needed). Returns the files written and
 /// whether the PNGs were skipped for want of a font.
 pub fn write_plots(report: &RunReport, dir: &Path) -> Result<(Vec<PathBuf>, bool), DynErr> {
+    write_all(
+        dir,
+        &["latency", "rings", "dirty_pages", "throughput"],
+        Plotted::Hpt(report),
+    )
+}
+
+/// A report whose plots [`write_all`] draws.
+#[derive(Clone, Copy)]
+enum Plotted<'a> {
+    /// `revmap run` (HPT).
+    Hpt(&'a RunReport),
+    /// `revmap run --mmu nested`.
+    Nested(&'a NestedRunReport),
+}
+
+/// Draws plot `i` of `r` on `root`.
+fn draw<DB: DrawingBackend>(
+    r: Plotted<'_>,
+    i: usize,
+    root: &DrawingArea<DB, Shift>,
+) -> Result<(), DynErr>
+where
+    DB::ErrorType: 'static,
+{
+    match r {
+        Plotted::Hpt(r) => draw_one(i, r, root),
+        Plotted::Nested(r) => nested(r, i, root),
+    }
+}
+
+/// Writes plot `i` of `names` as `NAME.svg` and (with a font) `NAME.png` into `dir`.
+fn write_all(
+    dir: &Path,
+    names: &[&str],
+    report: Plotted<'_>,
+) -> Result<(Vec<PathBuf>, bool), DynErr> {
     std::fs::create_dir_all(dir)?;
     let png = register_font();
     let mut files = Vec::new();
-    for (i, name) in ["latency", "rings", "dirty_pages", "throughput"]
-        .into_iter()
-        .enumerate()
-    {
+    for (i, name) in names.iter().enumerate() {
         let svg = dir.join(format!("{name}.svg"));
         {
             let root = SVGBackend::new(&svg, (W, H)).into_drawing_area();
-            draw_one(i, report, &root)?;
+            draw(report, i, &root)?;
             root.present()?;
         }
         files.push(svg);
@@ -81,7 +116,7 @@ pub fn write_plots(report: &RunReport, dir: &Path) -> Result<(Vec<PathBuf>, bool
             let p = dir.join(format!("{name}.png"));
             {
                 let root = BitMapBackend::new(&p, (W, H)).into_drawing_area();
-                draw_one(i, report, &root)?;
+                draw(report, i, &root)?;
                 root.present()?;
             }
             files.push(p);
@@ -292,6 +327,130 @@ where
     }
     ch.configure_series_labels()
         .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    Ok(())
+}
+
+/// Writes the plots of a nested run into `dir`: `nested_rmap` (the nested rmap's memory
+/// high-water mark, its entries and its longest list against the bound, over the run)
+/// and `nested_throughput` (L2 accesses and nested faults per second). Returns the
+/// files written and whether the PNGs were skipped for want of a font.
+pub fn write_nested_plots(
+    report: &NestedRunReport,
+    dir: &Path,
+) -> Result<(Vec<PathBuf>, bool), DynErr> {
+    write_all(
+        dir,
+        &["nested_rmap", "nested_throughput"],
+        Plotted::Nested(report),
+    )
+}
+
+/// A labelled curve: legend, colour, points.
+type Curve = (String, RGBColor, Vec<(f64, f64)>);
+
+/// Plot `i` of a nested run: 0 the rmap, 1 the throughput.
+fn nested<DB: DrawingBackend>(
+    r: &NestedRunReport,
+    i: usize,
+    root: &DrawingArea<DB, Shift>,
+) -> Result<(), DynErr>
+where
+    DB::ErrorType: 'static,
+{
+    root.fill(&WHITE)?;
+    let t = &r.timeline;
+    let xmax = t.iter().map(|s| s.t).fold(1.0, f64::max);
+    let xdesc = if r.deterministic {
+        "scheduler step"
+    } else {
+        "time (s)"
+    };
+    let rate = if r.deterministic {
+        "per step"
+    } else {
+        "per second"
+    };
+    let series: Vec<Curve> = if i == 0 {
+        let bound = r.nested.rmap_bound as f64;
+        vec![
+            (
+                "rmap memory high-water mark (bytes)".into(),
+                BLUE,
+                t.iter().map(|s| (s.t, s.rmap_bytes_max as f64)).collect(),
+            ),
+            (
+                "rmap entries now (all L1 gfns)".into(),
+                RGBColor(44, 160, 44),
+                t.iter().map(|s| (s.t, s.rmap_entries as f64)).collect(),
+            ),
+            (
+                "longest rmap list so far (entries per L1 gfn)".into(),
+                RED,
+                t.iter()
+                    .map(|s| (s.t, s.rmap_entries_max_per_gfn as f64))
+                    .collect(),
+            ),
+            (
+                format!("bound ({bound:.0} entries per L1 gfn)"),
+                BLACK,
+                vec![(0.0, bound), (xmax, bound)],
+            ),
+        ]
+    } else {
+        vec![
+            (
+                format!("L2 accesses {rate}"),
+                BLUE,
+                t.iter().map(|s| (s.t, s.accesses_per_s)).collect(),
+            ),
+            (
+                format!("nested faults {rate}"),
+                RED,
+                t.iter().map(|s| (s.t, s.faults_per_s)).collect(),
+            ),
+        ]
+    };
+    let top = series
+        .iter()
+        .flat_map(|s| s.2.iter().map(|p| p.1))
+        .fold(1.0, f64::max);
+    let caption = if i == 0 {
+        format!(
+            "Nested rmap{}: max {} entries per gfn, {} B high-water",
+            if r.hostile { " under a hostile L1" } else { "" },
+            r.nested.counters.rmap_entries_max_per_gfn,
+            r.nested.counters.rmap_bytes_max
+        )
+    } else {
+        "L2 accesses and nested faults".to_owned()
+    };
+    let mut ch = ChartBuilder::on(root)
+        .caption(caption, ("sans-serif", 24))
+        .margin(12)
+        .x_label_area_size(45)
+        .y_label_area_size(90)
+        .build_cartesian_2d(0.0..xmax, (0.5..top * 3.0).log_scale())?;
+    ch.configure_mesh()
+        .x_desc(xdesc)
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_desc(if i == 0 {
+            "bytes / entries (log)"
+        } else {
+            rate
+        })
+        .y_label_formatter(&|v| format!("{v:.0}"))
+        .draw()?;
+    for (label, c, pts) in series {
+        let pts: Vec<(f64, f64)> = pts.into_iter().map(|(x, y)| (x, y.max(0.5))).collect();
+        ch.draw_series(LineSeries::new(pts, c.stroke_width(2)))?
+            .label(label)
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], c.stroke_width(2)));
+    }
+    ch.configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()?;

@@ -22,7 +22,7 @@ use revmap_sim::run::{run as run_scenario, Progress, RunReport};
 use revmap_sim::scenario::Scenario;
 use std::io::IsTerminal;
 use std::ops::ControlFlow;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 /// Exit code of a run stopped by SIGINT (128 + the signal number, as shells report it).
@@ -41,20 +41,37 @@ Examples:
   revmap run --scenario my.toml               your scenario (copy scenarios/default.toml)
   revmap run --deterministic --steps 20000 --seed 7
                                               one thread, seeded, checker every step
+  revmap run --mmu nested                     L1 vCPUs running L2 guests (nested MMU)
+  revmap run --mmu nested --scenario hostile  a hostile L1 against the nested rmap bound
 
 Ctrl-C stops the run early and still prints the report (JSON: \"interrupted\": true).
 
 Exit status: 0 no invariant violation; 1 invariant violations found; 2 bad flag,
 scenario or output directory, or not enough host memory; 130 interrupted (Ctrl-C).";
 
+/// Which guest MMU `revmap run` simulates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mmu {
+    /// The PowerPC hashed page table (the default).
+    Hpt,
+    /// The x86 shadow MMU.
+    X86,
+    /// The PowerPC nested-guest (radix) MMU: L1 hypervisor vCPUs running L2 guests.
+    Nested,
+}
+
 /// Arguments of `revmap run`.
 #[derive(Debug, Args)]
 #[command(after_long_help = RUN_AFTER_HELP)]
 pub struct RunArgs {
+    /// The guest MMU to simulate.
+    #[arg(long, value_enum, default_value_t = Mmu::Hpt)]
+    pub(crate) mmu: Mmu,
     /// Scenario file (TOML); default: the embedded default scenario
-    /// (scenarios/default.toml).
+    /// (scenarios/default.toml; with --mmu nested, scenarios/nested.toml, and the
+    /// embedded name `hostile` selects scenarios/nested-hostile.toml).
     #[arg(long, value_name = "FILE")]
-    scenario: Option<PathBuf>,
+    pub(crate) scenario: Option<PathBuf>,
     /// Run length in seconds [default: the scenario's, 30]. Not with --deterministic
     /// (use --steps) or --hcalls.
     #[arg(
@@ -79,15 +96,15 @@ pub struct RunArgs {
     seed: Option<u64>,
     /// Print the report as one JSON object instead of the human summary.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
     /// Run every actor on one thread under a seeded scheduler, checking invariants
     /// after every step; the same seed gives the same event digest.
     #[arg(long)]
-    deterministic: bool,
+    pub(crate) deterministic: bool,
     /// Write PNG and SVG plots (latency per hypercall type, ring lengths, dirty pages
     /// per round, throughput with resizes) into DIR (created; checked before the run).
     #[arg(long, value_name = "DIR")]
-    plot: Option<PathBuf>,
+    pub(crate) plot: Option<PathBuf>,
     /// Scheduler steps in deterministic mode [default: the scenario's, 4000].
     #[arg(
         long,
@@ -115,22 +132,41 @@ fn load(args: &RunArgs) -> Result<Scenario, String> {
         Some(p) => Scenario::from_file(p).map_err(|e| e.to_string())?,
         None => Scenario::default(),
     };
-    if let Some(d) = args.duration {
-        // A duration on the command line wins over a scenario's hypercall count.
-        sc.duration_secs = d;
-        sc.stop_after_hcalls = 0;
-    }
-    if let Some(n) = args.hcalls {
-        sc.stop_after_hcalls = n;
-    }
-    if let Some(s) = args.seed {
-        sc.seed = s;
-    }
-    if let Some(n) = args.steps {
-        sc.deterministic.steps = n;
-    }
+    args.override_scenario(
+        &mut sc.duration_secs,
+        &mut sc.stop_after_hcalls,
+        &mut sc.seed,
+        &mut sc.deterministic.steps,
+    );
     sc.validate().map_err(|e| e.to_string())?;
     Ok(sc)
+}
+
+impl RunArgs {
+    /// Applies `--duration`, `--hcalls` (the scenario's stop count: hypercalls, or L2
+    /// accesses for the nested MMU), `--seed` and `--steps` to a scenario's fields.
+    pub(crate) fn override_scenario(
+        &self,
+        duration_secs: &mut f64,
+        stop_after: &mut u64,
+        seed: &mut u64,
+        steps: &mut u64,
+    ) {
+        if let Some(d) = self.duration {
+            // A duration on the command line wins over a scenario's stop count.
+            *duration_secs = d;
+            *stop_after = 0;
+        }
+        if let Some(n) = self.hcalls {
+            *stop_after = n;
+        }
+        if let Some(s) = self.seed {
+            *seed = s;
+        }
+        if let Some(n) = self.steps {
+            *steps = n;
+        }
+    }
 }
 
 /// Memory the host has available (`MemAvailable` of `/proc/meminfo`), if known.
@@ -159,7 +195,34 @@ fn check_memory(sc: &Scenario) -> Result<(), String> {
     }
 }
 
-fn print(report: &RunReport, json: bool, plot: Option<&PathBuf>) -> ExitCode {
+/// What `revmap run` prints and plots, whatever the MMU simulated.
+pub(crate) trait Report: serde::Serialize {
+    /// The human summary.
+    fn human(&self) -> String;
+    /// Stopped early by SIGINT.
+    fn interrupted(&self) -> bool;
+    /// Invariant violations found.
+    fn violations(&self) -> u64;
+    /// Writes the plots into `dir`: the files, and whether PNGs were skipped (no font).
+    fn write_plots(&self, dir: &Path) -> Result<(Vec<PathBuf>, bool), Box<dyn std::error::Error>>;
+}
+
+impl Report for RunReport {
+    fn human(&self) -> String {
+        RunReport::human(self)
+    }
+    fn interrupted(&self) -> bool {
+        self.interrupted
+    }
+    fn violations(&self) -> u64 {
+        self.invariant_violations
+    }
+    fn write_plots(&self, dir: &Path) -> Result<(Vec<PathBuf>, bool), Box<dyn std::error::Error>> {
+        crate::plot::write_plots(self, dir)
+    }
+}
+
+fn print(report: &impl Report, json: bool, plot: Option<&PathBuf>) -> ExitCode {
     if json {
         match serde_json::to_string(report) {
             Ok(s) => println!("{s}"),
@@ -172,7 +235,7 @@ fn print(report: &RunReport, json: bool, plot: Option<&PathBuf>) -> ExitCode {
         print!("{}", report.human());
     }
     if let Some(dir) = plot {
-        match crate::plot::write_plots(report, dir) {
+        match report.write_plots(dir) {
             Ok((files, no_font)) => {
                 if no_font {
                     eprintln!("revmap run: no TrueType font found; wrote SVG plots only");
@@ -192,23 +255,26 @@ fn print(report: &RunReport, json: bool, plot: Option<&PathBuf>) -> ExitCode {
             }
         }
     }
-    if report.interrupted {
+    if report.interrupted() {
         ExitCode::from(EXIT_INTERRUPTED)
-    } else if report.invariant_violations == 0 {
+    } else if report.violations() == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
     }
 }
 
-/// A deterministic run failed: shrink it and print the smallest failing scenario (as
-/// TOML, to stderr) so it can be re-run with `--deterministic --scenario`.
-fn report_minimised(sc: &Scenario) {
-    match revmap_sim::det::minimise(sc) {
-        Ok(Some((small, rep))) => {
+/// A deterministic run failed and was shrunk: print the smallest failing scenario
+/// (TOML, to stderr, with its first violation) so it can be re-run with
+/// `--deterministic --scenario`.
+pub(crate) fn report_minimised<S: serde::Serialize, E: std::fmt::Display>(
+    shrunk: Result<Option<(S, Option<String>)>, E>,
+) {
+    match shrunk {
+        Ok(Some((small, first))) => {
             eprintln!(
                 "revmap run: smallest failing scenario found ({}):",
-                rep.first_violation.as_deref().unwrap_or("violation")
+                first.as_deref().unwrap_or("violation")
             );
             match toml::to_string(&small) {
                 Ok(t) => eprintln!("{t}"),
@@ -275,11 +341,19 @@ impl Display {
         }
     }
 
+    /// Shows `p`; a run without an HPT (order 0) counts L2 accesses, not hypercalls.
     fn update(&mut self, p: &Progress, len: u64) {
-        let msg = format!(
-            "{} hcalls, {} host ops, HPT order {}, violations {}",
-            p.hcalls, p.host_ops, p.hpt_order, p.violations
-        );
+        let msg = if p.hpt_order == 0 {
+            format!(
+                "{} L2 accesses, {} host ops, violations {}",
+                p.hcalls, p.host_ops, p.violations
+            )
+        } else {
+            format!(
+                "{} hcalls, {} host ops, HPT order {}, violations {}",
+                p.hcalls, p.host_ops, p.hpt_order, p.violations
+            )
+        };
         match &self.bar {
             Some(bar) => {
                 bar.set_position(((p.fraction * len as f64) as u64).min(len));
@@ -304,7 +378,12 @@ impl Display {
 
 /// Runs `revmap run`.
 pub fn run(args: &RunArgs) -> ExitCode {
-    let sc = match load(args) {
+    let sc = match args.mmu {
+        Mmu::Hpt => load(args),
+        Mmu::X86 => Err("--mmu x86 is not built in this branch".to_owned()),
+        Mmu::Nested => return crate::run_nested::run(args),
+    };
+    let sc = match sc {
         Ok(s) => s,
         Err(e) => {
             eprintln!("revmap run: error: {e}");
@@ -317,6 +396,47 @@ pub fn run(args: &RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     }
+    let what = if args.deterministic {
+        format!("deterministic, {} steps", sc.deterministic.steps)
+    } else if sc.stop_after_hcalls > 0 {
+        format!("until {} hypercalls", sc.stop_after_hcalls)
+    } else {
+        format!("{} s", sc.duration_secs)
+    };
+    execute(
+        args,
+        sc.deterministic.steps,
+        format!("scenario {:?} ({what})", sc.name),
+        |progress| {
+            if args.deterministic {
+                revmap_sim::det::run_deterministic_with(&sc, progress)
+            } else {
+                run_scenario(&sc, progress)
+            }
+        },
+        |r: &RunReport| {
+            if r.failing_step.is_some() {
+                report_minimised(
+                    revmap_sim::det::minimise(&sc)
+                        .map(|m| m.map(|(small, rep)| (small, rep.first_violation))),
+                );
+            }
+        },
+    )
+}
+
+/// The run of any MMU, once its scenario is loaded: checks the `--plot` directory,
+/// installs the SIGINT handling, shows progress (`steps` long in deterministic mode)
+/// after announcing `what` runs, calls `simulate` with the progress callback, and
+/// prints the report; `shrink` sees a deterministic run's report first (to minimise a
+/// failure).
+pub(crate) fn execute<R: Report, E: std::fmt::Display>(
+    args: &RunArgs,
+    steps: u64,
+    what: String,
+    simulate: impl FnOnce(&mut dyn FnMut(&Progress) -> ControlFlow<()>) -> Result<R, E>,
+    shrink: impl FnOnce(&R),
+) -> ExitCode {
     if let Some(dir) = &args.plot {
         if let Err(e) = crate::plot::check_dir(dir) {
             eprintln!(
@@ -327,49 +447,25 @@ pub fn run(args: &RunArgs) -> ExitCode {
         }
     }
     let stop = on_sigint();
-    // ORDERING: Relaxed: see `on_sigint`.
-    let flow = |_: &Progress| {
+    let len = if args.deterministic { steps } else { 1000 };
+    let mut display = Display::new(args.deterministic, len);
+    if display.bar.is_none() {
+        eprintln!("revmap run: running {what}; Ctrl-C stops it and still reports");
+    }
+    let report = simulate(&mut |p: &Progress| {
+        display.update(p, len);
+        // ORDERING: Relaxed: see `on_sigint`.
         if stop.load(Ordering::Relaxed) {
             ControlFlow::Break(())
         } else {
             ControlFlow::Continue(())
         }
-    };
-    let len = if args.deterministic {
-        sc.deterministic.steps
-    } else {
-        1000
-    };
-    let mut display = Display::new(args.deterministic, len);
-    if display.bar.is_none() {
-        eprintln!(
-            "revmap run: running scenario {:?} ({}); Ctrl-C stops it and still reports",
-            sc.name,
-            if args.deterministic {
-                format!("deterministic, {} steps", sc.deterministic.steps)
-            } else if sc.stop_after_hcalls > 0 {
-                format!("until {} hypercalls", sc.stop_after_hcalls)
-            } else {
-                format!("{} s", sc.duration_secs)
-            }
-        );
-    }
-    let report = if args.deterministic {
-        revmap_sim::det::run_deterministic_with(&sc, |p| {
-            display.update(p, len);
-            flow(p)
-        })
-    } else {
-        run_scenario(&sc, |p| {
-            display.update(p, len);
-            flow(p)
-        })
-    };
+    });
     display.finish();
     match report {
         Ok(r) => {
-            if args.deterministic && r.failing_step.is_some() {
-                report_minimised(&sc);
+            if args.deterministic {
+                shrink(&r);
             }
             print(&r, args.json, args.plot.as_ref())
         }

@@ -6,6 +6,9 @@
 //! (`--hcalls`) or a step count (`--deterministic --steps`), and the SIGINT tests wait
 //! for the run to say it started, whatever the machine's speed.
 
+mod common;
+
+use common::check_plots;
 use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
@@ -236,46 +239,12 @@ fn unwritable_plot_dir_fails_before_the_run() {
     assert!(o.stdout.is_empty(), "no report: nothing ran");
 }
 
-/// A PNG written by --plot: its size and that it is not blank.
-fn check_png(path: &std::path::Path) {
-    let file = std::fs::File::open(path).unwrap();
-    let mut reader = png::Decoder::new(file).read_info().unwrap();
-    let mut buf = vec![0; reader.output_buffer_size()];
-    let info = reader.next_frame(&mut buf).unwrap();
-    assert_eq!((info.width, info.height), (900, 540), "{}", path.display());
-    let px = info.color_type.samples();
-    assert!(px >= 3, "{:?}", info.color_type);
-    let pixels: Vec<&[u8]> = buf[..info.buffer_size()].chunks(px).collect();
-    let inked = pixels
-        .iter()
-        .filter(|p| p[..3].iter().any(|&c| c < 200))
-        .count();
-    let frac = inked as f64 / pixels.len() as f64;
-    // Axes, labels and data: a few percent of the image, far from all of it.
-    assert!((0.01..0.6).contains(&frac), "{}: {frac}", path.display());
-    let colored = pixels
-        .iter()
-        .filter(|p| {
-            let (mx, mn) = (p[..3].iter().max().unwrap(), p[..3].iter().min().unwrap());
-            mx - mn > 80
-        })
-        .count();
-    assert!(colored > 100, "{}: no data drawn in colour", path.display());
-}
-
 #[test]
 fn plot_writes_svg_and_png_files_that_decode() {
     let dir = temp_path("plots");
     let o = run_small("plot.toml", &["--plot", dir.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let fonts = !stderr(&o).contains("no TrueType font");
-    for name in ["latency", "rings", "dirty_pages", "throughput"] {
-        let svg = std::fs::read_to_string(dir.join(format!("{name}.svg"))).unwrap();
-        assert!(svg.starts_with("<svg") && svg.len() > 1000, "{name}");
-        if fonts {
-            check_png(&dir.join(format!("{name}.png")));
-        }
-    }
+    check_plots(&o, &dir, &["latency", "rings", "dirty_pages", "throughput"]);
     // Per-type latency curves: each hypercall type called is in the legend.
     let svg = std::fs::read_to_string(dir.join("latency.svg")).unwrap();
     for k in ["H_ENTER", "H_REMOVE", "H_PROTECT", "H_BULK_REMOVE"] {

@@ -181,8 +181,9 @@ impl From<Exit> for L2Result {
     }
 }
 
-/// Counters of the nested MMU (monotonic, or high-water marks).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Counters of the nested MMU (monotonic, or high-water marks); serialised by field
+/// name (the `nested` object of the reports).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct NestedCounters {
     /// Nested page faults handled.
     pub nested_faults: u64,
@@ -1331,6 +1332,31 @@ pub enum Violation {
     },
 }
 
+impl NestedVm {
+    /// `unmap_hva_range` inside an invalidation: translations go, then the host pages.
+    fn unmap_hva_range_locked(&self, start: Hva, end: Hva) -> u64 {
+        let slots = self.slots.load();
+        let mut n = 0;
+        for s in slots.iter() {
+            let shift = s.backing_page_shift();
+            let mask = (1u64 << shift) - 1;
+            // The host takes whole host pages.
+            let (a, b) = (Hva(start.0 & !mask), Hva((end.0 + mask) & !mask));
+            let Some((lo, hi)) = s.hva_range_to_gfns(a, b) else {
+                continue;
+            };
+            // Translations go first, then the host frees the pages.
+            n += self.unmap_gfn_range(s.id(), lo, hi);
+            let mut g = lo.0;
+            while g < hi.0 {
+                s.set_host_present(Gfn(g), false);
+                g += 1 << (shift - PAGE_SHIFT);
+            }
+        }
+        n
+    }
+}
+
 impl MemslotArch for NestedVm {
     fn kick_readers(&self) {}
 
@@ -1400,25 +1426,13 @@ impl HostMmu for NestedVm {
         self.seq.end();
     }
 
+    /// Brackets itself with the invalidation sequence (as the HPT VM does), so a nested
+    /// fault that looked the page up before the reclaim retries instead of installing
+    /// the freed frame, whether or not the caller is inside `invalidate_range_start`.
     fn unmap_hva_range(&self, start: Hva, end: Hva) -> u64 {
-        let slots = self.slots.load();
-        let mut n = 0;
-        for s in slots.iter() {
-            let shift = s.backing_page_shift();
-            let mask = (1u64 << shift) - 1;
-            // The host takes whole host pages.
-            let (a, b) = (Hva(start.0 & !mask), Hva((end.0 + mask) & !mask));
-            let Some((lo, hi)) = s.hva_range_to_gfns(a, b) else {
-                continue;
-            };
-            // Translations go first, then the host frees the pages.
-            n += self.unmap_gfn_range(s.id(), lo, hi);
-            let mut g = lo.0;
-            while g < hi.0 {
-                s.set_host_present(Gfn(g), false);
-                g += 1 << (shift - PAGE_SHIFT);
-            }
-        }
+        self.seq.begin();
+        let n = self.unmap_hva_range_locked(start, end);
+        self.seq.end();
         n
     }
 

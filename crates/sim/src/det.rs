@@ -208,38 +208,58 @@ pub fn run_deterministic_with(
 /// (A smaller scenario changes the schedule, so the failure it keeps may be found at a
 /// different step; every candidate is re-run in full.)
 pub fn minimise(sc: &Scenario) -> Result<Option<(Scenario, RunReport)>, RunError> {
-    let r = run_deterministic(sc)?;
-    let Some(step) = r.failing_step else {
+    shrink(
+        sc,
+        |s| run_deterministic(s).map(|r| (r.failing_step, r)),
+        |s, steps| s.deterministic.steps = steps,
+        |best| {
+            let mut candidates = Vec::new();
+            if !best.resize.is_empty() {
+                let mut c = best.clone();
+                c.resize.clear();
+                candidates.push(c);
+            }
+            for i in 0..best.host.actors.len() {
+                let mut c = best.clone();
+                c.host.actors.remove(i);
+                candidates.push(c);
+            }
+            if best.guest.vcpus > 1 {
+                let mut c = best.clone();
+                c.guest.vcpus -= 1;
+                candidates.push(c);
+            }
+            candidates
+        },
+    )
+}
+
+/// The shrinking loop of [`minimise`] for any kind of scenario: `run` gives a
+/// scenario's failing step (if it fails) and its report, `cut` limits a scenario to a
+/// number of steps, `smaller` lists the candidates one change smaller. Returns the
+/// smallest failing scenario found with its report, or `None` if `sc` does not fail.
+pub(crate) fn shrink<S: Clone, R, E>(
+    sc: &S,
+    run: impl Fn(&S) -> Result<(Option<u64>, R), E>,
+    cut: impl Fn(&mut S, u64),
+    smaller: impl Fn(&S) -> Vec<S>,
+) -> Result<Option<(S, R)>, E> {
+    let (failing, r) = run(sc)?;
+    let Some(step) = failing else {
         return Ok(None);
     };
     let mut best = sc.clone();
-    best.deterministic.steps = step + 1;
-    let mut best_report = run_deterministic(&best)?;
-    if best_report.failing_step.is_none() {
+    cut(&mut best, step + 1);
+    let (failing, mut best_report) = run(&best)?;
+    if failing.is_none() {
         return Ok(Some((sc.clone(), r)));
     }
     loop {
-        let mut candidates = Vec::new();
-        if !best.resize.is_empty() {
-            let mut c = best.clone();
-            c.resize.clear();
-            candidates.push(c);
-        }
-        for i in 0..best.host.actors.len() {
-            let mut c = best.clone();
-            c.host.actors.remove(i);
-            candidates.push(c);
-        }
-        if best.guest.vcpus > 1 {
-            let mut c = best.clone();
-            c.guest.vcpus -= 1;
-            candidates.push(c);
-        }
         let mut improved = false;
-        for mut c in candidates {
-            let rep = run_deterministic(&c)?;
-            if let Some(s) = rep.failing_step {
-                c.deterministic.steps = s + 1;
+        for mut c in smaller(&best) {
+            let (failing, rep) = run(&c)?;
+            if let Some(s) = failing {
+                cut(&mut c, s + 1);
                 best = c;
                 best_report = rep;
                 improved = true;

@@ -38,6 +38,7 @@ pub mod actors;
 pub mod det;
 pub mod host;
 pub mod interference;
+pub mod nested;
 pub mod replay;
 pub mod report;
 pub mod run;
