@@ -5,6 +5,8 @@
 //!   dirty logs from, and the plain scan they are compared with (`benches/host.rs` of
 //!   `revmap-hpt`, `revmap bench host`).
 //! * [`resize`]: the commit-pause benchmark of live HPT resizing (`revmap bench resize`).
+//! * [`port`]: the hypercall-port impls of test fakes and reference models
+//!   ([`shared_hypercall_port!`]).
 //!
 //! Test hooks of the resize protocol are a cargo feature of `revmap-resize`
 //! (`test-hooks`), enabled only by dev-dependencies.
@@ -22,6 +24,7 @@
 #![warn(missing_docs)]
 
 pub mod host;
+pub mod port;
 pub mod resize;
 
 use revmap_hpt::HptError;
