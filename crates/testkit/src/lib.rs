@@ -7,6 +7,7 @@
 //! * [`resize`]: the commit-pause benchmark of live HPT resizing (`revmap bench resize`).
 //! * [`port`]: the hypercall-port impls of test fakes and reference models
 //!   ([`shared_hypercall_port!`]).
+//! * [`rng`]: the deterministic random stream of fixtures and randomised tests.
 //!
 //! Test hooks of the resize protocol are a cargo feature of `revmap-resize`
 //! (`test-hooks`), enabled only by dev-dependencies.
@@ -26,6 +27,7 @@
 pub mod host;
 pub mod port;
 pub mod resize;
+pub mod rng;
 
 use revmap_hpt::HptError;
 
