@@ -231,6 +231,13 @@ fn prepare_long_busy_is_matched_by_success_only_for_prepare() {
     assert!(!resize_waits(H_RESIZE_HPT_COMMIT, 0));
 }
 
+#[test]
+fn trace_hw_bits_are_the_hpte_r_and_c_bits() {
+    use revmap_trace::HwBit;
+    assert_eq!(HwBit::Reference.mask(), HpteR::R);
+    assert_eq!(HwBit::Change.mask(), HpteR::C);
+}
+
 /// A fake VM for hardware records: entry 9 is guest-valid with dword 1 = 0x190.
 struct HwVm(ScriptVm);
 
