@@ -9,6 +9,7 @@
 //! (`std::time::Instant`, results through `black_box`); `--quick` only shrinks sizes and
 //! repetitions, never changes what is measured; errors go to stderr with exit code 2.
 
+use anyhow::Result;
 use clap::{Args, Subcommand};
 use serde::Serialize;
 use std::io::Write;
@@ -132,34 +133,160 @@ pub fn print_rows<R: Row>(title: &str, rows: &[R], json: bool) -> anyhow::Result
         return Ok(out.flush()?);
     }
     let cells: Vec<Vec<String>> = rows.iter().map(Row::cells).collect();
-    let mut width: Vec<usize> = R::HEADERS.iter().map(|h| h.len()).collect();
-    for row in &cells {
-        for (w, c) in width.iter_mut().zip(row) {
-            *w = (*w).max(c.len());
+    let mut table = format!("{title}\n");
+    revmap_sim::run::write_table(&mut table, R::HEADERS, &cells);
+    out.write_all(table.as_bytes())?;
+    Ok(out.flush()?)
+}
+
+/// One result row of the MMU benchmarks (`revmap bench x86` and `revmap bench nested`).
+#[derive(Debug, Default, Serialize)]
+pub struct MmuRow {
+    /// What is measured (`fault`, `translate`, `write_protect`, `unmap`, `age`, `memory`).
+    pub bench: &'static str,
+    /// The case.
+    pub case: String,
+    /// Units the per-unit figure divides by.
+    pub units: u64,
+    /// What a unit is.
+    pub unit: &'static str,
+    /// The figure: ns per unit, or bytes per unit for `memory`.
+    pub value: f64,
+    /// The baseline's figure (raw scan, two-dimensional walk, KVM's bytes).
+    pub baseline: Option<f64>,
+    /// What the baseline is.
+    pub baseline_is: &'static str,
+    /// `value / baseline`.
+    pub ratio: Option<f64>,
+    /// `translate` rows: ns through the shadow table.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shadow_ns: Option<f64>,
+    /// `translate` rows: ns of the two-dimensional walk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub walk_2d_ns: Option<f64>,
+}
+
+impl MmuRow {
+    /// A row with `value` against `baseline`.
+    pub fn new(
+        bench: &'static str,
+        case: impl Into<String>,
+        units: u64,
+        unit: &'static str,
+        value: f64,
+        baseline: Option<(f64, &'static str)>,
+    ) -> Self {
+        MmuRow {
+            bench,
+            case: case.into(),
+            units,
+            unit,
+            value,
+            baseline: baseline.map(|b| b.0),
+            baseline_is: baseline.map_or("-", |b| b.1),
+            ratio: baseline.and_then(|(b, _)| (b > 0.0).then(|| value / b)),
+            ..MmuRow::default()
         }
     }
-    writeln!(out, "{title}")?;
-    let mut line = |row: &[String]| {
-        let parts: Vec<String> = row
-            .iter()
-            .zip(&width)
-            .enumerate()
-            .map(|(i, (c, w))| {
-                if i == 0 {
-                    format!("{c:<w$}")
-                } else {
-                    format!("{c:>w$}")
-                }
-            })
-            .collect();
-        writeln!(out, "  {}", parts.join("  "))
-    };
-    let headers: Vec<String> = R::HEADERS.iter().map(|h| (*h).to_owned()).collect();
-    line(&headers)?;
-    for row in &cells {
-        line(row)?;
+
+    /// A row of ns per unit from `secs` seconds spent on `units` units, against
+    /// `baseline` (ns per unit).
+    pub fn timed(
+        bench: &'static str,
+        case: impl Into<String>,
+        units: u64,
+        unit: &'static str,
+        secs: f64,
+        baseline: Option<(f64, &'static str)>,
+    ) -> Self {
+        Self::new(
+            bench,
+            case,
+            units,
+            unit,
+            secs * 1e9 / units.max(1) as f64,
+            baseline,
+        )
     }
-    Ok(out.flush()?)
+
+    /// The `translate` row: ns per translation through the shadow table against the
+    /// two-dimensional walk, both figures also in their own fields.
+    pub fn translate(case: impl Into<String>, shadow_ns: f64, walk_2d_ns: f64) -> Self {
+        MmuRow {
+            shadow_ns: Some(shadow_ns),
+            walk_2d_ns: Some(walk_2d_ns),
+            ..Self::new(
+                "translate",
+                case,
+                1,
+                "translation",
+                shadow_ns,
+                Some((walk_2d_ns, "walk_2d")),
+            )
+        }
+    }
+}
+
+impl Row for MmuRow {
+    const HEADERS: &'static [&'static str] = &[
+        "bench",
+        "case",
+        "units",
+        "value",
+        "baseline",
+        "",
+        "x baseline",
+    ];
+    fn cells(&self) -> Vec<String> {
+        let per = if self.bench == "memory" { "B" } else { "ns" };
+        vec![
+            self.bench.to_owned(),
+            self.case.clone(),
+            format!("{} x {}", self.units, self.unit),
+            format!("{:.2} {per}/{}", self.value, self.unit),
+            self.baseline
+                .map_or_else(|| "-".to_owned(), |b| format!("{b:.2}")),
+            self.baseline_is.to_owned(),
+            self.ratio
+                .map_or_else(|| "-".to_owned(), |r| format!("{r:.2}")),
+        ]
+    }
+}
+
+/// Median seconds of `runs` calls of `timed` on `st`, each after an untimed `setup`.
+pub fn median_secs<T>(
+    runs: u32,
+    st: &mut T,
+    mut setup: impl FnMut(&mut T) -> Result<()>,
+    mut timed: impl FnMut(&mut T) -> Result<()>,
+) -> Result<f64> {
+    let mut v = Vec::new();
+    for _ in 0..runs.max(1) {
+        setup(st)?;
+        let t = Instant::now();
+        timed(st)?;
+        v.push(t.elapsed().as_secs_f64());
+    }
+    Ok(median(&mut v))
+}
+
+/// Median seconds of `runs` calls of `timed`, each on a fresh state from `make`
+/// (made, and the previous one dropped, untimed).
+pub fn median_secs_fresh<T>(
+    runs: u32,
+    mut make: impl FnMut() -> Result<T>,
+    mut timed: impl FnMut(&mut T) -> Result<()>,
+) -> Result<f64> {
+    median_secs(
+        runs,
+        &mut None,
+        |st| {
+            *st = None;
+            *st = Some(make()?);
+            Ok(())
+        },
+        |st| st.as_mut().map_or(Ok(()), &mut timed),
+    )
 }
 
 #[cfg(test)]
@@ -171,6 +298,29 @@ mod tests {
         assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), 2.5);
         assert_eq!(median(&mut []), 0.0);
+    }
+
+    #[test]
+    fn timed_rows_divide_by_their_units() {
+        let r = MmuRow::timed("unmap", "case", 4, "SPTE", 2e-6, Some((250.0, "raw scan")));
+        assert_eq!(r.value, 500.0);
+        assert_eq!(
+            (r.baseline, r.baseline_is, r.ratio),
+            (Some(250.0), "raw scan", Some(2.0))
+        );
+        let r = MmuRow::timed("fault", "case", 0, "fault", 1e-9, None);
+        assert_eq!((r.value, r.baseline_is, r.ratio), (1.0, "-", None));
+    }
+
+    #[test]
+    fn translate_row_carries_both_walks() {
+        let r = MmuRow::translate("4-level", 3.0, 12.0);
+        assert_eq!((r.bench, r.unit, r.units), ("translate", "translation", 1));
+        assert_eq!(
+            (r.value, r.shadow_ns, r.walk_2d_ns),
+            (3.0, Some(3.0), Some(12.0))
+        );
+        assert_eq!((r.baseline_is, r.ratio), ("walk_2d", Some(0.25)));
     }
 
     #[test]

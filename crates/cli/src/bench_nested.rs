@@ -13,8 +13,7 @@
 //!
 //! `--quick` shrinks the VM and repetitions only.
 
-use crate::bench::{ns_per_op, print_rows, Common};
-use crate::bench_x86::{median_secs, MmuRow};
+use crate::bench::{median_secs, median_secs_fresh, ns_per_op, print_rows, Common, MmuRow};
 use anyhow::{bail, Result};
 use clap::Args;
 use revmap_nested::fixture::{NestedFixture, LPID, PAGE};
@@ -32,27 +31,23 @@ fn nested_rows(quick: bool) -> Result<Vec<MmuRow>> {
     let mut rows = Vec::new();
 
     let mut done = 0;
-    let s = median_secs(
+    let s = median_secs_fresh(
         runs,
-        &mut None,
+        || Ok(NestedFixture::new(pages)?),
         |f| {
-            *f = Some(NestedFixture::new(pages)?);
-            Ok(())
-        },
-        |f| {
-            done = f.as_ref().map_or(0, NestedFixture::touch_all);
+            done = f.touch_all();
             Ok(())
         },
     )?;
     if done != pages {
         bail!("{done} of {pages} L2 loads completed");
     }
-    rows.push(MmuRow::new(
+    rows.push(MmuRow::timed(
         "fault",
         "64 KiB L2 loads, fresh VM",
         pages,
         "fault",
-        s * 1e9 / pages as f64,
+        s,
         None,
     ));
 
@@ -79,17 +74,11 @@ fn nested_rows(quick: bool) -> Result<Vec<MmuRow>> {
         i = (i + 1) % tp;
         black_box(f.walk_2d(black_box(i * PAGE)));
     });
-    let mut r = MmuRow::new(
-        "translate",
+    rows.push(MmuRow::translate(
         "L2 address, 64 KiB pages",
-        1,
-        "translation",
         shadow_ns,
-        Some((walk_2d_ns, "walk_2d")),
-    );
-    r.shadow_ns = Some(shadow_ns);
-    r.walk_2d_ns = Some(walk_2d_ns);
-    rows.push(r);
+        walk_2d_ns,
+    ));
 
     let mut f = NestedFixture::new(pages)?;
     let mut removed = Vec::new();
@@ -111,12 +100,12 @@ fn nested_rows(quick: bool) -> Result<Vec<MmuRow>> {
     if n < pages {
         bail!("host unmap removed {n} shadow PTEs of {pages}");
     }
-    rows.push(MmuRow::new(
+    rows.push(MmuRow::timed(
         "unmap",
         format!("host unmap of {} MiB of L1", (pages * PAGE) >> 20),
         n,
         "entry",
-        s * 1e9 / n as f64,
+        s,
         None,
     ));
 

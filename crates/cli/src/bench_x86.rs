@@ -15,7 +15,7 @@
 //!
 //! `--quick` shrinks the slots and repetitions only.
 
-use crate::bench::{median, ns_per_op, print_rows, Common, Row};
+use crate::bench::{median_secs, median_secs_fresh, ns_per_op, print_rows, Common, MmuRow};
 use anyhow::{bail, Result};
 use clap::Args;
 use revmap_rmap::pte_list::{PteListDesc, PteListHead, PTE_LIST_EXT};
@@ -23,109 +23,13 @@ use revmap_shadow::fixture::{ShadowFixture, TwoD, DATA_GFN, SLOT};
 use revmap_shadow::mmu::{ShadowMmu, ShadowPage};
 use revmap_shadow::paging::{walk, Access, Gva};
 use revmap_testkit::host::raw_scan;
-use serde::Serialize;
 use std::hint::black_box;
-use std::time::Instant;
 
 /// Arguments of `revmap bench x86`.
 #[derive(Debug, Args)]
 pub struct X86Args {
     #[command(flatten)]
     common: Common,
-}
-
-/// One result row (also the row type of `revmap bench nested`).
-#[derive(Debug, Default, Serialize)]
-pub struct MmuRow {
-    /// What is measured (`fault`, `translate`, `write_protect`, `unmap`, `age`, `memory`).
-    pub bench: &'static str,
-    /// The case.
-    pub case: String,
-    /// Units the per-unit figure divides by.
-    pub units: u64,
-    /// What a unit is.
-    pub unit: &'static str,
-    /// The figure: ns per unit, or bytes per unit for `memory`.
-    pub value: f64,
-    /// The baseline's figure (raw scan, two-dimensional walk, KVM's bytes).
-    pub baseline: Option<f64>,
-    /// What the baseline is.
-    pub baseline_is: &'static str,
-    /// `value / baseline`.
-    pub ratio: Option<f64>,
-    /// `translate` rows: ns through the shadow table.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub shadow_ns: Option<f64>,
-    /// `translate` rows: ns of the two-dimensional walk.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub walk_2d_ns: Option<f64>,
-}
-
-impl MmuRow {
-    /// A row with `value` against `baseline`.
-    pub fn new(
-        bench: &'static str,
-        case: impl Into<String>,
-        units: u64,
-        unit: &'static str,
-        value: f64,
-        baseline: Option<(f64, &'static str)>,
-    ) -> Self {
-        MmuRow {
-            bench,
-            case: case.into(),
-            units,
-            unit,
-            value,
-            baseline: baseline.map(|b| b.0),
-            baseline_is: baseline.map_or("-", |b| b.1),
-            ratio: baseline.and_then(|(b, _)| (b > 0.0).then(|| value / b)),
-            ..MmuRow::default()
-        }
-    }
-}
-
-impl Row for MmuRow {
-    const HEADERS: &'static [&'static str] = &[
-        "bench",
-        "case",
-        "units",
-        "value",
-        "baseline",
-        "",
-        "x baseline",
-    ];
-    fn cells(&self) -> Vec<String> {
-        let per = if self.bench == "memory" { "B" } else { "ns" };
-        vec![
-            self.bench.to_owned(),
-            self.case.clone(),
-            format!("{} x {}", self.units, self.unit),
-            format!("{:.2} {per}/{}", self.value, self.unit),
-            self.baseline
-                .map_or_else(|| "-".to_owned(), |b| format!("{b:.2}")),
-            self.baseline_is.to_owned(),
-            self.ratio
-                .map_or_else(|| "-".to_owned(), |r| format!("{r:.2}")),
-        ]
-    }
-}
-
-/// Median seconds of `runs` calls of `timed` on `st`, each after an untimed `setup`.
-pub fn median_secs<T>(
-    runs: u32,
-    st: &mut T,
-    mut setup: impl FnMut(&mut T) -> Result<()>,
-    mut timed: impl FnMut(&mut T) -> Result<()>,
-) -> Result<f64> {
-    let mut v = Vec::new();
-    for _ in 0..runs.max(1) {
-        setup(st)?;
-        let t = Instant::now();
-        timed(st)?;
-        v.push(t.elapsed().as_secs_f64());
-    }
-    Ok(median(&mut v))
 }
 
 /// ns per word of a raw sequential scan of `words` words (median of `runs`).
@@ -149,26 +53,20 @@ fn x86_rows(quick: bool) -> Result<Vec<MmuRow>> {
     let mut rows = Vec::new();
 
     // The fault path: first faults of every page of a fresh MMU.
-    let s = median_secs(
+    let s = median_secs_fresh(
         runs,
-        &mut None,
+        || Ok(ShadowFixture::new(pages)?),
         |f| {
-            *f = Some(ShadowFixture::new(pages)?);
-            Ok(())
-        },
-        |f| {
-            if let Some(f) = f {
-                f.touch_all(Access::empty())?;
-            }
+            f.touch_all(Access::empty())?;
             Ok(())
         },
     )?;
-    rows.push(MmuRow::new(
+    rows.push(MmuRow::timed(
         "fault",
         "4 KiB read faults, fresh MMU",
         pages,
         "fault",
-        s * 1e9 / pages as f64,
+        s,
         None,
     ));
 
@@ -201,17 +99,11 @@ fn x86_rows(quick: bool) -> Result<Vec<MmuRow>> {
     if let Some(e) = err {
         bail!("{e}");
     }
-    let mut r = MmuRow::new(
-        "translate",
+    rows.push(MmuRow::translate(
         "4-level, 4 KiB pages",
-        1,
-        "translation",
         shadow_ns,
-        Some((walk_2d_ns, "walk_2d")),
-    );
-    r.shadow_ns = Some(shadow_ns);
-    r.walk_2d_ns = Some(walk_2d_ns);
-    rows.push(r);
+        walk_2d_ns,
+    ));
 
     // Host-side walkers over a fully mapped slot (writable SPTEs, faulted untimed).
     let raw = raw_scan_ns(pages, runs)?;
@@ -231,13 +123,13 @@ fn x86_rows(quick: bool) -> Result<Vec<MmuRow>> {
             Ok(())
         },
     )?;
-    rows.push(MmuRow::new(
+    let per_spte =
+        |bench, case, n, s| MmuRow::timed(bench, case, n, "SPTE", s, Some((raw, "raw scan")));
+    rows.push(per_spte(
         "write_protect",
         format!("dirty log, {} MiB slot mapped", pages >> 8),
         pages,
-        "SPTE",
-        s * 1e9 / pages as f64,
-        Some((raw, "raw scan")),
+        s,
     ));
     let mut unmapped = 0;
     let s = median_secs(
@@ -255,13 +147,11 @@ fn x86_rows(quick: bool) -> Result<Vec<MmuRow>> {
     if unmapped < pages {
         bail!("unmap removed {unmapped} SPTEs of {pages}");
     }
-    rows.push(MmuRow::new(
+    rows.push(per_spte(
         "unmap",
         format!("{} MiB slot mapped", pages >> 8),
         unmapped,
-        "SPTE",
-        s * 1e9 / unmapped as f64,
-        Some((raw, "raw scan")),
+        s,
     ));
     f.touch_all(Access::empty())?;
     let s = median_secs(
@@ -273,13 +163,11 @@ fn x86_rows(quick: bool) -> Result<Vec<MmuRow>> {
             Ok(())
         },
     )?;
-    rows.push(MmuRow::new(
+    rows.push(per_spte(
         "age",
         format!("{} MiB slot mapped", pages >> 8),
         pages,
-        "SPTE",
-        s * 1e9 / pages as f64,
-        Some((raw, "raw scan")),
+        s,
     ));
 
     // Write-protecting an empty slot against a raw scan of its rmap heads.
@@ -297,12 +185,12 @@ fn x86_rows(quick: bool) -> Result<Vec<MmuRow>> {
         },
     )?;
     let raw_heads = raw_scan_ns(heads, runs)?;
-    rows.push(MmuRow::new(
+    rows.push(MmuRow::timed(
         "write_protect",
         format!("dirty log, empty {} GiB slot", big >> 18),
         heads,
         "rmap head",
-        s * 1e9 / heads as f64,
+        s,
         Some((raw_heads, "raw scan")),
     ));
 

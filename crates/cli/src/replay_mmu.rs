@@ -280,34 +280,56 @@ impl MmuOutcome {
         }
     }
 
-    /// The human summary.
+    /// The human summary: what was replayed and how it compared, the checker's
+    /// verdict (the same lines for every MMU), the MMU's counters, the speed.
     pub fn human(&self, out: &mut impl Write) -> std::io::Result<()> {
         let verdict = if self.passed() { "PASS" } else { "FAIL" };
-        match self {
+        let (mismatch, checks, violations, first_violation) = match self {
             MmuOutcome::X86(file, r) => {
-                let s = &r.shadow;
                 writeln!(out, "{file} (x86 walk trace, shadow MMU)")?;
                 writeln!(
                     out,
                     "  walks {}, matched {}, mismatched {}, event errors {}",
                     r.checked, r.matched, r.mismatched, r.event_errors
                 )?;
-                match &r.first_mismatch {
-                    Some(m) => writeln!(
-                        out,
-                        "  first mismatch: {file}:{}: {}: expected {}, got {}",
+                let m = r.first_mismatch.as_ref().map(|m| {
+                    format!(
+                        "{file}:{}: {}: expected {}, got {}",
                         m.line, m.what, m.expected, m.got
-                    )?,
-                    None => writeln!(out, "  first mismatch: none")?,
-                }
+                    )
+                });
+                (
+                    m,
+                    r.invariant_checks,
+                    r.invariant_violations,
+                    &r.first_violation,
+                )
+            }
+            MmuOutcome::Nested(r) => {
+                writeln!(out, "{} (nested-radix trace, nested MMU)", r.file)?;
                 writeln!(
                     out,
-                    "  invariant checks {}, violations {}",
-                    r.invariant_checks, r.invariant_violations
+                    "  records {}, results checked {}, matched {}, mismatched {}",
+                    r.records, r.checked, r.matched, r.mismatched
                 )?;
-                if let Some(v) = &r.first_violation {
-                    writeln!(out, "  first violation: {v}")?;
-                }
+                let m = r.first_mismatch.as_ref().map(ToString::to_string);
+                (
+                    m,
+                    r.invariant_checks,
+                    r.invariant_violations,
+                    &r.first_violation,
+                )
+            }
+        };
+        let mismatch = mismatch.as_deref().unwrap_or("none");
+        writeln!(out, "  first mismatch: {mismatch}")?;
+        writeln!(out, "  invariant checks {checks}, violations {violations}")?;
+        if let Some(v) = first_violation {
+            writeln!(out, "  first violation: {v}")?;
+        }
+        match self {
+            MmuOutcome::X86(_, r) => {
+                let s = &r.shadow;
                 writeln!(
                     out,
                     "  shadow: {} page faults, {} hits, {} shadow pages created, {} zapped, {} in use, {} write-protected gfns",
@@ -327,24 +349,6 @@ impl MmuOutcome {
             }
             MmuOutcome::Nested(r) => {
                 let c = &r.counters;
-                writeln!(out, "{} (nested-radix trace, nested MMU)", r.file)?;
-                writeln!(
-                    out,
-                    "  records {}, results checked {}, matched {}, mismatched {}",
-                    r.records, r.checked, r.matched, r.mismatched
-                )?;
-                match &r.first_mismatch {
-                    Some(m) => writeln!(out, "  first mismatch: {m}")?,
-                    None => writeln!(out, "  first mismatch: none")?,
-                }
-                writeln!(
-                    out,
-                    "  invariant checks {}, violations {}",
-                    r.invariant_checks, r.invariant_violations
-                )?;
-                if let Some(v) = &r.first_violation {
-                    writeln!(out, "  first violation: {v}")?;
-                }
                 writeln!(
                     out,
                     "  nested: {} nested faults, {} shadow hits, {} rmap invalidations, {} stale skipped, {} reclaimed",

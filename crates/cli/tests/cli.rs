@@ -197,14 +197,14 @@ fn real_traces_pass_with_json_shape() {
     );
 }
 
+/// One H_ENTER whose recorded idx is wrong: an empty PTEG gives slot 0x3d38 (its
+/// first), the record says 0x3d39.
+const MISMATCH_TRACE: &str = "HPT_ALLOC shift=18\n\
+    H_ENTER cpu=0 flags=0x0 ptex=0x3d38 pteh=0x4009287a77000005 ptel=0x11194 -> ret=0 idx=0x3d39\n";
+
 #[test]
 fn mismatch_exits_1_and_is_reported() {
-    // The recorded idx is wrong: an empty PTEG gives slot 0.
-    let p = temp_file(
-        "mismatch.txt",
-        "HPT_ALLOC shift=18\n\
-         H_ENTER cpu=0 flags=0x0 ptex=0x3d38 pteh=0x4009287a77000005 ptel=0x11194 -> ret=0 idx=0x3d39\n",
-    );
+    let p = temp_file("mismatch.txt", MISMATCH_TRACE);
     let ps = p.display().to_string();
     let o = revmap(&["replay", "--json", "--flavour", "qemu", &ps]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
@@ -311,11 +311,7 @@ fn host_interference_reports_host_ops_and_passes_on_the_boot_trace() {
 
 #[test]
 fn host_interference_human_output_and_mismatch_exit_1() {
-    let p = temp_file(
-        "mismatch-hi.txt",
-        "HPT_ALLOC shift=18\n\
-         H_ENTER cpu=0 flags=0x0 ptex=0x3d38 pteh=0x4009287a77000005 ptel=0x11194 -> ret=0 idx=0x3d39\n",
-    );
+    let p = temp_file("mismatch-hi.txt", MISMATCH_TRACE);
     let ps = p.display().to_string();
     let o = revmap(&["replay", "--host-interference", "--flavour", "qemu", &ps]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));

@@ -270,10 +270,11 @@ impl Memslot {
         flags: MemslotFlags,
         userspace_addr: Hva,
     ) -> Result<Self, MemslotError> {
+        // Refuse a bad request before allocating its host memory model.
         Self::validate(base_gfn, npages, backing_page_shift, userspace_addr)?;
         let memory = SimHostMemory::new(userspace_addr, npages, backing_page_shift)?;
         let memory = revmap_rmap::error::try_box(memory)?;
-        Self::build(id, base_gfn, npages, flags, memory)
+        Self::with_memory(id, base_gfn, npages, flags, memory)
     }
 
     /// Create a slot of `npages` frames from `base_gfn` over `memory`: the slot's host
@@ -294,10 +295,25 @@ impl Memslot {
         if covered < npages {
             return Err(MemslotError::BackingTooSmall { npages, covered });
         }
-        Self::build(id, base_gfn, npages, flags, memory)
+        let n = usize::try_from(npages).map_err(|_| MemslotError::TooLarge { npages })?;
+        let rmap = Rmap::new_array(n)?;
+        let dirty_bitmap = try_boxed_slice(n.div_ceil(64), |_| AtomicU64::new(0))?;
+        Ok(Self {
+            id,
+            base_gfn,
+            npages,
+            flags,
+            data: Arc::new(SlotData {
+                backing_page_shift: shift,
+                userspace_addr: start,
+                rmap,
+                dirty_bitmap,
+                memory,
+            }),
+        })
     }
 
-    /// The size, range and alignment checks shared by both constructors.
+    /// The size, range and alignment checks of a new slot.
     fn validate(
         base_gfn: Gfn,
         npages: u64,
@@ -333,32 +349,6 @@ impl Memslot {
             });
         }
         Ok(())
-    }
-
-    /// Allocate the rmap words and dirty bitmap of a validated slot.
-    fn build(
-        id: SlotId,
-        base_gfn: Gfn,
-        npages: u64,
-        flags: MemslotFlags,
-        memory: Box<dyn HostMemory>,
-    ) -> Result<Self, MemslotError> {
-        let n = usize::try_from(npages).map_err(|_| MemslotError::TooLarge { npages })?;
-        let rmap = Rmap::new_array(n)?;
-        let dirty_bitmap = try_boxed_slice(n.div_ceil(64), |_| AtomicU64::new(0))?;
-        Ok(Self {
-            id,
-            base_gfn,
-            npages,
-            flags,
-            data: Arc::new(SlotData {
-                backing_page_shift: memory.page_shift(),
-                userspace_addr: memory.hva_range().0,
-                rmap,
-                dirty_bitmap,
-                memory,
-            }),
-        })
     }
 
     /// The same slot (same rmap words, bitmap and backing) at another base frame

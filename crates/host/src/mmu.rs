@@ -21,7 +21,7 @@
 //! * Bad arguments (an unknown slot, a range outside it) are errors or no-ops, never
 //!   panics.
 
-use crate::{Memslot, MemslotFlags};
+use crate::{Memslot, MemslotFlags, Memslots};
 use alloc::vec::Vec;
 use core::fmt;
 use revmap_rmap::{Gfn, Hva, SlotId, PAGE_SHIFT};
@@ -59,6 +59,16 @@ impl SlotView {
                 .flags()
                 .contains(MemslotFlags::DIRTY_LOG_MANUAL_PROTECT),
         }
+    }
+
+    /// The views of the usable slots of `slots` (those not being deleted or moved,
+    /// i.e. not INVALID), in gfn order: what [`HostMmu::memslot_views`] returns.
+    pub fn all_usable(slots: &Memslots) -> Vec<Self> {
+        slots
+            .iter()
+            .filter(|s| !s.is_invalid())
+            .map(Self::of)
+            .collect()
     }
 
     /// One past the last guest frame.
@@ -130,4 +140,36 @@ pub trait HostMmu: Sync {
         first_page: u64,
         bits: &[u64],
     ) -> Result<(), Self::Error>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_usable_skips_invalid_slots_in_gfn_order() {
+        let slot = |id, base| {
+            Memslot::new(
+                SlotId(id),
+                Gfn(base),
+                16,
+                12,
+                MemslotFlags::LOG_DIRTY_PAGES,
+                Hva(base << PAGE_SHIFT),
+            )
+            .unwrap()
+        };
+        let mut slots = Memslots::new();
+        slots.insert(slot(2, 64)).unwrap();
+        slots.insert(slot(1, 0)).unwrap();
+        let gone = slot(3, 128);
+        slots
+            .insert(gone.with_flags(gone.flags() | MemslotFlags::INVALID))
+            .unwrap();
+        let views = SlotView::all_usable(&slots);
+        let ids: Vec<_> = views.iter().map(|v| v.id).collect();
+        assert_eq!(ids, [SlotId(1), SlotId(2)]);
+        assert!(views.iter().all(|v| v.dirty_logging && !v.manual_protect));
+        assert_eq!(views[1], SlotView::of(&slot(2, 64)));
+    }
 }

@@ -15,7 +15,6 @@
 use loom::thread;
 use revmap_hpt::hcall::*;
 use revmap_hpt::hpte::{HpteR, HpteV};
-use revmap_hpt::mmu::{Access, Fault};
 use revmap_hpt::vm::RAM_HVA_BASE;
 use revmap_hpt::{Flavour, Vm, VmConfig};
 use revmap_rmap::sync::Arc;
@@ -36,7 +35,7 @@ fn tiny_vm() -> Vm {
 }
 
 mod common;
-use common::loom_model as model;
+use common::{loom_model as model, spawn_absent_load_fault};
 
 fn host_page() -> (Hva, Hva) {
     let a = Hva(RAM_HVA_BASE + (GFN << 12));
@@ -122,16 +121,7 @@ fn fault_racing_invalidation_never_maps_an_absent_page() {
         let r = vm.hcall(0, H_ENTER, &[H_EXACT, 0, PTEH, PTEL]);
         let p = Ptex(r.out[0] as u32);
         assert_eq!(v_of(&vm, p.0) & HpteV::ABSENT, HpteV::ABSENT);
-        let t = {
-            let vm = vm.clone();
-            thread::spawn(move || {
-                let f = Fault::Absent {
-                    ptex: p,
-                    mmio: false,
-                };
-                vm.page_fault(0, &f, Access::Load)
-            })
-        };
+        let t = spawn_absent_load_fault(&vm, p);
         vm.unmap_hva_range(a, b);
         t.join().unwrap();
         let v = v_of(&vm, p.0);

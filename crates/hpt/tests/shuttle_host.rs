@@ -12,7 +12,7 @@
 #![cfg(shuttle)]
 
 mod common;
-use common::{check, small_vm, SEG};
+use common::{check, small_vm, spawn_absent_load_fault, SEG};
 
 use revmap_hpt::hash::{hpt_hash, primary_pteg};
 use revmap_hpt::hcall::*;
@@ -174,16 +174,7 @@ fn mmu_ready_stops_page_in() {
     let vm = Arc::new(small_vm());
     let p = Ptex(enter(&vm, 1, 1, 2) as u32);
     vm.unmap_gfn_range(SlotId(0), Gfn(1), Gfn(2));
-    let fault = {
-        let vm = vm.clone();
-        thread::spawn(move || {
-            let f = Fault::Absent {
-                ptex: p,
-                mmio: false,
-            };
-            vm.page_fault(0, &f, Access::Load)
-        })
-    };
+    let fault = spawn_absent_load_fault(&vm, p);
     vm.set_mmu_ready(false);
     let v1 = vm.hpt().slot(p).unwrap().load_v();
     fault.join().unwrap();

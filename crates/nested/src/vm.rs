@@ -1404,12 +1404,7 @@ impl HostMmu for NestedVm {
     type Error = NestedVmError;
 
     fn memslot_views(&self) -> Vec<SlotView> {
-        self.slots
-            .load()
-            .iter()
-            .filter(|s| !s.is_invalid())
-            .map(SlotView::of)
-            .collect()
+        SlotView::all_usable(&self.slots.load())
     }
 
     fn invalidate_range_start(&self, start: Hva, end: Hva) {

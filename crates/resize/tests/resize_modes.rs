@@ -10,6 +10,7 @@ use revmap_hpt::hcall::*;
 use revmap_hpt::{Flavour, Vm, VmConfig};
 use revmap_resize::ResizeVmExt;
 use revmap_resize::{PrecopyHold, ResizeMode};
+use revmap_testkit::rng::Rng;
 
 #[path = "../../hpt/tests/common/mod.rs"]
 mod common;
@@ -55,21 +56,6 @@ fn resize_trace_same_guest_results_in_both_modes_qemu() {
 #[test]
 fn resize_trace_same_guest_results_in_both_modes_kvm() {
     same_results_in_both_modes(Flavour::Kvm);
-}
-
-/// xorshift64*: a deterministic stream for the random guest.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 /// Every slot as H_READ presents it.
@@ -172,9 +158,9 @@ fn random_guest_same_tables_in_both_modes() {
                 vm.resize_ctl().expect("resizer installed").set_mode(m);
                 vm
             });
-            let mut rngs = [Rng(seed * 0x9E37_79B9), Rng(seed * 0x9E37_79B9)];
+            let mut rngs = [Rng::new(seed * 0x9E37_79B9), Rng::new(seed * 0x9E37_79B9)];
             let mut lives = [Vec::new(), Vec::new()];
-            let mut order_rng = Rng(seed + 77);
+            let mut order_rng = Rng::new(seed + 77);
             let mut commits = [0u32; 2];
             for round in 0..6 {
                 for _ in 0..600 {
@@ -246,6 +232,26 @@ fn commit_with_changes(
     [a, b]
 }
 
+/// Both modes' commits succeeded (`rets`), both VMs pass the checker at `order`, and
+/// their tables read back identically (no change was lost or applied twice).
+fn assert_committed_alike(vms: &[Vm; 2], rets: [i64; 2], order: u32, what: &str) {
+    assert_eq!(rets, [H_SUCCESS, H_SUCCESS], "{what}");
+    for vm in vms {
+        vm.check_invariants().unwrap();
+        assert_eq!(vm.hpt_order(), order, "{what}");
+    }
+    assert_eq!(diff(&vms[0], &vms[1]), None, "{what}: tables differ");
+}
+
+/// Both flavours, with the pre-copy commit held before its copy rounds and before its
+/// stop: the guest changes the table at each of those points.
+const HOLD_CASES: [(Flavour, PrecopyHold); 4] = [
+    (Flavour::Kvm, PrecopyHold::BeforeRounds),
+    (Flavour::Kvm, PrecopyHold::BeforeStop),
+    (Flavour::Qemu, PrecopyHold::BeforeRounds),
+    (Flavour::Qemu, PrecopyHold::BeforeStop),
+];
+
 fn two_vms(flavour: Flavour, order: u32) -> [Vm; 2] {
     MODES.map(|m| {
         let vm = revmap_resize::new_vm(VmConfig {
@@ -264,12 +270,7 @@ fn two_vms(flavour: Flavour, order: u32) -> [Vm; 2] {
 fn changes_between_copy_and_stop_are_reapplied() {
     use revmap_hpt::mmu::{Access, Fault};
     use revmap_rmap::Ptex;
-    for (flavour, at) in [
-        (Flavour::Kvm, PrecopyHold::BeforeRounds),
-        (Flavour::Kvm, PrecopyHold::BeforeStop),
-        (Flavour::Qemu, PrecopyHold::BeforeRounds),
-        (Flavour::Qemu, PrecopyHold::BeforeStop),
-    ] {
+    for (flavour, at) in HOLD_CASES {
         let vms = two_vms(flavour, 18);
         let m18 = (1u64 << 11) - 1;
         for vm in &vms {
@@ -310,16 +311,7 @@ fn changes_between_copy_and_stop_are_reapplied() {
             };
             let _ = vm.page_fault(1, &f, Access::Load);
         });
-        assert_eq!(rets, [H_SUCCESS, H_SUCCESS], "{flavour}");
-        for vm in &vms {
-            vm.check_invariants().unwrap();
-            assert_eq!(vm.hpt_order(), 19);
-        }
-        assert_eq!(
-            diff(&vms[0], &vms[1]),
-            None,
-            "{flavour} {at:?}: tables differ"
-        );
+        assert_committed_alike(&vms, rets, 19, &format!("{flavour} {at:?}"));
 
         // Shrink 19 -> 18: two bolted entries fold onto one slot. The copy notes the
         // collision; the guest removes one before the stop: both modes succeed.
@@ -334,15 +326,11 @@ fn changes_between_copy_and_stop_are_reapplied() {
             let p = ((0x42 ^ 0x801) & m19) * 8 + 7;
             assert_eq!(vm.hcall(1, H_REMOVE, &[0, p, 0]).ret, H_SUCCESS);
         });
-        assert_eq!(
+        assert_committed_alike(
+            &vms,
             rets,
-            [H_SUCCESS, H_SUCCESS],
-            "{flavour}: collision resolved"
-        );
-        assert_eq!(
-            diff(&vms[0], &vms[1]),
-            None,
-            "{flavour} {at:?}: tables differ"
+            18,
+            &format!("{flavour} {at:?}: collision resolved"),
         );
 
         // Grow again, then shrink with a collision the guest creates between the
@@ -386,12 +374,7 @@ fn concurrent_changes_in_one_bitmap_word_are_all_reapplied() {
     // between the two groups it rehashes to when the table grows.
     let page = |g: u64, k: u64| (0x42 ^ g) | ((k & 1) << 11);
     let groups = 0x100u64..0x108;
-    for (flavour, at) in [
-        (Flavour::Kvm, PrecopyHold::BeforeRounds),
-        (Flavour::Kvm, PrecopyHold::BeforeStop),
-        (Flavour::Qemu, PrecopyHold::BeforeRounds),
-        (Flavour::Qemu, PrecopyHold::BeforeStop),
-    ] {
+    for (flavour, at) in HOLD_CASES {
         let vms = two_vms(flavour, 18);
         for vm in &vms {
             for g in groups.clone() {
@@ -438,15 +421,11 @@ fn concurrent_changes_in_one_bitmap_word_are_all_reapplied() {
                 });
             });
         });
-        assert_eq!(rets, [H_SUCCESS, H_SUCCESS], "{flavour} {at:?}");
-        for vm in &vms {
-            vm.check_invariants().unwrap();
-            assert_eq!(vm.hpt_order(), 19);
-        }
-        assert_eq!(
-            diff(&vms[0], &vms[1]),
-            None,
-            "{flavour} {at:?}: a change between copy and stop was lost"
+        assert_committed_alike(
+            &vms,
+            rets,
+            19,
+            &format!("{flavour} {at:?}: a change between copy and stop"),
         );
     }
 }

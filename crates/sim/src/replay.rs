@@ -471,7 +471,7 @@ fn no_alloc(file: &str, r: &Record) -> ReplayError {
     let record = match r {
         Record::Hcall(h) => h.kind.name(),
         Record::HptShift { .. } => "HPT_SHIFT",
-        Record::HwSet { .. } => "HW_SET",
+        Record::HwSet(_) => "HW_SET",
         Record::HptAlloc { .. } => "HPT_ALLOC",
     };
     ReplayError::NoAlloc {
@@ -564,18 +564,14 @@ fn stream_loop<R: BufRead, H: ReplayTarget, P: HypercallPort>(
                     }
                     rep.maybe_check(vm, opts);
                 }
-                Record::HwSet {
-                    line,
-                    bit,
-                    ptex,
-                    pte1,
-                } => {
-                    let (op, b) = hw_op(bit);
-                    let mut regs = [ptex, 0, 0, 0, 0, 0, 0, 0];
-                    let got = replay_hw_set(vm, op, ptex, &mut regs);
-                    let f = rep.judge(vm, H_READ, H_SUCCESS, 0b10, |_| pte1 | b, (got, &regs));
+                Record::HwSet(hw) => {
+                    let op = hw_op(hw.bit);
+                    let mut regs = [hw.ptex, 0, 0, 0, 0, 0, 0, 0];
+                    let got = replay_hw_set(vm, op, hw.ptex, &mut regs);
+                    let want = hw.pte1_after();
+                    let f = rep.judge(vm, H_READ, H_SUCCESS, 0b10, |_| want, (got, &regs));
                     if f.is_some() {
-                        rep.record_mismatch(line, op, f);
+                        rep.record_mismatch(hw.line, op, f);
                     }
                     rep.maybe_check(vm, opts);
                 }
@@ -729,24 +725,18 @@ impl PreparsedTrace {
                     );
                     lines.push(h.line);
                 }
-                Record::HwSet {
-                    line,
-                    bit,
-                    ptex,
-                    pte1,
-                } => {
-                    let (op, b) = hw_op(bit);
-                    let Some(head) = PackedCall::new(op, 0, 1, 0b10) else {
+                Record::HwSet(hw) => {
+                    let Some(head) = PackedCall::new(hw_op(hw.bit), 0, 1, 0b10) else {
                         return Err(ReplayError::Unrepresentable {
                             file,
-                            line,
+                            line: hw.line,
                             what: "hardware record",
                         });
                     };
                     words.try_reserve(4).map_err(|_| oom(&file))?;
                     lines.try_reserve(1).map_err(|_| oom(&file))?;
-                    words.extend_from_slice(&[head.0, H_SUCCESS as u64, ptex, pte1 | b]);
-                    lines.push(line);
+                    words.extend_from_slice(&[head.0, H_SUCCESS as u64, hw.ptex, hw.pte1_after()]);
+                    lines.push(hw.line);
                 }
                 Record::HptAlloc { line, .. } => {
                     return Err(ReplayError::SecondAlloc { file, line });
@@ -919,11 +909,11 @@ pub const HW_SET_R_OP: u64 = 0x1;
 /// Pseudo-opcode of a `HW_SET_C` record in the replay's call stream.
 pub const HW_SET_C_OP: u64 = 0x2;
 
-/// The pseudo-opcode and dword-1 bit of a hardware R/C record.
-fn hw_op(bit: HwBit) -> (u64, u64) {
+/// The pseudo-opcode of a hardware R/C record.
+fn hw_op(bit: HwBit) -> u64 {
     match bit {
-        HwBit::Reference => (HW_SET_R_OP, HpteR::R),
-        HwBit::Change => (HW_SET_C_OP, HpteR::C),
+        HwBit::Reference => HW_SET_R_OP,
+        HwBit::Change => HW_SET_C_OP,
     }
 }
 

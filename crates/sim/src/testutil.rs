@@ -7,10 +7,11 @@
 #![allow(clippy::unwrap_used)]
 
 use crate::host::{HostMmu, SlotView};
-use crate::replay::{HypercallPort, ReplayTarget, ResultMask};
+use crate::replay::{ReplayTarget, ResultMask};
 use revmap_hpt::VcpuId;
 use revmap_rmap::sync::{spin_loop, thread, AtomicU64, AtomicUsize, Mutex, Ordering};
 use revmap_rmap::{Gfn, Hva, SlotId, PAGE_SHIFT};
+use revmap_testkit::port::SharedHcalls;
 
 /// A recorded host operation (as seen by the host, with results).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -314,30 +315,14 @@ impl HostMmu for FakeHost {
 }
 
 /// As a replay target: every hypercall succeeds with zero outputs.
-impl HypercallPort for FakeHost {
-    type Runs<'a> = &'a FakeHost;
-    fn vcpu_runs(&self) -> &FakeHost {
-        self
-    }
-    fn hcall_regs(&mut self, vcpu: VcpuId, opcode: u64, regs: &mut [u64; 8]) -> i64 {
-        (&*self).hcall_regs(vcpu, opcode, regs)
-    }
-}
-
-/// Every hypercall succeeds with zero outputs.
-impl HypercallPort for &FakeHost {
-    type Runs<'a>
-        = Self
-    where
-        Self: 'a;
-    fn vcpu_runs(&self) -> Self {
-        self
-    }
-    fn hcall_regs(&mut self, _vcpu: VcpuId, _opcode: u64, regs: &mut [u64; 8]) -> i64 {
+impl SharedHcalls for FakeHost {
+    fn answer(&self, _vcpu: VcpuId, _opcode: u64, regs: &mut [u64; 8]) -> i64 {
         *regs = [0; 8];
         0
     }
 }
+
+revmap_testkit::shared_hypercall_port!(FakeHost);
 
 /// The checker fails if a host operation is in progress (the quiescence property).
 impl ReplayTarget for FakeHost {

@@ -162,6 +162,15 @@ struct Pte {
     hidx: Option<u64>,
 }
 
+/// A fault the guest's MMU handler services (see `GuestCpu::handle_fault`).
+#[derive(Clone, Copy, Debug)]
+enum GuestFault {
+    /// No HPTE for the page (`__hash_page`); `store`: the access was a store.
+    Hash { store: bool },
+    /// A store to a clean or write-protected page.
+    Protection,
+}
+
 #[derive(Debug, Default)]
 struct Process {
     ctx: u64,
@@ -443,11 +452,11 @@ impl GuestCpu {
                 }
                 AccessOutcome::GuestFault(Fault::NoHpte) => {
                     self.stats.guest.hash_faults += 1;
-                    self.hash_fault(vm, port, p, i, &seg, ea, store);
+                    self.handle_fault(vm, port, p, i, &seg, ea, GuestFault::Hash { store });
                 }
                 AccessOutcome::GuestFault(Fault::Protection { .. }) => {
                     self.stats.guest.protection_faults += 1;
-                    self.make_writable(vm, port, p, i, &seg, ea);
+                    self.handle_fault(vm, port, p, i, &seg, ea, GuestFault::Protection);
                 }
                 _ => {
                     self.stats.guest.other_faults += 1;
@@ -457,9 +466,12 @@ impl GuestCpu {
         }
     }
 
-    /// `__hash_page`: updatepp if Linux remembers a slot, else (or on not-found) insert.
+    /// The guest's handling of a fault on page `i` of process `p`: `__hash_page` for a
+    /// hash fault, or making a clean or write-protected page writable for a protection
+    /// fault on a store. Either is `updatepp` (H_PROTECT with H_AVPN) on the slot Linux
+    /// remembers, else (or on not-found) an insert, whose slot is remembered.
     #[allow(clippy::too_many_arguments)]
-    fn hash_fault(
+    fn handle_fault(
         &mut self,
         vm: &Vm,
         port: &mut impl HypercallPort,
@@ -467,12 +479,21 @@ impl GuestCpu {
         i: usize,
         seg: &Segment,
         ea: u64,
-        store: bool,
+        fault: GuestFault,
     ) {
-        let Some(pte) = self.procs.get(p).and_then(|pr| pr.pages.get(i)).copied() else {
+        let Some(pte) = self.procs.get_mut(p).and_then(|pr| pr.pages.get_mut(i)) else {
             return;
         };
-        let pp = if pte.writable { 2 } else { 3 };
+        // (pp, insert with C set)
+        let (pp, dirty) = match fault {
+            GuestFault::Hash { store } if pte.writable => (2, store),
+            GuestFault::Hash { .. } => (3, false),
+            GuestFault::Protection => {
+                pte.writable = true;
+                (2, true)
+            }
+        };
+        let pte = *pte;
         if let Some(h) = pte.hidx {
             let avpn = Self::avpn_of(seg, pte.kind, ea);
             let ptex = self.ptex_of(seg, ea, h);
@@ -481,37 +502,7 @@ impl GuestCpu {
                 return;
             }
         }
-        let hidx = self.insert(vm, port, seg, pte, ea, pp, store && pte.writable);
-        if let Some(x) = self.procs.get_mut(p).and_then(|pr| pr.pages.get_mut(i)) {
-            x.hidx = hidx;
-        }
-    }
-
-    /// A store to a clean or write-protected page: make it writable (H_PROTECT with
-    /// H_AVPN; on not-found, re-insert).
-    fn make_writable(
-        &mut self,
-        vm: &Vm,
-        port: &mut impl HypercallPort,
-        p: usize,
-        i: usize,
-        seg: &Segment,
-        ea: u64,
-    ) {
-        let Some(pte) = self.procs.get_mut(p).and_then(|pr| pr.pages.get_mut(i)) else {
-            return;
-        };
-        pte.writable = true;
-        let pte = *pte;
-        let avpn = Self::avpn_of(seg, pte.kind, ea);
-        if let Some(h) = pte.hidx {
-            let ptex = self.ptex_of(seg, ea, h);
-            let r = self.hcall(port, H_PROTECT, &[2 | H_AVPN, ptex, avpn]);
-            if r.ret == H_SUCCESS {
-                return;
-            }
-        }
-        let hidx = self.insert(vm, port, seg, pte, ea, 2, true);
+        let hidx = self.insert(vm, port, seg, pte, ea, pp, dirty);
         if let Some(x) = self.procs.get_mut(p).and_then(|pr| pr.pages.get_mut(i)) {
             x.hidx = hidx;
         }

@@ -7,6 +7,9 @@
 //! * [`resize`]: the commit-pause benchmark of live HPT resizing (`revmap bench resize`).
 //! * [`failalloc`]: a global allocator that fails the k-th allocation, and the sweep
 //!   that runs a representative MMU run once for every k (the allocation-failure tests).
+//! * [`port`]: the hypercall-port impls of test fakes and reference models
+//!   ([`shared_hypercall_port!`]).
+//! * [`rng`]: the deterministic random stream of fixtures and randomised tests.
 //!
 //! Test hooks of the resize protocol are a cargo feature of `revmap-resize`
 //! (`test-hooks`), enabled only by dev-dependencies.
@@ -26,7 +29,9 @@
 #[allow(unsafe_code)] // a global allocator is an `unsafe impl` by definition
 pub mod failalloc;
 pub mod host;
+pub mod port;
 pub mod resize;
+pub mod rng;
 
 use revmap_hpt::HptError;
 

@@ -11,6 +11,7 @@
 //! table); every step returns an error rather than panicking; the vCPU threads are
 //! stopped and joined before a VM is dropped.
 
+use crate::rng::Rng;
 use revmap_hpt::hcall::*;
 use revmap_hpt::vm::{Vm, VmConfig};
 use revmap_hpt::Flavour;
@@ -118,22 +119,6 @@ pub enum ResizeBenchError {
     Thread,
 }
 
-/// xorshift64*.
-#[derive(Debug, Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
 /// H_ENTER arguments for a random 4K or 64K entry in a 256M segment.
 fn random_entry(rng: &mut Rng, mask: u64, frames: u64, bolted: bool) -> [u64; 4] {
     let vsid = 0x100 + rng.below(1 << 20);
@@ -170,7 +155,7 @@ fn populated(cfg: &ResizeBenchConfig, order: u32) -> Result<(Vm, u64, u64), Resi
     let mask = vm.hpt().geometry().mask();
     let target = vm.hpt().geometry().npte() * cfg.occupancy_pct.min(100) / 100;
     let frames = 1u64 << (order + 7 - 12);
-    let mut rng = Rng(cfg.seed ^ u64::from(order) << 32 | 1);
+    let mut rng = Rng::new(cfg.seed ^ u64::from(order) << 32 | 1);
     let (mut entries, mut bolted, mut tries) = (0u64, 0u64, 0u64);
     while entries < target && tries < target * 4 {
         tries += 1;
@@ -190,7 +175,7 @@ fn populated(cfg: &ResizeBenchConfig, order: u32) -> Result<(Vm, u64, u64), Resi
 /// commit (with run handles, which stay in the gate, the pause on an oversubscribed
 /// host measures the scheduler's latency rather than the commit).
 fn vcpu_loop(vm: &Vm, id: usize, stop: &AtomicBool, done: &AtomicU64, frames: u64) {
-    let mut rng = Rng(0x1234_5678 + id as u64);
+    let mut rng = Rng::new(0x1234_5678 + id as u64);
     let mut mine: Vec<u64> = Vec::new();
     let mut n = 0u64;
     // ORDERING: Relaxed: a stop request; the joins order everything else.

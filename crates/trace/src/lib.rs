@@ -62,4 +62,4 @@ pub mod x86;
 
 pub use line::{parse_line, FieldError, Line, LineError};
 pub use reader::{for_each_record, DynBufRead, TraceError, TraceReader, MAX_LINE_BYTES};
-pub use record::{Expected, Hcall, HcallKind, HwBit, Record};
+pub use record::{Expected, Hcall, HcallKind, HwBit, HwSet, Record};

@@ -16,7 +16,7 @@ pub use crate::lex::FieldError;
 use crate::lex::{
     lossy, parse_hex, parse_idec, parse_udec, split_kv, trim_line, trim_start, Seen, Trimmed, Words,
 };
-use crate::record::{Expected, Hcall, HcallKind, HwBit, Record};
+use crate::record::{Expected, Hcall, HcallKind, HwBit, HwSet, Record};
 use thiserror::Error;
 
 /// Why one line failed to parse. Displayed after `file:line: `.
@@ -233,12 +233,12 @@ fn hw_set(
     let [ptex, pte1] = keyed_fields(record, words, ["ptex", "pte1"], |r, k, v| {
         num(r, k, v, Radix::Hex)
     })?;
-    Ok(Record::HwSet {
+    Ok(Record::HwSet(HwSet {
         line,
         bit,
         ptex,
         pte1,
-    })
+    }))
 }
 
 #[inline]
@@ -520,12 +520,12 @@ mod tests {
             ),
         ];
         for (text, line, bit, ptex, pte1) in hw {
-            let want = Record::HwSet {
+            let want = Record::HwSet(HwSet {
                 line,
                 bit,
                 ptex,
                 pte1,
-            };
+            });
             assert_eq!(parse_line(text, line), Ok(Line::Record(want)));
         }
     }

@@ -165,6 +165,16 @@ pub enum HwBit {
     Change,
 }
 
+impl HwBit {
+    /// The bit in HPTE dword 1 (PAPR: R is 0x100, C is 0x80).
+    pub const fn mask(self) -> u64 {
+        match self {
+            HwBit::Reference => 0x100,
+            HwBit::Change => 0x80,
+        }
+    }
+}
+
 /// One record of a trace (comments and console lines are not records; see
 /// [`crate::Line`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -188,18 +198,29 @@ pub enum Record {
         new: u32,
     },
     /// `HW_SET_R` / `HW_SET_C`: the MMU set R or C in an HPTE.
-    HwSet {
-        /// 1-based line number.
-        line: u64,
-        /// Which bit.
-        bit: HwBit,
-        /// The HPTE index, as recorded (not range-checked by the parser).
-        ptex: u64,
-        /// Dword 1 of the HPTE as the MMU read it for the update (QEMU's
-        /// `hpte_set_r/c(ptex, pte1)` argument), as recorded; the word afterwards is
-        /// `pte1` with the bit set.
-        pte1: u64,
-    },
+    HwSet(HwSet),
+}
+
+/// An `HW_SET_R` / `HW_SET_C` record: the MMU set R or C in an HPTE.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HwSet {
+    /// 1-based line number.
+    pub line: u64,
+    /// Which bit.
+    pub bit: HwBit,
+    /// The HPTE index, as recorded (not range-checked by the parser).
+    pub ptex: u64,
+    /// Dword 1 of the HPTE as the MMU read it for the update (QEMU's
+    /// `hpte_set_r/c(ptex, pte1)` argument), as recorded; the word afterwards is
+    /// [`pte1_after`](Self::pte1_after).
+    pub pte1: u64,
+}
+
+impl HwSet {
+    /// Dword 1 of the HPTE after the update: `pte1` with the bit set.
+    pub const fn pte1_after(&self) -> u64 {
+        self.pte1 | self.bit.mask()
+    }
 }
 
 impl Record {
@@ -208,7 +229,7 @@ impl Record {
         match self {
             Record::HptAlloc { line, .. }
             | Record::HptShift { line, .. }
-            | Record::HwSet { line, .. } => *line,
+            | Record::HwSet(HwSet { line, .. }) => *line,
             Record::Hcall(h) => h.line,
         }
     }
@@ -227,6 +248,20 @@ mod tests {
             assert_eq!(HcallKind::from_opcode(k.opcode()), Some(k));
         }
         assert_eq!(HcallKind::from_opcode(0x1c), None);
+    }
+
+    #[test]
+    fn hw_set_sets_papr_r_or_c_in_dword_1() {
+        let hw = |bit| HwSet {
+            line: 3,
+            bit,
+            ptex: 0x11,
+            pte1: 0x190 & !0x180,
+        };
+        assert_eq!(hw(HwBit::Reference).pte1_after(), 0x110);
+        assert_eq!(hw(HwBit::Change).pte1_after(), 0x090);
+        let r = Record::HwSet(hw(HwBit::Change));
+        assert_eq!(r.line(), 3);
     }
 
     #[test]

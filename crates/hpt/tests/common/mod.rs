@@ -5,6 +5,10 @@
 #![allow(dead_code)]
 
 use revmap_hpt::hcall::*;
+use revmap_hpt::mmu::{Access, Fault};
+use revmap_hpt::{FaultOutcome, Vm};
+use revmap_rmap::sync::{thread, Arc};
+use revmap_rmap::Ptex;
 use std::io::{BufRead, BufReader};
 
 /// The vendored boot trace.
@@ -116,4 +120,15 @@ pub fn check(vm: &revmap_hpt::Vm) {
     if let Err(e) = vm.check_invariants() {
         panic!("invariant violated: {e}");
     }
+}
+
+/// A thread of vCPU 0 taking a load fault on the absent (paged-out) HPTE `ptex`; join
+/// it for the fault's outcome. Its thread comes from the sync switch, so the loom and
+/// shuttle models schedule it.
+pub fn spawn_absent_load_fault(vm: &Arc<Vm>, ptex: Ptex) -> thread::JoinHandle<FaultOutcome> {
+    let vm = Arc::clone(vm);
+    thread::spawn(move || {
+        let f = Fault::Absent { ptex, mmio: false };
+        vm.page_fault(0, &f, Access::Load)
+    })
 }

@@ -1,4 +1,5 @@
 use super::*;
+use revmap_testkit::port::{SharedHcalls, SharedRuns};
 use revmap_trace::TraceReader;
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -31,25 +32,10 @@ impl ScriptVm {
     }
 }
 
-impl HypercallPort for ScriptVm {
-    type Runs<'a> = &'a ScriptVm;
-    fn vcpu_runs(&self) -> &ScriptVm {
-        self
-    }
-    fn hcall_regs(&mut self, vcpu: VcpuId, opcode: u64, regs: &mut [u64; 8]) -> i64 {
-        (&*self).hcall_regs(vcpu, opcode, regs)
-    }
-}
-
-impl HypercallPort for &ScriptVm {
-    type Runs<'a>
-        = Self
-    where
-        Self: 'a;
-    fn vcpu_runs(&self) -> Self {
-        self
-    }
-    fn hcall_regs(&mut self, vcpu: VcpuId, opcode: u64, regs: &mut [u64; 8]) -> i64 {
+/// Records the call and answers with the next scripted result (H_FUNCTION once the
+/// script is exhausted).
+impl SharedHcalls for ScriptVm {
+    fn answer(&self, vcpu: VcpuId, opcode: u64, regs: &mut [u64; 8]) -> i64 {
         self.seen
             .borrow_mut()
             .push((vcpu.index(), opcode, regs.to_vec()));
@@ -65,6 +51,8 @@ impl HypercallPort for &ScriptVm {
         r.ret
     }
 }
+
+revmap_testkit::shared_hypercall_port!(ScriptVm);
 
 impl ReplayTarget for ScriptVm {
     type Violation = String;
@@ -243,16 +231,23 @@ fn prepare_long_busy_is_matched_by_success_only_for_prepare() {
     assert!(!resize_waits(H_RESIZE_HPT_COMMIT, 0));
 }
 
+#[test]
+fn trace_hw_bits_are_the_hpte_r_and_c_bits() {
+    use revmap_trace::HwBit;
+    assert_eq!(HwBit::Reference.mask(), HpteR::R);
+    assert_eq!(HwBit::Change.mask(), HpteR::C);
+}
+
 /// A fake VM for hardware records: entry 9 is guest-valid with dword 1 = 0x190.
 struct HwVm(ScriptVm);
 
 impl HypercallPort for HwVm {
-    type Runs<'a> = &'a ScriptVm;
-    fn vcpu_runs(&self) -> &ScriptVm {
-        &self.0
+    type Runs<'a> = SharedRuns<'a, ScriptVm>;
+    fn vcpu_runs(&self) -> SharedRuns<'_, ScriptVm> {
+        SharedRuns(&self.0)
     }
     fn hcall_regs(&mut self, vcpu: VcpuId, opcode: u64, regs: &mut [u64; 8]) -> i64 {
-        (&self.0).hcall_regs(vcpu, opcode, regs)
+        self.0.answer(vcpu, opcode, regs)
     }
 }
 

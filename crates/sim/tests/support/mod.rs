@@ -4,7 +4,8 @@
 #![allow(dead_code)]
 
 use revmap_hpt::VcpuId;
-use revmap_sim::replay::{HcallResult, HypercallPort, ReplayTarget, ResultMask, VmSpec};
+use revmap_sim::replay::{HcallResult, ReplayTarget, ResultMask, VmSpec};
+use revmap_testkit::port::SharedHcalls;
 use std::cell::RefCell;
 
 pub const H_AVPN: u64 = 0x8000_0000;
@@ -43,27 +44,11 @@ fn res(ret: i64, out: [u64; 8]) -> HcallResult {
     HcallResult { ret, out }
 }
 
-impl HypercallPort for QemuModel {
-    type Runs<'a> = &'a QemuModel;
-    fn vcpu_runs(&self) -> &QemuModel {
-        self
-    }
-    fn hcall_regs(&mut self, _vcpu: VcpuId, opcode: u64, regs: &mut [u64; 8]) -> i64 {
-        let r = self.call(opcode, regs);
-        *regs = r.out;
-        r.ret
-    }
-}
+revmap_testkit::shared_hypercall_port!(QemuModel);
 
-impl HypercallPort for &QemuModel {
-    type Runs<'a>
-        = Self
-    where
-        Self: 'a;
-    fn vcpu_runs(&self) -> Self {
-        self
-    }
-    fn hcall_regs(&mut self, _vcpu: VcpuId, opcode: u64, regs: &mut [u64; 8]) -> i64 {
+/// The model's hypercalls on the registers.
+impl SharedHcalls for QemuModel {
+    fn answer(&self, _vcpu: VcpuId, opcode: u64, regs: &mut [u64; 8]) -> i64 {
         let r = self.call(opcode, regs);
         *regs = r.out;
         r.ret
