@@ -102,9 +102,6 @@ pub enum ShadowError {
     /// No such vCPU.
     #[error("no vCPU {0}")]
     NoVcpu(usize),
-    /// A paging mode the shadow MMU does not shadow yet (paging off, 32-bit, PAE).
-    #[error("paging mode {0:?} is not shadowed")]
-    Unsupported(PagingMode),
     /// No shadow page could be made available (every page pinned as a root).
     #[error("no shadow page available")]
     NoSpace,
@@ -271,6 +268,18 @@ pub struct VcpuMmu {
     pub root: Option<SpId>,
     /// `prev_roots`: (pgd, root), most recent first.
     pub prev_roots: Vec<(u64, SpId)>,
+    /// KVM's `pae_root` for guests without long mode (paging off, 32-bit, PAE): the
+    /// four level-2 roots, one per GiB of the 32-bit address space, each pinning its
+    /// page (`root` is `None` then). Entry `q` shadows the PAE page directory PDPTE `q`
+    /// names, quadrant `q` of a 32-bit guest's page directory, or (paging off) maps
+    /// gfns `q << 18..` directly; `None` for a non-present PDPTE or before loading.
+    /// These roots are never cached in `prev_roots`.
+    pub pae_root: [Option<SpId>; 4],
+}
+
+/// Whether `mode` is shadowed through a `pae_root` (no long mode).
+pub const fn uses_pae_root(mode: &CpuMode) -> bool {
+    !matches!(mode.paging(), PagingMode::Long4 | PagingMode::Long5)
 }
 
 /// Statistics (KVM's `kvm->stat` and the replay report's `shadow` object).
@@ -385,8 +394,31 @@ fn hash_gfn(gfn: u64) -> usize {
     (gfn.wrapping_mul(0x61c8_8646_80b5_83eb) >> (64 - MMU_HASH_SHIFT)) as usize
 }
 
+/// The linear address an access to `gva` uses: 32 bits outside long mode.
+const fn linear(mode: &CpuMode, gva: u64) -> u64 {
+    if uses_pae_root(mode) {
+        gva & 0xffff_ffff
+    } else {
+        gva
+    }
+}
+
 fn sp_index(gva: u64, level: u32) -> usize {
     ((gva >> (12 + level_shift(level))) & 511) as usize
+}
+
+/// The first gfn a leaf SPTE at `level`, index `i`, built from the guest leaf `gpte`
+/// maps: the gpte's frame rounded to the SPTE's size; for a 32-bit guest's 4 MiB page
+/// (PSE-36 high bits included) the 2 MiB half the SPTE index selects.
+fn leaf_gpte_gfn(mode: &CpuMode, level: u32, gpte: u64, i: usize) -> u64 {
+    if mode.paging().has_4_byte_gpte() && level == 2 {
+        let mut base = (gpte & 0xffc0_0000) >> 12;
+        if mode.pse36 {
+            base |= ((gpte >> 13) & 0xff) << 20;
+        }
+        return base + (((i as u64) & 1) << 9);
+    }
+    (gpte & PT64_ADDR_MASK) >> 12 >> level_shift(level) << level_shift(level)
 }
 
 /// Result of a fault attempt.
@@ -434,6 +466,7 @@ impl ShadowMmu {
             mode,
             root: None,
             prev_roots: Vec::new(),
+            pae_root: [None; 4],
         });
         self.vcpus.len() - 1
     }
@@ -1156,6 +1189,25 @@ impl ShadowMmu {
         self.mem.read_u64(Gpa(gpa)).ok()
     }
 
+    /// The gpte SPTE `i` of a page with gptes (`role`, `gfn`) derives from, zero-extended
+    /// (`FNAME(get_level1_sp_gpa)` generalised): 8-byte gptes map one to one; a 4-byte
+    /// guest table is shadowed in quadrants (`quadrant` selects the 512-entry half of a
+    /// guest PT, or the 256-entry quarter of a guest PD, whose 4 MiB entries each give
+    /// two 2 MiB SPTEs).
+    fn read_sp_gpte(&self, role: SpRole, gfn: u64, i: usize) -> Option<u64> {
+        let base = gfn << 12;
+        if role.has_4_byte_gpte() == 0 {
+            return self.read_gpte(base + 8 * i as u64);
+        }
+        let mut idx = (u64::from(role.quadrant()) << 9) + i as u64;
+        if role.level() == 2 {
+            idx >>= 1;
+        }
+        let gpa = base + 4 * idx;
+        self.slot_of(gpa >> 12)?;
+        self.mem.read_u32(Gpa(gpa)).ok().map(u64::from)
+    }
+
     /// `sync_spte` for SPTE `i` of unsync/indirect page `id` under `mode`; returns
     /// whether a flush is needed. Drops the SPTE when the gpte no longer allows it.
     fn sync_spte(&mut self, id: SpId, i: usize, mode: &CpuMode) -> Result<bool, ShadowError> {
@@ -1165,8 +1217,7 @@ impl ShadowMmu {
             return Ok(false);
         }
         let level = sp.role.level();
-        let gpte_gpa = (sp.gfn << 12) + (i as u64) * 8;
-        let gpte = self.read_gpte(gpte_gpa).unwrap_or(0);
+        let gpte = self.read_sp_gpte(sp.role, sp.gfn, i).unwrap_or(0);
         if prefetch_invalid_gpte(mode, level as u8, gpte) || !is_last_gpte(mode, level as u8, gpte)
         {
             self.drop_spte(id, i)?;
@@ -1325,9 +1376,8 @@ impl ShadowMmu {
     fn load_root(&mut self, v: usize) -> Result<Option<SpId>, ShadowError> {
         let vc = self.vcpus.get(v).ok_or(ShadowError::NoVcpu(v))?;
         let mode = vc.mode;
-        if !matches!(mode.paging(), PagingMode::Long4 | PagingMode::Long5) {
-            // Paging off, 32-bit and PAE guests have no shadow root here (not shadowed
-            // yet): a walk in such a mode is `ShadowError::Unsupported`.
+        if uses_pae_root(&mode) {
+            self.load_pae_roots(v)?;
             return Ok(None);
         }
         if let Some(r) = vc.root {
@@ -1349,6 +1399,71 @@ impl ShadowMmu {
         self.vcpus[v].root = Some(r);
         self.sync_children(r)?;
         Ok(Some(r))
+    }
+
+    /// The gfn and role of `pae_root[q]` under `mode` (`mmu_alloc_shadow_roots` /
+    /// `mmu_alloc_direct_roots` at PAE root level): `None` for a non-present PDPTE.
+    fn pae_root_key(&self, mode: &CpuMode, q: usize) -> Option<(u64, SpRole)> {
+        let role = root_role(mode).with_level(2);
+        match mode.paging() {
+            PagingMode::Off => Some(((q as u64) << 18, role)),
+            PagingMode::Bits32 => {
+                Some(((mode.cr3 & 0xffff_f000) >> 12, role.with_quadrant(q as u32)))
+            }
+            PagingMode::Pae => {
+                let pdpte = match mode.pdptrs {
+                    Some(p) => p.get(q).copied().unwrap_or(0),
+                    None => self.read_gpte((mode.cr3 & 0xffff_ffe0) + 8 * q as u64)?,
+                };
+                (pdpte & 1 != 0).then_some(((pdpte & PT64_ADDR_MASK) >> 12, role))
+            }
+            PagingMode::Long4 | PagingMode::Long5 => None,
+        }
+    }
+
+    /// Loads the missing or obsolete entries of vCPU `v`'s `pae_root`.
+    fn load_pae_roots(&mut self, v: usize) -> Result<(), ShadowError> {
+        let mode = self.vcpus[v].mode;
+        for q in 0..4 {
+            if let Some(r) = self.vcpus[v].pae_root[q] {
+                if self.root_valid(r) {
+                    continue;
+                }
+                self.vcpus[v].pae_root[q] = None;
+                self.put_root(r)?;
+            }
+            let Some((gfn, role)) = self.pae_root_key(&mode, q) else {
+                continue;
+            };
+            if self.slot_of(gfn).is_none() {
+                continue; // a dummy root: faults under it retry
+            }
+            self.make_mmu_pages_available()?;
+            let r = self.get_shadow_page(gfn, role)?;
+            self.sp_mut(r)?.root_count += 1;
+            self.vcpus[v].pae_root[q] = Some(r);
+            self.sync_children(r)?;
+        }
+        Ok(())
+    }
+
+    /// Drops vCPU `v`'s `pae_root` pins.
+    fn put_pae_roots(&mut self, v: usize) -> Result<(), ShadowError> {
+        let roots = std::mem::take(&mut self.vcpus[v].pae_root);
+        for r in roots.into_iter().flatten() {
+            self.put_root(r)?;
+        }
+        Ok(())
+    }
+
+    /// The root a fault or a shadow walk of `gva` starts from: the current root, or the
+    /// `pae_root` entry of `gva`'s GiB.
+    fn walk_root(vc: &VcpuMmu, gva: u64) -> Option<SpId> {
+        if uses_pae_root(&vc.mode) {
+            vc.pae_root[((gva >> 30) & 3) as usize]
+        } else {
+            vc.root
+        }
     }
 
     fn free_obsolete_prev_roots(&mut self, v: usize) -> Result<(), ShadowError> {
@@ -1373,7 +1488,7 @@ impl ShadowMmu {
         for r in roots {
             self.put_root(r)?;
         }
-        Ok(())
+        self.put_pae_roots(v)
     }
 
     /// A CPU state change of vCPU `v` (CR0/CR4/EFER writes, CR3 load, PKRU/PKRS, A20,
@@ -1400,6 +1515,10 @@ impl ShadowMmu {
             return Ok(());
         }
         self.vcpus[v].mode = mode;
+        if uses_pae_root(&mode) && old.pdptrs != mode.pdptrs {
+            // New PDPTRs (`load_pdptrs`): the PAE roots are freed.
+            self.put_pae_roots(v)?;
+        }
         if old.cr3 & PT64_ADDR_MASK != mode.cr3 & PT64_ADDR_MASK {
             self.new_pgd(v, old.cr3 & PT64_ADDR_MASK)?;
         }
@@ -1422,6 +1541,11 @@ impl ShadowMmu {
 
     fn new_pgd(&mut self, v: usize, old_pgd: u64) -> Result<(), ShadowError> {
         let mode = self.vcpus[v].mode;
+        if uses_pae_root(&mode) {
+            // PAE roots are not cached: free them; the next load builds the new ones.
+            self.put_pae_roots(v)?;
+            return self.sync_roots(v);
+        }
         let pgd = mode.cr3 & PT64_ADDR_MASK;
         let role = root_role(&mode);
         let cur = self.vcpus[v].root.take();
@@ -1455,7 +1579,9 @@ impl ShadowMmu {
     /// `kvm_mmu_sync_roots` (KVM_REQ_MMU_SYNC): sync everything reachable from the
     /// current root.
     pub fn sync_roots(&mut self, v: usize) -> Result<(), ShadowError> {
-        if let Some(r) = self.load_root(v)? {
+        let mut roots: Vec<SpId> = self.load_root(v)?.into_iter().collect();
+        roots.extend(self.vcpus[v].pae_root.iter().flatten());
+        for r in roots {
             let sp = self.sp_ok(r)?;
             if sp.unsync || sp.unsync_children > 0 {
                 self.sync_children(r)?;
@@ -1493,6 +1619,7 @@ impl ShadowMmu {
         let vc = self.vcpus.get(v).ok_or(ShadowError::NoVcpu(v))?;
         let mut n = 0;
         let mut stack: Vec<SpId> = vc.root.into_iter().collect();
+        stack.extend(vc.pae_root.iter().flatten());
         let mut seen = std::collections::HashSet::new();
         while let Some(id) = stack.pop() {
             if !seen.insert(id) {
@@ -1520,8 +1647,9 @@ impl ShadowMmu {
     pub fn invlpg(&mut self, v: usize, gva: u64) -> Result<(), ShadowError> {
         let vc = self.vcpus.get(v).ok_or(ShadowError::NoVcpu(v))?;
         let mode = vc.mode;
+        let gva = linear(&mode, gva);
         let mut roots: Vec<SpId> = vc.prev_roots.iter().map(|&(_, r)| r).collect();
-        roots.extend(vc.root);
+        roots.extend(Self::walk_root(vc, gva));
         for r in roots {
             let mut id = r;
             while let Some(sp) = self.sp(id) {
@@ -1716,7 +1844,8 @@ impl ShadowMmu {
         access: Access,
     ) -> Result<Option<Gpa>, ShadowError> {
         let vc = self.vcpus.get(v).ok_or(ShadowError::NoVcpu(v))?;
-        let Some(mut id) = vc.root else {
+        let gva = linear(&vc.mode, gva);
+        let Some(mut id) = Self::walk_root(vc, gva) else {
             return Ok(None);
         };
         loop {
@@ -1757,11 +1886,14 @@ impl ShadowMmu {
     ) -> Result<FaultResult, ShadowError> {
         self.stats.page_faults += 1;
         let mode = self.vcpus.get(v).ok_or(ShadowError::NoVcpu(v))?.mode;
-        let top = match mode.paging() {
-            PagingMode::Long4 => 4u32,
-            PagingMode::Long5 => 5,
-            p => return Err(ShadowError::Unsupported(p)),
-        };
+        let gva = linear(&mode, gva);
+        let paging = mode.paging();
+        // The guest's levels; the shadow walk starts below the PAE root without long mode.
+        let walker_top = u32::from(paging.levels());
+        let shadow_top = if uses_pae_root(&mode) { 2 } else { walker_top };
+        // Paging off: no gptes; a direct map of up to 2 MiB under the PAE root
+        // (`nonpaging_page_fault`).
+        let direct_map = paging == PagingMode::Off;
         let w = {
             let mut m = SlotMem {
                 mem: &mut self.mem,
@@ -1773,8 +1905,12 @@ impl ShadowMmu {
             Err(pf) => return Ok(FaultResult::Done(AccessOutcome::Fault(pf))),
             Ok(t) => t,
         };
-        let leaf_level = u32::from(t.leaf_level);
-        let n = (top - leaf_level + 1) as usize;
+        let leaf_level = if direct_map {
+            2
+        } else {
+            u32::from(t.leaf_level)
+        };
+        let n = (walker_top + 1).saturating_sub(leaf_level) as usize;
         let Some(reads) = w.reads.get(w.reads.len().saturating_sub(n)..) else {
             return Ok(FaultResult::Retry);
         };
@@ -1802,10 +1938,10 @@ impl ShadowMmu {
         let host_writable = !slot.slot.flags().contains(MemslotFlags::READONLY);
         let backing_shift = slot.slot.backing_page_shift();
         let mut acc = t.pte_access;
-        if !write {
+        if !direct_map && !write {
             acc = protect_clean_gpte(acc, t.leaf);
         }
-        if write && !user && !mode.wp() {
+        if !direct_map && write && !user && !mode.wp() {
             acc = (acc | Acc::WRITE) - Acc::USER;
             if mode.smep() {
                 acc -= Acc::EXEC;
@@ -1816,18 +1952,29 @@ impl ShadowMmu {
             return Ok(FaultResult::Retry);
         }
         self.make_mmu_pages_available()?;
-        let Some(root) = self.load_root(v)? else {
+        self.load_root(v)?;
+        let Some(root) = Self::walk_root(&self.vcpus[v], gva) else {
             return Ok(FaultResult::Retry);
         };
         if !self.root_valid(root) {
             return Ok(FaultResult::Retry);
         }
+        if paging == PagingMode::Pae
+            && reads.get(1).map(|e| e.table_gfn()) != Some(self.sp_ok(root)?.gfn)
+        {
+            // The PDPTE changed since the root was loaded: free that root (KVM frees
+            // the roots when the PDPTRs change) and retry with a fresh one.
+            let q = ((gva >> 30) & 3) as usize;
+            self.vcpus[v].pae_root[q] = None;
+            self.put_root(root)?;
+            return Ok(FaultResult::Retry);
+        }
         // Indirect part.
         let mut sp = root;
-        for level in ((leaf_level + 1)..=top).rev() {
+        for level in ((leaf_level + 1)..=shadow_top).rev() {
             let i = sp_index(gva, level);
             self.sp_mut(sp)?.write_flooding_count = 0;
-            let k = (top - level + 1) as usize; // the entry at level - 1
+            let k = (walker_top - level + 1) as usize; // the entry at level - 1
             let (Some(e), Some(&cur)) = (reads.get(k), snap.get(k)) else {
                 return Ok(FaultResult::Retry);
             };
@@ -1949,18 +2096,32 @@ impl ShadowMmu {
     /// fault on a shadowed gfn (emulated with an upper-level page there, else unsync and
     /// store). Returns whether it was emulated.
     pub fn guest_store(&mut self, gpa: u64, val: u64) -> Result<bool, ShadowError> {
+        self.guest_store_sized(gpa & !7, val, 8)
+    }
+
+    /// A guest 4-byte store (a 32-bit guest's page-table entry), routed like
+    /// [`guest_store`](Self::guest_store).
+    pub fn guest_store_u32(&mut self, gpa: u64, val: u32) -> Result<bool, ShadowError> {
+        self.guest_store_sized(gpa & !3, u64::from(val), 4)
+    }
+
+    fn guest_store_sized(&mut self, gpa: u64, val: u64, bytes: u32) -> Result<bool, ShadowError> {
         let gfn = gpa >> 12;
+        let store = |m: &mut SparseMemory| match bytes {
+            4 => m.write_u32(Gpa(gpa), val as u32),
+            _ => m.write_u64(Gpa(gpa), val),
+        };
         if !self.gfn_mapped_writable(gfn)? && self.is_shadowed(gfn) {
             // A write fault: emulate on a write-tracked gfn (or if unsync is refused),
             // else unsync the level-1 pages and let the store through.
             if self.is_write_tracked(gfn) || !self.try_to_unsync(gfn, true, false)? {
                 self.stats.write_protected_faults += 1;
-                self.mem.write_u64(Gpa(gpa), val)?;
-                self.track_write(gpa & !7, 8)?;
+                store(&mut self.mem)?;
+                self.track_write(gpa, bytes)?;
                 return Ok(true);
             }
         }
-        self.mem.write_u64(Gpa(gpa), val)?;
+        store(&mut self.mem)?;
         Ok(false)
     }
 
@@ -2207,7 +2368,12 @@ impl ShadowMmu {
         let mut parents_expected: HashMap<u32, HashSet<u64>> = HashMap::new();
         let mut root_refs: HashMap<u32, u32> = HashMap::new();
         for v in &self.vcpus {
-            for r in v.root.iter().chain(v.prev_roots.iter().map(|(_, r)| r)) {
+            for r in v
+                .root
+                .iter()
+                .chain(v.prev_roots.iter().map(|(_, r)| r))
+                .chain(v.pae_root.iter().flatten())
+            {
                 *root_refs.entry(r.0).or_default() += 1;
             }
         }
@@ -2348,11 +2514,9 @@ impl ShadowMmu {
                 if let (Some(mode), true, true) =
                     (self.sync_mode(id), sp.role.has_gptes(), !sp.unsync)
                 {
-                    let gpte = self.read_gpte((sp.gfn << 12) + 8 * i as u64).unwrap_or(0);
+                    let gpte = self.read_sp_gpte(sp.role, sp.gfn, i).unwrap_or(0);
                     let ok = gpte & 1 != 0
-                        && (gpte & PT64_ADDR_MASK) >> 12 >> level_shift(level)
-                            << level_shift(level)
-                            == gfn
+                        && leaf_gpte_gfn(&mode, level, gpte, i) == gfn
                         && (sp.role.cr0_wp() == 0 || gpte_access(&mode, gpte).contains(s.acc()));
                     if !ok {
                         return Err(violation(
@@ -2479,7 +2643,7 @@ impl ShadowMmu {
             return Ok(());
         }
         if let (Some(mode), true) = (self.sync_mode(parent), p.role.has_gptes()) {
-            let gpte = self.read_gpte((p.gfn << 12) + 8 * i as u64).unwrap_or(0);
+            let gpte = self.read_sp_gpte(p.role, p.gfn, i).unwrap_or(0);
             let gfn = (gpte & PT64_ADDR_MASK) >> 12;
             let acc = p.role.acc() & gpte_access(&mode, gpte);
             if gpte & 1 == 0 || gfn != c.gfn || acc != c.role.acc() {
