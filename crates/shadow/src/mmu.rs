@@ -56,6 +56,8 @@ pub const MEMSLOT_PAGES_TO_MMU_PAGES_RATIO: u64 = 50;
 pub const MIN_ALLOC_MMU_PAGES: u64 = 64;
 /// Descriptors topped up before a fault takes the lock (1 rmap + 5 parents + 8 prefetch).
 pub const FAULT_DESC_TOPUP: u64 = 14;
+/// SPTEs around a fault considered for prefetch (`PTE_PREFETCH_NUM`).
+pub const PTE_PREFETCH_NUM: usize = 8;
 /// Number of cached previous roots (`KVM_MMU_NUM_PREV_ROOTS`).
 pub const NUM_PREV_ROOTS: usize = 3;
 /// Fault attempts under one `mmu_lock` hold before [`AccessOutcome::Retry`] is returned
@@ -319,6 +321,13 @@ pub struct ShadowStats {
     pub write_protected_faults: u64,
     /// Huge SPTEs installed.
     pub huge_sptes: u64,
+    /// SPTEs installed by prefetch around a fault (`pte_prefetch`).
+    pub prefetched: u64,
+    /// MMIO SPTEs installed (`pf_mmio_spte_created`).
+    pub mmio_sptes: u64,
+    /// Accesses served from a current MMIO SPTE without a guest walk
+    /// (`handle_mmio_page_fault`).
+    pub mmio_hits: u64,
 }
 
 /// The shadow MMU state that `mmu_lock` protects, with guest memory and the vCPU
@@ -341,6 +350,9 @@ pub struct ShadowMmu {
     vcpus: Vec<VcpuMmu>,
     /// Host MMU-notifier sequence.
     pub invalidate: revmap_host::InvalidateSeq,
+    /// The memslot generation: bumped by every memslot change; MMIO SPTEs record its
+    /// low [`Spte::MMIO_GEN_BITS`] and are stale once it moves on.
+    memslots_gen: u64,
     /// Counters.
     pub stats: ShadowStats,
 }
@@ -451,6 +463,7 @@ impl ShadowMmu {
             mem: SparseMemory::new(),
             vcpus: Vec::new(),
             invalidate: revmap_host::InvalidateSeq::default(),
+            memslots_gen: 0,
             stats: ShadowStats::default(),
         }
     }
@@ -485,7 +498,27 @@ impl ShadowMmu {
             .position(|s| s.slot.base_gfn() > arch.slot.base_gfn())
             .unwrap_or(self.slots.len());
         self.slots.insert(pos, arch);
+        self.bump_memslots_gen()
+    }
+
+    /// The memslot generation (see [`Spte::mmio`]).
+    pub fn memslots_generation(&self) -> u64 {
+        self.memslots_gen
+    }
+
+    /// A memslot change: MMIO SPTEs of older generations become stale; when the
+    /// recorded bits wrap, every shadow page is zapped (`kvm_mmu_invalidate_mmio_sptes`).
+    fn bump_memslots_gen(&mut self) -> Result<(), ShadowError> {
+        self.memslots_gen = self.memslots_gen.wrapping_add(1);
+        if self.memslots_gen & ((1 << Spte::MMIO_GEN_BITS) - 1) == 0 {
+            self.zap_all_fast()?;
+        }
         Ok(())
+    }
+
+    /// Whether MMIO SPTE `s` records the current memslot generation.
+    fn mmio_current(&self, s: Spte) -> bool {
+        s.mmio_gen() == self.memslots_gen & ((1 << Spte::MMIO_GEN_BITS) - 1)
     }
 
     /// Replaces the descriptor of a slot (flags change) keeping its arrays.
@@ -493,6 +526,8 @@ impl ShadowMmu {
         if let Some(s) = self.slots.iter_mut().find(|s| s.slot.id() == slot.id()) {
             s.slot = slot;
         }
+        // A wrap zaps everything; a failure there shows in the checker.
+        let _ = self.bump_memslots_gen();
     }
 
     /// `kvm_arch_flush_shadow_memslot` then the removal of the slot's arrays: every
@@ -501,7 +536,9 @@ impl ShadowMmu {
     pub fn remove_memslot(&mut self, id: SlotId) -> Result<Option<Memslot>, ShadowError> {
         self.flush_memslot(id)?;
         let pos = self.slots.iter().position(|s| s.slot.id() == id);
-        Ok(pos.map(|p| self.slots.remove(p).slot))
+        let removed = pos.map(|p| self.slots.remove(p).slot);
+        self.bump_memslots_gen()?;
+        Ok(removed)
     }
 
     /// `kvm_arch_flush_shadow_memslot` without the quirk: unmap the slot's rmaps and
@@ -727,6 +764,10 @@ impl ShadowMmu {
     fn zap_pte(&mut self, id: SpId, i: usize) -> Result<bool, ShadowError> {
         let sp = self.sp_ok(id)?;
         let s = sp.spte(i);
+        if s.is_mmio() {
+            sp.set_spte(i, Spte::NONPRESENT);
+            return Ok(false);
+        }
         if !s.is_shadow_present() {
             return Ok(false);
         }
@@ -1213,6 +1254,11 @@ impl ShadowMmu {
     fn sync_spte(&mut self, id: SpId, i: usize, mode: &CpuMode) -> Result<bool, ShadowError> {
         let sp = self.sp_ok(id)?;
         let s = sp.spte(i);
+        if s.is_mmio() {
+            // Dropped rather than refreshed (`sync_mmio_spte`): the next access refaults.
+            sp.set_spte(i, Spte::NONPRESENT);
+            return Ok(false);
+        }
         if !s.is_shadow_present() {
             return Ok(false);
         }
@@ -1435,8 +1481,8 @@ impl ShadowMmu {
             let Some((gfn, role)) = self.pae_root_key(&mode, q) else {
                 continue;
             };
-            if self.slot_of(gfn).is_none() {
-                continue; // a dummy root: faults under it retry
+            if role.has_gptes() && self.slot_of(gfn).is_none() {
+                continue; // a guest table outside memory: a dummy root, faults retry
             }
             self.make_mmu_pages_available()?;
             let r = self.get_shadow_page(gfn, role)?;
@@ -1743,6 +1789,7 @@ impl ShadowMmu {
         acc: Acc,
         host_writable: bool,
         pkey: u8,
+        prefetch: bool,
     ) -> Result<bool, ShadowError> {
         let sp = self.sp_ok(id)?;
         let level = sp.role.level();
@@ -1759,8 +1806,17 @@ impl ShadowMmu {
         let sp = self.sp_ok(id)?;
         let old = sp.spte(i);
         let was_present = old.is_shadow_present();
-        let (n, wrprot) =
-            self.make_spte(old, level, gfn, pfn, acc, host_writable, pkey, false, false)?;
+        let (n, wrprot) = self.make_spte(
+            old,
+            level,
+            gfn,
+            pfn,
+            acc,
+            host_writable,
+            pkey,
+            false,
+            prefetch,
+        )?;
         let sp = self.sp_mut(id)?;
         if let Some(t) = sp.translation.as_mut() {
             if let Some(x) = t.get_mut(i) {
@@ -1815,6 +1871,10 @@ impl ShadowMmu {
             self.stats.hits += 1;
             return Ok(AccessOutcome::Hit(gpa));
         }
+        if let Some(gpa) = self.mmio_hit(v, gva, access)? {
+            self.stats.mmio_hits += 1;
+            return Ok(AccessOutcome::Mmio(gpa));
+        }
         for _ in 0..MAX_FAULT_RETRIES {
             if cache.credits() < FAULT_DESC_TOPUP {
                 cache.reserve(FAULT_DESC_TOPUP)?;
@@ -1845,35 +1905,63 @@ impl ShadowMmu {
     ) -> Result<Option<Gpa>, ShadowError> {
         let vc = self.vcpus.get(v).ok_or(ShadowError::NoVcpu(v))?;
         let gva = linear(&vc.mode, gva);
-        let Some(mut id) = Self::walk_root(vc, gva) else {
+        let Some((sp, i, s)) = self.shadow_walk(vc, gva) else {
             return Ok(None);
         };
+        if !s.is_shadow_present() {
+            return Ok(None);
+        }
+        let mut mode = vc.mode;
+        mode.cr0 |= crate::paging::CR0_WP; // the host always runs with WP=1
+        if permission_fault(&mode, access, s.acc(), pkey_of(s)).fault {
+            return Ok(None);
+        }
+        let gfn = Self::sp_get_gfn(sp, i);
+        let size = 1u64 << (12 + level_shift(sp.role.level()));
+        Ok(Some(Gpa((gfn << 12) | (gva & (size - 1)))))
+    }
+
+    /// The hardware's walk of the shadow table for `gva` down to the SPTE it stops at:
+    /// a present leaf, or a non-present or MMIO entry; `None` without a usable root.
+    fn shadow_walk(&self, vc: &VcpuMmu, gva: u64) -> Option<(&ShadowPage, usize, Spte)> {
+        let mut id = Self::walk_root(vc, gva)?;
         loop {
-            let Some(sp) = self.sp(id) else {
-                return Ok(None);
-            };
+            let sp = self.sp(id)?;
             if self.is_obsolete(sp) {
-                return Ok(None);
+                return None;
             }
-            let level = sp.role.level();
-            let i = sp_index(gva, level);
+            let i = sp_index(gva, sp.role.level());
             let s = sp.spte(i);
-            if !s.is_shadow_present() {
-                return Ok(None);
-            }
-            if sp.is_level_leaf(i) {
-                let mut mode = vc.mode;
-                mode.cr0 |= crate::paging::CR0_WP; // the host always runs with WP=1
-                let chk = permission_fault(&mode, access, s.acc(), pkey_of(s));
-                if chk.fault {
-                    return Ok(None);
-                }
-                let gfn = Self::sp_get_gfn(sp, i);
-                let size = 1u64 << (12 + level_shift(level));
-                return Ok(Some(Gpa((gfn << 12) | (gva & (size - 1)))));
+            if !s.is_shadow_present() || sp.is_level_leaf(i) {
+                return Some((sp, i, s));
             }
             id = SpId(s.pfn() as u32);
         }
+    }
+
+    /// `handle_mmio_page_fault`: a reserved-bit fault on an MMIO SPTE of the current
+    /// memslot generation is emulated without walking the guest tables; `Some(gpa)`
+    /// if the SPTE is current and its recorded rights allow `access` (a stale one, a
+    /// fetch, or protection keys go to the slow path, which walks and rebuilds it).
+    pub fn mmio_hit(&self, v: usize, gva: u64, access: Access) -> Result<Option<Gpa>, ShadowError> {
+        let vc = self.vcpus.get(v).ok_or(ShadowError::NoVcpu(v))?;
+        let gva = linear(&vc.mode, gva);
+        let Some((_, _, s)) = self.shadow_walk(vc, gva) else {
+            return Ok(None);
+        };
+        if !s.is_mmio() || !self.mmio_current(s) {
+            return Ok(None);
+        }
+        let mut mode = vc.mode;
+        mode.cr0 |= crate::paging::CR0_WP;
+        if access.contains(Access::FETCH)
+            || mode.pke()
+            || mode.pks()
+            || permission_fault(&mode, access, s.mmio_acc(), 0).fault
+        {
+            return Ok(None);
+        }
+        Ok(Some(Gpa((s.mmio_gfn() << 12) | (gva & 0xfff))))
     }
 
     /// `FNAME(page_fault)` + `FNAME(fetch)`.
@@ -1920,28 +2008,36 @@ impl ShadowMmu {
         let gfn = t.gpa.gfn();
         let write = access.contains(Access::WRITE);
         let user = access.contains(Access::USER);
-        let Some(slot) = self.slot_of(gfn) else {
-            return Ok(FaultResult::Done(AccessOutcome::Mmio(t.gpa)));
-        };
+        // No memslot: an MMIO access; the path is built and an MMIO SPTE cached at the
+        // 4 KiB leaf (`kvm_handle_noslot_fault`, `mark_mmio_spte`).
+        let mmio = self.slot_of(gfn).is_none();
         if write && self.is_write_tracked(gfn) {
             self.stats.write_protected_faults += 1;
             return Ok(FaultResult::Done(AccessOutcome::WriteProtected(t.gpa)));
         }
         // kvm_mmu_faultin_pfn.
         let seq = self.invalidate.sample();
-        if slot.slot.is_invalid() || self.invalidate.in_progress() {
+        if self.invalidate.in_progress() {
             return Ok(FaultResult::Retry);
         }
-        if !slot.slot.is_host_present(Gfn(gfn)) {
-            slot.slot.set_host_present(Gfn(gfn), true);
-        }
-        let host_writable = !slot.slot.flags().contains(MemslotFlags::READONLY);
-        let backing_shift = slot.slot.backing_page_shift();
+        let (host_writable, backing_shift) = match self.slot_of(gfn) {
+            Some(slot) if slot.slot.is_invalid() => return Ok(FaultResult::Retry),
+            Some(slot) => {
+                if !slot.slot.is_host_present(Gfn(gfn)) {
+                    slot.slot.set_host_present(Gfn(gfn), true);
+                }
+                (
+                    !slot.slot.flags().contains(MemslotFlags::READONLY),
+                    slot.slot.backing_page_shift(),
+                )
+            }
+            None => (false, 12),
+        };
         let mut acc = t.pte_access;
         if !direct_map && !write {
             acc = protect_clean_gpte(acc, t.leaf);
         }
-        if !direct_map && write && !user && !mode.wp() {
+        if !direct_map && !mmio && write && !user && !mode.wp() {
             acc = (acc | Acc::WRITE) - Acc::USER;
             if mode.smep() {
                 acc -= Acc::EXEC;
@@ -1951,7 +2047,14 @@ impl ShadowMmu {
         if self.invalidate.retry(seq) {
             return Ok(FaultResult::Retry);
         }
-        self.make_mmu_pages_available()?;
+        match self.make_mmu_pages_available() {
+            // Caching an MMIO SPTE is an optimisation: with every shadow page pinned the
+            // access is emulated uncached instead of failing (KVM would fail the fault).
+            Err(ShadowError::NoSpace) if mmio => {
+                return Ok(FaultResult::Done(AccessOutcome::Mmio(t.gpa)))
+            }
+            r => r?,
+        }
         self.load_root(v)?;
         let Some(root) = Self::walk_root(&self.vcpus[v], gva) else {
             return Ok(FaultResult::Retry);
@@ -1985,8 +2088,12 @@ impl ShadowMmu {
             }
             sp = child;
         }
-        // kvm_mmu_hugepage_adjust, then the direct part.
-        let goal = self.hugepage_level(gfn, leaf_level, backing_shift, acc);
+        // kvm_mmu_hugepage_adjust (none for MMIO), then the direct part.
+        let goal = if mmio {
+            1
+        } else {
+            self.hugepage_level(gfn, leaf_level, backing_shift, acc)
+        };
         for level in ((goal + 1)..=leaf_level).rev() {
             let i = sp_index(gva, level);
             // The direct child at level - 1 covers 512^(level - 1) frames.
@@ -1995,6 +2102,10 @@ impl ShadowMmu {
             sp = self.get_child(cache, sp, i, cgfn, role)?;
         }
         let i = sp_index(gva, goal);
+        if mmio {
+            self.set_mmio_spte(sp, i, gfn, acc)?;
+            return Ok(FaultResult::Done(AccessOutcome::Mmio(t.gpa)));
+        }
         let leaf_gfn = gfn & !((1u64 << level_shift(goal)) - 1);
         let Some(pfn) = self
             .slot_of(leaf_gfn)
@@ -2002,12 +2113,92 @@ impl ShadowMmu {
         else {
             return Ok(FaultResult::Retry);
         };
-        let wrprot = self.set_spte(cache, sp, i, leaf_gfn, pfn, acc, host_writable, t.pkey)?;
+        let wrprot = self.set_spte(
+            cache,
+            sp,
+            i,
+            leaf_gfn,
+            pfn,
+            acc,
+            host_writable,
+            t.pkey,
+            false,
+        )?;
+        self.pte_prefetch(cache, sp, i, &mode, t.pkey)?;
         if write && wrprot {
             self.stats.write_protected_faults += 1;
             return Ok(FaultResult::Done(AccessOutcome::WriteProtected(t.gpa)));
         }
         Ok(FaultResult::Done(AccessOutcome::Fixed(t.gpa)))
+    }
+
+    /// `mark_mmio_spte`: replaces leaf `i` of `id` (dropping a present one) with an MMIO
+    /// SPTE for `gfn` recording the current memslot generation.
+    fn set_mmio_spte(&mut self, id: SpId, i: usize, gfn: u64, acc: Acc) -> Result<(), ShadowError> {
+        if self.zap_pte(id, i)? {
+            self.stats.tlb_flushes += 1;
+        }
+        let s = Spte::mmio(gfn, acc, self.memslots_gen);
+        self.sp_ok(id)?.set_spte(i, s);
+        self.stats.mmio_sptes += 1;
+        Ok(())
+    }
+
+    /// `FNAME(pte_prefetch)` / `direct_pte_prefetch` after a fault installed leaf
+    /// `fault_i` of level-1 page `id`: the other SPTEs of its aligned group of
+    /// [`PTE_PREFETCH_NUM`], skipping present ones and stopping at the first that cannot
+    /// be mapped (indirect: a gpte not present, not accessed or with reserved bits;
+    /// both: no memslot, a host page not resident, or write access into a
+    /// dirty-logged slot). Never during an MMU-notifier invalidation. Prefetched SPTEs
+    /// start with A clear and never unsync a shadowed gfn.
+    fn pte_prefetch(
+        &mut self,
+        cache: &mut DescCache<'_>,
+        id: SpId,
+        fault_i: usize,
+        mode: &CpuMode,
+        pkey: u8,
+    ) -> Result<(), ShadowError> {
+        let sp = self.sp_ok(id)?;
+        if sp.role.level() != 1 || sp.role.ad_disabled() != 0 || self.invalidate.in_progress() {
+            return Ok(());
+        }
+        let (role, sp_gfn) = (sp.role, sp.gfn);
+        let start = fault_i & !(PTE_PREFETCH_NUM - 1);
+        for i in start..start + PTE_PREFETCH_NUM {
+            let s = self.sp_ok(id)?.spte(i);
+            if i == fault_i || s.is_shadow_present() {
+                continue;
+            }
+            let (gfn, acc, pkey) = if role.direct() != 0 {
+                (Self::sp_get_gfn(self.sp_ok(id)?, i), role.acc(), pkey)
+            } else {
+                let Some(gpte) = self.read_sp_gpte(role, sp_gfn, i) else {
+                    break;
+                };
+                if prefetch_invalid_gpte(mode, 1, gpte) {
+                    break;
+                }
+                let acc = protect_clean_gpte(role.acc() & gpte_access(mode, gpte), gpte);
+                let pkey = ((gpte >> crate::paging::PT64_PKEY_SHIFT) & 15) as u8;
+                ((gpte & PT64_ADDR_MASK) >> 12, acc, pkey)
+            };
+            let Some(slot) = self.slot_of(gfn) else { break };
+            if slot.slot.is_invalid()
+                || (slot.dirty_logging() && acc.contains(Acc::WRITE))
+                || !slot.slot.is_host_present(Gfn(gfn))
+                || cache.credits() == 0
+            {
+                break;
+            }
+            let Some(pfn) = slot.slot.host_pfn(Gfn(gfn)) else {
+                break;
+            };
+            let host_writable = !slot.slot.flags().contains(MemslotFlags::READONLY);
+            self.set_spte(cache, id, i, gfn, pfn, acc, host_writable, pkey, true)?;
+            self.stats.prefetched += 1;
+        }
+        Ok(())
     }
 
     /// The largest level a leaf for `gfn` may use: guest leaf level, host backing,
@@ -2438,6 +2629,18 @@ impl ShadowMmu {
             let level = sp.role.level();
             for i in 0..SPTES_PER_PAGE {
                 let s = sp.spte(i);
+                if s.is_mmio() {
+                    // MMIO SPTEs: 4 KiB leaves in no rmap (the rmap pass finds any entry
+                    // naming them); a current one caches a gfn without a memslot.
+                    if level != 1 || (self.mmio_current(s) && self.slot_of(s.mmio_gfn()).is_some())
+                    {
+                        return Err(violation(
+                            1,
+                            format!("{id:?}[{i}] MMIO SPTE for gfn {:#x}", s.mmio_gfn()),
+                        ));
+                    }
+                    continue;
+                }
                 if !s.is_shadow_present() {
                     continue;
                 }
@@ -2515,7 +2718,9 @@ impl ShadowMmu {
                     (self.sync_mode(id), sp.role.has_gptes(), !sp.unsync)
                 {
                     let gpte = self.read_sp_gpte(sp.role, sp.gfn, i).unwrap_or(0);
+                    // Invariant 16 too: only accessed gptes are mapped (also by prefetch).
                     let ok = gpte & 1 != 0
+                        && gpte & crate::paging::PT_ACCESSED != 0
                         && leaf_gpte_gfn(&mode, level, gpte, i) == gfn
                         && (sp.role.cr0_wp() == 0 || gpte_access(&mode, gpte).contains(s.acc()));
                     if !ok {
@@ -2900,16 +3105,144 @@ mod tests {
     }
 
     #[test]
+    fn prefetch_maps_accessed_neighbours_with_a_clear_and_stops_at_an_invalid_gpte() {
+        let (mut m, v) = setup(12);
+        // PT (gfn 4) entries 1..=4: dirty, clean, not accessed, dirty.
+        let pte = |i: u64| Gpa(0x4000 + 8 * i);
+        m.mem.write_u64(pte(1), 0x10_1000 | LEAF).unwrap();
+        m.mem.write_u64(pte(2), 0x10_2000 | P).unwrap();
+        m.mem
+            .write_u64(pte(3), 0x10_3000 | (LEAF & !PT_ACCESSED))
+            .unwrap();
+        m.mem.write_u64(pte(4), 0x10_4000 | LEAF).unwrap();
+        assert_eq!(
+            m.access(v, 0x40_0000, Access::empty()).unwrap(),
+            AccessOutcome::Fixed(Gpa(0x10_0000))
+        );
+        ok(&m);
+        assert_eq!(m.stats.prefetched, 2);
+        let faults = m.stats.page_faults;
+        for (g, writable) in [(0x101, true), (0x102, false)] {
+            let h = m.rmap_entries(g, 1).unwrap();
+            assert_eq!(h.len(), 1, "gfn {g:#x} prefetched");
+            let (id, i) = decode_handle(h[0]);
+            let s = m.spte(id, i).unwrap();
+            assert_eq!(
+                s.0 & Spte::ACCESSED,
+                0,
+                "prefetched SPTEs start with A clear"
+            );
+            assert_eq!(s.is_writable(), writable, "W only for a dirty gpte");
+        }
+        assert!(m.rmap_entries(0x103, 1).unwrap().is_empty());
+        assert!(
+            m.rmap_entries(0x104, 1).unwrap().is_empty(),
+            "the loop stopped"
+        );
+        // The prefetched translations serve accesses without a fault; a write to the
+        // clean one faults (and the walk sets its D).
+        for (va, acc) in [(0x40_1000, Access::WRITE), (0x40_2000, Access::empty())] {
+            assert!(matches!(
+                m.access(v, va, acc).unwrap(),
+                AccessOutcome::Hit(_)
+            ));
+        }
+        assert_eq!(m.stats.page_faults, faults);
+        assert_eq!(
+            m.access(v, 0x40_2000, Access::WRITE).unwrap(),
+            AccessOutcome::Fixed(Gpa(0x10_2000))
+        );
+        assert_ne!(m.mem.read_u64(pte(2)).unwrap() & PT_DIRTY, 0);
+        ok(&m);
+        // A neighbour that is a shadowed guest table (gfn 4 itself) is prefetched
+        // read-only even from a dirty writable gpte: prefetch never unsyncs.
+        m.mem.write_u64(pte(9), 0x4000 | LEAF).unwrap();
+        m.mem.write_u64(pte(8), 0x10_8000 | LEAF).unwrap();
+        m.invlpg(v, 0x40_8000).unwrap();
+        assert!(matches!(
+            m.access(v, 0x40_8000, Access::empty()).unwrap(),
+            AccessOutcome::Fixed(_)
+        ));
+        let h = m.rmap_entries(4, 1).unwrap();
+        assert_eq!(h.len(), 1);
+        let (id, i) = decode_handle(h[0]);
+        assert!(!m.spte(id, i).unwrap().is_writable());
+        ok(&m);
+    }
+
+    #[test]
+    fn mmio_spte_cached_until_the_memslots_change() {
+        let (mut m, v) = setup(12);
+        // PT entry 7 -> gpa 32 MiB, outside the 16 MiB slot: MMIO.
+        m.mem
+            .write_u64(Gpa(0x4000 + 8 * 7), 0x200_0000 | LEAF)
+            .unwrap();
+        let va = 0x40_7008;
+        assert_eq!(
+            m.access(v, va, Access::WRITE).unwrap(),
+            AccessOutcome::Mmio(Gpa(0x200_0008))
+        );
+        assert_eq!(m.stats.mmio_sptes, 1);
+        ok(&m);
+        // Served from the MMIO SPTE: no guest walk.
+        let faults = m.stats.page_faults;
+        assert_eq!(
+            m.access(v, va, Access::empty()).unwrap(),
+            AccessOutcome::Mmio(Gpa(0x200_0008))
+        );
+        assert_eq!((m.stats.mmio_hits, m.stats.page_faults), (1, faults));
+        // The guest drops U (a store to its unsync PT, then INVLPG, which drops the MMIO
+        // SPTE): a user access faults in the walk.
+        m.guest_store(0x4000 + 8 * 7, 0x200_0000 | (LEAF & !PT_USER))
+            .unwrap();
+        m.invlpg(v, va).unwrap();
+        assert!(matches!(
+            m.access(v, va, Access::USER).unwrap(),
+            AccessOutcome::Fault(_)
+        ));
+        m.guest_store(0x4000 + 8 * 7, 0x200_0000 | LEAF).unwrap();
+        m.invlpg(v, va).unwrap();
+        assert!(matches!(
+            m.access(v, va, Access::empty()).unwrap(),
+            AccessOutcome::Mmio(_)
+        ));
+        ok(&m);
+        // New memory there: the generation moves on, the MMIO SPTE is stale and the
+        // next access maps the page.
+        let gen = m.memslots_generation();
+        let slot = Memslot::new(
+            SlotId(1),
+            Gfn(0x2000),
+            16,
+            12,
+            MemslotFlags::empty(),
+            Hva(0x7f10_0000_0000),
+        )
+        .unwrap();
+        m.add_memslot(slot).unwrap();
+        assert_eq!(m.memslots_generation(), gen + 1);
+        ok(&m);
+        assert_eq!(
+            m.access(v, va, Access::empty()).unwrap(),
+            AccessOutcome::Fixed(Gpa(0x200_0008))
+        );
+        assert_eq!(m.stats.mmio_hits, 1);
+        ok(&m);
+    }
+
+    #[test]
     fn rmap_recycled_over_the_threshold() {
         let (mut m, v) = setup(12);
-        // Three page tables whose 512 entries all map gfn 0x100: 1536 SPTEs of one gfn.
+        // Three page tables whose 512 entries all map gfn 0x100: 1536 SPTEs of one gfn,
+        // one per fault (the gptes start with A clear, so prefetch maps none of them
+        // ahead of their own access).
         for (k, pt) in [0x10u64, 0x11, 0x12].into_iter().enumerate() {
             m.mem
                 .write_u64(Gpa(0x3000 + 8 * (8 + k as u64)), pt << 12 | P)
                 .unwrap();
             for i in 0..512 {
                 m.mem
-                    .write_u64(Gpa((pt << 12) + 8 * i), 0x10_0000 | LEAF)
+                    .write_u64(Gpa((pt << 12) + 8 * i), 0x10_0000 | (LEAF & !PT_ACCESSED))
                     .unwrap();
             }
         }
@@ -2924,8 +3257,11 @@ mod tests {
         }
         assert_eq!(m.stats.rmap_recycled, 1);
         let n = m.rmap_entries(0x100, 1).unwrap().len();
-        // The 1001st add zaps all 1001 entries (the new one included).
-        assert_eq!(n, 1536 - 1001);
+        // The 1001st add (entry 488 of the second table) zaps all 1001 entries, the new
+        // one included; the fault on entry 489 then prefetches entry 488 back (its gpte
+        // is accessed now, and it is in 489's group of 8), and stops at entry 490.
+        assert_eq!(m.stats.prefetched, 1);
+        assert_eq!(n, 1536 - 1001 + 1);
         ok(&m);
     }
 
