@@ -353,8 +353,20 @@ pub struct ShadowMmu {
     /// The memslot generation: bumped by every memslot change; MMIO SPTEs record its
     /// low [`Spte::MMIO_GEN_BITS`] and are stale once it moves on.
     memslots_gen: u64,
+    /// Fault injection for the loom models' should-fail variants.
+    #[cfg(loom)]
+    knobs: LoomKnobs,
     /// Counters.
     pub stats: ShadowStats,
+}
+
+/// Bugs a loom model may switch on to show that it catches them.
+#[cfg(loom)]
+#[derive(Debug, Default)]
+pub struct LoomKnobs {
+    /// The fault ignores the MMU-notifier sequence and in-progress count (installs an
+    /// SPTE during or after a racing invalidation).
+    pub skip_invalidate_retry: revmap_rmap::sync::AtomicBool,
 }
 
 /// Guest memory restricted to the memslots (a table outside them faults the walk).
@@ -433,6 +445,78 @@ fn leaf_gpte_gfn(mode: &CpuMode, level: u32, gpte: u64, i: usize) -> u64 {
     (gpte & PT64_ADDR_MASK) >> 12 >> level_shift(level) << level_shift(level)
 }
 
+/// Lockless aging of one rmap (`kvm_rmap_age_gfn_range` for one head): under the
+/// head's read-only bit lock, for every entry (resolved to its SPTE word by `spte_of`),
+/// test A, or clear it with an atomic RMW when `clear`. Runs without `mmu_lock`
+/// against writers that zap SPTEs ([`clear_and_unlink`]): the RMW never writes a
+/// present value back over a cleared SPTE. True if any SPTE was young.
+pub fn age_rmap_head<'a>(
+    head: &PteListHead,
+    pool: &DescPool,
+    clear: bool,
+    spte_of: impl Fn(SpteHandle) -> Option<&'a AtomicU64>,
+) -> bool {
+    age_rmap_head_impl(head, pool, clear, spte_of, false)
+}
+
+/// The should-fail variant of [`age_rmap_head`] for the loom models: A cleared by a
+/// load and a separate store (a lost update against a concurrent zap).
+#[cfg(loom)]
+pub fn age_rmap_head_load_store<'a>(
+    head: &PteListHead,
+    pool: &DescPool,
+    spte_of: impl Fn(SpteHandle) -> Option<&'a AtomicU64>,
+) -> bool {
+    age_rmap_head_impl(head, pool, true, spte_of, true)
+}
+
+fn age_rmap_head_impl<'a>(
+    head: &PteListHead,
+    pool: &DescPool,
+    clear: bool,
+    spte_of: impl Fn(SpteHandle) -> Option<&'a AtomicU64>,
+    load_store: bool,
+) -> bool {
+    let mut young = false;
+    let rg = head.lock_readonly();
+    for h in rg.iter(pool) {
+        let Some(a) = spte_of(h) else { continue };
+        if !clear {
+            // ORDERING: Relaxed: a hint (false negatives are fine, as in KVM).
+            young |= a.load(Ordering::Relaxed) & Spte::ACCESSED != 0;
+        } else if load_store {
+            // ORDERING: Relaxed; deliberately not atomic as a whole (loom should-fail).
+            let old = a.load(Ordering::Relaxed);
+            a.store(old & !Spte::ACCESSED, Ordering::Relaxed);
+            young |= old & Spte::ACCESSED != 0;
+        } else {
+            // ORDERING: Relaxed RMW: only the A bit changes, atomically with respect to
+            // a zapper's clear of the whole SPTE; the read-only rmap lock keeps the
+            // entry's shadow page alive meanwhile.
+            let old = a.fetch_and(!Spte::ACCESSED, Ordering::Relaxed);
+            young |= old & Spte::ACCESSED != 0;
+        }
+    }
+    young
+}
+
+/// `drop_spte` on one leaf SPTE word `spte` with rmap entry `h` on `head`: clear the
+/// SPTE, then remove the entry under the head's bit lock (as
+/// `mmu_spte_clear_track_bits` then `rmap_remove`). Lockless agers may hold `head`
+/// read-locked and RMW the SPTE's A bit meanwhile; the clear is an atomic swap, so
+/// neither loses the other's update.
+pub fn clear_and_unlink(
+    spte: &AtomicU64,
+    head: &PteListHead,
+    pool: &DescPool,
+    h: SpteHandle,
+) -> Result<(), PteListError> {
+    // ORDERING: Relaxed RMW: the SPTE's own modification order serialises it with the
+    // agers' RMWs; the rmap head lock orders the list update.
+    spte.swap(Spte::NONPRESENT.0, Ordering::Relaxed);
+    head.lock().remove(pool, h)
+}
+
 /// Result of a fault attempt.
 enum FaultResult {
     Done(AccessOutcome),
@@ -464,8 +548,27 @@ impl ShadowMmu {
             vcpus: Vec::new(),
             invalidate: revmap_host::InvalidateSeq::default(),
             memslots_gen: 0,
+            #[cfg(loom)]
+            knobs: LoomKnobs::default(),
             stats: ShadowStats::default(),
         }
+    }
+
+    /// The fault-injection switches of the loom models.
+    #[cfg(loom)]
+    pub fn loom_knobs(&self) -> &LoomKnobs {
+        &self.knobs
+    }
+
+    #[cfg(not(loom))]
+    fn skip_retry(&self) -> bool {
+        false
+    }
+
+    #[cfg(loom)]
+    fn skip_retry(&self) -> bool {
+        // ORDERING: Relaxed: set before the model's threads start.
+        self.knobs.skip_invalidate_retry.load(Ordering::Relaxed)
     }
 
     /// The rmap descriptor pool.
@@ -714,15 +817,6 @@ impl ShadowMmu {
         Ok(())
     }
 
-    fn rmap_remove(&self, sp: SpId, i: usize, gfn: u64, level: u32) -> Result<(), ShadowError> {
-        let h = spte_handle(sp, i)?;
-        let Some(head) = self.slot_of(gfn).and_then(|s| s.rmap_head(gfn, level)) else {
-            return Err(ShadowError::NoSlot(gfn));
-        };
-        head.lock().remove(&self.pool, h)?;
-        Ok(())
-    }
-
     /// The rmap entries at (`gfn`, `level`).
     pub fn rmap_entries(&self, gfn: u64, level: u32) -> Result<Vec<SpteHandle>, ShadowError> {
         let Some(head) = self.slot_of(gfn).and_then(|s| s.rmap_head(gfn, level)) else {
@@ -745,8 +839,15 @@ impl ShadowMmu {
         }
         let gfn = Self::sp_get_gfn(sp, i);
         let level = sp.role.level();
-        sp.set_spte(i, Spte::NONPRESENT);
-        self.rmap_remove(id, i, gfn, level)
+        let h = spte_handle(id, i)?;
+        let Some(head) = self.slot_of(gfn).and_then(|s| s.rmap_head(gfn, level)) else {
+            sp.set_spte(i, Spte::NONPRESENT);
+            return Err(ShadowError::NoSlot(gfn));
+        };
+        let Some(a) = sp.spt.get(i) else {
+            return Ok(());
+        };
+        Ok(clear_and_unlink(a, head, &self.pool, h)?)
     }
 
     /// `drop_parent_pte`: unlink `child` from SPTE (`parent`, `i`).
@@ -2017,7 +2118,7 @@ impl ShadowMmu {
         }
         // kvm_mmu_faultin_pfn.
         let seq = self.invalidate.sample();
-        if self.invalidate.in_progress() {
+        if self.invalidate.in_progress() && !self.skip_retry() {
             return Ok(FaultResult::Retry);
         }
         let (host_writable, backing_shift) = match self.slot_of(gfn) {
@@ -2044,7 +2145,7 @@ impl ShadowMmu {
             }
         }
         // "mmu_lock": the retry check, reclaim, then the stale-root check after it.
-        if self.invalidate.retry(seq) {
+        if self.invalidate.retry(seq) && !self.skip_retry() {
             return Ok(FaultResult::Retry);
         }
         match self.make_mmu_pages_available() {
@@ -2372,20 +2473,10 @@ impl ShadowMmu {
             let mut g = (lo >> sh) << sh;
             while g < hi {
                 if let Some(head) = s.rmap_head(g.max(lo), level) {
-                    let rg = head.lock_readonly();
-                    for h in rg.iter(&self.pool) {
+                    young |= age_rmap_head(head, &self.pool, clear, |h| {
                         let (id, i) = decode_handle(h);
-                        let Some(sp) = self.sp(id) else { continue };
-                        let Some(a) = sp.spt.get(i) else { continue };
-                        if clear {
-                            // ORDERING: Relaxed RMW: only the A bit changes; the rmap
-                            // read lock keeps the SPTE on this list meanwhile.
-                            let old = a.fetch_and(!Spte::ACCESSED, Ordering::Relaxed);
-                            young |= old & Spte::ACCESSED != 0;
-                        } else {
-                            young |= sp.spte(i).0 & Spte::ACCESSED != 0;
-                        }
-                    }
+                        self.sp(id).and_then(|sp| sp.spt.get(i))
+                    });
                 }
                 g += 1 << sh;
             }
