@@ -2388,17 +2388,20 @@ impl ShadowMmu {
     /// fault on a shadowed gfn (emulated with an upper-level page there, else unsync and
     /// store). Returns whether it was emulated.
     pub fn guest_store(&mut self, gpa: u64, val: u64) -> Result<bool, ShadowError> {
-        self.guest_store_sized(gpa & !7, val, 8)
+        self.guest_store_sized(gpa, val, 8)
     }
 
     /// A guest 4-byte store (a 32-bit guest's page-table entry), routed like
     /// [`guest_store`](Self::guest_store).
     pub fn guest_store_u32(&mut self, gpa: u64, val: u32) -> Result<bool, ShadowError> {
-        self.guest_store_sized(gpa & !3, u64::from(val), 4)
+        self.guest_store_sized(gpa, u64::from(val), 4)
     }
 
+    /// A store of `bytes` (4 or 8) at `gpa`; an emulated one is tracked as the aligned
+    /// gpte-sized write it covers.
     fn guest_store_sized(&mut self, gpa: u64, val: u64, bytes: u32) -> Result<bool, ShadowError> {
         let gfn = gpa >> 12;
+        let tracked = gpa & !(u64::from(bytes) - 1);
         let store = |m: &mut SparseMemory| match bytes {
             4 => m.write_u32(Gpa(gpa), val as u32),
             _ => m.write_u64(Gpa(gpa), val),
@@ -2409,7 +2412,7 @@ impl ShadowMmu {
             if self.is_write_tracked(gfn) || !self.try_to_unsync(gfn, true, false)? {
                 self.stats.write_protected_faults += 1;
                 store(&mut self.mem)?;
-                self.track_write(gpa, bytes)?;
+                self.track_write(tracked, bytes)?;
                 return Ok(true);
             }
         }

@@ -269,7 +269,7 @@ fn run(ops: Vec<Op>, backing: u32, start: [Paging; 2]) -> Result<(), TestCaseErr
                     if four {
                         m.guest_store_u32(gpa, val as u32)
                     } else {
-                        m.guest_store(gpa, val)
+                        m.guest_store(gpa & !7, val)
                     }
                     .map_err(|e| e.to_string())?;
                 }
