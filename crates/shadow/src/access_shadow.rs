@@ -126,19 +126,10 @@ pub struct ShadowMismatch {
 
 impl fmt::Display for ShadowMismatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let e = &self.expected;
         write!(
             f,
-            "[{}] ({:#x}): rules fault={} ec={:#x} pte={:#x} pde={:#x}; walker {}; shadow ({:?}) {}",
-            self.flags,
-            self.flags.0,
-            e.fault,
-            e.error,
-            e.pte,
-            e.pde,
-            self.walker,
-            self.result,
-            self.shadow
+            "[{}] ({:#x}): rules {}; walker {}; shadow ({:?}) {}",
+            self.flags, self.flags.0, self.expected, self.walker, self.result, self.shadow
         )
     }
 }

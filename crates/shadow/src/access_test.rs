@@ -556,14 +556,29 @@ pub struct Mismatch {
     pub got_pde: u64,
 }
 
-impl fmt::Display for Mismatch {
+impl fmt::Display for Expected {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let e = &self.expected;
         write!(
             f,
-            "[{}] ({:#x}): expected fault={} ec={:#x} pte={:#x} pde={:#x}; got fault={} ec={:#x} pte={:#x} pde={:#x}",
-            self.flags, self.flags.0, e.fault, e.error, e.pte, e.pde,
-            self.got_fault, self.got_error, self.got_pte, self.got_pde
+            "fault={} ec={:#x} pte={:#x} pde={:#x}",
+            self.fault, self.error, self.pte, self.pde
+        )
+    }
+}
+
+impl fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let got = Expected {
+            fault: self.got_fault,
+            error: self.got_error,
+            pte: self.got_pte,
+            pde: self.got_pde,
+            ignore_pde: 0,
+        };
+        write!(
+            f,
+            "[{}] ({:#x}): expected {}; got {got}",
+            self.flags, self.flags.0, self.expected
         )
     }
 }

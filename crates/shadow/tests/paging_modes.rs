@@ -7,42 +7,21 @@
 //! every access must give what the reference walker gives on the same guest memory (the
 //! address or the #PF error code, and the same guest table contents).
 
+mod common;
+
+use common::{access_of, age, check_access, host_unmap};
 use proptest::prelude::*;
 use revmap_host::{Memslot, MemslotFlags};
 use revmap_rmap::{Gfn, Hva, SlotId};
 use revmap_shadow::mmu::{AccessOutcome, ShadowMmu};
 use revmap_shadow::paging::{
-    walk, Access, CpuMode, Gpa, GuestPhysMemory, Gva, MemoryError, PagingMode, SparseMemory,
-    CR0_PE, CR0_PG, CR0_WP, CR4_PAE, CR4_PSE, EFER_LMA, EFER_LME, EFER_NXE, PT64_NX, PT_ACCESSED,
-    PT_DIRTY, PT_PAGE_SIZE, PT_PRESENT, PT_USER, PT_WRITABLE,
+    Access, CpuMode, Gpa, GuestPhysMemory, PagingMode, SparseMemory, CR0_PE, CR0_PG, CR0_WP,
+    CR4_PAE, CR4_PSE, EFER_LMA, EFER_LME, EFER_NXE, PT64_NX, PT_ACCESSED, PT_DIRTY, PT_PAGE_SIZE,
+    PT_PRESENT, PT_USER, PT_WRITABLE,
 };
 
 const SLOT_PAGES: u64 = 4096;
 const TABLES: u64 = 8; // guest tables live in frames 1..=TABLES
-
-/// The reference walker's view: the slot's frames only.
-struct Limited<'a>(&'a mut SparseMemory);
-
-impl GuestPhysMemory for Limited<'_> {
-    fn read_u64(&self, gpa: Gpa) -> Result<u64, MemoryError> {
-        if gpa.gfn() >= SLOT_PAGES {
-            return Err(MemoryError::Unbacked(gpa.0));
-        }
-        self.0.read_u64(gpa)
-    }
-    fn read_u32(&self, gpa: Gpa) -> Result<u32, MemoryError> {
-        if gpa.gfn() >= SLOT_PAGES {
-            return Err(MemoryError::Unbacked(gpa.0));
-        }
-        self.0.read_u32(gpa)
-    }
-    fn cmpxchg_u64(&mut self, g: Gpa, o: u64, n: u64) -> Result<Result<(), u64>, MemoryError> {
-        self.0.cmpxchg_u64(g, o, n)
-    }
-    fn cmpxchg_u32(&mut self, g: Gpa, o: u32, n: u32) -> Result<Result<(), u32>, MemoryError> {
-        self.0.cmpxchg_u32(g, o, n)
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Paging {
@@ -183,19 +162,6 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-fn access_of(a: u8) -> Access {
-    let mut x = Access::empty();
-    match a % 3 {
-        1 => x |= Access::WRITE,
-        2 => x |= Access::FETCH,
-        _ => {}
-    }
-    if a >= 3 {
-        x |= Access::USER;
-    }
-    x
-}
-
 /// The mode for `paging` at `cr3`, PDPTRs loaded from `mem` (as a CR3 write does).
 fn mode(paging: Paging, cr3: u64, wp: bool, nxe: bool, mem: &SparseMemory) -> CpuMode {
     let wp = if wp { CR0_WP } else { 0 };
@@ -228,17 +194,7 @@ fn paging_of(m: &CpuMode) -> Paging {
 
 fn run(ops: Vec<Op>, backing: u32, start: [Paging; 2]) -> Result<(), TestCaseError> {
     let fail = |e: String| TestCaseError::fail(e);
-    let mut m = ShadowMmu::new();
-    let slot = Memslot::new(
-        SlotId(0),
-        Gfn(0),
-        SLOT_PAGES,
-        backing,
-        MemslotFlags::empty(),
-        Hva(0x7f00_0000_0000),
-    )
-    .map_err(|e| fail(e.to_string()))?;
-    m.add_memslot(slot).map_err(|e| fail(e.to_string()))?;
+    let mut m = mmu(backing);
     // Every entry the VAs reach points at the next table with P|W|U|A|D, valid in every
     // format, and the PAE PDPTEs (P only) too, so that chains of tables translate in
     // every mode and leaves map table frames.
@@ -274,32 +230,7 @@ fn run(ops: Vec<Op>, backing: u32, start: [Paging; 2]) -> Result<(), TestCaseErr
                     .map_err(|e| e.to_string())?;
                 }
                 Op::Access { cpu, va, acc } => {
-                    let v = cpus[cpu];
-                    let access = access_of(acc);
-                    m.invlpg(v, va).map_err(|e| e.to_string())?;
-                    let mode = m.vcpus()[v].mode;
-                    let mut refmem = m.mem.clone();
-                    let want = walk(&mut Limited(&mut refmem), &mode, Gva(va), access)
-                        .map_err(|e| e.to_string())?;
-                    let got = m.access(v, va, access).map_err(|e| e.to_string())?;
-                    let got = match got {
-                        AccessOutcome::Hit(g)
-                        | AccessOutcome::Fixed(g)
-                        | AccessOutcome::Mmio(g) => Ok(g),
-                        AccessOutcome::WriteProtected(g) => {
-                            m.track_write(g.0 & !7, 8).map_err(|e| e.to_string())?;
-                            Ok(g)
-                        }
-                        AccessOutcome::Fault(pf) => Err(pf.error_code),
-                        AccessOutcome::Retry => return Err("retry without an invalidation".into()),
-                    };
-                    let want = want.outcome.map(|t| t.gpa).map_err(|pf| pf.error_code);
-                    if got != want {
-                        return Err(format!(
-                            "{:?} access {va:#x} {access:?}: shadow {got:x?}, walker {want:x?}",
-                            mode.paging()
-                        ));
-                    }
+                    let refmem = check_access(&mut m, cpus[cpu], va, access_of(acc), SLOT_PAGES)?;
                     for t in 1..=TABLES {
                         for off in (0..4096).step_by(4) {
                             let g = Gpa((t << 12) + off);
@@ -344,25 +275,9 @@ fn run(ops: Vec<Op>, backing: u32, start: [Paging; 2]) -> Result<(), TestCaseErr
                     let new = mode(paging, cr3, wp, nxe, &m.mem);
                     m.set_mode(v, new).map_err(|e| e.to_string())?;
                 }
-                Op::Unmap { gfn, n } => {
-                    let frames = 1u64 << (backing - 12);
-                    let gfn = gfn & !(frames - 1);
-                    let end = (gfn + n).next_multiple_of(frames).min(SLOT_PAGES);
-                    m.invalidate.begin();
-                    m.unmap_gfn_range(SlotId(0), gfn, end)
-                        .map_err(|e| e.to_string())?;
-                    let slot = m.memslots().next().cloned().ok_or("no slot")?;
-                    for g in gfn..end {
-                        slot.set_host_present(Gfn(g), false);
-                    }
-                    m.invalidate.end();
-                }
+                Op::Unmap { gfn, n } => host_unmap(&mut m, backing, gfn, n, SLOT_PAGES)?,
                 Op::Age { gfn, n } => {
-                    let end = (gfn + n).min(SLOT_PAGES);
-                    let young = m.test_age_gfn(SlotId(0), gfn, end);
-                    if m.age_gfn(SlotId(0), gfn, end) != young {
-                        return Err("age_gfn disagrees with test_age_gfn".into());
-                    }
+                    age(&mut m, gfn, n, SLOT_PAGES)?;
                 }
             }
             Ok(())
@@ -396,22 +311,28 @@ proptest! {
     }
 }
 
-/// Targeted: a 32-bit guest's page directory is shadowed in four quadrant roots, and a
-/// 4 MiB page by 2 MiB halves; a 4-byte store to a PDE is emulated and zaps exactly the
-/// two SPTEs that derive from it.
-#[test]
-fn bits32_quadrants_and_4m_pages() {
+/// An MMU with one `SLOT_PAGES` slot at gfn 0 on host pages of `backing`.
+fn mmu(backing: u32) -> ShadowMmu {
     let mut m = ShadowMmu::new();
     let slot = Memslot::new(
         SlotId(0),
         Gfn(0),
         SLOT_PAGES,
-        21,
+        backing,
         MemslotFlags::empty(),
         Hva(0x7f00_0000_0000),
     )
     .unwrap();
     m.add_memslot(slot).unwrap();
+    m
+}
+
+/// Targeted: a 32-bit guest's page directory is shadowed in four quadrant roots, and a
+/// 4 MiB page by 2 MiB halves; a 4-byte store to a PDE is emulated and zaps exactly the
+/// two SPTEs that derive from it.
+#[test]
+fn bits32_quadrants_and_4m_pages() {
+    let mut m = mmu(21);
     let full = (PT_PRESENT | PT_WRITABLE | PT_USER | PT_ACCESSED | PT_DIRTY) as u32;
     // PD at gfn 1: PDE 0 -> PT at gfn 2; PDE 769 (va 0xc040_0000) a 4 MiB page at 8 MiB.
     m.mem.write_u32(Gpa(0x1000), 0x2000 | full).unwrap();
@@ -472,17 +393,7 @@ fn bits32_quadrants_and_4m_pages() {
 /// (2 MiB where the host backing allows), and nothing is write-protected.
 #[test]
 fn paging_off_maps_directly() {
-    let mut m = ShadowMmu::new();
-    let slot = Memslot::new(
-        SlotId(0),
-        Gfn(0),
-        SLOT_PAGES,
-        21,
-        MemslotFlags::empty(),
-        Hva(0x7f00_0000_0000),
-    )
-    .unwrap();
-    m.add_memslot(slot).unwrap();
+    let mut m = mmu(21);
     let v = m.add_vcpu(CpuMode::new(CR0_PE, 0, 0, 0));
     for va in [0x1234u64, 0x40_0008, 0xc0_0000] {
         assert_eq!(
@@ -506,17 +417,7 @@ fn paging_off_maps_directly() {
 /// next CR3 load, which frees the PAE roots.
 #[test]
 fn pae_roots_follow_the_pdptrs() {
-    let mut m = ShadowMmu::new();
-    let slot = Memslot::new(
-        SlotId(0),
-        Gfn(0),
-        SLOT_PAGES,
-        12,
-        MemslotFlags::empty(),
-        Hva(0x7f00_0000_0000),
-    )
-    .unwrap();
-    m.add_memslot(slot).unwrap();
+    let mut m = mmu(12);
     let full = PT_PRESENT | PT_WRITABLE | PT_USER | PT_ACCESSED | PT_DIRTY;
     // PDPT at 0x1000 + PDPT_OFF: PDPTE 1 -> PD 2; PD 2 entry 0 -> PT 3 -> 0x10_0000; PD 4 entry 0
     // -> PT 5 -> 0x20_0000.
