@@ -156,6 +156,15 @@ impl Default for AccessConfig {
 }
 
 impl AccessConfig {
+    /// CR3 of the persistent test tables: [`PML5`] with 5-level paging, else [`PML4`].
+    pub const fn cr3(&self) -> u64 {
+        if self.la57 {
+            PML5
+        } else {
+            PML4
+        }
+    }
+
     /// access.c's `invalid_mask`: flags this CPU cannot test, never set during enumeration.
     pub const fn invalid_mask(&self) -> u32 {
         let mut m = 0;
@@ -216,9 +225,15 @@ pub struct AccessSpace {
 impl AccessSpace {
     /// The whole space for `cfg`.
     pub const fn new(cfg: &AccessConfig) -> Self {
+        Self::from(cfg, 0)
+    }
+
+    /// The space for `cfg` from flag value `start` on (`start` must have no
+    /// invalid-mask flag set; it is cleared if it has).
+    pub const fn from(cfg: &AccessConfig, start: u32) -> Self {
         AccessSpace {
             invalid: cfg.invalid_mask(),
-            next: Some(0),
+            next: Some(start & !cfg.invalid_mask()),
         }
     }
 }
@@ -541,14 +556,29 @@ pub struct Mismatch {
     pub got_pde: u64,
 }
 
-impl fmt::Display for Mismatch {
+impl fmt::Display for Expected {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let e = &self.expected;
         write!(
             f,
-            "[{}] ({:#x}): expected fault={} ec={:#x} pte={:#x} pde={:#x}; got fault={} ec={:#x} pte={:#x} pde={:#x}",
-            self.flags, self.flags.0, e.fault, e.error, e.pte, e.pde,
-            self.got_fault, self.got_error, self.got_pte, self.got_pde
+            "fault={} ec={:#x} pte={:#x} pde={:#x}",
+            self.fault, self.error, self.pte, self.pde
+        )
+    }
+}
+
+impl fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let got = Expected {
+            fault: self.got_fault,
+            error: self.got_error,
+            pte: self.got_pte,
+            pde: self.got_pde,
+            ignore_pde: 0,
+        };
+        write!(
+            f,
+            "[{}] ({:#x}): expected {}; got {got}",
+            self.flags, self.flags.0, self.expected
         )
     }
 }
@@ -580,13 +610,106 @@ impl AccessReport {
 }
 
 /// Guest-physical layout of the persistent test page tables.
-const PML5: u64 = 0x10_0000;
-const PML4: u64 = 0x10_1000;
+/// The level-5 table of the persistent test tables (CR3 with 5-level paging).
+pub const PML5: u64 = 0x10_0000;
+/// The level-4 table of the persistent test tables (CR3 with 4-level paging).
+pub const PML4: u64 = 0x10_1000;
 const PDPT: u64 = 0x10_2000;
 const PD: u64 = 0x10_3000;
 const PT: u64 = 0x10_4000;
 /// The test VA (upper half, 2 MiB aligned so a PSE leaf maps the target page too).
 pub const TEST_VA: u64 = 0xffff_ffff_c0a0_0000;
+
+/// Where the PDPTE of [`TEST_VA`] lives.
+pub const PDPTE_AT: u64 = PDPT + index(TEST_VA, 3) * 8;
+/// Where the PDE of [`TEST_VA`] lives.
+pub const PDE_AT: u64 = PD + index(TEST_VA, 2) * 8;
+/// Where the PTE of [`TEST_VA`] lives.
+pub const PTE_AT: u64 = PT + index(TEST_VA, 1) * 8;
+/// The PDPT of the persistent test tables.
+pub const PDPT_TABLE: u64 = PDPT;
+/// The page directory of the persistent test tables.
+pub const PD_TABLE: u64 = PD;
+/// The page table of the persistent test tables.
+pub const PT_TABLE: u64 = PT;
+
+/// The PML5E and PML4E of the persistent tables: where and what (P|W|U).
+pub const fn upper_entries() -> [(u64, u64); 2] {
+    let upper = PT_PRESENT | PT_WRITABLE | PT_USER;
+    [
+        (PML5 + index(TEST_VA, 5) * 8, PML4 | upper),
+        (PML4 + index(TEST_VA, 4) * 8, PDPT | upper),
+    ]
+}
+
+/// The PDPTE, PDE and PTE case `f` writes, the PDPTE keeping the A/D bits of `old_pdpte`
+/// (P|U, +W unless `pdpte.ro`).
+pub const fn case_entries(f: AcFlags, old_pdpte: u64) -> (u64, u64, u64) {
+    let mut pdpte = PD | PT_PRESENT | PT_USER | (old_pdpte & (PT_ACCESSED | PT_DIRTY));
+    if !f.has(AcFlags::PDPTE_NO_WRITABLE) {
+        pdpte |= PT_WRITABLE;
+    }
+    (pdpte, pde_value(f, PT, TARGET_PA), pte_value(f, TARGET_PA))
+}
+
+/// What the rules expect of case `f` on freshly written `pde` and `pte`, the
+/// supervisor read of `twice` applied first.
+pub fn case_expected(f: AcFlags, pde: u64, pte: u64) -> Expected {
+    let mut exp = Expected {
+        fault: false,
+        error: PfErrorCode::PRESENT.bits(),
+        pte,
+        pde,
+        ignore_pde: 0,
+    };
+    if f.has(AcFlags::ACCESS_TWICE) {
+        let read =
+            AcFlags(f.0 & !(AcFlags::ACCESS_WRITE | AcFlags::ACCESS_FETCH | AcFlags::ACCESS_USER));
+        emulate_access(read, &mut exp);
+        exp.fault = false;
+        exp.error = PfErrorCode::PRESENT.bits();
+        exp.ignore_pde = 0;
+    }
+    emulate_access(f, &mut exp);
+    exp
+}
+
+/// What an implementation (the walker or the shadow MMU) did with one case.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CaseOutcome {
+    /// The access faulted (or could not complete: then `error` is `u32::MAX`).
+    pub fault: bool,
+    /// The #PF error code (0 without a fault).
+    pub error: u32,
+    /// The PTE after the access.
+    pub pte: u64,
+    /// The PDE after the access.
+    pub pde: u64,
+    /// The guest-physical address reached, without a fault.
+    pub gpa: Option<u64>,
+}
+
+impl CaseOutcome {
+    /// Whether this agrees with `exp` as access.c compares: fault, exact error code,
+    /// exact PTE, the PDE outside `ignore_pde`, and the target page reached.
+    pub fn matches(&self, exp: &Expected) -> bool {
+        self.fault == exp.fault
+            && (!exp.fault || self.error == exp.error)
+            && self.pte == exp.pte
+            && (self.pde & !exp.ignore_pde) == (exp.pde & !exp.ignore_pde)
+            && (self.fault || self.gpa == Some(TARGET_PA))
+    }
+}
+
+impl fmt::Display for CaseOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "fault={} ec={:#x} pte={:#x} pde={:#x} gpa={:?}",
+            self.fault, self.error, self.pte, self.pde, self.gpa
+        )
+    }
+}
 
 /// Runs access.c cases through the walker on page tables that persist between cases.
 #[derive(Clone, Debug)]
@@ -599,10 +722,10 @@ impl AccessRunner {
     /// A runner with fresh page tables for `cfg`.
     pub fn new(cfg: AccessConfig) -> Self {
         let mut mem = SparseMemory::new();
-        let upper = PT_PRESENT | PT_WRITABLE | PT_USER;
         // Writes into a fresh sparse memory below 2^52 cannot fail.
-        let _ = mem.write_u64(Gpa(PML5 + index(TEST_VA, 5) * 8), PML4 | upper);
-        let _ = mem.write_u64(Gpa(PML4 + index(TEST_VA, 4) * 8), PDPT | upper);
+        for (at, v) in upper_entries() {
+            let _ = mem.write_u64(Gpa(at), v);
+        }
         let _ = mem.write_u64(Gpa(TARGET_PA), 0xc3);
         AccessRunner { cfg, mem }
     }
@@ -613,77 +736,55 @@ impl AccessRunner {
     }
 
     fn cr3(&self) -> u64 {
-        if self.cfg.la57 {
-            PML5
-        } else {
-            PML4
-        }
+        self.cfg.cr3()
     }
 
     /// Runs one case: `Ok(faulted)` if the walker agrees with the rules.
     pub fn run_case(&mut self, f: AcFlags) -> Result<bool, Mismatch> {
-        let pdpte_at = Gpa(PDPT + index(TEST_VA, 3) * 8);
-        let pde_at = Gpa(PD + index(TEST_VA, 2) * 8);
-        let pte_at = Gpa(PT + index(TEST_VA, 1) * 8);
-        // PDPTE = P|U (+W unless pdpte.ro), keeping A/D from earlier cases.
-        let old = self.mem.read_u64(pdpte_at).unwrap_or(0);
-        let mut pdpte = PD | PT_PRESENT | PT_USER | (old & (PT_ACCESSED | PT_DIRTY));
-        if !f.has(AcFlags::PDPTE_NO_WRITABLE) {
-            pdpte |= PT_WRITABLE;
-        }
-        let pde = pde_value(f, PT, TARGET_PA);
-        let pte = pte_value(f, TARGET_PA);
-        let _ = self.mem.write_u64(pdpte_at, pdpte);
-        let _ = self.mem.write_u64(pde_at, pde);
-        let _ = self.mem.write_u64(pte_at, pte);
-        let mode = case_mode(&self.cfg, f, self.cr3());
-        let mut exp = Expected {
-            fault: false,
-            error: PfErrorCode::PRESENT.bits(),
-            pte,
-            pde,
-            ignore_pde: 0,
-        };
-        if f.has(AcFlags::ACCESS_TWICE) {
-            let read = AcFlags(
-                f.0 & !(AcFlags::ACCESS_WRITE | AcFlags::ACCESS_FETCH | AcFlags::ACCESS_USER),
-            );
-            emulate_access(read, &mut exp);
-            exp.fault = false;
-            exp.error = PfErrorCode::PRESENT.bits();
-            exp.ignore_pde = 0;
-            let _ = walk(&mut self.mem, &mode, Gva(TEST_VA), Access::empty());
-        }
-        emulate_access(f, &mut exp);
-        let got = walk(&mut self.mem, &mode, Gva(TEST_VA), case_access(f));
-        let (got_fault, got_error) = match &got {
-            Ok(w) => match w.fault() {
-                Some(pf) => (true, pf.error_code.bits()),
-                None => (false, 0),
-            },
-            Err(_) => (true, u32::MAX),
-        };
-        let got_pte = self.mem.read_u64(pte_at).unwrap_or(0);
-        let got_pde = self.mem.read_u64(pde_at).unwrap_or(0);
-        let ok = got_fault == exp.fault
-            && (!exp.fault || got_error == exp.error)
-            && got_pte == exp.pte
-            && (got_pde & !exp.ignore_pde) == (exp.pde & !exp.ignore_pde)
-            && got
-                .as_ref()
-                .is_ok_and(|w| w.translation().is_none_or(|t| t.gpa == Gpa(TARGET_PA)));
-        if ok {
+        let (exp, got) = self.observe(f);
+        if got.matches(&exp) {
             Ok(exp.fault)
         } else {
             Err(Mismatch {
                 flags: f,
                 expected: exp,
-                got_fault,
-                got_error,
-                got_pte,
-                got_pde,
+                got_fault: got.fault,
+                got_error: got.error,
+                got_pte: got.pte,
+                got_pde: got.pde,
             })
         }
+    }
+
+    /// Sets up case `f` on the persistent tables, runs it through the walker and returns
+    /// what the rules expect next to what the walker did.
+    pub fn observe(&mut self, f: AcFlags) -> (Expected, CaseOutcome) {
+        let old = self.mem.read_u64(Gpa(PDPTE_AT)).unwrap_or(0);
+        let (pdpte, pde, pte) = case_entries(f, old);
+        let _ = self.mem.write_u64(Gpa(PDPTE_AT), pdpte);
+        let _ = self.mem.write_u64(Gpa(PDE_AT), pde);
+        let _ = self.mem.write_u64(Gpa(PTE_AT), pte);
+        let mode = case_mode(&self.cfg, f, self.cr3());
+        let exp = case_expected(f, pde, pte);
+        if f.has(AcFlags::ACCESS_TWICE) {
+            let _ = walk(&mut self.mem, &mode, Gva(TEST_VA), Access::empty());
+        }
+        let got = walk(&mut self.mem, &mode, Gva(TEST_VA), case_access(f));
+        let (fault, error, gpa) = match &got {
+            Ok(w) => match (w.fault(), w.translation()) {
+                (Some(pf), _) => (true, pf.error_code.bits(), None),
+                (None, t) => (false, 0, t.map(|t| t.gpa.0)),
+            },
+            Err(_) => (true, u32::MAX, None),
+        };
+        let out = CaseOutcome {
+            fault,
+            error,
+            pte: self.mem.read_u64(Gpa(PTE_AT)).unwrap_or(0),
+            pde: self.mem.read_u64(Gpa(PDE_AT)).unwrap_or(0),
+            gpa,
+        };
+        (exp, out)
     }
 
     /// Runs every case of `cases`.
@@ -733,80 +834,144 @@ pub struct SubTestFailure {
     pub got: String,
 }
 
-/// A small 4-level page-table builder for the sub-tests.
-struct Tables {
+/// The guest memory and vCPU a sub-test runs on: the reference walker over plain guest
+/// memory ([`WalkerTables`]), or the shadow MMU (`crate::access_shadow`). The sub-tests
+/// build 4-level tables at fixed guest-physical addresses below 64 MiB and map
+/// [`TARGET_PA`] (and 30 MiB).
+pub trait SubTestTables {
+    /// A guest store of `value` to the 8-byte entry at `gpa`, followed by INVLPG of `va`
+    /// (the address the entry translates), as access.c does after building a mapping.
+    fn store(&mut self, gpa: u64, va: u64, value: u64);
+
+    /// The 8-byte guest entry at `gpa`.
+    fn load(&self, gpa: u64) -> u64;
+
+    /// Performs `access` at `va` under `mode`: `(fault, error code)`. An implementation
+    /// that checks itself against another (the shadow MMU against the walker) reports a
+    /// disagreement as the failure.
+    fn access(
+        &mut self,
+        mode: &CpuMode,
+        va: u64,
+        access: Access,
+    ) -> Result<(bool, u32), SubTestFailure>;
+}
+
+/// The sub-tests' 4-level tables in plain guest memory, accessed by the reference walker.
+#[derive(Clone, Debug)]
+pub struct WalkerTables {
     mem: SparseMemory,
+}
+
+impl Default for WalkerTables {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl WalkerTables {
+    /// Empty tables; [`TARGET_PA`] holds `ret`.
+    pub fn new() -> Self {
+        let mut mem = SparseMemory::new();
+        let _ = mem.write_u64(Gpa(TARGET_PA), 0xc3);
+        WalkerTables { mem }
+    }
+}
+
+impl SubTestTables for WalkerTables {
+    fn store(&mut self, gpa: u64, _va: u64, value: u64) {
+        let _ = self.mem.write_u64(Gpa(gpa), value);
+    }
+
+    fn load(&self, gpa: u64) -> u64 {
+        self.mem.read_u64(Gpa(gpa)).unwrap_or(0)
+    }
+
+    fn access(
+        &mut self,
+        mode: &CpuMode,
+        va: u64,
+        access: Access,
+    ) -> Result<(bool, u32), SubTestFailure> {
+        Ok(walk_outcome(&mut self.mem, mode, va, access))
+    }
+}
+
+/// The reference walker's `(fault, error code)` for one access (`u32::MAX` if the walk
+/// could not complete).
+pub fn walk_outcome<M: GuestPhysMemory + ?Sized>(
+    mem: &mut M,
+    mode: &CpuMode,
+    va: u64,
+    access: Access,
+) -> (bool, u32) {
+    match walk(mem, mode, Gva(va), access) {
+        Ok(w) => match w.fault() {
+            Some(pf) => (true, pf.error_code.bits()),
+            None => (false, 0),
+        },
+        Err(_) => (true, u32::MAX),
+    }
 }
 
 const SUB_PML4: u64 = 0x20_0000;
 
-impl Tables {
-    fn new() -> Self {
-        let mut mem = SparseMemory::new();
-        let _ = mem.write_u64(Gpa(TARGET_PA), 0xc3);
-        Tables { mem }
-    }
+/// Writes `value` into the level-`level` entry of `table` for `va`.
+fn set<T: SubTestTables + ?Sized>(t: &mut T, table: u64, va: u64, level: u32, value: u64) {
+    t.store(table + index(va, level) * 8, va, value);
+}
 
-    /// Writes `value` into the level-`level` entry of `table` for `va`.
-    fn set(&mut self, table: u64, va: u64, level: u32, value: u64) {
-        let _ = self.mem.write_u64(Gpa(table + index(va, level) * 8), value);
-    }
+fn get<T: SubTestTables + ?Sized>(t: &T, table: u64, va: u64, level: u32) -> u64 {
+    t.load(table + index(va, level) * 8)
+}
 
-    fn get(&self, table: u64, va: u64, level: u32) -> u64 {
-        self.mem
-            .read_u64(Gpa(table + index(va, level) * 8))
-            .unwrap_or(0)
+/// Runs one access and compares with `(fault, error code)`.
+fn expect<T: SubTestTables + ?Sized>(
+    t: &mut T,
+    step: &'static str,
+    mode: &CpuMode,
+    va: u64,
+    access: Access,
+    want: (bool, u32),
+) -> Result<(), SubTestFailure> {
+    let got = t.access(mode, va, access)?;
+    let norm = |(f, e): (bool, u32)| if f { (true, e) } else { (false, 0) };
+    if norm(got) == norm(want) {
+        Ok(())
+    } else {
+        Err(SubTestFailure {
+            step,
+            expected: format!("fault={} ec={:#x}", want.0, want.1),
+            got: format!("fault={} ec={:#x}", got.0, got.1),
+        })
     }
+}
 
-    /// Runs one access; `(fault, error code)`.
-    fn access(&mut self, mode: &CpuMode, va: u64, access: Access) -> (bool, u32) {
-        match walk(&mut self.mem, mode, Gva(va), access) {
-            Ok(w) => match w.fault() {
-                Some(pf) => (true, pf.error_code.bits()),
-                None => (false, 0),
-            },
-            Err(_) => (true, u32::MAX),
-        }
-    }
-
-    /// Runs one access and compares with `(fault, error code)`.
-    fn expect(
-        &mut self,
-        step: &'static str,
-        mode: &CpuMode,
-        va: u64,
-        access: Access,
-        want: (bool, u32),
-    ) -> Result<(), SubTestFailure> {
-        let got = self.access(mode, va, access);
-        let norm = |(f, e): (bool, u32)| if f { (true, e) } else { (false, 0) };
-        if norm(got) == norm(want) {
-            Ok(())
-        } else {
-            Err(SubTestFailure {
-                step,
-                expected: format!("fault={} ec={:#x}", want.0, want.1),
-                got: format!("fault={} ec={:#x}", got.0, got.1),
-            })
-        }
-    }
-
-    /// Maps `va` through PDPT `pdpt` and PD `pd` (creating the PML4E and PDPTE with
-    /// `pdpte_w`), with `pde` (and `pte` in PT `pt` unless the PDE is a leaf).
-    #[allow(clippy::too_many_arguments)]
-    fn map(&mut self, va: u64, pdpt: u64, pd: u64, pdpte_w: bool, pde: u64, pt: u64, pte: u64) {
-        let upper = PT_PRESENT | PT_USER | PT_ACCESSED;
-        self.set(SUB_PML4, va, 4, pdpt | upper | PT_WRITABLE);
-        self.set(
-            pdpt,
-            va,
-            3,
-            pd | upper | if pdpte_w { PT_WRITABLE } else { 0 },
-        );
-        self.set(pd, va, 2, pde);
-        if pde & PT_PAGE_SIZE == 0 {
-            self.set(pt, va, 1, pte);
-        }
+/// Maps `va` through PDPT `pdpt` and PD `pd` (creating the PML4E and PDPTE with
+/// `pdpte_w`), with `pde` (and `pte` in PT `pt` unless the PDE is a leaf).
+#[allow(clippy::too_many_arguments)]
+fn map<T: SubTestTables + ?Sized>(
+    t: &mut T,
+    va: u64,
+    pdpt: u64,
+    pd: u64,
+    pdpte_w: bool,
+    pde: u64,
+    pt: u64,
+    pte: u64,
+) {
+    let upper = PT_PRESENT | PT_USER | PT_ACCESSED;
+    set(t, SUB_PML4, va, 4, pdpt | upper | PT_WRITABLE);
+    set(
+        t,
+        pdpt,
+        va,
+        3,
+        pd | upper | if pdpte_w { PT_WRITABLE } else { 0 },
+    );
+    set(t, pd, va, 2, pde);
+    if pde & PT_PAGE_SIZE == 0 {
+        set(t, pt, va, 1, pte);
     }
 }
 
@@ -822,24 +987,26 @@ fn want(f: AcFlags, pde: u64, pte: u64) -> (bool, u32) {
 /// `corrupt_hugepage_trigger` (KVM e09e90a5): two read-only/writable 2 MiB PDEs of one
 /// frame; after writing through the writable one, a write through the read-only one
 /// still faults.
-pub fn corrupt_hugepage_trigger() -> Result<(), SubTestFailure> {
-    let mut t = Tables::new();
+pub fn corrupt_hugepage_trigger<T: SubTestTables + ?Sized>(
+    t: &mut T,
+) -> Result<(), SubTestFailure> {
     let (va1, va2) = (0xffff_9234_0000_0000u64, 0xffff_9234_0020_0000u64);
     let ro = TARGET_PA | PT_PRESENT | PT_PAGE_SIZE | PT_ACCESSED;
     let rw = ro | PT_WRITABLE;
-    t.map(va1, 0x30_0000, 0x30_1000, true, ro, 0, 0);
-    t.map(va2, 0x30_0000, 0x30_1000, true, rw, 0, 0);
+    map(t, va1, 0x30_0000, 0x30_1000, true, ro, 0, 0);
+    map(t, va2, 0x30_0000, 0x30_1000, true, rw, 0, 0);
     let mode = sub_mode(AcFlags(AcFlags::CR0_WP | AcFlags::EFER_NX));
-    t.expect("read ro", &mode, va1, Access::empty(), (false, 0))?;
-    t.expect("read rw", &mode, va2, Access::empty(), (false, 0))?;
-    t.expect("write rw", &mode, va2, Access::WRITE, (false, 0))?;
-    t.expect("write ro", &mode, va1, Access::WRITE, (true, 0x3))
+    expect(t, "read ro", &mode, va1, Access::empty(), (false, 0))?;
+    expect(t, "read rw", &mode, va2, Access::empty(), (false, 0))?;
+    expect(t, "write rw", &mode, va2, Access::WRITE, (false, 0))?;
+    expect(t, "write ro", &mode, va1, Access::WRITE, (true, 0x3))
 }
 
 /// `check_pfec_on_prefetch_pte` (KVM 3ddf6c06e13e): two PTEs of one table, the second
 /// with NX while EFER.NXE=0; reading the second must give the reserved-bit error code.
-pub fn check_pfec_on_prefetch_pte() -> Result<(), SubTestFailure> {
-    let mut t = Tables::new();
+pub fn check_pfec_on_prefetch_pte<T: SubTestTables + ?Sized>(
+    t: &mut T,
+) -> Result<(), SubTestFailure> {
     let (va1, va2) = (0xffff_9234_0600_1000u64, 0xffff_9234_0600_3000u64);
     let f1 = AcFlags(AcFlags::PDE_PRESENT | AcFlags::PTE_PRESENT);
     let f2 = AcFlags(f1.0 | AcFlags::PTE_NX);
@@ -849,17 +1016,19 @@ pub fn check_pfec_on_prefetch_pte() -> Result<(), SubTestFailure> {
         pte_value(f1, 30 << 20),
         pte_value(f2, 30 << 20),
     );
-    t.map(va1, 0x30_0000, 0x30_1000, true, pde, pt, pte1);
-    t.map(va2, 0x30_0000, 0x30_1000, true, pde, pt, pte2);
+    map(t, va1, 0x30_0000, 0x30_1000, true, pde, pt, pte1);
+    map(t, va2, 0x30_0000, 0x30_1000, true, pde, pt, pte2);
     let mode = sub_mode(f1);
-    t.expect(
+    expect(
+        t,
         "read first",
         &mode,
         va1,
         Access::empty(),
         want(f1, pde, pte1),
     )?;
-    t.expect(
+    expect(
+        t,
         "read second",
         &mode,
         va2,
@@ -870,19 +1039,20 @@ pub fn check_pfec_on_prefetch_pte() -> Result<(), SubTestFailure> {
 
 /// `check_large_pte_dirty_for_nowp`: CR0.WP=0, two VAs on one read-only 2 MiB page: a
 /// read via A, a supervisor write via B, then a write via A that must set A's PDE.D.
-pub fn check_large_pte_dirty_for_nowp() -> Result<(), SubTestFailure> {
-    let mut t = Tables::new();
+pub fn check_large_pte_dirty_for_nowp<T: SubTestTables + ?Sized>(
+    t: &mut T,
+) -> Result<(), SubTestFailure> {
     let (va_a, va_b) = (0xffff_9234_0300_0000u64, 0xffff_9234_0500_0000u64);
     let f = AcFlags(AcFlags::PDE_PRESENT | AcFlags::PDE_PSE);
     let pde = pde_value(f, 0, TARGET_PA);
-    t.map(va_a, 0x30_0000, 0x30_1000, true, pde, 0, 0);
-    t.map(va_b, 0x30_0000, 0x30_1000, true, pde, 0, 0);
+    map(t, va_a, 0x30_0000, 0x30_1000, true, pde, 0, 0);
+    map(t, va_b, 0x30_0000, 0x30_1000, true, pde, 0, 0);
     let mode = sub_mode(f);
     let fw = AcFlags(f.0 | AcFlags::ACCESS_WRITE);
-    t.expect("read A", &mode, va_a, Access::empty(), want(f, pde, 0))?;
-    t.expect("write B", &mode, va_b, Access::WRITE, want(fw, pde, 0))?;
-    t.expect("write A", &mode, va_a, Access::WRITE, want(fw, pde, 0))?;
-    let got = t.get(0x30_1000, va_a, 2);
+    expect(t, "read A", &mode, va_a, Access::empty(), want(f, pde, 0))?;
+    expect(t, "write B", &mode, va_b, Access::WRITE, want(fw, pde, 0))?;
+    expect(t, "write A", &mode, va_a, Access::WRITE, want(fw, pde, 0))?;
+    let got = get(t, 0x30_1000, va_a, 2);
     let wanted = expected(fw, pde, 0).pde;
     if got != wanted {
         return Err(SubTestFailure {
@@ -896,8 +1066,7 @@ pub fn check_large_pte_dirty_for_nowp() -> Result<(), SubTestFailure> {
 
 /// `check_smep_andnot_wp`: CR4.SMEP with CR0.WP=0: a supervisor write to a read-only
 /// user page succeeds, a supervisor fetch from it then faults with P|I/D.
-pub fn check_smep_andnot_wp() -> Result<(), SubTestFailure> {
-    let mut t = Tables::new();
+pub fn check_smep_andnot_wp<T: SubTestTables + ?Sized>(t: &mut T) -> Result<(), SubTestFailure> {
     let va = 0xffff_9234_0600_1000u64;
     let f = AcFlags(
         AcFlags::PDE_PRESENT
@@ -911,9 +1080,10 @@ pub fn check_smep_andnot_wp() -> Result<(), SubTestFailure> {
     );
     let pt = 0x30_2000;
     let (pde, pte) = (pde_value(f, pt, 0), pte_value(f, TARGET_PA));
-    t.map(va, 0x30_0000, 0x30_1000, true, pde, pt, pte);
+    map(t, va, 0x30_0000, 0x30_1000, true, pde, pt, pte);
     let mode = sub_mode(f);
-    t.expect(
+    expect(
+        t,
         "supervisor write",
         &mode,
         va,
@@ -929,13 +1099,12 @@ pub fn check_smep_andnot_wp() -> Result<(), SubTestFailure> {
             got: format!("{w:?}"),
         });
     }
-    t.expect("supervisor fetch", &mode, va, Access::FETCH, w)
+    expect(t, "supervisor fetch", &mode, va, Access::FETCH, w)
 }
 
 /// `check_toggle_cr0_wp`: a supervisor write to a read-only page succeeds with WP=0,
 /// faults with WP=1, and succeeds again after WP is cleared (no stale context).
-pub fn check_toggle_cr0_wp() -> Result<(), SubTestFailure> {
-    let mut t = Tables::new();
+pub fn check_toggle_cr0_wp<T: SubTestTables + ?Sized>(t: &mut T) -> Result<(), SubTestFailure> {
     let va = 0xffff_9234_0600_1000u64;
     let f = AcFlags(
         AcFlags::PDE_PRESENT
@@ -946,9 +1115,10 @@ pub fn check_toggle_cr0_wp() -> Result<(), SubTestFailure> {
     );
     let pt = 0x30_2000;
     let (pde, pte) = (pde_value(f, pt, 0), pte_value(f, TARGET_PA));
-    t.map(va, 0x30_0000, 0x30_1000, true, pde, pt, pte);
+    map(t, va, 0x30_0000, 0x30_1000, true, pde, pt, pte);
     let fwp = AcFlags(f.0 | AcFlags::CR0_WP);
-    t.expect(
+    expect(
+        t,
         "WP=0 write",
         &sub_mode(f),
         va,
@@ -963,14 +1133,15 @@ pub fn check_toggle_cr0_wp() -> Result<(), SubTestFailure> {
             got: format!("{w:?}"),
         });
     }
-    t.expect("WP=1 write", &sub_mode(fwp), va, Access::WRITE, w)?;
-    t.expect("WP=0 again", &sub_mode(f), va, Access::WRITE, (false, 0))
+    expect(t, "WP=1 write", &sub_mode(fwp), va, Access::WRITE, w)?;
+    expect(t, "WP=0 again", &sub_mode(f), va, Access::WRITE, (false, 0))
 }
 
 /// `check_effective_sp_permissions` (CVE-2021-38198): PUD1 (writable) and PUD2 (read-only)
 /// share one PMD page; a user write through PUD2 faults although PMD and PTE allow it.
-pub fn check_effective_sp_permissions() -> Result<(), SubTestFailure> {
-    let mut t = Tables::new();
+pub fn check_effective_sp_permissions<T: SubTestTables + ?Sized>(
+    t: &mut T,
+) -> Result<(), SubTestFailure> {
     let ptr1 = 0xffff_9234_8000_0000u64;
     let ptr2 = ptr1 + (2 << 20);
     let ptr3 = ptr1 + (1 << 30);
@@ -978,33 +1149,45 @@ pub fn check_effective_sp_permissions() -> Result<(), SubTestFailure> {
     let (pdpt, pmd, pt) = (0x30_0000, 0x30_1000, 0x30_2000);
     let leaf = PT_PRESENT | PT_WRITABLE | PT_USER | PT_ACCESSED;
     for va in [ptr1, ptr2] {
-        t.map(va, pdpt, pmd, true, pt | leaf, pt, TARGET_PA | leaf);
+        map(t, va, pdpt, pmd, true, pt | leaf, pt, TARGET_PA | leaf);
     }
     for va in [ptr3, ptr4] {
-        t.map(va, pdpt, pmd, false, pt | leaf, pt, TARGET_PA | leaf);
+        map(t, va, pdpt, pmd, false, pt | leaf, pt, TARGET_PA | leaf);
     }
     let mode = sub_mode(AcFlags(AcFlags::CR0_WP | AcFlags::EFER_NX));
     let uw = Access::USER | Access::WRITE;
-    t.expect("read ptr1", &mode, ptr1, Access::USER, (false, 0))?;
-    t.expect("write ptr2", &mode, ptr2, uw, (false, 0))?;
-    t.expect("read ptr3", &mode, ptr3, Access::USER, (false, 0))?;
-    t.expect("write ptr4", &mode, ptr4, uw, (true, 0x7))
+    expect(t, "read ptr1", &mode, ptr1, Access::USER, (false, 0))?;
+    expect(t, "write ptr2", &mode, ptr2, uw, (false, 0))?;
+    expect(t, "read ptr3", &mode, ptr3, Access::USER, (false, 0))?;
+    expect(t, "write ptr4", &mode, ptr4, uw, (true, 0x7))
 }
 
-/// The six sub-tests access.c runs after the main loop, by name.
-pub fn sub_tests() -> [(&'static str, Result<(), SubTestFailure>); 6] {
+/// The six sub-tests' results, by name.
+pub type SubTestResults = [(&'static str, Result<(), SubTestFailure>); 6];
+
+/// The six sub-tests access.c runs after the main loop, by name, on the reference walker.
+pub fn sub_tests() -> SubTestResults {
+    sub_tests_on(core::array::from_fn(|_| WalkerTables::new()))
+}
+
+/// The six sub-tests, each on its own fresh tables.
+pub fn sub_tests_on<T: SubTestTables>(tables: [T; 6]) -> SubTestResults {
+    let [mut a, mut b, mut c, mut d, mut e, mut f] = tables;
     [
-        ("corrupt_hugepage_trigger", corrupt_hugepage_trigger()),
-        ("check_pfec_on_prefetch_pte", check_pfec_on_prefetch_pte()),
+        ("corrupt_hugepage_trigger", corrupt_hugepage_trigger(&mut a)),
+        (
+            "check_pfec_on_prefetch_pte",
+            check_pfec_on_prefetch_pte(&mut b),
+        ),
         (
             "check_large_pte_dirty_for_nowp",
-            check_large_pte_dirty_for_nowp(),
+            check_large_pte_dirty_for_nowp(&mut c),
         ),
-        ("check_smep_andnot_wp", check_smep_andnot_wp()),
-        ("check_toggle_cr0_wp", check_toggle_cr0_wp()),
+        ("check_smep_andnot_wp", check_smep_andnot_wp(&mut d)),
+        ("check_toggle_cr0_wp", check_toggle_cr0_wp(&mut e)),
         (
             "check_effective_sp_permissions",
-            check_effective_sp_permissions(),
+            check_effective_sp_permissions(&mut f),
         ),
     ]
 }

@@ -7,7 +7,9 @@
 //!   eviction, the host-side walkers, and the section-8 invariant checker;
 //! * [`vm`]: [`vm::ShadowVm`], the shadow MMU on the shared host layer (published
 //!   memslots, lifecycle hooks, `mmu_lock`, the `HostMmu` trait);
-//! * [`replay`]: real x86 walk traces replayed through the shadow MMU.
+//! * [`replay`]: real x86 walk traces replayed through the shadow MMU;
+//! * [`access_shadow`]: the kvm-unit-tests `x86/access.c` space and sub-tests run
+//!   through the shadow MMU, against the rules and the reference walker.
 //!
 //! And the parts it stands on:
 //! * [`paging`]: the guest paging model, a pure reference walker over guest-physical
@@ -34,6 +36,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod access_shadow;
 pub mod access_test;
 pub mod fixture;
 pub mod mmu;

@@ -56,6 +56,8 @@ pub const MEMSLOT_PAGES_TO_MMU_PAGES_RATIO: u64 = 50;
 pub const MIN_ALLOC_MMU_PAGES: u64 = 64;
 /// Descriptors topped up before a fault takes the lock (1 rmap + 5 parents + 8 prefetch).
 pub const FAULT_DESC_TOPUP: u64 = 14;
+/// SPTEs around a fault considered for prefetch (`PTE_PREFETCH_NUM`).
+pub const PTE_PREFETCH_NUM: usize = 8;
 /// Number of cached previous roots (`KVM_MMU_NUM_PREV_ROOTS`).
 pub const NUM_PREV_ROOTS: usize = 3;
 /// Fault attempts under one `mmu_lock` hold before [`AccessOutcome::Retry`] is returned
@@ -102,9 +104,6 @@ pub enum ShadowError {
     /// No such vCPU.
     #[error("no vCPU {0}")]
     NoVcpu(usize),
-    /// A paging mode the shadow MMU does not shadow yet (paging off, 32-bit, PAE).
-    #[error("paging mode {0:?} is not shadowed")]
-    Unsupported(PagingMode),
     /// No shadow page could be made available (every page pinned as a root).
     #[error("no shadow page available")]
     NoSpace,
@@ -271,6 +270,18 @@ pub struct VcpuMmu {
     pub root: Option<SpId>,
     /// `prev_roots`: (pgd, root), most recent first.
     pub prev_roots: Vec<(u64, SpId)>,
+    /// KVM's `pae_root` for guests without long mode (paging off, 32-bit, PAE): the
+    /// four level-2 roots, one per GiB of the 32-bit address space, each pinning its
+    /// page (`root` is `None` then). Entry `q` shadows the PAE page directory PDPTE `q`
+    /// names, quadrant `q` of a 32-bit guest's page directory, or (paging off) maps
+    /// gfns `q << 18..` directly; `None` for a non-present PDPTE or before loading.
+    /// These roots are never cached in `prev_roots`.
+    pub pae_root: [Option<SpId>; 4],
+}
+
+/// Whether `mode` is shadowed through a `pae_root` (no long mode).
+pub const fn uses_pae_root(mode: &CpuMode) -> bool {
+    !matches!(mode.paging(), PagingMode::Long4 | PagingMode::Long5)
 }
 
 /// Statistics (KVM's `kvm->stat` and the replay report's `shadow` object).
@@ -310,6 +321,13 @@ pub struct ShadowStats {
     pub write_protected_faults: u64,
     /// Huge SPTEs installed.
     pub huge_sptes: u64,
+    /// SPTEs installed by prefetch around a fault (`pte_prefetch`).
+    pub prefetched: u64,
+    /// MMIO SPTEs installed (`pf_mmio_spte_created`).
+    pub mmio_sptes: u64,
+    /// Accesses served from a current MMIO SPTE without a guest walk
+    /// (`handle_mmio_page_fault`).
+    pub mmio_hits: u64,
 }
 
 /// The shadow MMU state that `mmu_lock` protects, with guest memory and the vCPU
@@ -332,8 +350,23 @@ pub struct ShadowMmu {
     vcpus: Vec<VcpuMmu>,
     /// Host MMU-notifier sequence.
     pub invalidate: revmap_host::InvalidateSeq,
+    /// The memslot generation: bumped by every memslot change; MMIO SPTEs record its
+    /// low [`Spte::MMIO_GEN_BITS`] and are stale once it moves on.
+    memslots_gen: u64,
+    /// Fault injection for the loom models' should-fail variants.
+    #[cfg(loom)]
+    knobs: LoomKnobs,
     /// Counters.
     pub stats: ShadowStats,
+}
+
+/// Bugs a loom model may switch on to show that it catches them.
+#[cfg(loom)]
+#[derive(Debug, Default)]
+pub struct LoomKnobs {
+    /// The fault ignores the MMU-notifier sequence and in-progress count (installs an
+    /// SPTE during or after a racing invalidation).
+    pub skip_invalidate_retry: revmap_rmap::sync::AtomicBool,
 }
 
 /// Guest memory restricted to the memslots (a table outside them faults the walk).
@@ -385,8 +418,103 @@ fn hash_gfn(gfn: u64) -> usize {
     (gfn.wrapping_mul(0x61c8_8646_80b5_83eb) >> (64 - MMU_HASH_SHIFT)) as usize
 }
 
+/// The linear address an access to `gva` uses: 32 bits outside long mode.
+const fn linear(mode: &CpuMode, gva: u64) -> u64 {
+    if uses_pae_root(mode) {
+        gva & 0xffff_ffff
+    } else {
+        gva
+    }
+}
+
 fn sp_index(gva: u64, level: u32) -> usize {
     ((gva >> (12 + level_shift(level))) & 511) as usize
+}
+
+/// The first gfn a leaf SPTE at `level`, index `i`, built from the guest leaf `gpte`
+/// maps: the gpte's frame rounded to the SPTE's size; for a 32-bit guest's 4 MiB page
+/// (PSE-36 high bits included) the 2 MiB half the SPTE index selects.
+fn leaf_gpte_gfn(mode: &CpuMode, level: u32, gpte: u64, i: usize) -> u64 {
+    if mode.paging().has_4_byte_gpte() && level == 2 {
+        let mut base = (gpte & 0xffc0_0000) >> 12;
+        if mode.pse36 {
+            base |= ((gpte >> 13) & 0xff) << 20;
+        }
+        return base + (((i as u64) & 1) << 9);
+    }
+    (gpte & PT64_ADDR_MASK) >> 12 >> level_shift(level) << level_shift(level)
+}
+
+/// Lockless aging of one rmap (`kvm_rmap_age_gfn_range` for one head): under the
+/// head's read-only bit lock, for every entry (resolved to its SPTE word by `spte_of`),
+/// test A, or clear it with an atomic RMW when `clear`. Runs without `mmu_lock`
+/// against writers that zap SPTEs ([`clear_and_unlink`]): the RMW never writes a
+/// present value back over a cleared SPTE. True if any SPTE was young.
+pub fn age_rmap_head<'a>(
+    head: &PteListHead,
+    pool: &DescPool,
+    clear: bool,
+    spte_of: impl Fn(SpteHandle) -> Option<&'a AtomicU64>,
+) -> bool {
+    age_rmap_head_impl(head, pool, clear, spte_of, false)
+}
+
+/// The should-fail variant of [`age_rmap_head`] for the loom models: A cleared by a
+/// load and a separate store (a lost update against a concurrent zap).
+#[cfg(loom)]
+pub fn age_rmap_head_load_store<'a>(
+    head: &PteListHead,
+    pool: &DescPool,
+    spte_of: impl Fn(SpteHandle) -> Option<&'a AtomicU64>,
+) -> bool {
+    age_rmap_head_impl(head, pool, true, spte_of, true)
+}
+
+fn age_rmap_head_impl<'a>(
+    head: &PteListHead,
+    pool: &DescPool,
+    clear: bool,
+    spte_of: impl Fn(SpteHandle) -> Option<&'a AtomicU64>,
+    load_store: bool,
+) -> bool {
+    let mut young = false;
+    let rg = head.lock_readonly();
+    for h in rg.iter(pool) {
+        let Some(a) = spte_of(h) else { continue };
+        if !clear {
+            // ORDERING: Relaxed: a hint (false negatives are fine, as in KVM).
+            young |= a.load(Ordering::Relaxed) & Spte::ACCESSED != 0;
+        } else if load_store {
+            // ORDERING: Relaxed; deliberately not atomic as a whole (loom should-fail).
+            let old = a.load(Ordering::Relaxed);
+            a.store(old & !Spte::ACCESSED, Ordering::Relaxed);
+            young |= old & Spte::ACCESSED != 0;
+        } else {
+            // ORDERING: Relaxed RMW: only the A bit changes, atomically with respect to
+            // a zapper's clear of the whole SPTE; the read-only rmap lock keeps the
+            // entry's shadow page alive meanwhile.
+            let old = a.fetch_and(!Spte::ACCESSED, Ordering::Relaxed);
+            young |= old & Spte::ACCESSED != 0;
+        }
+    }
+    young
+}
+
+/// `drop_spte` on one leaf SPTE word `spte` with rmap entry `h` on `head`: clear the
+/// SPTE, then remove the entry under the head's bit lock (as
+/// `mmu_spte_clear_track_bits` then `rmap_remove`). Lockless agers may hold `head`
+/// read-locked and RMW the SPTE's A bit meanwhile; the clear is an atomic swap, so
+/// neither loses the other's update.
+pub fn clear_and_unlink(
+    spte: &AtomicU64,
+    head: &PteListHead,
+    pool: &DescPool,
+    h: SpteHandle,
+) -> Result<(), PteListError> {
+    // ORDERING: Relaxed RMW: the SPTE's own modification order serialises it with the
+    // agers' RMWs; the rmap head lock orders the list update.
+    spte.swap(Spte::NONPRESENT.0, Ordering::Relaxed);
+    head.lock().remove(pool, h)
 }
 
 /// Result of a fault attempt.
@@ -419,8 +547,28 @@ impl ShadowMmu {
             mem: SparseMemory::new(),
             vcpus: Vec::new(),
             invalidate: revmap_host::InvalidateSeq::default(),
+            memslots_gen: 0,
+            #[cfg(loom)]
+            knobs: LoomKnobs::default(),
             stats: ShadowStats::default(),
         }
+    }
+
+    /// The fault-injection switches of the loom models.
+    #[cfg(loom)]
+    pub fn loom_knobs(&self) -> &LoomKnobs {
+        &self.knobs
+    }
+
+    #[cfg(not(loom))]
+    fn skip_retry(&self) -> bool {
+        false
+    }
+
+    #[cfg(loom)]
+    fn skip_retry(&self) -> bool {
+        // ORDERING: Relaxed: set before the model's threads start.
+        self.knobs.skip_invalidate_retry.load(Ordering::Relaxed)
     }
 
     /// The rmap descriptor pool.
@@ -434,6 +582,7 @@ impl ShadowMmu {
             mode,
             root: None,
             prev_roots: Vec::new(),
+            pae_root: [None; 4],
         });
         self.vcpus.len() - 1
     }
@@ -452,7 +601,27 @@ impl ShadowMmu {
             .position(|s| s.slot.base_gfn() > arch.slot.base_gfn())
             .unwrap_or(self.slots.len());
         self.slots.insert(pos, arch);
+        self.bump_memslots_gen()
+    }
+
+    /// The memslot generation (see [`Spte::mmio`]).
+    pub fn memslots_generation(&self) -> u64 {
+        self.memslots_gen
+    }
+
+    /// A memslot change: MMIO SPTEs of older generations become stale; when the
+    /// recorded bits wrap, every shadow page is zapped (`kvm_mmu_invalidate_mmio_sptes`).
+    fn bump_memslots_gen(&mut self) -> Result<(), ShadowError> {
+        self.memslots_gen = self.memslots_gen.wrapping_add(1);
+        if self.memslots_gen & ((1 << Spte::MMIO_GEN_BITS) - 1) == 0 {
+            self.zap_all_fast()?;
+        }
         Ok(())
+    }
+
+    /// Whether MMIO SPTE `s` records the current memslot generation.
+    fn mmio_current(&self, s: Spte) -> bool {
+        s.mmio_gen() == self.memslots_gen & ((1 << Spte::MMIO_GEN_BITS) - 1)
     }
 
     /// Replaces the descriptor of a slot (flags change) keeping its arrays.
@@ -460,6 +629,8 @@ impl ShadowMmu {
         if let Some(s) = self.slots.iter_mut().find(|s| s.slot.id() == slot.id()) {
             s.slot = slot;
         }
+        // A wrap zaps everything; a failure there shows in the checker.
+        let _ = self.bump_memslots_gen();
     }
 
     /// `kvm_arch_flush_shadow_memslot` then the removal of the slot's arrays: every
@@ -468,7 +639,9 @@ impl ShadowMmu {
     pub fn remove_memslot(&mut self, id: SlotId) -> Result<Option<Memslot>, ShadowError> {
         self.flush_memslot(id)?;
         let pos = self.slots.iter().position(|s| s.slot.id() == id);
-        Ok(pos.map(|p| self.slots.remove(p).slot))
+        let removed = pos.map(|p| self.slots.remove(p).slot);
+        self.bump_memslots_gen()?;
+        Ok(removed)
     }
 
     /// `kvm_arch_flush_shadow_memslot` without the quirk: unmap the slot's rmaps and
@@ -644,15 +817,6 @@ impl ShadowMmu {
         Ok(())
     }
 
-    fn rmap_remove(&self, sp: SpId, i: usize, gfn: u64, level: u32) -> Result<(), ShadowError> {
-        let h = spte_handle(sp, i)?;
-        let Some(head) = self.slot_of(gfn).and_then(|s| s.rmap_head(gfn, level)) else {
-            return Err(ShadowError::NoSlot(gfn));
-        };
-        head.lock().remove(&self.pool, h)?;
-        Ok(())
-    }
-
     /// The rmap entries at (`gfn`, `level`).
     pub fn rmap_entries(&self, gfn: u64, level: u32) -> Result<Vec<SpteHandle>, ShadowError> {
         let Some(head) = self.slot_of(gfn).and_then(|s| s.rmap_head(gfn, level)) else {
@@ -675,8 +839,15 @@ impl ShadowMmu {
         }
         let gfn = Self::sp_get_gfn(sp, i);
         let level = sp.role.level();
-        sp.set_spte(i, Spte::NONPRESENT);
-        self.rmap_remove(id, i, gfn, level)
+        let h = spte_handle(id, i)?;
+        let Some(head) = self.slot_of(gfn).and_then(|s| s.rmap_head(gfn, level)) else {
+            sp.set_spte(i, Spte::NONPRESENT);
+            return Err(ShadowError::NoSlot(gfn));
+        };
+        let Some(a) = sp.spt.get(i) else {
+            return Ok(());
+        };
+        Ok(clear_and_unlink(a, head, &self.pool, h)?)
     }
 
     /// `drop_parent_pte`: unlink `child` from SPTE (`parent`, `i`).
@@ -694,6 +865,10 @@ impl ShadowMmu {
     fn zap_pte(&mut self, id: SpId, i: usize) -> Result<bool, ShadowError> {
         let sp = self.sp_ok(id)?;
         let s = sp.spte(i);
+        if s.is_mmio() {
+            sp.set_spte(i, Spte::NONPRESENT);
+            return Ok(false);
+        }
         if !s.is_shadow_present() {
             return Ok(false);
         }
@@ -1156,17 +1331,40 @@ impl ShadowMmu {
         self.mem.read_u64(Gpa(gpa)).ok()
     }
 
+    /// The gpte SPTE `i` of a page with gptes (`role`, `gfn`) derives from, zero-extended
+    /// (`FNAME(get_level1_sp_gpa)` generalised): 8-byte gptes map one to one; a 4-byte
+    /// guest table is shadowed in quadrants (`quadrant` selects the 512-entry half of a
+    /// guest PT, or the 256-entry quarter of a guest PD, whose 4 MiB entries each give
+    /// two 2 MiB SPTEs).
+    fn read_sp_gpte(&self, role: SpRole, gfn: u64, i: usize) -> Option<u64> {
+        let base = gfn << 12;
+        if role.has_4_byte_gpte() == 0 {
+            return self.read_gpte(base + 8 * i as u64);
+        }
+        let mut idx = (u64::from(role.quadrant()) << 9) + i as u64;
+        if role.level() == 2 {
+            idx >>= 1;
+        }
+        let gpa = base + 4 * idx;
+        self.slot_of(gpa >> 12)?;
+        self.mem.read_u32(Gpa(gpa)).ok().map(u64::from)
+    }
+
     /// `sync_spte` for SPTE `i` of unsync/indirect page `id` under `mode`; returns
     /// whether a flush is needed. Drops the SPTE when the gpte no longer allows it.
     fn sync_spte(&mut self, id: SpId, i: usize, mode: &CpuMode) -> Result<bool, ShadowError> {
         let sp = self.sp_ok(id)?;
         let s = sp.spte(i);
+        if s.is_mmio() {
+            // Dropped rather than refreshed (`sync_mmio_spte`): the next access refaults.
+            sp.set_spte(i, Spte::NONPRESENT);
+            return Ok(false);
+        }
         if !s.is_shadow_present() {
             return Ok(false);
         }
         let level = sp.role.level();
-        let gpte_gpa = (sp.gfn << 12) + (i as u64) * 8;
-        let gpte = self.read_gpte(gpte_gpa).unwrap_or(0);
+        let gpte = self.read_sp_gpte(sp.role, sp.gfn, i).unwrap_or(0);
         if prefetch_invalid_gpte(mode, level as u8, gpte) || !is_last_gpte(mode, level as u8, gpte)
         {
             self.drop_spte(id, i)?;
@@ -1325,9 +1523,8 @@ impl ShadowMmu {
     fn load_root(&mut self, v: usize) -> Result<Option<SpId>, ShadowError> {
         let vc = self.vcpus.get(v).ok_or(ShadowError::NoVcpu(v))?;
         let mode = vc.mode;
-        if !matches!(mode.paging(), PagingMode::Long4 | PagingMode::Long5) {
-            // Paging off, 32-bit and PAE guests have no shadow root here (not shadowed
-            // yet): a walk in such a mode is `ShadowError::Unsupported`.
+        if uses_pae_root(&mode) {
+            self.load_pae_roots(v)?;
             return Ok(None);
         }
         if let Some(r) = vc.root {
@@ -1349,6 +1546,71 @@ impl ShadowMmu {
         self.vcpus[v].root = Some(r);
         self.sync_children(r)?;
         Ok(Some(r))
+    }
+
+    /// The gfn and role of `pae_root[q]` under `mode` (`mmu_alloc_shadow_roots` /
+    /// `mmu_alloc_direct_roots` at PAE root level): `None` for a non-present PDPTE.
+    fn pae_root_key(&self, mode: &CpuMode, q: usize) -> Option<(u64, SpRole)> {
+        let role = root_role(mode).with_level(2);
+        match mode.paging() {
+            PagingMode::Off => Some(((q as u64) << 18, role)),
+            PagingMode::Bits32 => {
+                Some(((mode.cr3 & 0xffff_f000) >> 12, role.with_quadrant(q as u32)))
+            }
+            PagingMode::Pae => {
+                let pdpte = match mode.pdptrs {
+                    Some(p) => p.get(q).copied().unwrap_or(0),
+                    None => self.read_gpte((mode.cr3 & 0xffff_ffe0) + 8 * q as u64)?,
+                };
+                (pdpte & 1 != 0).then_some(((pdpte & PT64_ADDR_MASK) >> 12, role))
+            }
+            PagingMode::Long4 | PagingMode::Long5 => None,
+        }
+    }
+
+    /// Loads the missing or obsolete entries of vCPU `v`'s `pae_root`.
+    fn load_pae_roots(&mut self, v: usize) -> Result<(), ShadowError> {
+        let mode = self.vcpus[v].mode;
+        for q in 0..4 {
+            if let Some(r) = self.vcpus[v].pae_root[q] {
+                if self.root_valid(r) {
+                    continue;
+                }
+                self.vcpus[v].pae_root[q] = None;
+                self.put_root(r)?;
+            }
+            let Some((gfn, role)) = self.pae_root_key(&mode, q) else {
+                continue;
+            };
+            if role.has_gptes() && self.slot_of(gfn).is_none() {
+                continue; // a guest table outside memory: a dummy root, faults retry
+            }
+            self.make_mmu_pages_available()?;
+            let r = self.get_shadow_page(gfn, role)?;
+            self.sp_mut(r)?.root_count += 1;
+            self.vcpus[v].pae_root[q] = Some(r);
+            self.sync_children(r)?;
+        }
+        Ok(())
+    }
+
+    /// Drops vCPU `v`'s `pae_root` pins.
+    fn put_pae_roots(&mut self, v: usize) -> Result<(), ShadowError> {
+        let roots = std::mem::take(&mut self.vcpus[v].pae_root);
+        for r in roots.into_iter().flatten() {
+            self.put_root(r)?;
+        }
+        Ok(())
+    }
+
+    /// The root a fault or a shadow walk of `gva` starts from: the current root, or the
+    /// `pae_root` entry of `gva`'s GiB.
+    fn walk_root(vc: &VcpuMmu, gva: u64) -> Option<SpId> {
+        if uses_pae_root(&vc.mode) {
+            vc.pae_root[((gva >> 30) & 3) as usize]
+        } else {
+            vc.root
+        }
     }
 
     fn free_obsolete_prev_roots(&mut self, v: usize) -> Result<(), ShadowError> {
@@ -1373,7 +1635,7 @@ impl ShadowMmu {
         for r in roots {
             self.put_root(r)?;
         }
-        Ok(())
+        self.put_pae_roots(v)
     }
 
     /// A CPU state change of vCPU `v` (CR0/CR4/EFER writes, CR3 load, PKRU/PKRS, A20,
@@ -1400,6 +1662,10 @@ impl ShadowMmu {
             return Ok(());
         }
         self.vcpus[v].mode = mode;
+        if uses_pae_root(&mode) && old.pdptrs != mode.pdptrs {
+            // New PDPTRs (`load_pdptrs`): the PAE roots are freed.
+            self.put_pae_roots(v)?;
+        }
         if old.cr3 & PT64_ADDR_MASK != mode.cr3 & PT64_ADDR_MASK {
             self.new_pgd(v, old.cr3 & PT64_ADDR_MASK)?;
         }
@@ -1422,6 +1688,11 @@ impl ShadowMmu {
 
     fn new_pgd(&mut self, v: usize, old_pgd: u64) -> Result<(), ShadowError> {
         let mode = self.vcpus[v].mode;
+        if uses_pae_root(&mode) {
+            // PAE roots are not cached: free them; the next load builds the new ones.
+            self.put_pae_roots(v)?;
+            return self.sync_roots(v);
+        }
         let pgd = mode.cr3 & PT64_ADDR_MASK;
         let role = root_role(&mode);
         let cur = self.vcpus[v].root.take();
@@ -1455,7 +1726,9 @@ impl ShadowMmu {
     /// `kvm_mmu_sync_roots` (KVM_REQ_MMU_SYNC): sync everything reachable from the
     /// current root.
     pub fn sync_roots(&mut self, v: usize) -> Result<(), ShadowError> {
-        if let Some(r) = self.load_root(v)? {
+        let mut roots: Vec<SpId> = self.load_root(v)?.into_iter().collect();
+        roots.extend(self.vcpus[v].pae_root.iter().flatten());
+        for r in roots {
             let sp = self.sp_ok(r)?;
             if sp.unsync || sp.unsync_children > 0 {
                 self.sync_children(r)?;
@@ -1493,6 +1766,7 @@ impl ShadowMmu {
         let vc = self.vcpus.get(v).ok_or(ShadowError::NoVcpu(v))?;
         let mut n = 0;
         let mut stack: Vec<SpId> = vc.root.into_iter().collect();
+        stack.extend(vc.pae_root.iter().flatten());
         let mut seen = std::collections::HashSet::new();
         while let Some(id) = stack.pop() {
             if !seen.insert(id) {
@@ -1520,8 +1794,9 @@ impl ShadowMmu {
     pub fn invlpg(&mut self, v: usize, gva: u64) -> Result<(), ShadowError> {
         let vc = self.vcpus.get(v).ok_or(ShadowError::NoVcpu(v))?;
         let mode = vc.mode;
+        let gva = linear(&mode, gva);
         let mut roots: Vec<SpId> = vc.prev_roots.iter().map(|&(_, r)| r).collect();
-        roots.extend(vc.root);
+        roots.extend(Self::walk_root(vc, gva));
         for r in roots {
             let mut id = r;
             while let Some(sp) = self.sp(id) {
@@ -1615,6 +1890,7 @@ impl ShadowMmu {
         acc: Acc,
         host_writable: bool,
         pkey: u8,
+        prefetch: bool,
     ) -> Result<bool, ShadowError> {
         let sp = self.sp_ok(id)?;
         let level = sp.role.level();
@@ -1631,8 +1907,17 @@ impl ShadowMmu {
         let sp = self.sp_ok(id)?;
         let old = sp.spte(i);
         let was_present = old.is_shadow_present();
-        let (n, wrprot) =
-            self.make_spte(old, level, gfn, pfn, acc, host_writable, pkey, false, false)?;
+        let (n, wrprot) = self.make_spte(
+            old,
+            level,
+            gfn,
+            pfn,
+            acc,
+            host_writable,
+            pkey,
+            false,
+            prefetch,
+        )?;
         let sp = self.sp_mut(id)?;
         if let Some(t) = sp.translation.as_mut() {
             if let Some(x) = t.get_mut(i) {
@@ -1687,6 +1972,10 @@ impl ShadowMmu {
             self.stats.hits += 1;
             return Ok(AccessOutcome::Hit(gpa));
         }
+        if let Some(gpa) = self.mmio_hit(v, gva, access)? {
+            self.stats.mmio_hits += 1;
+            return Ok(AccessOutcome::Mmio(gpa));
+        }
         for _ in 0..MAX_FAULT_RETRIES {
             if cache.credits() < FAULT_DESC_TOPUP {
                 cache.reserve(FAULT_DESC_TOPUP)?;
@@ -1716,35 +2005,64 @@ impl ShadowMmu {
         access: Access,
     ) -> Result<Option<Gpa>, ShadowError> {
         let vc = self.vcpus.get(v).ok_or(ShadowError::NoVcpu(v))?;
-        let Some(mut id) = vc.root else {
+        let gva = linear(&vc.mode, gva);
+        let Some((sp, i, s)) = self.shadow_walk(vc, gva) else {
             return Ok(None);
         };
+        if !s.is_shadow_present() {
+            return Ok(None);
+        }
+        let mut mode = vc.mode;
+        mode.cr0 |= crate::paging::CR0_WP; // the host always runs with WP=1
+        if permission_fault(&mode, access, s.acc(), pkey_of(s)).fault {
+            return Ok(None);
+        }
+        let gfn = Self::sp_get_gfn(sp, i);
+        let size = 1u64 << (12 + level_shift(sp.role.level()));
+        Ok(Some(Gpa((gfn << 12) | (gva & (size - 1)))))
+    }
+
+    /// The hardware's walk of the shadow table for `gva` down to the SPTE it stops at:
+    /// a present leaf, or a non-present or MMIO entry; `None` without a usable root.
+    fn shadow_walk(&self, vc: &VcpuMmu, gva: u64) -> Option<(&ShadowPage, usize, Spte)> {
+        let mut id = Self::walk_root(vc, gva)?;
         loop {
-            let Some(sp) = self.sp(id) else {
-                return Ok(None);
-            };
+            let sp = self.sp(id)?;
             if self.is_obsolete(sp) {
-                return Ok(None);
+                return None;
             }
-            let level = sp.role.level();
-            let i = sp_index(gva, level);
+            let i = sp_index(gva, sp.role.level());
             let s = sp.spte(i);
-            if !s.is_shadow_present() {
-                return Ok(None);
-            }
-            if sp.is_level_leaf(i) {
-                let mut mode = vc.mode;
-                mode.cr0 |= crate::paging::CR0_WP; // the host always runs with WP=1
-                let chk = permission_fault(&mode, access, s.acc(), pkey_of(s));
-                if chk.fault {
-                    return Ok(None);
-                }
-                let gfn = Self::sp_get_gfn(sp, i);
-                let size = 1u64 << (12 + level_shift(level));
-                return Ok(Some(Gpa((gfn << 12) | (gva & (size - 1)))));
+            if !s.is_shadow_present() || sp.is_level_leaf(i) {
+                return Some((sp, i, s));
             }
             id = SpId(s.pfn() as u32);
         }
+    }
+
+    /// `handle_mmio_page_fault`: a reserved-bit fault on an MMIO SPTE of the current
+    /// memslot generation is emulated without walking the guest tables; `Some(gpa)`
+    /// if the SPTE is current and its recorded rights allow `access` (a stale one, a
+    /// fetch, or protection keys go to the slow path, which walks and rebuilds it).
+    pub fn mmio_hit(&self, v: usize, gva: u64, access: Access) -> Result<Option<Gpa>, ShadowError> {
+        let vc = self.vcpus.get(v).ok_or(ShadowError::NoVcpu(v))?;
+        let gva = linear(&vc.mode, gva);
+        let Some((_, _, s)) = self.shadow_walk(vc, gva) else {
+            return Ok(None);
+        };
+        if !s.is_mmio() || !self.mmio_current(s) {
+            return Ok(None);
+        }
+        let mut mode = vc.mode;
+        mode.cr0 |= crate::paging::CR0_WP;
+        if access.contains(Access::FETCH)
+            || mode.pke()
+            || mode.pks()
+            || permission_fault(&mode, access, s.mmio_acc(), 0).fault
+        {
+            return Ok(None);
+        }
+        Ok(Some(Gpa((s.mmio_gfn() << 12) | (gva & 0xfff))))
     }
 
     /// `FNAME(page_fault)` + `FNAME(fetch)`.
@@ -1757,11 +2075,14 @@ impl ShadowMmu {
     ) -> Result<FaultResult, ShadowError> {
         self.stats.page_faults += 1;
         let mode = self.vcpus.get(v).ok_or(ShadowError::NoVcpu(v))?.mode;
-        let top = match mode.paging() {
-            PagingMode::Long4 => 4u32,
-            PagingMode::Long5 => 5,
-            p => return Err(ShadowError::Unsupported(p)),
-        };
+        let gva = linear(&mode, gva);
+        let paging = mode.paging();
+        // The guest's levels; the shadow walk starts below the PAE root without long mode.
+        let walker_top = u32::from(paging.levels());
+        let shadow_top = if uses_pae_root(&mode) { 2 } else { walker_top };
+        // Paging off: no gptes; a direct map of up to 2 MiB under the PAE root
+        // (`nonpaging_page_fault`).
+        let direct_map = paging == PagingMode::Off;
         let w = {
             let mut m = SlotMem {
                 mem: &mut self.mem,
@@ -1773,8 +2094,12 @@ impl ShadowMmu {
             Err(pf) => return Ok(FaultResult::Done(AccessOutcome::Fault(pf))),
             Ok(t) => t,
         };
-        let leaf_level = u32::from(t.leaf_level);
-        let n = (top - leaf_level + 1) as usize;
+        let leaf_level = if direct_map {
+            2
+        } else {
+            u32::from(t.leaf_level)
+        };
+        let n = (walker_top + 1).saturating_sub(leaf_level) as usize;
         let Some(reads) = w.reads.get(w.reads.len().saturating_sub(n)..) else {
             return Ok(FaultResult::Retry);
         };
@@ -1784,50 +2109,76 @@ impl ShadowMmu {
         let gfn = t.gpa.gfn();
         let write = access.contains(Access::WRITE);
         let user = access.contains(Access::USER);
-        let Some(slot) = self.slot_of(gfn) else {
-            return Ok(FaultResult::Done(AccessOutcome::Mmio(t.gpa)));
-        };
+        // No memslot: an MMIO access; the path is built and an MMIO SPTE cached at the
+        // 4 KiB leaf (`kvm_handle_noslot_fault`, `mark_mmio_spte`).
+        let mmio = self.slot_of(gfn).is_none();
         if write && self.is_write_tracked(gfn) {
             self.stats.write_protected_faults += 1;
             return Ok(FaultResult::Done(AccessOutcome::WriteProtected(t.gpa)));
         }
         // kvm_mmu_faultin_pfn.
         let seq = self.invalidate.sample();
-        if slot.slot.is_invalid() || self.invalidate.in_progress() {
+        if self.invalidate.in_progress() && !self.skip_retry() {
             return Ok(FaultResult::Retry);
         }
-        if !slot.slot.is_host_present(Gfn(gfn)) {
-            slot.slot.set_host_present(Gfn(gfn), true);
-        }
-        let host_writable = !slot.slot.flags().contains(MemslotFlags::READONLY);
-        let backing_shift = slot.slot.backing_page_shift();
+        let (host_writable, backing_shift) = match self.slot_of(gfn) {
+            Some(slot) if slot.slot.is_invalid() => return Ok(FaultResult::Retry),
+            Some(slot) => {
+                if !slot.slot.is_host_present(Gfn(gfn)) {
+                    slot.slot.set_host_present(Gfn(gfn), true);
+                }
+                (
+                    !slot.slot.flags().contains(MemslotFlags::READONLY),
+                    slot.slot.backing_page_shift(),
+                )
+            }
+            None => (false, 12),
+        };
         let mut acc = t.pte_access;
-        if !write {
+        if !direct_map && !write {
             acc = protect_clean_gpte(acc, t.leaf);
         }
-        if write && !user && !mode.wp() {
+        if !direct_map && !mmio && write && !user && !mode.wp() {
             acc = (acc | Acc::WRITE) - Acc::USER;
             if mode.smep() {
                 acc -= Acc::EXEC;
             }
         }
         // "mmu_lock": the retry check, reclaim, then the stale-root check after it.
-        if self.invalidate.retry(seq) {
+        if self.invalidate.retry(seq) && !self.skip_retry() {
             return Ok(FaultResult::Retry);
         }
-        self.make_mmu_pages_available()?;
-        let Some(root) = self.load_root(v)? else {
+        match self.make_mmu_pages_available() {
+            // Caching an MMIO SPTE is an optimisation: with every shadow page pinned the
+            // access is emulated uncached instead of failing (KVM would fail the fault).
+            Err(ShadowError::NoSpace) if mmio => {
+                return Ok(FaultResult::Done(AccessOutcome::Mmio(t.gpa)))
+            }
+            r => r?,
+        }
+        self.load_root(v)?;
+        let Some(root) = Self::walk_root(&self.vcpus[v], gva) else {
             return Ok(FaultResult::Retry);
         };
         if !self.root_valid(root) {
             return Ok(FaultResult::Retry);
         }
+        if paging == PagingMode::Pae
+            && reads.get(1).map(|e| e.table_gfn()) != Some(self.sp_ok(root)?.gfn)
+        {
+            // The PDPTE changed since the root was loaded: free that root (KVM frees
+            // the roots when the PDPTRs change) and retry with a fresh one.
+            let q = ((gva >> 30) & 3) as usize;
+            self.vcpus[v].pae_root[q] = None;
+            self.put_root(root)?;
+            return Ok(FaultResult::Retry);
+        }
         // Indirect part.
         let mut sp = root;
-        for level in ((leaf_level + 1)..=top).rev() {
+        for level in ((leaf_level + 1)..=shadow_top).rev() {
             let i = sp_index(gva, level);
             self.sp_mut(sp)?.write_flooding_count = 0;
-            let k = (top - level + 1) as usize; // the entry at level - 1
+            let k = (walker_top - level + 1) as usize; // the entry at level - 1
             let (Some(e), Some(&cur)) = (reads.get(k), snap.get(k)) else {
                 return Ok(FaultResult::Retry);
             };
@@ -1838,8 +2189,12 @@ impl ShadowMmu {
             }
             sp = child;
         }
-        // kvm_mmu_hugepage_adjust, then the direct part.
-        let goal = self.hugepage_level(gfn, leaf_level, backing_shift, acc);
+        // kvm_mmu_hugepage_adjust (none for MMIO), then the direct part.
+        let goal = if mmio {
+            1
+        } else {
+            self.hugepage_level(gfn, leaf_level, backing_shift, acc)
+        };
         for level in ((goal + 1)..=leaf_level).rev() {
             let i = sp_index(gva, level);
             // The direct child at level - 1 covers 512^(level - 1) frames.
@@ -1848,6 +2203,10 @@ impl ShadowMmu {
             sp = self.get_child(cache, sp, i, cgfn, role)?;
         }
         let i = sp_index(gva, goal);
+        if mmio {
+            self.set_mmio_spte(sp, i, gfn, acc)?;
+            return Ok(FaultResult::Done(AccessOutcome::Mmio(t.gpa)));
+        }
         let leaf_gfn = gfn & !((1u64 << level_shift(goal)) - 1);
         let Some(pfn) = self
             .slot_of(leaf_gfn)
@@ -1855,12 +2214,92 @@ impl ShadowMmu {
         else {
             return Ok(FaultResult::Retry);
         };
-        let wrprot = self.set_spte(cache, sp, i, leaf_gfn, pfn, acc, host_writable, t.pkey)?;
+        let wrprot = self.set_spte(
+            cache,
+            sp,
+            i,
+            leaf_gfn,
+            pfn,
+            acc,
+            host_writable,
+            t.pkey,
+            false,
+        )?;
+        self.pte_prefetch(cache, sp, i, &mode, t.pkey)?;
         if write && wrprot {
             self.stats.write_protected_faults += 1;
             return Ok(FaultResult::Done(AccessOutcome::WriteProtected(t.gpa)));
         }
         Ok(FaultResult::Done(AccessOutcome::Fixed(t.gpa)))
+    }
+
+    /// `mark_mmio_spte`: replaces leaf `i` of `id` (dropping a present one) with an MMIO
+    /// SPTE for `gfn` recording the current memslot generation.
+    fn set_mmio_spte(&mut self, id: SpId, i: usize, gfn: u64, acc: Acc) -> Result<(), ShadowError> {
+        if self.zap_pte(id, i)? {
+            self.stats.tlb_flushes += 1;
+        }
+        let s = Spte::mmio(gfn, acc, self.memslots_gen);
+        self.sp_ok(id)?.set_spte(i, s);
+        self.stats.mmio_sptes += 1;
+        Ok(())
+    }
+
+    /// `FNAME(pte_prefetch)` / `direct_pte_prefetch` after a fault installed leaf
+    /// `fault_i` of level-1 page `id`: the other SPTEs of its aligned group of
+    /// [`PTE_PREFETCH_NUM`], skipping present ones and stopping at the first that cannot
+    /// be mapped (indirect: a gpte not present, not accessed or with reserved bits;
+    /// both: no memslot, a host page not resident, or write access into a
+    /// dirty-logged slot). Never during an MMU-notifier invalidation. Prefetched SPTEs
+    /// start with A clear and never unsync a shadowed gfn.
+    fn pte_prefetch(
+        &mut self,
+        cache: &mut DescCache<'_>,
+        id: SpId,
+        fault_i: usize,
+        mode: &CpuMode,
+        pkey: u8,
+    ) -> Result<(), ShadowError> {
+        let sp = self.sp_ok(id)?;
+        if sp.role.level() != 1 || sp.role.ad_disabled() != 0 || self.invalidate.in_progress() {
+            return Ok(());
+        }
+        let (role, sp_gfn) = (sp.role, sp.gfn);
+        let start = fault_i & !(PTE_PREFETCH_NUM - 1);
+        for i in start..start + PTE_PREFETCH_NUM {
+            let s = self.sp_ok(id)?.spte(i);
+            if i == fault_i || s.is_shadow_present() {
+                continue;
+            }
+            let (gfn, acc, pkey) = if role.direct() != 0 {
+                (Self::sp_get_gfn(self.sp_ok(id)?, i), role.acc(), pkey)
+            } else {
+                let Some(gpte) = self.read_sp_gpte(role, sp_gfn, i) else {
+                    break;
+                };
+                if prefetch_invalid_gpte(mode, 1, gpte) {
+                    break;
+                }
+                let acc = protect_clean_gpte(role.acc() & gpte_access(mode, gpte), gpte);
+                let pkey = ((gpte >> crate::paging::PT64_PKEY_SHIFT) & 15) as u8;
+                ((gpte & PT64_ADDR_MASK) >> 12, acc, pkey)
+            };
+            let Some(slot) = self.slot_of(gfn) else { break };
+            if slot.slot.is_invalid()
+                || (slot.dirty_logging() && acc.contains(Acc::WRITE))
+                || !slot.slot.is_host_present(Gfn(gfn))
+                || cache.credits() == 0
+            {
+                break;
+            }
+            let Some(pfn) = slot.slot.host_pfn(Gfn(gfn)) else {
+                break;
+            };
+            let host_writable = !slot.slot.flags().contains(MemslotFlags::READONLY);
+            self.set_spte(cache, id, i, gfn, pfn, acc, host_writable, pkey, true)?;
+            self.stats.prefetched += 1;
+        }
+        Ok(())
     }
 
     /// The largest level a leaf for `gfn` may use: guest leaf level, host backing,
@@ -1949,18 +2388,35 @@ impl ShadowMmu {
     /// fault on a shadowed gfn (emulated with an upper-level page there, else unsync and
     /// store). Returns whether it was emulated.
     pub fn guest_store(&mut self, gpa: u64, val: u64) -> Result<bool, ShadowError> {
+        self.guest_store_sized(gpa, val, 8)
+    }
+
+    /// A guest 4-byte store (a 32-bit guest's page-table entry), routed like
+    /// [`guest_store`](Self::guest_store).
+    pub fn guest_store_u32(&mut self, gpa: u64, val: u32) -> Result<bool, ShadowError> {
+        self.guest_store_sized(gpa, u64::from(val), 4)
+    }
+
+    /// A store of `bytes` (4 or 8) at `gpa`; an emulated one is tracked as the aligned
+    /// gpte-sized write it covers.
+    fn guest_store_sized(&mut self, gpa: u64, val: u64, bytes: u32) -> Result<bool, ShadowError> {
         let gfn = gpa >> 12;
+        let tracked = gpa & !(u64::from(bytes) - 1);
+        let store = |m: &mut SparseMemory| match bytes {
+            4 => m.write_u32(Gpa(gpa), val as u32),
+            _ => m.write_u64(Gpa(gpa), val),
+        };
         if !self.gfn_mapped_writable(gfn)? && self.is_shadowed(gfn) {
             // A write fault: emulate on a write-tracked gfn (or if unsync is refused),
             // else unsync the level-1 pages and let the store through.
             if self.is_write_tracked(gfn) || !self.try_to_unsync(gfn, true, false)? {
                 self.stats.write_protected_faults += 1;
-                self.mem.write_u64(Gpa(gpa), val)?;
-                self.track_write(gpa & !7, 8)?;
+                store(&mut self.mem)?;
+                self.track_write(tracked, bytes)?;
                 return Ok(true);
             }
         }
-        self.mem.write_u64(Gpa(gpa), val)?;
+        store(&mut self.mem)?;
         Ok(false)
     }
 
@@ -2020,20 +2476,10 @@ impl ShadowMmu {
             let mut g = (lo >> sh) << sh;
             while g < hi {
                 if let Some(head) = s.rmap_head(g.max(lo), level) {
-                    let rg = head.lock_readonly();
-                    for h in rg.iter(&self.pool) {
+                    young |= age_rmap_head(head, &self.pool, clear, |h| {
                         let (id, i) = decode_handle(h);
-                        let Some(sp) = self.sp(id) else { continue };
-                        let Some(a) = sp.spt.get(i) else { continue };
-                        if clear {
-                            // ORDERING: Relaxed RMW: only the A bit changes; the rmap
-                            // read lock keeps the SPTE on this list meanwhile.
-                            let old = a.fetch_and(!Spte::ACCESSED, Ordering::Relaxed);
-                            young |= old & Spte::ACCESSED != 0;
-                        } else {
-                            young |= sp.spte(i).0 & Spte::ACCESSED != 0;
-                        }
-                    }
+                        self.sp(id).and_then(|sp| sp.spt.get(i))
+                    });
                 }
                 g += 1 << sh;
             }
@@ -2207,7 +2653,12 @@ impl ShadowMmu {
         let mut parents_expected: HashMap<u32, HashSet<u64>> = HashMap::new();
         let mut root_refs: HashMap<u32, u32> = HashMap::new();
         for v in &self.vcpus {
-            for r in v.root.iter().chain(v.prev_roots.iter().map(|(_, r)| r)) {
+            for r in v
+                .root
+                .iter()
+                .chain(v.prev_roots.iter().map(|(_, r)| r))
+                .chain(v.pae_root.iter().flatten())
+            {
                 *root_refs.entry(r.0).or_default() += 1;
             }
         }
@@ -2272,6 +2723,18 @@ impl ShadowMmu {
             let level = sp.role.level();
             for i in 0..SPTES_PER_PAGE {
                 let s = sp.spte(i);
+                if s.is_mmio() {
+                    // MMIO SPTEs: 4 KiB leaves in no rmap (the rmap pass finds any entry
+                    // naming them); a current one caches a gfn without a memslot.
+                    if level != 1 || (self.mmio_current(s) && self.slot_of(s.mmio_gfn()).is_some())
+                    {
+                        return Err(violation(
+                            1,
+                            format!("{id:?}[{i}] MMIO SPTE for gfn {:#x}", s.mmio_gfn()),
+                        ));
+                    }
+                    continue;
+                }
                 if !s.is_shadow_present() {
                     continue;
                 }
@@ -2348,11 +2811,11 @@ impl ShadowMmu {
                 if let (Some(mode), true, true) =
                     (self.sync_mode(id), sp.role.has_gptes(), !sp.unsync)
                 {
-                    let gpte = self.read_gpte((sp.gfn << 12) + 8 * i as u64).unwrap_or(0);
+                    let gpte = self.read_sp_gpte(sp.role, sp.gfn, i).unwrap_or(0);
+                    // Invariant 16 too: only accessed gptes are mapped (also by prefetch).
                     let ok = gpte & 1 != 0
-                        && (gpte & PT64_ADDR_MASK) >> 12 >> level_shift(level)
-                            << level_shift(level)
-                            == gfn
+                        && gpte & crate::paging::PT_ACCESSED != 0
+                        && leaf_gpte_gfn(&mode, level, gpte, i) == gfn
                         && (sp.role.cr0_wp() == 0 || gpte_access(&mode, gpte).contains(s.acc()));
                     if !ok {
                         return Err(violation(
@@ -2479,7 +2942,7 @@ impl ShadowMmu {
             return Ok(());
         }
         if let (Some(mode), true) = (self.sync_mode(parent), p.role.has_gptes()) {
-            let gpte = self.read_gpte((p.gfn << 12) + 8 * i as u64).unwrap_or(0);
+            let gpte = self.read_sp_gpte(p.role, p.gfn, i).unwrap_or(0);
             let gfn = (gpte & PT64_ADDR_MASK) >> 12;
             let acc = p.role.acc() & gpte_access(&mode, gpte);
             if gpte & 1 == 0 || gfn != c.gfn || acc != c.role.acc() {
@@ -2736,16 +3199,144 @@ mod tests {
     }
 
     #[test]
+    fn prefetch_maps_accessed_neighbours_with_a_clear_and_stops_at_an_invalid_gpte() {
+        let (mut m, v) = setup(12);
+        // PT (gfn 4) entries 1..=4: dirty, clean, not accessed, dirty.
+        let pte = |i: u64| Gpa(0x4000 + 8 * i);
+        m.mem.write_u64(pte(1), 0x10_1000 | LEAF).unwrap();
+        m.mem.write_u64(pte(2), 0x10_2000 | P).unwrap();
+        m.mem
+            .write_u64(pte(3), 0x10_3000 | (LEAF & !PT_ACCESSED))
+            .unwrap();
+        m.mem.write_u64(pte(4), 0x10_4000 | LEAF).unwrap();
+        assert_eq!(
+            m.access(v, 0x40_0000, Access::empty()).unwrap(),
+            AccessOutcome::Fixed(Gpa(0x10_0000))
+        );
+        ok(&m);
+        assert_eq!(m.stats.prefetched, 2);
+        let faults = m.stats.page_faults;
+        for (g, writable) in [(0x101, true), (0x102, false)] {
+            let h = m.rmap_entries(g, 1).unwrap();
+            assert_eq!(h.len(), 1, "gfn {g:#x} prefetched");
+            let (id, i) = decode_handle(h[0]);
+            let s = m.spte(id, i).unwrap();
+            assert_eq!(
+                s.0 & Spte::ACCESSED,
+                0,
+                "prefetched SPTEs start with A clear"
+            );
+            assert_eq!(s.is_writable(), writable, "W only for a dirty gpte");
+        }
+        assert!(m.rmap_entries(0x103, 1).unwrap().is_empty());
+        assert!(
+            m.rmap_entries(0x104, 1).unwrap().is_empty(),
+            "the loop stopped"
+        );
+        // The prefetched translations serve accesses without a fault; a write to the
+        // clean one faults (and the walk sets its D).
+        for (va, acc) in [(0x40_1000, Access::WRITE), (0x40_2000, Access::empty())] {
+            assert!(matches!(
+                m.access(v, va, acc).unwrap(),
+                AccessOutcome::Hit(_)
+            ));
+        }
+        assert_eq!(m.stats.page_faults, faults);
+        assert_eq!(
+            m.access(v, 0x40_2000, Access::WRITE).unwrap(),
+            AccessOutcome::Fixed(Gpa(0x10_2000))
+        );
+        assert_ne!(m.mem.read_u64(pte(2)).unwrap() & PT_DIRTY, 0);
+        ok(&m);
+        // A neighbour that is a shadowed guest table (gfn 4 itself) is prefetched
+        // read-only even from a dirty writable gpte: prefetch never unsyncs.
+        m.mem.write_u64(pte(9), 0x4000 | LEAF).unwrap();
+        m.mem.write_u64(pte(8), 0x10_8000 | LEAF).unwrap();
+        m.invlpg(v, 0x40_8000).unwrap();
+        assert!(matches!(
+            m.access(v, 0x40_8000, Access::empty()).unwrap(),
+            AccessOutcome::Fixed(_)
+        ));
+        let h = m.rmap_entries(4, 1).unwrap();
+        assert_eq!(h.len(), 1);
+        let (id, i) = decode_handle(h[0]);
+        assert!(!m.spte(id, i).unwrap().is_writable());
+        ok(&m);
+    }
+
+    #[test]
+    fn mmio_spte_cached_until_the_memslots_change() {
+        let (mut m, v) = setup(12);
+        // PT entry 7 -> gpa 32 MiB, outside the 16 MiB slot: MMIO.
+        m.mem
+            .write_u64(Gpa(0x4000 + 8 * 7), 0x200_0000 | LEAF)
+            .unwrap();
+        let va = 0x40_7008;
+        assert_eq!(
+            m.access(v, va, Access::WRITE).unwrap(),
+            AccessOutcome::Mmio(Gpa(0x200_0008))
+        );
+        assert_eq!(m.stats.mmio_sptes, 1);
+        ok(&m);
+        // Served from the MMIO SPTE: no guest walk.
+        let faults = m.stats.page_faults;
+        assert_eq!(
+            m.access(v, va, Access::empty()).unwrap(),
+            AccessOutcome::Mmio(Gpa(0x200_0008))
+        );
+        assert_eq!((m.stats.mmio_hits, m.stats.page_faults), (1, faults));
+        // The guest drops U (a store to its unsync PT, then INVLPG, which drops the MMIO
+        // SPTE): a user access faults in the walk.
+        m.guest_store(0x4000 + 8 * 7, 0x200_0000 | (LEAF & !PT_USER))
+            .unwrap();
+        m.invlpg(v, va).unwrap();
+        assert!(matches!(
+            m.access(v, va, Access::USER).unwrap(),
+            AccessOutcome::Fault(_)
+        ));
+        m.guest_store(0x4000 + 8 * 7, 0x200_0000 | LEAF).unwrap();
+        m.invlpg(v, va).unwrap();
+        assert!(matches!(
+            m.access(v, va, Access::empty()).unwrap(),
+            AccessOutcome::Mmio(_)
+        ));
+        ok(&m);
+        // New memory there: the generation moves on, the MMIO SPTE is stale and the
+        // next access maps the page.
+        let gen = m.memslots_generation();
+        let slot = Memslot::new(
+            SlotId(1),
+            Gfn(0x2000),
+            16,
+            12,
+            MemslotFlags::empty(),
+            Hva(0x7f10_0000_0000),
+        )
+        .unwrap();
+        m.add_memslot(slot).unwrap();
+        assert_eq!(m.memslots_generation(), gen + 1);
+        ok(&m);
+        assert_eq!(
+            m.access(v, va, Access::empty()).unwrap(),
+            AccessOutcome::Fixed(Gpa(0x200_0008))
+        );
+        assert_eq!(m.stats.mmio_hits, 1);
+        ok(&m);
+    }
+
+    #[test]
     fn rmap_recycled_over_the_threshold() {
         let (mut m, v) = setup(12);
-        // Three page tables whose 512 entries all map gfn 0x100: 1536 SPTEs of one gfn.
+        // Three page tables whose 512 entries all map gfn 0x100: 1536 SPTEs of one gfn,
+        // one per fault (the gptes start with A clear, so prefetch maps none of them
+        // ahead of their own access).
         for (k, pt) in [0x10u64, 0x11, 0x12].into_iter().enumerate() {
             m.mem
                 .write_u64(Gpa(0x3000 + 8 * (8 + k as u64)), pt << 12 | P)
                 .unwrap();
             for i in 0..512 {
                 m.mem
-                    .write_u64(Gpa((pt << 12) + 8 * i), 0x10_0000 | LEAF)
+                    .write_u64(Gpa((pt << 12) + 8 * i), 0x10_0000 | (LEAF & !PT_ACCESSED))
                     .unwrap();
             }
         }
@@ -2760,8 +3351,11 @@ mod tests {
         }
         assert_eq!(m.stats.rmap_recycled, 1);
         let n = m.rmap_entries(0x100, 1).unwrap().len();
-        // The 1001st add zaps all 1001 entries (the new one included).
-        assert_eq!(n, 1536 - 1001);
+        // The 1001st add (entry 488 of the second table) zaps all 1001 entries, the new
+        // one included; the fault on entry 489 then prefetches entry 488 back (its gpte
+        // is accessed now, and it is in 489's group of 8), and stops at entry 490.
+        assert_eq!(m.stats.prefetched, 1);
+        assert_eq!(n, 1536 - 1001 + 1);
         ok(&m);
     }
 

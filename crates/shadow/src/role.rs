@@ -227,6 +227,49 @@ impl Spte {
         Acc::from_bits_truncate(a)
     }
 
+    /// The MMIO marker (`shadow_mmio_value` with host MAXPHYADDR < 52): bit 51, a
+    /// reserved physical-address bit, with P, so that an access takes a reserved-bit
+    /// #PF; MMU-present is clear (an MMIO SPTE is not shadow-present).
+    pub const MMIO_VALUE: u64 = (1 << 51) | Self::PRESENT;
+    /// Width of the memslot generation an MMIO SPTE records (8 bits at 3..=10, 11 bits
+    /// at 52..=62).
+    pub const MMIO_GEN_BITS: u32 = 19;
+    /// The gfn field of an MMIO SPTE: bits 12..=50.
+    const MMIO_GFN_MASK: u64 = ((1 << 51) - 1) & !0xfff;
+
+    /// An MMIO SPTE (`make_mmio_spte`) for `gfn` with the W and U of `acc` and the low
+    /// [`MMIO_GEN_BITS`](Self::MMIO_GEN_BITS) of memslot generation `gen`.
+    pub const fn mmio(gfn: u64, acc: Acc, gen: u64) -> Spte {
+        let rights = acc.bits() as u64 & (Acc::WRITE.bits() | Acc::USER.bits()) as u64;
+        Spte(
+            Self::MMIO_VALUE
+                | ((gfn << 12) & Self::MMIO_GFN_MASK)
+                | rights
+                | ((gen & 0xff) << 3)
+                | (((gen >> 8) & 0x7ff) << 52),
+        )
+    }
+
+    /// An MMIO SPTE (`is_mmio_spte`).
+    pub const fn is_mmio(self) -> bool {
+        self.0 & (Self::MMIO_VALUE | Self::MMU_PRESENT | Self::NX) == Self::MMIO_VALUE
+    }
+
+    /// The gfn an MMIO SPTE records.
+    pub const fn mmio_gfn(self) -> u64 {
+        (self.0 & Self::MMIO_GFN_MASK) >> 12
+    }
+
+    /// The memslot generation an MMIO SPTE records (`get_mmio_spte_generation`).
+    pub const fn mmio_gen(self) -> u64 {
+        ((self.0 >> 3) & 0xff) | (((self.0 >> 52) & 0x7ff) << 8)
+    }
+
+    /// The rights an MMIO SPTE records (W and U; never EXEC).
+    pub const fn mmio_acc(self) -> Acc {
+        Acc::from_bits_truncate((self.0 & (Self::WRITABLE | Self::USER)) as u8)
+    }
+
     /// This SPTE write-protected for shadowing (`spte_write_protect` with
     /// `pt_protect`): W and MMU-writable cleared.
     #[must_use]
@@ -238,6 +281,19 @@ impl Spte {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mmio_sptes_round_trip_and_are_not_shadow_present() {
+        for (gfn, gen) in [(0u64, 0u64), (0xfee00, 0x7ffff), (0x3_ffff_ffff, 0x12345)] {
+            let s = Spte::mmio(gfn, Acc::WRITE | Acc::USER | Acc::EXEC, gen);
+            assert!(s.is_mmio() && !s.is_shadow_present(), "{s:?}");
+            assert_eq!((s.mmio_gfn(), s.mmio_gen()), (gfn, gen));
+            assert_eq!(s.mmio_acc(), Acc::WRITE | Acc::USER);
+        }
+        assert_eq!(Spte::mmio(5, Acc::empty(), 1 << 19).mmio_gen(), 0);
+        assert!(!Spte::NONPRESENT.is_mmio());
+        assert!(!Spte::link(0x8_0000_0000, false).is_mmio());
+    }
     use crate::paging::CpuMode;
 
     #[test]

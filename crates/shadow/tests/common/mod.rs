@@ -1,0 +1,122 @@
+//! Helpers shared by the shadow MMU's state-machine tests: the reference walker's view of
+//! guest memory and the access check against it.
+
+use revmap_rmap::{Gfn, SlotId};
+use revmap_shadow::mmu::{AccessOutcome, ShadowMmu};
+use revmap_shadow::paging::{walk, Access, Gpa, GuestPhysMemory, Gva, MemoryError, SparseMemory};
+
+/// The reference walker's view: the first `.1` frames (the slot) only.
+pub struct Limited<'a>(pub &'a mut SparseMemory, pub u64);
+
+impl Limited<'_> {
+    fn check(&self, gpa: Gpa) -> Result<(), MemoryError> {
+        if gpa.gfn() >= self.1 {
+            return Err(MemoryError::Unbacked(gpa.0));
+        }
+        Ok(())
+    }
+}
+
+impl GuestPhysMemory for Limited<'_> {
+    fn read_u64(&self, gpa: Gpa) -> Result<u64, MemoryError> {
+        self.check(gpa)?;
+        self.0.read_u64(gpa)
+    }
+    fn read_u32(&self, gpa: Gpa) -> Result<u32, MemoryError> {
+        self.check(gpa)?;
+        self.0.read_u32(gpa)
+    }
+    fn cmpxchg_u64(&mut self, g: Gpa, o: u64, n: u64) -> Result<Result<(), u64>, MemoryError> {
+        self.0.cmpxchg_u64(g, o, n)
+    }
+    fn cmpxchg_u32(&mut self, g: Gpa, o: u32, n: u32) -> Result<Result<(), u32>, MemoryError> {
+        self.0.cmpxchg_u32(g, o, n)
+    }
+}
+
+/// The access an op's `acc` byte names: read, write or fetch, user from 3 on.
+pub fn access_of(a: u8) -> Access {
+    let mut x = Access::empty();
+    match a % 3 {
+        1 => x |= Access::WRITE,
+        2 => x |= Access::FETCH,
+        _ => {}
+    }
+    if a >= 3 {
+        x |= Access::USER;
+    }
+    x
+}
+
+/// An access by vCPU `v` re-validated as the replay rules do (INVLPG first), through
+/// the shadow MMU and through the reference walker on a copy of guest memory limited to
+/// `slot_pages` frames: the same address or the same #PF error code. Returns the
+/// walker's memory, for comparing the A/D bits left in the guest tables.
+pub fn check_access(
+    m: &mut ShadowMmu,
+    v: usize,
+    va: u64,
+    access: Access,
+    slot_pages: u64,
+) -> Result<SparseMemory, String> {
+    m.invlpg(v, va).map_err(|e| e.to_string())?;
+    let mode = m.vcpus()[v].mode;
+    let mut refmem = m.mem.clone();
+    let want = walk(
+        &mut Limited(&mut refmem, slot_pages),
+        &mode,
+        Gva(va),
+        access,
+    )
+    .map_err(|e| e.to_string())?;
+    let got = match m.access(v, va, access).map_err(|e| e.to_string())? {
+        AccessOutcome::Hit(g) | AccessOutcome::Fixed(g) | AccessOutcome::Mmio(g) => Ok(g),
+        AccessOutcome::WriteProtected(g) => {
+            m.track_write(g.0 & !7, 8).map_err(|e| e.to_string())?;
+            Ok(g)
+        }
+        AccessOutcome::Fault(pf) => Err(pf.error_code),
+        AccessOutcome::Retry => return Err("retry without an invalidation".into()),
+    };
+    let want = want.outcome.map(|t| t.gpa).map_err(|pf| pf.error_code);
+    if got != want {
+        return Err(format!(
+            "{:?} access {va:#x} {access:?}: shadow {got:x?}, walker {want:x?}",
+            mode.paging()
+        ));
+    }
+    Ok(refmem)
+}
+
+/// Host reclaim of `[gfn, gfn + n)` of slot 0, rounded out to whole host pages of
+/// `backing`, inside an MMU-notifier invalidation: the SPTEs go, then the pages.
+pub fn host_unmap(
+    m: &mut ShadowMmu,
+    backing: u32,
+    gfn: u64,
+    n: u64,
+    slot_pages: u64,
+) -> Result<(), String> {
+    let frames = 1u64 << (backing - 12);
+    let gfn = gfn & !(frames - 1);
+    let end = (gfn + n).next_multiple_of(frames).min(slot_pages);
+    m.invalidate.begin();
+    m.unmap_gfn_range(SlotId(0), gfn, end)
+        .map_err(|e| e.to_string())?;
+    let slot = m.memslots().next().cloned().ok_or("no slot")?;
+    for g in gfn..end {
+        slot.set_host_present(Gfn(g), false);
+    }
+    m.invalidate.end();
+    Ok(())
+}
+
+/// Ages `[gfn, gfn + n)` of slot 0; `age_gfn` must report what `test_age_gfn` saw.
+pub fn age(m: &mut ShadowMmu, gfn: u64, n: u64, slot_pages: u64) -> Result<u64, String> {
+    let end = (gfn + n).min(slot_pages);
+    let young = m.test_age_gfn(SlotId(0), gfn, end);
+    if m.age_gfn(SlotId(0), gfn, end) != young {
+        return Err("age_gfn disagrees with test_age_gfn".into());
+    }
+    Ok(end)
+}
