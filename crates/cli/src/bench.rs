@@ -2,7 +2,7 @@
 //! `--json`, one JSON object per row on its own line.
 //!
 //! Subcommands: `rmap` ([`crate::bench_rmap`]), `replay` ([`crate::bench_replay`]),
-//! `host` ([`crate::bench_host`]), `resize` ([`crate::bench_resize`]), `x86` ([`crate::bench_x86`]), `nested` ([`crate::bench_nested`]). Each prints a
+//! `host` ([`crate::bench_host`]), `resize` ([`crate::bench_resize`]), `scaling` ([`crate::bench_scaling`]), `x86` ([`crate::bench_x86`]), `nested` ([`crate::bench_nested`]). Each prints a
 //! title line and an aligned table ([`print_rows`]), or JSON lines.
 //!
 //! Invariants: every figure is the median over repeated timed batches
@@ -47,6 +47,9 @@ enum BenchCommand {
     /// The HPT resize commit pause (vCPUs stopped to running), stop-the-world vs pre-copy,
     /// for HPT orders 20..=26 (median of 3 commits per order and mode).
     Resize(crate::bench_resize::ResizeArgs),
+    /// N vCPU threads (1, 2, .. the available cores) making H_ENTER+H_REMOVE on
+    /// disjoint PTEGs of one VM: hypercalls per second and the ratio to one thread.
+    Scaling(crate::bench_scaling::ScalingArgs),
     /// The x86 shadow MMU: shadow fault, translation against the two-dimensional walk,
     /// dirty-log write protection, unmap and aging per SPTE against a raw scan, memory
     /// per shadow page and rmap entry against KVM's.
@@ -63,6 +66,7 @@ pub fn run(args: &BenchArgs) -> ExitCode {
         BenchCommand::Replay(a) => ("replay", crate::bench_replay::run(a)),
         BenchCommand::Host(a) => ("host", crate::bench_host::run(a)),
         BenchCommand::Resize(a) => ("resize", crate::bench_resize::run(a)),
+        BenchCommand::Scaling(a) => ("scaling", crate::bench_scaling::run(a)),
         BenchCommand::X86(a) => ("x86", crate::bench_x86::run(a)),
         BenchCommand::Nested(a) => ("nested", crate::bench_nested::run(a)),
     };

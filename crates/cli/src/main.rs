@@ -13,6 +13,7 @@ mod bench_nested;
 mod bench_replay;
 mod bench_resize;
 mod bench_rmap;
+mod bench_scaling;
 mod bench_x86;
 mod plot;
 mod replay;

@@ -89,10 +89,13 @@ fn bench_replay_quick_json_uses_the_vendored_traces() {
                 "flavour",
                 "calls",
                 "hcalls_per_s_median",
+                "setup_ms_median",
+                "replay_minor_faults_median",
                 "parse_mb_per_s",
             ],
         );
         assert!(r["calls"].as_u64().unwrap() > 1000, "{r:?}");
+        assert!(r["setup_ms_median"].as_f64().unwrap() > 0.0, "{r:?}");
         assert!(r["hcalls_per_s_median"].as_f64().unwrap() > 0.0, "{r:?}");
         assert!(r["parse_mb_per_s"].as_f64().unwrap() > 0.0, "{r:?}");
     }
@@ -118,6 +121,36 @@ fn bench_replay_named_file_and_flavour() {
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0]["flavour"], "kvm");
     assert_eq!(rows[0]["calls"], 86327);
+}
+
+#[test]
+fn bench_scaling_quick_json_has_a_row_per_thread_count() {
+    let rows = rows(&[
+        "bench",
+        "scaling",
+        "--quick",
+        "--json",
+        "--max-threads",
+        "3",
+    ]);
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    for (i, r) in rows.iter().enumerate() {
+        has_keys(
+            r,
+            &[
+                "bench",
+                "threads",
+                "hcalls_per_s_median",
+                "ratio_to_1",
+                "nproc",
+                "loadavg_1m",
+            ],
+        );
+        assert_eq!(r["bench"], "scaling");
+        assert_eq!(r["threads"].as_u64(), Some(i as u64 + 1));
+        assert!(r["hcalls_per_s_median"].as_f64().unwrap() > 0.0, "{r:?}");
+    }
+    assert_eq!(rows[0]["ratio_to_1"].as_f64(), Some(1.0));
 }
 
 #[test]
@@ -201,6 +234,7 @@ fn bad_flags_and_inputs_exit_2() {
         &["bench", "replay", "--runs", "0"],
         &["bench", "replay", "--flavour", "xen"],
         &["bench", "replay", "/nonexistent/trace.gz"],
+        &["bench", "scaling", "--max-threads", "0"],
     ] {
         let o = revmap(args);
         let err = String::from_utf8_lossy(&o.stderr);

@@ -99,8 +99,10 @@ impl<'vm> VcpuRuns<'vm> {
 
     /// One hypercall of vCPU `vcpu`, as [`Vm::hcall_regs`] but on the pinned table
     /// and memslot snapshot: the per-call cost of the gate is a bit test and one
-    /// `Relaxed` load compared with the pinned state.
-    #[inline]
+    /// `Relaxed` load compared with the pinned state. Always inlined: the gate check
+    /// and the opcode dispatch then sit in the caller's loop, without a call of their
+    /// own per hypercall.
+    #[inline(always)]
     pub fn hcall_regs(&mut self, vcpu: VcpuId, opcode: u64, regs: &mut [u64; 8]) -> i64 {
         PaprError::code_of(self.call(vcpu, opcode, regs))
     }

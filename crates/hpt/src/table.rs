@@ -32,7 +32,7 @@ use crate::hash::HptGeometry;
 use crate::hpte::HpteV;
 use alloc::boxed::Box;
 use revmap_rmap::bitlock::{wait_unlocked, BitLockGuard};
-use revmap_rmap::error::try_boxed_slice;
+use revmap_rmap::error::{try_boxed_slice, try_zeroed_boxed_slice, Zeroable};
 use revmap_rmap::sync::{AtomicU64, Ordering};
 use revmap_rmap::{HpteLocks, Ptex, Revmap};
 
@@ -46,6 +46,15 @@ pub struct HpteSlot {
 
 #[cfg(not(any(loom, shuttle)))]
 const _: () = assert!(core::mem::size_of::<HpteSlot>() == 16);
+
+// SAFETY: both dwords are `Zeroable` atomics: the all-zero slot is the empty HPTE
+// `HpteSlot::default()`.
+#[allow(unsafe_code)]
+unsafe impl Zeroable for HpteSlot {
+    fn zero() -> Self {
+        Self::default()
+    }
+}
 
 impl HpteSlot {
     /// Lock-free snapshot of dword 0.
@@ -104,7 +113,7 @@ impl Hpt {
 
     /// A table of `n` empty slots over `geo`, with its revmap (shared by the constructors).
     fn with_geometry(geo: HptGeometry, n: usize) -> Result<Self, HptError> {
-        let slots = try_boxed_slice(n, |_| HpteSlot::default())?;
+        let slots = try_zeroed_boxed_slice(n)?;
         let revmap = Revmap::new(geo.npte())?;
         Ok(Self {
             geo,
@@ -149,6 +158,28 @@ impl Hpt {
                 if w.load(Ordering::Relaxed) & bit != 0 {
                     w.fetch_and(!bit, Ordering::Relaxed);
                 }
+            }
+        }
+    }
+
+    /// Fault every page of the table and its revmap in for writing without changing any
+    /// entry (one word per 4 KiB page): the table is allocated zeroed and
+    /// would otherwise take its page faults at first use by the guest. A hypervisor
+    /// that keeps its HPTs in an already-mapped pool (KVM's reserved CMA area) has them
+    /// mapped before the guest runs; this gets the same. Safe concurrently with any
+    /// hypercall.
+    pub fn populate(&self) {
+        let stride = revmap_rmap::ring::touch_stride::<HpteSlot>();
+        for s in self.slots.iter().step_by(stride) {
+            revmap_rmap::ring::touch_word(&s.r);
+        }
+        self.revmap.populate();
+        if let Some(bm) = &self.pristine {
+            for w in bm
+                .iter()
+                .step_by(revmap_rmap::ring::touch_stride::<AtomicU64>())
+            {
+                revmap_rmap::ring::touch_word(w);
             }
         }
     }

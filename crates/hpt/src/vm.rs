@@ -201,6 +201,30 @@ impl Vm {
         self.tables.host_enter()
     }
 
+    /// Fault the pages of the VM's tables in for writing without changing them: the
+    /// current HPT and its revmap ([`Hpt::populate`]), and each memslot's rmap words
+    /// and dirty bitmap. The tables are allocated zeroed (fresh zero pages); without
+    /// this their first-touch page faults land in the guest's first hypercalls. A
+    /// hypervisor calls it before the vCPUs run, as KVM's HPTs come already mapped from
+    /// its CMA pool. Safe at any time (it changes no value); tables allocated later (by
+    /// a resize commit) are not covered.
+    pub fn populate_tables(&self) {
+        let access = self.host_access();
+        access.hpt().populate();
+        drop(access);
+        let slots = self.memslots();
+        for s in slots.iter() {
+            revmap_rmap::ring::populate_rmaps(s.rmaps());
+            for w in s
+                .dirty_bitmap()
+                .iter()
+                .step_by(revmap_rmap::ring::touch_stride::<AtomicU64>())
+            {
+                revmap_rmap::ring::touch_word(w);
+            }
+        }
+    }
+
     /// Free the tables retired by resize commits (needs exclusive access).
     pub fn reclaim_retired_tables(&mut self) {
         self.tables.reclaim_retired();

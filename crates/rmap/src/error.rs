@@ -29,6 +29,64 @@ pub enum RmapError {
     },
 }
 
+/// Types whose all-zero bytes are a valid value, equal to [`Zeroable::zero`]: tables of
+/// them are allocated already zeroed ([`try_zeroed_boxed_slice`]), which costs no
+/// instructions per element (the allocator hands out fresh zero pages) where building
+/// the elements one by one cost about 10 per element (a 2^23-byte HPT and its revmap:
+/// ~10 M instructions per VM).
+///
+/// # Safety
+///
+/// With the std/core atomics (neither `cfg(loom)` nor `cfg(shuttle)`), the all-zero
+/// bit pattern must be a valid value of the type, equal to what [`Zeroable::zero`]
+/// returns. (Under loom and shuttle, whose atomics are not plain integers, the zeroed
+/// allocation is not used and only `zero` is.)
+pub unsafe trait Zeroable: Sized {
+    /// The value whose bytes are all zero.
+    fn zero() -> Self;
+}
+
+// SAFETY: `core::sync::atomic::AtomicU64` has the in-memory representation of `u64`.
+unsafe impl Zeroable for crate::sync::AtomicU64 {
+    fn zero() -> Self {
+        crate::sync::AtomicU64::new(0)
+    }
+}
+
+// SAFETY: `core::sync::atomic::AtomicU32` has the in-memory representation of `u32`.
+unsafe impl Zeroable for crate::sync::AtomicU32 {
+    fn zero() -> Self {
+        crate::sync::AtomicU32::new(0)
+    }
+}
+
+/// A boxed slice of `n` zero values, allocated zeroed (no per-element work; the pages
+/// are touched by their first use), reporting failure as an [`RmapError::Alloc`].
+pub fn try_zeroed_boxed_slice<T: Zeroable>(n: usize) -> Result<alloc::boxed::Box<[T]>, RmapError> {
+    #[cfg(not(any(loom, shuttle)))]
+    {
+        let bytes = n.saturating_mul(core::mem::size_of::<T>());
+        if bytes == 0 {
+            return try_boxed_slice(n, |_| T::zero());
+        }
+        let layout = core::alloc::Layout::array::<T>(n).map_err(|_| RmapError::Alloc { bytes })?;
+        // SAFETY: `layout` has a non-zero size (checked above).
+        let p = unsafe { alloc::alloc::alloc_zeroed(layout) }.cast::<T>();
+        if p.is_null() {
+            return Err(RmapError::Alloc { bytes });
+        }
+        // SAFETY: `p` comes from the global allocator with `Layout::array::<T>(n)`, the
+        // layout a `Box<[T]>` of `n` elements is freed with; its `n` elements are
+        // all-zero bytes, a valid `T` by the `Zeroable` contract, so they are
+        // initialised; the box takes sole ownership of the allocation.
+        Ok(unsafe { alloc::boxed::Box::from_raw(core::ptr::slice_from_raw_parts_mut(p, n)) })
+    }
+    #[cfg(any(loom, shuttle))]
+    {
+        try_boxed_slice(n, |_| T::zero())
+    }
+}
+
 /// Try to allocate a boxed slice of `n` elements made by `f`, reporting failure as an
 /// [`RmapError::Alloc`] instead of aborting.
 pub fn try_boxed_slice<T>(

@@ -59,7 +59,7 @@
 //! first. [`Revmap::try_link`] / [`Revmap::try_unlink`] return errors instead.
 
 use crate::bitlock::BitLockGuard;
-use crate::error::{try_boxed_slice, RmapError};
+use crate::error::{try_boxed_slice, try_zeroed_boxed_slice, RmapError, Zeroable};
 use crate::sync::{AtomicU32, AtomicU64, Ordering};
 use alloc::boxed::Box;
 
@@ -183,9 +183,25 @@ impl core::fmt::Debug for RmapWord {
 #[derive(Debug)]
 pub struct Rmap(AtomicU64);
 
+// SAFETY: `Rmap` is a `repr(transparent)` `AtomicU64`, which is `Zeroable`; the
+// all-zero word is the empty word `Rmap::new()`.
+unsafe impl Zeroable for Rmap {
+    fn zero() -> Self {
+        Self::new()
+    }
+}
+
 impl Default for Rmap {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// Fault every page of `words` in for writing without changing any word
+/// ([`RmapArray::populate`], for arrays held elsewhere, e.g. by a memslot).
+pub fn populate_rmaps(words: &[Rmap]) {
+    for w in words.iter().step_by(touch_stride::<Rmap>()) {
+        w.touch();
     }
 }
 
@@ -196,9 +212,16 @@ impl Rmap {
         Self(AtomicU64::new(0))
     }
 
-    /// Allocate `n` empty words, failing cleanly if memory is short.
+    /// Allocate `n` empty words (zeroed memory), failing cleanly if memory is short.
     pub fn new_array(n: usize) -> Result<Box<[Rmap]>, RmapError> {
-        try_boxed_slice(n, |_| Rmap::new())
+        try_zeroed_boxed_slice(n)
+    }
+
+    /// Fault the word's page in for writing without changing the word: an atomic OR of
+    /// 0, harmless concurrently with any other access ([`RmapArray::populate`]).
+    #[inline]
+    pub fn touch(&self) {
+        touch_word(&self.0);
     }
 
     /// A lock-free snapshot of the word.
@@ -319,6 +342,30 @@ impl Rmap {
     }
 }
 
+/// Write `w`'s page without changing `w` (the `populate` walks): a compare-exchange of
+/// its value with itself. (An idempotent RMW such as `fetch_or(0)` may be compiled to
+/// a plain load, which maps a zeroed page read-only and leaves the write fault for
+/// later.) Safe concurrently with any other access, locks included: it never changes
+/// the value, and a failed exchange means another writer wrote the page.
+#[inline]
+pub fn touch_word(w: &AtomicU64) {
+    // ORDERING: Relaxed: no value changes; only the page is written.
+    let v = w.load(Ordering::Relaxed);
+    // ORDERING: Relaxed: as above.
+    let _ = w.compare_exchange(v, v, Ordering::Relaxed, Ordering::Relaxed);
+}
+
+/// Elements of `T` per 4 KiB page: the stride of the `populate` walks (at least 1).
+#[inline]
+pub const fn touch_stride<T>() -> usize {
+    let s = core::mem::size_of::<T>();
+    if s == 0 || s >= 4096 {
+        1
+    } else {
+        4096 / s
+    }
+}
+
 /// The rmap words of one memslot (`memslot->arch.rmap`): one [`Rmap`] per 4 KiB guest
 /// frame, indexed by the frame's offset in the slot. Exactly 8 bytes per frame.
 ///
@@ -348,6 +395,12 @@ impl RmapArray {
                 index,
                 len: self.words.len() as u64,
             })
+    }
+
+    /// Fault every page of the words in for writing without changing any (see
+    /// [`Revmap::populate`]). Safe concurrently with any rmap operation.
+    pub fn populate(&self) {
+        populate_rmaps(&self.words);
     }
 
     /// Zero every word through shared access (`kvmppc_rmap_reset`); R/C history is lost.
@@ -418,7 +471,7 @@ impl HpteLockArray {
     /// `npte` unlocked words, failing cleanly if memory is short.
     pub fn new(npte: usize) -> Result<Self, RmapError> {
         Ok(Self {
-            words: try_boxed_slice(npte, |_| AtomicU64::new(0))?,
+            words: try_zeroed_boxed_slice(npte)?,
         })
     }
 
@@ -505,6 +558,10 @@ impl RmapGuard<'_> {
 /// the rmap lock of the ring holding the entry. All three are atomics accessed
 /// `Relaxed`: the locks provide the ordering, the atomics only make concurrent access
 /// well-defined (they compile to plain loads and stores).
+///
+/// The links are stored XORed with the entry's own index, so that the all-zero entry
+/// is the off-ring one (links to itself): a revmap is allocated zeroed
+/// ([`Zeroable`]), with no pass over its entries.
 #[derive(Debug)]
 pub struct RevmapEntry {
     guest_rpte: AtomicU64,
@@ -512,12 +569,14 @@ pub struct RevmapEntry {
     back: AtomicU32,
 }
 
-impl RevmapEntry {
-    fn new(i: u32) -> Self {
+// SAFETY: the three fields are `Zeroable` atomics, so the all-zero bytes are a valid
+// entry: `guest_rpte` 0 and both links (stored XORed with the index) to itself.
+unsafe impl Zeroable for RevmapEntry {
+    fn zero() -> Self {
         Self {
             guest_rpte: AtomicU64::new(0),
-            forw: AtomicU32::new(i),
-            back: AtomicU32::new(i),
+            forw: AtomicU32::new(0),
+            back: AtomicU32::new(0),
         }
     }
 }
@@ -537,7 +596,7 @@ impl Revmap {
         }
         let n = usize::try_from(npte).map_err(|_| RmapError::TooManySlots { npte })?;
         Ok(Self {
-            entries: try_boxed_slice(n, |i| RevmapEntry::new(i as u32))?,
+            entries: try_zeroed_boxed_slice(n)?,
         })
     }
 
@@ -584,26 +643,26 @@ impl Revmap {
     #[inline(always)]
     pub fn forw(&self, i: u32) -> u32 {
         // ORDERING: Relaxed; rings are read under their rmap lock.
-        self.e(i).forw.load(Ordering::Relaxed)
+        self.e(i).forw.load(Ordering::Relaxed) ^ i
     }
 
     /// Backward link of entry `i` (meaningful while `i` is on a ring).
     #[inline(always)]
     pub fn back(&self, i: u32) -> u32 {
         // ORDERING: Relaxed; rings are read under their rmap lock.
-        self.e(i).back.load(Ordering::Relaxed)
+        self.e(i).back.load(Ordering::Relaxed) ^ i
     }
 
     #[inline(always)]
     fn set_forw(&self, i: u32, v: u32) {
         // ORDERING: Relaxed; published by the rmap unlock's Release store.
-        self.e(i).forw.store(v, Ordering::Relaxed);
+        self.e(i).forw.store(v ^ i, Ordering::Relaxed);
     }
 
     #[inline(always)]
     fn set_back(&self, i: u32, v: u32) {
         // ORDERING: Relaxed; published by the rmap unlock's Release store.
-        self.e(i).back.store(v, Ordering::Relaxed);
+        self.e(i).back.store(v ^ i, Ordering::Relaxed);
     }
 
     /// Link HPTE `ptex` into the ring headed by the locked word, at the tail (before the
@@ -734,12 +793,23 @@ impl Revmap {
     /// Call only at a quiescent point: no ring operation may run concurrently (KVM holds
     /// `mmu_setup_lock` with `mmu_ready == 0`); that exclusion also orders these stores.
     pub fn reset_links(&self) {
-        for (i, e) in self.entries.iter().enumerate() {
+        for e in self.entries.iter() {
             // ORDERING: Relaxed; the caller's quiescence mechanism (a mutex, a join)
-            // publishes the reset to the next user.
-            e.forw.store(i as u32, Ordering::Relaxed);
+            // publishes the reset to the next user. (0: the link to itself.)
+            e.forw.store(0, Ordering::Relaxed);
             // ORDERING: Relaxed; as above.
-            e.back.store(i as u32, Ordering::Relaxed);
+            e.back.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Fault every page of the revmap in for writing without changing any entry (an
+    /// atomic OR of 0 into one entry per 4 KiB), so that the first hypercalls do not
+    /// pay the first-touch page faults of the zeroed allocation: what a hypervisor that
+    /// takes its tables from an already-mapped pool gets (KVM's HPTs come from a
+    /// reserved CMA area). Safe concurrently with any ring operation.
+    pub fn populate(&self) {
+        for e in self.entries.iter().step_by(touch_stride::<RevmapEntry>()) {
+            touch_word(&e.guest_rpte);
         }
     }
 
@@ -985,6 +1055,32 @@ mod tests {
     fn members(rev: &Revmap, r: &Rmap) -> Vec<u32> {
         let g = r.lock();
         rev.iter(&g).collect()
+    }
+
+    #[test]
+    fn a_zeroed_revmap_is_off_ring_and_populate_changes_nothing() {
+        let n = 3 * touch_stride::<RevmapEntry>() + 5;
+        let rev = Revmap::new(n as u64).unwrap();
+        for i in [0, 1, 255, 256, n as u32 - 1] {
+            assert_eq!((rev.forw(i), rev.back(i), rev.guest_rpte(i)), (i, i, 0));
+        }
+        let arr = RmapArray::new(2 * touch_stride::<Rmap>() as u64 + 1).unwrap();
+        let r = &arr[touch_stride::<Rmap>()];
+        rev.set_guest_rpte(256, 0x1234);
+        rev.link(r.lock(), 256);
+        let before = r.load();
+        rev.populate();
+        arr.populate();
+        assert_eq!(r.load(), before);
+        assert_eq!(rev.guest_rpte(256), 0x1234);
+        assert_eq!(members(&rev, r), [256]);
+        assert_eq!(arr[0].load(), RmapWord(0));
+        // Links written through the XOR encoding read back as written.
+        rev.link(r.lock(), n as u32 - 1);
+        assert_eq!(members(&rev, r), [256, n as u32 - 1]);
+        rev.unlink(&mut r.lock(), 256);
+        assert_eq!((rev.forw(256), rev.back(256)), (256, 256));
+        assert_eq!(members(&rev, r), [n as u32 - 1]);
     }
 
     #[test]
