@@ -57,6 +57,19 @@ pub struct HcallResult {
     pub out: [u64; 8],
 }
 
+impl HcallResult {
+    /// Make a call whose arguments are a slice: `args` go into r4.. (missing ones read
+    /// as 0, extra ones ignored), `call` runs on the register block and returns r3.
+    #[inline]
+    pub fn with_args(args: &[u64], call: impl FnOnce(&mut [u64; 8]) -> i64) -> Self {
+        let mut out = [0u64; 8];
+        let n = args.len().min(out.len());
+        out[..n].copy_from_slice(&args[..n]);
+        let ret = call(&mut out);
+        HcallResult { ret, out }
+    }
+}
+
 /// Something that takes hypercalls (module docs): a VM, or its vCPUs in the guest.
 pub trait HypercallPort {
     /// The port of a run of hypercalls by the calling thread's vCPUs (entered lazily,
@@ -76,11 +89,7 @@ pub trait HypercallPort {
     /// extra ones ignored).
     #[inline]
     fn hcall(&mut self, vcpu: VcpuId, opcode: u64, args: &[u64]) -> HcallResult {
-        let mut out = [0u64; 8];
-        let n = args.len().min(out.len());
-        out[..n].copy_from_slice(&args[..n]);
-        let ret = self.hcall_regs(vcpu, opcode, &mut out);
-        HcallResult { ret, out }
+        HcallResult::with_args(args, |regs| self.hcall_regs(vcpu, opcode, regs))
     }
 
     /// Leave the guest until the next hypercall (before the thread blocks on anything

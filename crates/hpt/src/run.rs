@@ -252,7 +252,8 @@ impl HypercallPort for Vm {
 
     #[inline(always)]
     fn hcall_regs(&mut self, vcpu: VcpuId, opcode: u64, regs: &mut [u64; 8]) -> i64 {
-        PaprError::code_of(self.call(vcpu, opcode, regs))
+        let mut shared: &Vm = self;
+        HypercallPort::hcall_regs(&mut shared, vcpu, opcode, regs)
     }
 }
 

@@ -283,11 +283,7 @@ impl Vm {
     /// typed hypercalls ([`h_enter`](Self::h_enter), ...) are the checked API.
     #[inline]
     pub fn hcall(&self, vcpu: usize, opcode: u64, args: &[u64]) -> HcallResult {
-        let mut out = [0u64; 8];
-        let n = args.len().min(out.len());
-        out[..n].copy_from_slice(&args[..n]);
-        let ret = self.hcall_regs(vcpu, opcode, &mut out);
-        HcallResult { ret, out }
+        HcallResult::with_args(args, |regs| self.hcall_regs(vcpu, opcode, regs))
     }
 
     /// One PAPR hypercall with the guest's r4..r11 in `regs`, rewritten in place as the

@@ -714,6 +714,26 @@ impl ShadowMmu {
         self.sp(id).ok_or(ShadowError::Dangling(id))
     }
 
+    /// Write SPTE `i` of page `id` and, for an indirect page, the gfn and access it
+    /// translates (the sync and fault paths' last step).
+    fn install_spte(
+        &mut self,
+        id: SpId,
+        i: usize,
+        gfn: u64,
+        acc: Acc,
+        n: Spte,
+    ) -> Result<(), ShadowError> {
+        let sp = self.sp_mut(id)?;
+        if let Some(t) = sp.translation.as_mut() {
+            if let Some(x) = t.get_mut(i) {
+                *x = (gfn << 12) | u64::from(acc.bits());
+            }
+        }
+        sp.set_spte(i, n);
+        Ok(())
+    }
+
     fn sp_mut(&mut self, id: SpId) -> Result<&mut ShadowPage, ShadowError> {
         self.sps
             .get_mut(id.0 as usize)
@@ -1394,13 +1414,7 @@ impl ShadowMmu {
             true,
             false,
         )?;
-        let sp = self.sp_mut(id)?;
-        if let Some(t) = sp.translation.as_mut() {
-            if let Some(x) = t.get_mut(i) {
-                *x = (gfn << 12) | u64::from(acc.bits());
-            }
-        }
-        sp.set_spte(i, n);
+        self.install_spte(id, i, gfn, acc, n)?;
         Ok(true)
     }
 
@@ -1918,13 +1932,7 @@ impl ShadowMmu {
             false,
             prefetch,
         )?;
-        let sp = self.sp_mut(id)?;
-        if let Some(t) = sp.translation.as_mut() {
-            if let Some(x) = t.get_mut(i) {
-                *x = (gfn << 12) | u64::from(acc.bits());
-            }
-        }
-        sp.set_spte(i, n);
+        self.install_spte(id, i, gfn, acc, n)?;
         if old.is_mmu_writable() && !n.is_mmu_writable() {
             self.stats.tlb_flushes += 1;
         }
