@@ -67,15 +67,26 @@ impl Vm {
         }
     }
 
+    /// What a host-side fault holds for its whole run, or `None` while the host MMU
+    /// is not ready (the fault is refused).
+    fn fault_scope(&self, p: Ptex) -> Option<FaultScope<'_>> {
+        let ticket = self.enter_fault()?;
+        #[cfg(not(feature = "std"))]
+        let _ = p;
+        Some(FaultScope {
+            #[cfg(feature = "std")]
+            _track: self.track.track_on_exit(p),
+            // Inside the gate for the whole fault: it runs on one table.
+            acc: self.host_access(),
+            _ticket: ticket,
+        })
+    }
+
     fn fault_page_in(&self, p: Ptex) -> FaultOutcome {
-        let Some(_ticket) = self.enter_fault() else {
+        let Some(scope) = self.fault_scope(p) else {
             return FaultOutcome::NotReady;
         };
-        // Inside the gate for the whole fault: it runs on one table.
-        let acc = self.host_access();
-        #[cfg(feature = "std")]
-        let _track = self.track.track_on_exit(p);
-        let hpt = acc.hpt();
+        let hpt = scope.acc.hpt();
         let slots = self.memslots();
         let rev = hpt.revmap();
         let Some(g) = hpt.lock(p) else {
@@ -147,13 +158,10 @@ impl Vm {
     }
 
     fn fault_write_upgrade(&self, p: Ptex) -> FaultOutcome {
-        let Some(_ticket) = self.enter_fault() else {
+        let Some(scope) = self.fault_scope(p) else {
             return FaultOutcome::NotReady;
         };
-        let acc = self.host_access();
-        #[cfg(feature = "std")]
-        let _track = self.track.track_on_exit(p);
-        let hpt = acc.hpt();
+        let hpt = scope.acc.hpt();
         let slots = self.memslots();
         let rev = hpt.revmap();
         let seq = self.invalidate_seq().sample();
@@ -199,4 +207,15 @@ impl Vm {
         g.unlock_with(v);
         FaultOutcome::Retry
     }
+}
+
+/// The guards of one host-side fault, dropped in field order: the pre-copy tracking of
+/// the entry records the change while the fault is still inside the table gate, then
+/// the gate is left, then the fault ticket of the `mmu_ready` handshake is returned
+/// (releasing everything the fault wrote).
+struct FaultScope<'a> {
+    #[cfg(feature = "std")]
+    _track: crate::resize::track::TrackOnExit<'a>,
+    acc: crate::resize::cell::HostAccess<'a>,
+    _ticket: crate::host::FaultTicket<'a>,
 }
