@@ -881,17 +881,24 @@ impl ShadowMmu {
         Ok(())
     }
 
-    /// `mmu_page_zap_pte`: drop a leaf or unlink a child; true if something was present.
-    fn zap_pte(&mut self, id: SpId, i: usize) -> Result<bool, ShadowError> {
+    /// Page `id` and its SPTE `i` if that is shadow-present (`None` otherwise). An MMIO
+    /// SPTE there is dropped rather than zapped or refreshed (`sync_mmio_spte`): the
+    /// next access refaults and makes a new one.
+    fn present_spte(&self, id: SpId, i: usize) -> Result<Option<(&ShadowPage, Spte)>, ShadowError> {
         let sp = self.sp_ok(id)?;
         let s = sp.spte(i);
         if s.is_mmio() {
             sp.set_spte(i, Spte::NONPRESENT);
-            return Ok(false);
+            return Ok(None);
         }
-        if !s.is_shadow_present() {
+        Ok(s.is_shadow_present().then_some((sp, s)))
+    }
+
+    /// `mmu_page_zap_pte`: drop a leaf or unlink a child; true if something was present.
+    fn zap_pte(&mut self, id: SpId, i: usize) -> Result<bool, ShadowError> {
+        let Some((sp, s)) = self.present_spte(id, i)? else {
             return Ok(false);
-        }
+        };
         if sp.is_level_leaf(i) {
             self.drop_spte(id, i)?;
         } else {
@@ -1373,16 +1380,9 @@ impl ShadowMmu {
     /// `sync_spte` for SPTE `i` of unsync/indirect page `id` under `mode`; returns
     /// whether a flush is needed. Drops the SPTE when the gpte no longer allows it.
     fn sync_spte(&mut self, id: SpId, i: usize, mode: &CpuMode) -> Result<bool, ShadowError> {
-        let sp = self.sp_ok(id)?;
-        let s = sp.spte(i);
-        if s.is_mmio() {
-            // Dropped rather than refreshed (`sync_mmio_spte`): the next access refaults.
-            sp.set_spte(i, Spte::NONPRESENT);
+        let Some((sp, s)) = self.present_spte(id, i)? else {
             return Ok(false);
-        }
-        if !s.is_shadow_present() {
-            return Ok(false);
-        }
+        };
         let level = sp.role.level();
         let gpte = self.read_sp_gpte(sp.role, sp.gfn, i).unwrap_or(0);
         if prefetch_invalid_gpte(mode, level as u8, gpte) || !is_last_gpte(mode, level as u8, gpte)
