@@ -34,7 +34,7 @@ use std::time::Instant;
 /// Scheduler weight of one vCPU (host actors weigh 1 each).
 pub const VCPU_WEIGHT: u32 = 4;
 
-fn digest_str(mut d: u64, s: &str) -> u64 {
+pub(crate) fn digest_str(mut d: u64, s: &str) -> u64 {
     for b in s.bytes() {
         d = digest_word(d, u64::from(b));
     }

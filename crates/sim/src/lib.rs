@@ -43,6 +43,7 @@ pub mod report;
 pub mod run;
 pub mod scenario;
 pub mod workload;
+pub mod x86;
 
 #[cfg(test)]
 pub(crate) mod testutil;
