@@ -15,14 +15,15 @@
 //! * A run that found invariant violations exits 1; otherwise 0. The report goes to
 //!   stdout, progress and messages to stderr.
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use revmap_rmap::sync::{thread, Arc, AtomicBool, Ordering};
 use revmap_sim::run::{run as run_scenario, Progress, RunReport};
 use revmap_sim::scenario::Scenario;
+use serde::Serialize;
 use std::io::IsTerminal;
 use std::ops::ControlFlow;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 /// Exit code of a run stopped by SIGINT (128 + the signal number, as shells report it).
@@ -33,8 +34,14 @@ Defaults (the embedded scenario, scenarios/default.toml): 30 s, seed 1, a 4 GiB 
 with 2 vCPUs, memory pressure, aging and migration on the host, an HPT resize that
 grows then shrinks the table. --deterministic: 4000 steps on a 64 MiB guest.
 
+With --mmu x86: the x86 shadow MMU (scenarios/x86.toml): a 1.5 GiB Linux-like guest
+with 2 vCPUs (direct map on 1 GiB and 2 MiB pages, processes with 4-level tables, fork
+with copy-on-write, exec, exit, munmap, INVLPG, CR3 switches), the same host actors;
+--accesses N bounds it by guest accesses. --deterministic: 4000 steps on 1088 MiB.
+
 Examples:
   revmap run                                  the default scenario, human report
+  revmap run --mmu x86 --accesses 2000000     the x86 shadow MMU, 2 million accesses
   revmap run --duration 10 --json > r.json    10 s, the report as one JSON object
   revmap run --hcalls 2000000 --seed 7        stop after 2 million hypercalls
   revmap run --plot plots/                    also write PNG and SVG plots
@@ -51,10 +58,14 @@ scenario or output directory, or not enough host memory; 130 interrupted (Ctrl-C
 #[derive(Debug, Args)]
 #[command(after_long_help = RUN_AFTER_HELP)]
 pub struct RunArgs {
+    /// The guest MMU to simulate: the PowerPC hashed page table, the x86 shadow MMU or
+    /// the nested-guest MMU.
+    #[arg(long, value_enum, default_value_t = Mmu::Hpt)]
+    pub(crate) mmu: Mmu,
     /// Scenario file (TOML); default: the embedded default scenario
-    /// (scenarios/default.toml).
+    /// (scenarios/default.toml; with --mmu x86, scenarios/x86.toml).
     #[arg(long, value_name = "FILE")]
-    scenario: Option<PathBuf>,
+    pub(crate) scenario: Option<PathBuf>,
     /// Run length in seconds [default: the scenario's, 30]. Not with --deterministic
     /// (use --steps) or --hcalls.
     #[arg(
@@ -62,9 +73,9 @@ pub struct RunArgs {
         value_name = "SECONDS",
         allow_negative_numbers = true,
         value_parser = positive_seconds,
-        conflicts_with_all = ["deterministic", "hcalls"]
+        conflicts_with_all = ["deterministic", "hcalls", "accesses"]
     )]
-    duration: Option<f64>,
+    pub(crate) duration: Option<f64>,
     /// Stop after this many hypercalls instead of after a duration; resizes happen at
     /// their fraction of this count. Not with --deterministic.
     #[arg(
@@ -73,21 +84,31 @@ pub struct RunArgs {
         value_parser = clap::value_parser!(u64).range(1..),
         conflicts_with = "deterministic"
     )]
-    hcalls: Option<u64>,
+    pub(crate) hcalls: Option<u64>,
+    /// --mmu x86: stop after this many guest accesses instead of after a duration. Not
+    /// with --deterministic.
+    #[arg(
+        long,
+        value_name = "N",
+        value_parser = clap::value_parser!(u64).range(1..),
+        conflicts_with_all = ["deterministic", "hcalls"]
+    )]
+    pub(crate) accesses: Option<u64>,
     /// Seed of every random stream [default: the scenario's, 1].
     #[arg(long, value_name = "S", allow_negative_numbers = true)]
-    seed: Option<u64>,
+    pub(crate) seed: Option<u64>,
     /// Print the report as one JSON object instead of the human summary.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
     /// Run every actor on one thread under a seeded scheduler, checking invariants
     /// after every step; the same seed gives the same event digest.
     #[arg(long)]
-    deterministic: bool,
+    pub(crate) deterministic: bool,
     /// Write PNG and SVG plots (latency per hypercall type, ring lengths, dirty pages
-    /// per round, throughput with resizes) into DIR (created; checked before the run).
+    /// per round, throughput with resizes; --mmu x86: shadow faults and write-protected
+    /// frames over time) into DIR (created; checked before the run).
     #[arg(long, value_name = "DIR")]
-    plot: Option<PathBuf>,
+    pub(crate) plot: Option<PathBuf>,
     /// Scheduler steps in deterministic mode [default: the scenario's, 4000].
     #[arg(
         long,
@@ -95,7 +116,18 @@ pub struct RunArgs {
         requires = "deterministic",
         value_parser = clap::value_parser!(u64).range(1..)
     )]
-    steps: Option<u64>,
+    pub(crate) steps: Option<u64>,
+}
+
+/// `--mmu`: which guest MMU `revmap run` simulates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mmu {
+    /// The PowerPC Book3S HV hashed page table (the default).
+    Hpt,
+    /// The x86 shadow MMU on `pte_list` rmaps.
+    X86,
+    /// The PowerPC nested-guest (radix) MMU.
+    Nested,
 }
 
 /// `--duration`: a positive, finite number of seconds.
@@ -160,6 +192,30 @@ fn check_memory(sc: &Scenario) -> Result<(), String> {
 }
 
 fn print(report: &RunReport, json: bool, plot: Option<&PathBuf>) -> ExitCode {
+    emit(
+        report,
+        || report.human(),
+        json,
+        plot.map(|d| (d.as_path(), |d: &Path| crate::plot::write_plots(report, d))),
+        report.interrupted,
+        report.invariant_violations,
+    )
+}
+
+/// The plot writer of a report kind: files written, and whether PNGs were skipped for
+/// want of a font.
+pub(crate) type PlotResult = Result<(Vec<PathBuf>, bool), Box<dyn std::error::Error>>;
+
+/// Prints a run report (JSON or `human`), writes its plots into the directory given,
+/// and returns the exit status of the module docs.
+pub(crate) fn emit<R: Serialize>(
+    report: &R,
+    human: impl FnOnce() -> String,
+    json: bool,
+    plot: Option<(&Path, impl FnOnce(&Path) -> PlotResult)>,
+    interrupted: bool,
+    violations: u64,
+) -> ExitCode {
     if json {
         match serde_json::to_string(report) {
             Ok(s) => println!("{s}"),
@@ -169,10 +225,10 @@ fn print(report: &RunReport, json: bool, plot: Option<&PathBuf>) -> ExitCode {
             }
         }
     } else {
-        print!("{}", report.human());
+        print!("{}", human());
     }
-    if let Some(dir) = plot {
-        match crate::plot::write_plots(report, dir) {
+    if let Some((dir, write_plots)) = plot {
+        match write_plots(dir) {
             Ok((files, no_font)) => {
                 if no_font {
                     eprintln!("revmap run: no TrueType font found; wrote SVG plots only");
@@ -192,9 +248,9 @@ fn print(report: &RunReport, json: bool, plot: Option<&PathBuf>) -> ExitCode {
             }
         }
     }
-    if report.interrupted {
+    if interrupted {
         ExitCode::from(EXIT_INTERRUPTED)
-    } else if report.invariant_violations == 0 {
+    } else if violations == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
@@ -204,11 +260,19 @@ fn print(report: &RunReport, json: bool, plot: Option<&PathBuf>) -> ExitCode {
 /// A deterministic run failed: shrink it and print the smallest failing scenario (as
 /// TOML, to stderr) so it can be re-run with `--deterministic --scenario`.
 fn report_minimised(sc: &Scenario) {
-    match revmap_sim::det::minimise(sc) {
-        Ok(Some((small, rep))) => {
+    print_minimised(revmap_sim::det::minimise(sc).map(|m| m.map(|(s, r)| (s, r.first_violation))));
+}
+
+/// Prints the outcome of a minimisation: the smallest failing scenario (as TOML, to
+/// stderr) with its first violation.
+pub(crate) fn print_minimised<S: Serialize, E: std::fmt::Display>(
+    m: Result<Option<(S, Option<String>)>, E>,
+) {
+    match m {
+        Ok(Some((small, first))) => {
             eprintln!(
                 "revmap run: smallest failing scenario found ({}):",
-                rep.first_violation.as_deref().unwrap_or("violation")
+                first.as_deref().unwrap_or("violation")
             );
             match toml::to_string(&small) {
                 Ok(t) => eprintln!("{t}"),
@@ -222,7 +286,7 @@ fn report_minimised(sc: &Scenario) {
 
 /// Installs the SIGINT handling of the module docs; returns the flag the first SIGINT
 /// sets (unset forever if the handler cannot be installed: Ctrl-C then kills).
-fn on_sigint() -> Arc<AtomicBool> {
+pub(crate) fn on_sigint() -> Arc<AtomicBool> {
     let flag = Arc::new(AtomicBool::new(false));
     match signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT]) {
         Ok(mut signals) => {
@@ -247,13 +311,13 @@ fn on_sigint() -> Arc<AtomicBool> {
 }
 
 /// The progress display: a bar on a terminal, else a line per 10% on stderr.
-struct Display {
+pub(crate) struct Display {
     bar: Option<ProgressBar>,
     next_line: u32,
 }
 
 impl Display {
-    fn new(deterministic: bool, len: u64) -> Self {
+    pub(crate) fn new(deterministic: bool, len: u64) -> Self {
         if !std::io::stderr().is_terminal() {
             return Self {
                 bar: None,
@@ -280,6 +344,11 @@ impl Display {
             "{} hcalls, {} host ops, HPT order {}, violations {}",
             p.hcalls, p.host_ops, p.hpt_order, p.violations
         );
+        self.show(p, len, msg);
+    }
+
+    /// Shows progress `p` with the status message `msg`.
+    pub(crate) fn show(&mut self, p: &Progress, len: u64, msg: String) {
         match &self.bar {
             Some(bar) => {
                 bar.set_position(((p.fraction * len as f64) as u64).min(len));
@@ -295,15 +364,36 @@ impl Display {
         }
     }
 
-    fn finish(&self) {
+    /// Whether progress goes to a bar (a terminal) rather than lines.
+    pub(crate) fn is_bar(&self) -> bool {
+        self.bar.is_some()
+    }
+
+    pub(crate) fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }
     }
 }
 
-/// Runs `revmap run`.
+/// Runs `revmap run`: the MMU `--mmu` names.
 pub fn run(args: &RunArgs) -> ExitCode {
+    match args.mmu {
+        Mmu::Hpt => run_hpt(args),
+        Mmu::X86 => crate::run_x86::run(args),
+        Mmu::Nested => {
+            eprintln!("revmap run: error: --mmu nested is not built yet");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `revmap run --mmu hpt`.
+fn run_hpt(args: &RunArgs) -> ExitCode {
+    if args.accesses.is_some() {
+        eprintln!("revmap run: error: --accesses applies to --mmu x86 (use --hcalls)");
+        return ExitCode::from(2);
+    }
     let sc = match load(args) {
         Ok(s) => s,
         Err(e) => {

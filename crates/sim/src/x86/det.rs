@@ -72,7 +72,7 @@ pub fn run_x86_deterministic_with(
     sched.set_stream(0x86_5ced);
     let n_host = actors.len() + usize::from(with_migration);
     let total_w = nv as u32 * VCPU_WEIGHT + n_host as u32;
-    let sample_every = (steps / 200).max(1);
+    let sample_every = (steps / 100).max(1);
     let mut timeline = vec![X86Sample::of(&vm, 0.0, 0)];
     let mut failing_step = None;
     let mut interrupted = false;

@@ -377,7 +377,8 @@ impl DirtyLogPasses {
 pub struct ShadowSummary {
     /// Shadow page faults (walks of the guest tables).
     pub page_faults: u64,
-    /// Shadow-table hits.
+    /// Shadow-table hits (counted by the guest: `ShadowVm::access` serves a hit under
+    /// the read lock, where the MMU keeps no counter).
     pub hits: u64,
     /// Guest frames write-protected because they are shadowed page tables (at the end).
     pub write_protected_gfns: u64,
@@ -595,8 +596,11 @@ impl X86Report {
             accesses,
             accesses_per_s: accesses as f64 / secs,
             invariant_violations: c.check_failures + c.guest.mismatches + c.migration.errors,
+            shadow: ShadowSummary {
+                hits: c.guest.shadow_hits,
+                ..ShadowSummary::of(vm)
+            },
             guest: c.guest,
-            shadow: ShadowSummary::of(vm),
             host_actors: sc.host.actors.clone(),
             host_ops_per_s: host_ops.total() as f64 / secs,
             host_ops,
@@ -634,11 +638,17 @@ impl X86Report {
         );
         let _ = writeln!(
             o,
-            "ran {:.1} s: {} guest accesses ({:.0}/s, {} per access), {} host operations ({:.0}/s)",
+            "ran {:.1} s: {} guest accesses ({:.0}/s, {} per access{}), {} host operations \
+             ({:.0}/s)",
             self.elapsed_s,
             self.accesses,
             self.accesses_per_s,
             si_ns((secs * 1e9 / self.accesses.max(1) as f64) as u64),
+            if self.deterministic {
+                ", the checker after every step included"
+            } else {
+                " and vCPU"
+            },
             self.host_ops.total(),
             self.host_ops_per_s
         );
