@@ -72,39 +72,61 @@ pub fn write_plots(report: &RunReport, dir: &Path) -> Result<(Vec<PathBuf>, bool
         .into_iter()
         .enumerate()
     {
-        let svg = dir.join(format!("{name}.svg"));
-        {
-            let root = SVGBackend::new(&svg, (W, H)).into_drawing_area();
-            draw_one(i, report, &root)?;
-            root.present()?;
-        }
-        files.push(svg);
-        if png {
-            let p = dir.join(format!("{name}.png"));
-            {
-                let root = BitMapBackend::new(&p, (W, H)).into_drawing_area();
-                draw_one(i, report, &root)?;
-                root.present()?;
-            }
-            files.push(p);
-        }
+        write_chart(&RunChart(i, report), dir, name, (W, H), png, &mut files)?;
     }
     Ok((files, !png))
 }
 
-fn draw_one<DB: DrawingBackend>(
-    i: usize,
-    r: &RunReport,
-    root: &DrawingArea<DB, Shift>,
-) -> Result<(), DynErr>
-where
-    DB::ErrorType: 'static,
-{
-    match i {
-        0 => latency(r, root),
-        1 => rings(r, root),
-        2 => dirty(r, root),
-        _ => throughput(r, root),
+/// A plot that draws the same on every backend (SVG and PNG).
+trait Chart {
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<(), DynErr>
+    where
+        DB::ErrorType: 'static;
+}
+
+/// Writes `chart` as `DIR/NAME.svg` and, with `png`, `DIR/NAME.png`, adding the files
+/// to `files`.
+fn write_chart(
+    chart: &impl Chart,
+    dir: &Path,
+    name: &str,
+    size: (u32, u32),
+    png: bool,
+    files: &mut Vec<PathBuf>,
+) -> Result<(), DynErr> {
+    let svg = dir.join(format!("{name}.svg"));
+    {
+        let root = SVGBackend::new(&svg, size).into_drawing_area();
+        chart.draw(&root)?;
+        root.present()?;
+    }
+    files.push(svg);
+    if png {
+        let p = dir.join(format!("{name}.png"));
+        {
+            let root = BitMapBackend::new(&p, size).into_drawing_area();
+            chart.draw(&root)?;
+            root.present()?;
+        }
+        files.push(p);
+    }
+    Ok(())
+}
+
+/// Plot `.0` of the HPT run's report.
+struct RunChart<'a>(usize, &'a RunReport);
+
+impl Chart for RunChart<'_> {
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<(), DynErr>
+    where
+        DB::ErrorType: 'static,
+    {
+        match self.0 {
+            0 => latency(self.1, root),
+            1 => rings(self.1, root),
+            2 => dirty(self.1, root),
+            _ => throughput(self.1, root),
+        }
     }
 }
 
@@ -308,23 +330,31 @@ where
 pub fn write_x86_plots(r: &X86Report, dir: &Path) -> Result<(Vec<PathBuf>, bool), DynErr> {
     std::fs::create_dir_all(dir)?;
     let png = register_font();
-    let svg = dir.join("x86_shadow.svg");
-    {
-        let root = SVGBackend::new(&svg, (W, H + H / 2)).into_drawing_area();
-        x86_shadow(r, &root)?;
-        root.present()?;
-    }
-    let mut files = vec![svg];
-    if png {
-        let p = dir.join("x86_shadow.png");
-        {
-            let root = BitMapBackend::new(&p, (W, H + H / 2)).into_drawing_area();
-            x86_shadow(r, &root)?;
-            root.present()?;
-        }
-        files.push(p);
-    }
+    let mut files = Vec::new();
+    write_chart(
+        &X86Chart(r),
+        dir,
+        "x86_shadow",
+        (W, H + H / 2),
+        png,
+        &mut files,
+    )?;
     Ok((files, !png))
+}
+
+/// One counter of a timeline sample.
+type SampleField = fn(&X86Sample) -> u64;
+
+/// The x86 run's plot.
+struct X86Chart<'a>(&'a X86Report);
+
+impl Chart for X86Chart<'_> {
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<(), DynErr>
+    where
+        DB::ErrorType: 'static,
+    {
+        x86_shadow(self.0, root)
+    }
 }
 
 fn x86_shadow<DB: DrawingBackend>(
@@ -344,7 +374,7 @@ where
     };
     let xmax = t.iter().map(|s| s.t).fold(1.0, f64::max);
     // Rates over each sample interval, at its end.
-    let rate = |f: fn(&X86Sample) -> u64| -> Vec<(f64, f64)> {
+    let rate = |f: SampleField| -> Vec<(f64, f64)> {
         t.windows(2)
             .filter(|w| w[1].t > w[0].t)
             .map(|w| {
@@ -425,7 +455,7 @@ where
         .x_label_formatter(&x_fmt)
         .y_label_formatter(&|v| format!("{v:.0}"))
         .draw()?;
-    let series: [(&str, fn(&X86Sample) -> u64); 2] = [
+    let series: [(&str, SampleField); 2] = [
         ("write-protected guest frames (shadowed page tables)", |s| {
             s.write_protected_gfns
         }),

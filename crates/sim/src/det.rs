@@ -214,32 +214,74 @@ pub fn minimise(sc: &Scenario) -> Result<Option<(Scenario, RunReport)>, RunError
     };
     let mut best = sc.clone();
     best.deterministic.steps = step + 1;
-    let mut best_report = run_deterministic(&best)?;
+    let best_report = run_deterministic(&best)?;
     if best_report.failing_step.is_none() {
         return Ok(Some((sc.clone(), r)));
     }
+    shrink(
+        best,
+        best_report,
+        |best| {
+            let mut candidates = Vec::new();
+            if !best.resize.is_empty() {
+                let mut c = best.clone();
+                c.resize.clear();
+                candidates.push(c);
+            }
+            candidates.extend(fewer_actors_or_vcpus(best, |s| {
+                (&mut s.host.actors, &mut s.guest.vcpus)
+            }));
+            candidates
+        },
+        run_deterministic,
+        |r| r.failing_step,
+        |s, n| s.deterministic.steps = n,
+    )
+    .map(Some)
+}
+
+/// The candidates of a shrinking step common to every simulator: `s` with one host
+/// actor fewer (each in turn), and with one vCPU fewer (if it has more than one);
+/// `parts` gives a scenario's actor list and vCPU count.
+pub(crate) fn fewer_actors_or_vcpus<S: Clone>(
+    s: &S,
+    parts: fn(&mut S) -> (&mut Vec<HostActor>, &mut usize),
+) -> Vec<S> {
+    let mut s = s.clone();
+    let (actors, vcpus) = parts(&mut s);
+    let (n, nv) = (actors.len(), *vcpus);
+    let mut out = Vec::new();
+    for i in 0..n {
+        let mut c = s.clone();
+        parts(&mut c).0.remove(i);
+        out.push(c);
+    }
+    if nv > 1 {
+        let mut c = s.clone();
+        *parts(&mut c).1 -= 1;
+        out.push(c);
+    }
+    out
+}
+
+/// The shrinking loop of [`minimise`] (and of the x86 simulator's): from `best`, which
+/// fails with `best_report`, runs each of `candidates(&best)` in turn and keeps the
+/// first that still fails, cut just after its failing step (`set_steps`); stops when
+/// none does.
+pub(crate) fn shrink<S, R, E>(
+    mut best: S,
+    mut best_report: R,
+    candidates: impl Fn(&S) -> Vec<S>,
+    run: impl Fn(&S) -> Result<R, E>,
+    failing_step: impl Fn(&R) -> Option<u64>,
+    set_steps: impl Fn(&mut S, u64),
+) -> Result<(S, R), E> {
     loop {
-        let mut candidates = Vec::new();
-        if !best.resize.is_empty() {
-            let mut c = best.clone();
-            c.resize.clear();
-            candidates.push(c);
-        }
-        for i in 0..best.host.actors.len() {
-            let mut c = best.clone();
-            c.host.actors.remove(i);
-            candidates.push(c);
-        }
-        if best.guest.vcpus > 1 {
-            let mut c = best.clone();
-            c.guest.vcpus -= 1;
-            candidates.push(c);
-        }
         let mut improved = false;
-        for mut c in candidates {
-            let rep = run_deterministic(&c)?;
-            if let Some(s) = rep.failing_step {
-                c.deterministic.steps = s + 1;
+        for mut c in candidates(&best) {
+            let rep = run(&c)?;
+            if let Some(s) = failing_step(&rep) {
+                set_steps(&mut c, s + 1);
                 best = c;
                 best_report = rep;
                 improved = true;
@@ -247,7 +289,51 @@ pub fn minimise(sc: &Scenario) -> Result<Option<(Scenario, RunReport)>, RunError
             }
         }
         if !improved {
-            return Ok(Some((best, best_report)));
+            return Ok((best, best_report));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Clone, Debug, PartialEq)]
+    struct Sc {
+        actors: Vec<HostActor>,
+        vcpus: usize,
+        steps: u64,
+    }
+
+    #[test]
+    fn shrinking_keeps_only_what_the_failure_needs() {
+        let start = Sc {
+            actors: vec![
+                HostActor::MemoryPressure,
+                HostActor::Aging,
+                HostActor::Migration,
+            ],
+            vcpus: 3,
+            steps: 100,
+        };
+        // Fails at step 7 while aging runs beside at least two vCPUs.
+        let run = |s: &Sc| {
+            Ok::<_, ()>((s.actors.contains(&HostActor::Aging) && s.vcpus >= 2).then_some(7u64))
+        };
+        let (best, rep) = shrink(
+            start,
+            Some(7),
+            |s| fewer_actors_or_vcpus(s, |s| (&mut s.actors, &mut s.vcpus)),
+            run,
+            |r| *r,
+            |s, n| s.steps = n,
+        )
+        .unwrap();
+        let want = Sc {
+            actors: vec![HostActor::Aging],
+            vcpus: 2,
+            steps: 8,
+        };
+        assert_eq!((best, rep), (want, Some(7)));
     }
 }

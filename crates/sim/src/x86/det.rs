@@ -16,14 +16,14 @@
 
 use super::run::Checks;
 use super::{
-    actor_kinds, build, Collected, DirtyLogPasses, X86Report, X86RunError, X86Sample, X86Scenario,
+    actor_kinds, build, merge_cpus, Collected, DirtyLogPasses, X86Report, X86RunError, X86Sample,
+    X86Scenario,
 };
 use crate::actors::{Actor, ActorConfig, HostOps};
-use crate::det::{digest_str, VCPU_WEIGHT};
+use crate::det::{digest_str, fewer_actors_or_vcpus, shrink, VCPU_WEIGHT};
 use crate::report::digest_word;
 use crate::run::Progress;
 use crate::scenario::HostActor;
-use guest::X86Counters;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use revmap_shadow::vm::ShadowVm;
@@ -124,13 +124,8 @@ pub fn run_x86_deterministic_with(
             break;
         }
     }
-    let mut guest = X86Counters::default();
-    let mut digest = 0u64;
-    for c in &cpus {
-        guest.merge(&c.counters);
-        digest = digest_word(digest, c.digest);
-    }
-    digest = digest_word(digest, host_digest);
+    let (mut guest, digest) = merge_cpus(&cpus);
+    let digest = digest_word(digest, host_digest);
     if timeline.last().is_some_and(|s| s.t < done as f64) {
         timeline.push(X86Sample::of(&vm, done as f64, accesses(&cpus)));
     }
@@ -182,34 +177,15 @@ pub fn minimise(sc: &X86Scenario) -> Result<Option<(X86Scenario, X86Report)>, X8
     };
     let mut best = sc.clone();
     best.deterministic.steps = step + 1;
-    let mut best_report = r;
-    loop {
-        let mut candidates = Vec::new();
-        for i in 0..best.host.actors.len() {
-            let mut c = best.clone();
-            c.host.actors.remove(i);
-            candidates.push(c);
-        }
-        if best.guest.vcpus > 1 {
-            let mut c = best.clone();
-            c.guest.vcpus -= 1;
-            candidates.push(c);
-        }
-        let mut improved = false;
-        for mut c in candidates {
-            let rep = run_x86_deterministic(&c)?;
-            if let Some(s) = rep.failing_step {
-                c.deterministic.steps = s + 1;
-                best = c;
-                best_report = rep;
-                improved = true;
-                break;
-            }
-        }
-        if !improved {
-            return Ok(Some((best, best_report)));
-        }
-    }
+    shrink(
+        best,
+        r,
+        |best| fewer_actors_or_vcpus(best, |s| (&mut s.host.actors, &mut s.guest.vcpus)),
+        run_x86_deterministic,
+        |r| r.failing_step,
+        |s, n| s.deterministic.steps = n,
+    )
+    .map(Some)
 }
 
 #[cfg(test)]

@@ -285,7 +285,7 @@ impl KernelMap {
             next_pd += 1;
             let left = (ram_bytes - (g << 30)) >> 21;
             for i in 0..left.min(512) {
-                vm.guest_store((pd << 12) + 8 * i, (g << 30) + (i << 21) | leaf)?;
+                vm.guest_store((pd << 12) + 8 * i, ((g << 30) + (i << 21)) | leaf)?;
                 pages_2m += 1;
             }
             vm.guest_store(slot, pd << 12 | KERNEL_TABLE)?;
@@ -890,7 +890,7 @@ impl X86Cpu {
         let Some(p) = self.procs.get_mut(cur) else {
             return;
         };
-        let start = (p.next_mmap - npages - gap) & !511;
+        let start = p.next_mmap.saturating_sub(npages + gap) & !511;
         p.next_mmap = start;
         p.vmas.push(Vma {
             start,
@@ -1118,7 +1118,11 @@ impl X86Cpu {
                 }
                 return Ok(());
             };
-            self.handle_fault(vm, vpn, vma, fault)?;
+            if !self.handle_fault(vm, vpn, vma, fault)? {
+                // Out of frames: Linux would kill the process; this guest gives up the
+                // access.
+                return Ok(());
+            }
         }
         self.mismatch(format!(
             "user access {gva:#x} still faults after its handler"
@@ -1126,35 +1130,37 @@ impl X86Cpu {
         Ok(())
     }
 
-    /// Linux's page-fault handler for a fault the tables imply.
+    /// Linux's page-fault handler for a fault the tables imply; false if it could not
+    /// map the page (out of frames).
     fn handle_fault(
         &mut self,
         vm: &ShadowVm,
         vpn: u64,
         vma: Vma,
         fault: Expect,
-    ) -> Result<(), ShadowError> {
+    ) -> Result<bool, ShadowError> {
         let cur = self.current;
         match fault {
             Expect::NotPresent => {
                 let Some(frame) = self.frames.alloc(Kind::Data) else {
                     self.counters.out_of_frames += 1;
-                    return Ok(());
+                    return Ok(false);
                 };
                 self.counters.demand_faults += 1;
                 let page = Page {
                     frame,
                     writable: vma.write,
                 };
-                if !self.map(vm, cur, vpn, page, vma.exec)? {
+                let mapped = self.map(vm, cur, vpn, page, vma.exec)?;
+                if !mapped {
                     self.frames.put(frame);
                 }
                 // Not present -> present needs no flush.
-                Ok(())
+                Ok(mapped)
             }
             Expect::ReadOnly => {
                 let Some(old) = self.procs[cur].pages.get(&vpn).copied() else {
-                    return Ok(());
+                    return Ok(false);
                 };
                 self.counters.cow_breaks += 1;
                 let frame = if self.frames.refs(old.frame) == 1 {
@@ -1162,14 +1168,14 @@ impl X86Cpu {
                 } else {
                     let Some(f) = self.frames.alloc(Kind::Data) else {
                         self.counters.out_of_frames += 1;
-                        return Ok(());
+                        return Ok(false);
                     };
                     // The copy: both frames are all zero.
                     self.frames.put(old.frame);
                     f
                 };
                 let Some(pte) = self.pte_gpa(vm, cur, vpn << 12, false)? else {
-                    return Ok(());
+                    return Ok(false);
                 };
                 self.store(vm, pte, Self::leaf(frame, true, vma.exec))?;
                 self.procs[cur].pages.insert(
@@ -1180,9 +1186,10 @@ impl X86Cpu {
                     },
                 );
                 // ptep_clear_flush.
-                self.invlpg(vm, vpn << 12)
+                self.invlpg(vm, vpn << 12)?;
+                Ok(true)
             }
-            Expect::Lands(_) => Ok(()),
+            Expect::Lands(_) => Ok(true),
         }
     }
 
@@ -1272,8 +1279,9 @@ mod tests {
         // Demand-fault a heap page by a store.
         cpu.current = 0;
         let vma = cpu.vma_of(0, heap).unwrap();
-        cpu.handle_fault(&vm, heap, vma, Expect::NotPresent)
-            .unwrap();
+        assert!(cpu
+            .handle_fault(&vm, heap, vma, Expect::NotPresent)
+            .unwrap());
         let frame = cpu.procs[0].pages[&heap].frame;
         let out = vm
             .access(cpu.vcpu, heap << 12, Access::USER | Access::WRITE)
@@ -1295,7 +1303,7 @@ mod tests {
             matches!(out, AccessOutcome::Fault(pf) if pf.error_code.contains(PfErrorCode::PRESENT)),
             "{out:?}"
         );
-        cpu.handle_fault(&vm, heap, vma, Expect::ReadOnly).unwrap();
+        assert!(cpu.handle_fault(&vm, heap, vma, Expect::ReadOnly).unwrap());
         let new = cpu.procs[0].pages[&heap].frame;
         assert_ne!(new, frame, "a shared frame is copied");
         let out = vm
@@ -1343,5 +1351,30 @@ mod tests {
             "{c:?}"
         );
         assert!(c.pte_writes_emulated > 0, "{c:?}");
+    }
+
+    #[test]
+    fn running_out_of_frames_skips_operations_without_a_mismatch() {
+        // 16 MiB over 8 vCPUs: 448 frames each, and every touch of a large VMA a first
+        // touch: far more than the frames.
+        let (vm, k) = vm(16);
+        let cfg = X86Workload {
+            max_vma_pages: 4096,
+            hot_per_mille: 0,
+            ..X86Workload::default()
+        };
+        let mut cpus: Vec<X86Cpu> = (0..8)
+            .map(|i| X86Cpu::new(&vm, k, i, 8, 5, cfg).unwrap())
+            .collect();
+        for i in 0..8000 {
+            cpus[i % 8].step(&vm);
+        }
+        vm.check().unwrap();
+        let mut c = X86Counters::default();
+        for cpu in &cpus {
+            c.merge(&cpu.counters);
+        }
+        assert!(c.out_of_frames > 0, "{c:?}");
+        assert_eq!(c.mismatches, 0, "{:?}", c.first_mismatch);
     }
 }

@@ -27,7 +27,7 @@ pub mod run;
 use crate::actors::{HostOps, Migration, MigrationEvent};
 use crate::host::HostMmu;
 use crate::run::{si_ns, write_table, MigrationStats};
-use crate::scenario::{DeterministicSpec, HostActor, HostSpec, ScenarioError};
+use crate::scenario::{invalid, read_file, DeterministicSpec, HostActor, HostSpec, ScenarioError};
 use guest::{KernelMap, X86Counters, X86Cpu, X86Workload};
 use revmap_host::{Memslot, MemslotError, MemslotFlags};
 use revmap_rmap::{Gfn, Hva, SlotId};
@@ -133,13 +133,6 @@ impl Default for X86Scenario {
     }
 }
 
-fn invalid(field: &'static str, why: impl Into<String>) -> ScenarioError {
-    ScenarioError::Invalid {
-        field,
-        why: why.into(),
-    }
-}
-
 impl X86Scenario {
     /// Parses and validates a TOML scenario.
     pub fn from_toml(text: &str) -> Result<Self, ScenarioError> {
@@ -151,20 +144,7 @@ impl X86Scenario {
     /// Reads, parses and validates a scenario file; errors name the file; a file
     /// without `name` is named after the file (its stem).
     pub fn from_file(path: &std::path::Path) -> Result<Self, ScenarioError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
-        let mut s = Self::from_toml(&text).map_err(|e| ScenarioError::InFile {
-            path: path.display().to_string(),
-            source: Box::new(e),
-        })?;
-        if !text.lines().any(|l| l.trim_start().starts_with("name")) {
-            if let Some(stem) = path.file_stem() {
-                s.name = stem.to_string_lossy().into_owned();
-            }
-        }
-        Ok(s)
+        read_file(path, Self::from_toml, |s| &mut s.name)
     }
 
     /// Checks every value.
@@ -265,6 +245,17 @@ pub fn build(
         .map(|v| X86Cpu::new(&vm, kernel, v, nv, sc.seed, sc.workload))
         .collect::<Result<Vec<_>, _>>()?;
     Ok((vm, kernel, cpus))
+}
+
+/// The guests' counters summed, and their digests folded in vCPU order.
+pub(crate) fn merge_cpus(cpus: &[X86Cpu]) -> (X86Counters, u64) {
+    let mut guest = X86Counters::default();
+    let mut digest = 0u64;
+    for c in cpus {
+        guest.merge(&c.counters);
+        digest = crate::report::digest_word(digest, c.digest);
+    }
+    (guest, digest)
 }
 
 /// The host actors of the scenario other than migration.
@@ -647,7 +638,7 @@ impl X86Report {
             if self.deterministic {
                 ", the checker after every step included"
             } else {
-                " and vCPU"
+                ""
             },
             self.host_ops.total(),
             self.host_ops_per_s

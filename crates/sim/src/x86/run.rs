@@ -14,13 +14,13 @@
 //! * Atomics and threads come from `revmap_rmap::sync`.
 
 use super::{
-    actor_kinds, build, Collected, DirtyLogPasses, X86Report, X86RunError, X86Sample, X86Scenario,
+    actor_kinds, build, merge_cpus, Collected, DirtyLogPasses, X86Report, X86RunError, X86Sample,
+    X86Scenario,
 };
 use crate::actors::{ActorConfig, HostActors};
-use crate::report::digest_word;
 use crate::run::{ExitGuard, Progress, Quiesce, TICK};
 use crate::scenario::HostActor;
-use guest::{X86Counters, X86Cpu};
+use guest::X86Cpu;
 use revmap_rmap::sync::{thread, AtomicU64, Ordering};
 use revmap_shadow::vm::ShadowVm;
 use std::ops::ControlFlow;
@@ -173,12 +173,7 @@ pub fn run_x86(
     let (cpus, host_ops, mut timeline) = outcome?;
     // The final check, everything stopped.
     checks.check(&vm);
-    let mut guest = X86Counters::default();
-    let mut digest = 0u64;
-    for c in &cpus {
-        guest.merge(&c.counters);
-        digest = digest_word(digest, c.digest);
-    }
+    let (guest, digest) = merge_cpus(&cpus);
     timeline.push(X86Sample::of(
         &vm,
         elapsed,
