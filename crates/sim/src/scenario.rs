@@ -249,6 +249,23 @@ pub(crate) fn read_file<S>(
     Ok(s)
 }
 
+/// The run-length and check-interval rules every scenario shares.
+pub(crate) fn check_timing(
+    duration_secs: f64,
+    check_interval_ms: u64,
+) -> Result<(), ScenarioError> {
+    if !(duration_secs.is_finite() && duration_secs > 0.0) {
+        return Err(invalid(
+            "duration_secs (--duration)",
+            "must be a positive number of seconds",
+        ));
+    }
+    if check_interval_ms == 0 {
+        return Err(invalid("check_interval_ms", "must be positive"));
+    }
+    Ok(())
+}
+
 pub(crate) fn invalid(field: &'static str, why: impl Into<String>) -> ScenarioError {
     ScenarioError::Invalid {
         field,
@@ -331,15 +348,7 @@ impl Scenario {
         if ![12, 16, 24].contains(&g.backing_page_shift) {
             return Err(invalid("guest.backing_page_shift", "must be 12, 16 or 24"));
         }
-        if !(self.duration_secs.is_finite() && self.duration_secs > 0.0) {
-            return Err(invalid(
-                "duration_secs (--duration)",
-                "must be a positive number of seconds",
-            ));
-        }
-        if self.check_interval_ms == 0 {
-            return Err(invalid("check_interval_ms", "must be positive"));
-        }
+        check_timing(self.duration_secs, self.check_interval_ms)?;
         let w = &self.workload;
         if ![16, 24].contains(&w.linear_page_shift) {
             return Err(invalid("workload.linear_page_shift", "must be 16 or 24"));

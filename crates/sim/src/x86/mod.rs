@@ -27,7 +27,9 @@ pub mod run;
 use crate::actors::{HostOps, Migration, MigrationEvent};
 use crate::host::HostMmu;
 use crate::run::{si_ns, write_table, MigrationStats};
-use crate::scenario::{invalid, read_file, DeterministicSpec, HostActor, HostSpec, ScenarioError};
+use crate::scenario::{
+    check_timing, invalid, read_file, DeterministicSpec, HostActor, HostSpec, ScenarioError,
+};
 use guest::{KernelMap, X86Counters, X86Cpu, X86Workload};
 use revmap_host::{Memslot, MemslotError, MemslotFlags};
 use revmap_rmap::{Gfn, Hva, SlotId};
@@ -162,15 +164,7 @@ impl X86Scenario {
         if ![12, 21, 30].contains(&self.guest.backing_page_shift) {
             return Err(invalid("guest.backing_page_shift", "must be 12, 21 or 30"));
         }
-        if !(self.duration_secs.is_finite() && self.duration_secs > 0.0) {
-            return Err(invalid(
-                "duration_secs (--duration)",
-                "must be a positive number of seconds",
-            ));
-        }
-        if self.check_interval_ms == 0 {
-            return Err(invalid("check_interval_ms", "must be positive"));
-        }
+        check_timing(self.duration_secs, self.check_interval_ms)?;
         let w = &self.workload;
         if w.mix.touch == 0 {
             return Err(invalid("workload.mix.touch", "must be positive"));
