@@ -19,6 +19,7 @@ mod replay;
 mod replay_mmu;
 mod run;
 mod run_x86;
+mod soak;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -44,6 +45,9 @@ enum Command {
     /// Run the benchmarks: rmap, replay, host, resize, x86, nested (tables, or JSON lines with
     /// --json; --quick for short runs).
     Bench(bench::BenchArgs),
+    /// Soak: the deterministic simulator over many seeds on all cores, the invariant
+    /// checker after every step; failing seeds are minimised.
+    Soak(soak::SoakArgs),
 }
 
 fn main() -> ExitCode {
@@ -62,5 +66,6 @@ fn main() -> ExitCode {
         Command::Replay(args) => replay::run(&args),
         Command::Run(args) => run::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Soak(args) => soak::run(&args),
     }
 }

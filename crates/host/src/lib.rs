@@ -272,7 +272,8 @@ impl Memslot {
     ) -> Result<Self, MemslotError> {
         Self::validate(base_gfn, npages, backing_page_shift, userspace_addr)?;
         let memory = SimHostMemory::new(userspace_addr, npages, backing_page_shift)?;
-        Self::build(id, base_gfn, npages, flags, Box::new(memory))
+        let memory = revmap_rmap::error::try_box(memory)?;
+        Self::build(id, base_gfn, npages, flags, memory)
     }
 
     /// Create a slot of `npages` frames from `base_gfn` over `memory`: the slot's host

@@ -74,17 +74,22 @@ fn slot_of(w: &SlotsWriter<'_>, id: SlotId) -> Result<Memslot, MemslotError> {
         .ok_or(MemslotError::NoSuchSlot { id })
 }
 
-/// The INVALID step and the flush of `old` (delete and move).
-fn invalidate_and_flush<A: MemslotArch + ?Sized>(
+/// The INVALID step, the flush of `old`, and the publication of `after` (delete and
+/// move). `after` is built by the caller before anything is published: once the
+/// INVALID set is visible nothing may fail, or the slot would stay INVALID (and its
+/// id unusable) behind an error.
+fn invalidate_flush_and_publish<A: MemslotArch + ?Sized>(
     arch: &A,
     w: &mut SlotsWriter<'_>,
     old: &Memslot,
+    after: Memslots,
 ) -> Result<(), MemslotError> {
     let invalid = old.with_flags(old.flags().union(MemslotFlags::INVALID));
     let mut next = w.next()?;
     next.replace(invalid.clone());
     publish(arch, w, next);
     arch.flush_memslot(&invalid);
+    publish(arch, w, after);
     Ok(())
 }
 
@@ -113,10 +118,9 @@ pub fn delete_memslot<A: MemslotArch + ?Sized>(
 ) -> Result<(), MemslotError> {
     let mut w = set.writer();
     let old = slot_of(&w, id)?;
-    invalidate_and_flush(arch, &mut w, &old)?;
-    let mut next = w.next()?;
-    next.remove(id);
-    publish(arch, &mut w, next);
+    let mut after = w.next()?;
+    after.remove(id);
+    invalidate_flush_and_publish(arch, &mut w, &old, after)?;
     arch.commit_memory_region(MemslotChange::Delete(&old));
     Ok(())
 }
@@ -136,17 +140,12 @@ pub fn move_memslot<A: MemslotArch + ?Sized>(
         return Ok(());
     }
     let moved = old.with_base(new_base)?;
-    {
-        // Overlap check against every other slot, before the INVALID step.
-        let mut probe = w.next()?;
-        probe.remove(id);
-        probe.insert(moved.clone())?;
-    }
-    invalidate_and_flush(arch, &mut w, &old)?;
-    let mut next = w.next()?;
-    next.remove(id);
-    next.insert(moved.clone())?;
-    publish(arch, &mut w, next);
+    // The final set, and with it the overlap check against every other slot, before
+    // the INVALID step.
+    let mut after = w.next()?;
+    after.remove(id);
+    after.insert(moved.clone())?;
+    invalidate_flush_and_publish(arch, &mut w, &old, after)?;
     arch.commit_memory_region(MemslotChange::Move(&moved));
     Ok(())
 }

@@ -96,7 +96,8 @@ use revmap_hpt::{HptError, Vm, VmConfig};
 /// A VM of `cfg` with resizing: [`Vm::new`] with a [`ResizeCtl`] for its RAM size
 /// installed.
 pub fn new_vm(cfg: VmConfig) -> Result<Vm, HptError> {
-    Ok(Vm::new(cfg)?.with_resizer(alloc::boxed::Box::new(ResizeCtl::for_config(&cfg))))
+    let ctl = revmap_rmap::error::try_box(ResizeCtl::for_config(&cfg))?;
+    Ok(Vm::new(cfg)?.with_resizer(ctl))
 }
 
 /// The resize controller of a [`Vm`], if a [`ResizeCtl`] is its resizer.

@@ -266,9 +266,18 @@ impl ResizeCtl {
         *p = Pending::Allocating { order, id };
         let shared = self.shared.clone();
         ResizeStats::bump(&self.shared.stats.started);
-        let spawned = thread::Builder::new()
-            .name("hpt-resize-prepare".into())
-            .spawn(move || prepare_worker(shared, order, id, flavour));
+        // The thread's name, allocated fallibly (the spawn itself has no fallible form).
+        const NAME: &str = "hpt-resize-prepare";
+        let mut name = String::new();
+        let spawned = match name.try_reserve_exact(NAME.len()) {
+            Ok(()) => {
+                name.push_str(NAME);
+                thread::Builder::new()
+                    .name(name)
+                    .spawn(move || prepare_worker(shared, order, id, flavour))
+            }
+            Err(_) => Err(std::io::Error::from(std::io::ErrorKind::OutOfMemory)),
+        };
         match spawned {
             Ok(_) => long_busy_for_ms(PREPARE_ESTIMATE_MS),
             Err(_) => {

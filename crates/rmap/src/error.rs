@@ -44,3 +44,29 @@ pub fn try_boxed_slice<T>(
     }
     Ok(v.into_boxed_slice())
 }
+
+/// Try to box `value`, reporting failure as an [`RmapError::Alloc`] instead of aborting
+/// (`Box::try_new` is not stable Rust). A `Box<T>` made here coerces to a
+/// `Box<dyn Trait>` like any other.
+pub fn try_box<T>(value: T) -> Result<alloc::boxed::Box<T>, RmapError> {
+    let layout = core::alloc::Layout::new::<T>();
+    if layout.size() == 0 {
+        // A zero-sized value is never allocated.
+        return Ok(alloc::boxed::Box::new(value));
+    }
+    // SAFETY: `layout` has a non-zero size, as `alloc` requires.
+    let p = unsafe { alloc::alloc::alloc(layout) }.cast::<T>();
+    if p.is_null() {
+        return Err(RmapError::Alloc {
+            bytes: layout.size(),
+        });
+    }
+    // SAFETY: `p` is non-null, was returned by the global allocator for `T`'s layout (so
+    // it is aligned and valid for a write of one `T`), and nothing else refers to it.
+    // `Box::from_raw` may own a pointer the global allocator gave for `Layout::new::<T>()`
+    // (the memory layout documented for `Box`), and the value is initialised first.
+    unsafe {
+        p.write(value);
+        Ok(alloc::boxed::Box::from_raw(p))
+    }
+}

@@ -40,6 +40,14 @@ pub use core::sync::atomic::{
     fence, AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
 };
 
+/// Native atomics under every backend, for process-global state that no model checker
+/// may own: `static` items that must be const-constructible and usable outside a loom or
+/// shuttle model, such as the counters of a test global allocator. Library code that
+/// shares state between threads uses the switched atomics above, never these.
+pub mod native {
+    pub use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+}
+
 /// `Arc`, from the same source as the atomics (alloc, loom or shuttle).
 #[cfg(loom)]
 pub use loom::sync::Arc;

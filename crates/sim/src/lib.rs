@@ -42,6 +42,7 @@ pub mod replay;
 pub mod report;
 pub mod run;
 pub mod scenario;
+pub mod soak;
 pub mod workload;
 pub mod x86;
 

@@ -5,6 +5,8 @@
 //!   dirty logs from, and the plain scan they are compared with (`benches/host.rs` of
 //!   `revmap-hpt`, `revmap bench host`).
 //! * [`resize`]: the commit-pause benchmark of live HPT resizing (`revmap bench resize`).
+//! * [`failalloc`]: a global allocator that fails the k-th allocation, and the sweep
+//!   that runs a representative MMU run once for every k (the allocation-failure tests).
 //!
 //! Test hooks of the resize protocol are a cargo feature of `revmap-resize`
 //! (`test-hooks`), enabled only by dev-dependencies.
@@ -18,9 +20,11 @@
 //! assert_eq!(fx.unmap_all(), (64 << 20) >> 16);
 //! # Ok::<(), revmap_testkit::FixtureError>(())
 //! ```
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+#[allow(unsafe_code)] // a global allocator is an `unsafe impl` by definition
+pub mod failalloc;
 pub mod host;
 pub mod resize;
 
