@@ -12,7 +12,7 @@
 //! * After every step the checker runs and the guest's mismatch count is read; the
 //!   first failure stops the run and is reported with its step.
 //! * [`minimise`] shrinks a failing scenario (fewer steps, host actors, vCPUs) while it
-//!   still fails.
+//!   still fails; [`X86Soak`] runs many seeds for `revmap soak`.
 
 use super::run::Checks;
 use super::{
@@ -24,6 +24,7 @@ use crate::det::{digest_str, fewer_actors_or_vcpus, shrink, VCPU_WEIGHT};
 use crate::report::digest_word;
 use crate::run::Progress;
 use crate::scenario::HostActor;
+use crate::soak::{SeedFailure, SeedOutcome, SoakTarget};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use revmap_shadow::vm::ShadowVm;
@@ -188,6 +189,60 @@ pub fn minimise(sc: &X86Scenario) -> Result<Option<(X86Scenario, X86Report)>, X8
     .map(Some)
 }
 
+/// The x86 simulator as `revmap soak` drives it: each seed a deterministic run of a
+/// base scenario.
+#[derive(Debug, Clone)]
+pub struct X86Soak {
+    base: X86Scenario,
+}
+
+impl X86Soak {
+    /// Soaks `base` (its seed and step count replaced per run).
+    pub fn new(base: X86Scenario) -> Self {
+        Self { base }
+    }
+
+    fn scenario(&self, seed: u64, steps: u64) -> X86Scenario {
+        let mut sc = self.base.clone();
+        sc.seed = seed;
+        sc.deterministic.steps = steps;
+        sc
+    }
+}
+
+impl SoakTarget for X86Soak {
+    fn name(&self) -> &'static str {
+        "x86"
+    }
+
+    fn run_seed(&self, seed: u64, steps: u64) -> Result<SeedOutcome, String> {
+        let r = run_x86_deterministic(&self.scenario(seed, steps)).map_err(|e| e.to_string())?;
+        let failure = r.failing_step.map(|step| SeedFailure {
+            step,
+            violation: r
+                .first_violation
+                .clone()
+                .unwrap_or_else(|| "violation".into()),
+        });
+        Ok(SeedOutcome {
+            steps: r.steps,
+            checks: r.invariant_checks,
+            failure,
+        })
+    }
+
+    fn minimise(&self, seed: u64, steps: u64) -> Result<String, String> {
+        match minimise(&self.scenario(seed, steps)).map_err(|e| e.to_string())? {
+            Some((small, _)) => toml::to_string(&small)
+                .map(|t| {
+                    format!("revmap run --mmu x86 --deterministic --scenario FILE, with FILE:\n{t}")
+                })
+                .map_err(|e| e.to_string()),
+            None => Ok("the failure did not reproduce when re-run".into()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -222,6 +277,20 @@ mod tests {
             assert!(r.shadow.page_faults > 0 && r.shadow.write_protected_gfns > 0);
             assert!(r.host_ops.get_dirty_log > 0 && r.host_ops.age_gfn > 0);
         }
+    }
+
+    #[test]
+    fn soak_runs_every_seed_with_a_check_every_step() {
+        let target = X86Soak::new(small(1, 0));
+        let opts = crate::soak::SoakOptions {
+            first_seed: 11,
+            seeds: 3,
+            steps: 200,
+            jobs: 1,
+        };
+        let r = crate::soak::soak(&target, &opts, |_| {});
+        assert_eq!((r.seeds, r.steps, r.checks), (3, 600, 600));
+        assert!(r.failures.is_empty() && r.errors.is_empty(), "{r:?}");
     }
 
     #[test]
