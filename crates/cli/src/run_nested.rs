@@ -37,12 +37,13 @@ fn load(args: &RunArgs) -> Result<NestedScenario, String> {
         &mut sc.stop_after_accesses,
         &mut sc.seed,
         &mut sc.deterministic.steps,
-    );
+    )?;
     sc.validate().map_err(|e| e.to_string())?;
     Ok(sc)
 }
 
 impl Report for NestedRunReport {
+    const COUNTED: &'static str = "L2 accesses";
     fn human(&self) -> String {
         NestedRunReport::human(self)
     }

@@ -346,7 +346,7 @@ impl Quiesce {
 }
 
 /// Marks a worker exited when dropped (also on unwind).
-struct ExitGuard<'a>(&'a Quiesce);
+pub(crate) struct ExitGuard<'a>(pub(crate) &'a Quiesce);
 
 impl Drop for ExitGuard<'_> {
     fn drop(&mut self) {
