@@ -22,6 +22,7 @@ use crate::host::HostMmu;
 use crate::report::digest_word;
 use crate::run::Progress;
 use crate::scenario::HostActor;
+use crate::soak::{DetSoak, SeedOutcome, SoakScenario};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::ops::ControlFlow;
@@ -186,4 +187,34 @@ pub fn minimise_nested(
             candidates
         },
     )
+}
+
+/// The nested simulator as `revmap soak` drives it: each seed a deterministic run of a
+/// base scenario.
+pub type NestedSoak = DetSoak<NestedScenario>;
+
+impl SoakScenario for NestedScenario {
+    const MMU: &'static str = "nested";
+    const RERUN: &'static str = "--mmu nested --deterministic";
+
+    fn reseed(&mut self, seed: u64, steps: u64) {
+        self.seed = seed;
+        self.deterministic.steps = steps;
+    }
+
+    fn run_det(&self) -> Result<SeedOutcome, String> {
+        let r = run_nested_deterministic(self).map_err(|e| e.to_string())?;
+        Ok(SeedOutcome::of(
+            self.deterministic.steps,
+            r.invariant_checks,
+            r.failing_step,
+            r.first_violation.as_deref(),
+        ))
+    }
+
+    fn shrink_det(&self) -> Result<Option<Self>, String> {
+        minimise_nested(self)
+            .map(|m| m.map(|(small, _)| small))
+            .map_err(|e| e.to_string())
+    }
 }

@@ -40,7 +40,9 @@ use crate::scenario::{
 use revmap_nested::{NestedCounters, NestedVm, NestedVmConfig, NestedVmError};
 use serde::{Deserialize, Serialize};
 
-pub use det::{minimise_nested, run_nested_deterministic, run_nested_deterministic_with};
+pub use det::{
+    minimise_nested, run_nested_deterministic, run_nested_deterministic_with, NestedSoak,
+};
 pub use l1::{L1Counters, L1Cpu};
 pub use run::run_nested;
 

@@ -24,7 +24,7 @@ use crate::det::{digest_str, fewer_actors_or_vcpus, shrink, VCPU_WEIGHT};
 use crate::report::digest_word;
 use crate::run::Progress;
 use crate::scenario::HostActor;
-use crate::soak::{SeedFailure, SeedOutcome, SoakTarget};
+use crate::soak::{DetSoak, SeedOutcome, SoakScenario};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use revmap_shadow::vm::ShadowVm;
@@ -182,55 +182,31 @@ pub fn minimise(sc: &X86Scenario) -> Result<Option<(X86Scenario, X86Report)>, X8
 
 /// The x86 simulator as `revmap soak` drives it: each seed a deterministic run of a
 /// base scenario.
-#[derive(Debug, Clone)]
-pub struct X86Soak {
-    base: X86Scenario,
-}
+pub type X86Soak = DetSoak<X86Scenario>;
 
-impl X86Soak {
-    /// Soaks `base` (its seed and step count replaced per run).
-    pub fn new(base: X86Scenario) -> Self {
-        Self { base }
+impl SoakScenario for X86Scenario {
+    const MMU: &'static str = "x86";
+    const RERUN: &'static str = "--mmu x86 --deterministic";
+
+    fn reseed(&mut self, seed: u64, steps: u64) {
+        self.seed = seed;
+        self.deterministic.steps = steps;
     }
 
-    fn scenario(&self, seed: u64, steps: u64) -> X86Scenario {
-        let mut sc = self.base.clone();
-        sc.seed = seed;
-        sc.deterministic.steps = steps;
-        sc
-    }
-}
-
-impl SoakTarget for X86Soak {
-    fn name(&self) -> &'static str {
-        "x86"
+    fn run_det(&self) -> Result<SeedOutcome, String> {
+        let r = run_x86_deterministic(self).map_err(|e| e.to_string())?;
+        Ok(SeedOutcome::of(
+            self.deterministic.steps,
+            r.invariant_checks,
+            r.failing_step,
+            r.first_violation.as_deref(),
+        ))
     }
 
-    fn run_seed(&self, seed: u64, steps: u64) -> Result<SeedOutcome, String> {
-        let r = run_x86_deterministic(&self.scenario(seed, steps)).map_err(|e| e.to_string())?;
-        let failure = r.failing_step.map(|step| SeedFailure {
-            step,
-            violation: r
-                .first_violation
-                .clone()
-                .unwrap_or_else(|| "violation".into()),
-        });
-        Ok(SeedOutcome {
-            steps: r.steps,
-            checks: r.invariant_checks,
-            failure,
-        })
-    }
-
-    fn minimise(&self, seed: u64, steps: u64) -> Result<String, String> {
-        match minimise(&self.scenario(seed, steps)).map_err(|e| e.to_string())? {
-            Some((small, _)) => toml::to_string(&small)
-                .map(|t| {
-                    format!("revmap run --mmu x86 --deterministic --scenario FILE, with FILE:\n{t}")
-                })
-                .map_err(|e| e.to_string()),
-            None => Ok("the failure did not reproduce when re-run".into()),
-        }
+    fn shrink_det(&self) -> Result<Option<Self>, String> {
+        minimise(self)
+            .map(|m| m.map(|(small, _)| small))
+            .map_err(|e| e.to_string())
     }
 }
 
