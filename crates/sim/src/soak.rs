@@ -261,30 +261,62 @@ impl<S: SoakScenario> SoakTarget for DetSoak<S> {
     }
 }
 
-impl SoakScenario for Scenario {
-    const MMU: &'static str = "hpt";
-    const RERUN: &'static str = "--deterministic";
+/// Implements [`SoakScenario`] for a scenario type with `seed` and
+/// `deterministic.steps` fields, whose deterministic run (`$run`) and minimiser
+/// (`$minimise`) give reports with `invariant_checks`, `failing_step` and
+/// `first_violation`.
+macro_rules! soak_scenario {
+    ($scenario:ty, $mmu:literal, $rerun:literal, $run:path, $minimise:path) => {
+        impl $crate::soak::SoakScenario for $scenario {
+            const MMU: &'static str = $mmu;
+            const RERUN: &'static str = $rerun;
 
-    fn reseed(&mut self, seed: u64, steps: u64) {
-        self.seed = seed;
-        self.deterministic.steps = steps;
-    }
+            fn reseed(&mut self, seed: u64, steps: u64) {
+                self.seed = seed;
+                self.deterministic.steps = steps;
+            }
 
-    fn run_det(&self) -> Result<SeedOutcome, String> {
-        let r = run_deterministic(self).map_err(|e| e.to_string())?;
-        Ok(SeedOutcome::of(
-            self.deterministic.steps,
-            r.invariant_checks,
-            r.failing_step,
-            r.first_violation.as_deref(),
-        ))
-    }
+            fn run_det(&self) -> Result<$crate::soak::SeedOutcome, String> {
+                let r = $run(self).map_err(|e| e.to_string())?;
+                Ok($crate::soak::SeedOutcome::of(
+                    self.deterministic.steps,
+                    r.invariant_checks,
+                    r.failing_step,
+                    r.first_violation.as_deref(),
+                ))
+            }
 
-    fn shrink_det(&self) -> Result<Option<Self>, String> {
-        minimise(self)
-            .map(|m| m.map(|(small, _)| small))
-            .map_err(|e| e.to_string())
-    }
+            fn shrink_det(&self) -> Result<Option<Self>, String> {
+                $minimise(self)
+                    .map(|m| m.map(|(small, _)| small))
+                    .map_err(|e| e.to_string())
+            }
+        }
+    };
+}
+pub(crate) use soak_scenario;
+
+soak_scenario!(
+    Scenario,
+    "hpt",
+    "--deterministic",
+    run_deterministic,
+    minimise
+);
+
+/// Soaks `target` over three seeds of 200 steps and checks that every step ran clean
+/// and was checked.
+#[cfg(test)]
+pub(crate) fn assert_soaks_clean(target: &dyn SoakTarget) {
+    let opts = SoakOptions {
+        first_seed: 11,
+        seeds: 3,
+        steps: 200,
+        jobs: 1,
+    };
+    let r = soak(target, &opts, |_| {});
+    assert_eq!((r.seeds, r.steps, r.checks), (3, 600, 600));
+    assert!(r.failures.is_empty() && r.errors.is_empty(), "{r:?}");
 }
 
 #[cfg(test)]

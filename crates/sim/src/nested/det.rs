@@ -22,7 +22,7 @@ use crate::host::HostMmu;
 use crate::report::digest_word;
 use crate::run::Progress;
 use crate::scenario::HostActor;
-use crate::soak::{DetSoak, SeedOutcome, SoakScenario};
+use crate::soak::{soak_scenario, DetSoak};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::ops::ControlFlow;
@@ -193,28 +193,10 @@ pub fn minimise_nested(
 /// base scenario.
 pub type NestedSoak = DetSoak<NestedScenario>;
 
-impl SoakScenario for NestedScenario {
-    const MMU: &'static str = "nested";
-    const RERUN: &'static str = "--mmu nested --deterministic";
-
-    fn reseed(&mut self, seed: u64, steps: u64) {
-        self.seed = seed;
-        self.deterministic.steps = steps;
-    }
-
-    fn run_det(&self) -> Result<SeedOutcome, String> {
-        let r = run_nested_deterministic(self).map_err(|e| e.to_string())?;
-        Ok(SeedOutcome::of(
-            self.deterministic.steps,
-            r.invariant_checks,
-            r.failing_step,
-            r.first_violation.as_deref(),
-        ))
-    }
-
-    fn shrink_det(&self) -> Result<Option<Self>, String> {
-        minimise_nested(self)
-            .map(|m| m.map(|(small, _)| small))
-            .map_err(|e| e.to_string())
-    }
-}
+soak_scenario!(
+    NestedScenario,
+    "nested",
+    "--mmu nested --deterministic",
+    run_nested_deterministic,
+    minimise_nested
+);

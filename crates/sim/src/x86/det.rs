@@ -24,7 +24,7 @@ use crate::det::{digest_str, fewer_actors_or_vcpus, shrink, VCPU_WEIGHT};
 use crate::report::digest_word;
 use crate::run::Progress;
 use crate::scenario::HostActor;
-use crate::soak::{DetSoak, SeedOutcome, SoakScenario};
+use crate::soak::{soak_scenario, DetSoak};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use revmap_shadow::vm::ShadowVm;
@@ -184,31 +184,13 @@ pub fn minimise(sc: &X86Scenario) -> Result<Option<(X86Scenario, X86Report)>, X8
 /// base scenario.
 pub type X86Soak = DetSoak<X86Scenario>;
 
-impl SoakScenario for X86Scenario {
-    const MMU: &'static str = "x86";
-    const RERUN: &'static str = "--mmu x86 --deterministic";
-
-    fn reseed(&mut self, seed: u64, steps: u64) {
-        self.seed = seed;
-        self.deterministic.steps = steps;
-    }
-
-    fn run_det(&self) -> Result<SeedOutcome, String> {
-        let r = run_x86_deterministic(self).map_err(|e| e.to_string())?;
-        Ok(SeedOutcome::of(
-            self.deterministic.steps,
-            r.invariant_checks,
-            r.failing_step,
-            r.first_violation.as_deref(),
-        ))
-    }
-
-    fn shrink_det(&self) -> Result<Option<Self>, String> {
-        minimise(self)
-            .map(|m| m.map(|(small, _)| small))
-            .map_err(|e| e.to_string())
-    }
-}
+soak_scenario!(
+    X86Scenario,
+    "x86",
+    "--mmu x86 --deterministic",
+    run_x86_deterministic,
+    minimise
+);
 
 #[cfg(test)]
 mod tests {
@@ -248,16 +230,7 @@ mod tests {
 
     #[test]
     fn soak_runs_every_seed_with_a_check_every_step() {
-        let target = X86Soak::new(small(1, 0));
-        let opts = crate::soak::SoakOptions {
-            first_seed: 11,
-            seeds: 3,
-            steps: 200,
-            jobs: 1,
-        };
-        let r = crate::soak::soak(&target, &opts, |_| {});
-        assert_eq!((r.seeds, r.steps, r.checks), (3, 600, 600));
-        assert!(r.failures.is_empty() && r.errors.is_empty(), "{r:?}");
+        crate::soak::assert_soaks_clean(&X86Soak::new(small(1, 0)));
     }
 
     #[test]
