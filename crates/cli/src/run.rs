@@ -147,21 +147,6 @@ fn positive_seconds(s: &str) -> Result<f64, String> {
     }
 }
 
-fn load(args: &RunArgs) -> Result<Scenario, String> {
-    let mut sc = match &args.scenario {
-        Some(p) => Scenario::from_file(p).map_err(|e| e.to_string())?,
-        None => Scenario::default(),
-    };
-    args.override_scenario(
-        &mut sc.duration_secs,
-        &mut sc.stop_after_hcalls,
-        &mut sc.seed,
-        &mut sc.deterministic.steps,
-    )?;
-    sc.validate().map_err(|e| e.to_string())?;
-    Ok(sc)
-}
-
 impl RunArgs {
     /// Applies `--duration`, the stop count, `--seed` and `--steps` to a scenario's
     /// fields. The stop count (`stop_after`) is `--hcalls` for the HPT MMU
@@ -231,7 +216,7 @@ fn check_memory(sc: &Scenario) -> Result<(), String> {
 
 /// What `revmap run` prints and plots, whatever the MMU simulated.
 pub(crate) trait Report: Serialize {
-    /// What the progress count (`Progress::hcalls`) counts.
+    /// What the progress count (`Progress::hcalls`) and a scenario's stop count count.
     const COUNTED: &'static str;
     /// The human summary.
     fn human(&self) -> String;
@@ -239,25 +224,159 @@ pub(crate) trait Report: Serialize {
     fn interrupted(&self) -> bool;
     /// Invariant violations found.
     fn violations(&self) -> u64;
+    /// The step after which a deterministic run found its first violation.
+    fn failing_step(&self) -> Option<u64>;
     /// Writes the plots into `dir`: the files, and whether PNGs were skipped (no font).
     fn write_plots(&self, dir: &Path) -> Result<(Vec<PathBuf>, bool), Box<dyn std::error::Error>>;
 }
 
-impl Report for RunReport {
-    const COUNTED: &'static str = "hcalls";
-    fn human(&self) -> String {
-        RunReport::human(self)
+/// A scenario `revmap run` simulates (one per MMU): how it is read, the fields the
+/// flags override, its threaded and deterministic runs and its minimiser.
+pub(crate) trait RunScenario: Sized + Serialize {
+    /// The report of a run.
+    type Report: Report;
+    /// Why a run could not complete.
+    type Error: std::fmt::Display;
+    /// The kind of scenario, as the run is announced (`x86 scenario`).
+    const KIND: &'static str;
+    /// The scenario without `--scenario`.
+    fn embedded_default() -> Self;
+    /// The scenario of `--scenario PATH`.
+    fn open(path: &Path) -> Result<Self, String>;
+    /// The scenario's name.
+    fn name(&self) -> &str;
+    /// The fields the flags override: the duration, the stop count, the seed and the
+    /// deterministic step count.
+    fn knobs(&mut self) -> (&mut f64, &mut u64, &mut u64, &mut u64);
+    /// Checks every value.
+    fn check(&self) -> Result<(), String>;
+    /// Checks made before a threaded run only (the host's memory); none by default.
+    fn check_host(&self) -> Result<(), String> {
+        Ok(())
     }
-    fn interrupted(&self) -> bool {
-        self.interrupted
-    }
-    fn violations(&self) -> u64 {
-        self.invariant_violations
-    }
-    fn write_plots(&self, dir: &Path) -> Result<(Vec<PathBuf>, bool), Box<dyn std::error::Error>> {
-        crate::plot::write_plots(self, dir)
-    }
+    /// The threaded run.
+    fn run_threaded(
+        &self,
+        progress: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
+    ) -> Result<Self::Report, Self::Error>;
+    /// The deterministic run.
+    fn run_deterministic(
+        &self,
+        progress: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
+    ) -> Result<Self::Report, Self::Error>;
+    /// Shrinks a failing deterministic run: the smallest failing scenario found, with
+    /// its first violation.
+    fn minimise(&self) -> Result<Option<(Self, Option<String>)>, String>;
 }
+
+/// Implements [`RunScenario`] for a scenario type and [`Report`] for its report type:
+/// the scenario has `name`, `duration_secs`, the stop count field `stop_after`, `seed`
+/// and `deterministic.steps` and a `validate` method; the report has `human`,
+/// `interrupted`, `invariant_violations`, `failing_step` and `first_violation`.
+macro_rules! mmu_run {
+    (
+        $sc:ty, $rep:ty, $err:ty,
+        kind: $kind:literal,
+        counted: $counted:literal,
+        stop_after: $stop:ident,
+        open: $open:expr,
+        threaded: $threaded:path,
+        deterministic: $det:path,
+        minimise: $min:path,
+        plots: $plots:path
+        $(, check_host: $host:path)?
+    ) => {
+        impl $crate::run::RunScenario for $sc {
+            type Report = $rep;
+            type Error = $err;
+            const KIND: &'static str = $kind;
+            fn embedded_default() -> Self {
+                <$sc>::default()
+            }
+            fn open(path: &std::path::Path) -> Result<Self, String> {
+                ($open)(path)
+            }
+            fn name(&self) -> &str {
+                &self.name
+            }
+            fn knobs(&mut self) -> (&mut f64, &mut u64, &mut u64, &mut u64) {
+                (
+                    &mut self.duration_secs,
+                    &mut self.$stop,
+                    &mut self.seed,
+                    &mut self.deterministic.steps,
+                )
+            }
+            fn check(&self) -> Result<(), String> {
+                self.validate().map_err(|e| e.to_string())
+            }
+            $(
+                fn check_host(&self) -> Result<(), String> {
+                    $host(self)
+                }
+            )?
+            fn run_threaded(
+                &self,
+                progress: &mut dyn FnMut(
+                    &revmap_sim::run::Progress,
+                ) -> std::ops::ControlFlow<()>,
+            ) -> Result<$rep, $err> {
+                $threaded(self, progress)
+            }
+            fn run_deterministic(
+                &self,
+                progress: &mut dyn FnMut(
+                    &revmap_sim::run::Progress,
+                ) -> std::ops::ControlFlow<()>,
+            ) -> Result<$rep, $err> {
+                $det(self, progress)
+            }
+            fn minimise(&self) -> Result<Option<(Self, Option<String>)>, String> {
+                $min(self)
+                    .map(|m| m.map(|(small, rep)| (small, rep.first_violation)))
+                    .map_err(|e| e.to_string())
+            }
+        }
+
+        impl $crate::run::Report for $rep {
+            const COUNTED: &'static str = $counted;
+            fn human(&self) -> String {
+                <$rep>::human(self)
+            }
+            fn interrupted(&self) -> bool {
+                self.interrupted
+            }
+            fn violations(&self) -> u64 {
+                self.invariant_violations
+            }
+            fn failing_step(&self) -> Option<u64> {
+                self.failing_step
+            }
+            fn write_plots(
+                &self,
+                dir: &std::path::Path,
+            ) -> Result<(Vec<std::path::PathBuf>, bool), Box<dyn std::error::Error>> {
+                $plots(self, dir)
+            }
+        }
+    };
+}
+pub(crate) use mmu_run;
+
+mmu_run!(
+    Scenario,
+    RunReport,
+    revmap_sim::run::RunError,
+    kind: "scenario",
+    counted: "hcalls",
+    stop_after: stop_after_hcalls,
+    open: |p: &Path| Scenario::from_file(p).map_err(|e| e.to_string()),
+    threaded: run_scenario,
+    deterministic: revmap_sim::det::run_deterministic_with,
+    minimise: revmap_sim::det::minimise,
+    plots: crate::plot::write_plots,
+    check_host: check_memory
+);
 
 fn print(report: &impl Report, json: bool, plot: Option<&PathBuf>) -> ExitCode {
     if json {
@@ -417,68 +536,39 @@ impl Display {
 /// Runs `revmap run`: the MMU `--mmu` names.
 pub fn run(args: &RunArgs) -> ExitCode {
     match args.mmu {
-        Mmu::Hpt => run_hpt(args),
-        Mmu::X86 => crate::run_x86::run(args),
-        Mmu::Nested => crate::run_nested::run(args),
+        Mmu::Hpt => run_mmu::<Scenario>(args),
+        Mmu::X86 => run_mmu::<revmap_sim::x86::X86Scenario>(args),
+        Mmu::Nested => run_mmu::<revmap_sim::nested::NestedScenario>(args),
     }
 }
 
-/// `revmap run --mmu hpt`.
-fn run_hpt(args: &RunArgs) -> ExitCode {
-    let sc = match load(args) {
+/// The scenario of `args` (`--scenario`, else the embedded default), the flags applied,
+/// checked (and, for a threaded run, the host checked).
+fn load<S: RunScenario>(args: &RunArgs) -> Result<S, String> {
+    let mut sc = match &args.scenario {
+        Some(p) => S::open(p)?,
+        None => S::embedded_default(),
+    };
+    let (duration, stop_after, seed, steps) = sc.knobs();
+    args.override_scenario(duration, stop_after, seed, steps)?;
+    sc.check()?;
+    if !args.deterministic {
+        sc.check_host()?;
+    }
+    Ok(sc)
+}
+
+/// The run of any MMU: loads its scenario, checks the `--plot` directory, installs the
+/// SIGINT handling, announces the run and shows its progress, runs it (threaded or
+/// deterministic), shrinks a failing deterministic run, and prints the report.
+fn run_mmu<S: RunScenario>(args: &RunArgs) -> ExitCode {
+    let mut sc = match load::<S>(args) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("revmap run: error: {e}");
             return ExitCode::from(2);
         }
     };
-    if !args.deterministic {
-        if let Err(e) = check_memory(&sc) {
-            eprintln!("revmap run: error: {e}");
-            return ExitCode::from(2);
-        }
-    }
-    let what = if args.deterministic {
-        format!("deterministic, {} steps", sc.deterministic.steps)
-    } else if sc.stop_after_hcalls > 0 {
-        format!("until {} hypercalls", sc.stop_after_hcalls)
-    } else {
-        format!("{} s", sc.duration_secs)
-    };
-    execute(
-        args,
-        sc.deterministic.steps,
-        format!("scenario {:?} ({what})", sc.name),
-        |progress| {
-            if args.deterministic {
-                revmap_sim::det::run_deterministic_with(&sc, progress)
-            } else {
-                run_scenario(&sc, progress)
-            }
-        },
-        |r: &RunReport| {
-            if r.failing_step.is_some() {
-                report_minimised(
-                    revmap_sim::det::minimise(&sc)
-                        .map(|m| m.map(|(small, rep)| (small, rep.first_violation))),
-                );
-            }
-        },
-    )
-}
-
-/// The run of any MMU, once its scenario is loaded: checks the `--plot` directory,
-/// installs the SIGINT handling, shows progress (`steps` long in deterministic mode)
-/// after announcing `what` runs, calls `simulate` with the progress callback, and
-/// prints the report; `shrink` sees a deterministic run's report first (to minimise a
-/// failure).
-pub(crate) fn execute<R: Report, E: std::fmt::Display>(
-    args: &RunArgs,
-    steps: u64,
-    what: String,
-    simulate: impl FnOnce(&mut dyn FnMut(&Progress) -> ControlFlow<()>) -> Result<R, E>,
-    shrink: impl FnOnce(&R),
-) -> ExitCode {
     if let Some(dir) = &args.plot {
         if let Err(e) = crate::plot::check_dir(dir) {
             eprintln!(
@@ -488,26 +578,43 @@ pub(crate) fn execute<R: Report, E: std::fmt::Display>(
             return ExitCode::from(2);
         }
     }
+    let (&mut duration, &mut stop_after, _, &mut steps) = sc.knobs();
     let stop = on_sigint();
     let len = if args.deterministic { steps } else { 1000 };
     let mut display = Display::new(args.deterministic, len);
     if display.bar.is_none() {
-        eprintln!("revmap run: running {what}; Ctrl-C stops it and still reports");
+        let what = if args.deterministic {
+            format!("deterministic, {steps} steps")
+        } else if stop_after > 0 {
+            format!("until {stop_after} {}", S::Report::COUNTED)
+        } else {
+            format!("{duration} s")
+        };
+        eprintln!(
+            "revmap run: running {} {:?} ({what}); Ctrl-C stops it and still reports",
+            S::KIND,
+            sc.name()
+        );
     }
-    let report = simulate(&mut |p: &Progress| {
-        display.update(p, len, R::COUNTED);
+    let mut progress = |p: &Progress| {
+        display.update(p, len, S::Report::COUNTED);
         // ORDERING: Relaxed: see `on_sigint`.
         if stop.load(Ordering::Relaxed) {
             ControlFlow::Break(())
         } else {
             ControlFlow::Continue(())
         }
-    });
+    };
+    let report = if args.deterministic {
+        sc.run_deterministic(&mut progress)
+    } else {
+        sc.run_threaded(&mut progress)
+    };
     display.finish();
     match report {
         Ok(r) => {
-            if args.deterministic {
-                shrink(&r);
+            if args.deterministic && r.failing_step().is_some() {
+                report_minimised(sc.minimise());
             }
             print(&r, args.json, args.plot.as_ref())
         }
