@@ -18,7 +18,7 @@ use super::{
     X86Scenario,
 };
 use crate::actors::{ActorConfig, HostActors};
-use crate::run::{ExitGuard, Progress, Quiesce, TICK};
+use crate::run::{join_vcpus, run_done, ExitGuard, Progress, Quiesce, TICK};
 use crate::scenario::HostActor;
 use guest::X86Cpu;
 use revmap_rmap::sync::{thread, AtomicU64, Ordering};
@@ -150,19 +150,12 @@ pub fn run_x86(
                 interrupted = true;
                 break;
             }
-            if (by_count > 0 && n >= by_count) || (by_count == 0 && el >= duration) {
+            if run_done(n, by_count, el, duration) {
                 break;
             }
         }
         quiesce.stop();
-        let mut out = Vec::with_capacity(nv);
-        let mut err = None;
-        for (v, h) in handles.into_iter().enumerate() {
-            match h.join() {
-                Ok(c) => out.push(c),
-                Err(_) => err = err.or(Some(X86RunError::Vcpu(v))),
-            }
-        }
+        let (out, err) = join_vcpus(handles, X86RunError::Vcpu);
         let ops = actors.stop()?;
         if let Some(e) = err {
             return Err(e);
