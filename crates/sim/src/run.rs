@@ -81,6 +81,36 @@ pub struct Progress {
     pub violations: u64,
 }
 
+impl Progress {
+    /// A threaded run's progress after `elapsed` of `duration` seconds with `count`
+    /// operations counted, the run ending after `by_count` of them (0: after the
+    /// duration).
+    pub(crate) fn threaded(
+        elapsed: f64,
+        duration: f64,
+        (count, by_count): (u64, u64),
+        host_ops: u64,
+        hpt_order: u32,
+        violations: u64,
+    ) -> Self {
+        let fraction = if by_count > 0 {
+            count as f64 / by_count as f64
+        } else {
+            elapsed / duration
+        };
+        Self {
+            elapsed,
+            duration,
+            fraction: fraction.min(1.0),
+            steps: 0,
+            hcalls: count,
+            host_ops,
+            hpt_order,
+            violations,
+        }
+    }
+}
+
 /// One resize of the schedule.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ResizeRecord {

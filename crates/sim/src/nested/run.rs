@@ -202,21 +202,14 @@ pub fn run_nested(
                     quiesce.resume();
                     last_check = Instant::now();
                 }
-                let fraction = if by_accesses > 0 {
-                    acc as f64 / by_accesses as f64
-                } else {
-                    t / sc.duration_secs
-                };
-                let flow = progress(&Progress {
-                    elapsed: t,
-                    duration: sc.duration_secs,
-                    fraction: fraction.min(1.0),
-                    steps: 0,
-                    hcalls: acc,
-                    host_ops: actors.ops_so_far() + migration_ops.total(),
-                    hpt_order: 0,
-                    violations: checks.violations,
-                });
+                let flow = progress(&Progress::threaded(
+                    t,
+                    sc.duration_secs,
+                    (acc, by_accesses),
+                    actors.ops_so_far() + migration_ops.total(),
+                    0,
+                    checks.violations,
+                ));
                 if flow.is_break() {
                     interrupted = true;
                     break;

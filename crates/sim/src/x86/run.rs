@@ -131,21 +131,14 @@ pub fn run_x86(
                 quiesce.resume();
                 last_check = Instant::now();
             }
-            let fraction = if by_count > 0 {
-                n as f64 / by_count as f64
-            } else {
-                t / sc.duration_secs
-            };
-            let flow = progress(&Progress {
-                elapsed: t,
-                duration: sc.duration_secs,
-                fraction: fraction.min(1.0),
-                steps: 0,
-                hcalls: n,
-                host_ops: actors.ops_so_far() + migration.ops.total(),
-                hpt_order: 0,
-                violations: checks.failures,
-            });
+            let flow = progress(&Progress::threaded(
+                t,
+                sc.duration_secs,
+                (n, by_count),
+                actors.ops_so_far() + migration.ops.total(),
+                0,
+                checks.failures,
+            ));
             if flow.is_break() {
                 interrupted = true;
                 break;
