@@ -20,6 +20,7 @@ mod replay;
 mod replay_mmu;
 mod run;
 mod run_nested;
+mod run_x86;
 mod soak;
 
 use clap::{Parser, Subcommand};
@@ -36,7 +37,8 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the simulator: vCPU threads with a Linux-like guest workload, host actors
-    /// (memory pressure, aging, live migration) and HPT resizes; then a report.
+    /// (memory pressure, aging, live migration) and HPT resizes (--mmu x86: the x86
+    /// shadow MMU under a Linux-like x86 guest); then a report.
     Run(run::RunArgs),
     /// Replay real guest traces and compare every result: PPC hypercall traces (HPT
     /// MMU), x86 walk traces (shadow MMU) and nested-radix traces (nested MMU),

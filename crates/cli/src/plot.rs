@@ -1,6 +1,7 @@
 //! `revmap run --plot DIR`: PNG and SVG plots of a run report (plotters): hypercall
 //! latency distribution per hypercall type, rmap ring lengths, dirty pages per
-//! migration round, and throughput over time with the resize points marked.
+//! migration round, and throughput over time with the resize points marked; for
+//! `--mmu x86`, shadow faults and write-protected frames over time.
 //!
 //! Invariants: every plot is written as `NAME.svg` (text as SVG text, no font needed)
 //! and `NAME.png` (text rendered with a system TrueType font found at run time; if no
@@ -11,6 +12,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use revmap_sim::nested::NestedRunReport;
 use revmap_sim::run::{si_ns, RunReport};
+use revmap_sim::x86::{X86Report, X86Sample};
 use std::path::{Path, PathBuf};
 
 /// Fonts tried for the PNG text, in order.
@@ -78,6 +80,18 @@ enum Plotted<'a> {
     Hpt(&'a RunReport),
     /// `revmap run --mmu nested`.
     Nested(&'a NestedRunReport),
+    /// `revmap run --mmu x86`.
+    X86(&'a X86Report),
+}
+
+impl Plotted<'_> {
+    /// The size of every plot of the report (the x86 plot stacks two charts).
+    fn size(self) -> (u32, u32) {
+        match self {
+            Plotted::Hpt(_) | Plotted::Nested(_) => (W, H),
+            Plotted::X86(_) => (W, H + H / 2),
+        }
+    }
 }
 
 /// Draws plot `i` of `r` on `root`.
@@ -92,6 +106,7 @@ where
     match r {
         Plotted::Hpt(r) => draw_one(i, r, root),
         Plotted::Nested(r) => nested(r, i, root),
+        Plotted::X86(r) => x86_shadow(r, root),
     }
 }
 
@@ -107,7 +122,7 @@ fn write_all(
     for (i, name) in names.iter().enumerate() {
         let svg = dir.join(format!("{name}.svg"));
         {
-            let root = SVGBackend::new(&svg, (W, H)).into_drawing_area();
+            let root = SVGBackend::new(&svg, report.size()).into_drawing_area();
             draw(report, i, &root)?;
             root.present()?;
         }
@@ -115,7 +130,7 @@ fn write_all(
         if png {
             let p = dir.join(format!("{name}.png"));
             {
-                let root = BitMapBackend::new(&p, (W, H)).into_drawing_area();
+                let root = BitMapBackend::new(&p, report.size()).into_drawing_area();
                 draw(report, i, &root)?;
                 root.present()?;
             }
@@ -451,6 +466,139 @@ where
     }
     ch.configure_series_labels()
         .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    Ok(())
+}
+
+/// `revmap run --mmu x86 --plot DIR`: `x86_shadow.svg` and `x86_shadow.png` (the PNG
+/// only with a font): shadow page faults and guest accesses per second over time (top),
+/// write-protected guest frames and shadow pages over time (bottom). In deterministic
+/// mode time is the scheduler step. Returns the files written and whether the PNG was
+/// skipped for want of a font.
+pub fn write_x86_plots(r: &X86Report, dir: &Path) -> Result<(Vec<PathBuf>, bool), DynErr> {
+    write_all(dir, &["x86_shadow"], Plotted::X86(r))
+}
+
+/// One counter of a timeline sample.
+type SampleField = fn(&X86Sample) -> u64;
+
+fn x86_shadow<DB: DrawingBackend>(
+    r: &X86Report,
+    root: &DrawingArea<DB, Shift>,
+) -> Result<(), DynErr>
+where
+    DB::ErrorType: 'static,
+{
+    root.fill(&WHITE)?;
+    let (top, bottom) = root.split_vertically(H * 3 / 4);
+    let t = &r.timeline;
+    let (unit, per) = if r.deterministic {
+        ("scheduler step", "per step")
+    } else {
+        ("time (s)", "per second")
+    };
+    let xmax = t.iter().map(|s| s.t).fold(1.0, f64::max);
+    // Rates over each sample interval, at its end.
+    let rate = |f: SampleField| -> Vec<(f64, f64)> {
+        t.windows(2)
+            .filter(|w| w[1].t > w[0].t)
+            .map(|w| {
+                let d = f(&w[1]).saturating_sub(f(&w[0])) as f64;
+                (w[1].t, d / (w[1].t - w[0].t))
+            })
+            .collect()
+    };
+    let faults = rate(|s| s.page_faults);
+    let accesses = rate(|s| s.accesses);
+    let ymax = faults
+        .iter()
+        .chain(&accesses)
+        .map(|p| p.1)
+        .fold(1.0, f64::max)
+        * 1.3;
+    let mut ch = ChartBuilder::on(&top)
+        .caption(
+            format!(
+                "x86 shadow MMU: {} guest accesses, {} shadow page faults",
+                r.accesses, r.shadow.page_faults
+            ),
+            ("sans-serif", 24),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(90)
+        .build_cartesian_2d(0.0..xmax, 0.0..ymax)?;
+    let x_fmt = |v: &f64| {
+        if xmax >= 20.0 {
+            format!("{v:.0}")
+        } else {
+            format!("{v:.1}")
+        }
+    };
+    ch.configure_mesh()
+        .x_desc(unit)
+        .y_desc(per)
+        .x_label_formatter(&x_fmt)
+        .y_label_formatter(&|v| {
+            if ymax >= 20.0 {
+                format!("{v:.0}")
+            } else {
+                format!("{v:.2}")
+            }
+        })
+        .draw()?;
+    for (i, (name, pts)) in [
+        ("shadow page faults", &faults),
+        ("guest accesses", &accesses),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let c = COLOURS.get(i).copied().unwrap_or(BLACK);
+        ch.draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2)))?
+            .label(format!("{name} {per}"))
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], c.stroke_width(2)));
+    }
+    ch.configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    let ymax = t
+        .iter()
+        .map(|s| s.write_protected_gfns.max(s.shadow_pages) as f64)
+        .fold(1.0, f64::max)
+        * 1.3;
+    let mut ch = ChartBuilder::on(&bottom)
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(90)
+        .build_cartesian_2d(0.0..xmax, 0.0..ymax)?;
+    ch.configure_mesh()
+        .x_desc(unit)
+        .y_desc("count")
+        .x_label_formatter(&x_fmt)
+        .y_label_formatter(&|v| format!("{v:.0}"))
+        .draw()?;
+    let series: [(&str, SampleField); 2] = [
+        ("write-protected guest frames (shadowed page tables)", |s| {
+            s.write_protected_gfns
+        }),
+        ("shadow pages", |s| s.shadow_pages),
+    ];
+    for (i, (name, f)) in series.into_iter().enumerate() {
+        let c = COLOURS.get(i + 2).copied().unwrap_or(BLACK);
+        ch.draw_series(LineSeries::new(
+            t.iter().map(|s| (s.t, f(s) as f64)),
+            c.stroke_width(2),
+        ))?
+        .label(name)
+        .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], c.stroke_width(2)));
+    }
+    ch.configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()?;

@@ -15,11 +15,12 @@
 //! * A run that found invariant violations exits 1; otherwise 0. The report goes to
 //!   stdout, progress and messages to stderr.
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use revmap_rmap::sync::{thread, Arc, AtomicBool, Ordering};
 use revmap_sim::run::{run as run_scenario, Progress, RunReport};
 use revmap_sim::scenario::Scenario;
+use serde::Serialize;
 use std::io::IsTerminal;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -33,8 +34,14 @@ Defaults (the embedded scenario, scenarios/default.toml): 30 s, seed 1, a 4 GiB 
 with 2 vCPUs, memory pressure, aging and migration on the host, an HPT resize that
 grows then shrinks the table. --deterministic: 4000 steps on a 64 MiB guest.
 
+With --mmu x86: the x86 shadow MMU (scenarios/x86.toml): a 1.5 GiB Linux-like guest
+with 2 vCPUs (direct map on 1 GiB and 2 MiB pages, processes with 4-level tables, fork
+with copy-on-write, exec, exit, munmap, INVLPG, CR3 switches), the same host actors;
+--accesses N bounds it by guest accesses. --deterministic: 4000 steps on 1088 MiB.
+
 Examples:
   revmap run                                  the default scenario, human report
+  revmap run --mmu x86 --accesses 2000000     the x86 shadow MMU, 2 million accesses
   revmap run --duration 10 --json > r.json    10 s, the report as one JSON object
   revmap run --hcalls 2000000 --seed 7        stop after 2 million hypercalls
   revmap run --plot plots/                    also write PNG and SVG plots
@@ -50,11 +57,11 @@ Exit status: 0 no invariant violation; 1 invariant violations found; 2 bad flag,
 scenario or output directory, or not enough host memory; 130 interrupted (Ctrl-C).";
 
 /// Which guest MMU `revmap run` simulates.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Mmu {
-    /// The PowerPC hashed page table (the default).
+    /// The PowerPC Book3S HV hashed page table (the default).
     Hpt,
-    /// The x86 shadow MMU.
+    /// The x86 shadow MMU on `pte_list` rmaps.
     X86,
     /// The PowerPC nested-guest (radix) MMU: L1 hypervisor vCPUs running L2 guests.
     Nested,
@@ -64,12 +71,14 @@ pub enum Mmu {
 #[derive(Debug, Args)]
 #[command(after_long_help = RUN_AFTER_HELP)]
 pub struct RunArgs {
-    /// The guest MMU to simulate.
+    /// The guest MMU to simulate: the PowerPC hashed page table, the x86 shadow MMU or
+    /// the nested-guest MMU.
     #[arg(long, value_enum, default_value_t = Mmu::Hpt)]
     pub(crate) mmu: Mmu,
     /// Scenario file (TOML); default: the embedded default scenario
-    /// (scenarios/default.toml; with --mmu nested, scenarios/nested.toml, and the
-    /// embedded name `hostile` selects scenarios/nested-hostile.toml).
+    /// (scenarios/default.toml; with --mmu x86, scenarios/x86.toml; with --mmu nested,
+    /// scenarios/nested.toml, and the embedded name `hostile` selects
+    /// scenarios/nested-hostile.toml).
     #[arg(long, value_name = "FILE")]
     pub(crate) scenario: Option<PathBuf>,
     /// Run length in seconds [default: the scenario's, 30]. Not with --deterministic
@@ -79,21 +88,31 @@ pub struct RunArgs {
         value_name = "SECONDS",
         allow_negative_numbers = true,
         value_parser = positive_seconds,
-        conflicts_with_all = ["deterministic", "hcalls"]
+        conflicts_with_all = ["deterministic", "hcalls", "accesses"]
     )]
-    duration: Option<f64>,
-    /// Stop after this many hypercalls instead of after a duration; resizes happen at
-    /// their fraction of this count. Not with --deterministic.
+    pub(crate) duration: Option<f64>,
+    /// Stop after this many hypercalls (--mmu nested: L2 accesses) instead of after a
+    /// duration; resizes happen at their fraction of this count. Not with
+    /// --deterministic, nor with --mmu x86 (use --accesses).
     #[arg(
         long,
         value_name = "N",
         value_parser = clap::value_parser!(u64).range(1..),
         conflicts_with = "deterministic"
     )]
-    hcalls: Option<u64>,
+    pub(crate) hcalls: Option<u64>,
+    /// --mmu x86 or nested: stop after this many guest (L2) accesses instead of after a
+    /// duration. Not with --deterministic.
+    #[arg(
+        long,
+        value_name = "N",
+        value_parser = clap::value_parser!(u64).range(1..),
+        conflicts_with_all = ["deterministic", "hcalls"]
+    )]
+    pub(crate) accesses: Option<u64>,
     /// Seed of every random stream [default: the scenario's, 1].
     #[arg(long, value_name = "S", allow_negative_numbers = true)]
-    seed: Option<u64>,
+    pub(crate) seed: Option<u64>,
     /// Print the report as one JSON object instead of the human summary.
     #[arg(long)]
     pub(crate) json: bool,
@@ -102,7 +121,8 @@ pub struct RunArgs {
     #[arg(long)]
     pub(crate) deterministic: bool,
     /// Write PNG and SVG plots (latency per hypercall type, ring lengths, dirty pages
-    /// per round, throughput with resizes) into DIR (created; checked before the run).
+    /// per round, throughput with resizes; --mmu x86: shadow faults and write-protected
+    /// frames over time) into DIR (created; checked before the run).
     #[arg(long, value_name = "DIR")]
     pub(crate) plot: Option<PathBuf>,
     /// Scheduler steps in deterministic mode [default: the scenario's, 4000].
@@ -112,7 +132,7 @@ pub struct RunArgs {
         requires = "deterministic",
         value_parser = clap::value_parser!(u64).range(1..)
     )]
-    steps: Option<u64>,
+    pub(crate) steps: Option<u64>,
 }
 
 /// `--duration`: a positive, finite number of seconds.
@@ -127,37 +147,35 @@ fn positive_seconds(s: &str) -> Result<f64, String> {
     }
 }
 
-fn load(args: &RunArgs) -> Result<Scenario, String> {
-    let mut sc = match &args.scenario {
-        Some(p) => Scenario::from_file(p).map_err(|e| e.to_string())?,
-        None => Scenario::default(),
-    };
-    args.override_scenario(
-        &mut sc.duration_secs,
-        &mut sc.stop_after_hcalls,
-        &mut sc.seed,
-        &mut sc.deterministic.steps,
-    );
-    sc.validate().map_err(|e| e.to_string())?;
-    Ok(sc)
-}
-
 impl RunArgs {
-    /// Applies `--duration`, `--hcalls` (the scenario's stop count: hypercalls, or L2
-    /// accesses for the nested MMU), `--seed` and `--steps` to a scenario's fields.
+    /// Applies `--duration`, the stop count, `--seed` and `--steps` to a scenario's
+    /// fields. The stop count (`stop_after`) is `--hcalls` for the HPT MMU
+    /// (hypercalls), `--accesses` for the x86 MMU (guest accesses), and either for the
+    /// nested MMU (L2 accesses); the flag that does not apply is refused.
     pub(crate) fn override_scenario(
         &self,
         duration_secs: &mut f64,
         stop_after: &mut u64,
         seed: &mut u64,
         steps: &mut u64,
-    ) {
+    ) -> Result<(), String> {
+        let count =
+            match self.mmu {
+                Mmu::Hpt if self.accesses.is_some() => {
+                    return Err("--accesses applies to --mmu x86 and nested (use --hcalls)".into())
+                }
+                Mmu::X86 if self.hcalls.is_some() => return Err(
+                    "--hcalls applies to --mmu hpt and nested; an x86 run is bounded by --accesses"
+                        .into(),
+                ),
+                Mmu::Hpt | Mmu::X86 | Mmu::Nested => self.hcalls.or(self.accesses),
+            };
         if let Some(d) = self.duration {
             // A duration on the command line wins over a scenario's stop count.
             *duration_secs = d;
             *stop_after = 0;
         }
-        if let Some(n) = self.hcalls {
+        if let Some(n) = count {
             *stop_after = n;
         }
         if let Some(s) = self.seed {
@@ -166,6 +184,7 @@ impl RunArgs {
         if let Some(n) = self.steps {
             *steps = n;
         }
+        Ok(())
     }
 }
 
@@ -196,31 +215,168 @@ fn check_memory(sc: &Scenario) -> Result<(), String> {
 }
 
 /// What `revmap run` prints and plots, whatever the MMU simulated.
-pub(crate) trait Report: serde::Serialize {
+pub(crate) trait Report: Serialize {
+    /// What the progress count (`Progress::hcalls`) and a scenario's stop count count.
+    const COUNTED: &'static str;
     /// The human summary.
     fn human(&self) -> String;
     /// Stopped early by SIGINT.
     fn interrupted(&self) -> bool;
     /// Invariant violations found.
     fn violations(&self) -> u64;
+    /// The step after which a deterministic run found its first violation.
+    fn failing_step(&self) -> Option<u64>;
     /// Writes the plots into `dir`: the files, and whether PNGs were skipped (no font).
     fn write_plots(&self, dir: &Path) -> Result<(Vec<PathBuf>, bool), Box<dyn std::error::Error>>;
 }
 
-impl Report for RunReport {
-    fn human(&self) -> String {
-        RunReport::human(self)
+/// A scenario `revmap run` simulates (one per MMU): how it is read, the fields the
+/// flags override, its threaded and deterministic runs and its minimiser.
+pub(crate) trait RunScenario: Sized + Serialize {
+    /// The report of a run.
+    type Report: Report;
+    /// Why a run could not complete.
+    type Error: std::fmt::Display;
+    /// The kind of scenario, as the run is announced (`x86 scenario`).
+    const KIND: &'static str;
+    /// The scenario without `--scenario`.
+    fn embedded_default() -> Self;
+    /// The scenario of `--scenario PATH`.
+    fn open(path: &Path) -> Result<Self, String>;
+    /// The scenario's name.
+    fn name(&self) -> &str;
+    /// The fields the flags override: the duration, the stop count, the seed and the
+    /// deterministic step count.
+    fn knobs(&mut self) -> (&mut f64, &mut u64, &mut u64, &mut u64);
+    /// Checks every value.
+    fn check(&self) -> Result<(), String>;
+    /// Checks made before a threaded run only (the host's memory); none by default.
+    fn check_host(&self) -> Result<(), String> {
+        Ok(())
     }
-    fn interrupted(&self) -> bool {
-        self.interrupted
-    }
-    fn violations(&self) -> u64 {
-        self.invariant_violations
-    }
-    fn write_plots(&self, dir: &Path) -> Result<(Vec<PathBuf>, bool), Box<dyn std::error::Error>> {
-        crate::plot::write_plots(self, dir)
-    }
+    /// The threaded run.
+    fn run_threaded(
+        &self,
+        progress: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
+    ) -> Result<Self::Report, Self::Error>;
+    /// The deterministic run.
+    fn run_deterministic(
+        &self,
+        progress: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
+    ) -> Result<Self::Report, Self::Error>;
+    /// Shrinks a failing deterministic run: the smallest failing scenario found, with
+    /// its first violation.
+    fn minimise(&self) -> Result<Option<(Self, Option<String>)>, String>;
 }
+
+/// Implements [`RunScenario`] for a scenario type and [`Report`] for its report type:
+/// the scenario has `name`, `duration_secs`, the stop count field `stop_after`, `seed`
+/// and `deterministic.steps` and a `validate` method; the report has `human`,
+/// `interrupted`, `invariant_violations`, `failing_step` and `first_violation`.
+macro_rules! mmu_run {
+    (
+        $sc:ty, $rep:ty, $err:ty,
+        kind: $kind:literal,
+        counted: $counted:literal,
+        stop_after: $stop:ident,
+        open: $open:expr,
+        threaded: $threaded:path,
+        deterministic: $det:path,
+        minimise: $min:path,
+        plots: $plots:path
+        $(, check_host: $host:path)?
+    ) => {
+        impl $crate::run::RunScenario for $sc {
+            type Report = $rep;
+            type Error = $err;
+            const KIND: &'static str = $kind;
+            fn embedded_default() -> Self {
+                <$sc>::default()
+            }
+            fn open(path: &std::path::Path) -> Result<Self, String> {
+                ($open)(path)
+            }
+            fn name(&self) -> &str {
+                &self.name
+            }
+            fn knobs(&mut self) -> (&mut f64, &mut u64, &mut u64, &mut u64) {
+                (
+                    &mut self.duration_secs,
+                    &mut self.$stop,
+                    &mut self.seed,
+                    &mut self.deterministic.steps,
+                )
+            }
+            fn check(&self) -> Result<(), String> {
+                self.validate().map_err(|e| e.to_string())
+            }
+            $(
+                fn check_host(&self) -> Result<(), String> {
+                    $host(self)
+                }
+            )?
+            fn run_threaded(
+                &self,
+                progress: &mut dyn FnMut(
+                    &revmap_sim::run::Progress,
+                ) -> std::ops::ControlFlow<()>,
+            ) -> Result<$rep, $err> {
+                $threaded(self, progress)
+            }
+            fn run_deterministic(
+                &self,
+                progress: &mut dyn FnMut(
+                    &revmap_sim::run::Progress,
+                ) -> std::ops::ControlFlow<()>,
+            ) -> Result<$rep, $err> {
+                $det(self, progress)
+            }
+            fn minimise(&self) -> Result<Option<(Self, Option<String>)>, String> {
+                $min(self)
+                    .map(|m| m.map(|(small, rep)| (small, rep.first_violation)))
+                    .map_err(|e| e.to_string())
+            }
+        }
+
+        impl $crate::run::Report for $rep {
+            const COUNTED: &'static str = $counted;
+            fn human(&self) -> String {
+                <$rep>::human(self)
+            }
+            fn interrupted(&self) -> bool {
+                self.interrupted
+            }
+            fn violations(&self) -> u64 {
+                self.invariant_violations
+            }
+            fn failing_step(&self) -> Option<u64> {
+                self.failing_step
+            }
+            fn write_plots(
+                &self,
+                dir: &std::path::Path,
+            ) -> Result<(Vec<std::path::PathBuf>, bool), Box<dyn std::error::Error>> {
+                $plots(self, dir)
+            }
+        }
+    };
+}
+pub(crate) use mmu_run;
+
+mmu_run!(
+    Scenario,
+    RunReport,
+    revmap_sim::run::RunError,
+    kind: "scenario",
+    counted: "hcalls",
+    stop_after: stop_after_hcalls,
+    open: |p: &Path| Scenario::from_file(p).map_err(|e| e.to_string()),
+    threaded: run_scenario,
+    deterministic: revmap_sim::det::run_deterministic_with,
+    minimise: revmap_sim::det::minimise,
+    plots: crate::plot::write_plots,
+    check_host: check_memory
+);
 
 fn print(report: &impl Report, json: bool, plot: Option<&PathBuf>) -> ExitCode {
     if json {
@@ -267,7 +423,7 @@ fn print(report: &impl Report, json: bool, plot: Option<&PathBuf>) -> ExitCode {
 /// A deterministic run failed and was shrunk: print the smallest failing scenario
 /// (TOML, to stderr, with its first violation) so it can be re-run with
 /// `--deterministic --scenario`.
-pub(crate) fn report_minimised<S: serde::Serialize, E: std::fmt::Display>(
+pub(crate) fn report_minimised<S: Serialize, E: std::fmt::Display>(
     shrunk: Result<Option<(S, Option<String>)>, E>,
 ) {
     match shrunk {
@@ -288,7 +444,7 @@ pub(crate) fn report_minimised<S: serde::Serialize, E: std::fmt::Display>(
 
 /// Installs the SIGINT handling of the module docs; returns the flag the first SIGINT
 /// sets (unset forever if the handler cannot be installed: Ctrl-C then kills).
-fn on_sigint() -> Arc<AtomicBool> {
+pub(crate) fn on_sigint() -> Arc<AtomicBool> {
     let flag = Arc::new(AtomicBool::new(false));
     match signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT]) {
         Ok(mut signals) => {
@@ -313,13 +469,13 @@ fn on_sigint() -> Arc<AtomicBool> {
 }
 
 /// The progress display: a bar on a terminal, else a line per 10% on stderr.
-struct Display {
+pub(crate) struct Display {
     bar: Option<ProgressBar>,
     next_line: u32,
 }
 
 impl Display {
-    fn new(deterministic: bool, len: u64) -> Self {
+    pub(crate) fn new(deterministic: bool, len: u64) -> Self {
         if !std::io::stderr().is_terminal() {
             return Self {
                 bar: None,
@@ -341,16 +497,17 @@ impl Display {
         }
     }
 
-    /// Shows `p`; a run without an HPT (order 0) counts L2 accesses, not hypercalls.
-    fn update(&mut self, p: &Progress, len: u64) {
+    /// Shows `p`, whose count (`hcalls`) is of `counted`; a run without an HPT (order 0)
+    /// shows no HPT order.
+    fn update(&mut self, p: &Progress, len: u64, counted: &str) {
         let msg = if p.hpt_order == 0 {
             format!(
-                "{} L2 accesses, {} host ops, violations {}",
+                "{} {counted}, {} host ops, violations {}",
                 p.hcalls, p.host_ops, p.violations
             )
         } else {
             format!(
-                "{} hcalls, {} host ops, HPT order {}, violations {}",
+                "{} {counted}, {} host ops, HPT order {}, violations {}",
                 p.hcalls, p.host_ops, p.hpt_order, p.violations
             )
         };
@@ -369,74 +526,49 @@ impl Display {
         }
     }
 
-    fn finish(&self) {
+    pub(crate) fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }
     }
 }
 
-/// Runs `revmap run`.
+/// Runs `revmap run`: the MMU `--mmu` names.
 pub fn run(args: &RunArgs) -> ExitCode {
-    let sc = match args.mmu {
-        Mmu::Hpt => load(args),
-        Mmu::X86 => Err("--mmu x86 is not built in this branch".to_owned()),
-        Mmu::Nested => return crate::run_nested::run(args),
+    match args.mmu {
+        Mmu::Hpt => run_mmu::<Scenario>(args),
+        Mmu::X86 => run_mmu::<revmap_sim::x86::X86Scenario>(args),
+        Mmu::Nested => run_mmu::<revmap_sim::nested::NestedScenario>(args),
+    }
+}
+
+/// The scenario of `args` (`--scenario`, else the embedded default), the flags applied,
+/// checked (and, for a threaded run, the host checked).
+fn load<S: RunScenario>(args: &RunArgs) -> Result<S, String> {
+    let mut sc = match &args.scenario {
+        Some(p) => S::open(p)?,
+        None => S::embedded_default(),
     };
-    let sc = match sc {
+    let (duration, stop_after, seed, steps) = sc.knobs();
+    args.override_scenario(duration, stop_after, seed, steps)?;
+    sc.check()?;
+    if !args.deterministic {
+        sc.check_host()?;
+    }
+    Ok(sc)
+}
+
+/// The run of any MMU: loads its scenario, checks the `--plot` directory, installs the
+/// SIGINT handling, announces the run and shows its progress, runs it (threaded or
+/// deterministic), shrinks a failing deterministic run, and prints the report.
+fn run_mmu<S: RunScenario>(args: &RunArgs) -> ExitCode {
+    let mut sc = match load::<S>(args) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("revmap run: error: {e}");
             return ExitCode::from(2);
         }
     };
-    if !args.deterministic {
-        if let Err(e) = check_memory(&sc) {
-            eprintln!("revmap run: error: {e}");
-            return ExitCode::from(2);
-        }
-    }
-    let what = if args.deterministic {
-        format!("deterministic, {} steps", sc.deterministic.steps)
-    } else if sc.stop_after_hcalls > 0 {
-        format!("until {} hypercalls", sc.stop_after_hcalls)
-    } else {
-        format!("{} s", sc.duration_secs)
-    };
-    execute(
-        args,
-        sc.deterministic.steps,
-        format!("scenario {:?} ({what})", sc.name),
-        |progress| {
-            if args.deterministic {
-                revmap_sim::det::run_deterministic_with(&sc, progress)
-            } else {
-                run_scenario(&sc, progress)
-            }
-        },
-        |r: &RunReport| {
-            if r.failing_step.is_some() {
-                report_minimised(
-                    revmap_sim::det::minimise(&sc)
-                        .map(|m| m.map(|(small, rep)| (small, rep.first_violation))),
-                );
-            }
-        },
-    )
-}
-
-/// The run of any MMU, once its scenario is loaded: checks the `--plot` directory,
-/// installs the SIGINT handling, shows progress (`steps` long in deterministic mode)
-/// after announcing `what` runs, calls `simulate` with the progress callback, and
-/// prints the report; `shrink` sees a deterministic run's report first (to minimise a
-/// failure).
-pub(crate) fn execute<R: Report, E: std::fmt::Display>(
-    args: &RunArgs,
-    steps: u64,
-    what: String,
-    simulate: impl FnOnce(&mut dyn FnMut(&Progress) -> ControlFlow<()>) -> Result<R, E>,
-    shrink: impl FnOnce(&R),
-) -> ExitCode {
     if let Some(dir) = &args.plot {
         if let Err(e) = crate::plot::check_dir(dir) {
             eprintln!(
@@ -446,26 +578,43 @@ pub(crate) fn execute<R: Report, E: std::fmt::Display>(
             return ExitCode::from(2);
         }
     }
+    let (&mut duration, &mut stop_after, _, &mut steps) = sc.knobs();
     let stop = on_sigint();
     let len = if args.deterministic { steps } else { 1000 };
     let mut display = Display::new(args.deterministic, len);
     if display.bar.is_none() {
-        eprintln!("revmap run: running {what}; Ctrl-C stops it and still reports");
+        let what = if args.deterministic {
+            format!("deterministic, {steps} steps")
+        } else if stop_after > 0 {
+            format!("until {stop_after} {}", S::Report::COUNTED)
+        } else {
+            format!("{duration} s")
+        };
+        eprintln!(
+            "revmap run: running {} {:?} ({what}); Ctrl-C stops it and still reports",
+            S::KIND,
+            sc.name()
+        );
     }
-    let report = simulate(&mut |p: &Progress| {
-        display.update(p, len);
+    let mut progress = |p: &Progress| {
+        display.update(p, len, S::Report::COUNTED);
         // ORDERING: Relaxed: see `on_sigint`.
         if stop.load(Ordering::Relaxed) {
             ControlFlow::Break(())
         } else {
             ControlFlow::Continue(())
         }
-    });
+    };
+    let report = if args.deterministic {
+        sc.run_deterministic(&mut progress)
+    } else {
+        sc.run_threaded(&mut progress)
+    };
     display.finish();
     match report {
         Ok(r) => {
-            if args.deterministic {
-                shrink(&r);
+            if args.deterministic && r.failing_step().is_some() {
+                report_minimised(sc.minimise());
             }
             print(&r, args.json, args.plot.as_ref())
         }

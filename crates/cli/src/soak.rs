@@ -6,8 +6,11 @@
 
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use revmap_sim::nested::{NestedScenario, NestedSoak};
 use revmap_sim::scenario::{Scenario, DEFAULT_SCENARIO_TOML};
 use revmap_sim::soak::{soak, HptSoak, SoakOptions, SoakReport, SoakTarget};
+use revmap_sim::x86::det::X86Soak;
+use revmap_sim::x86::X86Scenario;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,19 +20,29 @@ use std::process::ExitCode;
 pub enum SoakMmu {
     /// The PowerPC HPT MMU with resizing (`revmap run --deterministic`).
     Hpt,
+    /// The x86 shadow MMU (`revmap run --mmu x86 --deterministic`).
+    X86,
+    /// The PowerPC nested-guest MMU (`revmap run --mmu nested --deterministic`).
+    Nested,
+    /// Every MMU above, in turn.
+    All,
 }
 
 /// `revmap soak` arguments.
 #[derive(Debug, Args)]
 #[command(after_help = "\
-Each seed is one `revmap run --deterministic` run of STEPS scheduler steps with the \
-checker after every step; a failing seed is shrunk and printed as a scenario to re-run.
+Each seed is one `revmap run --mmu MMU --deterministic` run of STEPS scheduler steps \
+with the checker after every step; a failing seed is shrunk and printed as a scenario \
+to re-run. --scenario applies to one MMU (its scenario file); the others use their \
+embedded default scenarios.
 
 Examples:
   revmap soak --seeds 64 --steps 10000
-  revmap soak --mmu hpt --seeds 1000 --steps 100000 --json")]
+  revmap soak --mmu hpt,x86,nested --seeds 16 --steps 2000
+  revmap soak --mmu all --seeds 1000 --steps 100000 --json")]
 pub struct SoakArgs {
-    /// MMUs to soak, each over the same seeds (repeat or comma-separate).
+    /// MMUs to soak, each over the same seeds (repeat or comma-separate; `all`: hpt,
+    /// x86 and nested).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "hpt")]
     mmu: Vec<SoakMmu>,
     /// Number of seeds per MMU.
@@ -44,7 +57,8 @@ pub struct SoakArgs {
     /// Worker threads [default: one per core].
     #[arg(long, default_value_t = 0)]
     jobs: usize,
-    /// HPT scenario file (TOML) [default: the embedded default scenario].
+    /// Scenario file (TOML) of the one MMU soaked [default: the MMU's embedded default
+    /// scenario].
     #[arg(long, value_name = "FILE")]
     scenario: Option<PathBuf>,
     /// Print one JSON object per MMU instead of the human summary.
@@ -53,16 +67,40 @@ pub struct SoakArgs {
 }
 
 fn target(mmu: SoakMmu, args: &SoakArgs) -> Result<Box<dyn SoakTarget>, String> {
-    match mmu {
-        SoakMmu::Hpt => {
-            let sc = match &args.scenario {
-                Some(p) => Scenario::from_file(p),
-                None => Scenario::from_toml(DEFAULT_SCENARIO_TOML),
+    let file = args.scenario.as_deref();
+    let e = |e: revmap_sim::scenario::ScenarioError| e.to_string();
+    Ok(match mmu {
+        SoakMmu::Hpt => Box::new(HptSoak::new(match file {
+            Some(p) => Scenario::from_file(p).map_err(e)?,
+            None => Scenario::from_toml(DEFAULT_SCENARIO_TOML).map_err(e)?,
+        })),
+        SoakMmu::X86 => Box::new(X86Soak::new(match file {
+            Some(p) => X86Scenario::from_file(p).map_err(e)?,
+            None => X86Scenario::default(),
+        })),
+        SoakMmu::Nested => Box::new(NestedSoak::new(match file {
+            Some(p) => NestedScenario::from_file(p).map_err(e)?,
+            None => NestedScenario::default(),
+        })),
+        SoakMmu::All => return Err("`all` is expanded before the targets are built".into()),
+    })
+}
+
+/// The MMUs of `--mmu`, `all` expanded, each once, in order.
+fn mmus(args: &SoakArgs) -> Vec<SoakMmu> {
+    let mut out = Vec::new();
+    for &m in &args.mmu {
+        let each = match m {
+            SoakMmu::All => vec![SoakMmu::Hpt, SoakMmu::X86, SoakMmu::Nested],
+            m => vec![m],
+        };
+        for m in each {
+            if !out.contains(&m) {
+                out.push(m);
             }
-            .map_err(|e| e.to_string())?;
-            Ok(Box::new(HptSoak::new(sc)))
         }
     }
+    out
 }
 
 fn bar(name: &str, seeds: u64) -> Option<ProgressBar> {
@@ -118,9 +156,12 @@ pub fn run(args: &SoakArgs) -> ExitCode {
         eprintln!("revmap soak: error: --first-seed + --seeds overflows");
         return ExitCode::from(2);
     }
+    let mmus = mmus(args);
+    if args.scenario.is_some() && mmus.len() > 1 {
+        eprintln!("revmap soak: error: --scenario applies to one MMU at a time");
+        return ExitCode::from(2);
+    }
     let mut passed = true;
-    let mut mmus = args.mmu.clone();
-    mmus.dedup();
     for mmu in mmus {
         let t = match target(mmu, args) {
             Ok(t) => t,

@@ -34,7 +34,7 @@ use std::time::Instant;
 /// Scheduler weight of one vCPU (host actors weigh 1 each).
 pub const VCPU_WEIGHT: u32 = 4;
 
-fn digest_str(mut d: u64, s: &str) -> u64 {
+pub(crate) fn digest_str(mut d: u64, s: &str) -> u64 {
     for b in s.bytes() {
         d = digest_word(d, u64::from(b));
     }
@@ -219,25 +219,21 @@ pub fn minimise(sc: &Scenario) -> Result<Option<(Scenario, RunReport)>, RunError
                 c.resize.clear();
                 candidates.push(c);
             }
-            for i in 0..best.host.actors.len() {
-                let mut c = best.clone();
-                c.host.actors.remove(i);
-                candidates.push(c);
-            }
-            if best.guest.vcpus > 1 {
-                let mut c = best.clone();
-                c.guest.vcpus -= 1;
-                candidates.push(c);
-            }
+            candidates.extend(fewer_actors_or_vcpus(best, |s| {
+                (&mut s.host.actors, &mut s.guest.vcpus)
+            }));
             candidates
         },
     )
 }
 
-/// The shrinking loop of [`minimise`] for any kind of scenario: `run` gives a
-/// scenario's failing step (if it fails) and its report, `cut` limits a scenario to a
-/// number of steps, `smaller` lists the candidates one change smaller. Returns the
-/// smallest failing scenario found with its report, or `None` if `sc` does not fail.
+/// The shrinking loop of [`minimise`] for any kind of scenario (HPT, x86, nested):
+/// `run` gives a scenario's failing step (if it fails) and its report, `cut` limits a
+/// scenario to a number of steps, `smaller` lists the candidates one change smaller.
+/// Cuts `sc` just after its failing step (keeping the uncut scenario if the cut one no
+/// longer fails), then keeps the first candidate that still fails, cut just after its
+/// failing step, until none does. Returns the smallest failing scenario found with its
+/// report, or `None` if `sc` does not fail.
 pub(crate) fn shrink<S: Clone, R, E>(
     sc: &S,
     run: impl Fn(&S) -> Result<(Option<u64>, R), E>,
@@ -269,5 +265,72 @@ pub(crate) fn shrink<S: Clone, R, E>(
         if !improved {
             return Ok(Some((best, best_report)));
         }
+    }
+}
+
+/// The candidates of a shrinking step common to every simulator: `s` with one host
+/// actor fewer (each in turn), and with one vCPU fewer (if it has more than one);
+/// `parts` gives a scenario's actor list and vCPU count.
+pub(crate) fn fewer_actors_or_vcpus<S: Clone>(
+    s: &S,
+    parts: fn(&mut S) -> (&mut Vec<HostActor>, &mut usize),
+) -> Vec<S> {
+    let mut s = s.clone();
+    let (actors, vcpus) = parts(&mut s);
+    let (n, nv) = (actors.len(), *vcpus);
+    let mut out = Vec::new();
+    for i in 0..n {
+        let mut c = s.clone();
+        parts(&mut c).0.remove(i);
+        out.push(c);
+    }
+    if nv > 1 {
+        let mut c = s.clone();
+        *parts(&mut c).1 -= 1;
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Clone, Debug, PartialEq)]
+    struct Sc {
+        actors: Vec<HostActor>,
+        vcpus: usize,
+        steps: u64,
+    }
+
+    #[test]
+    fn shrinking_keeps_only_what_the_failure_needs() {
+        let start = Sc {
+            actors: vec![
+                HostActor::MemoryPressure,
+                HostActor::Aging,
+                HostActor::Migration,
+            ],
+            vcpus: 3,
+            steps: 100,
+        };
+        // Fails at step 7 while aging runs beside at least two vCPUs.
+        let run = |s: &Sc| {
+            Ok::<_, ()>((s.actors.contains(&HostActor::Aging) && s.vcpus >= 2).then_some(7u64))
+        };
+        let (best, rep) = shrink(
+            &start,
+            |s| run(s).map(|f| (f, f)),
+            |s, n| s.steps = n,
+            |s| fewer_actors_or_vcpus(s, |s| (&mut s.actors, &mut s.vcpus)),
+        )
+        .unwrap()
+        .unwrap();
+        let want = Sc {
+            actors: vec![HostActor::Aging],
+            vcpus: 2,
+            steps: 8,
+        };
+        assert_eq!((best, rep), (want, Some(7)));
     }
 }

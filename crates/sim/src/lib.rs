@@ -45,6 +45,7 @@ pub mod run;
 pub mod scenario;
 pub mod soak;
 pub mod workload;
+pub mod x86;
 
 #[cfg(test)]
 pub(crate) mod testutil;

@@ -81,6 +81,36 @@ pub struct Progress {
     pub violations: u64,
 }
 
+impl Progress {
+    /// A threaded run's progress after `elapsed` of `duration` seconds with `count`
+    /// operations counted, the run ending after `by_count` of them (0: after the
+    /// duration).
+    pub(crate) fn threaded(
+        elapsed: f64,
+        duration: f64,
+        (count, by_count): (u64, u64),
+        host_ops: u64,
+        hpt_order: u32,
+        violations: u64,
+    ) -> Self {
+        let fraction = if by_count > 0 {
+            count as f64 / by_count as f64
+        } else {
+            elapsed / duration
+        };
+        Self {
+            elapsed,
+            duration,
+            fraction: fraction.min(1.0),
+            steps: 0,
+            hcalls: count,
+            host_ops,
+            hpt_order,
+            violations,
+        }
+    }
+}
+
 /// One resize of the schedule.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ResizeRecord {
@@ -345,8 +375,36 @@ impl Quiesce {
     }
 }
 
+/// Whether a threaded run is done: after `by_count` counted operations (`count` so
+/// far) if that is set, else after `duration` (`elapsed` so far).
+pub(crate) fn run_done(
+    count: u64,
+    by_count: u64,
+    elapsed: std::time::Duration,
+    duration: std::time::Duration,
+) -> bool {
+    (by_count > 0 && count >= by_count) || (by_count == 0 && elapsed >= duration)
+}
+
+/// Joins a threaded run's vCPU threads in order: what each returned, and the error
+/// (`panicked(v)`) of the first that panicked.
+pub(crate) fn join_vcpus<T, E>(
+    handles: Vec<thread::ScopedJoinHandle<'_, T>>,
+    panicked: impl Fn(usize) -> E,
+) -> (Vec<T>, Option<E>) {
+    let mut out = Vec::with_capacity(handles.len());
+    let mut err = None;
+    for (v, h) in handles.into_iter().enumerate() {
+        match h.join() {
+            Ok(c) => out.push(c),
+            Err(_) => err = err.or_else(|| Some(panicked(v))),
+        }
+    }
+    (out, err)
+}
+
 /// Marks a worker exited when dropped (also on unwind).
-struct ExitGuard<'a>(&'a Quiesce);
+pub(crate) struct ExitGuard<'a>(pub(crate) &'a Quiesce);
 
 impl Drop for ExitGuard<'_> {
     fn drop(&mut self) {
@@ -520,7 +578,7 @@ pub fn run(
                     interrupted = true;
                     break;
                 }
-                if (by_calls > 0 && calls >= by_calls) || (by_calls == 0 && el >= duration) {
+                if run_done(calls, by_calls, el, duration) {
                     break;
                 }
             }

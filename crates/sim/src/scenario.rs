@@ -222,7 +222,51 @@ pub enum ScenarioError {
     },
 }
 
-fn invalid(field: &'static str, why: impl Into<String>) -> ScenarioError {
+/// Reads a scenario file and parses it with `parse`; errors name the file; a file
+/// without a top-level `name` is named (`name`) after the file's stem.
+pub(crate) fn read_file<S>(
+    path: &std::path::Path,
+    parse: impl FnOnce(&str) -> Result<S, ScenarioError>,
+    name: impl FnOnce(&mut S) -> &mut String,
+) -> Result<S, ScenarioError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let in_file = |e: ScenarioError| ScenarioError::InFile {
+        path: path.display().to_string(),
+        source: Box::new(e),
+    };
+    let mut s = parse(&text).map_err(in_file)?;
+    let named = toml::from_str::<toml::Table>(&text)
+        .map(|t| t.contains_key("name"))
+        .unwrap_or(true);
+    if !named {
+        if let Some(stem) = path.file_stem() {
+            *name(&mut s) = stem.to_string_lossy().into_owned();
+        }
+    }
+    Ok(s)
+}
+
+/// The run-length and check-interval rules every scenario shares.
+pub(crate) fn check_timing(
+    duration_secs: f64,
+    check_interval_ms: u64,
+) -> Result<(), ScenarioError> {
+    if !(duration_secs.is_finite() && duration_secs > 0.0) {
+        return Err(invalid(
+            "duration_secs (--duration)",
+            "must be a positive number of seconds",
+        ));
+    }
+    if check_interval_ms == 0 {
+        return Err(invalid("check_interval_ms", "must be positive"));
+    }
+    Ok(())
+}
+
+pub(crate) fn invalid(field: &'static str, why: impl Into<String>) -> ScenarioError {
     ScenarioError::Invalid {
         field,
         why: why.into(),
@@ -240,24 +284,7 @@ impl Scenario {
     /// Reads, parses and validates a scenario file. Errors name the file; a file
     /// without `name` is named after the file (its stem).
     pub fn from_file(path: &std::path::Path) -> Result<Self, ScenarioError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
-        let in_file = |e: ScenarioError| ScenarioError::InFile {
-            path: path.display().to_string(),
-            source: Box::new(e),
-        };
-        let mut s = Self::from_toml(&text).map_err(in_file)?;
-        let named = toml::from_str::<toml::Table>(&text)
-            .map(|t| t.contains_key("name"))
-            .unwrap_or(true);
-        if !named {
-            if let Some(stem) = path.file_stem() {
-                s.name = stem.to_string_lossy().into_owned();
-            }
-        }
-        Ok(s)
+        read_file(path, Self::from_toml, |s| &mut s.name)
     }
 
     /// The largest HPT order the resize schedule can reach (from [`Self::hpt_order`]).
@@ -321,15 +348,7 @@ impl Scenario {
         if ![12, 16, 24].contains(&g.backing_page_shift) {
             return Err(invalid("guest.backing_page_shift", "must be 12, 16 or 24"));
         }
-        if !(self.duration_secs.is_finite() && self.duration_secs > 0.0) {
-            return Err(invalid(
-                "duration_secs (--duration)",
-                "must be a positive number of seconds",
-            ));
-        }
-        if self.check_interval_ms == 0 {
-            return Err(invalid("check_interval_ms", "must be positive"));
-        }
+        check_timing(self.duration_secs, self.check_interval_ms)?;
         let w = &self.workload;
         if ![16, 24].contains(&w.linear_page_shift) {
             return Err(invalid("workload.linear_page_shift", "must be 16 or 24"));

@@ -187,56 +187,136 @@ pub fn soak(
     rep
 }
 
-/// The HPT MMU's deterministic simulator ([`crate::det`]) over a base scenario whose
-/// seed and step count each soak run replaces.
-#[derive(Debug, Clone)]
-pub struct HptSoak {
-    base: Scenario,
+/// A deterministic simulator's scenario, as [`DetSoak`] runs it for each seed.
+pub trait SoakScenario: Clone + Serialize + Sync {
+    /// The MMU's name in reports (`hpt`, `x86`, `nested`).
+    const MMU: &'static str;
+    /// The `revmap run` flags that re-run a scenario file of this kind.
+    const RERUN: &'static str;
+    /// Sets the seed and the number of scheduler steps.
+    fn reseed(&mut self, seed: u64, steps: u64);
+    /// One deterministic run with the checker after every step.
+    fn run_det(&self) -> Result<SeedOutcome, String>;
+    /// The smallest failing scenario found by shrinking this one (`None` if it does
+    /// not fail).
+    fn shrink_det(&self) -> Result<Option<Self>, String>;
 }
 
-impl HptSoak {
-    /// Soak `base` (its `seed` and `deterministic.steps` are set per run).
-    pub fn new(base: Scenario) -> Self {
+impl SeedOutcome {
+    /// The outcome of a deterministic run of `steps` steps with `checks` checker runs
+    /// that failed after `failing_step` with `violation` (if it failed).
+    pub fn of(steps: u64, checks: u64, failing_step: Option<u64>, violation: Option<&str>) -> Self {
+        let failure = failing_step.map(|step| SeedFailure {
+            step,
+            violation: violation.unwrap_or("violation").to_owned(),
+        });
+        Self {
+            steps: failure.as_ref().map_or(steps, |f| f.step + 1),
+            checks,
+            failure,
+        }
+    }
+}
+
+/// An MMU's deterministic simulator over a base scenario whose seed and step count
+/// each soak run replaces ([`HptSoak`], `x86::det::X86Soak`,
+/// `nested::det::NestedSoak`).
+#[derive(Debug, Clone)]
+pub struct DetSoak<S> {
+    base: S,
+}
+
+/// The HPT MMU's deterministic simulator ([`crate::det`]) as a soak target.
+pub type HptSoak = DetSoak<Scenario>;
+
+impl<S: SoakScenario> DetSoak<S> {
+    /// Soak `base` (its seed and step count are set per run).
+    pub fn new(base: S) -> Self {
         Self { base }
     }
 
-    fn scenario(&self, seed: u64, steps: u64) -> Scenario {
+    fn scenario(&self, seed: u64, steps: u64) -> S {
         let mut sc = self.base.clone();
-        sc.seed = seed;
-        sc.deterministic.steps = steps;
+        sc.reseed(seed, steps);
         sc
     }
 }
 
-impl SoakTarget for HptSoak {
+impl<S: SoakScenario> SoakTarget for DetSoak<S> {
     fn name(&self) -> &'static str {
-        "hpt"
+        S::MMU
     }
 
     fn run_seed(&self, seed: u64, steps: u64) -> Result<SeedOutcome, String> {
-        let r = run_deterministic(&self.scenario(seed, steps)).map_err(|e| e.to_string())?;
-        let failure = r.failing_step.map(|step| SeedFailure {
-            step,
-            violation: r
-                .first_violation
-                .clone()
-                .unwrap_or_else(|| "violation".into()),
-        });
-        Ok(SeedOutcome {
-            steps: failure.as_ref().map_or(steps, |f| f.step + 1),
-            checks: r.invariant_checks,
-            failure,
-        })
+        self.scenario(seed, steps).run_det()
     }
 
     fn minimise(&self, seed: u64, steps: u64) -> Result<String, String> {
-        match minimise(&self.scenario(seed, steps)).map_err(|e| e.to_string())? {
-            Some((small, _)) => toml::to_string(&small)
-                .map(|t| format!("revmap run --deterministic --scenario FILE, with FILE:\n{t}"))
+        match self.scenario(seed, steps).shrink_det()? {
+            Some(small) => toml::to_string(&small)
+                .map(|t| format!("revmap run {} --scenario FILE, with FILE:\n{t}", S::RERUN))
                 .map_err(|e| e.to_string()),
             None => Ok("the failure did not reproduce when re-run".into()),
         }
     }
+}
+
+/// Implements [`SoakScenario`] for a scenario type with `seed` and
+/// `deterministic.steps` fields, whose deterministic run (`$run`) and minimiser
+/// (`$minimise`) give reports with `invariant_checks`, `failing_step` and
+/// `first_violation`.
+macro_rules! soak_scenario {
+    ($scenario:ty, $mmu:literal, $rerun:literal, $run:path, $minimise:path) => {
+        impl $crate::soak::SoakScenario for $scenario {
+            const MMU: &'static str = $mmu;
+            const RERUN: &'static str = $rerun;
+
+            fn reseed(&mut self, seed: u64, steps: u64) {
+                self.seed = seed;
+                self.deterministic.steps = steps;
+            }
+
+            fn run_det(&self) -> Result<$crate::soak::SeedOutcome, String> {
+                let r = $run(self).map_err(|e| e.to_string())?;
+                Ok($crate::soak::SeedOutcome::of(
+                    self.deterministic.steps,
+                    r.invariant_checks,
+                    r.failing_step,
+                    r.first_violation.as_deref(),
+                ))
+            }
+
+            fn shrink_det(&self) -> Result<Option<Self>, String> {
+                $minimise(self)
+                    .map(|m| m.map(|(small, _)| small))
+                    .map_err(|e| e.to_string())
+            }
+        }
+    };
+}
+pub(crate) use soak_scenario;
+
+soak_scenario!(
+    Scenario,
+    "hpt",
+    "--deterministic",
+    run_deterministic,
+    minimise
+);
+
+/// Soaks `target` over three seeds of 200 steps and checks that every step ran clean
+/// and was checked.
+#[cfg(test)]
+pub(crate) fn assert_soaks_clean(target: &dyn SoakTarget) {
+    let opts = SoakOptions {
+        first_seed: 11,
+        seeds: 3,
+        steps: 200,
+        jobs: 1,
+    };
+    let r = soak(target, &opts, |_| {});
+    assert_eq!((r.seeds, r.steps, r.checks), (3, 600, 600));
+    assert!(r.failures.is_empty() && r.errors.is_empty(), "{r:?}");
 }
 
 #[cfg(test)]

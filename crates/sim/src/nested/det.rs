@@ -17,11 +17,12 @@ use super::l1::L1Cpu;
 use super::run::{actor_kinds, boot, build_report, Outcome};
 use super::{Checks, NestedRunError, NestedRunReport, NestedSample, NestedScenario};
 use crate::actors::{Actor, ActorConfig, HostOps, Migration};
-use crate::det::{shrink, VCPU_WEIGHT};
+use crate::det::{fewer_actors_or_vcpus, shrink, VCPU_WEIGHT};
 use crate::host::HostMmu;
 use crate::report::digest_word;
 use crate::run::Progress;
 use crate::scenario::HostActor;
+use crate::soak::{soak_scenario, DetSoak};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::ops::ControlFlow;
@@ -175,17 +176,8 @@ pub fn minimise_nested(
         |s| run_nested_deterministic(s).map(|r| (r.failing_step, r)),
         |s, steps| s.deterministic.steps = steps,
         |best| {
-            let mut candidates = Vec::new();
-            for i in 0..best.host.actors.len() {
-                let mut c = best.clone();
-                c.host.actors.remove(i);
-                candidates.push(c);
-            }
-            if best.l1.vcpus > 1 {
-                let mut c = best.clone();
-                c.l1.vcpus -= 1;
-                candidates.push(c);
-            }
+            let mut candidates =
+                fewer_actors_or_vcpus(best, |s| (&mut s.host.actors, &mut s.l1.vcpus));
             if best.l1.l2s_per_vcpu > 1 {
                 let mut c = best.clone();
                 c.l1.l2s_per_vcpu -= 1;
@@ -196,3 +188,15 @@ pub fn minimise_nested(
         },
     )
 }
+
+/// The nested simulator as `revmap soak` drives it: each seed a deterministic run of a
+/// base scenario.
+pub type NestedSoak = DetSoak<NestedScenario>;
+
+soak_scenario!(
+    NestedScenario,
+    "nested",
+    "--mmu nested --deterministic",
+    run_nested_deterministic,
+    minimise_nested
+);

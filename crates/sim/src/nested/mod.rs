@@ -34,11 +34,15 @@ pub mod run;
 
 use crate::actors::HostOps;
 use crate::run::{si_ns, write_table};
-use crate::scenario::{DeterministicSpec, HostActor, HostSpec, ScenarioError};
+use crate::scenario::{
+    check_timing, invalid, read_file, DeterministicSpec, HostActor, HostSpec, ScenarioError,
+};
 use revmap_nested::{NestedCounters, NestedVm, NestedVmConfig, NestedVmError};
 use serde::{Deserialize, Serialize};
 
-pub use det::{minimise_nested, run_nested_deterministic, run_nested_deterministic_with};
+pub use det::{
+    minimise_nested, run_nested_deterministic, run_nested_deterministic_with, NestedSoak,
+};
 pub use l1::{L1Counters, L1Cpu};
 pub use run::run_nested;
 
@@ -174,13 +178,6 @@ impl Default for NestedScenario {
     }
 }
 
-fn invalid(field: &'static str, why: impl Into<String>) -> ScenarioError {
-    ScenarioError::Invalid {
-        field,
-        why: why.into(),
-    }
-}
-
 /// Why a nested run could not complete.
 #[derive(Debug, thiserror::Error)]
 pub enum NestedRunError {
@@ -238,17 +235,10 @@ impl NestedScenario {
         Ok(s)
     }
 
-    /// Reads, parses and validates a scenario file (errors name the file).
+    /// Reads, parses and validates a scenario file. Errors name the file; a file
+    /// without `name` is named after the file (its stem).
     pub fn from_file(path: &std::path::Path) -> Result<Self, ScenarioError> {
-        let path_str = || path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Io {
-            path: path_str(),
-            source,
-        })?;
-        Self::from_toml(&text).map_err(|e| ScenarioError::InFile {
-            path: path_str(),
-            source: Box::new(e),
-        })
+        read_file(path, Self::from_toml, |s| &mut s.name)
     }
 
     /// L2 guests in all (lpids 1..=this).
@@ -312,15 +302,7 @@ impl NestedScenario {
         if w.hot_pages == 0 {
             return Err(invalid("workload.hot_pages", "must be positive"));
         }
-        if !(self.duration_secs.is_finite() && self.duration_secs > 0.0) {
-            return Err(invalid(
-                "duration_secs (--duration)",
-                "must be a positive number of seconds",
-            ));
-        }
-        if self.check_interval_ms == 0 {
-            return Err(invalid("check_interval_ms", "must be positive"));
-        }
+        check_timing(self.duration_secs, self.check_interval_ms)?;
         if self.deterministic.steps == 0 {
             return Err(invalid("deterministic.steps (--steps)", "must be positive"));
         }

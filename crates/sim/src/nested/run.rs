@@ -12,7 +12,7 @@ use super::l1::{L1Cpu, PTCR};
 use super::{Checks, NestedRunError, NestedRunReport, NestedSample, NestedScenario, NestedStats};
 use crate::actors::{ActorConfig, ActorKind, HostActors, HostOps, Migration};
 use crate::host::HostMmu;
-use crate::run::{Progress, Quiesce, TICK};
+use crate::run::{join_vcpus, run_done, Progress, Quiesce, TICK};
 use crate::scenario::HostActor;
 use revmap_nested::NestedVm;
 use revmap_rmap::sync::{thread, AtomicU64, Ordering};
@@ -202,38 +202,24 @@ pub fn run_nested(
                     quiesce.resume();
                     last_check = Instant::now();
                 }
-                let fraction = if by_accesses > 0 {
-                    acc as f64 / by_accesses as f64
-                } else {
-                    t / sc.duration_secs
-                };
-                let flow = progress(&Progress {
-                    elapsed: t,
-                    duration: sc.duration_secs,
-                    fraction: fraction.min(1.0),
-                    steps: 0,
-                    hcalls: acc,
-                    host_ops: actors.ops_so_far() + migration_ops.total(),
-                    hpt_order: 0,
-                    violations: checks.violations,
-                });
+                let flow = progress(&Progress::threaded(
+                    t,
+                    sc.duration_secs,
+                    (acc, by_accesses),
+                    actors.ops_so_far() + migration_ops.total(),
+                    0,
+                    checks.violations,
+                ));
                 if flow.is_break() {
                     interrupted = true;
                     break;
                 }
-                if (by_accesses > 0 && acc >= by_accesses) || (by_accesses == 0 && el >= duration) {
+                if run_done(acc, by_accesses, el, duration) {
                     break;
                 }
             }
             quiesce.stop();
-            let mut out = Vec::with_capacity(nv);
-            let mut err = None;
-            for (v, h) in handles.into_iter().enumerate() {
-                match h.join() {
-                    Ok(c) => out.push(c),
-                    Err(_) => err = err.or(Some(NestedRunError::Vcpu(v))),
-                }
-            }
+            let (out, err) = join_vcpus(handles, NestedRunError::Vcpu);
             let ops = actors.stop()?;
             match err {
                 Some(e) => Err(e),

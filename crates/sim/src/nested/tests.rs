@@ -133,3 +133,14 @@ fn shrink_keeps_the_smallest_scenario_that_still_fails() {
         Ok(None)
     );
 }
+
+#[test]
+fn soak_runs_every_seed_with_a_check_every_step() {
+    use crate::soak::SoakTarget;
+    let target = NestedSoak::new(NestedScenario::default());
+    assert_eq!(target.name(), "nested");
+    let a = target.run_seed(5, 300).unwrap();
+    assert_eq!((a.steps, a.checks, a.failure.clone()), (300, 300, None));
+    assert_eq!(target.run_seed(5, 300).unwrap(), a, "a seed reproduces");
+    crate::soak::assert_soaks_clean(&target);
+}
