@@ -21,6 +21,19 @@ const SMALL: &str = "name = \"x86-small\"\ncheck_interval_ms = 200\n[guest]\nram
                      vcpus = 2\n[migration]\nrounds = 2\npause_ticks = 1\n\
                      [deterministic]\nram_mib = 64\n";
 
+/// `revmap run --mmu x86 --scenario FILE` followed by `rest`.
+fn run_x86(scenario: &std::path::Path, rest: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "run",
+        "--mmu",
+        "x86",
+        "--scenario",
+        scenario.to_str().unwrap(),
+    ];
+    args.extend_from_slice(rest);
+    revmap(&args)
+}
+
 fn json(o: &std::process::Output) -> serde_json::Value {
     serde_json::from_slice(&o.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&o.stdout)))
@@ -29,18 +42,7 @@ fn json(o: &std::process::Output) -> serde_json::Value {
 #[test]
 fn json_report_has_the_promised_keys_and_no_violation() {
     let f = temp_file("small.toml", SMALL);
-    let o = revmap(&[
-        "run",
-        "--mmu",
-        "x86",
-        "--scenario",
-        f.to_str().unwrap(),
-        "--accesses",
-        "40000",
-        "--seed",
-        "3",
-        "--json",
-    ]);
+    let o = run_x86(&f, &["--accesses", "40000", "--seed", "3", "--json"]);
     no_panic(&o);
     assert!(o.status.success(), "{}", stderr(&o));
     let v = json(&o);
@@ -74,20 +76,8 @@ fn json_report_has_the_promised_keys_and_no_violation() {
 #[test]
 fn deterministic_mode_reproduces_a_seed_with_a_check_every_step() {
     let f = temp_file("det.toml", SMALL);
-    let args = [
-        "run",
-        "--mmu",
-        "x86",
-        "--scenario",
-        f.to_str().unwrap(),
-        "--deterministic",
-        "--steps",
-        "400",
-        "--seed",
-        "4",
-        "--json",
-    ];
-    let (a, b) = (revmap(&args), revmap(&args));
+    let args = ["--deterministic", "--steps", "400", "--seed", "4", "--json"];
+    let (a, b) = (run_x86(&f, &args), run_x86(&f, &args));
     assert!(a.status.success(), "{}", stderr(&a));
     let (a, b) = (json(&a), json(&b));
     assert_eq!(a["digest"], b["digest"]);
@@ -102,18 +92,16 @@ fn deterministic_mode_reproduces_a_seed_with_a_check_every_step() {
 fn plot_writes_an_svg_and_a_png_that_decodes() {
     let f = temp_file("plot.toml", SMALL);
     let dir = std::env::temp_dir().join(format!("revmap-run-x86-{}-plots", std::process::id()));
-    let o = revmap(&[
-        "run",
-        "--mmu",
-        "x86",
-        "--scenario",
-        f.to_str().unwrap(),
-        "--deterministic",
-        "--steps",
-        "300",
-        "--plot",
-        dir.to_str().unwrap(),
-    ]);
+    let o = run_x86(
+        &f,
+        &[
+            "--deterministic",
+            "--steps",
+            "300",
+            "--plot",
+            dir.to_str().unwrap(),
+        ],
+    );
     no_panic(&o);
     assert!(o.status.success(), "{}", stderr(&o));
     let svg = std::fs::read_to_string(dir.join("x86_shadow.svg")).unwrap();
