@@ -373,6 +373,32 @@ impl Quiesce {
         // ORDERING: SeqCst, as every access to `pause`.
         self.pause.store(false, Ordering::SeqCst);
     }
+
+    /// Parks all `n` workers and pauses the host `actors`, runs `check` at that
+    /// quiescent point, then lets actors and workers go on.
+    pub(crate) fn quiescent_check(&self, n: usize, actors: &HostActors<'_>, check: impl FnOnce()) {
+        self.park_all(n);
+        actors.pause();
+        check();
+        actors.resume();
+        self.resume();
+    }
+
+    /// The periodic check of a threaded run: a [`Quiesce::quiescent_check`] when
+    /// `interval_ms` has passed since `*last`, which then restarts the interval.
+    pub(crate) fn check_when_due(
+        &self,
+        last: &mut Instant,
+        interval_ms: u64,
+        n: usize,
+        actors: &HostActors<'_>,
+        check: impl FnOnce(),
+    ) {
+        if last.elapsed() >= Duration::from_millis(interval_ms) {
+            self.quiescent_check(n, actors, check);
+            *last = Instant::now();
+        }
+    }
 }
 
 /// Whether a threaded run is done: after `by_count` counted operations (`count` so
@@ -550,20 +576,11 @@ pub fn run(
                         || quiesce.park_all(nv),
                         || quiesce.resume(),
                     );
-                    quiesce.park_all(nv);
-                    actors.pause();
-                    ctl.check();
-                    actors.resume();
-                    quiesce.resume();
+                    quiesce.quiescent_check(nv, &actors, || ctl.check());
                 }
-                if last_check.elapsed() >= Duration::from_millis(sc.check_interval_ms) {
-                    quiesce.park_all(nv);
-                    actors.pause();
-                    ctl.check();
-                    actors.resume();
-                    quiesce.resume();
-                    last_check = Instant::now();
-                }
+                quiesce.check_when_due(&mut last_check, sc.check_interval_ms, nv, &actors, || {
+                    ctl.check()
+                });
                 let flow = progress(&Progress {
                     elapsed: t,
                     duration: sc.duration_secs,

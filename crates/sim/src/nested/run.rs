@@ -194,14 +194,9 @@ pub fn run_nested(
                     m.run_round(vm, &mut migration_ops, &mut |_| {});
                 }
                 actors.end_phase();
-                if last_check.elapsed() >= Duration::from_millis(sc.check_interval_ms) {
-                    quiesce.park_all(nv);
-                    actors.pause();
-                    checks.check(vm);
-                    actors.resume();
-                    quiesce.resume();
-                    last_check = Instant::now();
-                }
+                quiesce.check_when_due(&mut last_check, sc.check_interval_ms, nv, &actors, || {
+                    checks.check(vm)
+                });
                 let flow = progress(&Progress::threaded(
                     t,
                     sc.duration_secs,

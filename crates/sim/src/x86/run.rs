@@ -123,14 +123,9 @@ pub fn run_x86(
                 migration.step(vm, true);
             }
             actors.end_phase();
-            if last_check.elapsed() >= Duration::from_millis(sc.check_interval_ms) {
-                quiesce.park_all(nv);
-                actors.pause();
+            quiesce.check_when_due(&mut last_check, sc.check_interval_ms, nv, &actors, || {
                 checks.check(vm);
-                actors.resume();
-                quiesce.resume();
-                last_check = Instant::now();
-            }
+            });
             let flow = progress(&Progress::threaded(
                 t,
                 sc.duration_secs,
