@@ -94,7 +94,7 @@ impl Plotted<'_> {
     }
 }
 
-/// Draws plot `i` of `r` on `root`.
+/// Draws plot `i` of `r` on `root`, filled white first.
 fn draw<DB: DrawingBackend>(
     r: Plotted<'_>,
     i: usize,
@@ -103,6 +103,7 @@ fn draw<DB: DrawingBackend>(
 where
     DB::ErrorType: 'static,
 {
+    root.fill(&WHITE)?;
     match r {
         Plotted::Hpt(r) => draw_one(i, r, root),
         Plotted::Nested(r) => nested(r, i, root),
@@ -156,11 +157,42 @@ where
     }
 }
 
+/// Draws the legend of `ch` at `pos`, on a translucent white box with a black border.
+fn legend<'a, DB: DrawingBackend + 'a, CT: plotters::coord::CoordTranslate>(
+    ch: &mut ChartContext<'a, DB, CT>,
+    pos: SeriesLabelPosition,
+) -> Result<(), DynErr>
+where
+    DB::ErrorType: 'static,
+{
+    ch.configure_series_labels()
+        .position(pos)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    Ok(())
+}
+
+/// A chart builder on `root` in the house frame: `caption` in `size`-point
+/// sans-serif, a 12 px margin, a 45 px x-label area and a `y_area` px y-label area.
+fn framed<'a, 'b, DB: DrawingBackend>(
+    root: &'a DrawingArea<DB, Shift>,
+    caption: impl AsRef<str>,
+    size: u32,
+    y_area: u32,
+) -> ChartBuilder<'a, 'b, DB> {
+    let mut b = ChartBuilder::on(root);
+    b.caption(caption, ("sans-serif", size))
+        .margin(12)
+        .x_label_area_size(45)
+        .y_label_area_size(y_area);
+    b
+}
+
 fn latency<DB: DrawingBackend>(r: &RunReport, root: &DrawingArea<DB, Shift>) -> Result<(), DynErr>
 where
     DB::ErrorType: 'static,
 {
-    root.fill(&WHITE)?;
     let curves: Vec<(&str, Vec<(f64, f64)>)> = r
         .latency_buckets_by_kind
         .iter()
@@ -177,14 +209,7 @@ where
     let xmin = all.clone().map(|p| p.0).fold(f64::MAX, f64::min).min(100.0) / 1.5;
     let xmax = all.clone().map(|p| p.0).fold(1000.0, f64::max) * 1.5;
     let ymax = all.map(|p| p.1).fold(10.0, f64::max) * 20.0;
-    let mut ch = ChartBuilder::on(root)
-        .caption(
-            "Hypercall latency distribution per type",
-            ("sans-serif", 26),
-        )
-        .margin(12)
-        .x_label_area_size(45)
-        .y_label_area_size(70)
+    let mut ch = framed(root, "Hypercall latency distribution per type", 26, 70)
         .build_cartesian_2d((xmin.max(1.0)..xmax).log_scale(), (0.5..ymax).log_scale())?;
     ch.configure_mesh()
         .x_desc("latency per call (log scale)")
@@ -205,11 +230,7 @@ where
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], c.stroke_width(2)));
         ch.draw_series(pts.iter().map(|&p| Circle::new(p, 2, c.filled())))?;
     }
-    ch.configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()?;
+    legend(&mut ch, SeriesLabelPosition::UpperRight)?;
     Ok(())
 }
 
@@ -217,25 +238,22 @@ fn rings<DB: DrawingBackend>(r: &RunReport, root: &DrawingArea<DB, Shift>) -> Re
 where
     DB::ErrorType: 'static,
 {
-    root.fill(&WHITE)?;
     let h = &r.rings.histogram;
     let longest = h.keys().copied().max().unwrap_or(1).max(1);
     let ymax = h.values().copied().max().unwrap_or(1) as f64 * 2.0;
-    let mut ch = ChartBuilder::on(root)
-        .caption(
-            format!(
-                "rmap ring lengths at the end ({} guest frames mapped, {} HPTEs)",
-                r.rings.chains, r.rings.members
-            ),
-            ("sans-serif", 24),
-        )
-        .margin(12)
-        .x_label_area_size(45)
-        .y_label_area_size(70)
-        .build_cartesian_2d(
-            (1u64..longest).into_segmented(),
-            (0.5..ymax.max(2.0)).log_scale(),
-        )?;
+    let mut ch = framed(
+        root,
+        format!(
+            "rmap ring lengths at the end ({} guest frames mapped, {} HPTEs)",
+            r.rings.chains, r.rings.members
+        ),
+        24,
+        70,
+    )
+    .build_cartesian_2d(
+        (1u64..longest).into_segmented(),
+        (0.5..ymax.max(2.0)).log_scale(),
+    )?;
     ch.configure_mesh()
         .disable_x_mesh()
         .x_labels((longest as usize).min(20))
@@ -268,22 +286,17 @@ fn dirty<DB: DrawingBackend>(r: &RunReport, root: &DrawingArea<DB, Shift>) -> Re
 where
     DB::ErrorType: 'static,
 {
-    root.fill(&WHITE)?;
     let d = &r.migration.dirty_pages_per_round;
     let rounds = (d.len() as u64).max(2);
     let ymax = d.iter().copied().max().unwrap_or(1) as f64 * 1.1 + 1.0;
     let backing = r.migration.frames_per_backing_page.max(1) * 4;
-    let mut ch = ChartBuilder::on(root)
-        .caption(
-            format!(
-                "Dirty pages per migration round (a store dirties its {backing} KiB host page)"
-            ),
-            ("sans-serif", 24),
-        )
-        .margin(12)
-        .x_label_area_size(45)
-        .y_label_area_size(80)
-        .build_cartesian_2d(1u64..rounds, 0.0..ymax)?;
+    let mut ch = framed(
+        root,
+        format!("Dirty pages per migration round (a store dirties its {backing} KiB host page)"),
+        24,
+        80,
+    )
+    .build_cartesian_2d(1u64..rounds, 0.0..ymax)?;
     ch.configure_mesh()
         .x_labels((rounds as usize).min(12))
         .x_desc("dirty-log round")
@@ -305,17 +318,12 @@ fn throughput<DB: DrawingBackend>(
 where
     DB::ErrorType: 'static,
 {
-    root.fill(&WHITE)?;
     let t = &r.timeline;
     let xmax = t.iter().map(|s| s.t).fold(1.0, f64::max);
     let top = t.iter().map(|s| s.hcalls_per_s).fold(1.0, f64::max);
     // Head room above the line for the resize labels and the legend.
     let ymax = top * 1.35;
-    let mut ch = ChartBuilder::on(root)
-        .caption("Hypercall throughput (resizes marked)", ("sans-serif", 26))
-        .margin(12)
-        .x_label_area_size(45)
-        .y_label_area_size(90)
+    let mut ch = framed(root, "Hypercall throughput (resizes marked)", 26, 90)
         .build_cartesian_2d(0.0..xmax, 0.0..ymax)?;
     ch.configure_mesh()
         .x_desc("time (s)")
@@ -340,11 +348,7 @@ where
             ("sans-serif", 16).into_font().color(&RED),
         )))?;
     }
-    ch.configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()?;
+    legend(&mut ch, SeriesLabelPosition::UpperLeft)?;
     Ok(())
 }
 
@@ -375,7 +379,6 @@ fn nested<DB: DrawingBackend>(
 where
     DB::ErrorType: 'static,
 {
-    root.fill(&WHITE)?;
     let t = &r.timeline;
     let xmax = t.iter().map(|s| s.t).fold(1.0, f64::max);
     let xdesc = if r.deterministic {
@@ -442,11 +445,7 @@ where
     } else {
         "L2 accesses and nested faults".to_owned()
     };
-    let mut ch = ChartBuilder::on(root)
-        .caption(caption, ("sans-serif", 24))
-        .margin(12)
-        .x_label_area_size(45)
-        .y_label_area_size(90)
+    let mut ch = framed(root, caption, 24, 90)
         .build_cartesian_2d(0.0..xmax, (0.5..top * 3.0).log_scale())?;
     ch.configure_mesh()
         .x_desc(xdesc)
@@ -464,11 +463,7 @@ where
             .label(label)
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], c.stroke_width(2)));
     }
-    ch.configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()?;
+    legend(&mut ch, SeriesLabelPosition::LowerRight)?;
     Ok(())
 }
 
@@ -491,7 +486,6 @@ fn x86_shadow<DB: DrawingBackend>(
 where
     DB::ErrorType: 'static,
 {
-    root.fill(&WHITE)?;
     let (top, bottom) = root.split_vertically(H * 3 / 4);
     let t = &r.timeline;
     let (unit, per) = if r.deterministic {
@@ -561,11 +555,7 @@ where
             .label(format!("{name} {per}"))
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], c.stroke_width(2)));
     }
-    ch.configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()?;
+    legend(&mut ch, SeriesLabelPosition::UpperRight)?;
     let ymax = t
         .iter()
         .map(|s| s.write_protected_gfns.max(s.shadow_pages) as f64)
@@ -597,10 +587,6 @@ where
         .label(name)
         .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], c.stroke_width(2)));
     }
-    ch.configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()?;
+    legend(&mut ch, SeriesLabelPosition::UpperLeft)?;
     Ok(())
 }
