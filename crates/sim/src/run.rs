@@ -1232,22 +1232,35 @@ impl RunReport {
             g.execs,
             g.exits
         );
-        let _ = writeln!(
-            o,
-            "invariant_checks {}  invariant_violations {}{}",
-            self.invariant_checks,
-            self.invariant_violations,
-            self.first_violation
-                .as_ref()
-                .map_or(String::new(), |v| format!(" (first: {v})"))
-        );
-        let _ = writeln!(
-            o,
-            "digest {} (same seed, same digest in --deterministic mode)",
-            self.digest
+        write_checks_and_digest(
+            &mut o,
+            (self.invariant_checks, self.invariant_violations, ""),
+            self.first_violation.as_deref(),
+            &self.digest,
         );
         o
     }
+}
+
+/// Appends a human report's closing lines to `o`: the invariant checks and
+/// violations (`what` right after the violation count says what they include), the
+/// first violation if any, and the digest.
+pub(crate) fn write_checks_and_digest(
+    o: &mut String,
+    (checks, violations, what): (u64, u64, &str),
+    first: Option<&str>,
+    digest: &str,
+) {
+    use std::fmt::Write as _;
+    let first = first.map_or(String::new(), |v| format!(" (first: {v})"));
+    let _ = writeln!(
+        o,
+        "invariant_checks {checks}  invariant_violations {violations}{what}{first}"
+    );
+    let _ = writeln!(
+        o,
+        "digest {digest} (same seed, same digest in --deterministic mode)"
+    );
 }
 
 #[cfg(test)]

@@ -33,7 +33,7 @@ pub mod l1;
 pub mod run;
 
 use crate::actors::HostOps;
-use crate::run::{si_ns, write_table};
+use crate::run::{si_ns, write_checks_and_digest, write_table};
 use crate::scenario::{
     check_timing, invalid, read_file, DeterministicSpec, HostActor, HostSpec, ScenarioError,
 };
@@ -571,19 +571,11 @@ impl NestedRunReport {
                 si_ns((self.elapsed_s * 1e9 * self.vcpus as f64 / self.accesses as f64) as u64)
             );
         }
-        let _ = writeln!(
-            o,
-            "invariant_checks {}  invariant_violations {}{}",
-            self.invariant_checks,
-            self.invariant_violations,
-            self.first_violation
-                .as_ref()
-                .map_or(String::new(), |v| format!(" (first: {v})"))
-        );
-        let _ = writeln!(
-            o,
-            "digest {} (same seed, same digest in --deterministic mode)",
-            self.digest
+        write_checks_and_digest(
+            &mut o,
+            (self.invariant_checks, self.invariant_violations, ""),
+            self.first_violation.as_deref(),
+            &self.digest,
         );
         o
     }

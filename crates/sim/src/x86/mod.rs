@@ -26,7 +26,7 @@ pub mod run;
 
 use crate::actors::{HostOps, Migration, MigrationEvent};
 use crate::host::HostMmu;
-use crate::run::{si_ns, write_table, MigrationStats};
+use crate::run::{si_ns, write_checks_and_digest, write_table, MigrationStats};
 use crate::scenario::{
     check_timing, invalid, read_file, DeterministicSpec, HostActor, HostSpec, ScenarioError,
 };
@@ -777,20 +777,15 @@ impl X86Report {
             mg.max_dirty_pages,
             mg.guest_frames
         );
-        let _ = writeln!(
-            o,
-            "invariant_checks {}  invariant_violations {} (checker + {} guest mismatches){}",
-            self.invariant_checks,
-            self.invariant_violations,
-            self.guest.mismatches,
-            self.first_violation
-                .as_ref()
-                .map_or(String::new(), |v| format!(" (first: {v})"))
-        );
-        let _ = writeln!(
-            o,
-            "digest {} (same seed, same digest in --deterministic mode)",
-            self.digest
+        write_checks_and_digest(
+            &mut o,
+            (
+                self.invariant_checks,
+                self.invariant_violations,
+                &format!(" (checker + {} guest mismatches)", self.guest.mismatches),
+            ),
+            self.first_violation.as_deref(),
+            &self.digest,
         );
         o
     }
