@@ -401,6 +401,15 @@ impl Quiesce {
     }
 }
 
+/// The sum of the vCPU threads' operation counters: a progress statistic.
+pub(crate) fn sum_counters(counters: &[AtomicU64]) -> u64 {
+    counters
+        .iter()
+        // ORDERING: Relaxed: a progress statistic.
+        .map(|c| c.load(Ordering::Relaxed))
+        .sum()
+}
+
 /// Whether a threaded run is done: after `by_count` counted operations (`count` so
 /// far) if that is set, else after `duration` (`elapsed` so far).
 pub(crate) fn run_done(
@@ -536,13 +545,7 @@ pub fn run(
             let mut last_check = Instant::now();
             let mut last_calls = 0u64;
             let mut last_t = 0.0f64;
-            let hcalls_now = || -> u64 {
-                counters
-                    .iter()
-                    // ORDERING: Relaxed: a progress statistic.
-                    .map(|c| c.load(Ordering::Relaxed))
-                    .sum()
-            };
+            let hcalls_now = || sum_counters(&counters);
             loop {
                 thread::sleep(TICK);
                 let el = t0.elapsed();

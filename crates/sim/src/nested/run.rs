@@ -12,7 +12,7 @@ use super::l1::{L1Cpu, PTCR};
 use super::{Checks, NestedRunError, NestedRunReport, NestedSample, NestedScenario, NestedStats};
 use crate::actors::{ActorConfig, ActorKind, HostActors, HostOps, Migration};
 use crate::host::HostMmu;
-use crate::run::{join_vcpus, run_done, Progress, Quiesce, TICK};
+use crate::run::{join_vcpus, run_done, sum_counters, Progress, Quiesce, TICK};
 use crate::scenario::HostActor;
 use revmap_nested::NestedVm;
 use revmap_rmap::sync::{thread, AtomicU64, Ordering};
@@ -165,13 +165,7 @@ pub fn run_nested(
             let mut timeline = Vec::new();
             let mut last_check = Instant::now();
             let (mut last_t, mut last_acc, mut last_faults) = (0.0f64, 0u64, 0u64);
-            let accesses_now = || -> u64 {
-                counters
-                    .iter()
-                    // ORDERING: Relaxed: a progress statistic.
-                    .map(|c| c.load(Ordering::Relaxed))
-                    .sum()
-            };
+            let accesses_now = || sum_counters(&counters);
             loop {
                 thread::sleep(TICK);
                 let el = t0.elapsed();

@@ -18,7 +18,7 @@ use super::{
     X86Scenario,
 };
 use crate::actors::{ActorConfig, HostActors};
-use crate::run::{join_vcpus, run_done, ExitGuard, Progress, Quiesce, TICK};
+use crate::run::{join_vcpus, run_done, sum_counters, ExitGuard, Progress, Quiesce, TICK};
 use crate::scenario::HostActor;
 use guest::X86Cpu;
 use revmap_rmap::sync::{thread, AtomicU64, Ordering};
@@ -104,13 +104,7 @@ pub fn run_x86(
             }));
         }
         let actors = HostActors::spawn(s, vm, &actor_cfg);
-        let accesses_now = || -> u64 {
-            counters
-                .iter()
-                // ORDERING: Relaxed: a progress statistic.
-                .map(|c| c.load(Ordering::Relaxed))
-                .sum()
-        };
+        let accesses_now = || sum_counters(&counters);
         let mut timeline = vec![X86Sample::of(vm, 0.0, 0)];
         let mut last_check = Instant::now();
         loop {
