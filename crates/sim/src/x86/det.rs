@@ -130,11 +130,11 @@ pub fn run_x86_deterministic_with(
     if timeline.last().is_some_and(|s| s.t < done as f64) {
         timeline.push(X86Sample::of(&vm, done as f64, accesses(&cpus)));
     }
-    let first_check_failure = checks.first.map(|v| match failing_step {
+    checks.first = checks.first.map(|v| match failing_step {
         Some(s) => format!("step {s}: {v}"),
         None => v,
     });
-    if let (Some(s), None) = (failing_step, &first_check_failure) {
+    if let (Some(s), None) = (failing_step, &checks.first) {
         if let Some(m) = guest.first_mismatch.as_mut() {
             *m = format!("step {s}: {m}");
         }
@@ -152,9 +152,7 @@ pub fn run_x86_deterministic_with(
             digest,
             host_ops,
             migration,
-            checks: checks.checks,
-            check_failures: checks.failures,
-            first_check_failure,
+            checks,
             timeline,
         },
     );

@@ -537,9 +537,8 @@ pub(crate) struct Collected {
     pub(crate) digest: u64,
     pub(crate) host_ops: HostOps,
     pub(crate) migration: DirtyLogPasses,
-    pub(crate) checks: u64,
-    pub(crate) check_failures: u64,
-    pub(crate) first_check_failure: Option<String>,
+    /// The shadow MMU checker's tally (its first failure as the report shows it).
+    pub(crate) checks: run::Checks,
     pub(crate) timeline: Vec<X86Sample>,
 }
 
@@ -560,9 +559,7 @@ impl X86Report {
             dirty_pages_per_round: rounds,
         };
         let accesses = c.guest.accesses + c.guest.kernel_accesses;
-        let first_violation = c
-            .first_check_failure
-            .or_else(|| c.guest.first_mismatch.clone());
+        let first_violation = c.checks.first.or_else(|| c.guest.first_mismatch.clone());
         Self {
             mmu: "x86",
             scenario: sc.name.clone(),
@@ -580,7 +577,7 @@ impl X86Report {
             },
             accesses,
             accesses_per_s: accesses as f64 / secs,
-            invariant_violations: c.check_failures + c.guest.mismatches + c.migration.errors,
+            invariant_violations: c.checks.failures + c.guest.mismatches + c.migration.errors,
             shadow: ShadowSummary {
                 hits: c.guest.shadow_hits,
                 ..ShadowSummary::of(vm)
@@ -591,7 +588,7 @@ impl X86Report {
             host_ops,
             dirty_logging_passes: c.migration.passes,
             migration,
-            invariant_checks: c.checks,
+            invariant_checks: c.checks.checks,
             first_violation,
             failing_step: None,
             digest: format!("{:016x}", c.digest),

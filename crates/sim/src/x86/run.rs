@@ -171,9 +171,7 @@ pub fn run_x86(
             digest,
             host_ops,
             migration,
-            checks: checks.checks,
-            check_failures: checks.failures,
-            first_check_failure: checks.first,
+            checks,
             timeline,
         },
     );
