@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{access_of, age, check_access, host_unmap};
+use common::{access_of, age, check_access, flush_synced, host_unmap, load_cr3_synced};
 use proptest::prelude::*;
 use revmap_host::{Memslot, MemslotFlags};
 use revmap_rmap::{Gfn, Hva, SlotId};
@@ -250,19 +250,11 @@ fn run(ops: Vec<Op>, backing: u32, start: [Paging; 2]) -> Result<(), TestCaseErr
                     let (wp, nxe) = (old.wp(), old.nxe());
                     let new = mode(paging_of(&old), table << 12, wp, nxe, &m.mem);
                     m.set_mode(v, new).map_err(|e| e.to_string())?;
-                    m.load_cr3(v, table << 12).map_err(|e| e.to_string())?;
-                    let (u, _) = m.unsync_reachable(v).map_err(|e| e.to_string())?;
-                    if u != 0 {
-                        return Err(format!("after a CR3 load: {u} unsync reachable"));
-                    }
+                    load_cr3_synced(&mut m, v, table << 12)?;
                 }
                 Op::Invlpg { cpu, va } => m.invlpg(cpus[cpu], va).map_err(|e| e.to_string())?,
                 Op::Flush { cpu } => {
-                    m.flush_tlb_guest(cpus[cpu]).map_err(|e| e.to_string())?;
-                    let u = m.unsync_reachable(cpus[cpu]).map_err(|e| e.to_string())?;
-                    if u != (0, 0) {
-                        return Err(format!("after a guest TLB flush: {u:?} unsync"));
-                    }
+                    flush_synced(&mut m, cpus[cpu])?;
                 }
                 Op::Mode {
                     cpu,

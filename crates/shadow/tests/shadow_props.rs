@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{access_of, age, check_access, host_unmap};
+use common::{access_of, age, check_access, flush_synced, host_unmap, load_cr3_synced};
 use proptest::prelude::*;
 use revmap_host::{Memslot, MemslotFlags};
 use revmap_rmap::{Gfn, Hva, SlotId};
@@ -131,21 +131,11 @@ fn run(ops: Vec<Op>, backing: u32, max_pages: Option<u64>) -> Result<(), TestCas
                 }
                 Op::Cr3 { cpu, table } => {
                     let v = cpus[cpu];
-                    m.load_cr3(v, table << 12).map_err(|e| e.to_string())?;
-                    // A CR3 load without PCID syncs the new root.
-                    let (u, _) = m.unsync_reachable(v).map_err(|e| e.to_string())?;
-                    if u != 0 {
-                        return Err(format!("after a CR3 load: {u} unsync reachable"));
-                    }
+                    load_cr3_synced(&mut m, v, table << 12)?;
                 }
                 Op::Invlpg { cpu, va } => m.invlpg(cpus[cpu], va).map_err(|e| e.to_string())?,
                 Op::Flush { cpu } => {
-                    m.flush_tlb_guest(cpus[cpu]).map_err(|e| e.to_string())?;
-                    // Invariant 20: nothing reachable is unsync, no unsync prev_root.
-                    let u = m.unsync_reachable(cpus[cpu]).map_err(|e| e.to_string())?;
-                    if u != (0, 0) {
-                        return Err(format!("after a guest TLB flush: {u:?} unsync"));
-                    }
+                    flush_synced(&mut m, cpus[cpu])?;
                 }
                 Op::Mode { cpu, wp, nxe } => {
                     let v = cpus[cpu];
