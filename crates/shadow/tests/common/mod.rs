@@ -142,3 +142,24 @@ pub fn flush_synced(m: &mut ShadowMmu, v: usize) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Random guest-entry flags: W, U, A, D, NX and P each on or off (drawn in that order,
+/// as the state machines always drew them, so persisted failure seeds still replay).
+pub fn random_gpte_flags() -> impl proptest::strategy::Strategy<Value = u64> {
+    use proptest::prelude::*;
+    use revmap_shadow::paging::{PT64_NX, PT_ACCESSED, PT_DIRTY, PT_PRESENT, PT_USER, PT_WRITABLE};
+    any::<[bool; 6]>().prop_map(|bits| {
+        [
+            PT_PRESENT,
+            PT_WRITABLE,
+            PT_USER,
+            PT_ACCESSED,
+            PT_DIRTY,
+            PT64_NX,
+        ]
+        .iter()
+        .zip(bits)
+        .filter(|(_, on)| *on)
+        .fold(0, |f, (b, _)| f | b)
+    })
+}
