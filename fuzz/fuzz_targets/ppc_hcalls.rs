@@ -217,6 +217,7 @@ fn check(vm: &Vm, i: usize, step: &Step) {
 }
 
 fuzz_target!(|input: Input| {
+    let threads = revmap_fuzz::thread_count();
     let cfg = VmConfig {
         ram_bytes: RAM,
         hpt_order: ORDER,
@@ -280,4 +281,6 @@ fuzz_target!(|input: Input| {
     }
     // Leave no preparation worker behind for the next input.
     ctl.wait_workers();
+    drop(vm);
+    revmap_fuzz::wait_threads_at_most(threads);
 });
