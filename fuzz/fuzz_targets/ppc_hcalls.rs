@@ -158,9 +158,7 @@ fn regs_of(step: &Step) -> Option<(usize, u64, [u64; 8])> {
             let ptel = (gfn.wrapping_shl(12) & HpteR::RPN & !0xff_f000) | lpbits | rbits;
             a[0] = flags_of(flags);
             a[1] = ptex;
-            a[2] = if op == H_ENTER {
-                pteh
-            } else if avpn_raw {
+            a[2] = if op == H_ENTER || avpn_raw {
                 pteh
             } else {
                 tag << 7 | (vbits & HpteV::BOLTED)

@@ -17,7 +17,7 @@ use revmap_sim::scenario::{Scenario, ScenarioError};
 fn assert_bounds(s: &Scenario) {
     let g = &s.guest;
     assert!(
-        g.ram_mib > 0 && g.ram_mib % 16 == 0 && g.ram_mib <= 1 << 20,
+        g.ram_mib > 0 && g.ram_mib.is_multiple_of(16) && g.ram_mib <= 1 << 20,
         "{g:?}"
     );
     assert!(
@@ -45,7 +45,7 @@ fn assert_bounds(s: &Scenario) {
     assert!(s.deterministic.steps > 0 && s.host.ops_per_tick > 0);
     let d = &s.deterministic;
     assert!(
-        d.ram_mib > 0 && d.ram_mib % 16 == 0 && d.ram_mib <= 1024,
+        d.ram_mib > 0 && d.ram_mib.is_multiple_of(16) && d.ram_mib <= 1024,
         "{d:?}"
     );
     // Derived values.
