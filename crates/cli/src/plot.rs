@@ -287,7 +287,8 @@ where
     DB::ErrorType: 'static,
 {
     let d = &r.migration.dirty_pages_per_round;
-    let rounds = (d.len() as u64).max(2);
+    // Rounds sit at 1..=len, inside the axis (0..len + 1), so none is cut at an edge.
+    let rounds = d.len() as u64 + 1;
     let ymax = d.iter().copied().max().unwrap_or(1) as f64 * 1.1 + 1.0;
     let backing = r.migration.frames_per_backing_page.max(1) * 4;
     let mut ch = framed(
@@ -296,18 +297,18 @@ where
         24,
         80,
     )
-    .build_cartesian_2d(1u64..rounds, 0.0..ymax)?;
+    .build_cartesian_2d(0u64..rounds, 0.0..ymax)?;
     ch.configure_mesh()
-        .x_labels((rounds as usize).min(12))
+        .x_labels((rounds as usize + 1).min(12))
         .x_desc("dirty-log round")
         .y_desc("dirty 4 KiB guest frames harvested")
         .x_label_formatter(&|v| v.to_string())
         .y_label_formatter(&|v| format!("{v:.0}"))
         .draw()?;
-    ch.draw_series(LineSeries::new(
-        d.iter().enumerate().map(|(i, &n)| (i as u64 + 1, n as f64)),
-        RED.stroke_width(2),
-    ))?;
+    let pts = d.iter().enumerate().map(|(i, &n)| (i as u64 + 1, n as f64));
+    ch.draw_series(LineSeries::new(pts.clone(), RED.stroke_width(2)))?;
+    // A point per round: a run with a single round still shows it (a line needs two).
+    ch.draw_series(pts.map(|p| Circle::new(p, 7, RED.filled())))?;
     Ok(())
 }
 

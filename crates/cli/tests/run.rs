@@ -242,16 +242,25 @@ fn unwritable_plot_dir_fails_before_the_run() {
 #[test]
 fn plot_writes_svg_and_png_files_that_decode() {
     let dir = temp_path("plots");
-    let o = run_small("plot.toml", &["--plot", dir.to_str().unwrap()]);
+    let o = run_small("plot.toml", &["--json", "--plot", dir.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
-    check_plots(&o, &dir, &["latency", "rings", "dirty_pages", "throughput"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["invariant_violations"], 0);
+    // The ring chart draws bars for the frames mapped at the end; a short run can end
+    // with none (the guest's processes have just exited), and then the chart says so.
+    let mapped = v["rings"]["chains"].as_u64().unwrap_or(0) > 0;
+    if mapped {
+        check_plots(&o, &dir, &["latency", "rings", "dirty_pages", "throughput"]);
+    } else {
+        check_plots(&o, &dir, &["latency", "dirty_pages", "throughput"]);
+        let svg = std::fs::read_to_string(dir.join("rings.svg")).unwrap();
+        assert!(svg.contains("no HPTE mapped guest memory"), "{svg}");
+    }
     // Per-type latency curves: each hypercall type called is in the legend.
     let svg = std::fs::read_to_string(dir.join("latency.svg")).unwrap();
     for k in ["H_ENTER", "H_REMOVE", "H_PROTECT", "H_BULK_REMOVE"] {
         assert!(svg.contains(k), "{k}");
     }
-    let s = String::from_utf8_lossy(&o.stdout);
-    assert!(s.contains("invariant_violations 0"), "{s}");
 }
 
 #[test]

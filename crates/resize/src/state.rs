@@ -291,6 +291,15 @@ impl ResizeCtl {
 
 /// `resize_hpt_prepare_work`: allocate outside the lock, then publish if still
 /// current, else free (the worker owns a detached request).
+/// A VM going away releases its pending request (`resize_hpt_release` at teardown): a
+/// `Ready` table holds the shared state alive (its [`Prepared`] counts into the shared
+/// statistics), so without this the table and the state leak in a cycle.
+impl Drop for ResizeCtl {
+    fn drop(&mut self) {
+        Self::release(&mut lock(&self.shared.pending));
+    }
+}
+
 fn prepare_worker(shared: Arc<Shared>, order: u32, id: u64, flavour: Flavour) {
     shared.hooks.preparation_point();
     let fail = shared.hooks.take_alloc_failure();
@@ -632,5 +641,28 @@ impl Op<'_> {
             }
         }
         table.install().ok_or(ResizeError::Io)
+    }
+}
+
+#[cfg(all(test, not(any(loom, shuttle))))]
+mod tests {
+    use super::*;
+
+    /// Regression (found by the `ppc_hcalls` fuzz target): a VM dropped with a prepared
+    /// but uncommitted resize leaked the prepared table and the resize state.
+    #[test]
+    fn dropping_the_controller_frees_a_ready_table() {
+        let ctl = ResizeCtl::new(20);
+        let weak = Arc::downgrade(&ctl.shared);
+        let table = Prepared {
+            hpt: Some(Hpt::new(MIN_HPT_ORDER).unwrap()),
+            stats: ctl.shared.clone(),
+        };
+        *lock(&ctl.shared.pending) = Pending::Ready {
+            order: MIN_HPT_ORDER,
+            table,
+        };
+        drop(ctl);
+        assert!(weak.upgrade().is_none(), "resize state leaked");
     }
 }

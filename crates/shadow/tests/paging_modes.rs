@@ -9,14 +9,16 @@
 
 mod common;
 
-use common::{access_of, age, check_access, host_unmap};
+use common::{
+    access_of, age, check_access, flush_synced, host_unmap, load_cr3_synced, random_gpte_flags,
+};
 use proptest::prelude::*;
 use revmap_host::{Memslot, MemslotFlags};
 use revmap_rmap::{Gfn, Hva, SlotId};
 use revmap_shadow::mmu::{AccessOutcome, ShadowMmu};
 use revmap_shadow::paging::{
     Access, CpuMode, Gpa, GuestPhysMemory, PagingMode, SparseMemory, CR0_PE, CR0_PG, CR0_WP,
-    CR4_PAE, CR4_PSE, EFER_LMA, EFER_LME, EFER_NXE, PT64_NX, PT_ACCESSED, PT_DIRTY, PT_PAGE_SIZE,
+    CR4_PAE, CR4_PSE, EFER_LMA, EFER_LME, EFER_NXE, PT_ACCESSED, PT_DIRTY, PT_PAGE_SIZE,
     PT_PRESENT, PT_USER, PT_WRITABLE,
 };
 
@@ -111,17 +113,7 @@ fn entry() -> impl Strategy<Value = u64> {
     let full = PT_PRESENT | PT_WRITABLE | PT_USER | PT_ACCESSED | PT_DIRTY;
     let flags = prop_oneof![
         3 => Just(full),
-        2 => (any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>())
-            .prop_map(|(w, u, a, d, nx, p)| {
-                let mut f = 0;
-                if p { f |= PT_PRESENT }
-                if w { f |= PT_WRITABLE }
-                if u { f |= PT_USER }
-                if a { f |= PT_ACCESSED }
-                if d { f |= PT_DIRTY }
-                if nx { f |= PT64_NX }
-                f
-            }),
+        2 => random_gpte_flags(),
         1 => Just(PT_PRESENT), // a PAE PDPTE
     ];
     let target = prop_oneof![
@@ -250,19 +242,11 @@ fn run(ops: Vec<Op>, backing: u32, start: [Paging; 2]) -> Result<(), TestCaseErr
                     let (wp, nxe) = (old.wp(), old.nxe());
                     let new = mode(paging_of(&old), table << 12, wp, nxe, &m.mem);
                     m.set_mode(v, new).map_err(|e| e.to_string())?;
-                    m.load_cr3(v, table << 12).map_err(|e| e.to_string())?;
-                    let (u, _) = m.unsync_reachable(v).map_err(|e| e.to_string())?;
-                    if u != 0 {
-                        return Err(format!("after a CR3 load: {u} unsync reachable"));
-                    }
+                    load_cr3_synced(&mut m, v, table << 12)?;
                 }
                 Op::Invlpg { cpu, va } => m.invlpg(cpus[cpu], va).map_err(|e| e.to_string())?,
                 Op::Flush { cpu } => {
-                    m.flush_tlb_guest(cpus[cpu]).map_err(|e| e.to_string())?;
-                    let u = m.unsync_reachable(cpus[cpu]).map_err(|e| e.to_string())?;
-                    if u != (0, 0) {
-                        return Err(format!("after a guest TLB flush: {u:?} unsync"));
-                    }
+                    flush_synced(&mut m, cpus[cpu])?;
                 }
                 Op::Mode {
                     cpu,

@@ -7,13 +7,15 @@
 
 mod common;
 
-use common::{access_of, age, check_access, host_unmap};
+use common::{
+    access_of, age, check_access, flush_synced, host_unmap, load_cr3_synced, random_gpte_flags,
+};
 use proptest::prelude::*;
 use revmap_host::{Memslot, MemslotFlags};
 use revmap_rmap::{Gfn, Hva, SlotId};
 use revmap_shadow::mmu::ShadowMmu;
 use revmap_shadow::paging::{
-    CpuMode, Gpa, GuestPhysMemory, CR0_WP, EFER_NXE, PT64_NX, PT_ACCESSED, PT_DIRTY, PT_PAGE_SIZE,
+    CpuMode, Gpa, GuestPhysMemory, CR0_WP, EFER_NXE, PT_ACCESSED, PT_DIRTY, PT_PAGE_SIZE,
     PT_PRESENT, PT_USER, PT_WRITABLE,
 };
 
@@ -38,17 +40,7 @@ enum Op {
 fn entry() -> impl Strategy<Value = u64> {
     let flags = prop_oneof![
         3 => Just(PT_PRESENT | PT_WRITABLE | PT_USER | PT_ACCESSED | PT_DIRTY),
-        1 => (any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>())
-            .prop_map(|(w, u, a, d, nx, p)| {
-                let mut f = 0;
-                if p { f |= PT_PRESENT }
-                if w { f |= PT_WRITABLE }
-                if u { f |= PT_USER }
-                if a { f |= PT_ACCESSED }
-                if d { f |= PT_DIRTY }
-                if nx { f |= PT64_NX }
-                f
-            }),
+        1 => random_gpte_flags(),
     ];
     let target = prop_oneof![
         4 => (1..=TABLES).prop_map(|f| f << 12),
@@ -131,21 +123,11 @@ fn run(ops: Vec<Op>, backing: u32, max_pages: Option<u64>) -> Result<(), TestCas
                 }
                 Op::Cr3 { cpu, table } => {
                     let v = cpus[cpu];
-                    m.load_cr3(v, table << 12).map_err(|e| e.to_string())?;
-                    // A CR3 load without PCID syncs the new root.
-                    let (u, _) = m.unsync_reachable(v).map_err(|e| e.to_string())?;
-                    if u != 0 {
-                        return Err(format!("after a CR3 load: {u} unsync reachable"));
-                    }
+                    load_cr3_synced(&mut m, v, table << 12)?;
                 }
                 Op::Invlpg { cpu, va } => m.invlpg(cpus[cpu], va).map_err(|e| e.to_string())?,
                 Op::Flush { cpu } => {
-                    m.flush_tlb_guest(cpus[cpu]).map_err(|e| e.to_string())?;
-                    // Invariant 20: nothing reachable is unsync, no unsync prev_root.
-                    let u = m.unsync_reachable(cpus[cpu]).map_err(|e| e.to_string())?;
-                    if u != (0, 0) {
-                        return Err(format!("after a guest TLB flush: {u:?} unsync"));
-                    }
+                    flush_synced(&mut m, cpus[cpu])?;
                 }
                 Op::Mode { cpu, wp, nxe } => {
                     let v = cpus[cpu];

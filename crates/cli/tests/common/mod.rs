@@ -45,8 +45,9 @@ pub fn check_png(path: &std::path::Path) {
         .filter(|p| p[..3].iter().any(|&c| c < 200))
         .count();
     let frac = inked as f64 / pixels.len() as f64;
-    // Axes, labels and data: a few percent of the image, far from all of it.
-    assert!((0.01..0.6).contains(&frac), "{}: {frac}", path.display());
+    // Axes, labels and data: more than a blank image, far from all of it (a bar chart
+    // with a few wide bars, such as the ring lengths, inks up to about two thirds).
+    assert!((0.01..0.85).contains(&frac), "{}: {frac}", path.display());
     let colored = pixels
         .iter()
         .filter(|p| {

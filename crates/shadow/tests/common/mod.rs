@@ -120,3 +120,46 @@ pub fn age(m: &mut ShadowMmu, gfn: u64, n: u64, slot_pages: u64) -> Result<u64, 
     }
     Ok(end)
 }
+
+/// Load `cr3` on vCPU `v` and check that the new root was synced: a CR3 load without
+/// PCID leaves nothing unsync reachable from it.
+pub fn load_cr3_synced(m: &mut ShadowMmu, v: usize, cr3: u64) -> Result<(), String> {
+    m.load_cr3(v, cr3).map_err(|e| e.to_string())?;
+    let (u, _) = m.unsync_reachable(v).map_err(|e| e.to_string())?;
+    if u != 0 {
+        return Err(format!("after a CR3 load: {u} unsync reachable"));
+    }
+    Ok(())
+}
+
+/// A guest TLB flush on vCPU `v`, then invariant 20: nothing reachable is unsync and no
+/// cached previous root is unsync.
+pub fn flush_synced(m: &mut ShadowMmu, v: usize) -> Result<(), String> {
+    m.flush_tlb_guest(v).map_err(|e| e.to_string())?;
+    let u = m.unsync_reachable(v).map_err(|e| e.to_string())?;
+    if u != (0, 0) {
+        return Err(format!("after a guest TLB flush: {u:?} unsync"));
+    }
+    Ok(())
+}
+
+/// Random guest-entry flags: W, U, A, D, NX and P each on or off (drawn in that order,
+/// as the state machines always drew them, so persisted failure seeds still replay).
+pub fn random_gpte_flags() -> impl proptest::strategy::Strategy<Value = u64> {
+    use proptest::prelude::*;
+    use revmap_shadow::paging::{PT64_NX, PT_ACCESSED, PT_DIRTY, PT_PRESENT, PT_USER, PT_WRITABLE};
+    any::<[bool; 6]>().prop_map(|bits| {
+        [
+            PT_PRESENT,
+            PT_WRITABLE,
+            PT_USER,
+            PT_ACCESSED,
+            PT_DIRTY,
+            PT64_NX,
+        ]
+        .iter()
+        .zip(bits)
+        .filter(|(_, on)| *on)
+        .fold(0, |f, (b, _)| f | b)
+    })
+}
