@@ -289,10 +289,8 @@ impl ResizeCtl {
     }
 }
 
-/// `resize_hpt_prepare_work`: allocate outside the lock, then publish if still
-/// current, else free (the worker owns a detached request).
 /// A VM going away releases its pending request (`resize_hpt_release` at teardown): a
-/// `Ready` table holds the shared state alive (its [`Prepared`] counts into the shared
+/// `Ready` table holds the shared state alive (its `Prepared` counts into the shared
 /// statistics), so without this the table and the state leak in a cycle.
 impl Drop for ResizeCtl {
     fn drop(&mut self) {
@@ -300,6 +298,8 @@ impl Drop for ResizeCtl {
     }
 }
 
+/// `resize_hpt_prepare_work`: allocate outside the lock, then publish if still
+/// current, else free (the worker owns a detached request).
 fn prepare_worker(shared: Arc<Shared>, order: u32, id: u64, flavour: Flavour) {
     shared.hooks.preparation_point();
     let fail = shared.hooks.take_alloc_failure();

@@ -355,7 +355,7 @@ pub const CHILD_ENV: &str = "REVMAP_FAILALLOC_CHILD";
 /// not fail cleanly) is recorded with its k, step and allocation site, and the sweep is
 /// restarted in a new child from the next k, so one run lists every such allocation.
 /// Aborts inside `Arc::new` or a thread's start-up are listed apart: stable Rust has no
-/// fallible form of them (see [`language_infallible`]); every other abort fails.
+/// fallible form of them (`Arc::new`, spawning a thread); every other abort fails.
 /// Returns the outcome of every k, or `Err` listing every other abort, or the failure
 /// of a child that ended otherwise (a panic, a broken contract). The test calls this when
 /// [`CHILD_ENV`] is not set, and runs the sweep itself when it is.
