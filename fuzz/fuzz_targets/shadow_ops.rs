@@ -172,10 +172,10 @@ fn range(gfn: u16, n: u16) -> (u64, u64) {
     (start, (start + u64::from(n % 600) + 1).min(SLOT_PAGES))
 }
 
-/// Errors a hostile but legal guest may get: an unshadowed paging mode, no free shadow
-/// page under a tight limit.
+/// Errors a hostile but legal guest may get: no free shadow page under a tight limit
+/// (every paging mode is shadowed).
 fn clean(e: &ShadowError) -> bool {
-    matches!(e, ShadowError::Unsupported(_) | ShadowError::NoSpace)
+    matches!(e, ShadowError::NoSpace)
 }
 
 fn step(vm: &ShadowVm, cpus: [usize; 2], op: &Op) -> Result<(), String> {
