@@ -78,6 +78,12 @@ impl Vm {
             let p = i as u32;
             let v = s.load_v();
             let r = s.load_r();
+            if v | r == 0 {
+                // An all-zero slot is free and clean in both flavours: nothing below
+                // applies to it. Most of a table is free, so this is the checker's
+                // common case.
+                continue;
+            }
             if v & HpteV::HVLOCK != 0 || (v & HpteV::VALID != 0 && v & HpteV::ABSENT != 0) {
                 return Err(Violation::BadSoftwareBits { ptex: Ptex(p), v });
             }

@@ -1009,6 +1009,10 @@ pub fn check_rmaps<'a>(
     let mut stats = RingStats::default();
     for (frame, r) in rmaps.into_iter().enumerate() {
         let w = r.load();
+        if w.0 == 0 {
+            // The empty word: unlocked, no type, no ring; the common case.
+            continue;
+        }
         let kind = w.kind();
         if w.0 & !RMAP_LAYOUT != 0
             || w.is_locked()
