@@ -25,9 +25,19 @@
 //!   and every nested-rmap mutation. The hardware's shadow lookup also runs under it.
 //! * A nested fault holds its L2's `tlb_lock` for the whole fault; it samples the
 //!   invalidation sequence ([`InvalidateSeq`]) before asking the host for the page, reserves
-//!   the rmap node **before** `mmu_lock`, and installs the shadow leaf and its rmap entry in
-//!   one `mmu_lock` section only if no host invalidation ran since the sample
-//!   (otherwise it retries).
+//!   the rmap node and allocates the directory tables it will link **before** `mmu_lock`,
+//!   and installs the shadow leaf and its rmap entry in one `mmu_lock` section only if no
+//!   host invalidation ran since the sample (otherwise it retries).
+//!
+//! # Allocation
+//!
+//! Every allocation can fail cleanly, before anything changes: H_ENTER_NESTED returns
+//! H_NO_MEM, the other calls [`NestedVmError::Alloc`] ([`NestedVmError::is_no_memory`]).
+//! As in KVM, memory is allocated before `mmu_lock` (the nested rmap node, the tables
+//! `kvmppc_create_pte` links, a new L2's shadow root); inside it only what was reserved
+//! is used, and collections that grow under it (the L2 table, the registry) reserve
+//! room first. The host-side callbacks (unmap, aging, dirty harvest, memslot flush)
+//! and the invalidations allocate nothing.
 //! * Host-side callbacks ([`HostMmu`]) take `mmu_lock` only (never a `tlb_lock`).
 //! * L1's memory lock is taken before `mmu_lock` when both are needed, never after.
 //!
@@ -41,6 +51,13 @@
 //! * The nested rmap words live in arrays the VM keeps per memslot (created and freed
 //!   by the lifecycle hooks), not in the memslot's `Rmap` words, whose type is the hashed
 //!   page table's ring head.
+//! * The per-L2 `tlb_lock`s are stripes of a table allocated with the VM (the L2 with
+//!   shadow LPID `s` takes stripe `s % 64`): stable Rust has no fallible `Arc::new` for
+//!   a lock per L2. Two L2s on one stripe serialise each other's faults and
+//!   invalidations; no path holds two stripes, so none can deadlock.
+//! * A failed allocation of a new L2 is H_NO_MEM (KVM's `kvmhv_get_nested` returns
+//!   NULL and H_ENTER_NESTED H_PARAMETER), and of the fault path H_NO_MEM too (KVM
+//!   resumes the L2 to fault again).
 
 use crate::access::{l1_translate, L1Layout, L2Outcome};
 use crate::fault::{l0_leaf_for_l1, shadow_leaf, L0Leaf, PMD_SHIFT};
@@ -62,10 +79,10 @@ use revmap_host::slots::SlotSet;
 use revmap_host::{
     HostMmu, InvalidateSeq, Memslot, MemslotError, MemslotFlags, Memslots, SlotView,
 };
-use revmap_rmap::error::try_box;
+use revmap_rmap::error::{try_box, try_boxed_slice};
 use revmap_rmap::nested::{check_nested_rmap, NestedError};
 use revmap_rmap::pool::PoolError;
-use revmap_rmap::sync::{lock, read, write, yield_now, Arc, AtomicU64, Mutex, Ordering, RwLock};
+use revmap_rmap::sync::{lock, read, write, yield_now, AtomicU64, Mutex, Ordering, RwLock};
 use revmap_rmap::{
     Gfn, Gpa, Hva, Lpid, NestedCache, NestedLimits, NestedPool, NestedRmap, NestedRmapEntry,
     RmapError, SlotId, PAGE_SHIFT,
@@ -253,15 +270,19 @@ fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
-/// A per-L2 lock (`gp->tlb_lock`), shared by the threads that fault or invalidate.
-type TlbLock = Arc<Mutex<()>>;
+/// Stripes of the per-L2 locks: the L2 with shadow LPID `s` uses lock
+/// `s % TLB_STRIPES` (module docs, divergences).
+#[cfg(not(loom))]
+const TLB_STRIPES: usize = 64;
+#[cfg(loom)]
+const TLB_STRIPES: usize = 4;
 
 /// One L2's state besides its registry entry: the shadow table (under `mmu_lock`) and
-/// the per-L2 lock.
+/// the stripe of its per-L2 lock.
 #[derive(Debug)]
 struct L2State {
     shadow: ShadowTable,
-    tlb_lock: TlbLock,
+    tlb_stripe: usize,
 }
 
 /// Everything under `mmu_lock`.
@@ -332,6 +353,8 @@ pub struct NestedVm {
     ptcr: AtomicU64,
     l1_mem: RwLock<SparseMemory>,
     mmu: Mutex<Mmu>,
+    /// The per-L2 locks (`gp->tlb_lock`), striped by shadow LPID.
+    tlb_locks: Box<[Mutex<()>]>,
     pool: NestedPool,
     limits: NestedLimits,
     counters: Counters,
@@ -408,6 +431,7 @@ impl NestedVm {
         // slot is published.
         let l0 = ShadowTable::new(geometry)?;
         let lpids = ShadowLpidAllocator::try_new(4096)?;
+        let tlb_locks = try_boxed_slice(TLB_STRIPES, |_| Mutex::new(()))?;
         let vm = Self {
             cfg,
             geometry,
@@ -430,6 +454,7 @@ impl NestedVm {
                 bytes_max: 0,
                 shadow_flushes: 0,
             }),
+            tlb_locks,
             pool: NestedPool::new(),
             limits,
             counters: Counters::default(),
@@ -609,16 +634,17 @@ impl NestedVm {
     /// Takes a reference on L2 `l1_lpid` (creating it with `create`) and returns its id
     /// and per-L2 lock; `Err` holds the PAPR code (H_NO_MEM when a new L2's memory
     /// cannot be allocated: nothing changed then).
-    fn get_l2(&self, l1_lpid: u64, create: bool) -> Result<Option<(GuestId, TlbLock)>, i64> {
+    fn get_l2(&self, l1_lpid: u64, create: bool) -> Result<Option<(GuestId, &Mutex<()>)>, i64> {
         let ptcr = self.ptcr();
+        let stripe = |i: usize| self.tlb_locks.get(i % self.tlb_locks.len().max(1));
         {
             // An existing L2 costs no allocation: its shadow root was allocated once,
             // when it was created.
             let mut m = lock(&self.mmu);
             match m.guests.get(l1_lpid, ptcr, false) {
                 Ok(Some(id)) => {
-                    if let Some(st) = m.l2.get(&id) {
-                        return Ok(Some((id, st.tlb_lock.clone())));
+                    if let Some(t) = m.l2.get(&id).and_then(|st| stripe(st.tlb_stripe)) {
+                        return Ok(Some((id, t)));
                     }
                     // Registered without shadow state (not made by this VM): give the
                     // reference back and create the state below.
@@ -632,11 +658,10 @@ impl NestedVm {
         if !create {
             return Ok(None);
         }
-        // A new L2: its shadow root and its lock are allocated before mmu_lock (KVM
-        // allocates the `kvm_nested_guest` and its table outside the lock); both are
-        // dropped unused if another thread created the L2 meanwhile.
+        // A new L2: its shadow root is allocated before mmu_lock (KVM allocates the
+        // `kvm_nested_guest` and its table outside the lock), and dropped unused if
+        // another thread created the L2 meanwhile.
         let shadow = ShadowTable::new(self.geometry).map_err(|_| H_NO_MEM)?;
-        let tlb_lock: TlbLock = Arc::new(Mutex::new(()));
         let mut m = lock(&self.mmu);
         // Room in the L2 table before the registry changes (the registry reserves its
         // own room before it changes).
@@ -646,8 +671,15 @@ impl NestedVm {
             Ok(None) => return Ok(None),
             Err(e) => return Err(e.papr()),
         };
-        let st = m.l2.entry(id).or_insert(L2State { shadow, tlb_lock });
-        Ok(Some((id, st.tlb_lock.clone())))
+        let tlb_stripe = m
+            .guests
+            .guest(id)
+            .map_or(0, |g| g.shadow_lpid().raw() as usize);
+        let st = m.l2.entry(id).or_insert(L2State { shadow, tlb_stripe });
+        match stripe(st.tlb_stripe) {
+            Some(t) => Ok(Some((id, t))),
+            None => Err(H_NO_MEM),
+        }
     }
 
     /// Drops a reference; a released L2 loses its shadow table (its rmap entries stay,
@@ -692,10 +724,10 @@ impl NestedVm {
             Err(r) => return L2Result::Ret(r),
         };
         {
-            let _t = lock(&tlb);
+            let _t = lock(tlb);
             self.cached_root(id);
         }
-        let out = self.run_l2(id, &tlb, n, access);
+        let out = self.run_l2(id, tlb, n, access);
         self.put_l2(id);
         out
     }
@@ -1116,7 +1148,7 @@ impl NestedVm {
                     return H_SUCCESS;
                 };
                 if let Some((start, size)) = t.page_range() {
-                    let _t = lock(&tlb);
+                    let _t = lock(tlb);
                     let mut m = lock(&self.mmu);
                     let page = self.cfg.page.bytes();
                     let flushes = if let Some(st) = m.l2.get_mut(&id) {
@@ -1147,7 +1179,7 @@ impl NestedVm {
             }
             TlbInvalidate::Lpid { lpid, ric } => {
                 if let Ok(Some((id, tlb))) = self.get_l2(u64::from(lpid), false) {
-                    self.flush_lpid(id, &tlb, ric);
+                    self.flush_lpid(id, tlb, ric);
                     self.put_l2(id);
                 }
             }
@@ -1162,7 +1194,7 @@ impl NestedVm {
                     };
                     // A reference across the mmu_lock drop (the 2026 use-after-free fix).
                     if let Ok(Some((id, tlb))) = self.get_l2(u64::from(lpid.0), false) {
-                        self.flush_lpid(id, &tlb, ric);
+                        self.flush_lpid(id, tlb, ric);
                         self.put_l2(id);
                     }
                     let Some(f) = lpid.0.checked_add(1) else {

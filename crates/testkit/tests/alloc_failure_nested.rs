@@ -283,5 +283,18 @@ fn every_allocation_of_a_nested_run_can_fail() {
     // Every failure is returned as an error by the call that allocated: nothing is
     // absorbed by a retry, nothing lost.
     assert_eq!(rep.absorbed, 0, "{rep:#?}");
-    assert!(rep.surfaced > 0, "{rep:#?}");
+    assert!(rep.surfaced > rep.infallible.len() as u64, "{rep:#?}");
+    // The only allocations left that cannot fail are `Arc::new`s (no fallible form in
+    // stable Rust) outside the nested MMU's paths: in building the VM (the slot set,
+    // the host memory, the memslot) and in the host layer's publication of a new
+    // memslot set. None in a nested fault, an invalidation, an L2's creation or a host
+    // callback.
+    assert!(rep.infallible.len() <= 8, "{rep:#?}");
+    for site in &rep.infallible {
+        assert!(
+            site.contains(" in setup: ")
+                || site.contains("revmap_host::slots::SlotsWriter::publish_with"),
+            "an allocation of a nested MMU path cannot fail cleanly: {site}"
+        );
+    }
 }
