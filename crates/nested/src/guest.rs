@@ -186,10 +186,12 @@ impl NestedGuests {
 
     /// The guest the idr maps `l1_lpid` to, without taking a reference (what rmap
     /// consumers do under `mmu_lock`).
+    #[inline]
     pub fn lookup(&self, l1_lpid: Lpid) -> Option<GuestId> {
         self.idr_get(l1_lpid.0)
     }
 
+    #[inline]
     fn idr_get(&self, key: u16) -> Option<GuestId> {
         let i = self.idr.binary_search_by_key(&key, |&(k, _)| k).ok()?;
         self.idr.get(i).map(|&(_, id)| id)

@@ -210,6 +210,7 @@ pub struct ShadowTable {
     leaves: usize,
 }
 
+#[inline]
 fn size_of(geometry: Geometry, level: Level) -> Option<PageSize> {
     match level {
         Level::Pud => Some(PageSize::P1G),
@@ -335,6 +336,7 @@ impl ShadowTable {
         }
     }
 
+    #[inline]
     fn index(&self, level: Level, n: u64) -> usize {
         let mut remaining = RADIX_TREE_BITS;
         let mut at = Level::Root;
@@ -352,6 +354,7 @@ impl ShadowTable {
     }
 
     /// The leaf covering `n`, if any (the hardware's shadow walk).
+    #[inline]
     pub fn lookup(&self, n: NGpa) -> Option<ShadowPte> {
         let mut t = &self.root;
         let mut level = Level::Root;
@@ -380,6 +383,7 @@ impl ShadowTable {
         first_leaf(self.geometry, &self.root, Level::Root, 0, start, end)
     }
 
+    #[inline]
     fn size_of(&self, level: Level) -> Option<PageSize> {
         size_of(self.geometry, level)
     }
