@@ -748,4 +748,76 @@ mod tests {
             Some(RadixPte::C)
         );
     }
+
+    #[test]
+    fn insert_with_takes_only_preallocated_tables_and_changes_nothing_without_them() {
+        let g = Geometry::Base64K;
+        let mut t = ShadowTable::new(g).unwrap();
+        let a = leaf(0x4_0000_0000, PageSize::P64K, 0x10_0000, F);
+        let need = t.tables_needed(a.n_gpa, a.size).unwrap();
+        assert!(!need.is_empty());
+        // Without its tables: refused, nothing changed (KVM's -EAGAIN).
+        let mut none = NewTables::default();
+        assert!(!none.covers(need));
+        assert_eq!(
+            t.insert_with(a, &mut none).map(|_| ()),
+            Err(ShadowInsertError::NeedTable)
+        );
+        assert_eq!((t.check(), t.lookup(a.n_gpa)), (Ok(0), None));
+        // With them: linked in, the leaf is there.
+        let mut tables = NewTables::alloc(g, need).unwrap();
+        assert!(tables.covers(need));
+        assert!(matches!(
+            t.insert_with(a, &mut tables),
+            Ok(Installed::New(d)) if d.is_empty()
+        ));
+        assert_eq!(t.lookup(a.n_gpa), Some(a));
+        // Its neighbour in the same PTE table needs no table.
+        let b = leaf(0x4_0001_0000, PageSize::P64K, 0x20_0000, F);
+        assert_eq!(t.tables_needed(b.n_gpa, b.size), Ok(TablesNeeded::NONE));
+        assert!(t.insert_with(b, &mut NewTables::default()).is_ok());
+        // A 2 MiB leaf over them needs no table and displaces both.
+        let big = leaf(0x4_0000_0000, PageSize::P2M, 0x60_0000, F);
+        assert_eq!(t.tables_needed(big.n_gpa, big.size), Ok(TablesNeeded::NONE));
+        let Ok(Installed::New(d)) = t.insert_with(big, &mut NewTables::default()) else {
+            panic!("2 MiB leaf refused")
+        };
+        let mut gone = Vec::new();
+        d.for_each(|l| gone.push(l));
+        assert_eq!((gone, d.len()), (vec![a, b], 2));
+        assert_eq!(t.check(), Ok(1));
+        // clear() keeps the root: the next insertion needs the directories again.
+        assert_eq!(t.clear(), 1);
+        assert_eq!(t.check(), Ok(0));
+        assert_eq!(t.tables_needed(a.n_gpa, a.size), Ok(need));
+    }
+
+    #[test]
+    fn first_leaf_in_walks_the_leaves_in_order() {
+        let mut t = ShadowTable::new(Geometry::Base64K).unwrap();
+        let leaves = [
+            leaf(0x1_0000, PageSize::P64K, 0x10_0000, F),
+            leaf(0x3_0000, PageSize::P64K, 0x11_0000, F),
+            leaf(0x40_0000, PageSize::P2M, 0x60_0000, F),
+            leaf(0x80_0000_0000, PageSize::P1G, 0x4000_0000, F),
+        ];
+        for l in leaves {
+            t.insert(l).unwrap();
+        }
+        let walk = |start: u64, end: u64| {
+            let mut out = Vec::new();
+            let mut a = start;
+            while let Some(l) = t.first_leaf_in(a, end) {
+                a = l.n_gpa.raw() + l.size.bytes();
+                out.push(l);
+            }
+            out
+        };
+        assert_eq!(walk(0, u64::MAX >> 12), leaves.to_vec());
+        assert_eq!(walk(0, u64::MAX >> 12), t.leaves_vec());
+        // A range starting inside a leaf finds it; an empty range finds nothing.
+        assert_eq!(walk(0x3_8000, 0x40_1000), leaves[1..3].to_vec());
+        assert_eq!(walk(0x4_0000, 0x40_0000), vec![]);
+        assert_eq!(walk(0x80_1000_0000, 0x80_1000_1000), vec![leaves[3]]);
+    }
 }
