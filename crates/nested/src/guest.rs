@@ -26,7 +26,7 @@ use crate::hcall::{check_enter_nested, HcallError};
 use crate::lpid::{LpidError, ShadowLpidAllocator};
 use crate::radix::{read_pate, GuestMemory, Pate, PateDw0, PateDw1, Ptcr};
 use revmap_rmap::Lpid;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 /// A handle on a live nested guest (valid until the guest is released).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -44,15 +44,21 @@ pub enum GuestError {
     /// The handle names no live guest.
     #[error("no live nested guest {0:?}")]
     NoSuchGuest(GuestId),
+    /// Memory for a new guest's registry entries could not be allocated (nothing
+    /// changed).
+    #[error("no memory for a new nested guest")]
+    NoMemory,
 }
 
 impl GuestError {
     /// The PAPR code H_ENTER_NESTED returns for this failure (a failed creation is
-    /// H_PARAMETER, as in KVM).
+    /// H_PARAMETER, as in KVM, except that a failed allocation is H_NO_MEM: KVM folds it
+    /// into H_PARAMETER, revmap lets L1 tell a transient shortage from a bad LPID).
     pub const fn papr(self) -> i64 {
         match self {
             GuestError::Hcall(e) => e.papr(),
             GuestError::Lpid(_) | GuestError::NoSuchGuest(_) => crate::hcall::H_PARAMETER,
+            GuestError::NoMemory => crate::hcall::H_NO_MEM,
         }
     }
 }
@@ -116,7 +122,9 @@ pub struct Released {
 #[derive(Debug)]
 pub struct NestedGuests {
     live: HashMap<GuestId, NestedGuest>,
-    idr: BTreeMap<u16, GuestId>,
+    /// The idr: (l1_lpid, guest), sorted by l1_lpid, unique keys (a sorted vector so
+    /// that its growth can be reserved fallibly, which a `BTreeMap`'s cannot).
+    idr: Vec<(u16, GuestId)>,
     lpids: ShadowLpidAllocator,
     next_id: u64,
     created: u64,
@@ -128,7 +136,7 @@ impl NestedGuests {
     pub fn new(lpids: ShadowLpidAllocator) -> Self {
         NestedGuests {
             live: HashMap::new(),
-            idr: BTreeMap::new(),
+            idr: Vec::new(),
             lpids,
             next_id: 1,
             created: 0,
@@ -146,7 +154,7 @@ impl NestedGuests {
         create: bool,
     ) -> Result<Option<GuestId>, GuestError> {
         let lpid = check_enter_nested(ptcr, l1_lpid)?;
-        if let Some(&id) = self.idr.get(&lpid.0) {
+        if let Some(id) = self.lookup(lpid) {
             if let Some(g) = self.live.get_mut(&id) {
                 g.refcnt += 1;
                 return Ok(Some(id));
@@ -155,6 +163,9 @@ impl NestedGuests {
         if !create {
             return Ok(None);
         }
+        // Room in both maps before anything changes.
+        self.live.try_reserve(1).map_err(|_| GuestError::NoMemory)?;
+        self.idr.try_reserve(1).map_err(|_| GuestError::NoMemory)?;
         let shadow_lpid = self.lpids.alloc()?;
         let id = GuestId(self.next_id);
         self.next_id += 1;
@@ -168,15 +179,46 @@ impl NestedGuests {
                 in_idr: true,
             },
         );
-        self.idr.insert(lpid.0, id);
+        self.idr_set(lpid.0, id);
         self.created += 1;
         Ok(Some(id))
     }
 
     /// The guest the idr maps `l1_lpid` to, without taking a reference (what rmap
     /// consumers do under `mmu_lock`).
+    #[inline]
     pub fn lookup(&self, l1_lpid: Lpid) -> Option<GuestId> {
-        self.idr.get(&l1_lpid.0).copied()
+        self.idr_get(l1_lpid.0)
+    }
+
+    #[inline]
+    fn idr_get(&self, key: u16) -> Option<GuestId> {
+        let i = self.idr.binary_search_by_key(&key, |&(k, _)| k).ok()?;
+        self.idr.get(i).map(|&(_, id)| id)
+    }
+
+    /// Maps `key` to `id` (capacity reserved by the caller when the key is new).
+    fn idr_set(&mut self, key: u16, id: GuestId) {
+        match self.idr.binary_search_by_key(&key, |&(k, _)| k) {
+            Ok(i) => self.idr[i].1 = id,
+            Err(i) => self.idr.insert(i, (key, id)),
+        }
+    }
+
+    /// Unmaps `key` if it maps to `id`.
+    fn idr_remove(&mut self, key: u16, id: GuestId) {
+        if let Ok(i) = self.idr.binary_search_by_key(&key, |&(k, _)| k) {
+            if self.idr[i].1 == id {
+                self.idr.remove(i);
+            }
+        }
+    }
+
+    /// The smallest l1_lpid at or above `from` that the idr maps (a walk over every
+    /// L2 that allocates nothing and survives the idr changing between steps).
+    pub fn next_in_idr(&self, from: u16) -> Option<Lpid> {
+        let i = self.idr.partition_point(|&(k, _)| k < from);
+        self.idr.get(i).map(|&(k, _)| Lpid(k))
     }
 
     /// A live guest.
@@ -186,7 +228,7 @@ impl NestedGuests {
 
     /// Every guest in the idr, by l1_lpid.
     pub fn ids(&self) -> impl Iterator<Item = GuestId> + '_ {
-        self.idr.values().copied()
+        self.idr.iter().map(|&(_, id)| id)
     }
 
     /// Drops a reference; releases the guest at zero.
@@ -201,9 +243,7 @@ impl NestedGuests {
 
     fn release(&mut self, id: GuestId) -> Result<Option<Released>, GuestError> {
         let g = self.live.remove(&id).ok_or(GuestError::NoSuchGuest(id))?;
-        if self.idr.get(&g.l1_lpid.0) == Some(&id) {
-            self.idr.remove(&g.l1_lpid.0);
-        }
+        self.idr_remove(g.l1_lpid.0, id);
         self.lpids.free(g.shadow_lpid)?;
         self.released += 1;
         Ok(Some(Released {
@@ -220,9 +260,7 @@ impl NestedGuests {
         }
         g.in_idr = false;
         let key = g.l1_lpid.0;
-        if self.idr.get(&key) == Some(&id) {
-            self.idr.remove(&key);
-        }
+        self.idr_remove(key, id);
         self.put(id)
     }
 
@@ -250,10 +288,13 @@ impl NestedGuests {
     /// live guests.
     pub fn check(&self) -> Result<usize, String> {
         let mut shadows = std::collections::HashSet::new();
-        for (&key, id) in &self.idr {
+        if self.idr.windows(2).any(|w| w[0].0 >= w[1].0) {
+            return Err("idr keys not sorted and unique".into());
+        }
+        for (key, id) in self.idr.iter().copied() {
             let g = self
                 .live
-                .get(id)
+                .get(&id)
                 .ok_or_else(|| format!("idr {key} names dead {id:?}"))?;
             if g.l1_lpid.0 != key || !g.in_idr {
                 return Err(format!("idr {key} maps to {g:?}"));
@@ -266,7 +307,7 @@ impl NestedGuests {
             if g.refcnt == 0 {
                 return Err(format!("{id:?} live with refcnt 0"));
             }
-            if g.in_idr && self.idr.get(&g.l1_lpid.0) != Some(id) {
+            if g.in_idr && self.idr_get(g.l1_lpid.0) != Some(*id) {
                 return Err(format!("{id:?} claims to be in the idr but is not"));
             }
         }

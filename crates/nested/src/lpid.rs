@@ -6,6 +6,7 @@
 //! allocated is an error, never a silent double free.
 
 use crate::addr::ShadowLpid;
+use revmap_rmap::RmapError;
 
 /// Why an LPID operation failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, thiserror::Error)]
@@ -31,6 +32,8 @@ pub struct ShadowLpidAllocator {
 
 impl ShadowLpidAllocator {
     /// An allocator for LPIDs `1..nr_lpids` (e.g. 4096 on POWER9, a 12-bit LPIDR).
+    /// Aborts if its bitmap cannot be allocated; [`try_new`](Self::try_new) fails
+    /// cleanly instead.
     pub fn new(nr_lpids: u32) -> Self {
         let words = nr_lpids.div_ceil(64) as usize;
         let mut used = vec![0u64; words.max(1)];
@@ -40,6 +43,24 @@ impl ShadowLpidAllocator {
             nr: nr_lpids,
             live: 0,
         }
+    }
+
+    /// [`new`](Self::new), reporting a failed allocation of the bitmap as
+    /// [`RmapError::Alloc`].
+    pub fn try_new(nr_lpids: u32) -> Result<Self, RmapError> {
+        let words = (nr_lpids.div_ceil(64) as usize).max(1);
+        let mut used = Vec::new();
+        used.try_reserve_exact(words)
+            .map_err(|_| RmapError::Alloc {
+                bytes: words.saturating_mul(8),
+            })?;
+        used.resize(words, 0u64);
+        used[0] |= 1; // LPID 0 is the host's.
+        Ok(ShadowLpidAllocator {
+            used,
+            nr: nr_lpids,
+            live: 0,
+        })
     }
 
     fn is_used(&self, lpid: u32) -> bool {

@@ -25,9 +25,19 @@
 //!   and every nested-rmap mutation. The hardware's shadow lookup also runs under it.
 //! * A nested fault holds its L2's `tlb_lock` for the whole fault; it samples the
 //!   invalidation sequence ([`InvalidateSeq`]) before asking the host for the page, reserves
-//!   the rmap node **before** `mmu_lock`, and installs the shadow leaf and its rmap entry in
-//!   one `mmu_lock` section only if no host invalidation ran since the sample
-//!   (otherwise it retries).
+//!   the rmap node and allocates the directory tables it will link **before** `mmu_lock`,
+//!   and installs the shadow leaf and its rmap entry in one `mmu_lock` section only if no
+//!   host invalidation ran since the sample (otherwise it retries).
+//!
+//! # Allocation
+//!
+//! Every allocation can fail cleanly, before anything changes: H_ENTER_NESTED returns
+//! H_NO_MEM, the other calls [`NestedVmError::Alloc`] ([`NestedVmError::is_no_memory`]).
+//! As in KVM, memory is allocated before `mmu_lock` (the nested rmap node, the tables
+//! `kvmppc_create_pte` links, a new L2's shadow root); inside it only what was reserved
+//! is used, and collections that grow under it (the L2 table, the registry) reserve
+//! room first. The host-side callbacks (unmap, aging, dirty harvest, memslot flush)
+//! and the invalidations allocate nothing.
 //! * Host-side callbacks ([`HostMmu`]) take `mmu_lock` only (never a `tlb_lock`).
 //! * L1's memory lock is taken before `mmu_lock` when both are needed, never after.
 //!
@@ -41,26 +51,41 @@
 //! * The nested rmap words live in arrays the VM keeps per memslot (created and freed
 //!   by the lifecycle hooks), not in the memslot's `Rmap` words, whose type is the hashed
 //!   page table's ring head.
+//! * The per-L2 `tlb_lock`s are stripes of a table allocated with the VM (the L2 with
+//!   shadow LPID `s` takes stripe `s % 64`): stable Rust has no fallible `Arc::new` for
+//!   a lock per L2. Two L2s on one stripe serialise each other's faults and
+//!   invalidations; no path holds two stripes, so none can deadlock.
+//! * A failed allocation of a new L2 is H_NO_MEM (KVM's `kvmhv_get_nested` returns
+//!   NULL and H_ENTER_NESTED H_PARAMETER), and of the fault path H_NO_MEM too (KVM
+//!   resumes the L2 to fault again).
 
 use crate::access::{l1_translate, L1Layout, L2Outcome};
 use crate::fault::{l0_leaf_for_l1, shadow_leaf, L0Leaf, PMD_SHIFT};
 use crate::frames::FreshFrames;
 use crate::hcall::{
-    check_enter_nested, check_set_partition_table, Ric, TlbInvalidate, H_PARAMETER, H_SUCCESS,
+    check_enter_nested, check_set_partition_table, Ric, TlbInvalidate, H_NO_MEM, H_PARAMETER,
+    H_SUCCESS,
 };
-use crate::radix::{walk, Access, Dsisr, Exit, Geometry, PageSize, Ptcr, RadixPte, SparseMemory};
-use crate::shadow::{Inserted as ShadowInserted, ShadowPte, ShadowTable};
+use crate::radix::{
+    walk, Access, Dsisr, Exit, Geometry, MemError, PageSize, Ptcr, RadixPte, SparseMemory,
+};
+use crate::shadow::{
+    Installed as ShadowInstalled, NewTables, ShadowInsertError, ShadowPte, ShadowTable,
+    TablesNeeded,
+};
 use crate::{GuestId, NGpa, NestedGuests, ShadowLpidAllocator};
 use revmap_host::lifecycle::{self, MemslotArch, MemslotChange};
 use revmap_host::slots::SlotSet;
 use revmap_host::{
     HostMmu, InvalidateSeq, Memslot, MemslotError, MemslotFlags, Memslots, SlotView,
 };
+use revmap_rmap::error::{try_box, try_boxed_slice};
 use revmap_rmap::nested::{check_nested_rmap, NestedError};
-use revmap_rmap::sync::{lock, read, write, yield_now, Arc, AtomicU64, Mutex, Ordering, RwLock};
+use revmap_rmap::pool::PoolError;
+use revmap_rmap::sync::{lock, read, write, yield_now, AtomicU64, Mutex, Ordering, RwLock};
 use revmap_rmap::{
     Gfn, Gpa, Hva, Lpid, NestedCache, NestedLimits, NestedPool, NestedRmap, NestedRmapEntry,
-    SlotId, PAGE_SHIFT,
+    RmapError, SlotId, PAGE_SHIFT,
 };
 use std::collections::HashMap;
 
@@ -114,7 +139,8 @@ pub enum NestedVmError {
     /// A memslot could not be made or changed.
     #[error(transparent)]
     Memslot(#[from] MemslotError),
-    /// Memory for the rmap words or host memory could not be allocated.
+    /// Memory could not be allocated (rmap words, host memory, tables, L1 memory,
+    /// the dirty bitmap): the call changed nothing.
     #[error(transparent)]
     Alloc(#[from] revmap_rmap::RmapError),
     /// An L1 store outside L1 RAM or not 8-byte aligned.
@@ -123,6 +149,26 @@ pub enum NestedVmError {
     /// The nested rmap limit is invalid.
     #[error(transparent)]
     Nested(#[from] NestedError),
+}
+
+impl NestedVmError {
+    /// Whether this is a failed memory allocation (of any layer): the call changed
+    /// nothing and may succeed when repeated.
+    pub fn is_no_memory(&self) -> bool {
+        let rmap = |e: &RmapError| matches!(e, RmapError::Alloc { .. });
+        match self {
+            NestedVmError::Alloc(e) | NestedVmError::Memslot(MemslotError::Alloc(e)) => rmap(e),
+            NestedVmError::Nested(NestedError::Pool(PoolError::Rmap(e))) => rmap(e),
+            _ => false,
+        }
+    }
+}
+
+/// A failed allocation of `n` values of `T`.
+fn no_mem<T>(n: usize) -> RmapError {
+    RmapError::Alloc {
+        bytes: n.saturating_mul(core::mem::size_of::<T>()),
+    }
 }
 
 /// What one L2 access (the memory side of H_ENTER_NESTED) came to.
@@ -224,15 +270,19 @@ fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
-/// A per-L2 lock (`gp->tlb_lock`), shared by the threads that fault or invalidate.
-type TlbLock = Arc<Mutex<()>>;
+/// Stripes of the per-L2 locks: the L2 with shadow LPID `s` uses lock
+/// `s % TLB_STRIPES` (module docs, divergences).
+#[cfg(not(loom))]
+const TLB_STRIPES: usize = 64;
+#[cfg(loom)]
+const TLB_STRIPES: usize = 4;
 
 /// One L2's state besides its registry entry: the shadow table (under `mmu_lock`) and
-/// the per-L2 lock.
+/// the stripe of its per-L2 lock.
 #[derive(Debug)]
 struct L2State {
     shadow: ShadowTable,
-    tlb_lock: TlbLock,
+    tlb_stripe: usize,
 }
 
 /// Everything under `mmu_lock`.
@@ -285,6 +335,9 @@ enum Fault {
     Resume,
     /// Re-enter the L2 because a host invalidation raced the fault (nothing installed).
     Retry,
+    /// Re-enter the L2 because a table changed since the fault allocated what it needed
+    /// before `mmu_lock` (KVM's `-EAGAIN` from `kvmppc_create_pte`).
+    Again,
     /// H_ENTER_NESTED ends, or the access was served, with this result.
     Done(L2Result),
 }
@@ -300,6 +353,8 @@ pub struct NestedVm {
     ptcr: AtomicU64,
     l1_mem: RwLock<SparseMemory>,
     mmu: Mutex<Mmu>,
+    /// The per-L2 locks (`gp->tlb_lock`), striped by shadow LPID.
+    tlb_locks: Box<[Mutex<()>]>,
     pool: NestedPool,
     limits: NestedLimits,
     counters: Counters,
@@ -371,6 +426,12 @@ impl NestedVm {
             ));
         }
         let limits = NestedLimits::new(cfg.rmap_cap)?;
+        // Every allocation of a new VM fails cleanly: its tables, the LPID bitmap, the
+        // host memory, the memslot and its nested rmap words are allocated before the
+        // slot is published.
+        let l0 = ShadowTable::new(geometry)?;
+        let lpids = ShadowLpidAllocator::try_new(4096)?;
+        let tlb_locks = try_boxed_slice(TLB_STRIPES, |_| Mutex::new(()))?;
         let vm = Self {
             cfg,
             geometry,
@@ -380,9 +441,9 @@ impl NestedVm {
             ptcr: AtomicU64::new(0),
             l1_mem: RwLock::new(SparseMemory::new(cfg.l1_memory_bytes)),
             mmu: Mutex::new(Mmu {
-                guests: NestedGuests::new(ShadowLpidAllocator::new(4096)),
+                guests: NestedGuests::new(lpids),
                 l2: HashMap::new(),
-                l0: ShadowTable::new(geometry),
+                l0,
                 rmaps: HashMap::new(),
                 entries: 0,
                 words: 0,
@@ -393,6 +454,7 @@ impl NestedVm {
                 bytes_max: 0,
                 shadow_flushes: 0,
             }),
+            tlb_locks,
             pool: NestedPool::new(),
             limits,
             counters: Counters::default(),
@@ -406,10 +468,33 @@ impl NestedVm {
         } else {
             MemslotFlags::empty()
         };
-        let slot = Memslot::with_memory(SlotId(0), Gfn(0), npages, flags, Box::new(mem.clone()))?;
-        write(&vm.frames).push(mem);
+        let slot = Memslot::with_memory(SlotId(0), Gfn(0), npages, flags, try_box(mem.clone())?)?;
+        {
+            let mut frames = write(&vm.frames);
+            frames
+                .try_reserve(1)
+                .map_err(|_| no_mem::<FreshFrames>(1))?;
+            frames.push(mem);
+        }
+        // The slot's nested rmap words go in before the slot is published (the commit
+        // hook finds them there), so publishing it cannot fail for want of them.
+        let words = vm.rmap_words(&slot)?;
+        {
+            let mut m = lock(&vm.mmu);
+            m.rmaps
+                .try_reserve(1)
+                .map_err(|_| no_mem::<NestedRmap>(1))?;
+            m.rmaps.insert(slot.id(), words);
+        }
         lifecycle::create_memslot(&vm.slots, &vm, slot)?;
         Ok(vm)
+    }
+
+    /// The nested rmap words of `slot`: one per L0 PAGE_SIZE page.
+    fn rmap_words(&self, slot: &Memslot) -> Result<Box<[NestedRmap]>, RmapError> {
+        let n = slot.npages().div_ceil(self.page_frames());
+        let n = usize::try_from(n).map_err(|_| RmapError::Alloc { bytes: usize::MAX })?;
+        NestedRmap::new_array(n)
     }
 
     /// The configuration.
@@ -518,7 +603,10 @@ impl NestedVm {
     pub fn l1_store(&self, gpa: u64, val: u64) -> Result<(), NestedVmError> {
         write(&self.l1_mem)
             .write_be_u64(Gpa(gpa), val)
-            .map_err(|_| NestedVmError::BadStore(gpa))
+            .map_err(|e| match e {
+                MemError::NoMemory(_) => NestedVmError::Alloc(no_mem::<u64>(1)),
+                _ => NestedVmError::BadStore(gpa),
+            })
     }
 
     /// Runs `f` on L1's memory (building L1's tables in tests and scenarios; the same
@@ -544,24 +632,54 @@ impl NestedVm {
     }
 
     /// Takes a reference on L2 `l1_lpid` (creating it with `create`) and returns its id
-    /// and per-L2 lock.
-    fn get_l2(&self, l1_lpid: u64, create: bool) -> Result<Option<(GuestId, TlbLock)>, i64> {
+    /// and per-L2 lock; `Err` holds the PAPR code (H_NO_MEM when a new L2's memory
+    /// cannot be allocated: nothing changed then).
+    fn get_l2(&self, l1_lpid: u64, create: bool) -> Result<Option<(GuestId, &Mutex<()>)>, i64> {
         let ptcr = self.ptcr();
-        // The shadow table's root is allocated before mmu_lock (KVM allocates the gp
-        // and its table outside the lock); dropped unused if the L2 exists.
-        let fresh = create.then(|| ShadowTable::new(self.geometry));
+        let stripe = |i: usize| self.tlb_locks.get(i % self.tlb_locks.len().max(1));
+        {
+            // An existing L2 costs no allocation: its shadow root was allocated once,
+            // when it was created.
+            let mut m = lock(&self.mmu);
+            match m.guests.get(l1_lpid, ptcr, false) {
+                Ok(Some(id)) => {
+                    if let Some(t) = m.l2.get(&id).and_then(|st| stripe(st.tlb_stripe)) {
+                        return Ok(Some((id, t)));
+                    }
+                    // Registered without shadow state (not made by this VM): give the
+                    // reference back and create the state below.
+                    let _ = m.guests.put(id);
+                }
+                Ok(None) if !create => return Ok(None),
+                Ok(None) => {}
+                Err(e) => return Err(e.papr()),
+            }
+        }
+        if !create {
+            return Ok(None);
+        }
+        // A new L2: its shadow root is allocated before mmu_lock (KVM allocates the
+        // `kvm_nested_guest` and its table outside the lock), and dropped unused if
+        // another thread created the L2 meanwhile.
+        let shadow = ShadowTable::new(self.geometry).map_err(|_| H_NO_MEM)?;
         let mut m = lock(&self.mmu);
-        let id = match m.guests.get(l1_lpid, ptcr, create) {
+        // Room in the L2 table before the registry changes (the registry reserves its
+        // own room before it changes).
+        m.l2.try_reserve(1).map_err(|_| H_NO_MEM)?;
+        let id = match m.guests.get(l1_lpid, ptcr, true) {
             Ok(Some(id)) => id,
             Ok(None) => return Ok(None),
             Err(e) => return Err(e.papr()),
         };
-        let geometry = self.geometry;
-        let st = m.l2.entry(id).or_insert_with(|| L2State {
-            shadow: fresh.unwrap_or_else(|| ShadowTable::new(geometry)),
-            tlb_lock: Arc::new(Mutex::new(())),
-        });
-        Ok(Some((id, st.tlb_lock.clone())))
+        let tlb_stripe = m
+            .guests
+            .guest(id)
+            .map_or(0, |g| g.shadow_lpid().raw() as usize);
+        let st = m.l2.entry(id).or_insert(L2State { shadow, tlb_stripe });
+        match stripe(st.tlb_stripe) {
+            Some(t) => Ok(Some((id, t))),
+            None => Err(H_NO_MEM),
+        }
     }
 
     /// Drops a reference; a released L2 loses its shadow table (its rmap entries stay,
@@ -606,10 +724,10 @@ impl NestedVm {
             Err(r) => return L2Result::Ret(r),
         };
         {
-            let _t = lock(&tlb);
+            let _t = lock(tlb);
             self.cached_root(id);
         }
-        let out = self.run_l2(id, &tlb, n, access);
+        let out = self.run_l2(id, tlb, n, access);
         self.put_l2(id);
         out
     }
@@ -630,7 +748,7 @@ impl NestedVm {
                 // A host invalidation ran or is running: KVM re-enters the guest and
                 // faults again for as long as it takes; these rounds do not count
                 // towards MAX_ROUNDS, only towards the much larger MAX_RETRIES.
-                Fault::Retry => {
+                Fault::Retry | Fault::Again => {
                     retries += 1;
                     if retries > MAX_RETRIES {
                         break;
@@ -725,13 +843,48 @@ impl NestedVm {
             return Fault::Resume;
         };
         let host_hpa = pfn << PAGE_SHIFT;
-        // The rmap node, before mmu_lock.
+        let Some(base) = NGpa::new(base_gpa) else {
+            return Fault::Done(L2Result::Livelock);
+        };
+        // Before mmu_lock, as KVM allocates the nested rmap entry and the page-table
+        // pages before taking it: the rmap node, and the directory tables that L0's
+        // leaf for L1 and the shadow leaf need as the tables are now. A failed
+        // allocation ends the hypercall with H_NO_MEM before anything changed.
         let mut cache = NestedCache::new(&self.pool);
         if cache.reserve(1).is_err() {
-            return Fault::Resume;
+            return Fault::Done(L2Result::Ret(H_NO_MEM));
         }
-        let Some(lpid) = lock(&self.mmu).guests.guest(id).map(|g| g.l1_lpid()) else {
-            return Fault::Done(L2Result::Livelock);
+        let (lpid, need_l0, need_shadow) = {
+            let m = lock(&self.mmu);
+            let Some(lpid) = m.guests.guest(id).map(|g| g.l1_lpid()) else {
+                return Fault::Done(L2Result::Livelock);
+            };
+            let (l0, need_l0) = match m.l0.lookup(base) {
+                Some(l) => (l, TablesNeeded::NONE),
+                None => (
+                    ShadowPte {
+                        n_gpa: base,
+                        size,
+                        pte: l0_leaf_for_l1(host_hpa, store),
+                    },
+                    m.l0.tables_needed(base, size).unwrap_or_default(),
+                ),
+            };
+            let l0 = L0Leaf {
+                pte: l0.pte,
+                size: l0.size,
+            };
+            let need_shadow = shadow_leaf(l0, &t, n, access, self.cfg.page, lpid)
+                .ok()
+                .and_then(|s| m.l2.get(&id)?.shadow.tables_needed(s.n_gpa, s.size).ok())
+                .unwrap_or_default();
+            (lpid, need_l0, need_shadow)
+        };
+        let (Ok(mut l0_tables), Ok(mut shadow_tables)) = (
+            NewTables::alloc(self.geometry, need_l0),
+            NewTables::alloc(self.geometry, need_shadow),
+        ) else {
+            return Fault::Done(L2Result::Ret(H_NO_MEM));
         };
 
         let mut guard = lock(&self.mmu);
@@ -741,7 +894,7 @@ impl NestedVm {
             return Fault::Retry;
         }
         // L0's leaf for L1: instantiate, or set R (and W/C on a store) in it.
-        let l0 = match NGpa::new(base_gpa).and_then(|a| m.l0.lookup(a)) {
+        let l0 = match m.l0.lookup(base) {
             Some(l) => {
                 let set = RadixPte::R
                     | if store {
@@ -753,21 +906,19 @@ impl NestedVm {
                 ShadowPte { pte, ..l }
             }
             None => {
-                let Some(at) = NGpa::new(base_gpa) else {
-                    return Fault::Done(L2Result::Livelock);
-                };
                 let leaf = ShadowPte {
-                    n_gpa: at,
+                    n_gpa: base,
                     size,
                     pte: l0_leaf_for_l1(host_hpa, store),
                 };
-                match m.l0.insert(leaf) {
-                    Ok(ShadowInserted::New { displaced }) => {
-                        for d in displaced {
+                match m.l0.insert_with(leaf, &mut l0_tables) {
+                    Ok(ShadowInstalled::New(displaced)) => {
+                        displaced.for_each(|d| {
                             self.unmap_l0_leaf(m, slot, d);
-                        }
+                        });
                     }
                     Ok(_) => {}
+                    Err(ShadowInsertError::NeedTable) => return Fault::Again,
                     Err(_) => return Fault::Done(L2Result::Livelock),
                 }
                 leaf
@@ -788,6 +939,15 @@ impl NestedVm {
                 Exit::reflect(crate::radix::FaultCause::NoTranslation, access, n).into(),
             );
         };
+        // The shadow leaf's tables must be at hand before the rmap entry goes in.
+        let Some(st) = m.l2.get(&id) else {
+            return Fault::Done(L2Result::Livelock);
+        };
+        match st.shadow.tables_needed(s.n_gpa, s.size) {
+            Ok(need) if shadow_tables.covers(need) => {}
+            Ok(_) => return Fault::Again,
+            Err(_) => return Fault::Done(L2Result::Livelock),
+        }
         let l0_hpa = l0.pte.rpn() & !(l0.size.bytes() - 1);
         let Some(word_idx) = self.word_index(slot, s.rmap_base.0) else {
             return Fault::Done(L2Result::Livelock);
@@ -797,7 +957,9 @@ impl NestedVm {
         } = &mut *m;
         let (guests, l2) = (&*guests, &*l2);
         let Some(word) = rmaps.get(&slot.id()).and_then(|w| w.get(word_idx)) else {
-            return Fault::Resume;
+            // The slot's words are not there: it is being created (retry), or memory
+            // for them was short when it was.
+            return Fault::Done(L2Result::Ret(H_NO_MEM));
         };
         let mut g = word.lock();
         let before = g.len(&self.pool);
@@ -820,15 +982,18 @@ impl NestedVm {
         let Some(st) = m.l2.get_mut(&id) else {
             return Fault::Done(L2Result::Livelock);
         };
-        match st.shadow.insert(ShadowPte {
-            n_gpa: s.n_gpa,
-            size: s.size,
-            pte: s.pte,
-        }) {
-            Ok(ShadowInserted::New { displaced }) if !displaced.is_empty() => {
+        match st.shadow.insert_with(
+            ShadowPte {
+                n_gpa: s.n_gpa,
+                size: s.size,
+                pte: s.pte,
+            },
+            &mut shadow_tables,
+        ) {
+            Ok(ShadowInstalled::New(displaced)) if !displaced.is_empty() => {
                 m.shadow_flushes += 1;
             }
-            Ok(ShadowInserted::Replaced { .. }) => m.shadow_flushes += 1,
+            Ok(ShadowInstalled::Replaced(_)) => m.shadow_flushes += 1,
             Ok(_) => {}
             Err(_) => return Fault::Done(L2Result::Livelock),
         }
@@ -882,11 +1047,11 @@ impl NestedVm {
             let Some(word) = m.rmaps.get(&slot.id()).and_then(|w| w.get(i)) else {
                 continue;
             };
+            // The detached list is walked in place (no copy: a host unmap cannot fail).
             let list = word.detach_all(&self.pool);
-            let entries: Vec<NestedRmapEntry> = list.iter().collect();
-            drop(list);
-            let n = entries.len();
-            for e in entries {
+            let mut n = 0;
+            for e in list.iter() {
+                n += 1;
                 match entry_live(&m.guests, &m.l2, e, hpa, leaf.size) {
                     Some((id, sl)) => {
                         if let Some(st) = m.l2.get_mut(&id) {
@@ -899,35 +1064,27 @@ impl NestedVm {
                     None => m.rmap_stale_skipped += 1,
                 }
             }
+            drop(list);
             m.account(n, 0);
         }
         removed
     }
 
-    /// Every L0 leaf for L1 overlapping L1 addresses `[start, end)`.
-    fn l0_leaves_in(&self, m: &Mmu, start: u64, end: u64) -> Vec<ShadowPte> {
-        let page = self.cfg.page.bytes();
-        if (end.saturating_sub(start) / page) as usize > m.l0.leaves() {
-            // A large range (a whole slot): walk the leaves instead of the addresses.
-            return m
-                .l0
-                .leaves_vec()
-                .into_iter()
-                .filter(|l| l.n_gpa.raw() < end && l.n_gpa.raw() + l.size.bytes() > start)
-                .collect();
+    /// Calls `f` on every L0 leaf for L1 overlapping L1 addresses `[start, end)`, in
+    /// address order, allocating nothing (host callbacks cannot fail). `f` may remove or
+    /// change the leaf it is given: the walk resumes after that leaf's range.
+    fn for_each_l0_leaf(
+        &self,
+        m: &mut Mmu,
+        start: u64,
+        end: u64,
+        mut f: impl FnMut(&mut Mmu, ShadowPte),
+    ) {
+        let mut a = start;
+        while let Some(l) = m.l0.first_leaf_in(a, end) {
+            a = l.n_gpa.raw() + l.size.bytes();
+            f(m, l);
         }
-        let mut out = Vec::new();
-        let mut a = start & !(page - 1);
-        while a < end {
-            match NGpa::new(a).and_then(|x| m.l0.lookup(x)) {
-                Some(l) => {
-                    a = l.n_gpa.raw() + l.size.bytes();
-                    out.push(l);
-                }
-                None => a += page,
-            }
-        }
-        out
     }
 
     /// Clears `bit` (R or C) in L0's leaf and in every live shadow leaf derived from it,
@@ -944,26 +1101,31 @@ impl NestedVm {
         }
         let hpa = leaf.pte.rpn() & !(leaf.size.bytes() - 1);
         let pages = (leaf.size.bytes() / self.cfg.page.bytes()).max(1);
-        let mut updates = Vec::new();
+        let Mmu {
+            guests,
+            l2,
+            rmaps,
+            shadow_flushes,
+            ..
+        } = m;
         for p in 0..pages {
             let Some(i) = self.word_index(slot, gpa + p * self.cfg.page.bytes()) else {
                 continue;
             };
-            let Some(word) = m.rmaps.get(&slot.id()).and_then(|w| w.get(i)) else {
+            let Some(word) = rmaps.get(&slot.id()).and_then(|w| w.get(i)) else {
                 continue;
             };
+            // Each live shadow leaf is updated as its entry is visited (no list of
+            // them: a host callback cannot fail).
             let g = word.lock();
             g.update_all(&self.pool, |e| {
-                if let Some(x) = entry_live(&m.guests, &m.l2, e, hpa, leaf.size) {
-                    updates.push(x);
+                if let Some((id, sl)) = entry_live(guests, l2, e, hpa, leaf.size) {
+                    if let Some(st) = l2.get_mut(&id) {
+                        st.shadow.update(sl.n_gpa, bit, 0);
+                        *shadow_flushes += 1;
+                    }
                 }
             });
-        }
-        for (id, sl) in updates {
-            if let Some(st) = m.l2.get_mut(&id) {
-                st.shadow.update(sl.n_gpa, bit, 0);
-                m.shadow_flushes += 1;
-            }
         }
         true
     }
@@ -986,7 +1148,7 @@ impl NestedVm {
                     return H_SUCCESS;
                 };
                 if let Some((start, size)) = t.page_range() {
-                    let _t = lock(&tlb);
+                    let _t = lock(tlb);
                     let mut m = lock(&self.mmu);
                     let page = self.cfg.page.bytes();
                     let flushes = if let Some(st) = m.l2.get_mut(&id) {
@@ -1017,24 +1179,28 @@ impl NestedVm {
             }
             TlbInvalidate::Lpid { lpid, ric } => {
                 if let Ok(Some((id, tlb))) = self.get_l2(u64::from(lpid), false) {
-                    self.flush_lpid(id, &tlb, ric);
+                    self.flush_lpid(id, tlb, ric);
                     self.put_l2(id);
                 }
             }
             TlbInvalidate::All { ric } => {
-                let ids: Vec<u16> = {
-                    let m = lock(&self.mmu);
-                    m.guests
-                        .ids()
-                        .filter_map(|id| m.guests.guest(id).map(|g| g.l1_lpid().0))
-                        .collect()
-                };
-                for lpid in ids {
+                // Every L2 in l1_lpid order, found one at a time under mmu_lock (no list
+                // of them: the flush cannot fail).
+                let mut from = 0u16;
+                loop {
+                    let next = lock(&self.mmu).guests.next_in_idr(from);
+                    let Some(lpid) = next else {
+                        break;
+                    };
                     // A reference across the mmu_lock drop (the 2026 use-after-free fix).
-                    if let Ok(Some((id, tlb))) = self.get_l2(u64::from(lpid), false) {
-                        self.flush_lpid(id, &tlb, ric);
+                    if let Ok(Some((id, tlb))) = self.get_l2(u64::from(lpid.0), false) {
+                        self.flush_lpid(id, tlb, ric);
                         self.put_l2(id);
                     }
+                    let Some(f) = lpid.0.checked_add(1) else {
+                        break;
+                    };
+                    from = f;
                 }
             }
         }
@@ -1087,10 +1253,19 @@ impl NestedVm {
     /// freed, L0's table for L1 dropped.
     pub fn release_all(&self) {
         let mut m = lock(&self.mmu);
-        let ids: Vec<GuestId> = m.guests.ids().collect();
-        for id in ids {
-            if let Ok(Some(_)) = m.guests.remove(id) {
-                m.l2.remove(&id);
+        // Each removal takes the guest out of the idr, so the first one left is next.
+        loop {
+            let first = m.guests.ids().next();
+            let Some(id) = first else {
+                break;
+            };
+            match m.guests.remove(id) {
+                Ok(Some(_)) => {
+                    m.l2.remove(&id);
+                }
+                Ok(None) => {}
+                // Not live: the checker reports the registry; stop rather than spin.
+                Err(_) => break,
             }
         }
         for words in m.rmaps.values() {
@@ -1368,9 +1543,9 @@ impl MemslotArch for NestedVm {
             let mut m = lock(&self.mmu);
             let start = slot.base_gfn().0 << PAGE_SHIFT;
             let end = slot.end_gfn().0 << PAGE_SHIFT;
-            for l in self.l0_leaves_in(&m, start, end) {
-                self.unmap_l0_leaf(&mut m, slot, l);
-            }
+            self.for_each_l0_leaf(&mut m, start, end, |m, l| {
+                self.unmap_l0_leaf(m, slot, l);
+            });
         }
         self.seq.end();
     }
@@ -1379,12 +1554,13 @@ impl MemslotArch for NestedVm {
         let mut m = lock(&self.mmu);
         match change {
             MemslotChange::Create(s) => {
-                let n = s.npages().div_ceil(self.page_frames());
-                if let Ok(words) = usize::try_from(n)
-                    .map_err(|_| revmap_rmap::RmapError::Alloc { bytes: usize::MAX })
-                    .and_then(NestedRmap::new_array)
-                {
-                    m.rmaps.insert(s.id(), words);
+                // NestedVm::new put the words in before publishing the slot. A slot made
+                // through the lifecycle directly gets them here; if memory is short it
+                // has none and its faults return H_NO_MEM.
+                if !m.rmaps.contains_key(&s.id()) && m.rmaps.try_reserve(1).is_ok() {
+                    if let Ok(words) = self.rmap_words(s) {
+                        m.rmaps.insert(s.id(), words);
+                    }
                 }
             }
             MemslotChange::Delete(s) => {
@@ -1453,9 +1629,14 @@ impl HostMmu for NestedVm {
         };
         let mut m = lock(&self.mmu);
         let mut n = 0;
-        for l in self.l0_leaves_in(&m, start.0 << PAGE_SHIFT, end.0 << PAGE_SHIFT) {
-            n += self.unmap_l0_leaf(&mut m, s, l);
-        }
+        self.for_each_l0_leaf(
+            &mut m,
+            start.0 << PAGE_SHIFT,
+            end.0 << PAGE_SHIFT,
+            |m, l| {
+                n += self.unmap_l0_leaf(m, s, l);
+            },
+        );
         n
     }
 
@@ -1466,9 +1647,14 @@ impl HostMmu for NestedVm {
         };
         let mut m = lock(&self.mmu);
         let mut young = false;
-        for l in self.l0_leaves_in(&m, start.0 << PAGE_SHIFT, end.0 << PAGE_SHIFT) {
-            young |= self.harvest(&mut m, s, l, RadixPte::R);
-        }
+        self.for_each_l0_leaf(
+            &mut m,
+            start.0 << PAGE_SHIFT,
+            end.0 << PAGE_SHIFT,
+            |m, l| {
+                young |= self.harvest(m, s, l, RadixPte::R);
+            },
+        );
         young
     }
 
@@ -1477,9 +1663,14 @@ impl HostMmu for NestedVm {
         if self.slots.load().get(slot).is_none() {
             return false;
         }
-        self.l0_leaves_in(&m, start.0 << PAGE_SHIFT, end.0 << PAGE_SHIFT)
-            .iter()
-            .any(|l| l.pte.referenced())
+        let (mut a, end) = (start.0 << PAGE_SHIFT, end.0 << PAGE_SHIFT);
+        while let Some(l) = m.l0.first_leaf_in(a, end) {
+            if l.pte.referenced() {
+                return true;
+            }
+            a = l.n_gpa.raw() + l.size.bytes();
+        }
+        false
     }
 
     fn get_dirty_log(&self, slot: SlotId) -> Result<Vec<u64>, NestedVmError> {
@@ -1488,25 +1679,28 @@ impl HostMmu for NestedVm {
             .get(slot)
             .filter(|s| !s.is_invalid())
             .ok_or(MemslotError::NoSuchSlot { id: slot })?;
+        // The bitmap's memory before any C bit moves into it.
+        let view = SlotView::of(s);
+        let words = view.bitmap_words() as usize;
+        let mut out = Vec::new();
+        out.try_reserve_exact(words)
+            .map_err(|_| no_mem::<u64>(words))?;
         {
             let mut m = lock(&self.mmu);
             let start = s.base_gfn().0 << PAGE_SHIFT;
             let end = s.end_gfn().0 << PAGE_SHIFT;
-            for l in self.l0_leaves_in(&m, start, end) {
-                self.harvest(&mut m, s, l, RadixPte::C);
-            }
+            self.for_each_l0_leaf(&mut m, start, end, |m, l| {
+                self.harvest(m, s, l, RadixPte::C);
+            });
         }
-        let view = SlotView::of(s);
-        let words = view.bitmap_words() as usize;
-        Ok((0..words)
-            .map(|i| {
-                if view.manual_protect {
-                    s.dirty_word(i)
-                } else {
-                    s.take_dirty_word(i)
-                }
-            })
-            .collect())
+        out.extend((0..words).map(|i| {
+            if view.manual_protect {
+                s.dirty_word(i)
+            } else {
+                s.take_dirty_word(i)
+            }
+        }));
+        Ok(out)
     }
 
     fn clear_dirty_log(

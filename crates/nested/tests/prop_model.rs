@@ -239,7 +239,7 @@ mod shadow_model {
         #[test]
         fn shadow_table_matches_a_leaf_list(ops in proptest::collection::vec(op(), 1..48)) {
             const SIZES: [PageSize; 3] = [PageSize::P64K, PageSize::P2M, PageSize::P1G];
-            let mut t = ShadowTable::new(Geometry::Base64K);
+            let mut t = ShadowTable::new(Geometry::Base64K).unwrap();
             let mut model: Vec<ShadowPte> = Vec::new();
             let covers = |l: &ShadowPte, a: u64| l.n_gpa.raw() <= a && a < l.n_gpa.raw() + l.size.bytes();
             for op in ops {

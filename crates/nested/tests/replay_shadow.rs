@@ -132,7 +132,7 @@ impl Mmu {
         };
         self.shadows
             .entry(id)
-            .or_insert_with(|| ShadowTable::new(Geometry::Base64K));
+            .or_insert_with(|| ShadowTable::new(Geometry::Base64K).expect("shadow root"));
         if self.guests.guest(id).unwrap().l1_gr_to_hr().bits() == 0 {
             self.guests
                 .update_ptbl_cache(id, &self.mem, self.ptcr)

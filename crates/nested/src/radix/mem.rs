@@ -18,6 +18,9 @@ pub enum MemError {
     /// The doubleword is not entirely inside guest RAM.
     #[error("store at {0} is outside guest RAM")]
     NotRam(Gpa),
+    /// Memory to hold the doubleword could not be allocated (nothing changed).
+    #[error("no memory to store at {0}")]
+    NoMemory(Gpa),
 }
 
 /// Sparse guest-physical memory of `ram_bytes` bytes, zero-initialised.
@@ -58,6 +61,9 @@ impl SparseMemory {
         if val == 0 {
             self.words.remove(&(gpa.0 >> 3));
         } else {
+            self.words
+                .try_reserve(1)
+                .map_err(|_| MemError::NoMemory(gpa))?;
             self.words.insert(gpa.0 >> 3, val);
         }
         Ok(())
