@@ -178,11 +178,9 @@ impl HostMmu for ShadowVm {
     fn invalidate_range_start(&self, start: Hva, end: Hva) {
         self.with_mmu(|m| {
             m.invalidate.begin();
-            let mut ranges = Vec::new();
-            self.for_each_slot_range(start, end, |s, lo, hi| ranges.push((s.id(), lo, hi)));
-            for (id, lo, hi) in ranges {
-                let _ = m.unmap_gfn_range(id, lo.0, hi.0);
-            }
+            self.for_each_slot_range(start, end, |s, lo, hi| {
+                let _ = m.unmap_gfn_range(s.id(), lo.0, hi.0);
+            });
         });
     }
 
@@ -240,9 +238,12 @@ impl HostMmu for ShadowVm {
                     .find(|s| s.id() == slot)
                     .cloned()
                     .ok_or(ShadowError::NoSlot(u64::from(slot.0)))?;
-                Ok((0..s.npages().div_ceil(64) as usize)
-                    .map(|w| s.dirty_word(w))
-                    .collect())
+                let words = s.npages().div_ceil(64) as usize;
+                let mut out = Vec::new();
+                out.try_reserve_exact(words)
+                    .map_err(|_| ShadowError::NoMemory)?;
+                out.extend((0..words).map(|w| s.dirty_word(w)));
+                Ok(out)
             } else {
                 m.get_dirty_log(slot)
             }
