@@ -798,9 +798,26 @@ impl ShadowMmu {
         &self.vcpus
     }
 
-    /// `kvm_arch_commit_memory_region` (create): the slot's x86 arrays.
+    /// `kvm_arch_commit_memory_region` (create): the slot's x86 arrays
+    /// ([`prepare_memslot`](Self::prepare_memslot) then
+    /// [`add_prepared_memslot`](Self::add_prepared_memslot)).
     pub fn add_memslot(&mut self, slot: Memslot) -> Result<(), ShadowError> {
+        let arch = self.prepare_memslot(slot)?;
+        self.add_prepared_memslot(arch)
+    }
+
+    /// `kvm_arch_prepare_memory_region` (create): the x86 arrays of `slot`, and room
+    /// for them in the slot list, allocated before the change is published; changes
+    /// nothing else.
+    pub fn prepare_memslot(&mut self, slot: Memslot) -> Result<SlotArch, ShadowError> {
         let arch = SlotArch::new(slot)?;
+        self.slots.try_reserve(1).map_err(oom)?;
+        Ok(arch)
+    }
+
+    /// Installs arrays from [`prepare_memslot`](Self::prepare_memslot) (no allocation
+    /// unless another slot took the room reserved meanwhile).
+    pub fn add_prepared_memslot(&mut self, arch: SlotArch) -> Result<(), ShadowError> {
         self.slots.try_reserve(1).map_err(oom)?;
         let pos = self
             .slots

@@ -15,20 +15,24 @@
 //!   the in-progress count) before installing the SPTE, retrying on a change.
 //! * Order: the slot-set writer lock (lifecycle) -> `mmu_lock` -> rmap bit locks.
 
-use crate::mmu::{AccessOutcome, ShadowError, ShadowMmu, FAULT_DESC_TOPUP};
+use crate::mmu::{AccessOutcome, ShadowError, ShadowMmu, SlotArch, FAULT_DESC_TOPUP};
 use crate::paging::{Access, CpuMode};
 use revmap_host::lifecycle::{self, MemslotArch, MemslotChange};
 use revmap_host::slots::SlotSet;
 use revmap_host::{HostMmu, Memslot, MemslotError, MemslotFlags, Memslots, SlotView};
 use revmap_rmap::pte_list::DescCache;
-use revmap_rmap::sync::{read, write, yield_now, RwLock};
-use revmap_rmap::{Gfn, Hva, SlotId, PAGE_SHIFT};
+use revmap_rmap::sync::{lock, read, write, yield_now, Mutex, RwLock};
+use revmap_rmap::{Gfn, Hva, RmapError, SlotId, PAGE_SHIFT};
 
 /// A VM on the shadow MMU.
 #[derive(Debug)]
 pub struct ShadowVm {
     slots: SlotSet,
     mmu_lock: RwLock<ShadowMmu>,
+    /// The x86 arrays of the slot being created, allocated by
+    /// [`create_memslot`](Self::create_memslot) before the host layer publishes it (its
+    /// commit hook cannot fail).
+    prepared: Mutex<Option<SlotArch>>,
 }
 
 impl Default for ShadowVm {
@@ -43,6 +47,7 @@ impl ShadowVm {
         Self {
             slots: SlotSet::new(Memslots::new()),
             mmu_lock: RwLock::new(ShadowMmu::new()),
+            prepared: Mutex::new(None),
         }
     }
 
@@ -97,9 +102,21 @@ impl ShadowVm {
         self.with_mmu_read(|m| m.check())
     }
 
-    /// KVM_MR_CREATE through the host layer's lifecycle.
+    /// KVM_MR_CREATE through the host layer's lifecycle. The slot's x86 arrays are
+    /// allocated first (`kvm_arch_prepare_memory_region`): out of memory is
+    /// [`MemslotError::Alloc`] before anything is published.
     pub fn create_memslot(&self, slot: Memslot) -> Result<(), MemslotError> {
-        lifecycle::create_memslot(&self.slots, self, slot)
+        let arch = self
+            .with_mmu(|m| m.prepare_memslot(slot.clone()))
+            .map_err(|e| match e {
+                ShadowError::Pool(r) => MemslotError::Alloc(r),
+                _ => MemslotError::Alloc(RmapError::Alloc { bytes: 0 }),
+            })?;
+        *lock(&self.prepared) = Some(arch);
+        let r = lifecycle::create_memslot(&self.slots, self, slot);
+        // Unused if the host layer refused the slot.
+        lock(&self.prepared).take();
+        r
     }
 
     /// KVM_MR_DELETE.
@@ -157,7 +174,13 @@ impl MemslotArch for ShadowVm {
     fn commit_memory_region(&self, change: MemslotChange<'_>) {
         self.with_mmu(|m| {
             let _ = match change {
-                MemslotChange::Create(s) => m.add_memslot(s.clone()),
+                MemslotChange::Create(s) => match lock(&self.prepared).take() {
+                    Some(mut a) if a.slot.same_data(s) => {
+                        a.slot = s.clone();
+                        m.add_prepared_memslot(a)
+                    }
+                    _ => m.add_memslot(s.clone()),
+                },
                 MemslotChange::Delete(s) => m.remove_memslot(s.id()).map(|_| ()),
                 // x86 reallocates the arch arrays for a moved slot.
                 MemslotChange::Move(s) => m
