@@ -69,7 +69,10 @@ impl ShadowVm {
     /// A guest access by vCPU `v` (a shadow hit or a shadow page fault).
     /// A shadow hit is served under the read lock (the hardware's walk of the shadow
     /// table); a miss tops up the rmap descriptor cache *before* taking `mmu_lock` for
-    /// write (`mmu_topup_memory_caches`), then faults.
+    /// write (`mmu_topup_memory_caches`), then faults; the fault tops up the per-VM
+    /// shadow-page caches before it changes anything
+    /// ([`ShadowMmu::mmu_topup_memory_caches`]). Out of memory is
+    /// [`ShadowError::NoMemory`] with nothing changed (KVM's `-ENOMEM`: the vCPU exits).
     ///
     /// A fault that must back off ([`AccessOutcome::Retry`], e.g. during an
     /// MMU-notifier invalidation) drops the lock, yields and re-executes, as the guest
