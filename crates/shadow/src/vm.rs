@@ -44,9 +44,19 @@ impl Default for ShadowVm {
 impl ShadowVm {
     /// A VM with no memslots and no vCPUs.
     pub fn new() -> Self {
+        Self::with_state(ShadowMmu::new())
+    }
+
+    /// [`new`](Self::new) with the MMU's allocations fallible (`KVM_CREATE_VM` failing
+    /// with `-ENOMEM`).
+    pub fn try_new() -> Result<Self, ShadowError> {
+        Ok(Self::with_state(ShadowMmu::try_new()?))
+    }
+
+    fn with_state(mmu: ShadowMmu) -> Self {
         Self {
             slots: SlotSet::new(Memslots::new()),
-            mmu_lock: RwLock::new(ShadowMmu::new()),
+            mmu_lock: RwLock::new(mmu),
             prepared: Mutex::new(None),
         }
     }
@@ -64,6 +74,11 @@ impl ShadowVm {
     /// Adds a vCPU.
     pub fn add_vcpu(&self, mode: CpuMode) -> usize {
         self.with_mmu(|m| m.add_vcpu(mode))
+    }
+
+    /// [`add_vcpu`](Self::add_vcpu) with its allocations fallible.
+    pub fn try_add_vcpu(&self, mode: CpuMode) -> Result<usize, ShadowError> {
+        self.with_mmu(|m| m.try_add_vcpu(mode))
     }
 
     /// A guest access by vCPU `v` (a shadow hit or a shadow page fault).
