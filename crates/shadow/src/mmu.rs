@@ -17,8 +17,23 @@
 //! * The per-memslot rmaps (`slot->arch.rmap[level - 1]`), the write-track counts
 //!   (`gfn_write_track`) and `disallow_lpage` counts live in [`SlotArch`], one per memslot
 //!   of the shared host layer, created and dropped by the memslot lifecycle hooks.
-//! * `active_mmu_pages` is a creation-ordered map (sequence number -> id): the head is the
-//!   newest page, eviction and fast zap start at the tail.
+//! * `active_mmu_pages` is an intrusive doubly-linked list through the pages (newest at
+//!   the head; eviction and fast zap start at the tail); a zapped page moves to a
+//!   [`ZapList`] (KVM's `invalid_list`) through the same links; the gfn hash buckets are
+//!   intrusive singly-linked chains (KVM's `hlist`). Neither ever allocates.
+//!
+//! # Memory
+//!
+//! No allocation happens while an operation changes state (KVM's rule under
+//! `mmu_lock`): every operation that may create shadow pages first tops up the page
+//! caches ([`ShadowMmu::mmu_topup_memory_caches`]: the SPTE arrays and shadowed
+//! translations of the worst case of one fault, [`SP_CACHE_TOPUP`] pages, and room in
+//! the arena and its free list), and a fault draws rmap descriptors from a `DescCache`
+//! topped up before it; a failed top-up is [`ShadowError::NoMemory`] before anything
+//! changed. Inside, shadow pages are taken from the caches only; walks over parents,
+//! rmaps, hash chains and unsync descendants iterate in place (the unsync bookkeeping
+//! is atomic so that it can be updated under a parent list's read lock) or in fixed-size
+//! batches on the stack (KVM's `kvm_mmu_pages`).
 //!
 //! # Invariants
 //!
@@ -36,10 +51,10 @@ use crate::paging::{
 use crate::role::{SpRole, Spte};
 use crate::write_track::{detect_write_misaligned, written_sptes, FLOOD_THRESHOLD};
 use revmap_host::{Memslot, MemslotFlags};
+use revmap_rmap::error::try_boxed_slice;
 use revmap_rmap::pte_list::{DescCache, DescPool, PteListError, PteListHead, SpteHandle};
-use revmap_rmap::sync::{Arc, AtomicU64, Ordering};
+use revmap_rmap::sync::{Arc, AtomicU32, AtomicU64, Ordering};
 use revmap_rmap::{Gfn, RmapError, SlotId};
-use std::collections::BTreeMap;
 use thiserror::Error;
 
 /// Number of SPTEs in a shadow page.
@@ -60,6 +75,11 @@ pub const FAULT_DESC_TOPUP: u64 = 14;
 pub const PTE_PREFETCH_NUM: usize = 8;
 /// Number of cached previous roots (`KVM_MMU_NUM_PREV_ROOTS`).
 pub const NUM_PREV_ROOTS: usize = 3;
+/// Shadow pages the caches hold after a top-up: the most one fault (or one root load)
+/// creates. A long-mode fault creates at most the root and one page per level below it
+/// (5 with 5-level paging); a PAE-root fault at most the four PAE roots and one level-1
+/// page (KVM's `PT64_ROOT_MAX_LEVEL` pages plus one spare).
+pub const SP_CACHE_TOPUP: usize = 6;
 /// Fault attempts under one `mmu_lock` hold before [`AccessOutcome::Retry`] is returned
 /// (the caller drops the lock and the guest re-executes the access).
 pub const MAX_FAULT_RETRIES: u32 = 8;
@@ -113,6 +133,15 @@ pub enum ShadowError {
     /// No memslot holds this gfn (rmap or write-track bookkeeping).
     #[error("no memslot for gfn {0:#x}")]
     NoSlot(u64),
+    /// Memory could not be allocated (KVM's `-ENOMEM` from `mmu_topup_memory_caches`,
+    /// the vCPU exits): the call changed nothing and may be repeated.
+    #[error("out of memory")]
+    NoMemory,
+}
+
+/// Every allocation failure, whatever type reports it, as [`ShadowError::NoMemory`].
+fn oom<E>(_: E) -> ShadowError {
+    ShadowError::NoMemory
 }
 
 /// What a guest access through the shadow MMU did.
@@ -147,16 +176,155 @@ pub struct ShadowPage {
     parent_ptes: PteListHead,
     /// Level-1 indirect page that may disagree with its gptes.
     pub unsync: bool,
-    unsync_children: u32,
-    unsync_child_bitmap: [u64; 8],
+    // The unsync bookkeeping is atomic only to be updated through `&self` while a
+    // parent list is read-locked (marking walks up the parents in place); it changes
+    // only with `mmu_lock` held for write.
+    unsync_children: AtomicU32,
+    unsync_child_bitmap: [AtomicU64; 8],
     /// vCPU root / prev_root pins.
     pub root_count: u32,
     mmu_valid_gen: u8,
     write_flooding_count: u8,
-    seq: u64,
+    /// The list the page is on (`sp->link`): active, a zap list, or none (a zapped
+    /// root still pinned).
+    on: OnList,
+    /// Links of that list: towards the head (newer) and the tail (older).
+    prev: Option<SpId>,
+    next: Option<SpId>,
+    /// The next page of its hash bucket (`sp->hash_link`).
+    hash_next: Option<SpId>,
+}
+
+/// The list a shadow page is on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum OnList {
+    /// Zapped but pinned as a root: on no list until its last `put_root`.
+    #[default]
+    None,
+    /// `active_mmu_pages`: valid.
+    Active,
+    /// A [`ZapList`]: zapped, to be freed by [`ShadowMmu::commit_zap`].
+    Zap,
+}
+
+/// KVM's `invalid_list`: shadow pages prepared for zapping (unlinked, invalid, unpinned)
+/// that [`ShadowMmu::commit_zap`] frees after one TLB flush. Linked through the pages
+/// themselves: building it never allocates.
+#[derive(Debug, Default)]
+pub struct ZapList {
+    head: Option<SpId>,
+    len: usize,
+}
+
+impl ZapList {
+    /// An empty list.
+    pub const fn new() -> Self {
+        Self { head: None, len: 0 }
+    }
+
+    /// Number of pages on the list.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the list is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// The SPTE array and shadowed-translation array of one shadow page, allocated ahead
+/// (`mmu_shadow_page_cache`, `mmu_shadowed_info_cache`).
+#[derive(Debug, Default)]
+struct PageCaches {
+    spt: Vec<Box<[AtomicU64]>>,
+    translation: Vec<Box<[u64]>>,
+}
+
+/// At most this many unsync descendants are synced or zapped per batch (KVM's
+/// `KVM_PAGE_ARRAY_NR`); the batch lives on the stack.
+const PAGE_BATCH: usize = 16;
+
+/// A batch of shadow pages on the stack (`struct kvm_mmu_pages`).
+struct Batch {
+    ids: [SpId; PAGE_BATCH],
+    len: usize,
+}
+
+impl Batch {
+    const fn new() -> Self {
+        Self {
+            ids: [SpId(0); PAGE_BATCH],
+            len: 0,
+        }
+    }
+
+    fn is_full(&self) -> bool {
+        self.len == PAGE_BATCH
+    }
+
+    /// Adds `id` unless it is there already; false if the batch is full.
+    fn push(&mut self, id: SpId) -> bool {
+        if self.as_slice().contains(&id) {
+            return true;
+        }
+        let Some(slot) = self.ids.get_mut(self.len) else {
+            return false;
+        };
+        *slot = id;
+        self.len += 1;
+        true
+    }
+
+    fn as_slice(&self) -> &[SpId] {
+        self.ids.get(..self.len).unwrap_or_default()
+    }
 }
 
 impl ShadowPage {
+    // ORDERING (the unsync bookkeeping below): Relaxed: it changes only under
+    // `mmu_lock` held for write, whose release publishes it; the atomics are for
+    // interior mutability, not for synchronisation.
+    fn unsync_children(&self) -> u32 {
+        self.unsync_children.load(Ordering::Relaxed)
+    }
+
+    /// Sets unsync bit `i`; the new count of unsync children, `None` if it was set.
+    fn set_child_bit(&self, i: usize) -> Option<u32> {
+        let w = self.unsync_child_bitmap.get(i / 64)?;
+        let bit = 1u64 << (i % 64);
+        if w.fetch_or(bit, Ordering::Relaxed) & bit != 0 {
+            return None;
+        }
+        Some(self.unsync_children.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+
+    /// Clears unsync bit `i`; the new count of unsync children, `None` if it was clear.
+    fn clear_child_bit(&self, i: usize) -> Option<u32> {
+        let w = self.unsync_child_bitmap.get(i / 64)?;
+        let bit = 1u64 << (i % 64);
+        if w.fetch_and(!bit, Ordering::Relaxed) & bit == 0 {
+            return None;
+        }
+        let n = self.unsync_children().saturating_sub(1);
+        self.unsync_children.store(n, Ordering::Relaxed);
+        Some(n)
+    }
+
+    fn clear_unsync_bits(&self) {
+        self.unsync_children.store(0, Ordering::Relaxed);
+        for w in &self.unsync_child_bitmap {
+            w.store(0, Ordering::Relaxed);
+        }
+    }
+
+    fn unsync_bits_set(&self) -> u32 {
+        self.unsync_child_bitmap
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed).count_ones())
+            .sum()
+    }
+
     fn spte(&self, i: usize) -> Spte {
         // ORDERING: Relaxed: SPTE values are published by the mmu_lock release (writers)
         // or the rmap bit lock (aging); nothing else is read through them.
@@ -179,7 +347,9 @@ impl ShadowPage {
     }
 
     fn test_child_bit(&self, i: usize) -> bool {
-        self.unsync_child_bitmap[i / 64] & (1 << (i % 64)) != 0
+        self.unsync_child_bitmap
+            .get(i / 64)
+            .is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (i % 64)) != 0)
     }
 }
 
@@ -213,10 +383,10 @@ impl SlotArch {
             PteListHead::new_array(n(2))?,
             PteListHead::new_array(n(3))?,
         ];
-        let write_track = vec![0u16; n(1)].into_boxed_slice();
+        let write_track = try_boxed_slice(n(1), |_| 0u16)?;
         let mut disallow_lpage = [
-            vec![0u32; n(2)].into_boxed_slice(),
-            vec![0u32; n(3)].into_boxed_slice(),
+            try_boxed_slice(n(2), |_| 0u32)?,
+            try_boxed_slice(n(3), |_| 0u32)?,
         ];
         for (k, level) in [2u32, 3].into_iter().enumerate() {
             let pages = 1u64 << level_shift(level);
@@ -335,11 +505,18 @@ pub struct ShadowStats {
 #[derive(Debug)]
 pub struct ShadowMmu {
     pool: Arc<DescPool>,
+    /// The arena; its capacity is reserved by the top-up.
     sps: Vec<Option<ShadowPage>>,
+    /// Free arena slots; its capacity is kept at least the arena's, so that freeing
+    /// never allocates.
     free_ids: Vec<u32>,
-    hash: Vec<Vec<SpId>>,
-    active: BTreeMap<u64, SpId>,
-    next_seq: u64,
+    /// Heads of the gfn hash chains (`mmu_page_hash`).
+    hash: Box<[Option<SpId>]>,
+    /// `active_mmu_pages`: newest (head) and oldest (tail) page.
+    active_head: Option<SpId>,
+    active_tail: Option<SpId>,
+    /// Page arrays allocated ahead of the faults that use them.
+    caches: PageCaches,
     mmu_valid_gen: u8,
     n_used: u64,
     n_max: Option<u64>,
@@ -530,15 +707,28 @@ impl Default for ShadowMmu {
 }
 
 impl ShadowMmu {
-    /// An MMU with no memslots, no vCPUs, an empty guest memory.
+    /// An MMU with no memslots, no vCPUs, an empty guest memory (aborts if the hash
+    /// table cannot be allocated; see [`try_new`](Self::try_new)).
     pub fn new() -> Self {
+        Self::with_hash(vec![None; 1 << MMU_HASH_SHIFT].into_boxed_slice())
+    }
+
+    /// [`new`](Self::new), reporting a failed allocation as [`ShadowError::NoMemory`].
+    pub fn try_new() -> Result<Self, ShadowError> {
+        Ok(Self::with_hash(
+            try_boxed_slice(1 << MMU_HASH_SHIFT, |_| None).map_err(oom)?,
+        ))
+    }
+
+    fn with_hash(hash: Box<[Option<SpId>]>) -> Self {
         Self {
             pool: Arc::new(DescPool::new()),
             sps: Vec::new(),
             free_ids: Vec::new(),
-            hash: vec![Vec::new(); 1 << MMU_HASH_SHIFT],
-            active: BTreeMap::new(),
-            next_seq: 0,
+            hash,
+            active_head: None,
+            active_tail: None,
+            caches: PageCaches::default(),
             mmu_valid_gen: 0,
             n_used: 0,
             n_max: None,
@@ -576,12 +766,28 @@ impl ShadowMmu {
         &self.pool
     }
 
-    /// Adds a vCPU in `mode`; returns its index.
+    /// Adds a vCPU in `mode`; returns its index (aborts if memory runs out; see
+    /// [`try_add_vcpu`](Self::try_add_vcpu)).
     pub fn add_vcpu(&mut self, mode: CpuMode) -> usize {
+        self.push_vcpu(mode, Vec::with_capacity(NUM_PREV_ROOTS + 1))
+    }
+
+    /// [`add_vcpu`](Self::add_vcpu) with its allocations fallible (`KVM_CREATE_VCPU`
+    /// failing with `-ENOMEM`): nothing is added then.
+    pub fn try_add_vcpu(&mut self, mode: CpuMode) -> Result<usize, ShadowError> {
+        let mut prev_roots = Vec::new();
+        prev_roots
+            .try_reserve_exact(NUM_PREV_ROOTS + 1)
+            .map_err(oom)?;
+        self.vcpus.try_reserve(1).map_err(oom)?;
+        Ok(self.push_vcpu(mode, prev_roots))
+    }
+
+    fn push_vcpu(&mut self, mode: CpuMode, prev_roots: Vec<(u64, SpId)>) -> usize {
         self.vcpus.push(VcpuMmu {
             mode,
             root: None,
-            prev_roots: Vec::new(),
+            prev_roots,
             pae_root: [None; 4],
         });
         self.vcpus.len() - 1
@@ -592,9 +798,27 @@ impl ShadowMmu {
         &self.vcpus
     }
 
-    /// `kvm_arch_commit_memory_region` (create): the slot's x86 arrays.
+    /// `kvm_arch_commit_memory_region` (create): the slot's x86 arrays
+    /// ([`prepare_memslot`](Self::prepare_memslot) then
+    /// [`add_prepared_memslot`](Self::add_prepared_memslot)).
     pub fn add_memslot(&mut self, slot: Memslot) -> Result<(), ShadowError> {
+        let arch = self.prepare_memslot(slot)?;
+        self.add_prepared_memslot(arch)
+    }
+
+    /// `kvm_arch_prepare_memory_region` (create): the x86 arrays of `slot`, and room
+    /// for them in the slot list, allocated before the change is published; changes
+    /// nothing else.
+    pub fn prepare_memslot(&mut self, slot: Memslot) -> Result<SlotArch, ShadowError> {
         let arch = SlotArch::new(slot)?;
+        self.slots.try_reserve(1).map_err(oom)?;
+        Ok(arch)
+    }
+
+    /// Installs arrays from [`prepare_memslot`](Self::prepare_memslot) (no allocation
+    /// unless another slot took the room reserved meanwhile).
+    pub fn add_prepared_memslot(&mut self, arch: SlotArch) -> Result<(), ShadowError> {
+        self.slots.try_reserve(1).map_err(oom)?;
         let pos = self
             .slots
             .iter()
@@ -652,20 +876,12 @@ impl ShadowMmu {
         };
         let (start, end) = (s.slot.base_gfn().0, s.slot.end_gfn().0);
         self.unmap_gfn_range(id, start, end)?;
-        let victims: Vec<SpId> = self
-            .live_ids()
-            .filter(|&sp| {
-                self.sps[sp.0 as usize].as_ref().is_some_and(|p| {
-                    p.role.invalid() == 0 && p.role.has_gptes() && p.gfn >= start && p.gfn < end
-                })
-            })
-            .collect();
-        let mut invalid = Vec::new();
-        for v in victims {
-            self.prepare_zap(v, &mut invalid)?;
-        }
+        let mut invalid = ZapList::new();
+        let r = self.zap_active_where(&mut invalid, |p| {
+            p.role.has_gptes() && p.gfn >= start && p.gfn < end
+        });
         self.commit_zap(invalid);
-        Ok(())
+        r
     }
 
     /// Memory-slot list (x86 side).
@@ -779,19 +995,27 @@ impl ShadowMmu {
 
     /// The valid shadow pages with gptes at `gfn` (`for_each_gfn_valid_sp_with_gptes`).
     pub fn gfn_sps(&self, gfn: u64) -> Vec<SpId> {
-        self.hash[hash_gfn(gfn)]
-            .iter()
-            .copied()
-            .filter(|&id| {
-                self.sp(id)
-                    .is_some_and(|sp| sp.gfn == gfn && sp.role.has_gptes() && !self.is_obsolete(sp))
-            })
-            .collect()
+        self.gfn_sps_iter(gfn).collect()
+    }
+
+    /// [`gfn_sps`](Self::gfn_sps) in place, newest first (the hash chain).
+    fn gfn_sps_iter(&self, gfn: u64) -> impl Iterator<Item = SpId> + '_ {
+        let mut cur = self.hash_first(gfn);
+        std::iter::from_fn(move || {
+            while let Some(id) = cur {
+                let sp = self.sp(id)?;
+                cur = sp.hash_next;
+                if sp.gfn == gfn && sp.role.has_gptes() && !self.is_obsolete(sp) {
+                    return Some(id);
+                }
+            }
+            None
+        })
     }
 
     /// Whether `gfn` is shadowed (some valid shadow page has gptes there).
     pub fn is_shadowed(&self, gfn: u64) -> bool {
-        !self.gfn_sps(gfn).is_empty()
+        self.gfn_sps_iter(gfn).next().is_some()
     }
 
     /// Number of write-protected (shadowed) guest frames.
@@ -821,33 +1045,50 @@ impl ShadowMmu {
         let Some(head) = self.slot_of(gfn).and_then(|s| s.rmap_head(gfn, level)) else {
             return Err(ShadowError::NoSlot(gfn));
         };
-        let mut zapped = Vec::new();
-        let r = head.lock().rmap_add(cache, h, |z| zapped.push(z))?;
+        // A recycled rmap's SPTEs are cleared as they come off it (in place).
+        let sps = &self.sps;
+        let r = head.lock().rmap_add(cache, h, |z| {
+            let (zid, zi) = decode_handle(z);
+            if let Some(p) = sps.get(zid.0 as usize).and_then(Option::as_ref) {
+                p.set_spte(zi, Spte::NONPRESENT);
+            }
+        })?;
         self.stats.rmap_adds += 1;
         if r.flush_remote_tlbs {
             self.stats.rmap_recycled += 1;
             self.stats.tlb_flushes += 1;
-            for z in zapped {
-                let (zid, zi) = decode_handle(z);
-                if let Some(p) = self.sp(zid) {
-                    p.set_spte(zi, Spte::NONPRESENT);
-                }
-            }
         }
         Ok(())
     }
 
     /// The rmap entries at (`gfn`, `level`).
     pub fn rmap_entries(&self, gfn: u64, level: u32) -> Result<Vec<SpteHandle>, ShadowError> {
+        let mut v = Vec::new();
+        self.for_each_rmap_spte(gfn, level, |h, _| {
+            v.try_reserve(1).map_err(oom)?;
+            v.push(h);
+            Ok(())
+        })?;
+        Ok(v)
+    }
+
+    /// Calls `f` with every rmap entry at (`gfn`, `level`) and its shadow page, in place
+    /// under the rmap's read lock (`for_each_rmap_spte`); `f` may update SPTEs (atomics)
+    /// but not the rmaps.
+    fn for_each_rmap_spte(
+        &self,
+        gfn: u64,
+        level: u32,
+        mut f: impl FnMut(SpteHandle, Option<&ShadowPage>) -> Result<(), ShadowError>,
+    ) -> Result<(), ShadowError> {
         let Some(head) = self.slot_of(gfn).and_then(|s| s.rmap_head(gfn, level)) else {
-            return Ok(Vec::new());
+            return Ok(());
         };
         let g = head.lock_readonly();
-        let mut v = Vec::new();
         for h in g.iter(&self.pool) {
-            v.push(h);
+            f(h, self.sp(decode_handle(h).0))?;
         }
-        Ok(v)
+        Ok(())
     }
 
     /// `drop_spte` on a leaf: clear and `rmap_remove` with the gfn recomputed.
@@ -912,9 +1153,9 @@ impl ShadowMmu {
     fn write_protect_gfn(&mut self, gfn: u64, pt_protect: bool) -> Result<bool, ShadowError> {
         let mut flush = false;
         for level in 1..=3 {
-            for h in self.rmap_entries(gfn, level)? {
+            self.for_each_rmap_spte(gfn, level, |h, sp| {
                 let (id, i) = decode_handle(h);
-                let sp = self.sp_ok(id)?;
+                let sp = sp.ok_or(ShadowError::Dangling(id))?;
                 let s = sp.spte(i);
                 let n = if pt_protect {
                     s.write_protected()
@@ -927,7 +1168,8 @@ impl ShadowMmu {
                     }
                     sp.set_spte(i, n);
                 }
-            }
+                Ok(())
+            })?;
         }
         if flush {
             self.stats.tlb_flushes += 1;
@@ -986,14 +1228,70 @@ impl ShadowMmu {
         Ok(gfn)
     }
 
+    /// `mmu_topup_memory_caches` for shadow pages: fills the caches with the SPTE and
+    /// shadowed-translation arrays of [`SP_CACHE_TOPUP`] pages and reserves room for as
+    /// many in the arena and its free list. A few compares when they are full. Every
+    /// operation that may create shadow pages calls it before it changes anything (a
+    /// fault, a root load, a CR3 or mode change); inside, pages come from the caches
+    /// only. Err ([`ShadowError::NoMemory`]) changes nothing the checker sees.
+    pub fn mmu_topup_memory_caches(&mut self) -> Result<(), ShadowError> {
+        let c = &mut self.caches;
+        while c.spt.len() < SP_CACHE_TOPUP {
+            c.spt
+                .try_reserve_exact(SP_CACHE_TOPUP - c.spt.len())
+                .map_err(oom)?;
+            let spt = try_boxed_slice(SPTES_PER_PAGE, |_| AtomicU64::new(Spte::NONPRESENT.0))
+                .map_err(oom)?;
+            c.spt.push(spt);
+        }
+        while c.translation.len() < SP_CACHE_TOPUP {
+            c.translation
+                .try_reserve_exact(SP_CACHE_TOPUP - c.translation.len())
+                .map_err(oom)?;
+            let t = try_boxed_slice(SPTES_PER_PAGE, |_| 0u64).map_err(oom)?;
+            c.translation.push(t);
+        }
+        // Arena room: each new page takes a free slot or a new one; the free list can
+        // take back every slot of the arena.
+        let need = SP_CACHE_TOPUP.saturating_sub(self.free_ids.len());
+        if self.sps.capacity() - self.sps.len() < need {
+            self.sps.try_reserve(need).map_err(oom)?;
+        }
+        if self.free_ids.capacity() < self.sps.capacity() {
+            let more = self.sps.capacity() - self.free_ids.len();
+            self.free_ids.try_reserve_exact(more).map_err(oom)?;
+        }
+        Ok(())
+    }
+
+    /// Whether the caches hold a page of `role` (the arena has room for it).
+    fn caches_hold(&self, role: SpRole) -> bool {
+        let arena = !self.free_ids.is_empty()
+            || (self.sps.len() < self.sps.capacity() && self.free_ids.capacity() > self.sps.len());
+        arena
+            && !self.caches.spt.is_empty()
+            && (!Self::wants_translation(role) || !self.caches.translation.is_empty())
+    }
+
+    fn wants_translation(role: SpRole) -> bool {
+        role.has_gptes() && role.level() <= 3
+    }
+
+    /// `kvm_mmu_alloc_shadow_page`: a new page from the caches (never allocates:
+    /// [`ShadowError::NoMemory`] if they were not topped up), hashed, at the head of the
+    /// active list, accounted.
     fn alloc_sp(&mut self, gfn: u64, role: SpRole) -> Result<SpId, ShadowError> {
-        let spt: Box<[AtomicU64]> = (0..SPTES_PER_PAGE)
-            .map(|_| AtomicU64::new(Spte::NONPRESENT.0))
-            .collect();
-        let translation = (role.has_gptes() && role.level() <= 3)
-            .then(|| vec![0u64; SPTES_PER_PAGE].into_boxed_slice());
-        let seq = self.next_seq;
-        self.next_seq += 1;
+        if !self.caches_hold(role) {
+            return Err(ShadowError::NoMemory);
+        }
+        let Some(spt) = self.caches.spt.pop() else {
+            return Err(ShadowError::NoMemory);
+        };
+        let translation = if Self::wants_translation(role) {
+            self.caches.translation.pop()
+        } else {
+            None
+        };
         let sp = ShadowPage {
             gfn,
             role,
@@ -1001,25 +1299,31 @@ impl ShadowMmu {
             translation,
             parent_ptes: PteListHead::new(),
             unsync: false,
-            unsync_children: 0,
-            unsync_child_bitmap: [0; 8],
+            unsync_children: AtomicU32::new(0),
+            unsync_child_bitmap: std::array::from_fn(|_| AtomicU64::new(0)),
             root_count: 0,
             mmu_valid_gen: self.mmu_valid_gen,
             write_flooding_count: 0,
-            seq,
+            on: OnList::None,
+            prev: None,
+            next: None,
+            hash_next: None,
         };
         let id = match self.free_ids.pop() {
             Some(i) => {
-                self.sps[i as usize] = Some(sp);
+                if let Some(slot) = self.sps.get_mut(i as usize) {
+                    *slot = Some(sp);
+                }
                 SpId(i)
             }
             None => {
+                // Within the capacity the top-up reserved (`caches_hold`).
                 self.sps.push(Some(sp));
                 SpId((self.sps.len() - 1) as u32)
             }
         };
-        self.active.insert(seq, id);
-        self.hash[hash_gfn(gfn)].push(id);
+        self.hash_add(id, gfn);
+        self.active_add(id);
         self.n_used += 1;
         self.stats.sp_created += 1;
         if role.has_gptes() {
@@ -1028,83 +1332,237 @@ impl ShadowMmu {
         Ok(id)
     }
 
+    // ---------------------------------------------------------------- lists
+
+    /// The first page of `gfn`'s hash chain (any gfn of the bucket).
+    fn hash_first(&self, gfn: u64) -> Option<SpId> {
+        self.hash.get(hash_gfn(gfn)).copied().flatten()
+    }
+
+    fn hash_add(&mut self, id: SpId, gfn: u64) {
+        let head = self.hash_first(gfn);
+        if let Ok(sp) = self.sp_mut(id) {
+            sp.hash_next = head;
+        }
+        if let Some(h) = self.hash.get_mut(hash_gfn(gfn)) {
+            *h = Some(id);
+        }
+    }
+
+    fn hash_del(&mut self, id: SpId, gfn: u64) {
+        let next = self.sp(id).and_then(|s| s.hash_next);
+        let b = hash_gfn(gfn);
+        let mut cur = self.hash_first(gfn);
+        if cur == Some(id) {
+            if let Some(h) = self.hash.get_mut(b) {
+                *h = next;
+            }
+            return;
+        }
+        while let Some(c) = cur {
+            let Ok(sp) = self.sp_mut(c) else { return };
+            if sp.hash_next == Some(id) {
+                sp.hash_next = next;
+                return;
+            }
+            cur = sp.hash_next;
+        }
+    }
+
+    /// Puts `id` at the head (newest end) of `active_mmu_pages`.
+    fn active_add(&mut self, id: SpId) {
+        let old = self.active_head;
+        if let Ok(sp) = self.sp_mut(id) {
+            sp.on = OnList::Active;
+            sp.prev = None;
+            sp.next = old;
+        }
+        match old {
+            Some(o) => {
+                if let Ok(sp) = self.sp_mut(o) {
+                    sp.prev = Some(id);
+                }
+            }
+            None => self.active_tail = Some(id),
+        }
+        self.active_head = Some(id);
+    }
+
+    /// Takes `id` off `active_mmu_pages` (if it is on it).
+    fn active_del(&mut self, id: SpId) {
+        let Some(sp) = self.sp(id) else { return };
+        if sp.on != OnList::Active {
+            return;
+        }
+        let (p, n) = (sp.prev, sp.next);
+        match p {
+            Some(p) => {
+                if let Ok(sp) = self.sp_mut(p) {
+                    sp.next = n;
+                }
+            }
+            None => self.active_head = n,
+        }
+        match n {
+            Some(n) => {
+                if let Ok(sp) = self.sp_mut(n) {
+                    sp.prev = p;
+                }
+            }
+            None => self.active_tail = p,
+        }
+        if let Ok(sp) = self.sp_mut(id) {
+            sp.on = OnList::None;
+            sp.prev = None;
+            sp.next = None;
+        }
+    }
+
+    /// Puts zapped, unpinned `id` on `list`.
+    fn zap_list_add(&mut self, list: &mut ZapList, id: SpId) {
+        let head = list.head;
+        if let Ok(sp) = self.sp_mut(id) {
+            sp.on = OnList::Zap;
+            sp.prev = None;
+            sp.next = head;
+            list.head = Some(id);
+            list.len += 1;
+        }
+    }
+
+    /// The oldest active page for which `pred` holds.
+    fn oldest_active_where(&self, pred: impl Fn(&ShadowPage) -> bool) -> Option<SpId> {
+        let mut cur = self.active_tail;
+        while let Some(id) = cur {
+            let sp = self.sp(id)?;
+            if pred(sp) {
+                return Some(id);
+            }
+            cur = sp.prev;
+        }
+        None
+    }
+
+    /// Prepare-zap every active page for which `pred` holds, oldest first; restarts
+    /// from the tail when a zap took the next page too (KVM's `goto restart`).
+    fn zap_active_where(
+        &mut self,
+        invalid: &mut ZapList,
+        pred: impl Fn(&ShadowPage) -> bool,
+    ) -> Result<(), ShadowError> {
+        let mut cur = self.active_tail;
+        while let Some(id) = cur {
+            let sp = self.sp_ok(id)?;
+            let newer = sp.prev;
+            if pred(sp) {
+                self.prepare_zap(id, invalid)?;
+                if newer.is_some_and(|n| self.sp(n).is_none_or(|s| s.on != OnList::Active)) {
+                    cur = self.active_tail;
+                    continue;
+                }
+            }
+            cur = newer;
+        }
+        Ok(())
+    }
+
+    /// Calls `f` for every parent SPTE of `id` (`for_each_rmap_spte` over
+    /// `parent_ptes`), in place under the list's read lock; `f` may update unsync bits
+    /// (atomics) but not the parent lists.
+    fn for_each_parent(
+        &self,
+        id: SpId,
+        mut f: impl FnMut(SpId, usize) -> Result<(), ShadowError>,
+    ) -> Result<(), ShadowError> {
+        let sp = self.sp_ok(id)?;
+        let g = sp.parent_ptes.lock_readonly();
+        for h in g.iter(&self.pool) {
+            let (p, i) = decode_handle(h);
+            f(p, i)?;
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- shadow pages
+
     /// `kvm_mmu_get_shadow_page`: find a valid page with equal gfn **and** role, else
     /// create one. A same-gfn unsync page blocks an upper-level role (it is zapped); an
-    /// unsync page found is synced first (zapped and missed if that fails).
+    /// unsync page found is synced first (zapped and missed if that fails). Tops up the
+    /// page caches first.
     pub fn get_shadow_page(&mut self, gfn: u64, role: SpRole) -> Result<SpId, ShadowError> {
-        let candidates: Vec<SpId> = self.hash[hash_gfn(gfn)].clone();
-        let mut invalid = Vec::new();
-        let mut found = None;
-        for id in candidates {
-            let Some(sp) = self.sp(id) else { continue };
+        self.mmu_topup_memory_caches()?;
+        self.find_or_alloc_sp(gfn, role)
+    }
+
+    /// [`get_shadow_page`](Self::get_shadow_page) from the topped-up caches.
+    fn find_or_alloc_sp(&mut self, gfn: u64, role: SpRole) -> Result<SpId, ShadowError> {
+        let mut invalid = ZapList::new();
+        let found = self.find_sp(gfn, role, &mut invalid);
+        self.commit_zap(invalid);
+        match found? {
+            Some(id) => Ok(id),
+            None => self.alloc_sp(gfn, role),
+        }
+    }
+
+    fn find_sp(
+        &mut self,
+        gfn: u64,
+        role: SpRole,
+        invalid: &mut ZapList,
+    ) -> Result<Option<SpId>, ShadowError> {
+        // Zapping leaves pages hashed until the commit: the chain stays walkable.
+        let mut cur = self.hash_first(gfn);
+        while let Some(id) = cur {
+            let sp = self.sp_ok(id)?;
+            cur = sp.hash_next;
             if sp.gfn != gfn || self.is_obsolete(sp) {
                 continue;
             }
             if sp.role != role {
                 if role.level() > 1 && sp.unsync {
-                    self.prepare_zap(id, &mut invalid)?;
+                    self.prepare_zap(id, invalid)?;
                 }
                 continue;
             }
             if sp.unsync {
                 let ok = self.sync_page(id)?;
                 if !ok {
-                    self.prepare_zap(id, &mut invalid)?;
+                    self.prepare_zap(id, invalid)?;
                     continue;
                 }
             }
             self.sp_mut(id)?.write_flooding_count = 0;
-            found = Some(id);
-            break;
+            return Ok(Some(id));
         }
-        self.commit_zap(invalid);
-        match found {
-            Some(id) => Ok(id),
-            None => self.alloc_sp(gfn, role),
-        }
+        Ok(None)
     }
 
-    fn mark_unsync_bit(&mut self, parent: SpId, i: usize) -> Result<(), ShadowError> {
-        let p = self.sp_mut(parent)?;
-        if p.test_child_bit(i) {
-            return Ok(());
-        }
-        p.unsync_child_bitmap[i / 64] |= 1 << (i % 64);
-        p.unsync_children += 1;
-        if p.unsync_children == 1 {
+    fn mark_unsync_bit(&self, parent: SpId, i: usize) -> Result<(), ShadowError> {
+        if self.sp_ok(parent)?.set_child_bit(i) == Some(1) {
             self.mark_unsync_parents(parent)?;
         }
         Ok(())
     }
 
+    /// The parent SPTEs of `id` (for the checker; the MMU walks them in place).
     fn parents(&self, id: SpId) -> Result<Vec<(SpId, usize)>, ShadowError> {
-        let sp = self.sp_ok(id)?;
-        let g = sp.parent_ptes.lock_readonly();
         let mut v = Vec::new();
-        for h in g.iter(&self.pool) {
-            v.push(decode_handle(h));
-        }
+        self.for_each_parent(id, |p, i| {
+            v.push((p, i));
+            Ok(())
+        })?;
         Ok(v)
     }
 
-    fn mark_unsync_parents(&mut self, id: SpId) -> Result<(), ShadowError> {
-        for (p, i) in self.parents(id)? {
-            self.mark_unsync_bit(p, i)?;
-        }
-        Ok(())
+    fn mark_unsync_parents(&self, id: SpId) -> Result<(), ShadowError> {
+        self.for_each_parent(id, |p, i| self.mark_unsync_bit(p, i))
     }
 
-    fn clear_unsync_child_bit(&mut self, parent: SpId, i: usize) -> Result<(), ShadowError> {
-        let p = self.sp_mut(parent)?;
-        if !p.test_child_bit(i) {
-            return Ok(());
-        }
-        p.unsync_child_bitmap[i / 64] &= !(1 << (i % 64));
-        p.unsync_children = p.unsync_children.saturating_sub(1);
-        if p.unsync_children == 0 && !p.unsync {
-            for (pp, pi) in self.parents(parent)? {
-                self.clear_unsync_child_bit(pp, pi)?;
-            }
+    fn clear_unsync_child_bit(&self, parent: SpId, i: usize) -> Result<(), ShadowError> {
+        let p = self.sp_ok(parent)?;
+        if p.clear_child_bit(i) == Some(0) && !p.unsync {
+            self.for_each_parent(parent, |pp, pi| self.clear_unsync_child_bit(pp, pi))?;
         }
         Ok(())
     }
@@ -1126,9 +1584,11 @@ impl ShadowMmu {
         if self.is_write_tracked(gfn) {
             return Ok(false);
         }
-        for id in self.gfn_sps(gfn) {
+        let mut cur = self.hash_first(gfn);
+        while let Some(id) = cur {
             let sp = self.sp_ok(id)?;
-            if sp.unsync {
+            cur = sp.hash_next;
+            if sp.gfn != gfn || !sp.role.has_gptes() || self.is_obsolete(sp) || sp.unsync {
                 continue;
             }
             if prefetch || !can_unsync || sp.role.level() != 1 {
@@ -1149,7 +1609,7 @@ impl ShadowMmu {
         let h = spte_handle(parent, i)?;
         let c = self.sp_ok(child)?;
         let _ = c.parent_ptes.lock().add(cache, h)?;
-        let mark = c.unsync || c.unsync_children > 0;
+        let mark = c.unsync || c.unsync_children() > 0;
         let ad = c.role.ad_disabled() != 0;
         let rec = (c.gfn << 12) | u64::from(c.role.access());
         let p = self.sp_mut(parent)?;
@@ -1190,8 +1650,8 @@ impl ShadowMmu {
                 self.stats.tlb_flushes += 1;
             }
         }
-        let c = self.get_shadow_page(gfn, role)?;
-        if self.sp_ok(c)?.unsync_children > 0 {
+        let c = self.find_or_alloc_sp(gfn, role)?;
+        if self.sp_ok(c)?.unsync_children() > 0 {
             self.sync_children(c)?;
         }
         self.link(cache, parent, i, c)?;
@@ -1200,12 +1660,17 @@ impl ShadowMmu {
 
     // ---------------------------------------------------------------- zapping
 
-    fn unsync_descendants(&self, id: SpId, out: &mut Vec<SpId>) {
+    /// Adds the unsync pages below `id` (through unsync child bits) to `batch` until it
+    /// is full (`mmu_unsync_walk`).
+    fn collect_unsync(&self, id: SpId, batch: &mut Batch) {
         let Some(sp) = self.sp(id) else { return };
-        if sp.unsync_children == 0 {
+        if sp.unsync_children() == 0 {
             return;
         }
         for i in 0..SPTES_PER_PAGE {
+            if batch.is_full() {
+                return;
+            }
             if !sp.test_child_bit(i) {
                 continue;
             }
@@ -1216,110 +1681,138 @@ impl ShadowMmu {
             let c = SpId(s.pfn() as u32);
             if let Some(cp) = self.sp(c) {
                 if cp.unsync {
-                    out.push(c);
+                    batch.push(c);
                 }
-                self.unsync_descendants(c, out);
+                self.collect_unsync(c, batch);
             }
         }
     }
 
-    /// `__kvm_mmu_prepare_zap_page`.
-    pub fn prepare_zap(&mut self, id: SpId, invalid: &mut Vec<SpId>) -> Result<(), ShadowError> {
+    /// `zap_unsync_children`: prepare-zap the unsync pages below `id`, a batch at a
+    /// time (a zapped page is no longer unsync: each batch makes progress).
+    fn zap_unsync_children(&mut self, id: SpId, invalid: &mut ZapList) -> Result<(), ShadowError> {
+        loop {
+            let mut batch = Batch::new();
+            self.collect_unsync(id, &mut batch);
+            if batch.len == 0 {
+                return Ok(());
+            }
+            for &d in batch.as_slice() {
+                self.prepare_zap(d, invalid)?;
+            }
+        }
+    }
+
+    /// `__kvm_mmu_prepare_zap_page`: unlink `id` from its children and parents, make it
+    /// invalid, take it off the active list and, unless pinned as a root, put it on
+    /// `invalid` for [`commit_zap`](Self::commit_zap).
+    pub fn prepare_zap(&mut self, id: SpId, invalid: &mut ZapList) -> Result<(), ShadowError> {
         let sp = self.sp_ok(id)?;
         if sp.role.invalid() != 0 {
-            if sp.root_count == 0 && !invalid.contains(&id) {
-                invalid.push(id);
+            if sp.root_count == 0 && sp.on == OnList::None {
+                self.zap_list_add(invalid, id);
             }
             return Ok(());
         }
         let level = sp.role.level();
         self.stats.sp_zapped += 1;
         if level > 1 {
-            let mut desc = Vec::new();
-            self.unsync_descendants(id, &mut desc);
-            for d in desc {
-                self.prepare_zap(d, invalid)?;
-            }
+            self.zap_unsync_children(id, invalid)?;
         }
         for i in 0..SPTES_PER_PAGE {
             self.zap_pte(id, i)?;
         }
-        // Clear every parent SPTE pointing here.
-        let parents = self.parents(id)?;
+        // Clear every parent SPTE pointing here, emptying the parent list.
         {
+            let sps = &self.sps;
             let sp = self.sp_ok(id)?;
             let mut g = sp.parent_ptes.lock();
-            g.destroy(&self.pool, |_| {})?;
-        }
-        for (p, i) in parents {
-            self.sp_ok(p)?.set_spte(i, Spte::NONPRESENT);
+            g.destroy(&self.pool, |h| {
+                let (p, i) = decode_handle(h);
+                if let Some(pp) = sps.get(p.0 as usize).and_then(Option::as_ref) {
+                    pp.set_spte(i, Spte::NONPRESENT);
+                }
+            })?;
         }
         // Obsolete (old-generation) pages were accounted too: unaccount every page with
         // gptes on its first zap.
         if self.sp_ok(id)?.role.has_gptes() {
             self.unaccount_shadowed(id)?;
         }
+        self.active_del(id);
         let sp = self.sp_mut(id)?;
         sp.unsync = false;
-        sp.unsync_children = 0;
-        sp.unsync_child_bitmap = [0; 8];
+        sp.clear_unsync_bits();
         sp.role = sp.role.with_invalid(1);
-        let (seq, rc) = (sp.seq, sp.root_count);
-        self.active.remove(&seq);
+        let rc = sp.root_count;
         self.n_used = self.n_used.saturating_sub(1);
         if rc == 0 {
-            invalid.push(id);
+            self.zap_list_add(invalid, id);
         }
         Ok(())
     }
 
-    /// `kvm_mmu_commit_zap_page`: one flush, then free every page.
-    pub fn commit_zap(&mut self, invalid: Vec<SpId>) {
+    /// `kvm_mmu_commit_zap_page`: one flush, then free every page of `invalid`.
+    pub fn commit_zap(&mut self, invalid: ZapList) {
         if invalid.is_empty() {
             return;
         }
         self.stats.tlb_flushes += 1;
-        for id in invalid {
-            let Some(sp) = self.sps.get_mut(id.0 as usize).and_then(Option::take) else {
-                continue;
-            };
-            self.hash[hash_gfn(sp.gfn)].retain(|&x| x != id);
-            self.free_ids.push(id.0);
+        let mut cur = invalid.head;
+        while let Some(id) = cur {
+            let Some(sp) = self.sp(id) else { break };
+            cur = sp.next;
+            let gfn = sp.gfn;
+            self.hash_del(id, gfn);
+            if let Some(slot) = self.sps.get_mut(id.0 as usize) {
+                *slot = None;
+            }
+            // The top-up keeps the free list's capacity at least the arena's.
+            if self.free_ids.len() < self.free_ids.capacity() {
+                self.free_ids.push(id.0);
+            }
         }
+    }
+
+    /// Runs `f` with a fresh [`ZapList`], then commits it (also when `f` failed).
+    fn zapping(
+        &mut self,
+        f: impl FnOnce(&mut Self, &mut ZapList) -> Result<(), ShadowError>,
+    ) -> Result<(), ShadowError> {
+        let mut invalid = ZapList::new();
+        let r = f(self, &mut invalid);
+        self.commit_zap(invalid);
+        r
     }
 
     /// Prepare-zap and commit one page.
     pub fn zap_page(&mut self, id: SpId) -> Result<(), ShadowError> {
-        let mut invalid = Vec::new();
-        self.prepare_zap(id, &mut invalid)?;
-        self.commit_zap(invalid);
-        Ok(())
+        self.zapping(|m, invalid| m.prepare_zap(id, invalid))
     }
 
     /// `kvm_mmu_zap_all`.
     pub fn zap_all(&mut self) -> Result<(), ShadowError> {
-        let mut invalid = Vec::new();
-        while let Some((_, &id)) = self.active.iter().next() {
-            self.prepare_zap(id, &mut invalid)?;
-        }
-        self.commit_zap(invalid);
-        Ok(())
+        self.zapping(|m, invalid| {
+            while let Some(id) = m.active_tail {
+                m.prepare_zap(id, invalid)?;
+            }
+            Ok(())
+        })
     }
 
     /// `kvm_mmu_zap_all_fast`: flip the generation, then zap obsolete pages from the
     /// tail, stopping at the first current one. vCPUs reload their roots.
     pub fn zap_all_fast(&mut self) -> Result<(), ShadowError> {
         self.mmu_valid_gen ^= 1;
-        let mut invalid = Vec::new();
-        while let Some((_, &id)) = self.active.iter().next() {
-            let sp = self.sp_ok(id)?;
-            if sp.mmu_valid_gen == self.mmu_valid_gen {
-                break;
+        self.zapping(|m, invalid| {
+            while let Some(id) = m.active_tail {
+                if m.sp_ok(id)?.mmu_valid_gen == m.mmu_valid_gen {
+                    break;
+                }
+                m.prepare_zap(id, invalid)?;
             }
-            self.prepare_zap(id, &mut invalid)?;
-        }
-        self.commit_zap(invalid);
-        Ok(())
+            Ok(())
+        })
     }
 
     /// `make_mmu_pages_available`: evict the oldest unpinned pages when fewer than
@@ -1330,21 +1823,16 @@ impl ShadowMmu {
         if avail(self) >= MIN_FREE_MMU_PAGES {
             return Ok(());
         }
-        let mut invalid = Vec::new();
-        loop {
-            if avail(self) >= REFILL_PAGES {
-                break;
+        self.zapping(|m, invalid| {
+            while avail(m) < REFILL_PAGES {
+                let Some(v) = m.oldest_active_where(|s| s.root_count == 0) else {
+                    break;
+                };
+                m.prepare_zap(v, invalid)?;
+                m.stats.evicted += 1;
             }
-            let victim = self
-                .active
-                .values()
-                .copied()
-                .find(|&id| self.sp(id).is_some_and(|s| s.root_count == 0));
-            let Some(v) = victim else { break };
-            self.prepare_zap(v, &mut invalid)?;
-            self.stats.evicted += 1;
-        }
-        self.commit_zap(invalid);
+            Ok(())
+        })?;
         if avail(self) == 0 {
             return Err(ShadowError::NoSpace);
         }
@@ -1448,70 +1936,72 @@ impl ShadowMmu {
             .map(|v| v.mode)
     }
 
-    /// `mmu_sync_children`: write-protect, then resync every unsync descendant.
+    /// `mmu_sync_children`: write-protect, then resync every unsync descendant, a
+    /// batch at a time (KVM's `kvm_mmu_pages`).
     pub fn sync_children(&mut self, id: SpId) -> Result<(), ShadowError> {
-        let mut desc = Vec::new();
-        self.unsync_descendants(id, &mut desc);
-        desc.sort_unstable();
-        desc.dedup();
-        for &d in &desc {
-            let gfn = self.sp_ok(d)?.gfn;
-            self.sp_mut(d)?.unsync = false;
-            self.write_protect_gfn(gfn, true)?;
-        }
-        let mut invalid = Vec::new();
-        for d in desc {
-            if self.sp(d).is_none_or(|s| s.role.invalid() != 0) {
-                continue;
-            }
-            if !self.sync_page(d)? {
-                self.prepare_zap(d, &mut invalid)?;
-                continue;
-            }
-            for (p, i) in self.parents(d)? {
-                self.clear_unsync_child_bit(p, i)?;
-            }
-        }
-        self.commit_zap(invalid);
+        self.zapping(|m, invalid| m.sync_children_batches(id, invalid))?;
         // Stale-high bits of pages with no unsync descendant left are cleared lazily.
-        self.clear_stale_bits(id)?;
-        Ok(())
+        self.clear_stale_bits(id)
     }
 
-    fn clear_stale_bits(&mut self, id: SpId) -> Result<(), ShadowError> {
+    fn sync_children_batches(
+        &mut self,
+        id: SpId,
+        invalid: &mut ZapList,
+    ) -> Result<(), ShadowError> {
+        loop {
+            let mut batch = Batch::new();
+            self.collect_unsync(id, &mut batch);
+            if batch.len == 0 {
+                return Ok(());
+            }
+            let len = batch.len;
+            if let Some(ids) = batch.ids.get_mut(..len) {
+                ids.sort_unstable();
+            }
+            // Every page of the batch leaves the unsync state here, synced or zapped
+            // below: the next walk finds fewer.
+            for &d in batch.as_slice() {
+                let gfn = self.sp_ok(d)?.gfn;
+                self.sp_mut(d)?.unsync = false;
+                self.write_protect_gfn(gfn, true)?;
+            }
+            for &d in batch.as_slice() {
+                if self.sp(d).is_none_or(|s| s.role.invalid() != 0) {
+                    continue;
+                }
+                if !self.sync_page(d)? {
+                    self.prepare_zap(d, invalid)?;
+                    continue;
+                }
+                self.for_each_parent(d, |p, i| self.clear_unsync_child_bit(p, i))?;
+            }
+        }
+    }
+
+    fn clear_stale_bits(&self, id: SpId) -> Result<(), ShadowError> {
         let Some(sp) = self.sp(id) else {
             return Ok(());
         };
-        if sp.unsync_children == 0 {
+        if sp.unsync_children() == 0 {
             return Ok(());
         }
-        let mut clear = Vec::new();
-        let mut children = Vec::new();
         for i in 0..SPTES_PER_PAGE {
             if !sp.test_child_bit(i) {
                 continue;
             }
             let s = sp.spte(i);
             if !s.is_shadow_present() || sp.is_level_leaf(i) {
-                clear.push(i);
+                sp.clear_child_bit(i);
                 continue;
             }
-            children.push((i, SpId(s.pfn() as u32)));
-        }
-        for (i, c) in children {
+            let c = SpId(s.pfn() as u32);
             self.clear_stale_bits(c)?;
             if self
                 .sp(c)
-                .is_some_and(|cp| !cp.unsync && cp.unsync_children == 0)
+                .is_some_and(|cp| !cp.unsync && cp.unsync_children() == 0)
             {
-                clear.push(i);
-            }
-        }
-        let sp = self.sp_mut(id)?;
-        for i in clear {
-            if sp.test_child_bit(i) {
-                sp.unsync_child_bitmap[i / 64] &= !(1 << (i % 64));
-                sp.unsync_children = sp.unsync_children.saturating_sub(1);
+                sp.clear_child_bit(i);
             }
         }
         Ok(())
@@ -1628,28 +2118,52 @@ impl ShadowMmu {
     }
 
     fn free_obsolete_prev_roots(&mut self, v: usize) -> Result<(), ShadowError> {
-        let prev = std::mem::take(&mut self.vcpus[v].prev_roots);
-        let mut keep = Vec::new();
-        for (pgd, r) in prev {
-            if self.root_valid(r) {
-                keep.push((pgd, r));
-            } else {
-                self.put_root(r)?;
+        self.put_prev_roots_where(v, |m, r| !m.root_valid(r))
+    }
+
+    /// Drops (in place, in order) the previous roots of vCPU `v` for which `pred` holds.
+    fn put_prev_roots_where(
+        &mut self,
+        v: usize,
+        pred: impl Fn(&Self, SpId) -> bool,
+    ) -> Result<(), ShadowError> {
+        let mut k = 0;
+        loop {
+            let vc = self.vcpus.get_mut(v).ok_or(ShadowError::NoVcpu(v))?;
+            let Some(&(_, r)) = vc.prev_roots.get(k) else {
+                return Ok(());
+            };
+            if !pred(self, r) {
+                k += 1;
+                continue;
             }
+            self.vcpus[v].prev_roots.remove(k);
+            self.put_root(r)?;
         }
-        self.vcpus[v].prev_roots = keep;
-        Ok(())
     }
 
     /// Unloads every root of vCPU `v` (`kvm_mmu_unload`).
     pub fn unload(&mut self, v: usize) -> Result<(), ShadowError> {
-        let vc = self.vcpus.get_mut(v).ok_or(ShadowError::NoVcpu(v))?;
-        let mut roots: Vec<SpId> = vc.prev_roots.drain(..).map(|(_, r)| r).collect();
-        roots.extend(vc.root.take());
-        for r in roots {
+        self.put_prev_roots_where(v, |_, _| true)?;
+        if let Some(r) = self.vcpus[v].root.take() {
             self.put_root(r)?;
         }
         self.put_pae_roots(v)
+    }
+
+    /// Room for the previous roots of vCPU `v` plus the current one, reserved before a
+    /// root switch changes anything.
+    fn reserve_prev_roots(&mut self, v: usize) -> Result<(), ShadowError> {
+        let pr = &mut self
+            .vcpus
+            .get_mut(v)
+            .ok_or(ShadowError::NoVcpu(v))?
+            .prev_roots;
+        if pr.capacity() < NUM_PREV_ROOTS + 1 {
+            let more = (NUM_PREV_ROOTS + 1).saturating_sub(pr.len());
+            pr.try_reserve_exact(more).map_err(oom)?;
+        }
+        Ok(())
     }
 
     /// A CPU state change of vCPU `v` (CR0/CR4/EFER writes, CR3 load, PKRU/PKRS, A20,
@@ -1659,6 +2173,9 @@ impl ShadowMmu {
     /// (no PCID: every CR3 load flushes).
     pub fn set_mode(&mut self, v: usize, mode: CpuMode) -> Result<(), ShadowError> {
         let old = self.vcpus.get(v).ok_or(ShadowError::NoVcpu(v))?.mode;
+        // Everything a root switch may allocate, before anything changes.
+        self.reserve_prev_roots(v)?;
+        self.mmu_topup_memory_caches()?;
         let (or, nr) = (old.role(), mode.role());
         if or.maxphyaddr != nr.maxphyaddr
             || or.cr4_pse != nr.cr4_pse
@@ -1710,41 +2227,41 @@ impl ShadowMmu {
         let pgd = mode.cr3 & PT64_ADDR_MASK;
         let role = root_role(&mode);
         let cur = self.vcpus[v].root.take();
-        let mut prev = std::mem::take(&mut self.vcpus[v].prev_roots);
         if let Some(r) = cur {
-            prev.insert(0, (old_pgd, r));
+            // Within the room `set_mode` reserved (at most NUM_PREV_ROOTS + 1 entries).
+            self.vcpus[v].prev_roots.insert(0, (old_pgd, r));
         }
-        let hit = prev.iter().position(|&(p, r)| {
+        let hit = self.vcpus[v].prev_roots.iter().position(|&(p, r)| {
             p == pgd
                 && self
                     .sp(r)
                     .is_some_and(|s| s.role == role && !self.is_obsolete(s))
         });
         if let Some(k) = hit {
-            let (_, r) = prev.remove(k);
+            let (_, r) = self.vcpus[v].prev_roots.remove(k);
             self.vcpus[v].root = Some(r);
             self.stats.prev_root_hits += 1;
             if let Ok(sp) = self.sp_mut(r) {
                 sp.write_flooding_count = 0;
             }
         }
-        while prev.len() > NUM_PREV_ROOTS {
-            if let Some((_, r)) = prev.pop() {
+        while self.vcpus[v].prev_roots.len() > NUM_PREV_ROOTS {
+            if let Some((_, r)) = self.vcpus[v].prev_roots.pop() {
                 self.put_root(r)?;
             }
         }
-        self.vcpus[v].prev_roots = prev;
         self.sync_roots(v)
     }
 
     /// `kvm_mmu_sync_roots` (KVM_REQ_MMU_SYNC): sync everything reachable from the
     /// current root.
     pub fn sync_roots(&mut self, v: usize) -> Result<(), ShadowError> {
-        let mut roots: Vec<SpId> = self.load_root(v)?.into_iter().collect();
-        roots.extend(self.vcpus[v].pae_root.iter().flatten());
-        for r in roots {
+        self.mmu_topup_memory_caches()?;
+        let root = self.load_root(v)?;
+        let pae = self.vcpus[v].pae_root;
+        for r in root.into_iter().chain(pae.into_iter().flatten()) {
             let sp = self.sp_ok(r)?;
-            if sp.unsync || sp.unsync_children > 0 {
+            if sp.unsync || sp.unsync_children() > 0 {
                 self.sync_children(r)?;
             }
         }
@@ -1755,23 +2272,7 @@ impl ShadowMmu {
     /// unsync previous roots.
     pub fn flush_tlb_guest(&mut self, v: usize) -> Result<(), ShadowError> {
         self.sync_roots(v)?;
-        let prev = std::mem::take(
-            &mut self
-                .vcpus
-                .get_mut(v)
-                .ok_or(ShadowError::NoVcpu(v))?
-                .prev_roots,
-        );
-        let mut keep = Vec::new();
-        for (pgd, r) in prev {
-            if self.sp(r).is_some_and(|s| s.unsync_children > 0) {
-                self.put_root(r)?;
-            } else {
-                keep.push((pgd, r));
-            }
-        }
-        self.vcpus[v].prev_roots = keep;
-        Ok(())
+        self.put_prev_roots_where(v, |m, r| m.sp(r).is_some_and(|s| s.unsync_children() > 0))
     }
 
     /// Invariant 20's measure: unsync pages reachable from vCPU `v`'s current root, and
@@ -1798,7 +2299,7 @@ impl ShadowMmu {
         let prev = vc
             .prev_roots
             .iter()
-            .filter(|(_, r)| self.sp(*r).is_some_and(|s| s.unsync_children > 0))
+            .filter(|(_, r)| self.sp(*r).is_some_and(|s| s.unsync_children() > 0))
             .count();
         Ok((n, prev))
     }
@@ -1809,9 +2310,14 @@ impl ShadowMmu {
         let vc = self.vcpus.get(v).ok_or(ShadowError::NoVcpu(v))?;
         let mode = vc.mode;
         let gva = linear(&mode, gva);
-        let mut roots: Vec<SpId> = vc.prev_roots.iter().map(|&(_, r)| r).collect();
-        roots.extend(Self::walk_root(vc, gva));
-        for r in roots {
+        // The previous roots and the current one, on the stack (the sync below changes
+        // no root).
+        let mut roots = [None; NUM_PREV_ROOTS];
+        for (slot, &(_, r)) in roots.iter_mut().zip(&vc.prev_roots) {
+            *slot = Some(r);
+        }
+        let cur = Self::walk_root(vc, gva);
+        for r in roots.into_iter().flatten().chain(cur) {
             let mut id = r;
             while let Some(sp) = self.sp(id) {
                 if self.is_obsolete(sp) {
@@ -1825,7 +2331,7 @@ impl ShadowMmu {
                     }
                     break;
                 }
-                if sp.unsync_children == 0 {
+                if sp.unsync_children() == 0 {
                     break;
                 }
                 let s = sp.spte(i);
@@ -1957,7 +2463,7 @@ impl ShadowMmu {
     ) -> Result<AccessOutcome, ShadowError> {
         let pool = self.pool.clone();
         let mut cache = DescCache::new(&pool);
-        cache.reserve(FAULT_DESC_TOPUP)?;
+        cache.reserve(FAULT_DESC_TOPUP).map_err(oom)?;
         self.access_with_cache(&mut cache, v, gva, access)
     }
 
@@ -1985,9 +2491,12 @@ impl ShadowMmu {
             return Ok(AccessOutcome::Mmio(gpa));
         }
         for _ in 0..MAX_FAULT_RETRIES {
+            // mmu_topup_memory_caches: descriptors and shadow pages for the worst case
+            // of one fault attempt, before it changes anything.
             if cache.credits() < FAULT_DESC_TOPUP {
-                cache.reserve(FAULT_DESC_TOPUP)?;
+                cache.reserve(FAULT_DESC_TOPUP).map_err(oom)?;
             }
+            self.mmu_topup_memory_caches()?;
             match self.page_fault(cache, v, gva, access)? {
                 FaultResult::Done(AccessOutcome::Fixed(gpa)) => {
                     // The installed SPTE must now translate the access.
@@ -2111,9 +2620,12 @@ impl ShadowMmu {
         let Some(reads) = w.reads.get(w.reads.len().saturating_sub(n)..) else {
             return Ok(FaultResult::Retry);
         };
-        let reads = reads.to_vec();
-        // The gptes as they are now (after this walk's A/D update), for the re-checks.
-        let snap: Vec<Option<u64>> = reads.iter().map(|e| self.read_gpte(e.gpa.0)).collect();
+        // The gptes as they are now (after this walk's A/D update), for the re-checks
+        // (at most one per level).
+        let mut snap = [None; 6];
+        for (x, e) in snap.iter_mut().zip(reads) {
+            *x = self.read_gpte(e.gpa.0);
+        }
         let gfn = t.gpa.gfn();
         let write = access.contains(Access::WRITE);
         let user = access.contains(Access::USER);
@@ -2345,14 +2857,29 @@ impl ShadowMmu {
             return Ok(());
         }
         self.stats.emulated_writes += 1;
+        self.zapping(|m, invalid| m.track_write_pages(gpa, bytes, invalid))
+    }
+
+    /// The body of [`track_write`](Self::track_write): every shadow page of the gfn
+    /// (the hash chain, in place: zapped pages stay hashed until the commit).
+    fn track_write_pages(
+        &mut self,
+        gpa: u64,
+        bytes: u32,
+        invalid: &mut ZapList,
+    ) -> Result<(), ShadowError> {
         let gfn = gpa >> 12;
-        let mut invalid = Vec::new();
-        for id in self.gfn_sps(gfn) {
+        let mut cur = self.hash_first(gfn);
+        while let Some(id) = cur {
             let sp = self.sp_ok(id)?;
+            cur = sp.hash_next;
+            if sp.gfn != gfn || !sp.role.has_gptes() || self.is_obsolete(sp) {
+                continue;
+            }
             let role = sp.role;
             if detect_write_misaligned(role, gpa, bytes) {
                 self.stats.misaligned += 1;
-                self.prepare_zap(id, &mut invalid)?;
+                self.prepare_zap(id, invalid)?;
                 continue;
             }
             if role.level() > 1 {
@@ -2360,7 +2887,7 @@ impl ShadowMmu {
                 sp.write_flooding_count = sp.write_flooding_count.saturating_add(1);
                 if sp.write_flooding_count >= FLOOD_THRESHOLD {
                     self.stats.flooded += 1;
-                    self.prepare_zap(id, &mut invalid)?;
+                    self.prepare_zap(id, invalid)?;
                     continue;
                 }
             }
@@ -2374,21 +2901,20 @@ impl ShadowMmu {
                 }
             }
         }
-        self.commit_zap(invalid);
         Ok(())
     }
 
     /// Whether some shadow-present SPTE maps `gfn` writable.
     pub fn gfn_mapped_writable(&self, gfn: u64) -> Result<bool, ShadowError> {
+        let mut writable = false;
         for level in 1..=3 {
-            for h in self.rmap_entries(gfn, level)? {
-                let (id, i) = decode_handle(h);
-                if self.spte(id, i).is_some_and(|s| s.is_writable()) {
-                    return Ok(true);
-                }
-            }
+            self.for_each_rmap_spte(gfn, level, |h, sp| {
+                let (_, i) = decode_handle(h);
+                writable |= sp.is_some_and(|sp| sp.spte(i).is_writable());
+                Ok(())
+            })?;
         }
-        Ok(false)
+        Ok(writable)
     }
 
     /// A guest 8-byte store to guest memory routed as the shadow MMU's SPTEs would
@@ -2443,7 +2969,9 @@ impl ShadowMmu {
         };
         let lo = start.max(s.slot.base_gfn().0);
         let hi = end.min(s.slot.end_gfn().0);
-        let mut zapped = Vec::new();
+        // Each SPTE is cleared as its entry comes off the rmap (in place).
+        let sps = &self.sps;
+        let mut zapped = 0u64;
         for level in 1..=3u32 {
             if lo >= hi {
                 break;
@@ -2454,22 +2982,22 @@ impl ShadowMmu {
                 let gg = g.max(lo);
                 if let Some(head) = s.rmap_head(gg, level) {
                     if head.load().bits() != 0 {
-                        head.lock().destroy(&self.pool, |h| zapped.push(h))?;
+                        head.lock().destroy(&self.pool, |h| {
+                            let (id, i) = decode_handle(h);
+                            if let Some(sp) = sps.get(id.0 as usize).and_then(Option::as_ref) {
+                                sp.set_spte(i, Spte::NONPRESENT);
+                            }
+                            zapped += 1;
+                        })?;
                     }
                 }
                 g += 1 << sh;
             }
         }
-        for &h in &zapped {
-            let (id, i) = decode_handle(h);
-            if let Some(sp) = self.sp(id) {
-                sp.set_spte(i, Spte::NONPRESENT);
-            }
-        }
-        if !zapped.is_empty() {
+        if zapped != 0 {
             self.stats.tlb_flushes += 1;
         }
-        Ok(zapped.len() as u64)
+        Ok(zapped)
     }
 
     fn age_range(&self, slot: SlotId, start: u64, end: u64, clear: bool) -> bool {
@@ -2546,7 +3074,8 @@ impl ShadowMmu {
         };
         let memslot = s.slot.clone();
         let words = memslot.npages().div_ceil(64) as usize;
-        let mut out = Vec::with_capacity(words);
+        let mut out = Vec::new();
+        out.try_reserve_exact(words).map_err(oom)?;
         for w in 0..words {
             let bits = memslot.take_dirty_word(w);
             out.push(bits);
@@ -2585,15 +3114,16 @@ impl ShadowMmu {
             let b = bits.trailing_zeros() as u64;
             bits &= bits - 1;
             let gfn = slot.base_gfn().0 + (w as u64) * 64 + b;
-            for h in self.rmap_entries(gfn, 1)? {
-                let (id, i) = decode_handle(h);
-                if let Some(sp) = self.sp(id) {
+            self.for_each_rmap_spte(gfn, 1, |h, sp| {
+                let (_, i) = decode_handle(h);
+                if let Some(sp) = sp {
                     let x = sp.spte(i);
                     if x.is_writable() {
                         sp.set_spte(i, Spte(x.0 & !Spte::WRITABLE));
                     }
                 }
-            }
+                Ok(())
+            })?;
         }
         Ok(())
     }
@@ -2627,6 +3157,41 @@ fn violation(rule: u8, detail: String) -> Violation {
 }
 
 impl ShadowMmu {
+    /// The ids on `active_mmu_pages` (checker only), after checking its links: each
+    /// page once, `prev` mirroring `next`, the tail at the end.
+    fn active_list(&self) -> Result<std::collections::HashSet<u32>, String> {
+        let mut seen = std::collections::HashSet::new();
+        let (mut cur, mut prev) = (self.active_head, None);
+        while let Some(id) = cur {
+            let sp = self
+                .sp(id)
+                .ok_or(format!("active list names dead {id:?}"))?;
+            if !seen.insert(id.0) || sp.prev != prev || sp.on != OnList::Active {
+                return Err(format!("active list broken at {id:?}"));
+            }
+            prev = Some(id);
+            cur = sp.next;
+        }
+        if self.active_tail != prev {
+            return Err("active list tail is not its last page".into());
+        }
+        Ok(seen)
+    }
+
+    /// The hash chain of `gfn`'s bucket (checker only).
+    fn hash_chain(&self, gfn: u64) -> Vec<SpId> {
+        let mut v = Vec::new();
+        let mut cur = self.hash_first(gfn);
+        while let Some(id) = cur {
+            if v.contains(&id) || v.len() > self.sps.len() {
+                break; // a cycle: the caller reports the page missing
+            }
+            v.push(id);
+            cur = self.sp(id).and_then(|s| s.hash_next);
+        }
+        v
+    }
+
     /// Checks the invariants of the reference's section 8 that hold whenever
     /// `mmu_lock` is not held (1-5, 8, 10-13, 15, 17, 18, 22's host side, and the
     /// pte_list shape). Returns the number of leaf SPTEs checked.
@@ -2671,6 +3236,7 @@ impl ShadowMmu {
             }
         }
         let mut writable_gfns = HashSet::new();
+        let active = self.active_list().map_err(|e| violation(5, e))?;
         for id in self.live_ids() {
             let Some(sp) = self.sp(id) else { continue };
             let rc = root_refs.get(&id.0).copied().unwrap_or(0);
@@ -2684,7 +3250,7 @@ impl ShadowMmu {
                 if sp.root_count == 0 {
                     return Err(violation(6, format!("{id:?} invalid, unpinned, not freed")));
                 }
-                if self.active.get(&sp.seq) == Some(&id) {
+                if sp.on == OnList::Active || active.contains(&id.0) {
                     return Err(violation(6, format!("{id:?} invalid on active list")));
                 }
                 for i in 0..SPTES_PER_PAGE {
@@ -2695,7 +3261,10 @@ impl ShadowMmu {
                 continue;
             }
             used += 1;
-            if self.active.get(&sp.seq) != Some(&id) || !self.hash[hash_gfn(sp.gfn)].contains(&id) {
+            if sp.on != OnList::Active
+                || !active.contains(&id.0)
+                || !self.hash_chain(sp.gfn).contains(&id)
+            {
                 return Err(violation(5, format!("{id:?} not hashed or not active")));
             }
             if !self.is_obsolete(sp) {
@@ -2717,15 +3286,15 @@ impl ShadowMmu {
                     format!("{id:?} unsync at level {}", sp.role.level()),
                 ));
             }
-            if sp.unsync || sp.unsync_children > 0 {
+            if sp.unsync || sp.unsync_children() > 0 {
                 for (p, i) in self.parents(id).map_err(|e| violation(2, e.to_string()))? {
                     if self.sp(p).is_none_or(|pp| !pp.test_child_bit(i)) {
                         return Err(violation(18, format!("{p:?}[{i}] lacks the unsync bit")));
                     }
                 }
             }
-            let bits: u32 = sp.unsync_child_bitmap.iter().map(|w| w.count_ones()).sum();
-            if sp.unsync_children < bits {
+            let bits = sp.unsync_bits_set();
+            if sp.unsync_children() < bits {
                 return Err(violation(18, format!("{id:?} unsync_children stale-low")));
             }
             let level = sp.role.level();

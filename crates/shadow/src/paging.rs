@@ -412,6 +412,9 @@ pub enum MemoryError {
     /// The address is not aligned to the access size.
     #[error("misaligned guest access at gpa {0:#x}")]
     Misaligned(u64),
+    /// A page of the model's memory (or a walk's record) could not be allocated.
+    #[error("out of memory")]
+    NoMemory,
 }
 
 /// Guest-physical memory as the walker sees it: aligned little-endian loads and atomic
@@ -488,11 +491,17 @@ impl SparseMemory {
     /// Stores the aligned u64 at `gpa` (a plain guest store).
     pub fn write_u64(&mut self, gpa: Gpa, val: u64) -> Result<(), MemoryError> {
         self.check(gpa, 8)?;
-        let page = self
-            .pages
-            .entry(gpa.0 >> 12)
-            .or_insert_with(|| Box::new([0; 512]));
-        page[((gpa.0 >> 3) & 511) as usize] = val;
+        let gfn = gpa.0 >> 12;
+        if !self.pages.contains_key(&gfn) {
+            self.pages
+                .try_reserve(1)
+                .map_err(|_| MemoryError::NoMemory)?;
+            let page = revmap_rmap::error::try_box([0; 512]).map_err(|_| MemoryError::NoMemory)?;
+            self.pages.insert(gfn, page);
+        }
+        if let Some(page) = self.pages.get_mut(&gfn) {
+            page[((gpa.0 >> 3) & 511) as usize] = val;
+        }
         Ok(())
     }
 
@@ -835,7 +844,7 @@ pub fn walk<M: GuestPhysMemory + ?Sized>(
     access: Access,
 ) -> Result<Walk, WalkError> {
     let mut w = Walk {
-        reads: Vec::with_capacity(5),
+        reads: Vec::new(),
         ad_writes: Vec::new(),
         restarts: 0,
         outcome: Err(PageFault {
@@ -844,6 +853,8 @@ pub fn walk<M: GuestPhysMemory + ?Sized>(
         }),
     };
     loop {
+        // Room for one pass's reads (at most five levels), reserved before it.
+        w.reads.try_reserve(5).map_err(|_| MemoryError::NoMemory)?;
         match walk_once(mem, mode, gva, access, &mut w)? {
             Some(outcome) => {
                 w.outcome = outcome;
@@ -992,6 +1003,10 @@ fn walk_once<M: GuestPhysMemory + ?Sized>(
         if new == e.value {
             continue;
         }
+        // Room for the record before the entry is written.
+        w.ad_writes
+            .try_reserve(1)
+            .map_err(|_| MemoryError::NoMemory)?;
         let ok = if four {
             mem.cmpxchg_u32(e.gpa, e.value as u32, new as u32)?.is_ok()
         } else {

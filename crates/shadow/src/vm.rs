@@ -15,20 +15,24 @@
 //!   the in-progress count) before installing the SPTE, retrying on a change.
 //! * Order: the slot-set writer lock (lifecycle) -> `mmu_lock` -> rmap bit locks.
 
-use crate::mmu::{AccessOutcome, ShadowError, ShadowMmu, FAULT_DESC_TOPUP};
+use crate::mmu::{AccessOutcome, ShadowError, ShadowMmu, SlotArch, FAULT_DESC_TOPUP};
 use crate::paging::{Access, CpuMode};
 use revmap_host::lifecycle::{self, MemslotArch, MemslotChange};
 use revmap_host::slots::SlotSet;
 use revmap_host::{HostMmu, Memslot, MemslotError, MemslotFlags, Memslots, SlotView};
 use revmap_rmap::pte_list::DescCache;
-use revmap_rmap::sync::{read, write, yield_now, RwLock};
-use revmap_rmap::{Gfn, Hva, SlotId, PAGE_SHIFT};
+use revmap_rmap::sync::{lock, read, write, yield_now, Mutex, RwLock};
+use revmap_rmap::{Gfn, Hva, RmapError, SlotId, PAGE_SHIFT};
 
 /// A VM on the shadow MMU.
 #[derive(Debug)]
 pub struct ShadowVm {
     slots: SlotSet,
     mmu_lock: RwLock<ShadowMmu>,
+    /// The x86 arrays of the slot being created, allocated by
+    /// [`create_memslot`](Self::create_memslot) before the host layer publishes it (its
+    /// commit hook cannot fail).
+    prepared: Mutex<Option<SlotArch>>,
 }
 
 impl Default for ShadowVm {
@@ -40,9 +44,20 @@ impl Default for ShadowVm {
 impl ShadowVm {
     /// A VM with no memslots and no vCPUs.
     pub fn new() -> Self {
+        Self::with_state(ShadowMmu::new())
+    }
+
+    /// [`new`](Self::new) with the MMU's allocations fallible (`KVM_CREATE_VM` failing
+    /// with `-ENOMEM`).
+    pub fn try_new() -> Result<Self, ShadowError> {
+        Ok(Self::with_state(ShadowMmu::try_new()?))
+    }
+
+    fn with_state(mmu: ShadowMmu) -> Self {
         Self {
             slots: SlotSet::new(Memslots::new()),
-            mmu_lock: RwLock::new(ShadowMmu::new()),
+            mmu_lock: RwLock::new(mmu),
+            prepared: Mutex::new(None),
         }
     }
 
@@ -61,10 +76,18 @@ impl ShadowVm {
         self.with_mmu(|m| m.add_vcpu(mode))
     }
 
+    /// [`add_vcpu`](Self::add_vcpu) with its allocations fallible.
+    pub fn try_add_vcpu(&self, mode: CpuMode) -> Result<usize, ShadowError> {
+        self.with_mmu(|m| m.try_add_vcpu(mode))
+    }
+
     /// A guest access by vCPU `v` (a shadow hit or a shadow page fault).
     /// A shadow hit is served under the read lock (the hardware's walk of the shadow
     /// table); a miss tops up the rmap descriptor cache *before* taking `mmu_lock` for
-    /// write (`mmu_topup_memory_caches`), then faults.
+    /// write (`mmu_topup_memory_caches`), then faults; the fault tops up the per-VM
+    /// shadow-page caches before it changes anything
+    /// ([`ShadowMmu::mmu_topup_memory_caches`]). Out of memory is
+    /// [`ShadowError::NoMemory`] with nothing changed (KVM's `-ENOMEM`: the vCPU exits).
     ///
     /// A fault that must back off ([`AccessOutcome::Retry`], e.g. during an
     /// MMU-notifier invalidation) drops the lock, yields and re-executes, as the guest
@@ -97,9 +120,21 @@ impl ShadowVm {
         self.with_mmu_read(|m| m.check())
     }
 
-    /// KVM_MR_CREATE through the host layer's lifecycle.
+    /// KVM_MR_CREATE through the host layer's lifecycle. The slot's x86 arrays are
+    /// allocated first (`kvm_arch_prepare_memory_region`): out of memory is
+    /// [`MemslotError::Alloc`] before anything is published.
     pub fn create_memslot(&self, slot: Memslot) -> Result<(), MemslotError> {
-        lifecycle::create_memslot(&self.slots, self, slot)
+        let arch = self
+            .with_mmu(|m| m.prepare_memslot(slot.clone()))
+            .map_err(|e| match e {
+                ShadowError::Pool(r) => MemslotError::Alloc(r),
+                _ => MemslotError::Alloc(RmapError::Alloc { bytes: 0 }),
+            })?;
+        *lock(&self.prepared) = Some(arch);
+        let r = lifecycle::create_memslot(&self.slots, self, slot);
+        // Unused if the host layer refused the slot.
+        lock(&self.prepared).take();
+        r
     }
 
     /// KVM_MR_DELETE.
@@ -157,7 +192,13 @@ impl MemslotArch for ShadowVm {
     fn commit_memory_region(&self, change: MemslotChange<'_>) {
         self.with_mmu(|m| {
             let _ = match change {
-                MemslotChange::Create(s) => m.add_memslot(s.clone()),
+                MemslotChange::Create(s) => match lock(&self.prepared).take() {
+                    Some(mut a) if a.slot.same_data(s) => {
+                        a.slot = s.clone();
+                        m.add_prepared_memslot(a)
+                    }
+                    _ => m.add_memslot(s.clone()),
+                },
                 MemslotChange::Delete(s) => m.remove_memslot(s.id()).map(|_| ()),
                 // x86 reallocates the arch arrays for a moved slot.
                 MemslotChange::Move(s) => m
@@ -178,11 +219,9 @@ impl HostMmu for ShadowVm {
     fn invalidate_range_start(&self, start: Hva, end: Hva) {
         self.with_mmu(|m| {
             m.invalidate.begin();
-            let mut ranges = Vec::new();
-            self.for_each_slot_range(start, end, |s, lo, hi| ranges.push((s.id(), lo, hi)));
-            for (id, lo, hi) in ranges {
-                let _ = m.unmap_gfn_range(id, lo.0, hi.0);
-            }
+            self.for_each_slot_range(start, end, |s, lo, hi| {
+                let _ = m.unmap_gfn_range(s.id(), lo.0, hi.0);
+            });
         });
     }
 
@@ -240,9 +279,12 @@ impl HostMmu for ShadowVm {
                     .find(|s| s.id() == slot)
                     .cloned()
                     .ok_or(ShadowError::NoSlot(u64::from(slot.0)))?;
-                Ok((0..s.npages().div_ceil(64) as usize)
-                    .map(|w| s.dirty_word(w))
-                    .collect())
+                let words = s.npages().div_ceil(64) as usize;
+                let mut out = Vec::new();
+                out.try_reserve_exact(words)
+                    .map_err(|_| ShadowError::NoMemory)?;
+                out.extend((0..words).map(|w| s.dirty_word(w)));
+                Ok(out)
             } else {
                 m.get_dirty_log(slot)
             }
