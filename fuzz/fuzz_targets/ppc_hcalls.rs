@@ -21,17 +21,9 @@ const ORDER: u32 = 18;
 /// At most this many steps per input (keeps an execution short).
 const MAX_STEPS: usize = 256;
 
-const OPS: [u64; 9] = [
-    H_ENTER,
-    H_REMOVE,
-    H_READ,
-    H_PROTECT,
-    H_BULK_REMOVE,
-    H_CLEAR_REF,
-    H_CLEAR_MOD,
-    H_RESIZE_HPT_PREPARE,
-    H_RESIZE_HPT_COMMIT,
-];
+#[path = "../../crates/hpt/tests/common/hcalls.rs"]
+mod hcalls;
+use hcalls::{MMU_OPS, OPS};
 
 #[derive(Arbitrary, Debug)]
 struct Input {
@@ -126,7 +118,7 @@ fn regs_of(step: &Step) -> Option<(usize, u64, [u64; 8])> {
             vbits,
             avpn_raw,
         } => {
-            let op = OPS[usize::from(op) % 7];
+            let op = MMU_OPS[usize::from(op) % MMU_OPS.len()];
             let tag = u64::from(tag % 4);
             let (l, lpbits) = [
                 (0u64, 0u64),

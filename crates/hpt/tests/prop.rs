@@ -7,16 +7,11 @@ use revmap_hpt::hcall::*;
 use revmap_hpt::hpte::{HpteR, HpteV};
 use revmap_hpt::{Flavour, Vm, VmConfig};
 
-const OPS: [u64; 8] = [
-    H_ENTER,
-    H_REMOVE,
-    H_READ,
-    H_PROTECT,
-    H_BULK_REMOVE,
-    H_CLEAR_REF,
-    H_CLEAR_MOD,
-    H_RESIZE_HPT_PREPARE,
-];
+#[path = "common/hcalls.rs"]
+mod hcalls;
+
+/// The hypercalls drawn: all but H_RESIZE_HPT_COMMIT.
+const OPS: &[u64] = hcalls::OPS.split_at(8).0;
 
 fn small_vm(f: Flavour) -> Vm {
     Vm::new(VmConfig {
