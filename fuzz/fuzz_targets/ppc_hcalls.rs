@@ -23,7 +23,7 @@ const MAX_STEPS: usize = 256;
 
 #[path = "../../crates/hpt/tests/common/hcalls.rs"]
 mod hcalls;
-use hcalls::{MMU_OPS, OPS};
+use hcalls::{GuestHpte, MMU_OPS, OPS};
 
 #[derive(Arbitrary, Debug)]
 struct Input {
@@ -146,16 +146,22 @@ fn regs_of(step: &Step) -> Option<(usize, u64, [u64; 8])> {
             } else {
                 u64::from(ptex % 48)
             };
-            let pteh = (tag << 7) | l | vbits;
-            let ptel = (gfn.wrapping_shl(12) & HpteR::RPN & !0xff_f000) | lpbits | rbits;
+            let hpte = GuestHpte {
+                tag,
+                l,
+                lpbits,
+                gfn,
+                rbits,
+                vbits,
+            };
             a[0] = flags_of(flags);
             a[1] = ptex;
             a[2] = if op == H_ENTER || avpn_raw {
-                pteh
+                hpte.pteh()
             } else {
-                tag << 7 | (vbits & HpteV::BOLTED)
+                hpte.avpn()
             };
-            a[3] = ptel;
+            a[3] = hpte.ptel();
             Some((usize::from(vcpu % 3), op, a))
         }
         Step::Bulk {
