@@ -4,7 +4,7 @@
 
 use revmap_host::{Memslot, MemslotError, MemslotFlags};
 use revmap_rmap::{Gfn, Hva, SlotId};
-use revmap_shadow::paging::{Gpa, GuestPhysMemory, MemoryError, SparseMemory};
+use revmap_shadow::paging::{Cmpxchg, Gpa, GuestPhysMemory, MemoryError, SparseMemory};
 
 /// Host virtual address of slot 0.
 pub const HVA: u64 = 0x7f00_0000_0000;
@@ -42,10 +42,10 @@ impl GuestPhysMemory for Limited<'_> {
         self.check(gpa)?;
         self.0.read_u32(gpa)
     }
-    fn cmpxchg_u64(&mut self, g: Gpa, o: u64, n: u64) -> Result<Result<(), u64>, MemoryError> {
+    fn cmpxchg_u64(&mut self, g: Gpa, o: u64, n: u64) -> Cmpxchg<u64> {
         self.0.cmpxchg_u64(g, o, n)
     }
-    fn cmpxchg_u32(&mut self, g: Gpa, o: u32, n: u32) -> Result<Result<(), u32>, MemoryError> {
+    fn cmpxchg_u32(&mut self, g: Gpa, o: u32, n: u32) -> Cmpxchg<u32> {
         self.0.cmpxchg_u32(g, o, n)
     }
 }
