@@ -7,7 +7,7 @@
 //! re-creates its L2s; host actors (memory pressure, aging, the live-migration dirty-log
 //! loop of [`crate::actors`]) work on L1 memory through [`crate::host::HostMmu`]; the
 //! nested MMU's checker ([`revmap_nested::NestedVm::check`]) runs at quiescent points
-//! ([`run::run_nested`]) or after every step ([`det::run_nested_deterministic`]).
+//! ([`run::run_nested`]) or after every step ([`det::run_nested_deterministic_with`]).
 //!
 //! The hostile-L1 scenario ([`NestedScenario::hostile`]) maps one L1 page into
 //! thousands of (lpid, L2 address) pairs and invalidates each after one access, without
