@@ -11,12 +11,15 @@
 //! KVM L0's rules (`access::l1_translate`).
 #![no_main]
 
+#[path = "../../crates/nested/tests/common/mod.rs"]
+mod common;
+
 use arbitrary::Arbitrary;
+use common::{root, PATB, PTCR};
 use libfuzzer_sys::fuzz_target;
 use revmap_host::HostMmu;
-use revmap_nested::access::{l1_translate, L1Layout, L2Outcome};
 use revmap_nested::hcall::TlbieInstr;
-use revmap_nested::radix::{Access, Exit, PateDw0, RadixPde, RadixPte};
+use revmap_nested::radix::{Access, PateDw0, RadixPde, RadixPte};
 use revmap_nested::vm::{L2Result, NestedVm, NestedVmConfig, L1_RAM_HVA};
 use revmap_nested::NGpa;
 use revmap_rmap::{Gfn, Hva, SlotId};
@@ -28,16 +31,6 @@ const PAGES: u64 = 40;
 const SLOTS: u64 = 8;
 const MAX_STEPS: usize = 128;
 /// L1's partition-table register: table at 0x1_0000, size field 4.
-const PTCR: u64 = 0x1_0000 | 4;
-const PATB: u64 = 0x1_0000;
-
-const FLAGS: [u64; 5] = [
-    RadixPte::R | RadixPte::C | RadixPte::EAA_READ | RadixPte::EAA_RW | RadixPte::EAA_X,
-    RadixPte::R | RadixPte::EAA_READ,
-    RadixPte::EAA_READ | RadixPte::EAA_RW,
-    RadixPte::R | RadixPte::EAA_X,
-    RadixPte::R | RadixPte::EAA_READ | RadixPte::EAA_RW,
-];
 
 #[derive(Arbitrary, Debug)]
 struct Input {
@@ -67,10 +60,6 @@ enum Op {
 
 fn lpid_of(l: u8) -> u64 {
     1 + u64::from(l % 3)
-}
-
-fn root(lpid: u64) -> u64 {
-    0x10_0000 * (lpid + 1)
 }
 
 fn pte_addr(lpid: u64, k: u64) -> u64 {
@@ -119,22 +108,7 @@ fn invalidate_page(vm: &NestedVm, lpid: u64, k: u64) -> Result<(), String> {
 
 /// What L1's tables say, as the trace reference model computes it.
 fn expected(vm: &NestedVm, lpid: u64, n: u64, acc: Access) -> Option<L2Result> {
-    let layout = L1Layout {
-        ram_bytes: RAM,
-        l0_page_shift: 16,
-    };
-    let root = PateDw0::radix52(root(lpid), 13);
-    let n = NGpa::new(n)?;
-    Some(
-        match vm.with_l1_memory(|m| l1_translate(&*m, root, n, acc, layout)) {
-            L2Outcome::Complete(t) => L2Result::Ok {
-                l1gpa: t.raddr.0,
-                hpa: 0,
-            },
-            L2Outcome::Mmio(g) => L2Result::Mmio { l1gpa: g.0 },
-            L2Outcome::Exit(e @ (Exit::Hdsi { .. } | Exit::Hisi { .. })) => e.into(),
-        },
-    )
+    Some(common::l1_expected(vm, RAM, lpid, NGpa::new(n)?, acc))
 }
 
 /// An L2 access; compares with L1's tables when `oracle`.
@@ -175,7 +149,7 @@ fn step(vm: &NestedVm, shift: u32, op: Op, oracle: &mut bool) -> Result<(), Stri
             let (lpid, k) = (lpid_of(lpid), u64::from(k) % SLOTS);
             let v = RadixPte::new(
                 target(u64::from(page) % (PAGES + 1)),
-                FLAGS[usize::from(f) % 5],
+                common::FLAGS[usize::from(f) % common::FLAGS.len()],
             );
             vm.l1_store(pte_addr(lpid, k), v.bits())
                 .map_err(|e| e.to_string())?;

@@ -21,17 +21,9 @@ const ORDER: u32 = 18;
 /// At most this many steps per input (keeps an execution short).
 const MAX_STEPS: usize = 256;
 
-const OPS: [u64; 9] = [
-    H_ENTER,
-    H_REMOVE,
-    H_READ,
-    H_PROTECT,
-    H_BULK_REMOVE,
-    H_CLEAR_REF,
-    H_CLEAR_MOD,
-    H_RESIZE_HPT_PREPARE,
-    H_RESIZE_HPT_COMMIT,
-];
+#[path = "../../crates/hpt/tests/common/hcalls.rs"]
+mod hcalls;
+use hcalls::{GuestHpte, MMU_OPS, OPS};
 
 #[derive(Arbitrary, Debug)]
 struct Input {
@@ -126,7 +118,7 @@ fn regs_of(step: &Step) -> Option<(usize, u64, [u64; 8])> {
             vbits,
             avpn_raw,
         } => {
-            let op = OPS[usize::from(op) % 7];
+            let op = MMU_OPS[usize::from(op) % MMU_OPS.len()];
             let tag = u64::from(tag % 4);
             let (l, lpbits) = [
                 (0u64, 0u64),
@@ -154,16 +146,22 @@ fn regs_of(step: &Step) -> Option<(usize, u64, [u64; 8])> {
             } else {
                 u64::from(ptex % 48)
             };
-            let pteh = (tag << 7) | l | vbits;
-            let ptel = (gfn.wrapping_shl(12) & HpteR::RPN & !0xff_f000) | lpbits | rbits;
+            let hpte = GuestHpte {
+                tag,
+                l,
+                lpbits,
+                gfn,
+                rbits,
+                vbits,
+            };
             a[0] = flags_of(flags);
             a[1] = ptex;
             a[2] = if op == H_ENTER || avpn_raw {
-                pteh
+                hpte.pteh()
             } else {
-                tag << 7 | (vbits & HpteV::BOLTED)
+                hpte.avpn()
             };
-            a[3] = ptel;
+            a[3] = hpte.ptel();
             Some((usize::from(vcpu % 3), op, a))
         }
         Step::Bulk {

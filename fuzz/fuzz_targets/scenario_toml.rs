@@ -9,7 +9,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use revmap_hpt::hash::{MAX_HPT_ORDER, MIN_HPT_ORDER};
-use revmap_sim::det::run_deterministic;
+use revmap_sim::det::DeterministicRun;
 use revmap_sim::scenario::{Scenario, ScenarioError};
 
 /// The documented bounds of a valid scenario (`crates/sim/src/scenario.rs` docs and
@@ -91,11 +91,11 @@ fuzz_target!(|data: &[u8]| {
     small.deterministic.ram_mib = 16;
     small.guest.vcpus = small.guest.vcpus.min(2);
     let threads = revmap_fuzz::thread_count();
-    let run = run_deterministic(&small);
+    let run = small.run_deterministic();
     // A resize worker of the run may outlive its VM: let it finish before the leak check.
     revmap_fuzz::wait_threads_at_most(threads);
     match run {
-        Ok(r) => assert_eq!(r.invariant_violations, 0, "{r:?}"),
+        Ok(r) => assert_eq!(r.verdict.invariant_violations, 0, "{r:?}"),
         Err(e) => assert!(!e.to_string().is_empty()),
     }
 });

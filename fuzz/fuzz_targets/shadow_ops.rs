@@ -10,47 +10,26 @@
 //! is not shadowed or no shadow page is free), and aging agrees with test-aging.
 #![no_main]
 
+#[path = "../../crates/shadow/tests/common/mem.rs"]
+mod mem;
+
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use revmap_host::{HostMmu, Memslot, MemslotFlags};
+use mem::{slot0, Limited, HVA};
+use revmap_host::{HostMmu, MemslotFlags};
 use revmap_rmap::{Gfn, Hva, SlotId};
 use revmap_shadow::mmu::{AccessOutcome, ShadowError};
 use revmap_shadow::paging::{
-    walk, Access, CpuMode, Gpa, GuestPhysMemory, Gva, MemoryError, SparseMemory, CR0_WP, CR4_LA57,
-    CR4_PKE, CR4_PSE, CR4_SMAP, CR4_SMEP, EFER_NXE, PT64_NX, PT_ACCESSED, PT_DIRTY, PT_PAGE_SIZE,
-    PT_PRESENT, PT_USER, PT_WRITABLE,
+    walk, Access, CpuMode, Gpa, GuestPhysMemory, Gva, CR0_WP, CR4_LA57, CR4_PKE, CR4_PSE, CR4_SMAP,
+    CR4_SMEP, EFER_NXE, PT64_NX, PT_ACCESSED, PT_DIRTY, PT_PAGE_SIZE, PT_PRESENT, PT_USER,
+    PT_WRITABLE,
 };
 use revmap_shadow::vm::ShadowVm;
 
 const SLOT_PAGES: u64 = 4096;
-const HVA: u64 = 0x7f00_0000_0000;
 const TABLES: u64 = 12; // guest tables live in frames 1..=TABLES
 const IDX: u64 = 3; // entries 0..IDX of each table are used
 const MAX_STEPS: usize = 160;
-
-/// The reference walker's view: the slot's frames only.
-struct Limited<'a>(&'a mut SparseMemory);
-
-impl GuestPhysMemory for Limited<'_> {
-    fn read_u64(&self, gpa: Gpa) -> Result<u64, MemoryError> {
-        if gpa.gfn() >= SLOT_PAGES {
-            return Err(MemoryError::Unbacked(gpa.0));
-        }
-        self.0.read_u64(gpa)
-    }
-    fn read_u32(&self, gpa: Gpa) -> Result<u32, MemoryError> {
-        if gpa.gfn() >= SLOT_PAGES {
-            return Err(MemoryError::Unbacked(gpa.0));
-        }
-        self.0.read_u32(gpa)
-    }
-    fn cmpxchg_u64(&mut self, g: Gpa, o: u64, n: u64) -> Result<Result<(), u64>, MemoryError> {
-        self.0.cmpxchg_u64(g, o, n)
-    }
-    fn cmpxchg_u32(&mut self, g: Gpa, o: u32, n: u32) -> Result<Result<(), u32>, MemoryError> {
-        self.0.cmpxchg_u32(g, o, n)
-    }
-}
 
 #[derive(Arbitrary, Debug)]
 struct Input {
@@ -205,7 +184,12 @@ fn step(vm: &ShadowVm, cpus: [usize; 2], op: &Op) -> Result<(), String> {
                 };
             }
             let (mode, mut refmem) = vm.with_mmu_read(|m| (m.vcpus()[v].mode, m.mem.clone()));
-            let want = walk(&mut Limited(&mut refmem), &mode, Gva(va), access);
+            let want = walk(
+                &mut Limited(&mut refmem, SLOT_PAGES),
+                &mode,
+                Gva(va),
+                access,
+            );
             let got = vm.access(v, va, access);
             let got = match got {
                 Ok(AccessOutcome::Hit(g) | AccessOutcome::Fixed(g) | AccessOutcome::Mmio(g)) => {
@@ -345,15 +329,7 @@ fn step(vm: &ShadowVm, cpus: [usize; 2], op: &Op) -> Result<(), String> {
 fuzz_target!(|input: Input| {
     let backing = if input.huge_backing { 21 } else { 12 };
     let vm = ShadowVm::new();
-    let slot = Memslot::new(
-        SlotId(0),
-        Gfn(0),
-        SLOT_PAGES,
-        backing,
-        MemslotFlags::empty(),
-        Hva(HVA),
-    )
-    .expect("a valid memslot");
+    let slot = slot0(SLOT_PAGES, backing).expect("a valid memslot");
     vm.create_memslot(slot).expect("the first memslot");
     vm.with_mmu(|m| {
         m.set_max_mmu_pages(input.max_pages.map(|n| u64::from(n).max(4)));

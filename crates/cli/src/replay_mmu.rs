@@ -178,10 +178,10 @@ impl MmuOutcome {
     pub fn passed(&self) -> bool {
         match self {
             MmuOutcome::X86(_, r) => {
-                r.mismatched == 0
+                r.walks.mismatched == 0
                     && r.event_errors == 0
                     && r.invariant_violations == 0
-                    && r.matched == r.checked
+                    && r.walks.matched == r.walks.checked
             }
             MmuOutcome::Nested(r) => {
                 r.mismatched == 0 && r.invariant_violations == 0 && r.matched == r.checked
@@ -197,10 +197,10 @@ impl MmuOutcome {
                 serde_json::to_string(&X86Json {
                     file,
                     kind: TraceKind::X86.name(),
-                    checked: r.checked,
-                    matched: r.matched,
-                    mismatched: r.mismatched,
-                    first_mismatch: r.first_mismatch.as_ref().map(|m| X86MismatchJson {
+                    checked: r.walks.checked,
+                    matched: r.walks.matched,
+                    mismatched: r.walks.mismatched,
+                    first_mismatch: r.walks.first_mismatch.as_ref().map(|m| X86MismatchJson {
                         line: m.line,
                         what: &m.what,
                         expected: &m.expected,
@@ -234,9 +234,9 @@ impl MmuOutcome {
                         retries: s.retries,
                         huge_sptes: s.huge_sptes,
                         mmio: r.mmio,
-                        cpu_records: r.cpu_records,
-                        invlpgs: r.invlpgs,
-                        flushes: r.flushes,
+                        cpu_records: r.walks.cpu_records,
+                        invlpgs: r.walks.invlpgs,
+                        flushes: r.walks.flushes,
                         faults_by_ec: r
                             .faults_by_ec
                             .iter()
@@ -244,7 +244,7 @@ impl MmuOutcome {
                             .collect(),
                     },
                     seconds: r.seconds,
-                    walks_per_second: per_second(r.checked, r.seconds),
+                    walks_per_second: per_second(r.walks.checked, r.seconds),
                     passed: self.passed(),
                 })
             }
@@ -290,9 +290,9 @@ impl MmuOutcome {
                 writeln!(
                     out,
                     "  walks {}, matched {}, mismatched {}, event errors {}",
-                    r.checked, r.matched, r.mismatched, r.event_errors
+                    r.walks.checked, r.walks.matched, r.walks.mismatched, r.event_errors
                 )?;
-                let m = r.first_mismatch.as_ref().map(|m| {
+                let m = r.walks.first_mismatch.as_ref().map(|m| {
                     format!(
                         "{file}:{}: {}: expected {}, got {}",
                         m.line, m.what, m.expected, m.got
@@ -344,7 +344,7 @@ impl MmuOutcome {
                     out,
                     "  {:.3} s, {:.0} walks/s",
                     r.seconds,
-                    per_second(r.checked, r.seconds)
+                    per_second(r.walks.checked, r.seconds)
                 )?;
             }
             MmuOutcome::Nested(r) => {

@@ -272,7 +272,7 @@ pub(crate) trait RunScenario: Sized + Serialize {
 /// Implements [`RunScenario`] for a scenario type and [`Report`] for its report type:
 /// the scenario has `name`, `duration_secs`, the stop count field `stop_after`, `seed`
 /// and `deterministic.steps` and a `validate` method; the report has `human`,
-/// `interrupted`, `invariant_violations`, `failing_step` and `first_violation`.
+/// `interrupted` and a `verdict` (`revmap_sim::report::Verdict`).
 macro_rules! mmu_run {
     (
         $sc:ty, $rep:ty, $err:ty,
@@ -333,7 +333,7 @@ macro_rules! mmu_run {
             }
             fn minimise(&self) -> Result<Option<(Self, Option<String>)>, String> {
                 $min(self)
-                    .map(|m| m.map(|(small, rep)| (small, rep.first_violation)))
+                    .map(|m| m.map(|(small, rep)| (small, rep.verdict.first_violation)))
                     .map_err(|e| e.to_string())
             }
         }
@@ -347,10 +347,10 @@ macro_rules! mmu_run {
                 self.interrupted
             }
             fn violations(&self) -> u64 {
-                self.invariant_violations
+                self.verdict.invariant_violations
             }
             fn failing_step(&self) -> Option<u64> {
-                self.failing_step
+                self.verdict.failing_step
             }
             fn write_plots(
                 &self,

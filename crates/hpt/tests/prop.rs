@@ -7,16 +7,12 @@ use revmap_hpt::hcall::*;
 use revmap_hpt::hpte::{HpteR, HpteV};
 use revmap_hpt::{Flavour, Vm, VmConfig};
 
-const OPS: [u64; 8] = [
-    H_ENTER,
-    H_REMOVE,
-    H_READ,
-    H_PROTECT,
-    H_BULK_REMOVE,
-    H_CLEAR_REF,
-    H_CLEAR_MOD,
-    H_RESIZE_HPT_PREPARE,
-];
+#[path = "common/hcalls.rs"]
+mod hcalls;
+
+/// The hypercalls drawn: all but H_RESIZE_HPT_COMMIT.
+const OPS: &[u64] = hcalls::OPS.split_at(8).0;
+use hcalls::GuestHpte;
 
 fn small_vm(f: Flavour) -> Vm {
     Vm::new(VmConfig {
@@ -59,53 +55,55 @@ fn guestish() -> impl Strategy<Value = (u64, [u64; 8])> {
         0u64..0x80,
         Just(0x8000_0000_0000_0001u64)
     ];
+    // Drawn in the order the fields of the tuple below always were.
+    let hpte =
+        (tag, lp, gfn, rbits, vbits).prop_map(|(tag, (l, lpbits), gfn, rbits, vbits)| GuestHpte {
+            tag,
+            l,
+            lpbits,
+            gfn,
+            rbits,
+            vbits,
+        });
     (
         prop::sample::select(OPS.to_vec()),
         flags,
         ptex,
-        tag,
-        lp,
-        gfn,
-        rbits,
-        vbits,
+        hpte,
         prop::array::uniform4(0u64..4),
     )
-        .prop_map(
-            |(op, flags, ptex, tag, (l, lpbits), gfn, rbits, vbits, bulk)| {
-                let pteh = (tag << 7) | l | vbits;
-                let ptel = (gfn.wrapping_shl(12) & HpteR::RPN & !0xff_f000) | lpbits | rbits;
-                let args = if op == H_BULK_REMOVE {
-                    let mut a = [0u64; 8];
-                    for (i, k) in bulk.iter().enumerate() {
-                        let ty = [
-                            0x4000_0000_0000_0000u64,
-                            0xC000_0000_0000_0000,
-                            0,
-                            0x4200_0000_0000_0000,
-                        ][*k as usize];
-                        a[2 * i] = ty | (ptex.wrapping_add(i as u64) & 0x1f);
-                        a[2 * i + 1] = tag << 7;
-                    }
-                    a
-                } else {
-                    [
-                        flags,
-                        ptex,
-                        if op == H_ENTER {
-                            pteh
-                        } else {
-                            tag << 7 | (vbits & HpteV::BOLTED)
-                        },
-                        ptel,
+        .prop_map(|(op, flags, ptex, hpte, bulk)| {
+            let args = if op == H_BULK_REMOVE {
+                let mut a = [0u64; 8];
+                for (i, k) in bulk.iter().enumerate() {
+                    let ty = [
+                        0x4000_0000_0000_0000u64,
+                        0xC000_0000_0000_0000,
                         0,
-                        0,
-                        0,
-                        0,
-                    ]
-                };
-                (op, args)
-            },
-        )
+                        0x4200_0000_0000_0000,
+                    ][*k as usize];
+                    a[2 * i] = ty | (ptex.wrapping_add(i as u64) & 0x1f);
+                    a[2 * i + 1] = hpte.tag << 7;
+                }
+                a
+            } else {
+                [
+                    flags,
+                    ptex,
+                    if op == H_ENTER {
+                        hpte.pteh()
+                    } else {
+                        hpte.avpn()
+                    },
+                    hpte.ptel(),
+                    0,
+                    0,
+                    0,
+                    0,
+                ]
+            };
+            (op, args)
+        })
 }
 
 fn hostile() -> impl Strategy<Value = (u64, Vec<u64>)> {

@@ -8,12 +8,11 @@
 
 mod common;
 
-use common::{host_reclaim, l1_tree, root, Tree, PTCR};
+use common::{host_reclaim, l1_expected, l1_tree, root, Tree, FLAGS, PTCR};
 use proptest::prelude::*;
 use revmap_host::HostMmu;
-use revmap_nested::access::{l1_translate, L1Layout, L2Outcome};
 use revmap_nested::hcall::TlbieInstr;
-use revmap_nested::radix::{Access, Exit, PateDw0, RadixPte};
+use revmap_nested::radix::{Access, RadixPte};
 use revmap_nested::vm::{L2Result, NestedVm, NestedVmConfig, L1_RAM_HVA};
 use revmap_nested::NGpa;
 use revmap_rmap::{Gfn, Hva, SlotId};
@@ -31,14 +30,6 @@ fn target(page: u64) -> u64 {
         DATA + page * K64
     }
 }
-
-const FLAGS: [u64; 5] = [
-    RadixPte::R | RadixPte::C | RadixPte::EAA_READ | RadixPte::EAA_RW | RadixPte::EAA_X,
-    RadixPte::R | RadixPte::EAA_READ,
-    RadixPte::EAA_READ | RadixPte::EAA_RW,
-    RadixPte::R | RadixPte::EAA_X,
-    RadixPte::R | RadixPte::EAA_READ | RadixPte::EAA_RW,
-];
 
 #[derive(Clone, Debug)]
 enum Op {
@@ -112,20 +103,7 @@ fn invalidate_page(vm: &NestedVm, lpid: u64, k: u64) {
 
 /// What L1's tables say, as the trace reference model computes it.
 fn expected(vm: &NestedVm, lpid: u64, n: u64, acc: Access) -> L2Result {
-    let layout = L1Layout {
-        ram_bytes: RAM,
-        l0_page_shift: 16,
-    };
-    let root = PateDw0::radix52(root(lpid), 13);
-    let n = NGpa::new(n).unwrap();
-    match vm.with_l1_memory(|m| l1_translate(&*m, root, n, acc, layout)) {
-        L2Outcome::Complete(t) => L2Result::Ok {
-            l1gpa: t.raddr.0,
-            hpa: 0,
-        },
-        L2Outcome::Mmio(g) => L2Result::Mmio { l1gpa: g.0 },
-        L2Outcome::Exit(e @ (Exit::Hdsi { .. } | Exit::Hisi { .. })) => e.into(),
-    }
+    l1_expected(vm, RAM, lpid, NGpa::new(n).unwrap(), acc)
 }
 
 fn run(backing_shift: u32, ops: &[Op]) -> Result<(), TestCaseError> {

@@ -14,19 +14,19 @@ fn main() {
                 let s = t.elapsed().as_secs_f64();
                 println!(
                     "{path}: {} walks checked, {} matched, {} mismatched, {:.2} s ({:.0} walks/s)",
-                    r.checked,
-                    r.matched,
-                    r.mismatched,
+                    r.walks.checked,
+                    r.walks.matched,
+                    r.walks.mismatched,
                     s,
-                    r.checked as f64 / s
+                    r.walks.checked as f64 / s
                 );
                 println!(
                     "  cpu {} invlpg {} flush {} | by psz {:?} | faults by ec {:x?} | 5-level {} | A/D writes {} | synthesized new {} changed {} | prot disagreements {} | smap-flag disagreements {}",
-                    r.cpu_records, r.invlpgs, r.flushes, r.translated_by_psz, r.faults_by_ec,
+                    r.walks.cpu_records, r.walks.invlpgs, r.walks.flushes, r.translated_by_psz, r.faults_by_ec,
                     r.five_level_walks, r.ad_writes, r.synthesized_new, r.synthesized_changed,
                     r.prot_disagreements, r.smap_flag_disagreements
                 );
-                if let Some(m) = r.first_mismatch {
+                if let Some(m) = r.walks.first_mismatch {
                     println!(
                         "  first mismatch: line {}: {}: expected {} got {}",
                         m.line, m.what, m.expected, m.got

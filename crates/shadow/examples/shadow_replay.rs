@@ -17,17 +17,17 @@ fn main() {
             Ok(r) => {
                 println!(
                     "{path}: {} walks checked, {} matched, {} mismatched, {} invariant checks, {} violations, {:.2} s ({:.0} walks/s)",
-                    r.checked, r.matched, r.mismatched, r.invariant_checks, r.invariant_violations,
-                    r.seconds, r.checked as f64 / r.seconds
+                    r.walks.checked, r.walks.matched, r.walks.mismatched, r.invariant_checks, r.invariant_violations,
+                    r.seconds, r.walks.checked as f64 / r.seconds
                 );
                 println!(
                     "  cpu {} invlpg {} flush {} | faults by ec {:x?} | guest stores {} (emulated {}) | shadow hits {} | write-protected writes {} | mmio {} | shadow pages {} | write-protected gfns {}",
-                    r.cpu_records, r.invlpgs, r.flushes, r.faults_by_ec, r.guest_stores,
+                    r.walks.cpu_records, r.walks.invlpgs, r.walks.flushes, r.faults_by_ec, r.guest_stores,
                     r.emulated_stores, r.shadow_hits, r.write_protected, r.mmio, r.shadow_pages,
                     r.write_protected_gfns
                 );
                 println!("  shadow {:?}", r.shadow);
-                if let Some(m) = &r.first_mismatch {
+                if let Some(m) = &r.walks.first_mismatch {
                     println!(
                         "  first mismatch: line {}: {}: expected {} got {}",
                         m.line, m.what, m.expected, m.got
@@ -36,7 +36,8 @@ fn main() {
                 if let Some(v) = &r.first_violation {
                     println!("  first violation: {v}");
                 }
-                failed |= r.mismatched > 0 || r.invariant_violations > 0 || r.event_errors > 0;
+                failed |=
+                    r.walks.mismatched > 0 || r.invariant_violations > 0 || r.event_errors > 0;
             }
             Err(e) => {
                 eprintln!("{path}: {e}");

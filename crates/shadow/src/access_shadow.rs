@@ -27,8 +27,8 @@
 
 use crate::access_test::{
     case_access, case_entries, case_mode, upper_entries, AcFlags, AccessConfig, AccessRunner,
-    AccessSpace, CaseOutcome, Expected, SplitMix64, SubTestFailure, SubTestResults, SubTestTables,
-    WalkerTables, PDE_AT, PDPTE_AT, PTE_AT, TARGET_PA, TEST_VA,
+    AccessSpace, CaseOutcome, Expected, SplitMix64, SubTestAccess, SubTestFailure, SubTestResults,
+    SubTestTables, WalkerTables, PDE_AT, PDPTE_AT, PTE_AT, TARGET_PA, TEST_VA,
 };
 use crate::mmu::{AccessOutcome, ShadowError};
 use crate::paging::{Access, CpuMode, Gpa, GuestPhysMemory, MemoryError};
@@ -413,12 +413,7 @@ impl SubTestTables for ShadowTables {
             .unwrap_or(0)
     }
 
-    fn access(
-        &mut self,
-        mode: &CpuMode,
-        va: u64,
-        access: Access,
-    ) -> Result<(bool, u32), SubTestFailure> {
+    fn access(&mut self, mode: &CpuMode, va: u64, access: Access) -> SubTestAccess {
         let v = self.vcpu;
         if *mode != self.mode {
             self.vm

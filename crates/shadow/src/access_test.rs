@@ -849,13 +849,12 @@ pub trait SubTestTables {
     /// Performs `access` at `va` under `mode`: `(fault, error code)`. An implementation
     /// that checks itself against another (the shadow MMU against the walker) reports a
     /// disagreement as the failure.
-    fn access(
-        &mut self,
-        mode: &CpuMode,
-        va: u64,
-        access: Access,
-    ) -> Result<(bool, u32), SubTestFailure>;
+    fn access(&mut self, mode: &CpuMode, va: u64, access: Access) -> SubTestAccess;
 }
+
+/// What a sub-test access gave: `(fault, error code)`, or the disagreement an
+/// implementation that checks itself found ([`SubTestTables::access`]).
+pub type SubTestAccess = Result<(bool, u32), SubTestFailure>;
 
 /// The sub-tests' 4-level tables in plain guest memory, accessed by the reference walker.
 #[derive(Clone, Debug)]
@@ -887,12 +886,7 @@ impl SubTestTables for WalkerTables {
         self.mem.read_u64(Gpa(gpa)).unwrap_or(0)
     }
 
-    fn access(
-        &mut self,
-        mode: &CpuMode,
-        va: u64,
-        access: Access,
-    ) -> Result<(bool, u32), SubTestFailure> {
+    fn access(&mut self, mode: &CpuMode, va: u64, access: Access) -> SubTestAccess {
         Ok(walk_outcome(&mut self.mem, mode, va, access))
     }
 }

@@ -8,7 +8,7 @@
 
 use crate::mmu::{ShadowError, ShadowMmu};
 use crate::paging::{
-    CpuMode, Gpa, GuestPhysMemory, MemoryError, SparseMemory, PT_ACCESSED, PT_DIRTY,
+    Cmpxchg, CpuMode, Gpa, GuestPhysMemory, MemoryError, SparseMemory, PT_ACCESSED, PT_DIRTY,
 };
 use revmap_host::{Memslot, MemslotFlags, Memslots};
 use revmap_rmap::{Gfn, Hva, SlotId};
@@ -76,10 +76,10 @@ impl GuestPhysMemory for TwoD<'_> {
     fn read_u32(&self, gpa: Gpa) -> Result<u32, MemoryError> {
         self.mem.read_u32(gpa)
     }
-    fn cmpxchg_u64(&mut self, g: Gpa, o: u64, n: u64) -> Result<Result<(), u64>, MemoryError> {
+    fn cmpxchg_u64(&mut self, g: Gpa, o: u64, n: u64) -> Cmpxchg<u64> {
         self.mem.cmpxchg_u64(g, o, n)
     }
-    fn cmpxchg_u32(&mut self, g: Gpa, o: u32, n: u32) -> Result<Result<(), u32>, MemoryError> {
+    fn cmpxchg_u32(&mut self, g: Gpa, o: u32, n: u32) -> Cmpxchg<u32> {
         self.mem.cmpxchg_u32(g, o, n)
     }
 }

@@ -45,7 +45,7 @@
 
 use crate::paging::{
     gpte_access, is_last_gpte, permission_fault, prefetch_invalid_gpte, protect_clean_gpte, walk,
-    Acc, Access, CpuMode, Gpa, GuestPhysMemory, Gva, MemoryError, PageFault, PagingMode,
+    Acc, Access, Cmpxchg, CpuMode, Gpa, GuestPhysMemory, Gva, MemoryError, PageFault, PagingMode,
     SparseMemory, WalkError, PT64_ADDR_MASK,
 };
 use crate::role::{SpRole, Spte};
@@ -571,21 +571,11 @@ impl GuestPhysMemory for SlotMem<'_> {
         self.check(gpa)?;
         self.mem.read_u32(gpa)
     }
-    fn cmpxchg_u64(
-        &mut self,
-        gpa: Gpa,
-        old: u64,
-        new: u64,
-    ) -> Result<Result<(), u64>, MemoryError> {
+    fn cmpxchg_u64(&mut self, gpa: Gpa, old: u64, new: u64) -> Cmpxchg<u64> {
         self.check(gpa)?;
         self.mem.cmpxchg_u64(gpa, old, new)
     }
-    fn cmpxchg_u32(
-        &mut self,
-        gpa: Gpa,
-        old: u32,
-        new: u32,
-    ) -> Result<Result<(), u32>, MemoryError> {
+    fn cmpxchg_u32(&mut self, gpa: Gpa, old: u32, new: u32) -> Cmpxchg<u32> {
         self.check(gpa)?;
         self.mem.cmpxchg_u32(gpa, old, new)
     }

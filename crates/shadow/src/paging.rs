@@ -428,12 +428,15 @@ pub trait GuestPhysMemory {
     /// Loads the aligned u32 at `gpa`.
     fn read_u32(&self, gpa: Gpa) -> Result<u32, MemoryError>;
     /// Atomically replaces the u64 at `gpa` with `new` if it holds `old`.
-    fn cmpxchg_u64(&mut self, gpa: Gpa, old: u64, new: u64)
-        -> Result<Result<(), u64>, MemoryError>;
+    fn cmpxchg_u64(&mut self, gpa: Gpa, old: u64, new: u64) -> Cmpxchg<u64>;
     /// Atomically replaces the u32 at `gpa` with `new` if it holds `old`.
-    fn cmpxchg_u32(&mut self, gpa: Gpa, old: u32, new: u32)
-        -> Result<Result<(), u32>, MemoryError>;
+    fn cmpxchg_u32(&mut self, gpa: Gpa, old: u32, new: u32) -> Cmpxchg<u32>;
 }
+
+/// The outcome of a compare-exchange on guest memory: `Ok(Ok(()))` if the value was
+/// replaced, `Ok(Err(current))` if the memory held `current` instead, or why the
+/// address could not be accessed.
+pub type Cmpxchg<T> = Result<Result<(), T>, MemoryError>;
 
 /// A multiply-shift hasher for frame numbers (keys are already well spread).
 #[derive(Default, Clone, Copy)]
@@ -541,12 +544,7 @@ impl GuestPhysMemory for SparseMemory {
         Ok((q >> ((gpa.0 & 4) * 8)) as u32)
     }
 
-    fn cmpxchg_u64(
-        &mut self,
-        gpa: Gpa,
-        old: u64,
-        new: u64,
-    ) -> Result<Result<(), u64>, MemoryError> {
+    fn cmpxchg_u64(&mut self, gpa: Gpa, old: u64, new: u64) -> Cmpxchg<u64> {
         let cur = self.read_u64(gpa)?;
         if cur != old {
             return Ok(Err(cur));
@@ -555,12 +553,7 @@ impl GuestPhysMemory for SparseMemory {
         Ok(Ok(()))
     }
 
-    fn cmpxchg_u32(
-        &mut self,
-        gpa: Gpa,
-        old: u32,
-        new: u32,
-    ) -> Result<Result<(), u32>, MemoryError> {
+    fn cmpxchg_u32(&mut self, gpa: Gpa, old: u32, new: u32) -> Cmpxchg<u32> {
         let cur = self.read_u32(gpa)?;
         if cur != old {
             return Ok(Err(cur));
@@ -1412,24 +1405,14 @@ mod tests {
         fn read_u32(&self, gpa: Gpa) -> Result<u32, MemoryError> {
             self.inner.read_u32(gpa)
         }
-        fn cmpxchg_u64(
-            &mut self,
-            gpa: Gpa,
-            old: u64,
-            new: u64,
-        ) -> Result<Result<(), u64>, MemoryError> {
+        fn cmpxchg_u64(&mut self, gpa: Gpa, old: u64, new: u64) -> Cmpxchg<u64> {
             if self.fail > 0 {
                 self.fail -= 1;
                 return Ok(Err(old ^ PT_ACCESSED));
             }
             self.inner.cmpxchg_u64(gpa, old, new)
         }
-        fn cmpxchg_u32(
-            &mut self,
-            gpa: Gpa,
-            old: u32,
-            new: u32,
-        ) -> Result<Result<(), u32>, MemoryError> {
+        fn cmpxchg_u32(&mut self, gpa: Gpa, old: u32, new: u32) -> Cmpxchg<u32> {
             self.inner.cmpxchg_u32(gpa, old, new)
         }
     }

@@ -19,8 +19,8 @@
 //! that cannot be read is an error, never a panic.
 
 use crate::mmu::{AccessOutcome, ShadowMmu, ShadowStats};
-use crate::paging::{CpuMode, Gpa, GuestPhysMemory};
-use crate::walk_check::{access_of, WalkMismatch};
+use crate::paging::{Gpa, GuestPhysMemory};
+use crate::walk_check::{access_of, entry_after, mode_of, WalkMismatch, WalkTally};
 use revmap_host::{Memslot, MemslotFlags};
 use revmap_rmap::{Gfn, Hva, SlotId};
 use revmap_trace::x86::{WalkOutcome, WalkRecord, X86Reader, X86Record};
@@ -47,22 +47,10 @@ pub enum ReplayError {
 /// Counts from replaying one trace through the shadow MMU.
 #[derive(Clone, Debug, Default)]
 pub struct ReplayReport {
-    /// CPU records.
-    pub cpu_records: u64,
-    /// INVLPG records.
-    pub invlpgs: u64,
-    /// FLUSH records.
-    pub flushes: u64,
-    /// WALK records compared.
-    pub checked: u64,
-    /// WALKs whose outcome and A/D state agreed.
-    pub matched: u64,
-    /// WALKs with a disagreement.
-    pub mismatched: u64,
-    /// The first disagreement.
-    pub first_mismatch: Option<WalkMismatch>,
+    /// Records applied, walks compared.
+    pub walks: WalkTally,
     /// CPU, INVLPG and FLUSH records the shadow MMU could not apply (first in
-    /// `first_mismatch` if no walk mismatched before).
+    /// `walks.first_mismatch` if no walk mismatched before).
     pub event_errors: u64,
     /// Faults by error code.
     pub faults_by_ec: BTreeMap<u64, u64>,
@@ -179,7 +167,7 @@ impl ShadowReplayer {
     }
 
     fn fail(&mut self, line: u64, what: &str, expected: String, got: String) {
-        self.report.mismatched += 1;
+        self.report.walks.mismatched += 1;
         self.note(line, what, expected, got);
     }
 
@@ -189,8 +177,8 @@ impl ShadowReplayer {
     }
 
     fn note(&mut self, line: u64, what: &str, expected: String, got: String) {
-        if self.report.first_mismatch.is_none() {
-            self.report.first_mismatch = Some(WalkMismatch {
+        if self.report.walks.first_mismatch.is_none() {
+            self.report.walks.first_mismatch = Some(WalkMismatch {
                 line,
                 what: what.to_owned(),
                 expected,
@@ -203,12 +191,8 @@ impl ShadowReplayer {
     pub fn record(&mut self, rec: &X86Record) {
         match rec {
             X86Record::Cpu(c) => {
-                self.report.cpu_records += 1;
-                let mut mode = CpuMode::new(c.cr0, c.cr3, c.cr4, c.efer);
-                mode.pkru = c.pkru as u32;
-                mode.pkrs = c.pkrs as u32;
-                mode.a20 = c.a20;
-                mode.maxphyaddr = c.maxphy;
+                self.report.walks.cpu_records += 1;
+                let mode = mode_of(c);
                 let r = match self.cpus.get(&c.cpu) {
                     Some(&v) => self.mmu.set_mode(v, mode),
                     None => {
@@ -222,7 +206,7 @@ impl ShadowReplayer {
                 }
             }
             X86Record::Invlpg { line, cpu, va } => {
-                self.report.invlpgs += 1;
+                self.report.walks.invlpgs += 1;
                 if let Some(&v) = self.cpus.get(cpu) {
                     if let Err(e) = self.mmu.invlpg(v, *va) {
                         self.event_error(*line, "INVLPG", e.to_string());
@@ -230,7 +214,7 @@ impl ShadowReplayer {
                 }
             }
             X86Record::Flush { line, cpu, .. } => {
-                self.report.flushes += 1;
+                self.report.walks.flushes += 1;
                 if let Some(&v) = self.cpus.get(cpu) {
                     if let Err(e) = self.mmu.flush_tlb_guest(v) {
                         self.event_error(*line, "FLUSH", e.to_string());
@@ -238,9 +222,9 @@ impl ShadowReplayer {
                 }
             }
             X86Record::Walk(w) => {
-                self.report.checked += 1;
+                self.report.walks.checked += 1;
                 self.walk(w);
-                if self.check_every > 0 && self.report.checked % self.check_every == 0 {
+                if self.check_every > 0 && self.report.walks.checked % self.check_every == 0 {
                     self.run_check();
                 }
             }
@@ -313,12 +297,7 @@ impl ShadowReplayer {
         }
         if !race {
             for p in &w.ptes {
-                let want =
-                    w.ad.iter()
-                        .rev()
-                        .find(|a| a.gpa == p.gpa)
-                        .and_then(|a| a.new)
-                        .unwrap_or(p.val);
+                let want = entry_after(w, p.gpa, p.val);
                 let have = self.mmu.mem.read_u64(Gpa(p.gpa)).unwrap_or(0);
                 if have != want {
                     let r = self.mmu.guest_store(p.gpa, want);
@@ -338,6 +317,6 @@ impl ShadowReplayer {
                 }
             }
         }
-        self.report.matched += 1;
+        self.report.walks.matched += 1;
     }
 }

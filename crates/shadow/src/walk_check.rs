@@ -24,7 +24,7 @@ use crate::paging::{
     walk, Acc, Access, CpuMode, Gpa, GuestPhysMemory, Gva, PagingMode, SparseMemory, Translation,
     PT_DIRTY,
 };
-use revmap_trace::x86::{AccessType, WalkOutcome, WalkRecord, X86Reader, X86Record};
+use revmap_trace::x86::{AccessType, CpuRecord, WalkOutcome, WalkRecord, X86Reader, X86Record};
 use revmap_trace::TraceError;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -41,9 +41,32 @@ pub struct WalkMismatch {
     pub got: String,
 }
 
-/// Counts from replaying one trace through the reference walker.
+/// The vCPU state a `CPU` record sets: CR0, CR3, CR4, EFER, PKRU, PKRS, the A20 gate
+/// and MAXPHYADDR.
+pub fn mode_of(c: &CpuRecord) -> CpuMode {
+    let mut mode = CpuMode::new(c.cr0, c.cr3, c.cr4, c.efer);
+    mode.pkru = c.pkru as u32;
+    mode.pkrs = c.pkrs as u32;
+    mode.a20 = c.a20;
+    mode.maxphyaddr = c.maxphy;
+    mode
+}
+
+/// What the entry at `gpa`, read as `val` during walk `w`, holds after it: the value
+/// of the walk's last A/D update of it, if one succeeded, else `val`.
+pub fn entry_after(w: &WalkRecord, gpa: u64, val: u64) -> u64 {
+    w.ad.iter()
+        .rev()
+        .find(|a| a.gpa == gpa)
+        .and_then(|a| a.new)
+        .unwrap_or(val)
+}
+
+/// The counts every replay of an x86 walk trace keeps, whatever it replays the trace
+/// through (the reference walker here, the shadow MMU in [`crate::replay`]): the
+/// records applied and the WALK records compared.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct WalkCheckReport {
+pub struct WalkTally {
     /// CPU records.
     pub cpu_records: u64,
     /// INVLPG records.
@@ -52,12 +75,19 @@ pub struct WalkCheckReport {
     pub flushes: u64,
     /// WALK records compared.
     pub checked: u64,
-    /// WALK records whose every compared item agreed.
+    /// WALK records whose every compared item (outcome, A/D state) agreed.
     pub matched: u64,
     /// WALK records with at least one disagreement.
     pub mismatched: u64,
     /// The first disagreement.
     pub first_mismatch: Option<WalkMismatch>,
+}
+
+/// Counts from replaying one trace through the reference walker.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WalkCheckReport {
+    /// Records applied, walks compared.
+    pub walks: WalkTally,
     /// Successful walks by page size (log2).
     pub translated_by_psz: BTreeMap<u8, u64>,
     /// Faults by error code.
@@ -108,24 +138,19 @@ impl WalkChecker {
     pub fn record(&mut self, rec: &X86Record) {
         match rec {
             X86Record::Cpu(c) => {
-                self.report.cpu_records += 1;
-                let mut mode = CpuMode::new(c.cr0, c.cr3, c.cr4, c.efer);
-                mode.pkru = c.pkru as u32;
-                mode.pkrs = c.pkrs as u32;
-                mode.a20 = c.a20;
-                mode.maxphyaddr = c.maxphy;
-                self.cpus.insert(c.cpu, mode);
+                self.report.walks.cpu_records += 1;
+                self.cpus.insert(c.cpu, mode_of(c));
             }
-            X86Record::Invlpg { .. } => self.report.invlpgs += 1,
-            X86Record::Flush { .. } => self.report.flushes += 1,
+            X86Record::Invlpg { .. } => self.report.walks.invlpgs += 1,
+            X86Record::Flush { .. } => self.report.walks.flushes += 1,
             X86Record::Walk(w) => self.walk(w),
         }
     }
 
     fn mismatch(&mut self, w: &WalkRecord, what: &str, expected: String, got: String) {
-        self.report.mismatched += 1;
-        if self.report.first_mismatch.is_none() {
-            self.report.first_mismatch = Some(WalkMismatch {
+        self.report.walks.mismatched += 1;
+        if self.report.walks.first_mismatch.is_none() {
+            self.report.walks.first_mismatch = Some(WalkMismatch {
                 line: w.line,
                 what: what.to_owned(),
                 expected,
@@ -160,7 +185,7 @@ impl WalkChecker {
     }
 
     fn walk(&mut self, w: &WalkRecord) {
-        self.report.checked += 1;
+        self.report.walks.checked += 1;
         let Some(mode) = self.cpus.get(&w.cpu).copied() else {
             return self.mismatch(w, "WALK before any CPU record", "CPU".into(), "none".into());
         };
@@ -217,7 +242,7 @@ impl WalkChecker {
                     self.store(&mode, a.gpa, v);
                 }
             }
-            self.report.matched += 1;
+            self.report.walks.matched += 1;
             return;
         }
         // Structure: every entry address, and how many.
@@ -276,12 +301,7 @@ impl WalkChecker {
         }
         // Memory after the walk: recorded values with this walk's A/D updates applied.
         for p in &w.ptes {
-            let want =
-                w.ad.iter()
-                    .rev()
-                    .find(|a| a.gpa == p.gpa)
-                    .and_then(|a| a.new)
-                    .unwrap_or(p.val);
+            let want = entry_after(w, p.gpa, p.val);
             let have = self.load(&mode, p.gpa);
             if have != want {
                 return self.mismatch(
@@ -292,7 +312,7 @@ impl WalkChecker {
                 );
             }
         }
-        self.report.matched += 1;
+        self.report.walks.matched += 1;
     }
 }
 
@@ -371,7 +391,12 @@ mod tests {
         let ok = "WALK cpu=0 va=0x234 acc=w cpl=3 smap=0 pte=0x1000:0x2067,0x2000:0x3067,0x3000:0x4067,0x4000:0x9007 ad=0x4000:0x9067 -> pa=0x9234 psz=12 prot=rw-";
         let r = run(&format!("{CPU}\n{ok}\n"));
         assert_eq!(
-            (r.checked, r.matched, r.mismatched, r.ad_writes),
+            (
+                r.walks.checked,
+                r.walks.matched,
+                r.walks.mismatched,
+                r.ad_writes
+            ),
             (1, 1, 0, 1)
         );
         assert_eq!((r.synthesized_new, r.synthesized_changed), (4, 0));
@@ -381,7 +406,7 @@ mod tests {
             "pte=0x1000:0x2067,0x2000:0x3067,0x3000:0x4067,0x4000:0x9067",
         );
         let r = run(&format!("{CPU}\n{ok}\n{again}\n"));
-        assert_eq!((r.matched, r.synthesized_changed), (2, 0));
+        assert_eq!((r.walks.matched, r.synthesized_changed), (2, 0));
         let cases = [
             // A missing A/D update.
             (ok.replace(" ad=0x4000:0x9067", ""), "A/D updates"),
@@ -397,21 +422,24 @@ mod tests {
         ];
         for (line, what) in cases {
             let r = run(&format!("{CPU}\n{line}\n"));
-            assert_eq!((r.checked, r.mismatched), (1, 1), "{line}");
-            assert_eq!(r.first_mismatch.unwrap().what, what);
+            assert_eq!((r.walks.checked, r.walks.mismatched), (1, 1), "{line}");
+            assert_eq!(r.walks.first_mismatch.unwrap().what, what);
         }
         // A walk before any CPU record of its vCPU.
         let r = run(&format!("{ok}\n"));
-        assert_eq!(r.first_mismatch.unwrap().what, "WALK before any CPU record");
+        assert_eq!(
+            r.walks.first_mismatch.unwrap().what,
+            "WALK before any CPU record"
+        );
     }
 
     #[test]
     fn races_are_allowed_only_with_two_vcpus() {
         let racy = "WALK cpu=0 va=0x234 acc=r cpl=3 smap=0 pte=0x1000:0x2067,0x2000:0x3067,0x3000:0x4067,0x4000:0x9005,0x4000:0x9025 ad=0x4000:fail -> pa=0x9234 psz=12 prot=r--";
         let r = run(&format!("{CPU}\n{racy}\n"));
-        assert_eq!(r.mismatched, 1);
+        assert_eq!(r.walks.mismatched, 1);
         let cpu1 = CPU.replace("cpu=0", "cpu=1");
         let r = run(&format!("{CPU}\n{cpu1}\n{racy}\n"));
-        assert_eq!((r.matched, r.cross_vcpu_races), (1, 1));
+        assert_eq!((r.walks.matched, r.cross_vcpu_races), (1, 1));
     }
 }

@@ -13,8 +13,6 @@ use common::{
     access_of, age, check_access, flush_synced, host_unmap, load_cr3_synced, random_gpte_flags,
 };
 use proptest::prelude::*;
-use revmap_host::{Memslot, MemslotFlags};
-use revmap_rmap::{Gfn, Hva, SlotId};
 use revmap_shadow::mmu::{AccessOutcome, ShadowMmu};
 use revmap_shadow::paging::{
     Access, CpuMode, Gpa, GuestPhysMemory, PagingMode, SparseMemory, CR0_PE, CR0_PG, CR0_WP,
@@ -298,15 +296,7 @@ proptest! {
 /// An MMU with one `SLOT_PAGES` slot at gfn 0 on host pages of `backing`.
 fn mmu(backing: u32) -> ShadowMmu {
     let mut m = ShadowMmu::new();
-    let slot = Memslot::new(
-        SlotId(0),
-        Gfn(0),
-        SLOT_PAGES,
-        backing,
-        MemslotFlags::empty(),
-        Hva(0x7f00_0000_0000),
-    )
-    .unwrap();
+    let slot = common::mem::slot0(SLOT_PAGES, backing).unwrap();
     m.add_memslot(slot).unwrap();
     m
 }

@@ -12,10 +12,14 @@ fn replay(name: &str) -> WalkCheckReport {
     let r = WalkChecker::check_file(&path).unwrap_or_else(|e| panic!("{e}"));
     eprintln!(
         "{name}: {} walks checked, {} matched, {} mismatched",
-        r.checked, r.matched, r.mismatched
+        r.walks.checked, r.walks.matched, r.walks.mismatched
     );
-    assert_eq!(r.mismatched, 0, "first mismatch: {:?}", r.first_mismatch);
-    assert_eq!(r.matched, r.checked);
+    assert_eq!(
+        r.walks.mismatched, 0,
+        "first mismatch: {:?}",
+        r.walks.first_mismatch
+    );
+    assert_eq!(r.walks.matched, r.walks.checked);
     assert_eq!(r.prot_disagreements, 0);
     assert_eq!(r.smap_flag_disagreements, 0);
     r
@@ -28,7 +32,7 @@ fn faults(t: &[(u64, u64)]) -> BTreeMap<u64, u64> {
 #[test]
 fn boot_trace_every_walk_matches() {
     let r = replay("boot.txt.gz");
-    assert_eq!(r.checked, 868_749);
+    assert_eq!(r.walks.checked, 868_749);
     assert_eq!(r.translated_by_psz, [(12, 33_010), (21, 835_289)].into());
     assert_eq!(
         r.faults_by_ec,
@@ -45,13 +49,16 @@ fn boot_trace_every_walk_matches() {
     assert_eq!(r.five_level_walks, 0);
     assert_eq!(r.ad_writes, 84);
     assert_eq!((r.synthesized_new, r.synthesized_changed), (4567, 2292));
-    assert_eq!((r.invlpgs, r.flushes), (40_446, 158 + 16_957 + 55));
+    assert_eq!(
+        (r.walks.invlpgs, r.walks.flushes),
+        (40_446, 158 + 16_957 + 55)
+    );
 }
 
 #[test]
 fn max_boot_trace_every_walk_matches() {
     let r = replay("max-boot.txt.gz");
-    assert_eq!(r.checked, 960_874);
+    assert_eq!(r.walks.checked, 960_874);
     assert_eq!(
         r.translated_by_psz,
         [(12, 32_096), (21, 783_537), (30, 144_791)].into()
@@ -71,5 +78,8 @@ fn max_boot_trace_every_walk_matches() {
     assert_eq!(r.five_level_walks, 960_852);
     assert_eq!(r.ad_writes, 78);
     assert_eq!((r.synthesized_new, r.synthesized_changed), (4160, 2276));
-    assert_eq!((r.invlpgs, r.flushes), (40_441, 160 + 16_964 + 58 + 14));
+    assert_eq!(
+        (r.walks.invlpgs, r.walks.flushes),
+        (40_441, 160 + 16_964 + 58 + 14)
+    );
 }

@@ -11,8 +11,8 @@ use common::{
     access_of, age, check_access, flush_synced, host_unmap, load_cr3_synced, random_gpte_flags,
 };
 use proptest::prelude::*;
-use revmap_host::{Memslot, MemslotFlags};
-use revmap_rmap::{Gfn, Hva, SlotId};
+use revmap_host::MemslotFlags;
+use revmap_rmap::SlotId;
 use revmap_shadow::mmu::ShadowMmu;
 use revmap_shadow::paging::{
     CpuMode, Gpa, GuestPhysMemory, CR0_WP, EFER_NXE, PT_ACCESSED, PT_DIRTY, PT_PAGE_SIZE,
@@ -74,15 +74,8 @@ fn op() -> impl Strategy<Value = Op> {
 
 fn run(ops: Vec<Op>, backing: u32, max_pages: Option<u64>) -> Result<(), TestCaseError> {
     let mut m = ShadowMmu::new();
-    let slot = Memslot::new(
-        SlotId(0),
-        Gfn(0),
-        SLOT_PAGES,
-        backing,
-        MemslotFlags::empty(),
-        Hva(0x7f00_0000_0000),
-    )
-    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let slot =
+        common::mem::slot0(SLOT_PAGES, backing).map_err(|e| TestCaseError::fail(e.to_string()))?;
     m.add_memslot(slot)
         .map_err(|e| TestCaseError::fail(e.to_string()))?;
     m.set_max_mmu_pages(max_pages);

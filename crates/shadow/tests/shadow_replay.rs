@@ -14,9 +14,9 @@ fn replay_with(name: &str, max_pages: Option<u64>) -> ReplayReport {
         .unwrap_or_else(|e| panic!("{e}"));
     eprintln!(
         "{name}: {} walks, {} matched, {} mismatched, {} checks, {} violations, {:.1}s\n  {:?}\n  stores {} (emulated {}), hits {}, wp {}, mmio {}, pages {}, wp gfns {}",
-        r.checked,
-        r.matched,
-        r.mismatched,
+        r.walks.checked,
+        r.walks.matched,
+        r.walks.mismatched,
         r.invariant_checks,
         r.invariant_violations,
         r.seconds,
@@ -29,10 +29,14 @@ fn replay_with(name: &str, max_pages: Option<u64>) -> ReplayReport {
         r.shadow_pages,
         r.write_protected_gfns,
     );
-    assert_eq!(r.mismatched, 0, "first mismatch: {:?}", r.first_mismatch);
-    assert_eq!(r.event_errors, 0, "{:?}", r.first_mismatch);
+    assert_eq!(
+        r.walks.mismatched, 0,
+        "first mismatch: {:?}",
+        r.walks.first_mismatch
+    );
+    assert_eq!(r.event_errors, 0, "{:?}", r.walks.first_mismatch);
     assert_eq!(r.invariant_violations, 0, "{:?}", r.first_violation);
-    assert_eq!(r.matched, r.checked);
+    assert_eq!(r.walks.matched, r.walks.checked);
     assert!(r.invariant_checks > 1);
     r
 }
@@ -40,14 +44,14 @@ fn replay_with(name: &str, max_pages: Option<u64>) -> ReplayReport {
 #[test]
 fn boot_trace_replays_through_the_shadow_mmu() {
     let r = replay("boot.txt.gz");
-    assert_eq!(r.checked, 868_749);
+    assert_eq!(r.walks.checked, 868_749);
     assert!(r.shadow.page_faults > 0 && r.shadow.sp_created > 0);
 }
 
 #[test]
 fn max_boot_trace_replays_through_the_shadow_mmu() {
     let r = replay("max-boot.txt.gz");
-    assert_eq!(r.checked, 960_874);
+    assert_eq!(r.walks.checked, 960_874);
     assert!(r.shadow.huge_sptes > 0);
 }
 

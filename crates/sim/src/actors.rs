@@ -30,6 +30,7 @@
 //! * Atomics come from `revmap_rmap::sync`; every ordering is explained where used.
 
 use crate::host::{HostMmu, SlotView};
+use crate::scenario::HostSpec;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use revmap_rmap::sync::{thread, Arc, AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -85,6 +86,22 @@ impl HostOps {
             + self.test_age_gfn
             + self.get_dirty_log
             + self.clear_dirty_log
+    }
+
+    /// The unmap, page-in and aging counts as the human summaries print them, `removed`
+    /// naming what the unmaps removed: `unmap_hva_range N (M removed), host_page_in N,
+    /// age_gfn N (M young), test_age_gfn N`.
+    pub fn unmap_and_aging(&self, removed: &str) -> String {
+        format!(
+            "unmap_hva_range {} ({} {removed}), host_page_in {}, age_gfn {} ({} young), \
+             test_age_gfn {}",
+            self.unmap_hva_range,
+            self.hptes_unmapped,
+            self.host_page_in,
+            self.age_gfn,
+            self.age_gfn_young,
+            self.test_age_gfn
+        )
     }
 
     /// Adds `o`'s counts (maxima are combined by max).
@@ -295,6 +312,11 @@ pub struct Migration {
 }
 
 impl Migration {
+    /// The migration loop of a deterministic run over `slots`, if `host` runs one.
+    pub fn stepped(seed: u64, host: &HostSpec, slots: Vec<SlotView>) -> Option<Self> {
+        host.migrates().then(|| Self::new(seed, slots))
+    }
+
     /// A migration loop over the dirty-logging slots of `slots`.
     pub fn new(seed: u64, slots: Vec<SlotView>) -> Self {
         Self {
@@ -471,6 +493,19 @@ pub enum Actor {
 }
 
 impl Actor {
+    /// The host actors of a deterministic run, over `slots`, which the scheduler steps
+    /// itself (no threads, no phases): those of `host` other than migration.
+    pub fn stepped(seed: u64, host: &HostSpec, slots: &[SlotView]) -> Vec<Actor> {
+        let cfg = ActorConfig {
+            ops_per_phase: None,
+            ..ActorConfig::threaded(seed, host, Vec::new())
+        };
+        host.actor_kinds()
+            .into_iter()
+            .map(|k| Actor::new(k, &cfg, slots.to_vec()))
+            .collect()
+    }
+
     /// Creates the actor `kind` over `slots` with `cfg`.
     pub fn new(kind: ActorKind, cfg: &ActorConfig, slots: Vec<SlotView>) -> Self {
         match kind {
@@ -569,6 +604,18 @@ impl ActorConfig {
             page_in: true,
             max_outstanding: 8,
             ops_per_phase: None,
+        }
+    }
+
+    /// The actors `kinds` of a threaded run of a scenario with host spec `host`:
+    /// `host.ops_per_tick` operations per actor per phase (0: free-running).
+    pub fn threaded(seed: u64, host: &HostSpec, kinds: Vec<ActorKind>) -> Self {
+        Self {
+            seed,
+            kinds,
+            page_in: host.page_in,
+            max_outstanding: host.max_outstanding,
+            ops_per_phase: NonZeroU64::new(host.ops_per_tick),
         }
     }
 }

@@ -10,7 +10,7 @@
 //!   the next actor; every actor draws from its own seeded stream; a resize PREPARE is
 //!   polled by waiting for the preparation (never by time). Hence the event digest
 //!   (every hypercall with its arguments and results, every host operation with its
-//!   result) is the same for the same seed and scenario ([`run_deterministic`]).
+//!   result) is the same for the same seed and scenario ([`DeterministicRun`]).
 //! * The checker runs after every step; the first violation stops the run and is
 //!   reported with its step number, so a failing seed reproduces exactly.
 //! * [`minimise`] shrinks a failing scenario (fewer steps, actors, vCPUs, no resize)
@@ -18,7 +18,7 @@
 //! * All vCPUs share one [`revmap_hpt::VcpuRuns`]; the resize calls pause it (out of
 //!   the gate) so a COMMIT never waits for this thread.
 
-use crate::actors::{Actor, ActorConfig, HostOp, HostOps, Migration, MigrationEvent};
+use crate::actors::{Actor, HostOp, HostOps, Migration, MigrationEvent};
 use crate::host::HostMmu;
 use crate::report::{digest_word, HcallStats};
 use crate::run::{build_report, make_vm, Controller, Progress, RunError, RunReport};
@@ -41,13 +41,32 @@ pub(crate) fn digest_str(mut d: u64, s: &str) -> u64 {
     d
 }
 
-/// Runs `sc` deterministically for `sc.deterministic.steps` steps on a guest of
-/// `sc.deterministic.ram_mib` MiB (module docs).
-pub fn run_deterministic(sc: &Scenario) -> Result<RunReport, RunError> {
-    run_deterministic_with(sc, |_| ControlFlow::Continue(()))
+/// A scenario of one of the deterministic simulators (HPT: [`Scenario`], x86:
+/// [`crate::x86::X86Scenario`], nested: [`crate::nested::NestedScenario`]): its run
+/// for `deterministic.steps` steps on `deterministic.ram_mib` MiB of guest RAM
+/// (module docs).
+pub trait DeterministicRun {
+    /// What the run reports.
+    type Report;
+    /// Why the run could not be set up.
+    type Error;
+
+    /// Runs deterministically, calling `progress` after every step; a
+    /// [`ControlFlow::Break`] from it ends the run early (the report is marked
+    /// `interrupted`). The callback sees only counts, so it cannot change the schedule
+    /// or the digest.
+    fn run_deterministic_with(
+        &self,
+        progress: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
+    ) -> Result<Self::Report, Self::Error>;
+
+    /// Runs deterministically to the end.
+    fn run_deterministic(&self) -> Result<Self::Report, Self::Error> {
+        self.run_deterministic_with(&mut |_| ControlFlow::Continue(()))
+    }
 }
 
-/// [`run_deterministic`], calling `progress` after every step; a
+/// Runs `sc` deterministically ([`DeterministicRun::run_deterministic`]), calling `progress` after every step; a
 /// [`ControlFlow::Break`] from it ends the run early (the report is marked
 /// `interrupted`; the checker has run after every step done). The callback sees
 /// only counts, so it cannot change the schedule or the digest.
@@ -68,25 +87,8 @@ pub fn run_deterministic_with(
         mmus.push(VcpuMmu::new(&vm)?);
     }
     let slots = vm.memslot_views();
-    let cfg = ActorConfig {
-        seed: sc.seed,
-        kinds: Vec::new(),
-        page_in: sc.host.page_in,
-        max_outstanding: sc.host.max_outstanding,
-        ops_per_phase: None,
-    };
-    let mut actors: Vec<Actor> = sc
-        .host
-        .actors
-        .iter()
-        .filter(|a| **a != HostActor::Migration)
-        .map(|a| Actor::new(a.kind(), &cfg, slots.clone()))
-        .collect();
-    let mut migration = sc
-        .host
-        .actors
-        .contains(&HostActor::Migration)
-        .then(|| Migration::new(sc.seed, slots.clone()));
+    let mut actors = Actor::stepped(sc.seed, &sc.host, &slots);
+    let mut migration = Migration::stepped(sc.seed, &sc.host, slots);
     let mut ctl = Controller::new(&vm, sc, true);
     let mut host_ops = HostOps::default();
     let mut host_digest = 0u64;
@@ -99,7 +101,6 @@ pub fn run_deterministic_with(
     let n_agents = nv + actors.len() + usize::from(migration.is_some());
     let total_w = nv as u32 * VCPU_WEIGHT + (n_agents - nv) as u32;
     let mut next_resize = 0usize;
-    let mut rounds: Vec<u64> = Vec::new();
     let mut failing_step = None;
     let mut interrupted = false;
     for step in 0..steps {
@@ -131,10 +132,10 @@ pub fn run_deterministic_with(
         } else if let Some(m) = migration.as_mut() {
             runs.pause();
             let mut observe = |e: MigrationEvent<'_>| match e {
-                MigrationEvent::RoundStart { .. } => rounds.push(0),
+                MigrationEvent::RoundStart { .. } => ctl.rounds.push(0),
                 MigrationEvent::Log { bitmap, .. } => {
                     let n: u64 = bitmap.iter().map(|w| u64::from(w.count_ones())).sum();
-                    if let Some(last) = rounds.last_mut() {
+                    if let Some(last) = ctl.rounds.last_mut() {
                         *last += n;
                     }
                 }
@@ -181,23 +182,19 @@ pub fn run_deterministic_with(
     stats.digest = digest_word(stats.digest, host_digest);
     let guest = stats.guest;
     drop(mmus);
-    let checks = (ctl.checks, ctl.violations, ctl.first_violation.take());
-    let resizes = std::mem::take(&mut ctl.resizes);
     let mut report = build_report(
         sc,
         &vm,
+        &mut ctl,
         true,
         t0.elapsed().as_secs_f64(),
         start_order,
         &stats,
         guest,
         host_ops,
-        rounds,
-        resizes,
-        checks,
         Vec::new(),
     );
-    report.failing_step = failing_step;
+    report.verdict.failing_step = failing_step;
     report.interrupted = interrupted;
     Ok(report)
 }
@@ -210,7 +207,7 @@ pub fn run_deterministic_with(
 pub fn minimise(sc: &Scenario) -> Result<Option<(Scenario, RunReport)>, RunError> {
     shrink(
         sc,
-        |s| run_deterministic(s).map(|r| (r.failing_step, r)),
+        |s| s.run_deterministic().map(|r| (r.verdict.failing_step, r)),
         |s, steps| s.deterministic.steps = steps,
         |best| {
             let mut candidates = Vec::new();

@@ -12,7 +12,7 @@
 //! event digest.
 //!
 //! ```
-//! use revmap_sim::det::run_deterministic;
+//! use revmap_sim::det::DeterministicRun;
 //! use revmap_sim::scenario::Scenario;
 //!
 //! let mut sc = Scenario {
@@ -21,11 +21,11 @@
 //! };
 //! sc.deterministic.steps = 200;
 //! sc.deterministic.ram_mib = 64;
-//! let report = run_deterministic(&sc)?;
-//! assert_eq!(report.invariant_checks, 200);
-//! assert_eq!(report.invariant_violations, 0);
-//! assert_eq!(run_deterministic(&sc)?.digest, report.digest);
-//! println!("{} hypercalls, digest {}", report.hcalls_total, report.digest);
+//! let report = sc.run_deterministic()?;
+//! assert_eq!(report.verdict.invariant_checks, 200);
+//! assert_eq!(report.verdict.invariant_violations, 0);
+//! assert_eq!(sc.run_deterministic()?.verdict.digest, report.verdict.digest);
+//! println!("{} hypercalls, digest {}", report.hcalls_total, report.verdict.digest);
 //! # Ok::<(), revmap_sim::run::RunError>(())
 //! ```
 //!

@@ -20,6 +20,58 @@ use revmap_trace::{HcallKind, Record, TraceReader};
 use serde::Serialize;
 use std::path::Path;
 
+/// Whether a run was clean, and its event digest: the part every simulator's report
+/// (HPT, x86 and nested) shares. The reports flatten it (`#[serde(flatten)]`), so its
+/// fields are top-level keys of their JSON.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Verdict {
+    /// Invariant checks run.
+    pub invariant_checks: u64,
+    /// Invariant violations: checker failures plus guest mismatches (must be 0).
+    pub invariant_violations: u64,
+    /// The first violation, if any.
+    pub first_violation: Option<String>,
+    /// Deterministic mode: the step after which the first violation was found.
+    pub failing_step: Option<u64>,
+    /// Event digest, in hex (reproducible in deterministic mode).
+    pub digest: String,
+}
+
+impl Verdict {
+    /// The verdict of `checks` checks that found `violations` violations, the first
+    /// being `first_violation`, over events of digest `digest` (no failing step: a
+    /// deterministic run sets it).
+    pub fn new(checks: u64, violations: u64, first_violation: Option<String>, digest: u64) -> Self {
+        Self {
+            invariant_checks: checks,
+            invariant_violations: violations,
+            first_violation,
+            failing_step: None,
+            digest: format!("{digest:016x}"),
+        }
+    }
+
+    /// Appends the human summary's last lines: the checks and violations (`what` says
+    /// what the violations count besides the checker's, if anything), then the digest.
+    pub fn write_summary(&self, o: &mut String, what: &str) {
+        use std::fmt::Write as _;
+        let first = self
+            .first_violation
+            .as_ref()
+            .map_or(String::new(), |v| format!(" (first: {v})"));
+        let _ = writeln!(
+            o,
+            "invariant_checks {}  invariant_violations {}{what}{first}",
+            self.invariant_checks, self.invariant_violations
+        );
+        let _ = writeln!(
+            o,
+            "digest {} (same seed, same digest in --deterministic mode)",
+            self.digest
+        );
+    }
+}
+
 /// Highest latency the histograms track (60 s, in ns); larger values are clamped.
 pub const MAX_LATENCY_NS: u64 = 60_000_000_000;
 

@@ -18,10 +18,11 @@
 //! * The controller's run handle uses vCPU id `vcpus` (no worker uses it).
 //! * Atomics come from `revmap_rmap::sync`; each ordering is explained where used.
 
-use crate::actors::{ActorConfig, ActorKind, ActorPanicked, HostActors, HostOps, Migration};
+use crate::actors::{ActorConfig, ActorPanicked, HostActors, HostOps, Migration};
 use crate::host::HostMmu;
+use crate::report::Verdict;
 use crate::report::{HcallStats, Percentiles};
-use crate::scenario::{HostActor, Scenario};
+use crate::scenario::Scenario;
 use crate::workload::GuestCpu;
 use revmap_hpt::hcall::{is_long_busy, H_RESIZE_HPT_COMMIT, H_RESIZE_HPT_PREPARE, H_SUCCESS};
 use revmap_hpt::mmu::VcpuMmu;
@@ -250,16 +251,9 @@ pub struct RunReport {
     pub migration: MigrationStats,
     /// Guest-side counters.
     pub guest: GuestCounters,
-    /// Invariant checks run.
-    pub invariant_checks: u64,
-    /// Invariant violations found (must be 0).
-    pub invariant_violations: u64,
-    /// The first violation, if any.
-    pub first_violation: Option<String>,
-    /// Deterministic mode: the step after which the checker failed.
-    pub failing_step: Option<u64>,
-    /// Event digest (reproducible in deterministic mode).
-    pub digest: String,
+    /// Whether the run was clean, and its event digest.
+    #[serde(flatten)]
+    pub verdict: Verdict,
     /// Throughput over time.
     pub timeline: Vec<Sample>,
     /// Latency distribution for plots: (upper bound ns, count) buckets.
@@ -482,21 +476,8 @@ pub fn run(
     let quiesce = Quiesce::default();
     let counters: Vec<AtomicU64> = (0..nv).map(|_| AtomicU64::new(0)).collect();
     let duration = Duration::from_secs_f64(sc.duration_secs);
-    let kinds: Vec<ActorKind> = sc
-        .host
-        .actors
-        .iter()
-        .filter(|a| **a != HostActor::Migration)
-        .map(|a| a.kind())
-        .collect();
-    let with_migration = sc.host.actors.contains(&HostActor::Migration);
-    let actor_cfg = ActorConfig {
-        seed: sc.seed,
-        kinds,
-        page_in: sc.host.page_in,
-        max_outstanding: sc.host.max_outstanding,
-        ops_per_phase: std::num::NonZeroU64::new(sc.host.ops_per_tick),
-    };
+    let with_migration = sc.host.migrates();
+    let actor_cfg = ActorConfig::threaded(sc.seed, &sc.host, sc.host.actor_kinds());
 
     let mut ctl = Controller::new(&vm, sc, false);
     let t0 = Instant::now();
@@ -630,20 +611,16 @@ pub fn run(
         stats.merge(&c.stats);
     }
     let guest = stats.guest;
-    let rounds = std::mem::take(&mut ctl.rounds);
-    let resizes = std::mem::take(&mut ctl.resizes);
     let mut report = build_report(
         sc,
         &vm,
+        &mut ctl,
         false,
         elapsed,
         start_order,
         &stats,
         guest,
         host_ops,
-        rounds,
-        resizes,
-        (ctl.checks, ctl.violations, ctl.first_violation.take()),
         timeline,
     );
     report.interrupted = interrupted;
@@ -834,17 +811,18 @@ pub fn memory_stats(vm: &Vm, rings: &RingStats) -> MemoryStats {
 pub(crate) fn build_report(
     sc: &Scenario,
     vm: &Vm,
+    ctl: &mut Controller<'_>,
     deterministic: bool,
     elapsed: f64,
     start_order: u32,
     stats: &HcallStats,
     guest: GuestCounters,
     host_ops: HostOps,
-    rounds: Vec<u64>,
-    resize: Vec<ResizeRecord>,
-    checks: (u64, u64, Option<String>),
     timeline: Vec<Sample>,
 ) -> RunReport {
+    let rounds = std::mem::take(&mut ctl.rounds);
+    let resize = std::mem::take(&mut ctl.resizes);
+    let checks = (ctl.checks, ctl.violations, ctl.first_violation.take());
     let secs = elapsed.max(1e-9);
     let mut hcalls = BTreeMap::new();
     let mut per_s = BTreeMap::new();
@@ -917,11 +895,7 @@ pub(crate) fn build_report(
         resize,
         migration,
         guest,
-        invariant_checks: checks.0,
-        invariant_violations: checks.1,
-        first_violation: checks.2,
-        failing_step: None,
-        digest: format!("{:016x}", stats.digest),
+        verdict: Verdict::new(checks.0, checks.1, checks.2, stats.digest),
         timeline,
         latency_buckets,
         latency_buckets_by_kind,
@@ -1044,11 +1018,7 @@ impl RunReport {
             self.host_ops_per_s
         );
         if self.interrupted {
-            let _ = writeln!(
-                o,
-                "INTERRUPTED: stopped early (SIGINT); the figures cover the part that ran, \
-                 and the invariant checker ran after everything stopped"
-            );
+            write_interrupted(&mut o);
         }
         let _ = writeln!(
             o,
@@ -1235,34 +1205,18 @@ impl RunReport {
             g.execs,
             g.exits
         );
-        write_checks_and_digest(
-            &mut o,
-            (self.invariant_checks, self.invariant_violations, ""),
-            self.first_violation.as_deref(),
-            &self.digest,
-        );
+        self.verdict.write_summary(&mut o, "");
         o
     }
 }
 
-/// Appends a human report's closing lines to `o`: the invariant checks and
-/// violations (`what` right after the violation count says what they include), the
-/// first violation if any, and the digest.
-pub(crate) fn write_checks_and_digest(
-    o: &mut String,
-    (checks, violations, what): (u64, u64, &str),
-    first: Option<&str>,
-    digest: &str,
-) {
+/// Appends the human summary's note on a run stopped early (SIGINT).
+pub(crate) fn write_interrupted(o: &mut String) {
     use std::fmt::Write as _;
-    let first = first.map_or(String::new(), |v| format!(" (first: {v})"));
     let _ = writeln!(
         o,
-        "invariant_checks {checks}  invariant_violations {violations}{what}{first}"
-    );
-    let _ = writeln!(
-        o,
-        "digest {digest} (same seed, same digest in --deterministic mode)"
+        "INTERRUPTED: stopped early (SIGINT); the figures cover the part that ran, \
+         and the invariant checker ran after everything stopped"
     );
 }
 

@@ -84,6 +84,23 @@ pub struct HostSpec {
     pub ops_per_tick: u64,
 }
 
+impl HostSpec {
+    /// The host actors other than migration (which the controller or the scheduler
+    /// runs itself): the threads of a threaded run.
+    pub fn actor_kinds(&self) -> Vec<ActorKind> {
+        self.actors
+            .iter()
+            .filter(|a| **a != HostActor::Migration)
+            .map(|a| a.kind())
+            .collect()
+    }
+
+    /// Whether the migration loop (dirty-log rounds) runs.
+    pub fn migrates(&self) -> bool {
+        self.actors.contains(&HostActor::Migration)
+    }
+}
+
 impl Default for HostSpec {
     fn default() -> Self {
         Self {
@@ -222,6 +239,16 @@ pub enum ScenarioError {
     },
 }
 
+/// Parses a TOML scenario and checks it with `validate`.
+pub(crate) fn parse_validated<S: serde::de::DeserializeOwned>(
+    text: &str,
+    validate: impl FnOnce(&S) -> Result<(), ScenarioError>,
+) -> Result<S, ScenarioError> {
+    let s: S = toml::from_str(text)?;
+    validate(&s)?;
+    Ok(s)
+}
+
 /// Reads a scenario file and parses it with `parse`; errors name the file; a file
 /// without a top-level `name` is named (`name`) after the file's stem.
 pub(crate) fn read_file<S>(
@@ -276,9 +303,7 @@ pub(crate) fn invalid(field: &'static str, why: impl Into<String>) -> ScenarioEr
 impl Scenario {
     /// Parses and validates a TOML scenario.
     pub fn from_toml(text: &str) -> Result<Self, ScenarioError> {
-        let s: Scenario = toml::from_str(text)?;
-        s.validate()?;
-        Ok(s)
+        parse_validated(text, Self::validate)
     }
 
     /// Reads, parses and validates a scenario file. Errors name the file; a file

@@ -21,7 +21,8 @@
 //! # Ok::<(), revmap_sim::scenario::ScenarioError>(())
 //! ```
 
-use crate::det::{minimise, run_deterministic};
+use crate::det::{minimise, run_deterministic_with};
+use crate::run::{RunError, RunReport};
 use crate::scenario::Scenario;
 use rayon::prelude::*;
 use revmap_rmap::sync::{AtomicU64, Ordering};
@@ -261,12 +262,32 @@ impl<S: SoakScenario> SoakTarget for DetSoak<S> {
     }
 }
 
-/// Implements [`SoakScenario`] for a scenario type with `seed` and
-/// `deterministic.steps` fields, whose deterministic run (`$run`) and minimiser
-/// (`$minimise`) give reports with `invariant_checks`, `failing_step` and
-/// `first_violation`.
+/// Implements [`crate::det::DeterministicRun`] (with `$run`, the deterministic run
+/// with a progress callback, giving `$report` or `$error`) and [`SoakScenario`] for a
+/// scenario type with `seed` and `deterministic.steps` fields, whose minimiser
+/// (`$minimise`) give reports with a `verdict` ([`crate::report::Verdict`]).
 macro_rules! soak_scenario {
-    ($scenario:ty, $mmu:literal, $rerun:literal, $run:path, $minimise:path) => {
+    (
+        $scenario:ty,
+        $mmu:literal,
+        $rerun:literal,
+        $report:ty,
+        $error:ty,
+        $run:path,
+        $minimise:path
+    ) => {
+        impl $crate::det::DeterministicRun for $scenario {
+            type Report = $report;
+            type Error = $error;
+
+            fn run_deterministic_with(
+                &self,
+                progress: &mut dyn FnMut(&$crate::run::Progress) -> std::ops::ControlFlow<()>,
+            ) -> Result<$report, $error> {
+                $run(self, progress)
+            }
+        }
+
         impl $crate::soak::SoakScenario for $scenario {
             const MMU: &'static str = $mmu;
             const RERUN: &'static str = $rerun;
@@ -277,12 +298,13 @@ macro_rules! soak_scenario {
             }
 
             fn run_det(&self) -> Result<$crate::soak::SeedOutcome, String> {
-                let r = $run(self).map_err(|e| e.to_string())?;
+                let r = $crate::det::DeterministicRun::run_deterministic(self)
+                    .map_err(|e| e.to_string())?;
                 Ok($crate::soak::SeedOutcome::of(
                     self.deterministic.steps,
-                    r.invariant_checks,
-                    r.failing_step,
-                    r.first_violation.as_deref(),
+                    r.verdict.invariant_checks,
+                    r.verdict.failing_step,
+                    r.verdict.first_violation.as_deref(),
                 ))
             }
 
@@ -300,7 +322,9 @@ soak_scenario!(
     Scenario,
     "hpt",
     "--deterministic",
-    run_deterministic,
+    RunReport,
+    RunError,
+    run_deterministic_with,
     minimise
 );
 

@@ -2,7 +2,7 @@
 //! report counts); different seeds give different digests; a few hundred seeds run
 //! briefly with the checker after every step and find no violation.
 
-use revmap_sim::det::run_deterministic;
+use revmap_sim::det::DeterministicRun;
 use revmap_sim::scenario::Scenario;
 
 fn scenario(seed: u64, steps: u64, ram_mib: u64) -> Scenario {
@@ -17,17 +17,21 @@ fn scenario(seed: u64, steps: u64, ram_mib: u64) -> Scenario {
 
 #[test]
 fn same_seed_same_digest() {
-    let a = run_deterministic(&scenario(11, 1000, 64)).unwrap();
-    let b = run_deterministic(&scenario(11, 1000, 64)).unwrap();
-    let c = run_deterministic(&scenario(12, 1000, 64)).unwrap();
-    assert_eq!(a.invariant_violations, 0, "{:?}", a.first_violation);
-    assert_eq!(a.invariant_checks, 1000);
-    assert_eq!(a.digest, b.digest);
+    let a = scenario(11, 1000, 64).run_deterministic().unwrap();
+    let b = scenario(11, 1000, 64).run_deterministic().unwrap();
+    let c = scenario(12, 1000, 64).run_deterministic().unwrap();
+    assert_eq!(
+        a.verdict.invariant_violations, 0,
+        "{:?}",
+        a.verdict.first_violation
+    );
+    assert_eq!(a.verdict.invariant_checks, 1000);
+    assert_eq!(a.verdict.digest, b.verdict.digest);
     assert_eq!(a.hcalls, b.hcalls);
     assert_eq!(a.host_ops, b.host_ops);
     assert_eq!(a.rings, b.rings);
     assert_eq!(a.hpt_order, b.hpt_order);
-    assert_ne!(a.digest, c.digest);
+    assert_ne!(a.verdict.digest, c.verdict.digest);
     assert_eq!(a.resize.len(), 2);
     assert!(
         a.resize.iter().all(|r| r.commit_ret == Some(0)),
@@ -44,13 +48,13 @@ fn a_few_hundred_seeds_briefly() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(200);
     for seed in 0..n {
-        let r = run_deterministic(&scenario(1000 + seed, 80, 32)).unwrap();
+        let r = scenario(1000 + seed, 80, 32).run_deterministic().unwrap();
         assert_eq!(
-            r.invariant_violations,
+            r.verdict.invariant_violations,
             0,
             "seed {}: {:?}",
             1000 + seed,
-            r.first_violation
+            r.verdict.first_violation
         );
     }
 }

@@ -1,15 +1,27 @@
 //! Helpers shared by the nested integration tests: L1's partition table and radix tree
-//! for an L2, and a host reclaim of an L1 memory range.
+//! for an L2, and a host reclaim of an L1 memory range. The `nested_ops` fuzz target
+//! includes this file too (`#[path]`), so it uses only the fuzz crate's dependencies.
 #![allow(dead_code)]
 
 use revmap_host::HostMmu;
+use revmap_nested::access::{l1_translate, L1Layout, L2Outcome};
 use revmap_nested::hcall::check_enter_nested;
-use revmap_nested::radix::{PateDw0, Ptcr, RadixPde};
-use revmap_nested::vm::{NestedVm, L1_RAM_HVA};
-use revmap_nested::{GuestId, NestedGuests};
+use revmap_nested::radix::{Access, Exit, PateDw0, Ptcr, RadixPde, RadixPte};
+use revmap_nested::vm::{L2Result, NestedVm, L1_RAM_HVA};
+use revmap_nested::{GuestId, NGpa, NestedGuests};
 use revmap_rmap::Hva;
 use revmap_trace::nested::AccessOutcome;
 use std::path::PathBuf;
+
+/// The leaf flags L1 maps L2 pages with in the state-machine tests and the fuzz target
+/// (which includes this module): R/C set or not, read, read-write or execute.
+pub const FLAGS: [u64; 5] = [
+    RadixPte::R | RadixPte::C | RadixPte::EAA_READ | RadixPte::EAA_RW | RadixPte::EAA_X,
+    RadixPte::R | RadixPte::EAA_READ,
+    RadixPte::EAA_READ | RadixPte::EAA_RW,
+    RadixPte::R | RadixPte::EAA_X,
+    RadixPte::R | RadixPte::EAA_READ | RadixPte::EAA_RW,
+];
 
 /// The vendored nested trace `name` (under `traces/nested`).
 pub fn trace(name: &str) -> PathBuf {
@@ -55,7 +67,27 @@ impl Tally {
 /// L1's partition-table register: table at 0x1_0000, size field 4.
 pub const PTCR: u64 = 0x1_0000 | 4;
 /// Base of L1's partition table (the address in [`PTCR`]).
-const PATB: u64 = 0x1_0000;
+pub const PATB: u64 = 0x1_0000;
+
+/// What L1's tables say an access by L2 `lpid` (tree at [`root`]) at `n` gives, by
+/// KVM L0's rules as the trace reference model computes them (`access::l1_translate`,
+/// no shadow state), with `ram_bytes` of L1 RAM on 64 KiB L0 pages. A completed access
+/// has `hpa` 0: the caller checks the host frame itself.
+pub fn l1_expected(vm: &NestedVm, ram_bytes: u64, lpid: u64, n: NGpa, acc: Access) -> L2Result {
+    let layout = L1Layout {
+        ram_bytes,
+        l0_page_shift: 16,
+    };
+    let root = PateDw0::radix52(root(lpid), 13);
+    match vm.with_l1_memory(|m| l1_translate(&*m, root, n, acc, layout)) {
+        L2Outcome::Complete(t) => L2Result::Ok {
+            l1gpa: t.raddr.0,
+            hpa: 0,
+        },
+        L2Outcome::Mmio(g) => L2Result::Mmio { l1gpa: g.0 },
+        L2Outcome::Exit(e @ (Exit::Hdsi { .. } | Exit::Hisi { .. })) => e.into(),
+    }
+}
 
 /// L1 addresses of one L2's radix tree: root, PUD, PMD and PTE tables.
 #[derive(Clone, Copy, Debug)]

@@ -1,38 +1,13 @@
 //! Helpers shared by the shadow MMU's state-machine tests: the reference walker's view of
 //! guest memory and the access check against it.
 
+pub mod mem;
+
+pub use mem::Limited;
+
 use revmap_rmap::{Gfn, SlotId};
 use revmap_shadow::mmu::{AccessOutcome, ShadowMmu};
-use revmap_shadow::paging::{walk, Access, Gpa, GuestPhysMemory, Gva, MemoryError, SparseMemory};
-
-/// The reference walker's view: the first `.1` frames (the slot) only.
-pub struct Limited<'a>(pub &'a mut SparseMemory, pub u64);
-
-impl Limited<'_> {
-    fn check(&self, gpa: Gpa) -> Result<(), MemoryError> {
-        if gpa.gfn() >= self.1 {
-            return Err(MemoryError::Unbacked(gpa.0));
-        }
-        Ok(())
-    }
-}
-
-impl GuestPhysMemory for Limited<'_> {
-    fn read_u64(&self, gpa: Gpa) -> Result<u64, MemoryError> {
-        self.check(gpa)?;
-        self.0.read_u64(gpa)
-    }
-    fn read_u32(&self, gpa: Gpa) -> Result<u32, MemoryError> {
-        self.check(gpa)?;
-        self.0.read_u32(gpa)
-    }
-    fn cmpxchg_u64(&mut self, g: Gpa, o: u64, n: u64) -> Result<Result<(), u64>, MemoryError> {
-        self.0.cmpxchg_u64(g, o, n)
-    }
-    fn cmpxchg_u32(&mut self, g: Gpa, o: u32, n: u32) -> Result<Result<(), u32>, MemoryError> {
-        self.0.cmpxchg_u32(g, o, n)
-    }
-}
+use revmap_shadow::paging::{walk, Access, Gva, SparseMemory};
 
 /// The access an op's `acc` byte names: read, write or fetch, user from 3 on.
 pub fn access_of(a: u8) -> Access {

@@ -14,27 +14,21 @@
 //!   reproduces exactly; [`minimise_nested`] shrinks a failing scenario.
 
 use super::l1::L1Cpu;
-use super::run::{actor_kinds, boot, build_report, Outcome};
+use super::run::{boot, build_report, Outcome};
 use super::{Checks, NestedRunError, NestedRunReport, NestedSample, NestedScenario};
-use crate::actors::{Actor, ActorConfig, HostOps, Migration};
-use crate::det::{fewer_actors_or_vcpus, shrink, VCPU_WEIGHT};
+use crate::actors::{Actor, HostOps, Migration};
+use crate::det::{fewer_actors_or_vcpus, shrink, DeterministicRun, VCPU_WEIGHT};
 use crate::host::HostMmu;
 use crate::report::digest_word;
 use crate::run::Progress;
-use crate::scenario::HostActor;
 use crate::soak::{soak_scenario, DetSoak};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::ops::ControlFlow;
 use std::time::Instant;
 
-/// Runs `sc` deterministically for `sc.deterministic.steps` steps with
-/// `sc.deterministic.ram_mib` MiB of L1 RAM (module docs).
-pub fn run_nested_deterministic(sc: &NestedScenario) -> Result<NestedRunReport, NestedRunError> {
-    run_nested_deterministic_with(sc, |_| ControlFlow::Continue(()))
-}
-
-/// [`run_nested_deterministic`], calling `progress` after every step; a
+/// Runs `sc` deterministically ([`DeterministicRun::run_deterministic`]) with
+/// `sc.deterministic.ram_mib` MiB of L1 RAM, calling `progress` after every step; a
 /// [`ControlFlow::Break`] ends the run early (marked `interrupted`).
 pub fn run_nested_deterministic_with(
     sc: &NestedScenario,
@@ -50,22 +44,8 @@ pub fn run_nested_deterministic_with(
         .collect::<Result<Vec<_>, _>>()
         .map_err(NestedRunError::Setup)?;
     let slots = vm.memslot_views();
-    let cfg = ActorConfig {
-        seed: sc.seed,
-        kinds: Vec::new(),
-        page_in: sc.host.page_in,
-        max_outstanding: sc.host.max_outstanding,
-        ops_per_phase: None,
-    };
-    let mut actors: Vec<Actor> = actor_kinds(sc)
-        .into_iter()
-        .map(|k| Actor::new(k, &cfg, slots.clone()))
-        .collect();
-    let mut migration = sc
-        .host
-        .actors
-        .contains(&HostActor::Migration)
-        .then(|| Migration::new(sc.seed, slots.clone()));
+    let mut actors = Actor::stepped(sc.seed, &sc.host, &slots);
+    let mut migration = Migration::stepped(sc.seed, &sc.host, slots);
     let mut sched = ChaCha8Rng::seed_from_u64(sc.seed);
     sched.set_stream(0x4e57);
     let n_host = actors.len() + usize::from(migration.is_some());
@@ -160,7 +140,7 @@ pub fn run_nested_deterministic_with(
         },
     );
     report.steps = done;
-    report.failing_step = failing_step;
+    report.verdict.failing_step = failing_step;
     report.interrupted = interrupted;
     Ok(report)
 }
@@ -173,7 +153,7 @@ pub fn minimise_nested(
 ) -> Result<Option<(NestedScenario, NestedRunReport)>, NestedRunError> {
     shrink(
         sc,
-        |s| run_nested_deterministic(s).map(|r| (r.failing_step, r)),
+        |s| s.run_deterministic().map(|r| (r.verdict.failing_step, r)),
         |s, steps| s.deterministic.steps = steps,
         |best| {
             let mut candidates =
@@ -197,6 +177,8 @@ soak_scenario!(
     NestedScenario,
     "nested",
     "--mmu nested --deterministic",
-    run_nested_deterministic,
+    NestedRunReport,
+    NestedRunError,
+    run_nested_deterministic_with,
     minimise_nested
 );

@@ -7,7 +7,7 @@
 //! re-creates its L2s; host actors (memory pressure, aging, the live-migration dirty-log
 //! loop of [`crate::actors`]) work on L1 memory through [`crate::host::HostMmu`]; the
 //! nested MMU's checker ([`revmap_nested::NestedVm::check`]) runs at quiescent points
-//! ([`run::run_nested`]) or after every step ([`det::run_nested_deterministic`]).
+//! ([`run::run_nested`]) or after every step ([`det::run_nested_deterministic_with`]).
 //!
 //! The hostile-L1 scenario ([`NestedScenario::hostile`]) maps one L1 page into
 //! thousands of (lpid, L2 address) pairs and invalidates each after one access, without
@@ -33,16 +33,16 @@ pub mod l1;
 pub mod run;
 
 use crate::actors::HostOps;
-use crate::run::{si_ns, write_checks_and_digest, write_table};
+use crate::report::Verdict;
+use crate::run::{si_ns, write_table};
 use crate::scenario::{
-    check_timing, invalid, read_file, DeterministicSpec, HostActor, HostSpec, ScenarioError,
+    check_timing, invalid, parse_validated, read_file, DeterministicSpec, HostActor, HostSpec,
+    ScenarioError,
 };
 use revmap_nested::{NestedCounters, NestedVm, NestedVmConfig, NestedVmError};
 use serde::{Deserialize, Serialize};
 
-pub use det::{
-    minimise_nested, run_nested_deterministic, run_nested_deterministic_with, NestedSoak,
-};
+pub use det::{minimise_nested, run_nested_deterministic_with, NestedSoak};
 pub use l1::{L1Counters, L1Cpu};
 pub use run::run_nested;
 
@@ -230,9 +230,7 @@ impl NestedScenario {
 
     /// Parses and validates a TOML scenario.
     pub fn from_toml(text: &str) -> Result<Self, ScenarioError> {
-        let s: Self = toml::from_str(text)?;
-        s.validate()?;
-        Ok(s)
+        parse_validated(text, Self::validate)
     }
 
     /// Reads, parses and validates a scenario file. Errors name the file; a file
@@ -249,7 +247,7 @@ impl NestedScenario {
     /// The nested VM of the scenario, L1 RAM `ram_mib` MiB.
     pub fn make_vm(&self, ram_mib: u64) -> Result<NestedVm, NestedRunError> {
         let mut cfg = NestedVmConfig::new(ram_mib << 20, self.l1.backing_page_shift);
-        cfg.dirty_logging = self.host.actors.contains(&HostActor::Migration);
+        cfg.dirty_logging = self.host.migrates();
         cfg.rmap_cap = self.l1.rmap_cap;
         Ok(NestedVm::new(cfg)?)
     }
@@ -399,16 +397,9 @@ pub struct NestedRunReport {
     pub host_ops_per_s: f64,
     /// The nested MMU.
     pub nested: NestedStats,
-    /// Invariant checks run.
-    pub invariant_checks: u64,
-    /// Invariant violations: checker failures plus guest mismatches (must be 0).
-    pub invariant_violations: u64,
-    /// The first violation, if any.
-    pub first_violation: Option<String>,
-    /// Deterministic mode: the step after which the first violation was found.
-    pub failing_step: Option<u64>,
-    /// Event digest (reproducible in deterministic mode).
-    pub digest: String,
+    /// Whether the run was clean, and its event digest.
+    #[serde(flatten)]
+    pub verdict: Verdict,
     /// Samples over time (for the plots).
     pub timeline: Vec<NestedSample>,
 }
@@ -499,15 +490,9 @@ impl NestedRunReport {
         let h = &self.host_ops;
         let _ = writeln!(
             o,
-            "\nhost operations on L1 memory: unmap_hva_range {} ({} translations removed), \
-             host_page_in {}, age_gfn {} ({} young), test_age_gfn {}, get_dirty_log {} \
-             ({} dirty 4 KiB frames over {} rounds), clear_dirty_log {}",
-            h.unmap_hva_range,
-            h.hptes_unmapped,
-            h.host_page_in,
-            h.age_gfn,
-            h.age_gfn_young,
-            h.test_age_gfn,
+            "\nhost operations on L1 memory: {}, get_dirty_log {} ({} dirty 4 KiB frames over {} \
+             rounds), clear_dirty_log {}",
+            h.unmap_and_aging("translations removed"),
             h.get_dirty_log,
             h.dirty_pages,
             h.dirty_log_rounds,
@@ -571,12 +556,7 @@ impl NestedRunReport {
                 si_ns((self.elapsed_s * 1e9 * self.vcpus as f64 / self.accesses as f64) as u64)
             );
         }
-        write_checks_and_digest(
-            &mut o,
-            (self.invariant_checks, self.invariant_violations, ""),
-            self.first_violation.as_deref(),
-            &self.digest,
-        );
+        self.verdict.write_summary(&mut o, "");
         o
     }
 }

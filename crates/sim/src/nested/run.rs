@@ -10,10 +10,10 @@
 
 use super::l1::{L1Cpu, PTCR};
 use super::{Checks, NestedRunError, NestedRunReport, NestedSample, NestedScenario, NestedStats};
-use crate::actors::{ActorConfig, ActorKind, HostActors, HostOps, Migration};
+use crate::actors::{ActorConfig, HostActors, HostOps, Migration};
 use crate::host::HostMmu;
+use crate::report::Verdict;
 use crate::run::{join_vcpus, run_done, sum_counters, Progress, Quiesce, TICK};
-use crate::scenario::HostActor;
 use revmap_nested::NestedVm;
 use revmap_rmap::sync::{thread, AtomicU64, Ordering};
 use std::ops::ControlFlow;
@@ -42,16 +42,6 @@ pub(crate) fn boot(sc: &NestedScenario, ram_mib: u64) -> Result<NestedVm, Nested
             "H_SET_PARTITION_TABLE returned {r}"
         ))),
     }
-}
-
-/// The actors of `sc` other than migration (which the controller runs).
-pub(crate) fn actor_kinds(sc: &NestedScenario) -> Vec<ActorKind> {
-    sc.host
-        .actors
-        .iter()
-        .filter(|a| **a != HostActor::Migration)
-        .map(|a| a.kind())
-        .collect()
 }
 
 /// Everything a report is built from.
@@ -97,11 +87,12 @@ pub(crate) fn build_report(
         host_ops_per_s: o.host_ops.total() as f64 / secs,
         host_ops: o.host_ops,
         nested: NestedStats::of(vm),
-        invariant_checks: o.checks.checks,
-        invariant_violations: o.checks.violations + l1.mismatches,
-        first_violation,
-        failing_step: None,
-        digest: format!("{digest:016x}"),
+        verdict: Verdict::new(
+            o.checks.checks,
+            o.checks.violations + l1.mismatches,
+            first_violation,
+            digest,
+        ),
         timeline: o.timeline,
         l1,
     }
@@ -123,14 +114,8 @@ pub fn run_nested(
         .map_err(NestedRunError::Setup)?;
     let quiesce = Quiesce::default();
     let counters: Vec<AtomicU64> = (0..nv).map(|_| AtomicU64::new(0)).collect();
-    let actor_cfg = ActorConfig {
-        seed: sc.seed,
-        kinds: actor_kinds(sc),
-        page_in: sc.host.page_in,
-        max_outstanding: sc.host.max_outstanding,
-        ops_per_phase: std::num::NonZeroU64::new(sc.host.ops_per_tick),
-    };
-    let with_migration = sc.host.actors.contains(&HostActor::Migration);
+    let actor_cfg = ActorConfig::threaded(sc.seed, &sc.host, sc.host.actor_kinds());
+    let with_migration = sc.host.migrates();
     let duration = Duration::from_secs_f64(sc.duration_secs);
     let by_accesses = sc.stop_after_accesses;
     let mut checks = Checks::default();

@@ -2,6 +2,7 @@
 //! violations, reproducible digests), the hostile L1's bound, a threaded run.
 
 use super::*;
+use crate::det::DeterministicRun;
 
 #[test]
 fn embedded_scenarios_equal_the_shipped_files() {
@@ -49,13 +50,13 @@ fn small(mut sc: NestedScenario, seed: u64, steps: u64) -> NestedScenario {
 fn deterministic_runs_find_no_violation_and_reproduce() {
     for seed in [1, 2, 3] {
         let sc = small(NestedScenario::default(), seed, 3000);
-        let r = run_nested_deterministic(&sc).unwrap();
+        let r = sc.run_deterministic().unwrap();
         assert_eq!(
-            r.invariant_violations, 0,
+            r.verdict.invariant_violations, 0,
             "seed {seed}: {:?}",
-            r.first_violation
+            r.verdict.first_violation
         );
-        assert_eq!(r.invariant_checks, 3000);
+        assert_eq!(r.verdict.invariant_checks, 3000);
         // The run did what the scenario says: L2s faulted pages in through L1, L1
         // changed its tables, the host worked on L1 memory through the nested rmap.
         assert!(r.l1.ok > 1000 && r.l1.maps > 100, "seed {seed}: {:?}", r.l1);
@@ -64,15 +65,22 @@ fn deterministic_runs_find_no_violation_and_reproduce() {
         assert!(r.nested.counters.nested_faults > 0 && r.nested.counters.shadow_hits > 0);
         assert!(r.nested.counters.rmap_invalidations > 0, "{:?}", r.nested);
         assert!(r.host_ops.unmap_hva_range > 0 && r.host_ops.get_dirty_log > 0);
-        assert_eq!(run_nested_deterministic(&sc).unwrap().digest, r.digest);
+        assert_eq!(
+            sc.run_deterministic().unwrap().verdict.digest,
+            r.verdict.digest
+        );
     }
 }
 
 #[test]
 fn hostile_l1_stays_within_the_bound_and_its_rmap_stops_growing() {
     let sc = small(NestedScenario::hostile(), 1, 4000);
-    let r = run_nested_deterministic(&sc).unwrap();
-    assert_eq!(r.invariant_violations, 0, "{:?}", r.first_violation);
+    let r = sc.run_deterministic().unwrap();
+    assert_eq!(
+        r.verdict.invariant_violations, 0,
+        "{:?}",
+        r.verdict.first_violation
+    );
     let (n, bound) = (r.nested.counters, r.nested.rmap_bound);
     // Far more (lpid, L2 address) pairs reached the page than the bound admits ...
     assert!(r.l1.hostile_pairs > 20 * bound, "{:?}", r.l1);
@@ -97,8 +105,15 @@ fn a_threaded_run_checks_at_quiescent_points() {
     sc.stop_after_accesses = 20_000;
     sc.check_interval_ms = 100;
     let r = run_nested(&sc, |_| std::ops::ControlFlow::Continue(())).unwrap();
-    assert_eq!(r.invariant_violations, 0, "{:?}", r.first_violation);
-    assert!(r.invariant_checks >= 2, "periodic checks and the final one");
+    assert_eq!(
+        r.verdict.invariant_violations, 0,
+        "{:?}",
+        r.verdict.first_violation
+    );
+    assert!(
+        r.verdict.invariant_checks >= 2,
+        "periodic checks and the final one"
+    );
     assert!(r.accesses >= 20_000 && r.l1.ok > 0);
     assert!(!r.timeline.is_empty());
 }

@@ -16,14 +16,12 @@
 
 use super::run::Checks;
 use super::{
-    actor_kinds, build, merge_cpus, Collected, DirtyLogPasses, X86Report, X86RunError, X86Sample,
-    X86Scenario,
+    build, merge_cpus, Collected, DirtyLogPasses, X86Report, X86RunError, X86Sample, X86Scenario,
 };
-use crate::actors::{Actor, ActorConfig, HostOps};
-use crate::det::{digest_str, fewer_actors_or_vcpus, shrink, VCPU_WEIGHT};
+use crate::actors::{Actor, HostOps};
+use crate::det::{digest_str, fewer_actors_or_vcpus, shrink, DeterministicRun, VCPU_WEIGHT};
 use crate::report::digest_word;
 use crate::run::Progress;
-use crate::scenario::HostActor;
 use crate::soak::{soak_scenario, DetSoak};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -33,13 +31,7 @@ use std::time::Instant;
 
 use super::guest;
 
-/// Runs `sc` deterministically for `sc.deterministic.steps` steps on a guest of
-/// `sc.deterministic.ram_mib` MiB.
-pub fn run_x86_deterministic(sc: &X86Scenario) -> Result<X86Report, X86RunError> {
-    run_x86_deterministic_with(sc, |_| ControlFlow::Continue(()))
-}
-
-/// [`run_x86_deterministic`], calling `progress` after every step (`hcalls` carries
+/// Runs `sc` deterministically ([`DeterministicRun::run_deterministic`]), calling `progress` after every step (`hcalls` carries
 /// the guest accesses); a [`ControlFlow::Break`] ends the run early (the report is
 /// marked `interrupted`). The callback sees only counts, so it cannot change the
 /// schedule or the digest.
@@ -52,19 +44,8 @@ pub fn run_x86_deterministic_with(
     let nv = cpus.len();
     let steps = sc.deterministic.steps;
     let t0 = Instant::now();
-    let cfg = ActorConfig {
-        seed: sc.seed,
-        kinds: Vec::new(),
-        page_in: sc.host.page_in,
-        max_outstanding: sc.host.max_outstanding,
-        ops_per_phase: None,
-    };
-    let slots = vm_slots(&vm);
-    let mut actors: Vec<Actor> = actor_kinds(&sc.host)
-        .into_iter()
-        .map(|k| Actor::new(k, &cfg, slots.clone()))
-        .collect();
-    let with_migration = sc.host.actors.contains(&HostActor::Migration);
+    let mut actors = Actor::stepped(sc.seed, &sc.host, &vm_slots(&vm));
+    let with_migration = sc.host.migrates();
     let mut migration = DirtyLogPasses::new(sc.seed, sc.migration);
     let mut host_ops = HostOps::default();
     let mut host_digest = 0u64;
@@ -156,7 +137,7 @@ pub fn run_x86_deterministic_with(
             timeline,
         },
     );
-    report.failing_step = failing_step;
+    report.verdict.failing_step = failing_step;
     report.interrupted = interrupted;
     Ok(report)
 }
@@ -172,7 +153,7 @@ fn vm_slots(vm: &ShadowVm) -> Vec<crate::host::SlotView> {
 pub fn minimise(sc: &X86Scenario) -> Result<Option<(X86Scenario, X86Report)>, X86RunError> {
     shrink(
         sc,
-        |s| run_x86_deterministic(s).map(|r| (r.failing_step, r)),
+        |s| s.run_deterministic().map(|r| (r.verdict.failing_step, r)),
         |s, steps| s.deterministic.steps = steps,
         |best| fewer_actors_or_vcpus(best, |s| (&mut s.host.actors, &mut s.guest.vcpus)),
     )
@@ -186,7 +167,9 @@ soak_scenario!(
     X86Scenario,
     "x86",
     "--mmu x86 --deterministic",
-    run_x86_deterministic,
+    X86Report,
+    X86RunError,
+    run_x86_deterministic_with,
     minimise
 );
 
@@ -208,14 +191,14 @@ mod tests {
     #[test]
     fn several_seeds_run_clean_with_a_check_after_every_step() {
         for seed in 1..=4 {
-            let r = run_x86_deterministic(&small(seed, 1500)).unwrap();
+            let r = small(seed, 1500).run_deterministic().unwrap();
             assert_eq!(
-                r.invariant_violations, 0,
+                r.verdict.invariant_violations, 0,
                 "seed {seed}: {:?}",
-                r.first_violation
+                r.verdict.first_violation
             );
-            assert_eq!(r.invariant_checks, 1500);
-            assert_eq!(r.failing_step, None);
+            assert_eq!(r.verdict.invariant_checks, 1500);
+            assert_eq!(r.verdict.failing_step, None);
             assert!(
                 r.guest.forks + r.guest.execs > 0,
                 "seed {seed}: {:?}",
@@ -233,12 +216,12 @@ mod tests {
 
     #[test]
     fn the_same_seed_gives_the_same_digest_and_another_seed_another() {
-        let a = run_x86_deterministic(&small(7, 600)).unwrap();
-        let b = run_x86_deterministic(&small(7, 600)).unwrap();
-        let c = run_x86_deterministic(&small(8, 600)).unwrap();
-        assert_eq!(a.digest, b.digest);
+        let a = small(7, 600).run_deterministic().unwrap();
+        let b = small(7, 600).run_deterministic().unwrap();
+        let c = small(8, 600).run_deterministic().unwrap();
+        assert_eq!(a.verdict.digest, b.verdict.digest);
         assert_eq!(a.shadow, b.shadow);
-        assert_ne!(a.digest, c.digest);
+        assert_ne!(a.verdict.digest, c.verdict.digest);
     }
 
     #[test]
@@ -246,8 +229,12 @@ mod tests {
         let mut sc = small(3, 1500);
         sc.deterministic.ram_mib = 1088;
         sc.host.actors.clear();
-        let r = run_x86_deterministic(&sc).unwrap();
-        assert_eq!(r.invariant_violations, 0, "{:?}", r.first_violation);
+        let r = sc.run_deterministic().unwrap();
+        assert_eq!(
+            r.verdict.invariant_violations, 0,
+            "{:?}",
+            r.verdict.first_violation
+        );
         assert_eq!((r.direct_map.pages_1g, r.direct_map.pages_2m), (1, 32));
         assert!(r.shadow.huge_sptes > 0, "{:?}", r.shadow);
         assert_eq!(minimise(&sc).unwrap().map(|m| m.0), None, "a clean run");

@@ -26,9 +26,11 @@ pub mod run;
 
 use crate::actors::{HostOps, Migration, MigrationEvent};
 use crate::host::HostMmu;
-use crate::run::{si_ns, write_checks_and_digest, write_table, MigrationStats};
+use crate::report::Verdict;
+use crate::run::{si_ns, write_interrupted, write_table, MigrationStats};
 use crate::scenario::{
-    check_timing, invalid, read_file, DeterministicSpec, HostActor, HostSpec, ScenarioError,
+    check_timing, invalid, parse_validated, read_file, DeterministicSpec, HostActor, HostSpec,
+    ScenarioError,
 };
 use guest::{KernelMap, X86Counters, X86Cpu, X86Workload};
 use revmap_host::{Memslot, MemslotError, MemslotFlags};
@@ -138,9 +140,7 @@ impl Default for X86Scenario {
 impl X86Scenario {
     /// Parses and validates a TOML scenario.
     pub fn from_toml(text: &str) -> Result<Self, ScenarioError> {
-        let s: X86Scenario = toml::from_str(text)?;
-        s.validate()?;
-        Ok(s)
+        parse_validated(text, Self::validate)
     }
 
     /// Reads, parses and validates a scenario file; errors name the file; a file
@@ -250,15 +250,6 @@ pub(crate) fn merge_cpus(cpus: &[X86Cpu]) -> (X86Counters, u64) {
         digest = crate::report::digest_word(digest, c.digest);
     }
     (guest, digest)
-}
-
-/// The host actors of the scenario other than migration.
-pub(crate) fn actor_kinds(host: &HostSpec) -> Vec<crate::actors::ActorKind> {
-    host.actors
-        .iter()
-        .filter(|a| **a != HostActor::Migration)
-        .map(|a| a.kind())
-        .collect()
 }
 
 /// The migration actor on the shadow MMU: passes of dirty-log rounds with dirty logging
@@ -511,16 +502,10 @@ pub struct X86Report {
     pub dirty_logging_passes: u64,
     /// Migration dirty-log rounds.
     pub migration: MigrationStats,
-    /// Invariant checks run (each: the shadow MMU checker, at a quiescent point).
-    pub invariant_checks: u64,
-    /// Checker violations plus guest mismatches (must be 0).
-    pub invariant_violations: u64,
-    /// The first of them.
-    pub first_violation: Option<String>,
-    /// Deterministic mode: the step after which a check failed.
-    pub failing_step: Option<u64>,
-    /// Event digest (reproducible in deterministic mode).
-    pub digest: String,
+    /// Whether the run was clean (each check: the shadow MMU checker, at a quiescent
+    /// point), and its event digest.
+    #[serde(flatten)]
+    pub verdict: Verdict,
     /// Samples over time.
     pub timeline: Vec<X86Sample>,
 }
@@ -560,6 +545,12 @@ impl X86Report {
         };
         let accesses = c.guest.accesses + c.guest.kernel_accesses;
         let first_violation = c.checks.first.or_else(|| c.guest.first_mismatch.clone());
+        let verdict = Verdict::new(
+            c.checks.checks,
+            c.checks.failures + c.guest.mismatches + c.migration.errors,
+            first_violation,
+            c.digest,
+        );
         Self {
             mmu: "x86",
             scenario: sc.name.clone(),
@@ -577,7 +568,6 @@ impl X86Report {
             },
             accesses,
             accesses_per_s: accesses as f64 / secs,
-            invariant_violations: c.checks.failures + c.guest.mismatches + c.migration.errors,
             shadow: ShadowSummary {
                 hits: c.guest.shadow_hits,
                 ..ShadowSummary::of(vm)
@@ -588,10 +578,7 @@ impl X86Report {
             host_ops,
             dirty_logging_passes: c.migration.passes,
             migration,
-            invariant_checks: c.checks.checks,
-            first_violation,
-            failing_step: None,
-            digest: format!("{:016x}", c.digest),
+            verdict,
             timeline: c.timeline,
         }
     }
@@ -635,11 +622,7 @@ impl X86Report {
             self.host_ops_per_s
         );
         if self.interrupted {
-            let _ = writeln!(
-                o,
-                "INTERRUPTED: stopped early (SIGINT); the figures cover the part that ran, \
-                 and the invariant checker ran after everything stopped"
-            );
+            write_interrupted(&mut o);
         }
         let g = &self.guest;
         let _ = writeln!(o, "\nguest (Linux-like, 4-level paging)");
@@ -750,14 +733,8 @@ impl X86Report {
         let h = &self.host_ops;
         let _ = writeln!(
             o,
-            "\nhost: unmap_hva_range {} ({} SPTEs zapped), host_page_in {}, age_gfn {} ({} young), \
-             test_age_gfn {} ({} young), get_dirty_log {}, clear_dirty_log {}, errors {}",
-            h.unmap_hva_range,
-            h.hptes_unmapped,
-            h.host_page_in,
-            h.age_gfn,
-            h.age_gfn_young,
-            h.test_age_gfn,
+            "\nhost: {} ({} young), get_dirty_log {}, clear_dirty_log {}, errors {}",
+            h.unmap_and_aging("SPTEs zapped"),
             h.test_age_gfn_young,
             h.get_dirty_log,
             h.clear_dirty_log,
@@ -774,16 +751,8 @@ impl X86Report {
             mg.max_dirty_pages,
             mg.guest_frames
         );
-        write_checks_and_digest(
-            &mut o,
-            (
-                self.invariant_checks,
-                self.invariant_violations,
-                &format!(" (checker + {} guest mismatches)", self.guest.mismatches),
-            ),
-            self.first_violation.as_deref(),
-            &self.digest,
-        );
+        let what = format!(" (checker + {} guest mismatches)", self.guest.mismatches);
+        self.verdict.write_summary(&mut o, &what);
         o
     }
 }

@@ -14,12 +14,10 @@
 //! * Atomics and threads come from `revmap_rmap::sync`.
 
 use super::{
-    actor_kinds, build, merge_cpus, Collected, DirtyLogPasses, X86Report, X86RunError, X86Sample,
-    X86Scenario,
+    build, merge_cpus, Collected, DirtyLogPasses, X86Report, X86RunError, X86Sample, X86Scenario,
 };
 use crate::actors::{ActorConfig, HostActors};
 use crate::run::{join_vcpus, run_done, sum_counters, ExitGuard, Progress, Quiesce, TICK};
-use crate::scenario::HostActor;
 use guest::X86Cpu;
 use revmap_rmap::sync::{thread, AtomicU64, Ordering};
 use revmap_shadow::vm::ShadowVm;
@@ -67,15 +65,9 @@ pub fn run_x86(
     let nv = cpus.len();
     let quiesce = Quiesce::default();
     let counters: Vec<AtomicU64> = (0..nv).map(|_| AtomicU64::new(0)).collect();
-    let actor_cfg = ActorConfig {
-        seed: sc.seed,
-        kinds: actor_kinds(&sc.host),
-        page_in: sc.host.page_in,
-        max_outstanding: sc.host.max_outstanding,
-        ops_per_phase: std::num::NonZeroU64::new(sc.host.ops_per_tick),
-    };
+    let actor_cfg = ActorConfig::threaded(sc.seed, &sc.host, sc.host.actor_kinds());
     let mut migration = DirtyLogPasses::new(sc.seed, sc.migration);
-    let with_migration = sc.host.actors.contains(&HostActor::Migration);
+    let with_migration = sc.host.migrates();
     let mut checks = Checks::default();
     let duration = Duration::from_secs_f64(sc.duration_secs);
     let by_count = sc.stop_after_accesses;
@@ -194,9 +186,13 @@ mod tests {
         sc.migration.rounds = 2;
         sc.migration.pause_ticks = 1;
         let r = run_x86(&sc, |_| ControlFlow::Continue(())).unwrap();
-        assert_eq!(r.invariant_violations, 0, "{:?}", r.first_violation);
+        assert_eq!(
+            r.verdict.invariant_violations, 0,
+            "{:?}",
+            r.verdict.first_violation
+        );
         assert!(r.accesses >= 20_000, "{}", r.accesses);
-        assert!(r.invariant_checks >= 1);
+        assert!(r.verdict.invariant_checks >= 1);
         assert!(r.shadow.page_faults > 0 && r.guest.forks > 0, "{r:?}");
         assert!(
             r.host_ops.unmap_hva_range > 0 && r.host_ops.age_gfn > 0,
