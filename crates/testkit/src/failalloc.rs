@@ -350,6 +350,25 @@ pub const FROM_ENV: &str = "REVMAP_FAILALLOC_FROM";
 /// Environment variable that marks the child process of [`run_in_child`].
 pub const CHILD_ENV: &str = "REVMAP_FAILALLOC_CHILD";
 
+/// The whole of a sweep test, both sides of [`run_in_child`]: in the child ([`CHILD_ENV`]
+/// set) sweep `run` from where the parent says and return `None`; in the parent run the
+/// child sweeps of the test named `test` and return their outcome, having checked that
+/// the run allocates and that every k is accounted for. Panics (it is a test's body) on
+/// a broken contract.
+pub fn sweep_test<R: FaultRun>(test: &str, run: &R) -> Option<ChildSweep> {
+    if std::env::var_os(CHILD_ENV).is_some() {
+        if let Err(e) = sweep(run) {
+            panic!("{e}");
+        }
+        return None;
+    }
+    let rep = run_in_child(test).unwrap_or_else(|e| panic!("{e}"));
+    println!("{rep:#?}");
+    assert!(rep.allocations > 0, "the run allocates nothing: {rep:#?}");
+    assert_eq!(rep.accounted(), rep.allocations, "{rep:#?}");
+    Some(rep)
+}
+
 /// Run the test named `test` (its path as libtest names it) of the current test binary
 /// in a child process with [`CHILD_ENV`] set. An abort (a failed allocation that could
 /// not fail cleanly) is recorded with its k, step and allocation site, and the sweep is

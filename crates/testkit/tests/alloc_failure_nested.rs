@@ -268,18 +268,10 @@ impl FaultRun for NestedRun {
 
 #[test]
 fn every_allocation_of_a_nested_run_can_fail() {
-    const NAME: &str = "every_allocation_of_a_nested_run_can_fail";
-    if std::env::var_os(failalloc::CHILD_ENV).is_some() {
-        // The child: sweep (from where the parent says) and report on stderr.
-        if let Err(e) = failalloc::sweep(&NestedRun) {
-            panic!("{e}");
-        }
+    let Some(rep) = failalloc::sweep_test("every_allocation_of_a_nested_run_can_fail", &NestedRun)
+    else {
         return;
-    }
-    let rep = failalloc::run_in_child(NAME).unwrap_or_else(|e| panic!("{e}"));
-    println!("{rep:#?}");
-    assert!(rep.allocations > 0);
-    assert_eq!(rep.accounted(), rep.allocations, "{rep:#?}");
+    };
     // Every failure is returned as an error by the call that allocated: nothing is
     // absorbed by a retry, nothing lost.
     assert_eq!(rep.absorbed, 0, "{rep:#?}");

@@ -238,17 +238,11 @@ impl FaultRun for ShadowRun {
 
 #[test]
 fn every_allocation_of_a_shadow_mmu_run_can_fail() {
-    const NAME: &str = "every_allocation_of_a_shadow_mmu_run_can_fail";
-    if std::env::var_os(failalloc::CHILD_ENV).is_some() {
-        if let Err(e) = failalloc::sweep(&ShadowRun) {
-            panic!("{e}");
-        }
+    let Some(rep) =
+        failalloc::sweep_test("every_allocation_of_a_shadow_mmu_run_can_fail", &ShadowRun)
+    else {
         return;
-    }
-    let rep = failalloc::run_in_child(NAME).unwrap_or_else(|e| panic!("{e}"));
-    println!("{rep:#?}");
-    assert!(rep.allocations > 0);
-    assert_eq!(rep.accounted(), rep.allocations, "{rep:#?}");
+    };
     // Only VM and memslot creation keep infallible allocations (their `Arc::new`s):
     // none on a fault, host or memslot-change path.
     assert!(rep.infallible.len() <= 3, "{rep:#?}");
