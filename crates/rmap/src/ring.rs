@@ -581,6 +581,14 @@ unsafe impl Zeroable for RevmapEntry {
     }
 }
 
+// `Revmap::clear` reads entries as pairs of `u64`: 16 bytes, 8-aligned, no padding.
+#[cfg(not(any(loom, shuttle)))]
+const _: () = assert!(
+    core::mem::size_of::<RevmapEntry>() == 16
+        && core::mem::align_of::<RevmapEntry>() == 8
+        && core::mem::size_of::<AtomicU64>() + 2 * core::mem::size_of::<AtomicU32>() == 16
+);
+
 /// The revmap array beside an HPT (`kvm->arch.hpt.rev`).
 #[derive(Debug)]
 pub struct Revmap {
@@ -612,6 +620,31 @@ impl Revmap {
     #[inline(always)]
     pub fn len(&self) -> usize {
         self.entries.len()
+    }
+
+    /// Move the entries out, leaving an empty revmap behind (a table pool keeps the
+    /// array for reuse when its table is dropped).
+    pub fn take(&mut self) -> Revmap {
+        Revmap {
+            entries: core::mem::take(&mut self.entries),
+        }
+    }
+
+    /// Reset every entry to the all-zero (off-ring, `guest_rpte` 0) state, writing only
+    /// the 256-byte blocks that hold a non-zero entry
+    /// ([`zero_nonzero_blocks`](crate::error::zero_nonzero_blocks)): a reused revmap of a
+    /// mostly empty table costs one read pass, no page fault and few writes.
+    #[cfg(not(any(loom, shuttle)))]
+    pub fn clear(&mut self) {
+        let n = self.entries.len() * (core::mem::size_of::<RevmapEntry>() / 8);
+        let p = self.entries.as_mut_ptr().cast::<u64>();
+        // SAFETY: `RevmapEntry` is 16 bytes of an `AtomicU64` and two `AtomicU32`
+        // (const-asserted below: no padding), each with the in-memory representation of
+        // its integer, so the array is `n` initialised, 8-aligned `u64`s; `&mut self`
+        // gives exclusive access for the slice's lifetime, and all-zero words are the
+        // off-ring entry (`Zeroable`).
+        let words = unsafe { core::slice::from_raw_parts_mut(p, n) };
+        crate::error::zero_nonzero_blocks(words);
     }
 
     /// True if the revmap has no slots.
@@ -1281,6 +1314,27 @@ mod tests {
         assert_eq!(core::mem::size_of::<RevmapEntry>(), 16);
         assert_eq!(RmapArray::new(1000).unwrap().bytes(), 8000);
         assert_eq!(Revmap::new(1000).unwrap().bytes(), 16000);
+    }
+
+    #[cfg(not(shuttle))]
+    #[test]
+    fn take_and_clear_give_back_an_empty_revmap() {
+        let mut rev = Revmap::new(100).unwrap();
+        let arr = RmapArray::new(4).unwrap();
+        for p in [3, 40, 99] {
+            rev.set_guest_rpte(p, 0x1000 + u64::from(p));
+            rev.link(arr[1].lock(), p);
+        }
+        let mut taken = rev.take();
+        assert!(rev.is_empty());
+        assert_eq!(taken.len(), 100);
+        assert_eq!(taken.guest_rpte(40), 0x1000 + 40);
+        assert_ne!(taken.forw(3), 3, "linked");
+        taken.clear();
+        for p in 0..100 {
+            assert_eq!(taken.guest_rpte(p), 0);
+            assert_eq!((taken.forw(p), taken.back(p)), (p, p), "off-ring");
+        }
     }
 
     /// A toy HPTE lock table for walker tests.
