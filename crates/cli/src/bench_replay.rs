@@ -12,7 +12,8 @@
 //!   it with the tables the trace makes (the boot table and one per resize), so the
 //!   timed runs take theirs from the pool, zeroed, without page faults.
 //! * **Setup** (`setup_ms_median`, not in the rate): creating the VM (the HPT and its
-//!   revmap from the pool, the memslot's rmap words allocated zeroed) and faulting
+//!   revmap from the pool, the memslot's rmap words from the host layer's rmap pool,
+//!   with the same capacity, [`revmap_hpt::pool::set_vm_pools_capacity`]) and faulting
 //!   every page of those tables in
 //!   ([`Vm::populate_tables`](revmap_hpt::Vm::populate_tables)), as a hypervisor's
 //!   tables are mapped before its guest runs.
@@ -276,7 +277,7 @@ pub fn run(args: &ReplayBenchArgs) -> Result<()> {
         args.flavour.clone()
     };
     let runs = args.runs.unwrap_or(if args.common.quick { 2 } else { 10 });
-    revmap_hpt::pool::global().set_capacity(POOL_BYTES);
+    revmap_hpt::pool::set_vm_pools_capacity(POOL_BYTES);
     let mut rows = Vec::new();
     for f in &files {
         rows.extend(bench_file(f, &flavours, runs, args.common.quick)?);

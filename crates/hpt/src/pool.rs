@@ -59,6 +59,14 @@ pub fn global() -> &'static TablePool {
     &GLOBAL
 }
 
+/// Set the capacity of both pools a VM's tables come from: the HPT pool ([`global`])
+/// and the host layer's pool of memslot rmap arrays ([`revmap_host::pool::global`]),
+/// `bytes` each.
+pub fn set_vm_pools_capacity(bytes: usize) {
+    global().set_capacity(bytes);
+    revmap_host::pool::global().set_capacity(bytes);
+}
+
 impl Default for TablePool {
     fn default() -> Self {
         Self::new()

@@ -205,6 +205,21 @@ pub fn populate_rmaps(words: &[Rmap]) {
     }
 }
 
+/// Zero `words` through exclusive access, writing only the 256-byte blocks that hold a
+/// non-zero word ([`zero_nonzero_blocks`](crate::error::zero_nonzero_blocks)): a
+/// reused rmap array of a slot whose guest mapped a small part costs one read pass.
+#[cfg(not(any(loom, shuttle)))]
+pub fn zero_rmaps(words: &mut [Rmap]) {
+    let n = words.len();
+    let p = words.as_mut_ptr().cast::<u64>();
+    // SAFETY: `Rmap` is a `repr(transparent)` `AtomicU64`, which has the in-memory
+    // representation of `u64`, so the array is `n` initialised, aligned `u64`s; `&mut`
+    // gives exclusive access for the slice's lifetime, and 0 is the empty word
+    // (`Zeroable`).
+    let w = unsafe { core::slice::from_raw_parts_mut(p, n) };
+    crate::error::zero_nonzero_blocks(w);
+}
+
 impl Rmap {
     /// An empty word.
     #[inline]
