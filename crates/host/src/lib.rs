@@ -308,7 +308,7 @@ impl Memslot {
         }
         let n = usize::try_from(npages).map_err(|_| MemslotError::TooLarge { npages })?;
         #[cfg(all(feature = "std", not(any(loom, shuttle))))]
-        let rmap = match pool::global().take(n) {
+        let rmap = match pool::global().take_rmaps(n) {
             Some(words) => words,
             None => Rmap::new_array(n)?,
         };

@@ -1,12 +1,13 @@
 //! A pool of HPT arrays that stay mapped for reuse, as KVM takes its HPTs from a
 //! reserved, already-mapped CMA area and zeroes them when allocating.
 //!
-//! When an [`Hpt`](crate::table::Hpt) is dropped (a VM torn down, a table retired by a
+//! When an [`Hpt`] is dropped (a VM torn down, a table retired by a
 //! resize and reclaimed), its HPTE array and revmap go to the [`global`] pool if the
 //! pool's byte capacity allows; [`Hpt::new`](crate::table::Hpt::new) and the resize
 //! preparation take an array of the same order from it before asking the allocator.
 //! So a table made at steady state takes no page fault: it is zeroed by a read pass
-//! that rewrites only the 64-byte blocks that are not already zero.
+//! that rewrites only the 256-byte blocks that are not already zero. The bounded
+//! container is the host layer's [`BoundedPool`].
 //!
 //! # Invariants
 //!
@@ -20,36 +21,26 @@
 use crate::error::HptError;
 use crate::table::{Hpt, HpteSlot};
 use alloc::boxed::Box;
-use alloc::vec::Vec;
-use revmap_rmap::sync::{lock, Mutex};
+use revmap_host::pool::{BoundedPool, Pooled};
 use revmap_rmap::Revmap;
 
 /// One pooled table's arrays.
 #[derive(Debug)]
-struct Pooled {
+struct PooledTable {
     order: u32,
     slots: Box<[HpteSlot]>,
     revmap: Revmap,
 }
 
-impl Pooled {
-    fn bytes(&self) -> usize {
+impl Pooled for PooledTable {
+    fn pooled_bytes(&self) -> usize {
         core::mem::size_of_val::<[HpteSlot]>(&self.slots) + self.revmap.bytes()
     }
 }
 
-#[derive(Debug)]
-struct Inner {
-    capacity: usize,
-    bytes: usize,
-    free: Vec<Pooled>,
-}
-
 /// A bounded pool of HPT arrays kept mapped for reuse (module docs).
-#[derive(Debug)]
-pub struct TablePool {
-    inner: Mutex<Inner>,
-}
+#[derive(Debug, Default)]
+pub struct TablePool(BoundedPool<PooledTable>);
 
 static GLOBAL: TablePool = TablePool::new();
 
@@ -67,52 +58,31 @@ pub fn set_vm_pools_capacity(bytes: usize) {
     revmap_host::pool::global().set_capacity(bytes);
 }
 
-impl Default for TablePool {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl TablePool {
     /// An empty pool of capacity 0 (keeps nothing).
     pub const fn new() -> Self {
-        Self {
-            inner: Mutex::new(Inner {
-                capacity: 0,
-                bytes: 0,
-                free: Vec::new(),
-            }),
-        }
+        Self(BoundedPool::new())
     }
 
     /// Keep at most `bytes` of HPTE arrays and revmaps mapped for reuse; pooled tables
     /// beyond a lowered capacity are freed now.
     pub fn set_capacity(&self, bytes: usize) {
-        let mut g = lock(&self.inner);
-        g.capacity = bytes;
-        while g.bytes > g.capacity {
-            let Some(p) = g.free.pop() else { break };
-            g.bytes -= p.bytes();
-        }
+        self.0.set_capacity(bytes);
     }
 
     /// The capacity in bytes.
     pub fn capacity(&self) -> usize {
-        lock(&self.inner).capacity
+        self.0.capacity()
     }
 
     /// Bytes of arrays held for reuse now.
     pub fn pooled_bytes(&self) -> usize {
-        lock(&self.inner).bytes
+        self.0.pooled_bytes()
     }
 
     /// Pooled tables of `order` now.
     pub fn pooled_tables(&self, order: u32) -> usize {
-        lock(&self.inner)
-            .free
-            .iter()
-            .filter(|p| p.order == order)
-            .count()
+        self.0.count(|p| p.order == order)
     }
 
     /// Allocate `count` tables of `order`, fault their pages in and pool them (a
@@ -133,40 +103,23 @@ impl TablePool {
 
     /// A zeroed HPTE array and revmap of `order` with `n` entries, if one is pooled.
     pub(crate) fn take(&self, order: u32, n: usize) -> Option<(Box<[HpteSlot]>, Revmap)> {
-        let mut p = {
-            let mut g = lock(&self.inner);
-            let i = g
-                .free
-                .iter()
-                .position(|p| p.order == order && p.slots.len() == n)?;
-            let p = g.free.swap_remove(i);
-            g.bytes -= p.bytes();
-            p
-        };
+        let mut p = self
+            .0
+            .take_where(|p| p.order == order && p.slots.len() == n)?;
         zero_slots(&mut p.slots);
         p.revmap.clear();
         Some((p.slots, p.revmap))
     }
 
     /// Keep the arrays of a dropped table of `order` if the capacity allows (else they
-    /// are freed here). Empty arrays are not kept.
+    /// are freed here). Empty or mismatched arrays are not kept.
     pub(crate) fn give(&self, order: u32, slots: Box<[HpteSlot]>, revmap: Revmap) {
-        if slots.is_empty() || slots.len() != revmap.len() {
-            return;
-        }
-        let p = Pooled {
-            order,
-            slots,
-            revmap,
-        };
-        let bytes = p.bytes();
-        let mut g = lock(&self.inner);
-        if g.bytes.saturating_add(bytes) <= g.capacity && g.free.try_reserve(1).is_ok() {
-            g.bytes += bytes;
-            g.free.push(p);
-        } else {
-            drop(g);
-            drop(p);
+        if slots.len() == revmap.len() {
+            self.0.give(PooledTable {
+                order,
+                slots,
+                revmap,
+            });
         }
     }
 }
