@@ -9,6 +9,7 @@
 //! * [`notifier`]: the MMU-notifier invalidation sequence ([`InvalidateSeq`]).
 //! * [`mmu`]: the host-side interface every MMU implements, [`HostMmu`] (notifier
 //!   callbacks, aging, dirty log).
+//! * [`pool`]: the bounded pool that keeps freed slots' rmap arrays mapped for reuse.
 //!
 //! ```
 //! use revmap_host::{HostMemory, Memslot, MemslotFlags, SlotView};
@@ -83,6 +84,8 @@ pub mod lifecycle;
 pub mod memory;
 pub mod mmu;
 pub mod notifier;
+#[cfg(all(feature = "std", not(any(loom, shuttle))))]
+pub mod pool;
 pub mod port;
 #[cfg(any(feature = "std", loom))]
 pub mod slots;
@@ -255,6 +258,14 @@ struct SlotData {
     memory: Box<dyn HostMemory>,
 }
 
+/// A freed slot's rmap words go to the rmap pool (kept if its capacity allows).
+#[cfg(all(feature = "std", not(any(loom, shuttle))))]
+impl Drop for SlotData {
+    fn drop(&mut self) {
+        pool::global().give(core::mem::take(&mut self.rmap));
+    }
+}
+
 impl Memslot {
     /// Create a slot over simulated host memory ([`SimHostMemory`]) at
     /// `userspace_addr` in host pages of `backing_page_shift`; every host page starts
@@ -296,6 +307,12 @@ impl Memslot {
             return Err(MemslotError::BackingTooSmall { npages, covered });
         }
         let n = usize::try_from(npages).map_err(|_| MemslotError::TooLarge { npages })?;
+        #[cfg(all(feature = "std", not(any(loom, shuttle))))]
+        let rmap = match pool::global().take_rmaps(n) {
+            Some(words) => words,
+            None => Rmap::new_array(n)?,
+        };
+        #[cfg(not(all(feature = "std", not(any(loom, shuttle)))))]
         let rmap = Rmap::new_array(n)?;
         let dirty_bitmap = try_boxed_slice(n.div_ceil(64), |_| AtomicU64::new(0))?;
         Ok(Self {

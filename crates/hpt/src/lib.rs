@@ -17,6 +17,8 @@
 //!   [`notifier`] (MMU-notifier unmap/age walkers), [`dirty`] (dirty logging),
 //!   [`fault`] (page-in of ABSENT entries, write upgrade).
 //!
+//! * [`pool`]: the bounded pool that keeps dropped HPT arrays mapped for reuse
+//!   (KVM's CMA area), so tables made at steady state take no page fault.
 //! * [`papr`]: the typed hypercalls ([`Vm::h_enter`], [`Vm::h_remove`], ...) over
 //!   newtypes ([`VcpuId`], [`Ptex`], [`HpteV`], [`HpteR`], flag sets) with
 //!   [`PaprError`] and its one table to and from PAPR return codes; the register-level
@@ -100,6 +102,8 @@ pub mod hw;
 pub mod mmu;
 pub mod notifier;
 pub mod papr;
+#[cfg(all(feature = "std", not(any(loom, shuttle))))]
+pub mod pool;
 pub mod resize;
 pub mod run;
 pub mod table;

@@ -257,71 +257,69 @@ impl HypercallPort for Vm {
     }
 }
 
-/// The VM as a hypercall port: each call enters and leaves the guest on its own
-/// ([`Vm::hcall_regs`]); [`vcpu_runs`](HypercallPort::vcpu_runs) starts a pinned run
-/// ([`VcpuRuns`]).
-impl<'vm> HypercallPort for &'vm Vm {
-    type Runs<'a>
-        = VcpuRuns<'vm>
-    where
-        Self: 'a;
+/// A [`HypercallPort`] impl whose runs are [`VcpuRuns<'vm>`]: `vcpu_runs` is `$runs`
+/// on `self`, `hcall_regs` is `$call` on `(self, vcpu, opcode, regs)` and `pause` (if
+/// given) is `$pause` on `self`.
+macro_rules! port_with_runs {
+    (
+        $(#[$doc:meta])* $ty:ty,
+        runs: |$r:ident| $runs:expr,
+        call: |$s:ident, $vcpu:pat_param, $op:ident, $regs:ident| $call:expr
+        $(, pause: |$p:ident| $pause:expr)? $(,)?
+    ) => {
+        $(#[$doc])*
+        impl<'vm> HypercallPort for $ty {
+            type Runs<'a>
+                = VcpuRuns<'vm>
+            where
+                Self: 'a;
 
-    #[inline]
-    fn vcpu_runs(&self) -> VcpuRuns<'vm> {
-        Vm::vcpu_runs(self)
-    }
+            /// A new, separate set of runs on the same VM.
+            #[inline]
+            fn vcpu_runs(&self) -> VcpuRuns<'vm> {
+                let $r = self;
+                $runs
+            }
 
-    #[inline(always)]
-    fn hcall_regs(&mut self, vcpu: VcpuId, opcode: u64, regs: &mut [u64; 8]) -> i64 {
-        PaprError::code_of(self.call(vcpu, opcode, regs))
-    }
+            #[inline(always)]
+            fn hcall_regs(&mut self, $vcpu: VcpuId, $op: u64, $regs: &mut [u64; 8]) -> i64 {
+                let $s = self;
+                $call
+            }
+
+            $(
+                #[inline]
+                fn pause(&mut self) {
+                    let $p = self;
+                    $pause
+                }
+            )?
+        }
+    };
 }
 
-/// Several vCPUs of one thread in the guest ([`VcpuRuns::hcall_regs`]).
-impl<'vm> HypercallPort for VcpuRuns<'vm> {
-    type Runs<'a>
-        = VcpuRuns<'vm>
-    where
-        Self: 'a;
+port_with_runs!(
+    /// The VM as a hypercall port: each call enters and leaves the guest on its own
+    /// ([`Vm::hcall_regs`]); [`vcpu_runs`](HypercallPort::vcpu_runs) starts a pinned run
+    /// ([`VcpuRuns`]).
+    &'vm Vm,
+    runs: |s| Vm::vcpu_runs(s),
+    call: |s, vcpu, opcode, regs| PaprError::code_of(s.call(vcpu, opcode, regs)),
+);
 
-    /// A new, separate set of runs on the same VM.
-    #[inline]
-    fn vcpu_runs(&self) -> VcpuRuns<'vm> {
-        self.vm.vcpu_runs()
-    }
+port_with_runs!(
+    /// Several vCPUs of one thread in the guest ([`VcpuRuns::hcall_regs`]).
+    VcpuRuns<'vm>,
+    runs: |s| s.vm().vcpu_runs(),
+    call: |s, vcpu, opcode, regs| VcpuRuns::hcall_regs(s, vcpu, opcode, regs),
+    pause: |s| VcpuRuns::pause(s),
+);
 
-    #[inline(always)]
-    fn hcall_regs(&mut self, vcpu: VcpuId, opcode: u64, regs: &mut [u64; 8]) -> i64 {
-        VcpuRuns::hcall_regs(self, vcpu, opcode, regs)
-    }
-
-    #[inline]
-    fn pause(&mut self) {
-        VcpuRuns::pause(self);
-    }
-}
-
-/// One vCPU in the guest: every call is made as the handle's vCPU, whatever `vcpu`
-/// says ([`VcpuRun::hcall_regs`]).
-impl<'vm> HypercallPort for VcpuRun<'vm> {
-    type Runs<'a>
-        = VcpuRuns<'vm>
-    where
-        Self: 'a;
-
-    /// A new, separate set of runs on the same VM.
-    #[inline]
-    fn vcpu_runs(&self) -> VcpuRuns<'vm> {
-        self.runs.vm.vcpu_runs()
-    }
-
-    #[inline(always)]
-    fn hcall_regs(&mut self, _vcpu: VcpuId, opcode: u64, regs: &mut [u64; 8]) -> i64 {
-        VcpuRun::hcall_regs(self, opcode, regs)
-    }
-
-    #[inline]
-    fn pause(&mut self) {
-        VcpuRun::pause(self);
-    }
-}
+port_with_runs!(
+    /// One vCPU in the guest: every call is made as the handle's vCPU, whatever `vcpu`
+    /// says ([`VcpuRun::hcall_regs`]).
+    VcpuRun<'vm>,
+    runs: |s| s.vm().vcpu_runs(),
+    call: |s, _, opcode, regs| VcpuRun::hcall_regs(s, opcode, regs),
+    pause: |s| VcpuRun::pause(s),
+);

@@ -103,12 +103,43 @@ pub struct Hpt {
 }
 
 impl Hpt {
-    /// A zeroed table of 2^order bytes (orders 18..=36), allocated fallibly.
+    /// A zeroed table of 2^order bytes (orders 18..=36): from the table pool
+    /// ([`pool::global`](crate::pool::global)) if it holds one of this order, else
+    /// allocated fallibly.
     pub fn new(order: u32) -> Result<Self, HptError> {
         let geo = HptGeometry::new(order)?;
         let n =
             usize::try_from(geo.npte()).map_err(|_| HptError::OrderTooLargeForLinks { order })?;
+        #[cfg(all(feature = "std", not(any(loom, shuttle))))]
+        if let Some((slots, revmap)) = crate::pool::global().take(order, n) {
+            return Ok(Self {
+                geo,
+                slots,
+                revmap,
+                pristine: None,
+            });
+        }
         Self::with_geometry(geo, n)
+    }
+
+    /// [`Hpt::new`] without looking in the table pool (freshly allocated zeroed pages).
+    pub fn new_unpooled(order: u32) -> Result<Self, HptError> {
+        let geo = HptGeometry::new(order)?;
+        let n =
+            usize::try_from(geo.npte()).map_err(|_| HptError::OrderTooLargeForLinks { order })?;
+        Self::with_geometry(geo, n)
+    }
+
+    /// Bytes of the HPTE array and the revmap (16 + 16 per slot).
+    pub fn bytes(&self) -> usize {
+        core::mem::size_of_val::<[HpteSlot]>(&self.slots) + self.revmap.bytes()
+    }
+
+    /// Move the HPTE array and the revmap out (for the table pool), leaving this table
+    /// with none.
+    #[cfg(all(feature = "std", not(any(loom, shuttle))))]
+    pub(crate) fn take_arrays(&mut self) -> (Box<[HpteSlot]>, Revmap) {
+        (core::mem::take(&mut self.slots), self.revmap.take())
     }
 
     /// A table of `n` empty slots over `geo`, with its revmap (shared by the constructors).
@@ -312,6 +343,16 @@ impl HpteGuard<'_> {
     #[inline(always)]
     pub fn unlock_with(self, v: u64) {
         self.g.unlock_with(v);
+    }
+}
+
+/// A dropped table's arrays go to the table pool (kept if its capacity allows).
+#[cfg(all(feature = "std", not(any(loom, shuttle))))]
+impl Drop for Hpt {
+    fn drop(&mut self) {
+        let order = self.geo.order();
+        let (slots, revmap) = self.take_arrays();
+        crate::pool::global().give(order, slots, revmap);
     }
 }
 

@@ -73,6 +73,20 @@ pub(crate) const fn is_resize_opcode(opcode: u64) -> bool {
     opcode == H_RESIZE_HPT_PREPARE || opcode == H_RESIZE_HPT_COMMIT
 }
 
+/// The guest's HPTE index `ptex` checked against the table (H_PARAMETER if beyond it).
+#[inline(always)]
+fn checked_ptex(hpt: &Hpt, ptex: u64) -> Result<Ptex, PaprError> {
+    hpt.geometry().ptex(ptex).ok_or(PaprError::Parameter)
+}
+
+/// Lock the guest's HPTE `ptex`, spinning, once checked (H_PARAMETER if beyond the
+/// table): the prologue of the hypercalls that edit one entry under its lock.
+#[inline(always)]
+fn lock_checked(hpt: &Hpt, ptex: u64) -> Result<HpteGuard<'_>, PaprError> {
+    hpt.lock(checked_ptex(hpt, ptex)?)
+        .ok_or(PaprError::Parameter)
+}
+
 /// A guest with a hashed page table. `Send + Sync`: vCPU threads share `&Vm`.
 #[derive(Debug)]
 pub struct Vm {
@@ -368,11 +382,11 @@ impl Vm {
             H_BULK_REMOVE => self.do_h_bulk_remove(hpt, slots, regs),
             H_CLEAR_REF if self.flavour.has_clear_ref_mod() => {
                 let ptex = regs[1];
-                self.do_h_clear_ref(hpt, slots, ptex, regs)
+                self.do_h_clear_rc(hpt, slots, HpteR::R, ptex, regs)
             }
             H_CLEAR_MOD if self.flavour.has_clear_ref_mod() => {
                 let ptex = regs[1];
-                self.do_h_clear_mod(hpt, slots, ptex, regs)
+                self.do_h_clear_rc(hpt, slots, HpteR::C, ptex, regs)
             }
             _ => Err(PaprError::Function),
         }
@@ -473,9 +487,7 @@ impl Vm {
             }
         };
 
-        let Some(p) = hpt.geometry().ptex(ptex) else {
-            return Err(PaprError::Parameter);
-        };
+        let p = checked_ptex(hpt, ptex)?;
         let guard = if flags & H_EXACT != 0 {
             self.lock_free_exact(hpt, p)
         } else {
@@ -658,12 +670,8 @@ impl Vm {
         avpn: u64,
         out: &mut [u64; 8],
     ) -> Result<(), PaprError> {
-        let Some(p) = hpt.geometry().ptex(ptex) else {
-            return Err(PaprError::Parameter);
-        };
-        let Some(slot) = hpt.slot(p) else {
-            return Err(PaprError::Parameter);
-        };
+        let p = checked_ptex(hpt, ptex)?;
+        let slot = hpt.slot(p).ok_or(PaprError::Parameter)?;
         let (g, v) = loop {
             let v = slot.load_v();
             if v & HpteV::HVLOCK != 0 {
@@ -788,12 +796,8 @@ impl Vm {
         ptex: u64,
         avpn: u64,
     ) -> Result<(), PaprError> {
-        let Some(p) = hpt.geometry().ptex(ptex) else {
-            return Err(PaprError::Parameter);
-        };
-        let Some(mut g) = hpt.lock(p) else {
-            return Err(PaprError::Parameter);
-        };
+        let mut g = lock_checked(hpt, ptex)?;
+        let p = g.ptex();
         let v = g.v();
         if !HpteV(v).is_used() || (flags & H_AVPN != 0 && v & !HpteV::LOW7 != avpn) {
             return Err(PaprError::NotFound);
@@ -847,9 +851,7 @@ impl Vm {
         out: &mut [u64; 8],
     ) -> Result<(), PaprError> {
         let f = self.flavour;
-        let Some(p) = hpt.geometry().ptex(ptex) else {
-            return Err(PaprError::Parameter);
-        };
+        let p = checked_ptex(hpt, ptex)?;
         let (start, n) = if flags & H_READ_4 != 0 {
             (p.0 & !3, 4)
         } else {
@@ -877,86 +879,74 @@ impl Vm {
         Ok(())
     }
 
-    /// H_CLEAR_REF (`kvmppc_h_clear_ref`, KVM flavour).
-    fn do_h_clear_ref(
+    /// H_CLEAR_REF and H_CLEAR_MOD (`kvmppc_h_clear_ref`, `kvmppc_h_clear_mod`, KVM
+    /// flavour): clear `bit` (R or C) in the guest view and, for a VALID entry, in the
+    /// real HPTE; return the guest view as it was (with the hardware R/C) in r4.
+    fn do_h_clear_rc(
         &self,
         hpt: &Hpt,
         slots: &Memslots,
+        bit: u64,
         ptex: u64,
         out: &mut [u64; 8],
     ) -> Result<(), PaprError> {
-        let Some(p) = hpt.geometry().ptex(ptex) else {
-            return Err(PaprError::Parameter);
-        };
-        let Some(g) = hpt.lock(p) else {
-            return Err(PaprError::Parameter);
-        };
+        let mut g = lock_checked(hpt, ptex)?;
+        let p = g.ptex();
         let v = g.v();
         if !HpteV(v).is_used() {
             return Err(PaprError::NotFound);
         }
         let rev = hpt.revmap();
         let mut gr = rev.guest_rpte(p.0);
-        rev.set_guest_rpte(p.0, gr & !HpteR::R);
+        if gr & bit != 0 {
+            rev.set_guest_rpte(p.0, gr & !bit);
+        }
         if v & HpteV::VALID != 0 {
-            let r = g.r();
-            gr |= r & HpteR::RC;
-            if r & HpteR::R != 0 {
-                // Clear R without disturbing a concurrent hardware C update, then flush.
-                gr |= g.r_fetch_and_not(HpteR::R) & HpteR::RC;
-                self.tlb.tlbie();
-                // Keep the reference for host aging (KVMPPC_RMAP_REFERENCED).
-                if let Some((gfn, _)) = self.entry_page(v, gr) {
-                    if let Some(rm) = slots.lookup(gfn).and_then(|s| s.rmap(gfn)) {
-                        rm.lock().add_rc(HpteR::R);
-                    }
-                }
-            }
+            gr = if bit == HpteR::R {
+                self.clear_ref_valid(&g, slots, v, gr)
+            } else {
+                self.clear_mod_valid(&mut g, slots, v, gr)
+            };
         }
         out[0] = self.flavour.present_r(gr);
         g.unlock_with(v);
         Ok(())
     }
 
-    /// H_CLEAR_MOD (`kvmppc_h_clear_mod`, KVM flavour).
-    fn do_h_clear_mod(
-        &self,
-        hpt: &Hpt,
-        slots: &Memslots,
-        ptex: u64,
-        out: &mut [u64; 8],
-    ) -> Result<(), PaprError> {
-        let Some(p) = hpt.geometry().ptex(ptex) else {
-            return Err(PaprError::Parameter);
-        };
-        let Some(mut g) = hpt.lock(p) else {
-            return Err(PaprError::Parameter);
-        };
-        let v = g.v();
-        if !HpteV(v).is_used() {
-            return Err(PaprError::NotFound);
-        }
-        let rev = hpt.revmap();
-        let mut gr = rev.guest_rpte(p.0);
-        if gr & HpteR::C != 0 {
-            rev.set_guest_rpte(p.0, gr & !HpteR::C);
-        }
-        if v & HpteV::VALID != 0 {
-            // Temporarily absent so that C is stable after the tlbie.
-            self.invalidate(&mut g, v, HpteV::ABSENT);
-            let r = g.r();
-            gr |= r & HpteR::RC;
-            if r & HpteR::C != 0 {
-                g.set_r(r & !HpteR::C);
-                if let Some((gfn, shift)) = self.entry_page(v, gr) {
-                    if let Some(s) = slots.lookup(gfn) {
-                        s.mark_dirty(gfn, 1 << (shift - PAGE_SHIFT));
-                    }
+    /// H_CLEAR_REF on a locked VALID entry: clear R in the real HPTE, keeping the
+    /// reference for host aging. Returns `gr` with the final hardware R/C.
+    fn clear_ref_valid(&self, g: &HpteGuard<'_>, slots: &Memslots, v: u64, gr: u64) -> u64 {
+        let r = g.r();
+        let mut gr = gr | (r & HpteR::RC);
+        if r & HpteR::R != 0 {
+            // Clear R without disturbing a concurrent hardware C update, then flush.
+            gr |= g.r_fetch_and_not(HpteR::R) & HpteR::RC;
+            self.tlb.tlbie();
+            // Keep the reference for host aging (KVMPPC_RMAP_REFERENCED).
+            if let Some((gfn, _)) = self.entry_page(v, gr) {
+                if let Some(rm) = slots.lookup(gfn).and_then(|s| s.rmap(gfn)) {
+                    rm.lock().add_rc(HpteR::R);
                 }
             }
         }
-        out[0] = self.flavour.present_r(gr);
-        g.unlock_with(v);
-        Ok(())
+        gr
+    }
+
+    /// H_CLEAR_MOD on a locked VALID entry: clear C in the real HPTE (made temporarily
+    /// absent so that C is stable after the tlbie), moving it to the dirty bitmap.
+    /// Returns `gr` with the final hardware R/C.
+    fn clear_mod_valid(&self, g: &mut HpteGuard<'_>, slots: &Memslots, v: u64, gr: u64) -> u64 {
+        self.invalidate(g, v, HpteV::ABSENT);
+        let r = g.r();
+        let gr = gr | (r & HpteR::RC);
+        if r & HpteR::C != 0 {
+            g.set_r(r & !HpteR::C);
+            if let Some((gfn, shift)) = self.entry_page(v, gr) {
+                if let Some(s) = slots.lookup(gfn) {
+                    s.mark_dirty(gfn, 1 << (shift - PAGE_SHIFT));
+                }
+            }
+        }
+        gr
     }
 }

@@ -205,6 +205,21 @@ pub fn populate_rmaps(words: &[Rmap]) {
     }
 }
 
+/// Zero `words` through exclusive access, writing only the 256-byte blocks that hold a
+/// non-zero word ([`zero_nonzero_blocks`](crate::error::zero_nonzero_blocks)): a
+/// reused rmap array of a slot whose guest mapped a small part costs one read pass.
+#[cfg(not(any(loom, shuttle)))]
+pub fn zero_rmaps(words: &mut [Rmap]) {
+    let n = words.len();
+    let p = words.as_mut_ptr().cast::<u64>();
+    // SAFETY: `Rmap` is a `repr(transparent)` `AtomicU64`, which has the in-memory
+    // representation of `u64`, so the array is `n` initialised, aligned `u64`s; `&mut`
+    // gives exclusive access for the slice's lifetime, and 0 is the empty word
+    // (`Zeroable`).
+    let w = unsafe { core::slice::from_raw_parts_mut(p, n) };
+    crate::error::zero_nonzero_blocks(w);
+}
+
 impl Rmap {
     /// An empty word.
     #[inline]
@@ -281,6 +296,15 @@ impl Rmap {
         H: HpteLocks + ?Sized + 'l,
         F: FnMut(&mut RmapGuard<'_>, u32, H::Guard<'l>),
     {
+        // An empty ring is left without taking its lock: whole-slot drains (the
+        // pre-copy resize commit, slot deletion) visit every frame of the slot and most
+        // rings are empty. The load is as good a linearisation point as the lock's RMW:
+        // an entry linked before the drain started (happens-before) is seen by either;
+        // one linked concurrently may be missed by either (the locked path can also
+        // drop the lock just before it is linked).
+        if self.load().head().is_none() {
+            return 0;
+        }
         let mut removed = 0;
         loop {
             let mut g = self.lock();
@@ -581,6 +605,14 @@ unsafe impl Zeroable for RevmapEntry {
     }
 }
 
+// `Revmap::clear` reads entries as pairs of `u64`: 16 bytes, 8-aligned, no padding.
+#[cfg(not(any(loom, shuttle)))]
+const _: () = assert!(
+    core::mem::size_of::<RevmapEntry>() == 16
+        && core::mem::align_of::<RevmapEntry>() == 8
+        && core::mem::size_of::<AtomicU64>() + 2 * core::mem::size_of::<AtomicU32>() == 16
+);
+
 /// The revmap array beside an HPT (`kvm->arch.hpt.rev`).
 #[derive(Debug)]
 pub struct Revmap {
@@ -612,6 +644,31 @@ impl Revmap {
     #[inline(always)]
     pub fn len(&self) -> usize {
         self.entries.len()
+    }
+
+    /// Move the entries out, leaving an empty revmap behind (a table pool keeps the
+    /// array for reuse when its table is dropped).
+    pub fn take(&mut self) -> Revmap {
+        Revmap {
+            entries: core::mem::take(&mut self.entries),
+        }
+    }
+
+    /// Reset every entry to the all-zero (off-ring, `guest_rpte` 0) state, writing only
+    /// the 256-byte blocks that hold a non-zero entry
+    /// ([`zero_nonzero_blocks`](crate::error::zero_nonzero_blocks)): a reused revmap of a
+    /// mostly empty table costs one read pass, no page fault and few writes.
+    #[cfg(not(any(loom, shuttle)))]
+    pub fn clear(&mut self) {
+        let n = self.entries.len() * (core::mem::size_of::<RevmapEntry>() / 8);
+        let p = self.entries.as_mut_ptr().cast::<u64>();
+        // SAFETY: `RevmapEntry` is 16 bytes of an `AtomicU64` and two `AtomicU32`
+        // (const-asserted below: no padding), each with the in-memory representation of
+        // its integer, so the array is `n` initialised, 8-aligned `u64`s; `&mut self`
+        // gives exclusive access for the slice's lifetime, and all-zero words are the
+        // off-ring entry (`Zeroable`).
+        let words = unsafe { core::slice::from_raw_parts_mut(p, n) };
+        crate::error::zero_nonzero_blocks(words);
     }
 
     /// True if the revmap has no slots.
@@ -1285,6 +1342,27 @@ mod tests {
         assert_eq!(core::mem::size_of::<RevmapEntry>(), 16);
         assert_eq!(RmapArray::new(1000).unwrap().bytes(), 8000);
         assert_eq!(Revmap::new(1000).unwrap().bytes(), 16000);
+    }
+
+    #[cfg(not(shuttle))]
+    #[test]
+    fn take_and_clear_give_back_an_empty_revmap() {
+        let mut rev = Revmap::new(100).unwrap();
+        let arr = RmapArray::new(4).unwrap();
+        for p in [3, 40, 99] {
+            rev.set_guest_rpte(p, 0x1000 + u64::from(p));
+            rev.link(arr[1].lock(), p);
+        }
+        let mut taken = rev.take();
+        assert!(rev.is_empty());
+        assert_eq!(taken.len(), 100);
+        assert_eq!(taken.guest_rpte(40), 0x1000 + 40);
+        assert_ne!(taken.forw(3), 3, "linked");
+        taken.clear();
+        for p in 0..100 {
+            assert_eq!(taken.guest_rpte(p), 0);
+            assert_eq!((taken.forw(p), taken.back(p)), (p, p), "off-ring");
+        }
     }
 
     /// A toy HPTE lock table for walker tests.

@@ -1,0 +1,211 @@
+//! A pool of HPT arrays that stay mapped for reuse, as KVM takes its HPTs from a
+//! reserved, already-mapped CMA area and zeroes them when allocating.
+//!
+//! When an [`Hpt`] is dropped (a VM torn down, a table retired by a
+//! resize and reclaimed), its HPTE array and revmap go to the [`global`] pool if the
+//! pool's byte capacity allows; [`Hpt::new`](crate::table::Hpt::new) and the resize
+//! preparation take an array of the same order from it before asking the allocator.
+//! So a table made at steady state takes no page fault: it is zeroed by a read pass
+//! that rewrites only the 256-byte blocks that are not already zero. The bounded
+//! container is the host layer's [`BoundedPool`].
+//!
+//! # Invariants
+//!
+//! * Every pooled pair is an HPTE array and a revmap of the same order, `2^(order-4)`
+//!   entries each; the pool never hands out a pair that is not all zero.
+//! * The pooled bytes never exceed the capacity ([`TablePool::set_capacity`]; 0 by
+//!   default, so a program that does not opt in keeps no memory beyond its tables).
+//! * The pool's mutex is taken only when a table is created or dropped, never by a
+//!   hypercall, and never with an HPTE or rmap lock held.
+
+use crate::error::HptError;
+use crate::table::{Hpt, HpteSlot};
+use alloc::boxed::Box;
+use revmap_host::pool::{BoundedPool, Pooled};
+use revmap_rmap::Revmap;
+
+/// One pooled table's arrays.
+#[derive(Debug)]
+struct PooledTable {
+    order: u32,
+    slots: Box<[HpteSlot]>,
+    revmap: Revmap,
+}
+
+impl Pooled for PooledTable {
+    fn pooled_bytes(&self) -> usize {
+        core::mem::size_of_val::<[HpteSlot]>(&self.slots) + self.revmap.bytes()
+    }
+}
+
+/// A bounded pool of HPT arrays kept mapped for reuse (module docs).
+#[derive(Debug, Default)]
+pub struct TablePool(BoundedPool<PooledTable>);
+
+static GLOBAL: TablePool = TablePool::new();
+
+/// The process-wide pool that [`Hpt::new`](crate::table::Hpt::new) takes from and
+/// dropped tables return to (capacity 0 until set).
+pub fn global() -> &'static TablePool {
+    &GLOBAL
+}
+
+/// Set the capacity of both pools a VM's tables come from: the HPT pool ([`global`])
+/// and the host layer's pool of memslot rmap arrays ([`revmap_host::pool::global`]),
+/// `bytes` each.
+pub fn set_vm_pools_capacity(bytes: usize) {
+    global().set_capacity(bytes);
+    revmap_host::pool::global().set_capacity(bytes);
+}
+
+impl TablePool {
+    /// An empty pool of capacity 0 (keeps nothing).
+    pub const fn new() -> Self {
+        Self(BoundedPool::new())
+    }
+
+    /// Keep at most `bytes` of HPTE arrays and revmaps mapped for reuse; pooled tables
+    /// beyond a lowered capacity are freed now.
+    pub fn set_capacity(&self, bytes: usize) {
+        self.0.set_capacity(bytes);
+    }
+
+    /// The capacity in bytes.
+    pub fn capacity(&self) -> usize {
+        self.0.capacity()
+    }
+
+    /// Bytes of arrays held for reuse now.
+    pub fn pooled_bytes(&self) -> usize {
+        self.0.pooled_bytes()
+    }
+
+    /// Pooled tables of `order` now.
+    pub fn pooled_tables(&self, order: u32) -> usize {
+        self.0.count(|p| p.order == order)
+    }
+
+    /// Allocate `count` tables of `order`, fault their pages in and pool them (a
+    /// hypervisor reserving its CMA area before guests run). Stops early, without
+    /// error, once the capacity is reached.
+    pub fn prewarm(&self, order: u32, count: usize) -> Result<(), HptError> {
+        for _ in 0..count {
+            let mut t = Hpt::new_unpooled(order)?;
+            if t.bytes() > self.capacity().saturating_sub(self.pooled_bytes()) {
+                break;
+            }
+            t.populate();
+            let (slots, revmap) = t.take_arrays();
+            self.give(order, slots, revmap);
+        }
+        Ok(())
+    }
+
+    /// A zeroed HPTE array and revmap of `order` with `n` entries, if one is pooled.
+    pub(crate) fn take(&self, order: u32, n: usize) -> Option<(Box<[HpteSlot]>, Revmap)> {
+        let mut p = self
+            .0
+            .take_where(|p| p.order == order && p.slots.len() == n)?;
+        zero_slots(&mut p.slots);
+        p.revmap.clear();
+        Some((p.slots, p.revmap))
+    }
+
+    /// Keep the arrays of a dropped table of `order` if the capacity allows (else they
+    /// are freed here). Empty or mismatched arrays are not kept.
+    pub(crate) fn give(&self, order: u32, slots: Box<[HpteSlot]>, revmap: Revmap) {
+        if slots.len() == revmap.len() {
+            self.0.give(PooledTable {
+                order,
+                slots,
+                revmap,
+            });
+        }
+    }
+}
+
+/// Zero every HPTE, writing only the 256-byte blocks that are not zero
+/// ([`zero_nonzero_blocks`](revmap_rmap::error::zero_nonzero_blocks)). Done on whole
+/// words, not per field, so that the read pass is vectorised: per HPTE field it cost
+/// ~90 instructions per hypercall of the boot trace (callgrind), as words ~10.
+#[allow(unsafe_code)]
+fn zero_slots(slots: &mut [HpteSlot]) {
+    let n = slots.len() * 2;
+    let p = slots.as_mut_ptr().cast::<u64>();
+    // SAFETY: `HpteSlot` is `repr(C)` of two `AtomicU64`s (16 bytes, const-asserted in
+    // `table.rs`), each with the in-memory representation of `u64`, so the array is `n`
+    // initialised, aligned `u64`s; `&mut` gives exclusive access for the slice's
+    // lifetime, and the all-zero slot is the empty HPTE (`Zeroable`).
+    let words = unsafe { core::slice::from_raw_parts_mut(p, n) };
+    revmap_rmap::error::zero_nonzero_blocks(words);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hpte::HpteV;
+    use revmap_rmap::Ptex;
+
+    #[test]
+    fn a_pooled_table_is_reused_zeroed_and_the_capacity_bounds_the_pool() {
+        let pool = TablePool::new();
+        let mut t = Hpt::new_unpooled(18).unwrap();
+        let bytes = 2 * t.slots().len() * 16;
+        {
+            let g = t.lock(Ptex(5)).unwrap();
+            g.set_r(0x1234);
+            g.unlock_with(HpteV::VALID | 0x80);
+        }
+        t.revmap().set_guest_rpte(9, 0x55);
+        let (slots, revmap) = t.take_arrays();
+        assert!(pool.take(18, 16384).is_none());
+        // Capacity 0: not kept.
+        pool.give(18, slots, revmap);
+        assert_eq!(pool.pooled_bytes(), 0);
+        pool.set_capacity(bytes);
+        let (slots, revmap) = t.take_arrays();
+        assert!(slots.is_empty(), "already taken");
+        pool.give(18, slots, revmap);
+        assert_eq!(pool.pooled_bytes(), 0, "empty arrays are not kept");
+
+        let mut t = Hpt::new_unpooled(18).unwrap();
+        {
+            let g = t.lock(Ptex(5)).unwrap();
+            g.set_r(0x1234);
+            g.unlock_with(HpteV::VALID | 0x80);
+        }
+        t.revmap().set_guest_rpte(16383, 0x55);
+        let addr = t.slots().as_ptr() as usize;
+        let (slots, revmap) = t.take_arrays();
+        pool.give(18, slots, revmap);
+        assert_eq!(pool.pooled_bytes(), bytes);
+        assert_eq!(pool.pooled_tables(18), 1);
+        // A second one does not fit.
+        let mut t2 = Hpt::new_unpooled(18).unwrap();
+        let (slots, revmap) = t2.take_arrays();
+        pool.give(18, slots, revmap);
+        assert_eq!(pool.pooled_tables(18), 1);
+        assert!(pool.take(19, 32768).is_none(), "other order");
+        let (slots, revmap) = pool.take(18, 16384).unwrap();
+        assert_eq!(slots.as_ptr() as usize, addr, "the same memory comes back");
+        assert!(slots.iter().all(|s| s.load_v() == 0 && s.load_r() == 0));
+        assert!((0..16384).all(|i| revmap.guest_rpte(i) == 0 && revmap.forw(i) == i));
+        assert_eq!(pool.pooled_bytes(), 0);
+        pool.give(18, slots, revmap);
+        pool.set_capacity(0);
+        assert_eq!(pool.pooled_bytes(), 0, "a lowered capacity frees");
+    }
+
+    #[test]
+    fn prewarm_stops_at_the_capacity() {
+        let pool = TablePool::new();
+        pool.set_capacity(2 * 2 * 16384 * 16 + 100);
+        pool.prewarm(18, 3).unwrap();
+        assert_eq!(pool.pooled_tables(18), 2);
+        assert_eq!(pool.pooled_bytes(), 2 * 2 * 16384 * 16);
+        assert!(matches!(
+            pool.prewarm(10, 1),
+            Err(HptError::BadOrder { .. })
+        ));
+    }
+}
