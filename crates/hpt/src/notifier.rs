@@ -202,11 +202,6 @@ impl Vm {
     pub fn unmap_slot_range(&self, hpt: &Hpt, s: &Memslot, start: Gfn, end: Gfn) -> u64 {
         let mut n = 0;
         self.for_range(s, start, end, |gfn, rm, from| {
-            // Most rings of a whole-slot range are empty: skip them before the call and
-            // the lock (a lock-free emptiness test, as in `Rmap::drain_locked`).
-            if rm.load().head().is_none() {
-                return;
-            }
             n += if gfn >= from {
                 self.unmap_rmap(hpt, s, gfn, rm)
             } else {

@@ -296,15 +296,6 @@ impl Rmap {
         H: HpteLocks + ?Sized + 'l,
         F: FnMut(&mut RmapGuard<'_>, u32, H::Guard<'l>),
     {
-        // An empty ring is left without taking its lock: whole-slot drains (the
-        // pre-copy resize commit, slot deletion) visit every frame of the slot and most
-        // rings are empty. The load is as good a linearisation point as the lock's RMW:
-        // an entry linked before the drain started (happens-before) is seen by either;
-        // one linked concurrently may be missed by either (the locked path can also
-        // drop the lock just before it is linked).
-        if self.load().head().is_none() {
-            return 0;
-        }
         let mut removed = 0;
         loop {
             let mut g = self.lock();
