@@ -44,9 +44,9 @@
 //! and the host allow; no shadow page is created under an invalid root.
 
 use crate::paging::{
-    gpte_access, is_last_gpte, permission_fault, prefetch_invalid_gpte, protect_clean_gpte, walk,
-    Acc, Access, Cmpxchg, CpuMode, Gpa, GuestPhysMemory, Gva, MemoryError, PageFault, PagingMode,
-    SparseMemory, WalkError, PT64_ADDR_MASK,
+    gpte_access, is_last_gpte, is_rsvd_gpte, permission_fault, prefetch_invalid_gpte,
+    protect_clean_gpte, walk, Acc, Access, Cmpxchg, CpuMode, Gpa, GuestPhysMemory, Gva,
+    MemoryError, PageFault, PagingMode, SparseMemory, WalkError, PT64_ADDR_MASK, PT_PRESENT,
 };
 use crate::role::{SpRole, Spte};
 use crate::write_track::{detect_write_misaligned, written_sptes, FLOOD_THRESHOLD};
@@ -2043,7 +2043,11 @@ impl ShadowMmu {
     }
 
     /// The gfn and role of `pae_root[q]` under `mode` (`mmu_alloc_shadow_roots` /
-    /// `mmu_alloc_direct_roots` at PAE root level): `None` for a non-present PDPTE.
+    /// `mmu_alloc_direct_roots` at PAE root level): `None` for a non-present PDPTE, and
+    /// for a present one with reserved bits set. KVM's `load_pdptrs` refuses the latter
+    /// (the CR3 write takes a #GP), so its root allocation never meets one; a caller
+    /// that passes such PDPTRs in anyway gets no root for that GiB, and an access there
+    /// takes the fault path, whose guest walk reports the reserved-bit #PF.
     fn pae_root_key(&self, mode: &CpuMode, q: usize) -> Option<(u64, SpRole)> {
         let role = root_role(mode).with_level(2);
         match mode.paging() {
@@ -2056,7 +2060,8 @@ impl ShadowMmu {
                     Some(p) => p.get(q).copied().unwrap_or(0),
                     None => self.read_gpte((mode.cr3 & 0xffff_ffe0) + 8 * q as u64)?,
                 };
-                (pdpte & 1 != 0).then_some(((pdpte & PT64_ADDR_MASK) >> 12, role))
+                let usable = pdpte & PT_PRESENT != 0 && !is_rsvd_gpte(mode, 3, pdpte);
+                usable.then_some(((pdpte & PT64_ADDR_MASK) >> 12, role))
             }
             PagingMode::Long4 | PagingMode::Long5 => None,
         }

@@ -15,8 +15,8 @@ use common::{
 use proptest::prelude::*;
 use revmap_shadow::mmu::{AccessOutcome, ShadowMmu};
 use revmap_shadow::paging::{
-    Access, CpuMode, Gpa, GuestPhysMemory, PagingMode, SparseMemory, CR0_PE, CR0_PG, CR0_WP,
-    CR4_PAE, CR4_PSE, EFER_LMA, EFER_LME, EFER_NXE, PT_ACCESSED, PT_DIRTY, PT_PAGE_SIZE,
+    Access, CpuMode, Gpa, GuestPhysMemory, PagingMode, PfErrorCode, SparseMemory, CR0_PE, CR0_PG,
+    CR0_WP, CR4_PAE, CR4_PSE, EFER_LMA, EFER_LME, EFER_NXE, PT_ACCESSED, PT_DIRTY, PT_PAGE_SIZE,
     PT_PRESENT, PT_USER, PT_WRITABLE,
 };
 
@@ -423,5 +423,41 @@ fn pae_roots_follow_the_pdptrs() {
         m.access(v, va, Access::empty()).unwrap(),
         AccessOutcome::Fixed(Gpa(0x20_0000))
     );
+    m.check().unwrap();
+}
+
+/// Targeted (found by this file's proptest): a present PDPTE with reserved bits (here the
+/// P|W|U|A|D of a lower-level entry) gets no PAE root, even when the PD it names is already
+/// shadowed through another PDPTE, so the access faults with RSVD as the walker says
+/// (KVM refuses such PDPTRs at the CR3 load; a caller passing them in must not get a
+/// translation).
+#[test]
+fn reserved_pdpte_faults_even_over_a_shadowed_pd() {
+    let mut m = mmu(12);
+    let full = PT_PRESENT | PT_WRITABLE | PT_USER | PT_ACCESSED | PT_DIRTY;
+    // PDPTE 0 -> PD 2 (valid); PDPTE 3 -> the same PD with reserved bits; PD 2 entry 0 ->
+    // PT 3 -> 0x10_0000.
+    m.mem
+        .write_u64(Gpa(0x1000 + PDPT_OFF), 0x2000 | PT_PRESENT)
+        .unwrap();
+    m.mem
+        .write_u64(Gpa(0x1000 + PDPT_OFF + 24), 0x2000 | full)
+        .unwrap();
+    m.mem.write_u64(Gpa(0x2000), 0x3000 | full).unwrap();
+    m.mem.write_u64(Gpa(0x3000), 0x10_0000 | full).unwrap();
+    let v = m.add_vcpu(mode(Paging::Pae, 0x1000, true, true, &m.mem));
+    assert_eq!(
+        m.access(v, 0, Access::empty()).unwrap(),
+        AccessOutcome::Fixed(Gpa(0x10_0000))
+    );
+    match m.access(v, 0xc000_0000, Access::empty()).unwrap() {
+        AccessOutcome::Fault(f) => assert!(
+            f.error_code
+                .contains(PfErrorCode::PRESENT | PfErrorCode::RSVD),
+            "{f:?}"
+        ),
+        other => panic!("a reserved PDPTE translated: {other:?}"),
+    }
+    assert_eq!(m.vcpus()[v].pae_root.iter().flatten().count(), 1);
     m.check().unwrap();
 }
