@@ -27,8 +27,12 @@
 //! 3. **Re-copy rounds (gate open).** Take the bitmap (a fresh one continues
 //!    tracking) and bring each marked HPTE up to date: a VALID one is unmapped through
 //!    its ring as in step 1 (listed for step 4 if it has none), a changed bolted copy
-//!    is withdrawn and placed again. Rounds repeat until one finds at most
-//!    `FINAL_ROUND_SLOTS` changes (or `MAX_ROUNDS`), like a live migration's pre-copy.
+//!    is withdrawn and placed again. Rounds repeat until one takes at most
+//!    `FINAL_ROUND_SLOTS` marked slots (or `MAX_ROUNDS`), like a live migration's
+//!    pre-copy. The criterion is the marks, not the slots that had changed: step 4
+//!    revisits every slot marked since the last round, changed or not, so the pause
+//!    is proportional to the marks the vCPUs made while the last round ran, and a
+//!    round converges only once it is short.
 //! 4. **Commit (gate closed and drained).** Tracking off; the candidates are the marked
 //!    HPTEs of the last window, the listed VALID ones and the copies that could not be
 //!    placed. Each is compared with its copy: VALID -> unmapped as in the stop-the-world
@@ -84,8 +88,8 @@ struct Copied {
 
 /// Re-copy rounds at most, before stopping whatever remains.
 const MAX_ROUNDS: usize = 16;
-/// Stop re-copying once a round found at most this many changed slots.
-const FINAL_ROUND_SLOTS: usize = 256;
+/// Stop re-copying once a round took at most this many marked slots.
+const FINAL_ROUND_SLOTS: u32 = 256;
 
 /// A bolted entry to place in step 3.
 #[derive(Debug, Clone, Copy)]
@@ -131,8 +135,9 @@ impl Op<'_> {
                 self.ctl.precopy_hold_point(PrecopyHold::BeforeRounds);
                 for _ in 0..MAX_ROUNDS {
                     let groups = track.drain().map_err(|_| ResizeError::NoMem)?;
-                    let n = self.precopy_round(new, &mut copied, &groups, &mut carry)?;
-                    if n <= FINAL_ROUND_SLOTS {
+                    self.precopy_round(new, &mut copied, &groups, &mut carry)?;
+                    let marks: u32 = groups.iter().map(|w| w.count_ones()).sum();
+                    if marks <= FINAL_ROUND_SLOTS {
                         break;
                     }
                 }
@@ -242,21 +247,20 @@ impl Op<'_> {
 
     /// A re-copy round (gate open): bring the copies of the slots of `groups` up to
     /// date. VALID entries and new bolted entries without a record go to `carry` for
-    /// step 3. Returns the number of slots that had changed.
+    /// step 3.
     fn precopy_round(
         &self,
         new: &Hpt,
         copied: &mut [Copied],
         groups: &[u64],
         carry: &mut Vec<u32>,
-    ) -> Result<usize, ResizeError> {
+    ) -> Result<(), ResizeError> {
         let acc = self.host_access();
         let old = acc.hpt();
         let f = self.flavour();
         let (og, ng, rev, new_rev) = (old.geometry(), new.geometry(), old.revmap(), new.revmap());
         let npte = og.npte();
         let slots = self.memslots();
-        let mut changed = 0;
         for (w, &bits) in groups.iter().enumerate() {
             let mut b = bits;
             while b != 0 {
@@ -277,7 +281,6 @@ impl Op<'_> {
                         .ok()
                         .and_then(|k| copied.get_mut(k));
                     if hv.is_valid() {
-                        changed += 1;
                         // Unmap it now, as step 1 did, through its frame's ring; an
                         // entry on no ring waits for step 3.
                         let frame = self.entry_page(v, gr).and_then(|(gfn, shift)| {
@@ -315,7 +318,6 @@ impl Op<'_> {
                     }
                     let Some(c) = rec else {
                         if bolted {
-                            changed += 1;
                             carry.try_reserve(1).map_err(|_| ResizeError::NoMem)?;
                             carry.push(p.0);
                         }
@@ -324,7 +326,6 @@ impl Op<'_> {
                     if (c.v, c.r, c.gr) == (v, r, gr) {
                         continue;
                     }
-                    changed += 1;
                     if c.placed {
                         if let Some(mut ng_) = new.lock(c.new) {
                             new_rev.set_guest_rpte(c.new.0, 0);
@@ -356,7 +357,7 @@ impl Op<'_> {
                 }
             }
         }
-        Ok(changed)
+        Ok(())
     }
 
     /// Step 3 (gate closed): re-apply what changed since step 2. On `Err` the new
