@@ -211,6 +211,30 @@ impl Vm {
         n
     }
 
+    /// Unmap every HPTE on the rings of `s`, skipping a ring that a lock-free load finds
+    /// empty instead of taking its lock (most rings of a whole slot are empty: the walk
+    /// then costs a load per frame). Returns the count.
+    ///
+    /// Only for a caller that learns by other means of every entry linked after the walk
+    /// starts: the pre-copy resize commit, whose change tracking, switched on with the
+    /// vCPU gate closed and drained before this walk, marks every entry a hypercall or a
+    /// fault makes VALID meanwhile, and whose later rounds unmap those. The drained gate
+    /// (its Acquire of every vCPU's Release on leaving) makes every link made before it
+    /// visible to the load. A host unmap must use [`unmap_slot_range`](Self::unmap_slot_range):
+    /// taking the rmap lock is what orders it against H_ENTER's re-check of the
+    /// invalidation under that lock; with a lock-free load an H_ENTER inside its critical
+    /// section could link an entry over a page being unmapped.
+    pub fn unmap_slot_rings_tracked(&self, hpt: &Hpt, s: &Memslot) -> u64 {
+        let base = s.base_gfn().0;
+        let mut n = 0;
+        for (k, rm) in s.rmaps().iter().enumerate() {
+            if rm.load().head().is_some() {
+                n += self.unmap_rmap(hpt, s, Gfn(base + k as u64), rm);
+            }
+        }
+        n
+    }
+
     /// `kvm_unmap_rmapp`: unmap every member of frame `gfn`'s chain.
     pub(crate) fn unmap_rmap(&self, hpt: &Hpt, s: &Memslot, gfn: Gfn, rm: &Rmap) -> u64 {
         let rev = hpt.revmap();

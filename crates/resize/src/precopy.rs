@@ -18,7 +18,9 @@
 //! 1. **Drain (gate open).** Every VALID entry leaves its rmap ring through the host's
 //!    own `kvm_unmap_gfn_range` walker over every memslot (ABSENT, tlbie, R/C harvested
 //!    into guest_rpte, the rmap word and the dirty bitmap: no R/C bit is lost). A host
-//!    page-out may do this at any time, so the guest cannot see it.
+//!    page-out may do this at any time, so the guest cannot see it. Rings found empty
+//!    by a lock-free load are skipped (`Vm::unmap_slot_rings_tracked`): an entry
+//!    linked after the walk looked is marked by the tracking of step 0.
 //! 2. **Copy (gate open).** Every bolted, non-VALID entry is snapshotted under its HPTE
 //!    lock (dword 0, dword 1, guest_rpte) and written to its rehashed index in the new,
 //!    inactive table (not yet marked written in QEMU's pristine bitmap, so a withdrawn
@@ -124,7 +126,9 @@ impl Op<'_> {
             let slots = self.memslots();
             for s in slots.iter() {
                 let acc = self.host_access();
-                self.unmap_slot_range(acc.hpt(), s, s.base_gfn(), s.end_gfn());
+                // Tracking is on: an entry linked after this walk looks at its ring
+                // is marked, and a round or step 4 unmaps it.
+                self.unmap_slot_rings_tracked(acc.hpt(), s);
             }
         }
         // Step 2: copy the bolted entries, note the VALID ones; then re-copy rounds
