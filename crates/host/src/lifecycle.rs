@@ -3,8 +3,9 @@
 //! slot-set snapshot, with the INVALID step before a slot's frames go away.
 //!
 //! The MMU supplies its part through [`MemslotArch`] (KVM's `kvm_arch_*` memory-region
-//! hooks): waking pinned readers during a publication, flushing an INVALID slot's
-//! translations, and its own work once a change is visible.
+//! hooks): allocating its per-slot state before anything is published, waking pinned
+//! readers during a publication, flushing an INVALID slot's translations, and its own
+//! work once a change is visible.
 //!
 //! # Protocol
 //!
@@ -13,12 +14,14 @@
 //! snapshot (SRCU).
 //!
 //! * **Create**: the new slot is checked against every other slot (frames and id),
-//!   published, then [`MemslotArch::commit_memory_region`] runs.
+//!   [`MemslotArch::prepare_memory_region`] allocates the MMU's part (an error there
+//!   changes nothing), the slot is published, then [`MemslotArch::commit_memory_region`]
+//!   runs.
 //! * **Delete / move**: the slot is published INVALID (from then on no translation of
 //!   it can be created), [`MemslotArch::flush_memslot`] removes every translation of it,
 //!   then the set without it (delete) or with it at its new base (move, same per-slot
-//!   data) is published and the commit hook runs. A move's new range is checked before
-//!   anything changes.
+//!   data) is published and the commit hook runs. A move's new range is checked, and
+//!   the prepare hook run, before anything changes.
 //! * **Flags**: dirty logging on/off clears the bitmap when logging starts (before the
 //!   publication) and when it stops (after it); READONLY cannot change (KVM's
 //!   `-EINVAL`); INVALID is internal.
@@ -27,7 +30,8 @@ use crate::slots::{SlotSet, SlotsWriter};
 use crate::{Memslot, MemslotError, MemslotFlags, Memslots};
 use revmap_rmap::{Gfn, SlotId};
 
-/// A change made visible, as [`MemslotArch::commit_memory_region`] sees it.
+/// A change, as [`MemslotArch::prepare_memory_region`] (about to be made visible) and
+/// [`MemslotArch::commit_memory_region`] (made visible) see it.
 #[derive(Debug, Clone, Copy)]
 pub enum MemslotChange<'a> {
     /// A slot was created.
@@ -40,6 +44,16 @@ pub enum MemslotChange<'a> {
 
 /// The MMU-specific steps of a memslot change (KVM's `kvm_arch_*` memory-region hooks).
 pub trait MemslotArch {
+    /// `kvm_arch_prepare_memory_region`: allocate what the MMU needs for `change` (a
+    /// created slot, or a slot at its new base) before anything is published, so that
+    /// the commit hook allocates nothing. Called under the slot-set writer lock, after
+    /// the change was validated; an error fails the change with nothing changed. The
+    /// default has nothing to prepare.
+    fn prepare_memory_region(&self, change: MemslotChange<'_>) -> Result<(), MemslotError> {
+        let _ = change;
+        Ok(())
+    }
+
     /// Called while a publication waits for readers: wake readers that pin a snapshot
     /// across operations (for the HPT, vCPU run handles are kicked through their gate
     /// word so that they re-pin).
@@ -105,6 +119,7 @@ pub fn create_memslot<A: MemslotArch + ?Sized>(
     let mut w = set.writer();
     let mut next = w.next()?;
     next.insert(slot.clone())?;
+    arch.prepare_memory_region(MemslotChange::Create(&slot))?;
     publish(arch, &mut w, next);
     arch.commit_memory_region(MemslotChange::Create(&slot));
     Ok(())
@@ -145,6 +160,7 @@ pub fn move_memslot<A: MemslotArch + ?Sized>(
     let mut after = w.next()?;
     after.remove(id);
     after.insert(moved.clone())?;
+    arch.prepare_memory_region(MemslotChange::Move(&moved))?;
     invalidate_flush_and_publish(arch, &mut w, &old, after)?;
     arch.commit_memory_region(MemslotChange::Move(&moved));
     Ok(())

@@ -29,9 +29,9 @@ use revmap_rmap::{Gfn, Hva, RmapError, SlotId, PAGE_SHIFT};
 pub struct ShadowVm {
     slots: SlotSet,
     mmu_lock: RwLock<ShadowMmu>,
-    /// The x86 arrays of the slot being created, allocated by
-    /// [`create_memslot`](Self::create_memslot) before the host layer publishes it (its
-    /// commit hook cannot fail).
+    /// The x86 arrays of the slot being created or moved, allocated by the prepare
+    /// hook (`kvm_arch_prepare_memory_region`) before the host layer publishes it, and
+    /// installed by the commit hook (which cannot fail).
     prepared: Mutex<Option<SlotArch>>,
 }
 
@@ -121,18 +121,11 @@ impl ShadowVm {
     }
 
     /// KVM_MR_CREATE through the host layer's lifecycle. The slot's x86 arrays are
-    /// allocated first (`kvm_arch_prepare_memory_region`): out of memory is
-    /// [`MemslotError::Alloc`] before anything is published.
+    /// allocated before anything is published (`kvm_arch_prepare_memory_region`): out
+    /// of memory is [`MemslotError::Alloc`] with nothing changed.
     pub fn create_memslot(&self, slot: Memslot) -> Result<(), MemslotError> {
-        let arch = self
-            .with_mmu(|m| m.prepare_memslot(slot.clone()))
-            .map_err(|e| match e {
-                ShadowError::Pool(r) => MemslotError::Alloc(r),
-                _ => MemslotError::Alloc(RmapError::Alloc { bytes: 0 }),
-            })?;
-        *lock(&self.prepared) = Some(arch);
         let r = lifecycle::create_memslot(&self.slots, self, slot);
-        // Unused if the host layer refused the slot.
+        // Unused if a later step refused the slot.
         lock(&self.prepared).take();
         r
     }
@@ -142,9 +135,13 @@ impl ShadowVm {
         lifecycle::delete_memslot(&self.slots, self, id)
     }
 
-    /// KVM_MR_MOVE.
+    /// KVM_MR_MOVE. x86 keeps per-slot arrays sized and aligned by the base frame
+    /// (rmaps per level, huge-page disallow counts): the moved slot's are allocated
+    /// before anything is published, as for a creation.
     pub fn move_memslot(&self, id: SlotId, new_base: Gfn) -> Result<(), MemslotError> {
-        lifecycle::move_memslot(&self.slots, self, id, new_base)
+        let r = lifecycle::move_memslot(&self.slots, self, id, new_base);
+        lock(&self.prepared).take();
+        r
     }
 
     /// KVM_MR_FLAGS_ONLY; starting dirty logging write-protects the slot
@@ -179,6 +176,20 @@ impl ShadowVm {
 }
 
 impl MemslotArch for ShadowVm {
+    fn prepare_memory_region(&self, change: MemslotChange<'_>) -> Result<(), MemslotError> {
+        let (MemslotChange::Create(s) | MemslotChange::Move(s)) = change else {
+            return Ok(());
+        };
+        let arch = self
+            .with_mmu(|m| m.prepare_memslot(s.clone()))
+            .map_err(|e| match e {
+                ShadowError::Pool(r) => MemslotError::Alloc(r),
+                _ => MemslotError::Alloc(RmapError::Alloc { bytes: 0 }),
+            })?;
+        *lock(&self.prepared) = Some(arch);
+        Ok(())
+    }
+
     fn kick_readers(&self) {}
 
     fn flush_memslot(&self, slot: &Memslot) {
@@ -191,19 +202,33 @@ impl MemslotArch for ShadowVm {
 
     fn commit_memory_region(&self, change: MemslotChange<'_>) {
         self.with_mmu(|m| {
+            // The arrays the prepare hook made for this very slot (same data, same
+            // base; the writer lock is held from prepare to commit, so they are).
+            let prepared = |s: &Memslot| {
+                lock(&self.prepared)
+                    .take()
+                    .filter(|a| a.slot.same_data(s) && a.slot.base_gfn() == s.base_gfn())
+            };
             let _ = match change {
-                MemslotChange::Create(s) => match lock(&self.prepared).take() {
-                    Some(mut a) if a.slot.same_data(s) => {
+                MemslotChange::Create(s) => match prepared(s) {
+                    Some(mut a) => {
                         a.slot = s.clone();
                         m.add_prepared_memslot(a)
                     }
-                    _ => m.add_memslot(s.clone()),
+                    None => m.add_memslot(s.clone()),
                 },
                 MemslotChange::Delete(s) => m.remove_memslot(s.id()).map(|_| ()),
-                // x86 reallocates the arch arrays for a moved slot.
-                MemslotChange::Move(s) => m
-                    .remove_memslot(s.id())
-                    .and_then(|_| m.add_memslot(s.clone())),
+                // x86 reallocates the arch arrays for a moved slot (prepared above).
+                MemslotChange::Move(s) => {
+                    let a = prepared(s);
+                    m.remove_memslot(s.id()).and_then(|_| match a {
+                        Some(mut a) => {
+                            a.slot = s.clone();
+                            m.add_prepared_memslot(a)
+                        }
+                        None => m.add_memslot(s.clone()),
+                    })
+                }
             };
         });
     }
