@@ -734,4 +734,42 @@ mod tests {
         drop(ctl);
         assert!(weak.upgrade().is_none(), "resize state leaked");
     }
+
+    /// The worker holds the shared state until it exits: once the controller's drop
+    /// returns, it has exited (joined) and released it, also when a preparation was
+    /// queued and the worker held before allocating it.
+    #[test]
+    fn dropping_the_controller_stops_and_joins_the_worker() {
+        let ctl = ResizeCtl::new(20).unwrap();
+        assert!(ctl.worker_running());
+        let weak = Arc::downgrade(&ctl.shared);
+        assert_eq!(Arc::strong_count(&ctl.shared), 2, "controller and worker");
+        drop(ctl);
+        assert!(
+            weak.upgrade().is_none(),
+            "the worker outlived its controller"
+        );
+    }
+
+    #[cfg(feature = "test-hooks")]
+    #[test]
+    fn dropping_the_controller_with_a_held_preparation_frees_it() {
+        let ctl = ResizeCtl::new(20).unwrap();
+        let weak = Arc::downgrade(&ctl.shared);
+        ctl.hold_preparation(true);
+        {
+            let mut p = lock(&ctl.shared.pending);
+            assert!(is_long_busy(ctl.start(
+                &mut p,
+                MIN_HPT_ORDER,
+                Flavour::Kvm,
+                1 << 14
+            )));
+        }
+        drop(ctl);
+        assert!(
+            weak.upgrade().is_none(),
+            "the worker outlived its controller"
+        );
+    }
 }
