@@ -16,6 +16,14 @@
 //! holds a counted reference) and waits until the old snapshot's reference count drops
 //! to one: from then on no reader uses it.
 //!
+//! Publication allocates nothing. Stable Rust has no fallible `Arc` allocation, so the
+//! set keeps a second, spare `Arc` (allocated with the set, at VM creation) under the
+//! writer lock: `publish` moves the next set into the spare and swaps it in; the old
+//! `Arc`, unique once the grace period is over, has its set dropped (an empty
+//! [`Memslots`] does not allocate) and becomes the spare. So a memslot change can fail
+//! only while it builds the next set ([`SlotsWriter::next`], fallible), before anything
+//! is published: the old set stays published.
+//!
 //! # Invariants
 //!
 //! * A reader never sees a half-built set: snapshots are immutable once published.
@@ -31,7 +39,9 @@ use revmap_rmap::sync::{lock, yield_now, Arc, ArcCell, ArcGuard, Mutex, MutexGua
 /// The published memslot set with its writer lock.
 pub struct SlotSet {
     cell: ArcCell<Memslots>,
-    writer: Mutex<()>,
+    /// The writer lock, protecting the spare `Arc` (unique, holding an empty set) that
+    /// the next publication fills (module docs: # Implementation).
+    writer: Mutex<Option<Arc<Memslots>>>,
 }
 
 impl core::fmt::Debug for SlotSet {
@@ -57,15 +67,15 @@ impl Deref for SlotsRef {
 /// The writer lock (`slots_lock`): only its holder may publish.
 pub struct SlotsWriter<'a> {
     set: &'a SlotSet,
-    _g: MutexGuard<'a, ()>,
+    spare: MutexGuard<'a, Option<Arc<Memslots>>>,
 }
 
 impl SlotSet {
-    /// A set publishing `initial`.
+    /// A set publishing `initial` (with the spare `Arc` of later publications).
     pub fn new(initial: Memslots) -> Self {
         Self {
             cell: ArcCell::new(initial),
-            writer: Mutex::new(()),
+            writer: Mutex::new(Some(Arc::new(Memslots::new()))),
         }
     }
 
@@ -87,7 +97,7 @@ impl SlotSet {
     pub fn writer(&self) -> SlotsWriter<'_> {
         SlotsWriter {
             set: self,
-            _g: lock(&self.writer),
+            spare: lock(&self.writer),
         }
     }
 }
@@ -113,16 +123,36 @@ impl SlotsWriter<'_> {
     /// [`publish`](Self::publish), calling `kick` after the new set is visible and
     /// before the grace period: the hook that tells long-lived readers (pinned with
     /// [`SlotSet::load_full`]) to drop the old snapshot and re-pin.
+    ///
+    /// Allocates nothing: `next` goes into the spare `Arc`, and the old one, once no
+    /// reader holds it, is emptied and kept as the next spare (module docs).
     pub fn publish_with(&mut self, next: Memslots, kick: impl FnOnce()) {
-        let next = Arc::new(next);
-        let old = self.set.cell.swap(next);
+        let next = match self.spare.take() {
+            Some(mut spare) => match Arc::get_mut(&mut spare) {
+                Some(set) => {
+                    *set = next;
+                    spare
+                }
+                // Unreachable: the spare is only ever an `Arc` that no reader holds
+                // (the grace period below) and no one downgrades.
+                None => Arc::new(next),
+            },
+            // Unreachable for the same reason (every publication leaves a spare).
+            None => Arc::new(next),
+        };
+        let mut old = self.set.cell.swap(next);
         kick();
         // Grace period: every reader that loaded `old` holds a counted reference to it
         // (arc-swap paid its debts in `swap`); wait for all of them to drop it.
         while Arc::strong_count(&old) > 1 {
             yield_now();
         }
-        drop(old);
+        // No reader left: drop the old set's contents (a deleted slot's arrays are
+        // freed here, as before) and keep its `Arc` as the next spare.
+        if let Some(set) = Arc::get_mut(&mut old) {
+            *set = Memslots::new();
+            *self.spare = Some(old);
+        }
     }
 }
 
@@ -168,6 +198,38 @@ mod tests {
         assert_eq!(after.base_gfn(), Gfn(0x1000));
         assert!(after.same_data(&before), "move keeps the rmap array");
         assert!(now.lookup(Gfn(0x10)).is_none());
+    }
+
+    /// Publication allocates no `Arc`: it alternates between the set's two, and the
+    /// one it retires no longer holds the old slots (their data is freed).
+    #[test]
+    fn publish_alternates_between_two_arcs_and_drops_the_old_set() {
+        let s = SlotSet::new(set_with(2));
+        let first = Arc::as_ptr(&s.load_full());
+        let data0 = s.load().get(SlotId(0)).unwrap().clone();
+        {
+            let mut w = s.writer();
+            let mut n = w.next().unwrap();
+            n.remove(SlotId(0)).unwrap();
+            w.publish(n);
+        }
+        let second = Arc::as_ptr(&s.load_full());
+        assert_ne!(first, second);
+        assert!(s.load().get(SlotId(0)).is_none());
+        {
+            let w = s.writer();
+            let spare = w.spare.as_ref().expect("a spare after publishing");
+            assert_eq!(Arc::as_ptr(spare), first, "the retired Arc is the spare");
+            assert_eq!(spare.len(), 0, "the retired set was dropped");
+        }
+        drop(data0);
+        {
+            let mut w = s.writer();
+            let n = w.next().unwrap();
+            w.publish(n);
+        }
+        assert_eq!(Arc::as_ptr(&s.load_full()), first, "the spare was reused");
+        assert_eq!(s.load().len(), 1);
     }
 
     /// The writer's kick hook runs after the swap and before the grace period; the

@@ -1,5 +1,5 @@
 //! Test hooks of the resize protocol: make a preparation's allocation fail, hold
-//! preparation workers, hold a pre-copy commit at a chosen point.
+//! the preparation worker, hold a pre-copy commit at a chosen point.
 //!
 //! They exist only with the `test-hooks` cargo feature (enabled by this workspace's
 //! dev-dependencies, never by a production build): without it [`TestHooks`] is a
@@ -74,8 +74,8 @@ mod imp {
         }
 
         pub(crate) fn inject_alloc_failure(&self) {
-            // ORDERING: Relaxed: read by the worker spawned after this call (the spawn
-            // synchronises).
+            // ORDERING: Relaxed: read by the worker after it takes a job posted after
+            // this call (the mailbox mutex synchronises).
             self.fail_next_alloc.store(true, Ordering::Relaxed);
         }
 

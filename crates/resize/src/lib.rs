@@ -36,7 +36,9 @@
 //! # The pending request
 //!
 //! At most one request is pending, in `state::Pending` under `mmu_setup_lock` (a mutex):
-//! * `Allocating { id }`: a worker thread is allocating the new table and **owns it**.
+//! * `Allocating { id }`: the VM's preparation worker (one persistent thread per VM,
+//!   started with the [`ResizeCtl`], joined when it is dropped: [`worker`]) is allocating
+//!   the new table, or will once it takes the job PREPARE posted, and **owns it**.
 //!   Cancelling (PREPARE with another shift or 0, or a KVM commit refusal) only
 //!   *detaches* the request (replaces the state); the worker, on finishing, finds a
 //!   different `id` and frees its table itself. This is KVM's `error == -EBUSY`.
@@ -86,6 +88,7 @@ mod hooks;
 mod precopy;
 pub mod rehash;
 mod state;
+pub mod worker;
 
 pub use flavour::ResizeFlavour;
 pub use state::{PrecopyHold, ResizeCtl, ResizeStats};
@@ -96,7 +99,11 @@ use revmap_hpt::{HptError, Vm, VmConfig};
 /// A VM of `cfg` with resizing: [`Vm::new`] with a [`ResizeCtl`] for its RAM size
 /// installed.
 pub fn new_vm(cfg: VmConfig) -> Result<Vm, HptError> {
-    let ctl = revmap_rmap::error::try_box(ResizeCtl::for_config(&cfg))?;
+    // The controller starts the VM's preparation worker; failing to start it is the
+    // set-up's out-of-resources error (a thread's start-up size is not known here).
+    let ctl = ResizeCtl::for_config(&cfg)
+        .map_err(|_| HptError::Alloc(revmap_rmap::error::RmapError::Alloc { bytes: 0 }))?;
+    let ctl = revmap_rmap::error::try_box(ctl)?;
     Ok(Vm::new(cfg)?.with_resizer(ctl))
 }
 

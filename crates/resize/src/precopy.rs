@@ -103,7 +103,7 @@ struct ToPlace {
 
 impl Op<'_> {
     /// The pre-copy commit of `table` (module docs). Returns the PAPR code.
-    pub(super) fn commit_precopy(&self, table: Prepared) -> i64 {
+    pub(super) fn commit_precopy(&self, mut table: Prepared) -> i64 {
         let Some(new) = table.hpt.as_ref() else {
             return ResizeError::Io.papr();
         };
@@ -112,9 +112,11 @@ impl Op<'_> {
         // until the commit is over: slots_lock is below mmu_setup_lock.
         let writer = self.slot_set().writer();
         let track = self.change_tracker();
-        if track.alloc(self.hpt().geometry().npte()).is_err() {
-            return ResizeError::NoMem.papr();
-        }
+        // The bitmap was allocated with the table at PREPARE: nothing to allocate here.
+        let Some(map) = table.track.take() else {
+            return ResizeError::Io.papr();
+        };
+        track.install(map);
         // Step 0: switch change tracking on with every vCPU out of the gate.
         let t1 = std::time::Instant::now();
         tables.close_and_drain(self.tlb());
@@ -156,7 +158,7 @@ impl Op<'_> {
             .drain()
             .map_err(|_| ResizeError::NoMem)
             .and_then(|g| prepared.map(|(c, v)| (c, v, g)));
-        track.free();
+        drop(track.free());
         let ret = match copied
             .and_then(|(c, valid, groups)| self.precopy_finish(new, &c, &valid, &groups))
         {

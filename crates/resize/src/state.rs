@@ -1,25 +1,30 @@
-//! The PREPARE/COMMIT state machine, the background preparation worker, and the
-//! stop-the-world commit (rehash + pivot) of a [`Vm`]. See the parent module for the
-//! ownership rules (at most one pending request; who frees it) and the commit invariants.
+//! The PREPARE/COMMIT state machine, the preparation jobs run by the VM's persistent
+//! worker ([`crate::worker`]), and the stop-the-world commit (rehash + pivot) of a
+//! [`Vm`]. See the parent module for the ownership rules (at most one pending request;
+//! who frees it) and the commit invariants.
 
 use super::rehash::rehash_index;
 use super::{long_busy_for_ms, ResizeError, ResizeMode, PREPARE_ESTIMATE_MS};
 use crate::flavour::ResizeFlavour;
+use crate::worker::{self, Mailbox};
 use alloc::vec::Vec;
 use revmap_host::Memslots;
 use revmap_hpt::hash::{HptGeometry, MAX_HPT_ORDER, MAX_PAPR_HPT_ORDER, MIN_HPT_ORDER};
 use revmap_hpt::hcall::*;
 use revmap_hpt::hpte::{HpteR, HpteV};
+use revmap_hpt::resize::track::TrackBitmap;
 use revmap_hpt::table::Hpt;
 use revmap_hpt::{Flavour, HptResizer, PaprError, Vm, VmConfig};
 use revmap_rmap::sync::{lock, thread, wait, Arc, AtomicU64, Condvar, Mutex, Ordering};
+
 use revmap_rmap::{Ptex, PAGE_SHIFT};
 
 /// Counters proving the ownership rules (no leak, no double free): every table a
 /// worker allocates is eventually either installed by a commit or freed exactly once.
 #[derive(Debug, Default)]
 pub struct ResizeStats {
-    /// Preparations started (worker threads spawned).
+    /// Preparations started (jobs the worker took; a job superseded before the worker
+    /// took it never starts).
     pub started: AtomicU64,
     /// Tables successfully allocated by workers.
     pub allocated: AtomicU64,
@@ -29,7 +34,7 @@ pub struct ResizeStats {
     pub freed_by_worker: AtomicU64,
     /// Prepared tables installed by a successful commit.
     pub installed: AtomicU64,
-    /// Workers that have finished (published or freed their result).
+    /// Preparations that have finished (published or freed their result).
     pub finished: AtomicU64,
 }
 
@@ -55,7 +60,18 @@ use super::hooks::TestHooks;
 #[derive(Debug)]
 pub(super) struct Prepared {
     pub(super) hpt: Option<Hpt>,
+    /// The change bitmap a pre-copy commit tracks the *current* table with, sized for
+    /// it and allocated with the new table (so the commit allocates nothing for it).
+    pub(super) track: Option<TrackBitmap>,
     stats: Arc<Shared>,
+}
+
+impl Prepared {
+    /// Whether the pre-copy commit can run: it has a change bitmap for a current table
+    /// of `npte` entries.
+    pub(super) fn tracks(&self, npte: u64) -> bool {
+        self.track.as_ref().is_some_and(|t| t.fits(npte))
+    }
 }
 
 impl Prepared {
@@ -79,7 +95,7 @@ enum Pending {
     /// Nothing pending.
     #[default]
     Idle,
-    /// A worker is allocating and owns the table (`error == -EBUSY`).
+    /// The worker is allocating (or will) and owns the table (`error == -EBUSY`).
     Allocating {
         /// Requested order.
         order: u32,
@@ -121,41 +137,71 @@ struct Shared {
     /// Test hooks (zero-sized without the `test-hooks` feature).
     hooks: TestHooks,
     stats: ResizeStats,
+    /// The worker's mailbox (PREPARE posts the job; allocation-free).
+    jobs: Mailbox<Job>,
     /// The commit mode (`ResizeMode as u64`).
     mode: AtomicU64,
     /// The last commit's pause (gate closed -> gate reopened), in nanoseconds.
     last_pause_ns: AtomicU64,
 }
 
-/// The resize state of one VM (`mmu_setup_lock` and the pending request).
-#[derive(Debug)]
+/// One preparation for the worker: allocate a table of `order` (and a change bitmap
+/// for the current table of `old_npte` entries) for request `id`.
+#[derive(Debug, Clone, Copy)]
+struct Job {
+    order: u32,
+    id: u64,
+    flavour: Flavour,
+    old_npte: u64,
+}
+
+/// The resize state of one VM (`mmu_setup_lock` and the pending request) and its
+/// persistent preparation worker, which exits when the controller is dropped.
 pub struct ResizeCtl {
     shared: Arc<Shared>,
+    /// The worker, joined on drop.
+    worker: Option<thread::JoinHandle<()>>,
     /// QEMU's `spapr_hpt_shift_for_ramsize` of the VM's RAM.
     ram_order: u32,
 }
 
+impl core::fmt::Debug for ResizeCtl {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("ResizeCtl")
+            .field("shared", &self.shared)
+            .field("ram_order", &self.ram_order)
+            .finish_non_exhaustive()
+    }
+}
+
 impl ResizeCtl {
     /// The resize controller of a VM of `cfg` (its RAM-derived order is QEMU's
-    /// [`hpt_shift_for_ramsize`](crate::hpt_shift_for_ramsize)).
-    pub fn for_config(cfg: &VmConfig) -> Self {
+    /// [`hpt_shift_for_ramsize`](crate::hpt_shift_for_ramsize)); see [`new`](Self::new).
+    pub fn for_config(cfg: &VmConfig) -> Result<Self, ResizeError> {
         Self::new(crate::hpt_shift_for_ramsize(cfg.ram_bytes))
     }
 
-    /// Resize state for a VM whose RAM-derived order is `ram_order`.
-    pub fn new(ram_order: u32) -> Self {
-        Self {
-            shared: Arc::new(Shared {
-                pending: Mutex::new(Pending::Idle),
-                changed: Condvar::new(),
-                next_id: AtomicU64::new(1),
-                hooks: TestHooks::new(),
-                stats: ResizeStats::default(),
-                mode: AtomicU64::new(ResizeMode::DEFAULT as u64),
-                last_pause_ns: AtomicU64::new(0),
-            }),
+    /// Resize state for a VM whose RAM-derived order is `ram_order`, with its
+    /// preparation worker started (VM set-up, like KVM's workqueue: no hypercall starts
+    /// a thread). [`ResizeError::NoMem`] if the worker cannot be started.
+    pub fn new(ram_order: u32) -> Result<Self, ResizeError> {
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(Pending::Idle),
+            changed: Condvar::new(),
+            next_id: AtomicU64::new(1),
+            hooks: TestHooks::new(),
+            stats: ResizeStats::default(),
+            jobs: Mailbox::new(),
+            mode: AtomicU64::new(ResizeMode::DEFAULT as u64),
+            last_pause_ns: AtomicU64::new(0),
+        });
+        let worker = worker::spawn(Arc::clone(&shared), |s: &Shared| &s.jobs, prepare_job)
+            .map_err(|_| ResizeError::NoMem)?;
+        Ok(Self {
+            shared,
+            worker: Some(worker),
             ram_order,
-        }
+        })
     }
 
     /// Allocation and ownership counters.
@@ -200,8 +246,8 @@ impl ResizeCtl {
         self.shared.hooks.inject_alloc_failure();
     }
 
-    /// Hold (true) or release (false) every preparation worker before it allocates,
-    /// so tests can act while a preparation is in progress.
+    /// Hold (true) or release (false) the preparation worker before it allocates, so
+    /// tests can act while a preparation is in progress.
     #[cfg(feature = "test-hooks")]
     pub fn hold_preparation(&self, hold: bool) {
         self.shared.hooks.hold_preparation(hold);
@@ -244,14 +290,20 @@ impl ResizeCtl {
         }
     }
 
-    /// Block until every worker ever started has finished (tests: leak accounting).
+    /// Block until the worker is idle: every preparation posted has finished or was
+    /// superseded before it started (tests: leak accounting).
     pub fn wait_workers(&self) {
-        let s = &self.shared.stats;
-        let mut p = lock(&self.shared.pending);
-        while ResizeStats::get(&s.finished) < ResizeStats::get(&s.started) {
-            p = wait(&self.shared.changed, p);
-        }
-        drop(p);
+        self.shared.jobs.wait_idle();
+    }
+
+    /// Whether the preparation worker thread is still running (it exits only when the
+    /// controller is dropped; tests).
+    pub fn worker_running(&self) -> bool {
+        #[cfg(not(any(loom, shuttle)))]
+        return self.worker.as_ref().is_some_and(|w| !w.is_finished());
+        // (The model checkers' join handles cannot tell; the worker runs until joined.)
+        #[cfg(any(loom, shuttle))]
+        return self.worker.is_some();
     }
 
     /// `resize_hpt_release`: detach the pending request. A `Ready` table is freed here
@@ -260,31 +312,25 @@ impl ResizeCtl {
         *p = Pending::Idle;
     }
 
-    fn start(&self, p: &mut Pending, order: u32, flavour: Flavour) -> i64 {
-        // ORDERING: Relaxed: a unique id; published to the worker by the spawn.
+    /// Post the preparation of a table of `order` to the worker (allocates nothing).
+    fn start(&self, p: &mut Pending, order: u32, flavour: Flavour, old_npte: u64) -> i64 {
+        // ORDERING: Relaxed: a unique id; published to the worker by the mailbox mutex.
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         *p = Pending::Allocating { order, id };
-        let shared = self.shared.clone();
-        ResizeStats::bump(&self.shared.stats.started);
-        // The thread's name, allocated fallibly (the spawn itself has no fallible form).
-        const NAME: &str = "hpt-resize-prepare";
-        let mut name = String::new();
-        let spawned = match name.try_reserve_exact(NAME.len()) {
-            Ok(()) => {
-                name.push_str(NAME);
-                thread::Builder::new()
-                    .name(name)
-                    .spawn(move || prepare_worker(shared, order, id, flavour))
-            }
-            Err(_) => Err(std::io::Error::from(std::io::ErrorKind::OutOfMemory)),
+        let job = Job {
+            order,
+            id,
+            flavour,
+            old_npte,
         };
-        match spawned {
-            Ok(_) => long_busy_for_ms(PREPARE_ESTIMATE_MS),
-            Err(_) => {
-                ResizeStats::bump(&self.shared.stats.finished);
+        // A job the worker had not taken yet is superseded: its request was released.
+        match self.shared.jobs.post(job) {
+            Some(Job { id: back, .. }) if back == id => {
+                // Stopped (the controller is being dropped): nothing will run it.
                 *p = Pending::Idle;
                 H_NO_MEM
             }
+            _ => long_busy_for_ms(PREPARE_ESTIMATE_MS),
         }
     }
 }
@@ -292,15 +338,33 @@ impl ResizeCtl {
 /// A VM going away releases its pending request (`resize_hpt_release` at teardown): a
 /// `Ready` table holds the shared state alive (its `Prepared` counts into the shared
 /// statistics), so without this the table and the state leak in a cycle.
+///
+/// Then the worker is stopped and joined: it finishes (and frees) a preparation in
+/// progress, and no thread outlives the VM.
 impl Drop for ResizeCtl {
     fn drop(&mut self) {
         Self::release(&mut lock(&self.shared.pending));
+        let _unrun = self.shared.jobs.stop();
+        #[cfg(feature = "test-hooks")]
+        self.shared.hooks.hold_preparation(false);
+        if let Some(w) = self.worker.take() {
+            // A worker that panicked has nothing left to free.
+            drop(w.join());
+        }
     }
 }
 
-/// `resize_hpt_prepare_work`: allocate outside the lock, then publish if still
-/// current, else free (the worker owns a detached request).
-fn prepare_worker(shared: Arc<Shared>, order: u32, id: u64, flavour: Flavour) {
+/// `resize_hpt_prepare_work`, run by the worker: allocate outside the lock (the table
+/// and the change bitmap, both fallibly: a failure is the request's H_NO_MEM), then
+/// publish if still current, else free (the worker owns a detached request).
+fn prepare_job(shared: &Arc<Shared>, job: Job) {
+    let Job {
+        order,
+        id,
+        flavour,
+        old_npte,
+    } = job;
+    ResizeStats::bump(&shared.stats.started);
     shared.hooks.preparation_point();
     let fail = shared.hooks.take_alloc_failure();
     let res = if fail {
@@ -310,12 +374,14 @@ fn prepare_worker(shared: Arc<Shared>, order: u32, id: u64, flavour: Flavour) {
     } else {
         Hpt::new(order).map_err(|_| ResizeError::NoMem)
     };
-    let res = res.map(|hpt| {
+    let res = res.and_then(|hpt| {
+        let track = TrackBitmap::new(old_npte).map_err(|_| ResizeError::NoMem)?;
         ResizeStats::bump(&shared.stats.allocated);
-        Prepared {
+        Ok(Prepared {
             hpt: Some(hpt),
+            track: Some(track),
             stats: shared.clone(),
-        }
+        })
     });
     let mut p = lock(&shared.pending);
     let current = matches!(*p, Pending::Allocating { id: cur, .. } if cur == id);
@@ -467,7 +533,9 @@ impl Op<'_> {
         if shift == 0 {
             return H_SUCCESS;
         }
-        let r = ctl.start(&mut p, shift, f);
+        // The current table cannot change meanwhile: COMMIT holds `pending` throughout.
+        let old_npte = self.hpt().geometry().npte();
+        let r = ctl.start(&mut p, shift, f, old_npte);
         drop(p);
         ctl.shared.changed.notify_all();
         r
@@ -513,8 +581,12 @@ impl Op<'_> {
             return ResizeError::Io.papr();
         };
         let ret = match ctl.mode() {
-            ResizeMode::StopTheWorld => self.commit_stop_the_world(table),
-            ResizeMode::PreCopy => self.commit_precopy(table),
+            ResizeMode::PreCopy if table.tracks(self.hpt().geometry().npte()) => {
+                self.commit_precopy(table)
+            }
+            // (A prepared table always has its bitmap for the current table: nothing but
+            // a commit, which consumes the request, changes that table.)
+            ResizeMode::PreCopy | ResizeMode::StopTheWorld => self.commit_stop_the_world(table),
         };
         drop(p);
         ctl.shared.changed.notify_all();
@@ -652,10 +724,11 @@ mod tests {
     /// but uncommitted resize leaked the prepared table and the resize state.
     #[test]
     fn dropping_the_controller_frees_a_ready_table() {
-        let ctl = ResizeCtl::new(20);
+        let ctl = ResizeCtl::new(20).unwrap();
         let weak = Arc::downgrade(&ctl.shared);
         let table = Prepared {
             hpt: Some(Hpt::new(MIN_HPT_ORDER).unwrap()),
+            track: None,
             stats: ctl.shared.clone(),
         };
         *lock(&ctl.shared.pending) = Pending::Ready {
@@ -664,5 +737,43 @@ mod tests {
         };
         drop(ctl);
         assert!(weak.upgrade().is_none(), "resize state leaked");
+    }
+
+    /// The worker holds the shared state until it exits: once the controller's drop
+    /// returns, it has exited (joined) and released it, also when a preparation was
+    /// queued and the worker held before allocating it.
+    #[test]
+    fn dropping_the_controller_stops_and_joins_the_worker() {
+        let ctl = ResizeCtl::new(20).unwrap();
+        assert!(ctl.worker_running());
+        let weak = Arc::downgrade(&ctl.shared);
+        assert_eq!(Arc::strong_count(&ctl.shared), 2, "controller and worker");
+        drop(ctl);
+        assert!(
+            weak.upgrade().is_none(),
+            "the worker outlived its controller"
+        );
+    }
+
+    #[cfg(feature = "test-hooks")]
+    #[test]
+    fn dropping_the_controller_with_a_held_preparation_frees_it() {
+        let ctl = ResizeCtl::new(20).unwrap();
+        let weak = Arc::downgrade(&ctl.shared);
+        ctl.hold_preparation(true);
+        {
+            let mut p = lock(&ctl.shared.pending);
+            assert!(is_long_busy(ctl.start(
+                &mut p,
+                MIN_HPT_ORDER,
+                Flavour::Kvm,
+                1 << 14
+            )));
+        }
+        drop(ctl);
+        assert!(
+            weak.upgrade().is_none(),
+            "the worker outlived its controller"
+        );
     }
 }

@@ -123,6 +123,7 @@ fn memslot_delete_and_commit_from_other_threads_kick_a_running_vcpu() {
     let vm = vm();
     vm.create_memslot(slot1()).unwrap();
     let stop = AtomicBool::new(false);
+    let running = AtomicBool::new(false);
     std::thread::scope(|sc| {
         let vcpu = sc.spawn(|| {
             let mut run = vm.vcpu_run(id(0));
@@ -135,9 +136,15 @@ fn memslot_delete_and_commit_from_other_threads_kick_a_running_vcpu() {
                 let r = run.hcall(H_REMOVE, &[0, e.out[0], 0]);
                 assert_eq!(r.ret, H_SUCCESS);
                 calls += 1;
+                running.store(true, Ordering::SeqCst);
             }
             calls
         });
+        // The vCPU is running (pinned, in its loop) before the changes start: the
+        // main thread's sequence is quicker than a thread's start-up.
+        while !running.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
         // Both stop-the-world kinds while the vCPU runs: they return only because
         // the run handle re-pins at its next hypercall.
         vm.delete_memslot(SlotId(1)).unwrap();

@@ -23,9 +23,10 @@ use common::{check, SEG};
 
 /// The tiny model-checking VM with resizing.
 fn small_vm() -> Vm {
-    common::small_vm().with_resizer(Box::new(revmap_resize::ResizeCtl::for_config(
-        &common::small_config(),
-    )))
+    common::small_vm().with_resizer(Box::new(
+        revmap_resize::ResizeCtl::for_config(&common::small_config())
+            .expect("the resize worker starts"),
+    ))
 }
 
 use revmap_hpt::hash::{hpt_hash, primary_pteg};

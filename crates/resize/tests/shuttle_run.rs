@@ -19,9 +19,10 @@ const BASE: u64 = 0x100;
 const NPAGES: u64 = 8;
 
 fn small_vm() -> Vm {
-    let vm = common::small_vm().with_resizer(Box::new(revmap_resize::ResizeCtl::for_config(
-        &common::small_config(),
-    )));
+    let vm = common::small_vm().with_resizer(Box::new(
+        revmap_resize::ResizeCtl::for_config(&common::small_config())
+            .expect("the resize worker starts"),
+    ));
     vm.create_memslot(MemslotSpec {
         id: SlotId(1),
         base_gfn: Gfn(BASE),

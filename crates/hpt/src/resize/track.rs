@@ -13,13 +13,53 @@
 //! * A mark is one `fetch_or` on the word of the entry (no lock); the consumer takes
 //!   whole words with `swap(0)` ([`ChangeTracker::drain`]), so a mark made after a
 //!   word was taken stays for the next drain.
+//! * Switching bitmaps allocates nothing: the bitmap itself ([`TrackBitmap`]) is
+//!   allocated fallibly by its owner (the resize PREPARE, where a failure is
+//!   H_NO_MEM) and handed in with [`ChangeTracker::install`]; the `Arc` that publishes
+//!   it to markers is one of two kept for the VM's lifetime (the other is a spare under
+//!   a mutex), since stable Rust has no fallible `Arc` allocation. So a commit or a
+//!   cancel that installs or frees the bitmap cannot fail on memory.
 
 use crate::hcall::*;
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use revmap_rmap::error::RmapError;
-use revmap_rmap::sync::{ArcCell, AtomicBool, AtomicU64, Ordering};
+use revmap_rmap::sync::{lock, yield_now, Arc, ArcCell, AtomicBool, AtomicU64, Mutex, Ordering};
 use revmap_rmap::Ptex;
+
+/// A cleared changed-HPTE bitmap for a table of a given size: bit `ptex % 64` of word
+/// `ptex / 64` stands for HPTE `ptex`. Allocated fallibly ([`TrackBitmap::new`]) by
+/// whoever will track, and handed to [`ChangeTracker::install`].
+#[derive(Debug, Default)]
+pub struct TrackBitmap(Box<[AtomicU64]>);
+
+impl TrackBitmap {
+    /// A cleared bitmap for a table of `npte` entries, allocated fallibly.
+    pub fn new(npte: u64) -> Result<Self, RmapError> {
+        let words = usize::try_from(npte.div_ceil(64))
+            .map_err(|_| RmapError::Alloc { bytes: usize::MAX })?;
+        revmap_rmap::error::try_boxed_slice(words, |_| AtomicU64::new(0)).map(Self)
+    }
+
+    /// Whether this bitmap has exactly one bit per entry of a table of `npte` entries.
+    pub fn fits(&self, npte: u64) -> bool {
+        u64::try_from(self.0.len()).is_ok_and(|w| w == npte.div_ceil(64))
+    }
+
+    /// Its size in 64-bit words.
+    pub fn words(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Clear every bit.
+    fn clear(&self) {
+        for w in self.0.iter() {
+            // ORDERING: Relaxed: called with tracking off (no marker); the publishing
+            // swap that follows orders it before any later mark or drain.
+            w.store(0, Ordering::Relaxed);
+        }
+    }
+}
 
 /// The changed-HPTE bitmap of a VM's current table and the switch that turns marking
 /// on ([`Vm::change_tracker`](crate::Vm::change_tracker)).
@@ -27,9 +67,13 @@ use revmap_rmap::Ptex;
 pub struct ChangeTracker {
     /// Marking is on (read by every hypercall).
     on: AtomicBool,
-    /// Bit `ptex % 64` of word `ptex / 64`: HPTE `ptex` changed since the last drain.
-    /// Empty when no one tracks; replaced only by the tracking owner.
-    map: ArcCell<Box<[AtomicU64]>>,
+    /// HPTE `ptex` changed since the last drain (see [`TrackBitmap`]). Empty when no one
+    /// tracks; replaced only by the tracking owner.
+    map: ArcCell<TrackBitmap>,
+    /// The other `Arc` of `map`'s pair: unique (no marker holds it), holding an empty
+    /// bitmap; [`install`](Self::install) and [`free`](Self::free) swap it in and keep
+    /// the one they retire (module docs: switching allocates nothing).
+    spare: Mutex<Option<Arc<TrackBitmap>>>,
 }
 
 impl Default for ChangeTracker {
@@ -58,7 +102,8 @@ impl ChangeTracker {
     pub fn new() -> Self {
         Self {
             on: AtomicBool::new(false),
-            map: ArcCell::new(Box::default()),
+            map: ArcCell::new(TrackBitmap::default()),
+            spare: Mutex::new(Some(Arc::new(TrackBitmap::default()))),
         }
     }
 
@@ -78,7 +123,7 @@ impl ChangeTracker {
     #[inline(never)]
     pub fn mark(&self, ptex: u64) {
         let map = self.map.load();
-        if let Some(w) = usize::try_from(ptex / 64).ok().and_then(|i| map.get(i)) {
+        if let Some(w) = usize::try_from(ptex / 64).ok().and_then(|i| map.0.get(i)) {
             // ORDERING: Release: the change (made under the HPTE lock, released
             // before this mark) happens-before the drain's AcqRel swap that takes the
             // bit, so the consumer's later look at the entry sees it.
@@ -114,14 +159,45 @@ impl ChangeTracker {
         }
     }
 
-    /// Allocate a cleared bitmap for a table of `npte` entries (marking itself is
-    /// switched on with [`set_tracking`](Self::set_tracking)).
+    /// Allocate a cleared bitmap for a table of `npte` entries and install it
+    /// ([`TrackBitmap::new`] then [`install`](Self::install)).
     pub fn alloc(&self, npte: u64) -> Result<(), RmapError> {
-        let words = usize::try_from(npte.div_ceil(64))
-            .map_err(|_| RmapError::Alloc { bytes: usize::MAX })?;
-        let map = revmap_rmap::error::try_boxed_slice(words, |_| AtomicU64::new(0))?;
-        drop(self.map.swap(revmap_rmap::sync::Arc::new(map)));
+        self.install(TrackBitmap::new(npte)?);
         Ok(())
+    }
+
+    /// Make `map` (cleared here) the bitmap that marks go to, with tracking off.
+    /// Allocates nothing; the bitmap it replaces is dropped.
+    pub fn install(&self, map: TrackBitmap) {
+        map.clear();
+        drop(self.replace(map));
+    }
+
+    /// Put `map` in the spare `Arc`, publish it, wait until no marker still holds the
+    /// retired one, and keep that as the spare; returns the retired bitmap.
+    fn replace(&self, map: TrackBitmap) -> TrackBitmap {
+        let mut spare = lock(&self.spare);
+        let next = match spare.take() {
+            Some(mut a) => match Arc::get_mut(&mut a) {
+                Some(slot) => {
+                    *slot = map;
+                    a
+                }
+                // Unreachable: the spare is never shared (see below).
+                None => Arc::new(map),
+            },
+            // Unreachable: every replacement leaves a spare.
+            None => Arc::new(map),
+        };
+        let mut old = self.map.swap(next);
+        // A marker that loaded the retired bitmap holds it only for one `fetch_or`
+        // (and none runs with tracking off, the caller's precondition).
+        while Arc::strong_count(&old) > 1 {
+            yield_now();
+        }
+        let retired = Arc::get_mut(&mut old).map(core::mem::take);
+        *spare = Some(old);
+        retired.unwrap_or_default()
     }
 
     /// Switch marking on or off. The caller must have the vCPU gate closed and drained
@@ -136,18 +212,60 @@ impl ChangeTracker {
     pub fn drain(&self) -> Result<Vec<u64>, RmapError> {
         let map = self.map.load();
         let mut out = Vec::new();
-        out.try_reserve_exact(map.len())
+        out.try_reserve_exact(map.0.len())
             .map_err(|_| RmapError::Alloc {
-                bytes: map.len().saturating_mul(8),
+                bytes: map.0.len().saturating_mul(8),
             })?;
         // ORDERING: AcqRel: acquires the marks (see `mark`); the swap leaves the word
         // at 0 for the marks that follow.
-        out.extend(map.iter().map(|w| w.swap(0, Ordering::AcqRel)));
+        out.extend(map.0.iter().map(|w| w.swap(0, Ordering::AcqRel)));
         Ok(out)
     }
 
-    /// Free the bitmap (tracking must be off).
-    pub fn free(&self) {
-        drop(self.map.swap(revmap_rmap::sync::Arc::new(Box::default())));
+    /// Take the bitmap out (tracking must be off), leaving none: allocates nothing. The
+    /// caller drops it or installs it again later.
+    pub fn free(&self) -> TrackBitmap {
+        self.replace(TrackBitmap::default())
+    }
+
+    /// The installed bitmap's size in 64-bit words (0: none).
+    pub fn words(&self) -> usize {
+        self.map.load().words()
+    }
+}
+
+#[cfg(all(test, not(any(loom, shuttle))))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn install_mark_drain_free_reuses_the_two_arcs() {
+        let t = ChangeTracker::new();
+        let first = Arc::as_ptr(&t.map.load_full());
+        let map = TrackBitmap::new(200).unwrap();
+        assert!(map.fits(200) && !map.fits(1000));
+        // A dirty bitmap is cleared when installed.
+        map.0[1].store(1, Ordering::Relaxed);
+        t.install(map);
+        assert_eq!(t.words(), 4);
+        let second = Arc::as_ptr(&t.map.load_full());
+        assert_ne!(first, second);
+        t.mark(3);
+        t.mark(130);
+        t.mark(100_000); // out of range: ignored
+        assert_eq!(t.drain().unwrap(), vec![1 << 3, 0, 1 << 2, 0]);
+        assert_eq!(t.drain().unwrap(), vec![0; 4]);
+        t.mark(64);
+        let out = t.free();
+        assert_eq!(out.words(), 4);
+        assert_eq!(out.0[1].load(Ordering::Relaxed), 1);
+        assert_eq!(t.words(), 0);
+        // The retired Arc came back as the published one: no third Arc.
+        assert_eq!(Arc::as_ptr(&t.map.load_full()), first);
+        t.mark(3); // no bitmap: ignored
+        assert!(t.drain().unwrap().is_empty());
+        t.install(out);
+        assert_eq!(Arc::as_ptr(&t.map.load_full()), second);
+        assert_eq!(t.drain().unwrap(), vec![0; 4], "install clears");
     }
 }
