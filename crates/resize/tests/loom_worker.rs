@@ -29,21 +29,9 @@ struct Owner {
     exited: AtomicBool,
 }
 
-fn loom_model(f: impl Fn() + Sync + Send + 'static) {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let runs = std::sync::Arc::new(AtomicUsize::new(0));
-    let r = runs.clone();
-    let mut b = loom::model::Builder::new();
-    b.preemption_bound = Some(3);
-    b.max_branches = 100_000;
-    b.check(move || {
-        r.fetch_add(1, Ordering::Relaxed);
-        f()
-    });
-    let n = runs.load(Ordering::Relaxed);
-    eprintln!("loom: {n} executions");
-    assert!(n > 1, "the model did not branch");
-}
+#[path = "../../hpt/tests/common/mod.rs"]
+mod common;
+use common::loom_model;
 
 /// Yields the poster allows the worker (module docs of the model above).
 const SPINS: u32 = 16;
