@@ -841,7 +841,8 @@ fn preparsed_loop<H: ReplayTarget, P: HypercallPort>(
             break;
         };
         rest = tail;
-        let mut regs = load_regs(args);
+        let mut regs = [0u64; 8];
+        load_regs(&mut regs, args);
         // Stored as the i64's bits.
         let exp_ret = *ret as i64;
         let opcode = head.opcode();
@@ -992,21 +993,27 @@ impl ExcuseCache {
     }
 }
 
-/// The register block of a call with inputs `args` (r4.. in order; missing inputs read
-/// as 0, as on a fresh call). The argument counts of the hot hypercalls are copied
-/// without a loop.
+/// Load a call's inputs `args` into the zeroed register block `regs` (r4.. in order;
+/// missing inputs read as 0, as on a fresh call). The argument counts of the hot
+/// hypercalls are copied without a loop.
 #[inline(always)]
-fn load_regs(args: &[u64]) -> [u64; 8] {
+fn load_regs(regs: &mut [u64; 8], args: &[u64]) {
     match *args {
-        [a, b, c, d] => [a, b, c, d, 0, 0, 0, 0],
-        [a, b, c] => [a, b, c, 0, 0, 0, 0, 0],
-        [a, b, c, d, e, f, g, h] => [a, b, c, d, e, f, g, h],
+        [a, b, c, d] => {
+            regs[0] = a;
+            regs[1] = b;
+            regs[2] = c;
+            regs[3] = d;
+        }
+        [a, b, c] => {
+            regs[0] = a;
+            regs[1] = b;
+            regs[2] = c;
+        }
         _ => {
-            let mut regs = [0u64; 8];
             for (r, a) in regs.iter_mut().zip(args) {
                 *r = *a;
             }
-            regs
         }
     }
 }
@@ -1023,6 +1030,14 @@ const fn is_plain_hcall(opcode: u64) -> bool {
 /// the register the call left.
 #[inline(always)]
 fn outputs_equal(present: u8, outs: &[u64], regs: &[u64; 8]) -> bool {
+    // Outputs r4, r4..r5 (H_ENTER, H_REMOVE): compared without a loop.
+    if present & present.wrapping_add(1) == 0 {
+        match *outs {
+            [a] => return regs[0] == a,
+            [a, b] => return regs[0] == a && regs[1] == b,
+            _ => {}
+        }
+    }
     let mut bits = present;
     let mut equal = true;
     for &want in outs {
