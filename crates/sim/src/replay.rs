@@ -937,7 +937,19 @@ impl ExcuseCache {
         if !ret_matched || head.opcode() != e.opcode {
             return false;
         }
-        if Self::single_diff(head, outs, regs) != Some((e.out, e.diff)) {
+        let present = head.present();
+        let same = if present & present.wrapping_add(1) == 0 {
+            // Outputs r4.. without a gap: output k is register k.
+            let mut same = true;
+            for (k, (&want, &got)) in outs.iter().zip(regs).enumerate() {
+                let expect = if k == e.out { e.diff } else { 0 };
+                same &= want ^ got == expect;
+            }
+            same
+        } else {
+            Self::single_diff(head, outs, regs) == Some((e.out, e.diff))
+        };
+        if !same {
             return false;
         }
         let Some(c) = rep.masks_applied.0.get_mut(e.counter) else {
