@@ -862,16 +862,13 @@ fn preparsed_loop<H: ReplayTarget, P: HypercallPort>(
             rep.calls += 1;
             rep.matched += 1;
         } else {
-            judge_slow(
-                &mut rep,
-                &mut excuse,
-                trace,
-                vm,
+            let call = Judged {
                 head,
                 exp_ret,
                 outs,
-                (got_ret, &regs),
-            );
+                got: (got_ret, &regs),
+            };
+            judge_slow(&mut rep, &mut excuse, trace, vm, call);
         }
         rep.maybe_check(vm, opts);
     }
@@ -1087,27 +1084,34 @@ fn special_call<H: ReplayTarget, P: HypercallPort>(
     (resize_expected(opcode, exp_ret, got), got)
 }
 
+/// One call of the preparsed loop to judge: its header, the return code to expect, the
+/// recorded outputs and what the call returned.
+#[derive(Clone, Copy)]
+struct Judged<'a> {
+    head: PackedCall,
+    exp_ret: i64,
+    outs: &'a [u64],
+    got: (i64, &'a [u64; 8]),
+}
+
 /// The judgement of a call whose result is not bit-exact: the difference excused last
 /// time (`excuse`), else `FileReport::judge` (masks, counts, the first mismatch).
 /// Out of line, so that the loop of a replay without differences stays small.
 #[inline(never)]
-#[allow(clippy::too_many_arguments)]
 fn judge_slow<H: ReplayTarget>(
     rep: &mut FileReport,
     excuse: &mut ExcuseCache,
     trace: &PreparsedTrace,
     vm: &H,
-    head: PackedCall,
-    exp_ret: i64,
-    outs: &[u64],
-    got: (i64, &[u64; 8]),
+    call: Judged<'_>,
 ) {
-    let ret_matched = got.0 == exp_ret;
-    if excuse.apply(rep, head, ret_matched, outs, got.1) {
+    let ret_matched = call.got.0 == call.exp_ret;
+    let (regs, outs) = (call.got.1, call.outs);
+    if excuse.apply(rep, call.head, ret_matched, outs, regs) {
         return;
     }
-    judge_uncached(rep, trace, vm, head, exp_ret, outs, got);
-    excuse.learn(rep, vm, head, ret_matched, outs, got.1);
+    judge_uncached(rep, trace, vm, call);
+    excuse.learn(rep, vm, call.head, ret_matched, outs, regs);
 }
 
 /// [`FileReport::judge`] on a call of the preparsed loop, recording a mismatch.
@@ -1116,11 +1120,14 @@ fn judge_uncached<H: ReplayTarget>(
     rep: &mut FileReport,
     trace: &PreparsedTrace,
     vm: &H,
-    head: PackedCall,
-    exp_ret: i64,
-    outs: &[u64],
-    got: (i64, &[u64; 8]),
+    call: Judged<'_>,
 ) {
+    let Judged {
+        head,
+        exp_ret,
+        outs,
+        got,
+    } = call;
     let opcode = head.opcode();
     let mut it = outs.iter();
     let f = rep.judge(
