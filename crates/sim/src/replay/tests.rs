@@ -208,6 +208,46 @@ fn masks_excuse_exactly_their_bits_and_are_counted() {
 }
 
 #[test]
+fn a_recurring_excused_difference_is_judged_as_the_streaming_engine_does() {
+    // Six H_REMOVEs of the same record: the pre-parsed loop remembers the excuse of the
+    // first (0x40 missing in r4) and reuses it; each other kind of result must still be
+    // judged in full. The streaming engine judges every call in full: both reports
+    // must agree field for field.
+    let remove = "H_REMOVE cpu=0 flags=0x80000000 ptex=0x9 avpn=0x4000000000000000 -> ret=0 old_pteh=0x4000000000000041 old_ptel=0x190\n";
+    let text = format!("# t\nHPT_ALLOC shift=18\n{}", remove.repeat(6));
+    let excused = ok(&[0x4000000000000001, 0x190]);
+    let script = || {
+        vec![
+            excused,
+            excused,
+            // Same opcode and register, another difference outside the mask.
+            ok(&[0x4000000000000003, 0x190]),
+            // The cached difference plus one in r5: not a single difference.
+            ok(&[0x4000000000000001, 0x191]),
+            // The cached difference with a wrong return code.
+            HcallResult {
+                ret: -7,
+                out: excused.out,
+            },
+            excused,
+        ]
+    };
+    let mut vm = ScriptVm::new(script());
+    vm.masks = &[DIRTY];
+    let rep = preparsed(&text, &vm, ReplayOptions::default());
+    assert_eq!((rep.calls, rep.matched, rep.mismatched), (6, 3, 3));
+    // Judged in full, each of the three mismatches also had 0x40 excused on r4, except
+    // the one whose r4 difference was outside the mask.
+    assert_eq!(rep.masks_applied.get(DIRTY.name), 5);
+    assert_eq!(rep.first_mismatch.map(|m| m.line), Some(5));
+    let mut vm = ScriptVm::new(script());
+    vm.masks = &[DIRTY];
+    let mut streamed = stream(&text, vm, ReplayOptions::default()).unwrap();
+    streamed.seconds = rep.seconds;
+    assert_eq!(streamed, rep);
+}
+
+#[test]
 fn resize_records_are_replayed_not_stopped_at() {
     let text = format!(
         "{TRACE}H_RESIZE_HPT_PREPARE cpu=0 flags=0x0 shift=19 -> ret=9902\nH_ENTER cpu=0 flags=0x0 ptex=0x0 pteh=0x1 ptel=0x0 -> ret=0 idx=0x0\n"
