@@ -200,13 +200,17 @@ macro_rules! papr_errors {
         /// The register-level API ([`Vm::hcall_regs`](crate::Vm::hcall_regs)) returns
         /// [`code`](Self::code)s; the typed API (`Vm::h_enter`, ...) returns this enum.
         /// The two are converted through one table, so they cannot drift apart.
+        ///
+        /// Each variant's discriminant is its return code, so [`code`](Self::code) is
+        /// a plain read of the value (the hypercall hot path converts every result).
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
         #[non_exhaustive]
+        #[repr(i64)]
         pub enum PaprError {
             $(
                 $(#[$doc])*
                 #[error($msg)]
-                $variant,
+                $variant = crate::hcall::$code,
             )*
         }
 
@@ -217,9 +221,7 @@ macro_rules! papr_errors {
             /// The PAPR return code (r3).
             #[inline]
             pub const fn code(self) -> i64 {
-                match self {
-                    $(PaprError::$variant => crate::hcall::$code,)*
-                }
+                self as i64
             }
 
             /// The error of a PAPR return code; `None` for `H_SUCCESS` and for codes
