@@ -829,7 +829,7 @@ fn preparsed_loop<H: ReplayTarget, P: HypercallPort>(
     let start = Instant::now();
     let mut rep = FileReport::new(&trace.file, trace.hpt_order);
     let mut rest: &[u64] = &trace.words;
-    let mut excuse = ExcuseCache::default();
+    let mut excuse = Excuses::default();
     while let [head, ret, tail @ ..] = rest {
         let head = PackedCall(*head);
         let Some((args, tail)) = tail.split_at_checked(head.nargs()) else {
@@ -1094,24 +1094,142 @@ struct Judged<'a> {
     got: (i64, &'a [u64; 8]),
 }
 
+/// What the preparsed loop remembers of excused differences: the last single one
+/// ([`ExcuseCache`]) and the masks of the last opcode excused on several outputs
+/// ([`MaskCache`]).
+#[derive(Default)]
+struct Excuses {
+    last: ExcuseCache,
+    ops: MaskCache,
+}
+
 /// The judgement of a call whose result is not bit-exact: the difference excused last
-/// time (`excuse`), else `FileReport::judge` (masks, counts, the first mismatch).
-/// Out of line, so that the loop of a replay without differences stays small.
+/// time, or a difference within the remembered masks of its opcode (`excuse`), else
+/// `FileReport::judge` (masks, counts, the first mismatch). Out of line, so that the
+/// loop of a replay without differences stays small.
 #[inline(never)]
 fn judge_slow<H: ReplayTarget>(
     rep: &mut FileReport,
-    excuse: &mut ExcuseCache,
+    excuse: &mut Excuses,
     trace: &PreparsedTrace,
     vm: &H,
     call: Judged<'_>,
 ) {
     let ret_matched = call.got.0 == call.exp_ret;
     let (regs, outs) = (call.got.1, call.outs);
-    if excuse.apply(rep, call.head, ret_matched, outs, regs) {
+    if excuse.last.apply(rep, call.head, ret_matched, outs, regs)
+        || excuse.ops.apply(rep, call.head, ret_matched, outs, regs)
+    {
         return;
     }
+    let mismatched = rep.mismatched;
     judge_uncached(rep, trace, vm, call);
-    excuse.learn(rep, vm, call.head, ret_matched, outs, regs);
+    excuse
+        .last
+        .learn(rep, vm, call.head, ret_matched, outs, regs);
+    if rep.mismatched == mismatched && ExcuseCache::single_diff(call.head, outs, regs).is_none() {
+        excuse.ops.learn(rep, vm, call.head, ret_matched);
+    }
+}
+
+/// The masks of the last ordinary hypercall excused on several outputs at once (KVM's
+/// H_BULK_REMOVE places R/C bits in each of its four outputs differently from QEMU, a
+/// different difference on almost every call, which [`ExcuseCache`] cannot hold): per
+/// output, the one documented mask that may excuse a difference there and its counter
+/// in [`FileReport::masks_applied`] (or no mask: the output must match). A later call of
+/// that opcode whose return code matched and whose every difference lies within its
+/// output's mask is judged as [`FileReport::judge`] would judge it (each differing
+/// output counts its mask once) without asking the target again: a target's masks
+/// depend only on the opcode and output index.
+#[derive(Default)]
+struct MaskCache(Option<OpMasks>);
+
+struct OpMasks {
+    opcode: u64,
+    /// Per output register: the bits that may differ (0: none).
+    mask: [u64; 8],
+    /// Per output register: the mask's index in `masks_applied` (`usize::MAX`: not
+    /// counted yet, so a difference there is left to the full judgement).
+    counter: [usize; 8],
+}
+
+impl MaskCache {
+    /// Judge the call by the remembered masks (counting it as [`FileReport::judge`]
+    /// would); false, with nothing counted, if the cache does not apply.
+    #[inline]
+    fn apply(
+        &self,
+        rep: &mut FileReport,
+        head: PackedCall,
+        ret_matched: bool,
+        outs: &[u64],
+        regs: &[u64; 8],
+    ) -> bool {
+        let Some(m) = &self.0 else {
+            return false;
+        };
+        if !ret_matched || head.opcode() != m.opcode {
+            return false;
+        }
+        let counters = rep.masks_applied.0.len();
+        let mut diffs = [0u64; 8];
+        let mut bits = head.present();
+        for &want in outs {
+            let i = bits.trailing_zeros() as usize & 7;
+            bits &= bits.wrapping_sub(1);
+            let d = regs[i] ^ want;
+            if d & !m.mask[i] != 0 || (d != 0 && m.counter[i] >= counters) {
+                return false;
+            }
+            diffs[i] = d;
+        }
+        for (&d, &c) in diffs.iter().zip(&m.counter) {
+            if d != 0 {
+                if let Some(e) = rep.masks_applied.0.get_mut(c) {
+                    e.1 += 1;
+                }
+            }
+        }
+        rep.calls += 1;
+        rep.matched += 1;
+        true
+    }
+
+    /// After [`FileReport::judge`] excused a call with differences on several outputs:
+    /// remember the masks of its opcode (outputs with more than one mask are left to the
+    /// full judgement).
+    #[cold]
+    fn learn<H: ReplayTarget>(
+        &mut self,
+        rep: &FileReport,
+        vm: &H,
+        head: PackedCall,
+        ret_matched: bool,
+    ) {
+        let opcode = head.opcode();
+        if !ret_matched || !is_plain_hcall(opcode) {
+            return;
+        }
+        let mut m = OpMasks {
+            opcode,
+            mask: [0; 8],
+            counter: [usize::MAX; 8],
+        };
+        for i in 0..8 {
+            if let [one] = vm.result_masks(opcode, i) {
+                m.mask[i] = one.mask;
+                m.counter[i] = rep
+                    .masks_applied
+                    .0
+                    .iter()
+                    .position(|e| core::ptr::eq(e.0, one.name) || e.0 == one.name)
+                    .unwrap_or(usize::MAX);
+            }
+        }
+        if m.mask.iter().any(|&x| x != 0) {
+            self.0 = Some(m);
+        }
+    }
 }
 
 /// [`FileReport::judge`] on a call of the preparsed loop, recording a mismatch.
