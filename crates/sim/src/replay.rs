@@ -250,17 +250,21 @@ pub struct MaskCounts(Vec<(&'static str, u64)>);
 impl MaskCounts {
     #[inline]
     fn bump(&mut self, name: &'static str) {
-        // Names are 'static: pointer equality is the fast path, text equality the rule.
-        if let Some(e) = self
-            .0
-            .iter_mut()
-            .find(|e| core::ptr::eq(e.0, name) || e.0 == name)
-        {
+        if let Some(e) = self.index_of(name).and_then(|i| self.0.get_mut(i)) {
             e.1 += 1;
         } else {
             // First use of this name; at most a handful per replay.
             self.0.push((name, 1));
         }
+    }
+
+    /// Where `name` is counted, if it was applied yet.
+    #[inline]
+    fn index_of(&self, name: &'static str) -> Option<usize> {
+        // Names are 'static: pointer equality is the fast path, text equality the rule.
+        self.0
+            .iter()
+            .position(|e| core::ptr::eq(e.0, name) || e.0 == name)
     }
 
     /// (name, count) pairs in first-use order.
@@ -395,6 +399,14 @@ impl FileReport {
             }
         }
         true
+    }
+
+    /// One more call judged a match (bit-exact, or every difference excused), counted
+    /// as [`judge`](Self::judge) counts it.
+    #[inline(always)]
+    fn count_matched(&mut self) {
+        self.calls += 1;
+        self.matched += 1;
     }
 
     fn record_mismatch(&mut self, line: u64, opcode: u64, f: Option<(Field, u64, u64)>) {
@@ -859,8 +871,7 @@ fn preparsed_loop<H: ReplayTarget, P: HypercallPort>(
         // The common case, every field bit-exact, judged inline; anything else (a
         // difference, excused by a documented mask or not) by `FileReport::judge`.
         if got_ret == exp_ret && outputs_equal(present, outs, &regs) {
-            rep.calls += 1;
-            rep.matched += 1;
+            rep.count_matched();
         } else {
             let call = Judged {
                 head,
@@ -953,8 +964,7 @@ impl ExcuseCache {
             return false;
         };
         c.1 += 1;
-        rep.calls += 1;
-        rep.matched += 1;
+        rep.count_matched();
         true
     }
 
@@ -986,12 +996,7 @@ impl ExcuseCache {
         let (Some(m), None) = (hit.next(), hit.next()) else {
             return;
         };
-        if let Some(counter) = rep
-            .masks_applied
-            .0
-            .iter()
-            .position(|e| core::ptr::eq(e.0, m.name) || e.0 == m.name)
-        {
+        if let Some(counter) = rep.masks_applied.index_of(m.name) {
             self.0 = Some(Excuse {
                 opcode,
                 out,
@@ -1190,8 +1195,7 @@ impl MaskCache {
                 }
             }
         }
-        rep.calls += 1;
-        rep.matched += 1;
+        rep.count_matched();
         true
     }
 
@@ -1218,12 +1222,7 @@ impl MaskCache {
         for i in 0..8 {
             if let [one] = vm.result_masks(opcode, i) {
                 m.mask[i] = one.mask;
-                m.counter[i] = rep
-                    .masks_applied
-                    .0
-                    .iter()
-                    .position(|e| core::ptr::eq(e.0, one.name) || e.0 == one.name)
-                    .unwrap_or(usize::MAX);
+                m.counter[i] = rep.masks_applied.index_of(one.name).unwrap_or(usize::MAX);
             }
         }
         if m.mask.iter().any(|&x| x != 0) {
