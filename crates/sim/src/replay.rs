@@ -872,6 +872,11 @@ fn preparsed_loop<H: ReplayTarget, P: HypercallPort>(
         // difference, excused by a documented mask or not) by `FileReport::judge`.
         if got_ret == exp_ret && outputs_equal(present, outs, &regs) {
             rep.count_matched();
+        } else if excuse
+            .last
+            .apply(&mut rep, head, got_ret == exp_ret, outs, &regs)
+        {
+            // The same difference as the last excused call (KVM's 0x40 on H_REMOVE).
         } else {
             let call = Judged {
                 head,
@@ -902,8 +907,12 @@ struct ExcuseCache(Option<Excuse>);
 #[derive(Clone, Copy)]
 struct Excuse {
     opcode: u64,
-    out: usize,
-    diff: u64,
+    /// The call's recorded outputs (`PackedCall::present`): the difference is judged
+    /// output by output, so a call of another shape never matches.
+    present: u8,
+    /// Per recorded output, in order: the exact difference (`want ^ got`) it showed, 0
+    /// for all but the one excused output.
+    expect: [u64; 8],
     counter: usize,
 }
 
@@ -929,7 +938,9 @@ impl ExcuseCache {
     }
 
     /// Judge the call as the cached excuse if it is the same difference (counting it
-    /// as [`FileReport::judge`] would); false if the cache does not apply.
+    /// as [`FileReport::judge`] would); false if the cache does not apply. Called inline
+    /// by the replay loop on every call that is not bit-exact, so the one- and
+    /// two-output shapes (H_ENTER, H_REMOVE) are compared without a loop.
     #[inline(always)]
     fn apply(
         &self,
@@ -939,23 +950,31 @@ impl ExcuseCache {
         outs: &[u64],
         regs: &[u64; 8],
     ) -> bool {
-        let Some(e) = self.0 else {
+        let Some(e) = &self.0 else {
             return false;
         };
-        if !ret_matched || head.opcode() != e.opcode {
+        let present = head.present();
+        if !ret_matched || head.opcode() != e.opcode || present != e.present {
             return false;
         }
-        let present = head.present();
         let same = if present & present.wrapping_add(1) == 0 {
             // Outputs r4.. without a gap: output k is register k.
-            let mut same = true;
-            for (k, (&want, &got)) in outs.iter().zip(regs).enumerate() {
-                let expect = if k == e.out { e.diff } else { 0 };
-                same &= want ^ got == expect;
+            match *outs {
+                [a] => a ^ regs[0] == e.expect[0],
+                [a, b] => a ^ regs[0] == e.expect[0] && b ^ regs[1] == e.expect[1],
+                _ => outs
+                    .iter()
+                    .zip(regs)
+                    .zip(&e.expect)
+                    .all(|((&want, &got), &x)| want ^ got == x),
             }
-            same
         } else {
-            Self::single_diff(head, outs, regs) == Some((e.out, e.diff))
+            let mut bits = present;
+            outs.iter().zip(&e.expect).all(|(&want, &x)| {
+                let i = bits.trailing_zeros() as usize & 7;
+                bits &= bits.wrapping_sub(1);
+                want ^ regs[i] == x
+            })
         };
         if !same {
             return false;
@@ -997,10 +1016,17 @@ impl ExcuseCache {
             return;
         };
         if let Some(counter) = rep.masks_applied.index_of(m.name) {
+            // The position of register `out` among the recorded outputs.
+            let present = head.present();
+            let k = (present & ((1u8 << out) - 1)).count_ones() as usize;
+            let mut expect = [0u64; 8];
+            if let Some(x) = expect.get_mut(k) {
+                *x = diff;
+            }
             self.0 = Some(Excuse {
                 opcode,
-                out,
-                diff,
+                present,
+                expect,
                 counter,
             });
         }
@@ -1122,9 +1148,8 @@ fn judge_slow<H: ReplayTarget>(
 ) {
     let ret_matched = call.got.0 == call.exp_ret;
     let (regs, outs) = (call.got.1, call.outs);
-    if excuse.last.apply(rep, call.head, ret_matched, outs, regs)
-        || excuse.ops.apply(rep, call.head, ret_matched, outs, regs)
-    {
+    // `excuse.last` was tried inline by the loop.
+    if excuse.ops.apply(rep, call.head, ret_matched, outs, regs) {
         return;
     }
     let mismatched = rep.mismatched;

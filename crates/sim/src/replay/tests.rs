@@ -251,6 +251,41 @@ fn a_recurring_excused_difference_is_judged_as_the_streaming_engine_does() {
 }
 
 #[test]
+fn a_recurring_difference_on_a_later_output_is_judged_as_the_streaming_engine_does() {
+    // The excused difference is in the second output (r5), so the cached excuse must
+    // compare each output with its own expected difference; calls of the same opcode
+    // with another difference, or with the difference moved to r4, are judged in full.
+    let remove = "H_REMOVE cpu=0 flags=0x80000000 ptex=0x9 avpn=0x4000000000000000 -> ret=0 old_pteh=0x4000000000000001 old_ptel=0x1d0\n";
+    let text = format!("# t\nHPT_ALLOC shift=18\n{}", remove.repeat(6));
+    let r5 = ok(&[0x4000000000000001, 0x190]);
+    let script = || {
+        vec![
+            r5,
+            r5,
+            // The same difference, but in r4 (outside r4's mask: r4 has none here).
+            ok(&[0x4000000000000041, 0x1d0]),
+            r5,
+            // Both r4 and r5 differ.
+            ok(&[0x4000000000000041, 0x190]),
+            r5,
+        ]
+    };
+    let vm = || {
+        let mut vm = ScriptVm::new(script());
+        vm.masks = &[DIRTY];
+        vm.mask_outs = 0b10;
+        vm
+    };
+    let rep = preparsed(&text, &vm(), ReplayOptions::default());
+    assert_eq!((rep.calls, rep.matched, rep.mismatched), (6, 4, 2));
+    assert_eq!(rep.masks_applied.get(DIRTY.name), 5);
+    assert_eq!(rep.first_mismatch.map(|m| m.line), Some(5));
+    let mut streamed = stream(&text, vm(), ReplayOptions::default()).unwrap();
+    streamed.seconds = rep.seconds;
+    assert_eq!(streamed, rep);
+}
+
+#[test]
 fn differences_on_several_outputs_are_judged_as_the_streaming_engine_does() {
     // Six H_REMOVEs whose two outputs may each differ by 0x40 (as KVM's H_BULK_REMOVE
     // outputs differ on R/C placement): the pre-parsed loop remembers the masks of the
