@@ -241,6 +241,10 @@ pub struct Memslot {
     base_gfn: Gfn,
     npages: u64,
     flags: MemslotFlags,
+    /// [`max_page_shift`](Self::max_page_shift), computed when the descriptor is made
+    /// (it depends on `base_gfn`, `npages` and the backing page only): H_ENTER checks
+    /// every entry against it.
+    max_page_shift: u32,
     data: Arc<SlotData>,
 }
 
@@ -320,6 +324,7 @@ impl Memslot {
             base_gfn,
             npages,
             flags,
+            max_page_shift: Self::max_page_shift_of(base_gfn, npages, shift),
             data: Arc::new(SlotData {
                 backing_page_shift: shift,
                 userspace_addr: start,
@@ -386,6 +391,11 @@ impl Memslot {
         }
         Ok(Self {
             base_gfn,
+            max_page_shift: Self::max_page_shift_of(
+                base_gfn,
+                self.npages,
+                self.data.backing_page_shift,
+            ),
             ..self.clone()
         })
     }
@@ -431,10 +441,16 @@ impl Memslot {
     }
     /// Largest page shift an HPTE may map from this slot: bounded by the backing page
     /// and by `slot_is_aligned` (base and size multiples of the page).
-    #[inline]
+    #[inline(always)]
     pub fn max_page_shift(&self) -> u32 {
-        let align = (self.base_gfn.0 | self.npages).trailing_zeros() + PAGE_SHIFT;
-        align.min(self.data.backing_page_shift)
+        self.max_page_shift
+    }
+
+    /// [`max_page_shift`](Self::max_page_shift) of a slot of `npages` (not 0) frames at
+    /// `base_gfn` over host pages of `backing_page_shift`.
+    fn max_page_shift_of(base_gfn: Gfn, npages: u64, backing_page_shift: u32) -> u32 {
+        let align = (base_gfn.0 | npages).trailing_zeros() + PAGE_SHIFT;
+        align.min(backing_page_shift)
     }
     /// End (exclusive) of the slot's frames.
     #[inline]
@@ -909,6 +925,42 @@ mod tests {
         s.set_host_present(Gfn(0x1000), true);
         assert!(s.is_host_present(Gfn(0x1fff)));
         assert!(!s.set_host_present(Gfn(0x3000), false));
+    }
+
+    #[test]
+    fn max_page_shift_is_alignment_and_backing_together_and_follows_a_move() {
+        let agree = |s: &Memslot| {
+            for sh in 0..80 {
+                assert_eq!(
+                    sh <= s.max_page_shift(),
+                    s.is_aligned_for(sh) && sh <= s.backing_page_shift(),
+                    "shift {sh}, slot at {:#x} of {:#x} over {}",
+                    s.base_gfn().0,
+                    s.npages(),
+                    s.backing_page_shift()
+                );
+            }
+        };
+        for (npages, backing) in [(0x1000, 16), (0x100, 16), (0x1000, 24), (0x3, 12)] {
+            let s = slot(npages, backing);
+            agree(&s);
+            for base in [0u64, 0x10, 0x1000, 0x40_0000] {
+                if let Ok(m) = s.with_base(Gfn(base)) {
+                    agree(&m);
+                    agree(&m.with_flags(MemslotFlags::INVALID));
+                }
+            }
+        }
+        // A size that is not a multiple of the backing page bounds the shift below it,
+        // wherever the slot moves (a base is always aligned to the backing page).
+        let s = slot(0x1800, 24);
+        assert_eq!(s.max_page_shift(), 23);
+        agree(&s);
+        for base in [0u64, 0x2000, 0x100_0000] {
+            let m = s.with_base(Gfn(base)).unwrap();
+            assert_eq!(m.max_page_shift(), 23);
+            agree(&m);
+        }
     }
 
     #[test]

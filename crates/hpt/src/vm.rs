@@ -76,7 +76,15 @@ pub(crate) const fn is_resize_opcode(opcode: u64) -> bool {
 /// The guest's HPTE index `ptex` checked against the table (H_PARAMETER if beyond it).
 #[inline(always)]
 fn checked_ptex(hpt: &Hpt, ptex: u64) -> Result<Ptex, PaprError> {
-    hpt.geometry().ptex(ptex).ok_or(PaprError::Parameter)
+    // The slot array's length is npte (`Hpt`'s invariant): comparing with it rather than
+    // with the geometry's npte lets the compiler drop the bounds checks of the slot
+    // accesses that follow.
+    if ptex < hpt.slots().len() as u64 {
+        // npte <= 2^32, so the index fits u32.
+        Ok(Ptex(ptex as u32))
+    } else {
+        Err(PaprError::Parameter)
+    }
 }
 
 /// Lock the guest's HPTE `ptex`, spinning, once checked (H_PARAMETER if beyond the
@@ -454,7 +462,8 @@ impl Vm {
                 }
             }
             Some(s) => {
-                if !s.is_aligned_for(shifts.actual) || shifts.actual > s.backing_page_shift() {
+                // `slot_is_aligned` and the backing page bound in one comparison.
+                if shifts.actual > s.max_page_shift() {
                     return Err(PaprError::Parameter);
                 }
                 let wimg = f.check_wimg(Target::Ram, HpteR(ptel));
