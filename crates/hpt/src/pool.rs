@@ -15,8 +15,13 @@
 //!   entries each; the pool never hands out a pair that is not all zero.
 //! * The pooled bytes never exceed the capacity ([`TablePool::set_capacity`]; 0 by
 //!   default, so a program that does not opt in keeps no memory beyond its tables).
-//! * The pool's mutex is taken only when a table is created or dropped, never by a
-//!   hypercall, and never with an HPTE or rmap lock held.
+//! * The pool's mutex is taken only when a table is created, dropped or scrubbed, never
+//!   by a hypercall, and never with an HPTE or rmap lock held.
+//! * A pooled pair marked clean is all zero. A retired table goes in dirty; the resize
+//!   worker scrubs dirty pairs while it has nothing else to do
+//!   ([`TablePool::scrub_one`]), so the next preparation of that order takes a clean
+//!   pair and zeroes nothing on the guest's time (KVM zeroes a new HPT in its prepare
+//!   work; here most of that work is done before it is asked for).
 
 use crate::error::HptError;
 use crate::table::{Hpt, HpteSlot};
@@ -30,6 +35,8 @@ struct PooledTable {
     order: u32,
     slots: Box<[HpteSlot]>,
     revmap: Revmap,
+    /// Both arrays are known to be all zero (scrubbed since the table was retired).
+    clean: bool,
 }
 
 impl Pooled for PooledTable {
@@ -96,29 +103,53 @@ impl TablePool {
             }
             t.populate();
             let (slots, revmap) = t.take_arrays();
-            self.give(order, slots, revmap);
+            // Freshly allocated zeroed: clean.
+            self.give_as(order, slots, revmap, true);
         }
         Ok(())
     }
 
     /// A zeroed HPTE array and revmap of `order` with `n` entries, if one is pooled.
     pub(crate) fn take(&self, order: u32, n: usize) -> Option<(Box<[HpteSlot]>, Revmap)> {
-        let mut p = self
-            .0
-            .take_where(|p| p.order == order && p.slots.len() == n)?;
-        zero_slots(&mut p.slots);
-        p.revmap.clear();
+        let fits = |p: &PooledTable| p.order == order && p.slots.len() == n;
+        if let Some(p) = self.0.take_where(|p| fits(p) && p.clean) {
+            return Some((p.slots, p.revmap));
+        }
+        let mut p = self.0.take_where(fits)?;
+        p.scrub();
         Some((p.slots, p.revmap))
+    }
+
+    /// Zero one dirty pooled table (outside the pool's lock) and put it back clean.
+    /// Returns false if no table was dirty. The resize worker calls it when idle.
+    pub fn scrub_one(&self) -> bool {
+        let Some(mut p) = self.0.take_where(|p| !p.clean) else {
+            return false;
+        };
+        p.scrub();
+        self.0.give(p);
+        true
+    }
+
+    /// How many pooled tables are waiting to be scrubbed.
+    pub fn dirty_tables(&self) -> usize {
+        self.0.count(|p| !p.clean)
     }
 
     /// Keep the arrays of a dropped table of `order` if the capacity allows (else they
     /// are freed here). Empty or mismatched arrays are not kept.
     pub(crate) fn give(&self, order: u32, slots: Box<[HpteSlot]>, revmap: Revmap) {
+        self.give_as(order, slots, revmap, false);
+    }
+
+    /// [`give`](Self::give), saying whether the arrays are known to be all zero.
+    fn give_as(&self, order: u32, slots: Box<[HpteSlot]>, revmap: Revmap, clean: bool) {
         if slots.len() == revmap.len() {
             self.0.give(PooledTable {
                 order,
                 slots,
                 revmap,
+                clean,
             });
         }
     }
@@ -128,6 +159,15 @@ impl TablePool {
 /// ([`zero_nonzero_blocks`](revmap_rmap::error::zero_nonzero_blocks)). Done on whole
 /// words, not per field, so that the read pass is vectorised: per HPTE field it cost
 /// ~90 instructions per hypercall of the boot trace (callgrind), as words ~10.
+impl PooledTable {
+    /// Make both arrays all zero (a read pass; only non-zero blocks are written).
+    fn scrub(&mut self) {
+        zero_slots(&mut self.slots);
+        self.revmap.clear();
+        self.clean = true;
+    }
+}
+
 #[allow(unsafe_code)]
 fn zero_slots(slots: &mut [HpteSlot]) {
     let n = slots.len() * 2;
@@ -194,6 +234,46 @@ mod tests {
         pool.give(18, slots, revmap);
         pool.set_capacity(0);
         assert_eq!(pool.pooled_bytes(), 0, "a lowered capacity frees");
+    }
+
+    #[test]
+    fn scrubbing_zeroes_a_retired_table_and_a_take_prefers_a_clean_one() {
+        let pool = TablePool::new();
+        pool.set_capacity(4 * 2 * 16384 * 16);
+        let dirty_table = || {
+            let mut t = Hpt::new_unpooled(18).unwrap();
+            {
+                let g = t.lock(Ptex(5)).unwrap();
+                g.set_r(0x1234);
+                g.unlock_with(HpteV::VALID | 0x80);
+            }
+            t.revmap().set_guest_rpte(16383, 0x55);
+            t.take_arrays()
+        };
+        let (slots, revmap) = dirty_table();
+        let scrubbed_at = slots.as_ptr() as usize;
+        pool.give(18, slots, revmap);
+        assert_eq!(pool.dirty_tables(), 1);
+        assert!(pool.scrub_one());
+        assert_eq!(pool.dirty_tables(), 0);
+        assert!(!pool.scrub_one(), "nothing left to scrub");
+        // A second retired table stays dirty; the take must pick the scrubbed one.
+        let (slots, revmap) = dirty_table();
+        pool.give(18, slots, revmap);
+        assert_eq!((pool.pooled_tables(18), pool.dirty_tables()), (2, 1));
+        let (slots, revmap) = pool.take(18, 16384).unwrap();
+        assert_eq!(
+            slots.as_ptr() as usize,
+            scrubbed_at,
+            "the clean table first"
+        );
+        assert!(slots.iter().all(|s| s.load_v() == 0 && s.load_r() == 0));
+        assert!((0..16384).all(|i| revmap.guest_rpte(i) == 0 && revmap.forw(i) == i));
+        // The dirty one is zeroed when it is taken.
+        let (slots2, revmap2) = pool.take(18, 16384).unwrap();
+        assert!(slots2.iter().all(|s| s.load_v() == 0 && s.load_r() == 0));
+        assert!((0..16384).all(|i| revmap2.guest_rpte(i) == 0 && revmap2.forw(i) == i));
+        assert_eq!(pool.pooled_bytes(), 0);
     }
 
     #[test]

@@ -195,8 +195,13 @@ impl ResizeCtl {
             mode: AtomicU64::new(ResizeMode::DEFAULT as u64),
             last_pause_ns: AtomicU64::new(0),
         });
-        let worker = worker::spawn(Arc::clone(&shared), |s: &Shared| &s.jobs, prepare_job)
-            .map_err(|_| ResizeError::NoMem)?;
+        let worker = worker::spawn(
+            Arc::clone(&shared),
+            |s: &Shared| &s.jobs,
+            prepare_job,
+            scrub_while_idle,
+        )
+        .map_err(|_| ResizeError::NoMem)?;
         Ok(Self {
             shared,
             worker: Some(worker),
@@ -398,6 +403,17 @@ fn prepare_job(shared: &Arc<Shared>, job: Job) {
     ResizeStats::bump(&shared.stats.finished);
     drop(p);
     shared.changed.notify_all();
+}
+
+/// The worker's idle work (at start-up and after each preparation): zero retired tables
+/// in the table pool until a job is posted. The next preparation of their order then
+/// takes a clean table instead of zeroing one while the guest waits (a table retired by
+/// a commit is zeroed here, between resizes, on the worker's time).
+fn scrub_while_idle(shared: &Shared) {
+    #[cfg(not(any(loom, shuttle)))]
+    while !shared.jobs.has_work() && revmap_hpt::pool::global().scrub_one() {}
+    #[cfg(any(loom, shuttle))]
+    let _ = shared;
 }
 
 /// Nanoseconds since `t0`, saturating.

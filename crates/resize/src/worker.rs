@@ -111,6 +111,13 @@ impl<J> Mailbox<J> {
         }
     }
 
+    /// Whether a job is waiting to be taken or a stop was requested: a worker doing
+    /// optional work between jobs (scrubbing retired tables) stops when this is true.
+    pub fn has_work(&self) -> bool {
+        let s = lock(&self.slot);
+        s.job.is_some() || s.stop
+    }
+
     /// The worker's side: the job it took is finished (its effects are published).
     pub fn done(&self) {
         lock(&self.slot).busy = false;
@@ -139,13 +146,16 @@ impl<J> Mailbox<J> {
 }
 
 /// Spawn the worker thread serving the mailbox `mailbox(&owner)`: it runs `run` on every
-/// job it takes until a stop is requested. Returns once the thread is up, so that
-/// everything its start-up allocates is allocated by the caller's set-up, not at some
-/// later point (a hypercall's). `Err` if the thread cannot be started (nothing runs).
+/// job it takes until a stop is requested, and `idle` whenever it is about to wait for
+/// one (after starting and after each job: optional work, which should return once
+/// [`Mailbox::has_work`] is true). Returns once the thread is up, so that everything
+/// its start-up allocates is allocated by the caller's set-up, not at some later point
+/// (a hypercall's). `Err` if the thread cannot be started (nothing runs).
 pub fn spawn<S, J>(
     owner: Arc<S>,
     mailbox: fn(&S) -> &Mailbox<J>,
     mut run: impl FnMut(&Arc<S>, J) + Send + 'static,
+    idle: fn(&S),
 ) -> std::io::Result<thread::JoinHandle<()>>
 where
     S: Send + Sync + 'static,
@@ -162,9 +172,11 @@ where
         let mb = mailbox(&owner);
         lock(&mb.slot).started = true;
         mb.changed.notify_all();
+        idle(&owner);
         while let Some(job) = mb.take() {
             run(&owner, job);
             mb.done();
+            idle(&owner);
         }
     })?;
     let mb = mailbox(&waiter);

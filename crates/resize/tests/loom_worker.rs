@@ -42,11 +42,19 @@ fn run_job(o: &Owner, j: u64) {
     o.ran.fetch_add(j, Ordering::Relaxed);
 }
 
+/// The idle work of the model's worker: only the check that ends real idle work (the
+/// resize worker's scrubbing) when a job is posted.
+fn idle(o: &Owner) {
+    let _ = o.jobs.has_work();
+}
+
 /// The worker loop of `worker::spawn`, with the take variant under test.
 fn worker_loop<const ATOMIC_WAIT: bool>(o: &Owner) {
+    idle(o);
     while let Some(j) = o.jobs.take_with::<ATOMIC_WAIT>() {
         run_job(o, j);
         o.jobs.done();
+        idle(o);
     }
     // ORDERING: Relaxed: the model's observation; the join orders it anyway.
     o.exited.store(true, Ordering::Relaxed);
@@ -120,7 +128,8 @@ fn a_superseded_job_never_runs_and_every_other_one_does() {
             ran: AtomicU64::new(0),
             exited: AtomicBool::new(false),
         });
-        let w = worker::spawn(o.clone(), |o: &Owner| &o.jobs, |o, j| run_job(o, j)).expect("spawn");
+        let w = worker::spawn(o.clone(), |o: &Owner| &o.jobs, |o, j| run_job(o, j), idle)
+            .expect("spawn");
         assert!(o.jobs.post(1).is_none());
         let replaced = o.jobs.post(2);
         o.jobs.wait_idle();
