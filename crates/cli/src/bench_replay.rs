@@ -17,8 +17,9 @@
 //!   every page of those tables in
 //!   ([`Vm::populate_tables`](revmap_hpt::Vm::populate_tables)), as a hypervisor's
 //!   tables are mapped before its guest runs. The tables the previous run retired are
-//!   scrubbed here too ([`TablePool::scrub_one`](revmap_hpt::pool::TablePool::scrub_one)),
-//!   so that the resize worker does not scrub them during the timed loop.
+//!   scrubbed here too ([`TablePool::scrub_all`](revmap_hpt::pool::TablePool::scrub_all),
+//!   which also waits for the new VM's resize worker if it started on them), so that
+//!   no scrubbing of theirs runs during the timed loop.
 //! * **Replay** (`hcalls_per_s_median`, the steady-state rate): the loop over the
 //!   pre-parsed records, from the first call to the last, with the comparison of every
 //!   result. Resize preparations and commits inside the trace are timed: a recorded
@@ -232,7 +233,7 @@ fn bench_file(
                 .make_vm(|spec| make_vm(flavour, spec))
                 .with_context(|| format!("{name}: cannot create the VM"))?;
             vm.populate_tables();
-            while revmap_hpt::pool::global().scrub_one() {}
+            revmap_hpt::pool::global().scrub_all();
             setups.push(t.elapsed().as_secs_f64() * 1e3);
             let faults_before = minor_faults();
             let rep = replay_preparsed(&trace, &vm, &ReplayOptions::default());

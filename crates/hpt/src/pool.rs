@@ -27,6 +27,7 @@ use crate::error::HptError;
 use crate::table::{Hpt, HpteSlot};
 use alloc::boxed::Box;
 use revmap_host::pool::{BoundedPool, Pooled};
+use revmap_rmap::sync::native::{AtomicUsize, Ordering};
 use revmap_rmap::Revmap;
 
 /// One pooled table's arrays.
@@ -47,7 +48,11 @@ impl Pooled for PooledTable {
 
 /// A bounded pool of HPT arrays kept mapped for reuse (module docs).
 #[derive(Debug, Default)]
-pub struct TablePool(BoundedPool<PooledTable>);
+pub struct TablePool(
+    BoundedPool<PooledTable>,
+    /// Tables taken out by [`scrub_one`](TablePool::scrub_one) and not yet given back.
+    AtomicUsize,
+);
 
 static GLOBAL: TablePool = TablePool::new();
 
@@ -68,7 +73,7 @@ pub fn set_vm_pools_capacity(bytes: usize) {
 impl TablePool {
     /// An empty pool of capacity 0 (keeps nothing).
     pub const fn new() -> Self {
-        Self(BoundedPool::new())
+        Self(BoundedPool::new(), AtomicUsize::new(0))
     }
 
     /// Keep at most `bytes` of HPTE arrays and revmaps mapped for reuse; pooled tables
@@ -123,12 +128,34 @@ impl TablePool {
     /// Zero one dirty pooled table (outside the pool's lock) and put it back clean.
     /// Returns false if no table was dirty. The resize worker calls it when idle.
     pub fn scrub_one(&self) -> bool {
-        let Some(mut p) = self.0.take_where(|p| !p.clean) else {
-            return false;
-        };
-        p.scrub();
-        self.0.give(p);
-        true
+        // ORDERING: counted before the table leaves the pool (the pool's mutex orders
+        // the count before the take for anyone who then finds the table gone), so
+        // `scrub_all` never sees it neither pooled dirty nor counted. SeqCst: a counter
+        // read outside the mutex, off every hot path.
+        self.1.fetch_add(1, Ordering::SeqCst);
+        let taken = self.0.take_where(|p| !p.clean);
+        let scrubbed = taken.is_some();
+        if let Some(mut p) = taken {
+            p.scrub();
+            self.0.give(p);
+        }
+        // ORDERING: after the give-back (see above).
+        self.1.fetch_sub(1, Ordering::SeqCst);
+        scrubbed
+    }
+
+    /// Scrub every dirty pooled table, and wait for the scrubs other threads (the
+    /// resize workers) have in progress: on return no table retired before the call is
+    /// left dirty. For a benchmark's untimed set-up.
+    pub fn scrub_all(&self) {
+        loop {
+            while self.scrub_one() {}
+            // ORDERING: see `scrub_one`.
+            if self.1.load(Ordering::SeqCst) == 0 && self.dirty_tables() == 0 {
+                return;
+            }
+            revmap_rmap::sync::yield_now();
+        }
     }
 
     /// How many pooled tables are waiting to be scrubbed.
@@ -274,6 +301,28 @@ mod tests {
         assert!(slots2.iter().all(|s| s.load_v() == 0 && s.load_r() == 0));
         assert!((0..16384).all(|i| revmap2.guest_rpte(i) == 0 && revmap2.forw(i) == i));
         assert_eq!(pool.pooled_bytes(), 0);
+    }
+
+    #[test]
+    fn scrub_all_leaves_nothing_dirty_even_beside_another_scrubber() {
+        let pool = TablePool::new();
+        pool.set_capacity(8 * 2 * 16384 * 16);
+        for _ in 0..6 {
+            let mut t = Hpt::new_unpooled(18).unwrap();
+            t.revmap().set_guest_rpte(7, 0x55);
+            let (slots, revmap) = t.take_arrays();
+            pool.give(18, slots, revmap);
+        }
+        assert_eq!(pool.dirty_tables(), 6);
+        std::thread::scope(|s| {
+            s.spawn(|| while pool.scrub_one() {});
+            pool.scrub_all();
+            assert_eq!(pool.dirty_tables(), 0);
+            assert_eq!(pool.pooled_tables(18), 6, "every table is back in the pool");
+        });
+        while let Some((_, revmap)) = pool.take(18, 16384) {
+            assert_eq!(revmap.guest_rpte(7), 0);
+        }
     }
 
     #[test]
