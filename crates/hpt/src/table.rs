@@ -275,6 +275,26 @@ impl Hpt {
         })
     }
 
+    /// Write a free HPTE of a table no other thread can reach (`&mut self`: a resize's
+    /// new table before it is installed), without taking the HPTE lock: its guest view
+    /// of dword 1, dword 1 and dword 0 (HVLOCK cleared). Returns false, writing nothing,
+    /// if the slot is in use (VALID or ABSENT) or out of range.
+    pub fn place_unshared(&mut self, ptex: Ptex, v: u64, r: u64, guest_rpte: u64) -> bool {
+        let Some(slot) = self.slots.get(ptex.0 as usize) else {
+            return false;
+        };
+        // ORDERING: Relaxed throughout: `&mut self` excludes every other access, and the
+        // install that later makes the table reachable publishes these writes (the
+        // table cell's Release pivot, Acquire in every reader).
+        if slot.v.load(Ordering::Relaxed) & (HpteV::VALID | HpteV::ABSENT) != 0 {
+            return false;
+        }
+        self.revmap.set_guest_rpte(ptex.0, guest_rpte);
+        slot.r.store(r, Ordering::Relaxed);
+        slot.v.store(v & !HpteV::HVLOCK, Ordering::Relaxed);
+        true
+    }
+
     /// Spin until HPTE `ptex` is locked. `None` only if out of range.
     #[inline(always)]
     pub fn lock(&self, ptex: Ptex) -> Option<HpteGuard<'_>> {
@@ -406,6 +426,29 @@ mod tests {
         g.unlock_with(0);
         assert_eq!(t.slot(p).unwrap().load_r(), 0x234);
         assert!(t.lock(Ptex(16384)).is_none());
+    }
+
+    #[test]
+    fn place_unshared_writes_only_a_free_slot() {
+        let mut t = Hpt::new_unpooled(18).unwrap();
+        let p = Ptex(3);
+        assert!(t.place_unshared(p, HpteV::VALID | HpteV::HVLOCK | 0x10, 0x1234, 0x55));
+        let s = t.slot(p).unwrap();
+        assert_eq!(
+            (s.load_v(), s.load_r()),
+            (HpteV::VALID | 0x10, 0x1234),
+            "unlocked"
+        );
+        assert_eq!(t.revmap().guest_rpte(3), 0x55);
+        assert!(!t.place_unshared(p, 0x11, 0x99, 0x77), "in use (VALID)");
+        let s = t.slot(p).unwrap();
+        assert_eq!(
+            (s.load_v(), s.load_r(), t.revmap().guest_rpte(3)),
+            (0x11, 0x1234, 0x55)
+        );
+        assert!(t.place_unshared(Ptex(4), HpteV::ABSENT, 1, 2));
+        assert!(!t.place_unshared(Ptex(4), 0x1, 3, 4), "in use (ABSENT)");
+        assert!(!t.place_unshared(Ptex(16384), 0x1, 3, 4), "out of range");
     }
 
     #[test]

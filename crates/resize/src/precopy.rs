@@ -104,7 +104,7 @@ struct ToPlace {
 impl Op<'_> {
     /// The pre-copy commit of `table` (module docs). Returns the PAPR code.
     pub(super) fn commit_precopy(&self, mut table: Prepared) -> i64 {
-        let Some(new) = table.hpt.as_ref() else {
+        let Some(new) = table.hpt.as_mut() else {
             return ResizeError::Io.papr();
         };
         let tables = self.tables();
@@ -135,20 +135,22 @@ impl Op<'_> {
         }
         // Step 2: copy the bolted entries, note the VALID ones; then re-copy rounds
         // over the groups changed meanwhile, while vCPUs run, until few remain.
-        let prepared = self
-            .precopy_bolted(new)
-            .and_then(|(mut copied, mut carry)| {
-                self.ctl.precopy_hold_point(PrecopyHold::BeforeRounds);
-                for _ in 0..MAX_ROUNDS {
-                    let groups = track.drain().map_err(|_| ResizeError::NoMem)?;
-                    self.precopy_round(new, &mut copied, &groups, &mut carry)?;
-                    let marks: u32 = groups.iter().map(|w| w.count_ones()).sum();
-                    if marks <= FINAL_ROUND_SLOTS {
-                        break;
-                    }
+        let prepared = self.precopy_bolted(new);
+        // From here on the committer only reads the new table through a shared borrow
+        // (re-copies and step 3 lock its entries, as the shared re-chain routine does).
+        let new = &*new;
+        let prepared = prepared.and_then(|(mut copied, mut carry)| {
+            self.ctl.precopy_hold_point(PrecopyHold::BeforeRounds);
+            for _ in 0..MAX_ROUNDS {
+                let groups = track.drain().map_err(|_| ResizeError::NoMem)?;
+                self.precopy_round(new, &mut copied, &groups, &mut carry)?;
+                let marks: u32 = groups.iter().map(|w| w.count_ones()).sum();
+                if marks <= FINAL_ROUND_SLOTS {
+                    break;
                 }
-                Ok((copied, carry))
-            });
+            }
+            Ok((copied, carry))
+        });
         self.ctl.precopy_hold_point(PrecopyHold::BeforeStop);
         // Step 3: stop, re-apply what changed, pivot.
         let t0 = std::time::Instant::now();
@@ -185,11 +187,11 @@ impl Op<'_> {
 
     /// Step 2 (gate open): snapshot and place every bolted, non-VALID entry.
     #[allow(clippy::type_complexity)]
-    fn precopy_bolted(&self, new: &Hpt) -> Result<(Vec<Copied>, Vec<u32>), ResizeError> {
+    fn precopy_bolted(&self, new: &mut Hpt) -> Result<(Vec<Copied>, Vec<u32>), ResizeError> {
         let acc = self.host_access();
         let old = acc.hpt();
         let f = self.flavour();
-        let (og, ng, rev, new_rev) = (old.geometry(), new.geometry(), old.revmap(), new.revmap());
+        let (og, ng, rev) = (old.geometry(), new.geometry(), old.revmap());
         let mut out: Vec<Copied> = Vec::new();
         let mut valid: Vec<u32> = Vec::new();
         for (i, s) in old.slots().iter().enumerate() {
@@ -223,20 +225,13 @@ impl Op<'_> {
                 continue;
             };
             let n = rehash_index(hv, sh.base, og, p, ng);
-            let Some(ng_) = new.lock(n) else {
+            if new.slot(n).is_none() {
                 return Err(ResizeError::Io);
-            };
-            let placed = if HpteV(ng_.v()).is_used() {
-                drop(ng_);
-                false
-            } else {
-                new_rev.set_guest_rpte(n.0, gr);
-                ng_.set_r(r);
-                ng_.unlock_with(v);
-                // Not `mark_written` yet: a copy withdrawn in step 3 must read back as
-                // never written (QEMU's pristine slots); step 3 marks the kept ones.
-                true
-            };
+            }
+            // The new table is ours alone until it is installed (`&mut`): no lock.
+            // Not `mark_written` yet: a copy withdrawn in step 3 must read back as never
+            // written (QEMU's pristine slots); step 3 marks the kept ones.
+            let placed = new.place_unshared(n, v, r, gr);
             out.try_reserve(1).map_err(|_| ResizeError::NoMem)?;
             out.push(Copied {
                 old: p,
