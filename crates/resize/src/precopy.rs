@@ -23,8 +23,10 @@
 //!    linked after the walk looked is marked by the tracking of step 0.
 //! 2. **Copy (gate open).** Every bolted, non-VALID entry is snapshotted under its HPTE
 //!    lock (dword 0, dword 1, guest_rpte) and written to its rehashed index in the new,
-//!    inactive table (not yet marked written in QEMU's pristine bitmap, so a withdrawn
-//!    copy reads back as never written); a bolted/bolted collision is only noted.
+//!    inactive table without taking the new entry's lock (the committer holds that
+//!    table `&mut` until the install: `Hpt::place_unshared`), and not yet marked
+//!    written in QEMU's pristine bitmap, so a withdrawn copy reads back as never
+//!    written; a bolted/bolted collision is only noted.
 //!    VALID entries are listed for step 4.
 //! 3. **Re-copy rounds (gate open).** Take the bitmap (a fresh one continues
 //!    tracking) and bring each marked HPTE up to date: a VALID one is unmapped through
