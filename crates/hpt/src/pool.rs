@@ -182,10 +182,6 @@ impl TablePool {
     }
 }
 
-/// Zero every HPTE, writing only the 256-byte blocks that are not zero
-/// ([`zero_nonzero_blocks`](revmap_rmap::error::zero_nonzero_blocks)). Done on whole
-/// words, not per field, so that the read pass is vectorised: per HPTE field it cost
-/// ~90 instructions per hypercall of the boot trace (callgrind), as words ~10.
 impl PooledTable {
     /// Make both arrays all zero (a read pass; only non-zero blocks are written).
     fn scrub(&mut self) {
@@ -195,6 +191,10 @@ impl PooledTable {
     }
 }
 
+/// Zero every HPTE, writing only the 256-byte blocks that are not zero
+/// ([`zero_nonzero_blocks`](revmap_rmap::error::zero_nonzero_blocks)). Done on whole
+/// words, not per field, so that the read pass is vectorised: per HPTE field it cost
+/// ~90 instructions per hypercall of the boot trace (callgrind), as words ~10.
 #[allow(unsafe_code)]
 fn zero_slots(slots: &mut [HpteSlot]) {
     let n = slots.len() * 2;
