@@ -46,7 +46,7 @@
 use crate::paging::{
     gpte_access, is_last_gpte, is_rsvd_gpte, permission_fault, prefetch_invalid_gpte,
     protect_clean_gpte, walk, Acc, Access, Cmpxchg, CpuMode, Gpa, GuestPhysMemory, Gva,
-    MemoryError, PageFault, PagingMode, SparseMemory, WalkError, PT64_ADDR_MASK, PT_PRESENT,
+    MemoryError, PageFault, PagingMode, SparseMemory, Walk, WalkError, PT64_ADDR_MASK, PT_PRESENT,
 };
 use crate::role::{SpRole, Spte};
 use crate::write_track::{detect_write_misaligned, written_sptes, FLOOD_THRESHOLD};
@@ -2602,6 +2602,7 @@ impl ShadowMmu {
             };
             walk(&mut m, &mode, Gva(gva), access)?
         };
+        self.track_aliased_ad_writes(&w, paging)?;
         let t = match w.outcome {
             Err(pf) => return Ok(FaultResult::Done(AccessOutcome::Fault(pf))),
             Ok(t) => t,
@@ -2843,6 +2844,28 @@ impl ShadowMmu {
     }
 
     // ---------------------------------------------------------------- emulated writes
+
+    /// The walk's A/D updates are its own stores to guest memory, which KVM does not
+    /// route through write tracking (`FNAME(update_accessed_dirty_bits)`): harmless for
+    /// shadow pages in the walker's gpte size, where A and D change no translation. A
+    /// table that is also shadowed in the other size (a 32-bit page directory that a PAE
+    /// vCPU uses as a page table) reads a 4-byte update of the upper half of an 8-byte
+    /// gpte as address bits 37 and 38: such an update is tracked as the write it is
+    /// for that format ([`track_write`](Self::track_write)), so that no SPTE keeps the
+    /// old address.
+    fn track_aliased_ad_writes(&mut self, w: &Walk, paging: PagingMode) -> Result<(), ShadowError> {
+        let four = paging.has_4_byte_gpte();
+        for a in w.ad_writes.iter().filter(|a| a.ok) {
+            let aliased = self.gfn_sps_iter(a.gpa.gfn()).any(|id| {
+                self.sp(id)
+                    .is_some_and(|sp| (sp.role.has_4_byte_gpte() != 0) != four)
+            });
+            if aliased {
+                self.track_write(a.gpa.0, if four { 4 } else { 8 })?;
+            }
+        }
+        Ok(())
+    }
 
     /// `kvm_mmu_track_write`: an emulated guest store of `bytes` at `gpa` (the store
     /// itself is the caller's): zap the written SPTEs of every shadow page of the gfn,

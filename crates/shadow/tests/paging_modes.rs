@@ -461,3 +461,47 @@ fn reserved_pdpte_faults_even_over_a_shadowed_pd() {
     assert_eq!(m.vcpus()[v].pae_root.iter().flatten().count(), 1);
     m.check().unwrap();
 }
+
+/// A 32-bit vCPU's walk sets A in a 4-byte PDE that a PAE vCPU reads as the upper half
+/// of an 8-byte PTE, where it is address bit 37: the PAE vCPU's SPTE for that PTE must
+/// go (the update is tracked as a write for the 8-byte shadow page), so that its next
+/// access, after an INVLPG, translates to the address the table now holds.
+#[test]
+fn an_ad_update_through_a_32bit_alias_reaches_the_pae_shadow() {
+    // Table 4 as a 32-bit page directory: entry 1023 maps a 4 MiB page, A clear. Read as
+    // a PAE page table, its 8-byte entry 511 holds that PDE as its upper half.
+    let pde = 0x40_0000 | PT_PAGE_SIZE | PT_PRESENT;
+    let ops = vec![
+        Op::Cr3 { cpu: 0, table: 4 },
+        Op::Store {
+            table: 4,
+            off: 0xffc,
+            val: pde,
+            four: true,
+        },
+        Op::Mode {
+            cpu: 0,
+            paging: Paging::Bits32,
+            wp: false,
+            nxe: false,
+        },
+        // PAE vCPU 1: PDPT of table 2 -> PD 3 -> entry 1 -> PT 4 -> entry 511.
+        Op::Access {
+            cpu: 1,
+            va: 0x3f_f000,
+            acc: 0,
+        },
+        // The 32-bit walk through PDE 1023 sets its A bit.
+        Op::Access {
+            cpu: 0,
+            va: 0xffe0_0000,
+            acc: 0,
+        },
+        Op::Access {
+            cpu: 1,
+            va: 0x3f_f000,
+            acc: 0,
+        },
+    ];
+    run(ops, 21, [Paging::Pae, Paging::Pae]).unwrap();
+}
